@@ -1,0 +1,166 @@
+"""Every exception remsh raises, rooted at :class:`RemshError`.
+
+The tree is split by cause, so that a caller can tell "the command failed on
+the slave" from "the connection broke" from "the peer spoke nonsense":
+
+- :class:`UsageError` -- the caller misused the API.
+- :class:`ProtocolError` -- the peer broke the protocol; the connection is
+  closed.
+- :class:`Disconnected` -- the transport closed or broke (the ``OSError``, if
+  any, is chained); :class:`PeerTimeout` when the peer went silent past a time
+  limit.
+- :class:`AuthenticationError` -- the handshake failed to prove who is at the
+  other end.
+- :class:`RemoteError` -- the slave performed the operation and reported a
+  failure; the subclass is chosen by the error box's ``errtag`` through
+  :data:`ERRTAG_CLASSES`, the one table used in both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+
+class RemshError(Exception):
+    """Root of every exception raised by remsh."""
+
+
+class UsageError(RemshError):
+    """The caller used the API wrongly (bad argument, wrong state)."""
+
+
+class ProtocolError(RemshError):
+    """The peer sent something the protocol does not allow."""
+
+
+class Disconnected(RemshError):
+    """The connection to the peer closed or broke."""
+
+
+class PeerTimeout(Disconnected):
+    """The peer did not answer within a time limit; the connection was dropped."""
+
+
+class AuthenticationError(RemshError):
+    """The peer could not prove its identity, or refused ours."""
+
+
+class RemoteError(RemshError):
+    """An operation failed on the slave.
+
+    ``errtag`` is the short tag of the error box, ``remote_message`` the
+    slave's human-readable text, ``slave`` the slave's name and ``operation``
+    the method that failed.
+    """
+
+    errtag = "unexpected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        slave: Optional[str] = None,
+        operation: Optional[str] = None,
+        errtag: Optional[str] = None,
+    ) -> None:
+        if errtag is not None:
+            self.errtag = errtag
+        self.remote_message = message
+        self.slave = slave
+        self.operation = operation
+        where = ": ".join(p for p in (slave, operation) if p)
+        text = f"{where}: {message}" if where else message
+        super().__init__(f"{text} [{self.errtag}]")
+
+
+class InvalidMethError(RemoteError):
+    """The slave does not know the requested operation."""
+
+    errtag = "invalid-meth"
+
+
+class VersionTooNewError(RemoteError):
+    """The slave is older than the operation version requested."""
+
+    errtag = "version-too-new"
+
+
+class VersionUnsupportedError(RemoteError):
+    """The slave no longer supports the operation version requested."""
+
+    errtag = "version-unsupported"
+
+
+class InvalidRequestError(RemoteError):
+    """The slave found the request malformed."""
+
+    errtag = "invalid"
+
+
+class UnexpectedError(RemoteError):
+    """Something went wrong on the slave that it did not expect."""
+
+    errtag = "unexpected"
+
+
+class NotFoundError(RemoteError):
+    """A path or directory named in the request does not exist."""
+
+    errtag = "notfound"
+
+
+class RemoteFileExistsError(RemoteError):
+    """The destination of the operation already exists."""
+
+    errtag = "fileexists"
+
+
+class OpenFailedError(RemoteError):
+    """A file could not be opened."""
+
+    errtag = "openfailed"
+
+
+class FailedError(RemoteError):
+    """The operation was attempted and failed (permissions, disk full, ...)."""
+
+    errtag = "failed"
+
+
+class ExecFailedError(RemoteError):
+    """The command could not be started."""
+
+    errtag = "execfailed"
+
+
+class CommandTimeout(RemoteError):
+    """The command ran past its time limit and was killed."""
+
+    errtag = "timeout"
+
+
+ERRTAG_CLASSES: Dict[str, Type[RemoteError]] = {
+    cls.errtag: cls
+    for cls in (
+        InvalidMethError,
+        VersionTooNewError,
+        VersionUnsupportedError,
+        InvalidRequestError,
+        UnexpectedError,
+        NotFoundError,
+        RemoteFileExistsError,
+        OpenFailedError,
+        FailedError,
+        ExecFailedError,
+        CommandTimeout,
+    )
+}
+"""errtag -> exception class; unknown tags map to :class:`UnexpectedError`."""
+
+
+def remote_error(
+    errtag: str, message: str, *, slave: Optional[str] = None, operation: Optional[str] = None
+) -> RemoteError:
+    """Build the exception for an error box; unknown tags become ``unexpected``."""
+    cls = ERRTAG_CLASSES.get(errtag, UnexpectedError)
+    return cls(message, slave=slave, operation=operation, errtag=cls.errtag)

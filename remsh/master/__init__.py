@@ -1,0 +1,1 @@
+"""The master side: slave objects, listeners that connect them, collections."""

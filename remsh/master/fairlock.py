@@ -1,0 +1,64 @@
+"""A first-come, first-served lock: callers get it in the order they asked."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+
+class FairLock:
+    """Like ``threading.Lock`` but FIFO, and releasable from any thread.
+
+    ``threading.Lock`` lets a late caller overtake one that has waited for
+    long; operations on one slave must run in the order they were called.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+        self._abandoned: set = set()
+
+    def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
+        """Take the lock; returns False if not blocking / timed out."""
+        with self._cond:
+            if self._next == self._serving and not blocking:
+                self._next += 1
+                return True
+            if not blocking:
+                return False
+            ticket = self._next
+            self._next += 1
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._serving != ticket:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    # give the ticket up: whoever reaches it skips it
+                    self._abandoned.add(ticket)
+                    self._skip()
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _skip(self) -> None:
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._skip()
+
+    def locked(self) -> bool:
+        with self._cond:
+            return self._next != self._serving
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

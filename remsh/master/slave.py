@@ -1,0 +1,508 @@
+"""The master's handle on one connected slave: :class:`Slave`.
+
+Every method performs one operation (SPEC section 5) and blocks until the
+slave's final box.  Methods may be called from any thread; calls on one slave
+run one at a time, in the order they were made (a FIFO lock).  The calling
+thread does the I/O itself, so a round trip costs no thread hand-off.
+
+After the connection breaks (or the peer breaks the protocol) the slave is
+*disconnected*: the wire is closed, ``on_disconnect`` callbacks run once, and
+every later call raises :class:`~remsh.errors.Disconnected` at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Mapping,
+                    Optional, Sequence, Union)
+from contextlib import contextmanager
+
+from remsh.errors import (Disconnected, PeerTimeout, ProtocolError, RemoteError, RemshError,
+                          UsageError, remote_error)
+from remsh.files import PartialFile
+from remsh.master.fairlock import FairLock
+from remsh.wire import (MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int, encode_bool,
+                        encode_int, encode_list)
+
+if TYPE_CHECKING:
+    from remsh.master.slavelistener.base import SlaveListener
+
+log = logging.getLogger(__name__)
+
+Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+OutputCallback = Callable[[bytes], Any]
+
+OP_VERSION = b"1"
+#: Default bound (seconds) on each wait for a box from the slave, except for
+#: the output of a running command (bounded by its own ``timeout``).
+DEFAULT_IO_TIMEOUT = 120.0
+#: How long :meth:`Slave.interrupt` waits for the connection before giving up
+#: on a polite interrupt and dropping the connection.
+INTERRUPT_SEND_TIMEOUT = 5.0
+CHUNK = MAX_VALUE_LENGTH
+_INLINE_STDIN = 64 * 1024
+
+
+def _b(path: Path) -> bytes:
+    """A path or argument as bytes, without losing undecodable bytes."""
+    return os.fsencode(path)
+
+
+class Slave:
+    """A connected slave.
+
+    :ivar name: the name the slave registered with
+    :ivar info: the descriptive keys of its ``register`` box (str -> str):
+        ``hostname``, ``platform``, ``python``, ``basedir``, ``remsh``
+    :ivar listener: the listener that connected it (or ``None``)
+    """
+
+    def __init__(self, wire: Wire, name: str, info: Optional[Dict[str, str]] = None,
+                 listener: Optional["SlaveListener"] = None, *,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+        self.wire = wire
+        self.name = name
+        self.info: Dict[str, str] = dict(info or {})
+        self.listener = listener
+        self.io_timeout = io_timeout
+        self._lock = FairLock()
+        self._state_lock = threading.Lock()
+        self._disconnected: Optional[RemshError] = None
+        self._callbacks: List[Callable[["Slave"], Any]] = []
+        self._executing = False
+        #: set by a listener that watches idle slaves (see remsh.master.monitor)
+        self.idle_watcher: Any = None
+
+    def __repr__(self) -> str:
+        state = "disconnected" if self._disconnected else "connected"
+        return f"<{type(self).__name__} {self.name!r} {state}>"
+
+    # -- life cycle --------------------------------------------------------
+
+    def setup(self) -> None:
+        """Called once by the listener after registration, before the slave
+        joins its collection.  Subclasses may run set-up operations here; an
+        exception keeps the slave out of the collection."""
+
+    @property
+    def connected(self) -> bool:
+        """False once the connection has closed or broken."""
+        return self._disconnected is None
+
+    def on_disconnect(self, callback: Callable[["Slave"], Any]) -> None:
+        """Call ``callback(slave)`` once when the connection goes (at once if
+        it already has)."""
+        with self._state_lock:
+            if self._disconnected is None:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def close(self) -> None:
+        """Drop the connection; a running operation raises ``Disconnected``."""
+        self._mark_disconnected(Disconnected(f"{self.name}: connection closed by the master"))
+
+    def _mark_disconnected(self, exc: RemshError) -> None:
+        with self._state_lock:
+            if self._disconnected is not None:
+                return
+            self._disconnected = exc
+            callbacks, self._callbacks = self._callbacks, []
+        log.info("slave %s disconnected: %s", self.name, exc)
+        watcher = self.idle_watcher
+        if watcher is not None:
+            watcher.forget(self)
+        self.wire.close()
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+                log.exception("on_disconnect callback failed for slave %s", self.name)
+
+    # -- the operation frame -----------------------------------------------
+
+    @contextmanager
+    def _operation(self, meth: str) -> Iterator[None]:
+        """Hold the slave for one operation; turn transport failures into a
+        disconnect, and name slave and operation in every error."""
+        self._lock.acquire()
+        try:
+            if self._disconnected is not None:
+                raise Disconnected(f"{self.name}: {meth}: slave is disconnected "
+                                   f"({self._disconnected})")
+            watcher = self.idle_watcher
+            if watcher is not None:
+                watcher.busy(self)
+            try:
+                yield
+            except RemoteError:
+                raise  # raised only after the final box: the conversation is in step
+            except (Disconnected, ProtocolError) as e:
+                self._mark_disconnected(e)
+                raise type(e)(f"{self.name}: {meth}: {e}") from e
+            except BaseException as e:
+                # interrupted mid-conversation: where the peer stands is unknown
+                self._mark_disconnected(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
+                raise
+            finally:
+                if watcher is not None and self._disconnected is None:
+                    watcher.idle(self)
+        finally:
+            self._lock.release()
+
+    def _read(self, meth: str) -> Box:
+        box = self.wire.read_box(self.io_timeout)
+        if box is None:
+            raise Disconnected(f"slave closed the connection during {meth}")
+        return box
+
+    def _raise_if_error(self, meth: str, box: Box) -> Box:
+        if b"errtag" in box:
+            raise remote_error(box[b"errtag"].decode("ascii", "replace"),
+                               box.get(b"error", b"").decode("utf-8", "replace"),
+                               slave=self.name, operation=meth)
+        return box
+
+    def _call(self, meth: str, keys: Optional[Mapping[bytes, bytes]] = None) -> Box:
+        """One request, one reply box."""
+        box: Dict[bytes, bytes] = {b"meth": meth.encode("ascii"), b"version": OP_VERSION}
+        if keys:
+            box.update(keys)
+        with self._operation(meth):
+            self.wire.send_box(box)
+            reply = self._read(meth)
+        return self._raise_if_error(meth, reply)
+
+    # -- simple operations ---------------------------------------------------
+
+    def ping(self) -> None:
+        """Round trip to the slave; raises if it does not answer."""
+        self._call("ping")
+
+    def set_cwd(self, cwd: Optional[Path] = None) -> str:
+        """Change the slave's current directory and return the new one.
+
+        ``None`` goes back to the base directory; ``""`` changes nothing
+        (returns the current one); a relative path is against the current one.
+        Raises :class:`~remsh.errors.NotFoundError` if it is not a directory.
+        """
+        keys = {} if cwd is None else {b"cwd": _b(cwd)}
+        reply = self._call("set_cwd", keys)
+        return os.fsdecode(reply.get(b"cwd", b""))
+
+    def getenv(self) -> Dict[str, str]:
+        """The slave's environment (str -> str, undecodable bytes escaped)."""
+        reply = self._call("getenv")
+        return {os.fsdecode(k[4:]): os.fsdecode(v) for k, v in reply.items() if k.startswith(b"env_")}
+
+    def mkdir(self, dir: Path) -> None:
+        """Make a directory and its parents (``mkdir -p``); raises
+        :class:`~remsh.errors.FailedError`."""
+        self._call("mkdir", {b"dir": _b(dir)})
+
+    def unlink(self, file: Path) -> None:
+        """Remove one file; :class:`~remsh.errors.NotFoundError` if missing."""
+        self._call("unlink", {b"file": _b(file)})
+
+    def remove(self, path: Path) -> None:
+        """Remove a file or a whole tree (``rm -rf``); missing is fine."""
+        self._call("remove", {b"path": _b(path)})
+
+    def rename(self, src: Path, dest: Path) -> None:
+        """Rename ``src`` to ``dest``, which must not exist."""
+        self._call("rename", {b"src": _b(src), b"dest": _b(dest)})
+
+    def copy(self, src: Path, dest: Path) -> None:
+        """Copy a file's data on the slave; ``dest`` must not exist."""
+        self._call("copy", {b"src": _b(src), b"dest": _b(dest)})
+
+    def stat(self, pathname: Path) -> Optional[str]:
+        """``"d"`` for a directory, ``"f"`` for anything else, ``None`` if missing."""
+        reply = self._call("stat", {b"path": _b(pathname)})
+        result = reply.get(b"result", b"")
+        if result not in (b"", b"d", b"f"):
+            raise ProtocolError(f"{self.name}: stat: bad result {result[:20]!r}")
+        return result.decode("ascii") or None
+
+    # -- execute -----------------------------------------------------------
+
+    def execute(self, args: Sequence[Path] = (), stdout_cb: Optional[OutputCallback] = None,
+                stderr_cb: Optional[OutputCallback] = None,
+                env: Optional[Mapping[Union[str, bytes], Optional[Union[str, bytes]]]] = None,
+                cwd: Optional[Path] = None, timeout: Optional[float] = None,
+                stdin: Union[bytes, BinaryIO, None] = None) -> int:
+        """Run a command on the slave and return its exit code.
+
+        Output is passed, as it arrives, to ``stdout_cb`` / ``stderr_cb``
+        (bytes); a stream with no callback is discarded on the slave.  ``env``
+        overrides variables (``None`` removes one); ``cwd`` is relative to the
+        slave's current directory; ``timeout`` (seconds) kills the command's
+        process group and raises :class:`~remsh.errors.CommandTimeout`;
+        ``stdin`` is bytes or a binary file object fed to the command.
+
+        A command killed by signal N returns ``-N`` (so an :meth:`interrupt`
+        returns ``-9``).  Raises :class:`~remsh.errors.ExecFailedError` if the
+        command cannot start.  An exception raised by a callback interrupts
+        the command and is re-raised once the slave has finished.
+        """
+        argv = [_b(a) for a in args]
+        if not argv:
+            raise UsageError(f"{self.name}: execute: args is empty")
+        box: Dict[bytes, bytes] = {
+            b"meth": b"execute", b"version": OP_VERSION, b"args": encode_list(argv),
+            b"want_stdout": encode_bool(stdout_cb is not None),
+            b"want_stderr": encode_bool(stderr_cb is not None),
+        }
+        if cwd is not None:
+            box[b"cwd"] = _b(cwd)
+        if timeout is not None:
+            if not timeout > 0:
+                raise UsageError(f"{self.name}: execute: timeout must be positive")
+            box[b"timeout"] = repr(float(timeout)).encode("ascii")
+        for k, v in (env or {}).items():
+            kb = _b(k)
+            if v is None:
+                box[b"unset_" + kb] = b""
+            else:
+                box[b"env_" + kb] = _b(v)
+        if stdin is not None:
+            box[b"want_stdin"] = b"y"
+        if len(box[b"args"]) > MAX_VALUE_LENGTH or any(len(k) > MAX_KEY_LENGTH for k in box):
+            raise UsageError(f"{self.name}: execute: arguments or variable names too long for one box")
+        with self._operation("execute"):
+            self.wire.send_box(box)
+            started = self._read("execute")
+            if b"errtag" in started:
+                self._raise_if_error("execute", started)
+            if started:
+                raise ProtocolError(f"expected the start reply, got keys {sorted(started)[:8]}")
+            return self._run_command(stdout_cb, stderr_cb, timeout, stdin)
+
+    def _run_command(self, stdout_cb: Optional[OutputCallback], stderr_cb: Optional[OutputCallback],
+                     timeout: Optional[float], stdin: Union[bytes, BinaryIO, None]) -> int:
+        feeder: Optional[_StdinFeeder] = None
+        callback_error: Optional[BaseException] = None
+        self._executing = True
+        try:
+            if stdin is not None:
+                feeder = _StdinFeeder(self, stdin)
+                feeder.start()
+            # the command may be silent for as long as it runs: only its own
+            # time limit (plus slack for the kill) bounds the wait
+            wait = None if timeout is None else timeout + self.io_timeout
+            read_box = self.wire.read_box
+            while True:
+                box = read_box(wait)
+                if box is None:
+                    raise Disconnected("slave closed the connection during execute")
+                stream = box.get(b"stream")
+                if stream is not None:
+                    cb = stdout_cb if stream == b"stdout" else stderr_cb if stream == b"stderr" else None
+                    if cb is not None and callback_error is None:
+                        try:
+                            cb(box.get(b"data", b""))
+                        except BaseException as e:  # noqa: BLE001 - re-raised below
+                            callback_error = e
+                            self._send_interrupt()
+                    continue
+                break
+        finally:
+            self._executing = False
+            if feeder is not None:
+                feeder.stop()
+        if callback_error is not None:
+            raise callback_error
+        if feeder is not None and feeder.error is not None:
+            raise RemshError(f"{self.name}: execute: reading stdin failed: {feeder.error}") from feeder.error
+        self._raise_if_error("execute", box)
+        if b"result" not in box:
+            raise ProtocolError(f"expected the final execute box, got keys {sorted(box)[:8]}")
+        try:
+            return decode_int(box[b"result"])
+        except ValueError:
+            raise ProtocolError(f"bad exit code {box[b'result'][:20]!r}") from None
+
+    def _send_interrupt(self) -> None:
+        try:
+            self.wire.send_box({b"interrupt": b"y"}, lock_timeout=INTERRUPT_SEND_TIMEOUT)
+        except PeerTimeout:
+            log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
+            self.wire.stream.shutdown()
+        except Disconnected:
+            pass
+
+    def interrupt(self) -> None:
+        """Kill the command running in :meth:`execute`, from any thread.
+
+        The slave kills the command's whole process group and ``execute``
+        returns its status (``-9``).  Does nothing when no command runs.  If
+        the connection is too congested to take the request within a few
+        seconds, the connection is dropped instead (``execute`` then raises
+        :class:`~remsh.errors.Disconnected`).
+        """
+        if self._executing and self._disconnected is None:
+            self._send_interrupt()
+
+    # -- file transfer -------------------------------------------------------
+
+    def send(self, src: Union[Path, BinaryIO], dest: Path, *, mode: Optional[int] = None) -> None:
+        """Copy local ``src`` (a path or binary file object) to ``dest`` on the slave.
+
+        The slave writes a temporary file beside ``dest`` and moves it into
+        place only once every byte arrived and the SHA-256 digest matched, so
+        ``dest`` is never seen partial.  ``dest`` must not exist
+        (:class:`~remsh.errors.RemoteFileExistsError`).  ``mode`` sets the
+        file's permission bits (default: the slave's umask).
+        """
+        box = {b"meth": b"send", b"version": OP_VERSION, b"dest": _b(dest)}
+        if mode is not None:
+            box[b"mode"] = encode_int(mode)
+        if hasattr(src, "read"):
+            f: IO[bytes] = src  # type: ignore[assignment]
+            own = False
+        else:
+            try:
+                f = open(src, "rb", buffering=0)  # type: ignore[arg-type]
+            except OSError as e:
+                raise UsageError(f"{self.name}: send: cannot open local file: {e}") from e
+            own = True
+        try:
+            with self._operation("send"):
+                self.wire.send_box(box)
+                self._raise_if_error("send", self._read("send"))
+                local_error = self._send_data(f)
+                reply = self._read("send")
+            self._raise_if_error("send", reply)
+            if local_error is not None:
+                raise RemshError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
+        finally:
+            if own:
+                f.close()
+
+    def _send_data(self, f: IO[bytes]) -> Optional[OSError]:
+        digest = hashlib.sha256()
+        send = self.wire.send_bytes
+        header = b"\x00\x04data"
+        span = CHUNK * 16
+        while True:
+            try:
+                block = f.read(span)
+            except OSError as e:
+                self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
+                return e
+            if not block:
+                break
+            digest.update(block)
+            send(_frame(header, block))
+        self.wire.send_box({b"sha256": digest.hexdigest().encode("ascii")})
+        return None
+
+    def fetch(self, src: Path, dest: Union[Path, BinaryIO]) -> None:
+        """Copy ``src`` on the slave to local ``dest`` (a path or binary file object).
+
+        For a path, data goes to a temporary file beside it that is moved
+        into place only when complete and verified; ``dest`` must not exist
+        (:class:`~remsh.errors.UsageError`).
+        """
+        part: Optional[PartialFile] = None
+        if hasattr(dest, "write"):
+            out: Any = dest
+        else:
+            dest_b = _b(dest)  # type: ignore[arg-type]
+            if os.path.lexists(dest_b):
+                raise UsageError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
+            try:
+                part = PartialFile(dest_b)
+            except OSError as e:
+                raise UsageError(f"{self.name}: fetch: cannot create local file: {e}") from e
+            out = part
+        try:
+            with self._operation("fetch"):
+                self.wire.send_box({b"meth": b"fetch", b"version": OP_VERSION, b"src": _b(src)})
+                digest = hashlib.sha256()
+                local_error: Optional[OSError] = None
+                read_box = self.wire.read_box
+                while True:
+                    box = read_box(self.io_timeout)
+                    if box is None:
+                        raise Disconnected("slave closed the connection during fetch")
+                    data = box.get(b"data")
+                    if data is None:
+                        break
+                    digest.update(data)
+                    if local_error is None:
+                        try:
+                            out.write(data)
+                        except OSError as e:
+                            local_error = e
+            self._raise_if_error("fetch", box)
+            if local_error is not None:
+                raise RemshError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
+            expected = box.get(b"sha256")
+            if expected is not None and expected.lower() != digest.hexdigest().encode("ascii"):
+                raise ProtocolError(f"{self.name}: fetch: data does not match the slave's sha256 digest")
+            if part is not None:
+                try:
+                    part.commit()
+                except FileExistsError:
+                    raise UsageError(f"{self.name}: fetch: local destination appeared meanwhile") from None
+                except OSError as e:
+                    raise RemshError(f"{self.name}: fetch: cannot place local file: {e}") from e
+        finally:
+            if part is not None:
+                part.discard()
+
+
+def _frame(header: bytes, block: bytes) -> bytes:
+    """``block`` as consecutive data boxes (``header`` is the encoded key)."""
+    parts = []
+    view = memoryview(block)
+    for start in range(0, len(block), CHUNK):
+        piece = view[start : start + CHUNK]
+        parts.append(header)
+        parts.append(len(piece).to_bytes(2, "big"))
+        parts.append(piece)
+        parts.append(b"\x00\x00")
+    return b"".join(parts)
+
+
+class _StdinFeeder:
+    """Sends a command's stdin from its own thread, so that reading output
+    and writing input can never wait on each other."""
+
+    def __init__(self, slave: Slave, source: Union[bytes, BinaryIO]) -> None:
+        self.slave = slave
+        self.source: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        self.error: Optional[OSError] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"remsh-stdin-{self.slave.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wire = self.slave.wire
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = self.source.read(CHUNK)
+                except OSError as e:
+                    self.error = e
+                    self.slave._send_interrupt()
+                    break
+                if not chunk:
+                    break
+                wire.send_box({b"stream": b"stdin", b"data": chunk})
+            wire.send_box({b"stream": b"stdin", b"eof": b"y"})
+        except RemshError:
+            pass  # the reading side sees the broken connection
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(INTERRUPT_SEND_TIMEOUT + 1.0)

@@ -1,0 +1,1 @@
+"""Slave collections: where listeners put connected slaves and callers find them."""

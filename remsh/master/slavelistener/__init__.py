@@ -1,0 +1,1 @@
+"""Slave listeners: each connects slaves over one transport and registers them."""

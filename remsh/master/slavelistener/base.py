@@ -1,0 +1,114 @@
+"""The listener base every transport ends in.
+
+A transport delivers a :class:`~remsh.wire.Wire` whose greeting has been
+exchanged; :meth:`SlaveListener.handle_new_connection` runs the rest of the
+handshake (SPEC section 4, steps 2-5), builds the slave object, calls its
+``setup()`` and adds it to the collection.  Subclasses decide who may
+register by overriding :meth:`SlaveListener.authorize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Tuple, Type, Union
+
+from remsh.errors import AuthenticationError, RemshError
+from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
+                             as_secret, exchange_greeting, master_handshake)
+from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
+from remsh.master.slavecollection.simple import SimpleSlaveCollection
+from remsh.wire import Wire
+
+log = logging.getLogger(__name__)
+
+#: ``authenticator(name) -> secret``: that slave's secret, or ``None`` if unknown.
+Authenticator = Callable[[str], Optional[Secret]]
+
+
+class SlaveListener:
+    """Abstract base of the slave listeners.
+
+    :param slave_class: class instantiated for each new slave
+        (default :class:`~remsh.master.slave.Slave`)
+    :param slave_collection: where new slaves are added (default: a new
+        :class:`~remsh.master.slavecollection.simple.SimpleSlaveCollection`)
+    :param handshake_timeout: bound on the whole handshake, in seconds
+    :param io_timeout: passed to each slave (bound on each wait for a reply)
+    """
+
+    def __init__(self, slave_class: Optional[Type[Slave]] = None, slave_collection: Any = None, *,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+        self.slave_class: Type[Slave] = slave_class or Slave
+        self.slave_collection = slave_collection if slave_collection is not None else SimpleSlaveCollection()
+        self.handshake_timeout = handshake_timeout
+        self.io_timeout = io_timeout
+
+    def authorize(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
+        """Whether ``name`` may register over ``wire``, and the secret its
+        proof must be made with (``None``: no proof).  The base trusts all."""
+        return True, None
+
+    def handle_new_connection(self, wire: Wire) -> Slave:
+        """Authenticate and register the slave at the other end of ``wire``.
+
+        The greeting must already have been exchanged.  Returns the slave,
+        now in the collection.  On failure the wire is closed and the error
+        (``AuthenticationError``, ``ProtocolError``, ``Disconnected``) raised;
+        nothing reaches the collection.
+        """
+        try:
+            reg = master_handshake(wire, self.authorize, timeout=self.handshake_timeout, greet=False)
+            slave = self.slave_class(wire, reg.name, reg.info, self, io_timeout=self.io_timeout)
+            slave.setup()
+        except AuthenticationError as e:
+            log.warning("refused slave from %s: %s", wire.stream.peer, e)
+            wire.close()
+            raise
+        except BaseException:
+            wire.close()
+            raise
+        self.slave_collection.add_slave(slave, self)
+        log.info("slave %s registered from %s", slave.name, wire.stream.peer)
+        return slave
+
+    def accept_wire(self, wire: Wire) -> Optional[Slave]:
+        """Greeting plus :meth:`handle_new_connection`, with failures logged
+        rather than raised (for accept loops).  Returns the slave or ``None``."""
+        try:
+            exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, self.handshake_timeout)
+            return self.handle_new_connection(wire)
+        except AuthenticationError:
+            return None  # logged by handle_new_connection
+        except RemshError as e:
+            log.warning("dropped connection from %s during handshake: %s", wire.stream.peer, e)
+        except Exception:  # noqa: BLE001 - a bad connection must never stop the listener
+            log.exception("unexpected failure handling connection from %s", wire.stream.peer)
+        wire.close()
+        return None
+
+
+def secret_authorizer(secret: Optional[Secret], authenticator: Optional[Authenticator]
+                      ) -> Callable[[str], Tuple[bool, Optional[bytes]]]:
+    """The name -> (allowed, secret) rule for a shared secret or an authenticator."""
+    shared = as_secret(secret)
+
+    def rule(name: str) -> Tuple[bool, Optional[bytes]]:
+        if authenticator is not None:
+            try:
+                found = authenticator(name)
+            except Exception:  # noqa: BLE001 - a failing authenticator refuses
+                log.exception("authenticator failed for slave name %r", name)
+                return False, None
+            if found is not None:
+                return True, as_secret(found)
+            if shared is None:
+                return False, None
+        if shared is not None:
+            return True, shared
+        return True, None
+
+    return rule
+
+
+SecretLike = Union[bytes, str, None]

@@ -1,0 +1,1 @@
+"""The slave side: the server that performs operations, and ``remsh-slave``."""

@@ -1,0 +1,345 @@
+"""The slave's ``execute``: run a command and stream its output.
+
+One thread multiplexes everything with ``select``: the master's boxes (stdin
+data, stdin end, interrupt), the command's stdout and stderr, writes to its
+stdin, its exit, and the time limit.  Nothing can deadlock a command that
+writes a lot while reading a lot: output is forwarded as soon as it is read,
+and stdin is written only when the pipe can take it.  Pending stdin is
+bounded by :data:`STDIN_BUFFER_LIMIT`; past it the server stops reading the
+connection, which pushes back on the master through TCP flow control.
+
+The command runs in a session of its own so that an interrupt, a time limit
+or a lost master kills its whole process group.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+from remsh.errors import Disconnected
+from remsh.slave.server import OpError, error_box
+from remsh.wire import Box, decode_bool, decode_list, encode_int
+
+if TYPE_CHECKING:
+    from remsh.slave.server import SlaveServer
+
+log = logging.getLogger(__name__)
+
+STDIN_BUFFER_LIMIT = 4 << 20
+#: After the command exits, how long to wait for its output pipes to close
+#: (a background grandchild may hold them open).
+OUTPUT_GRACE = 5.0
+READ_SIZE = 65535
+
+
+def _flag(box: Box, key: bytes, default: bool) -> bool:
+    value = box.get(key)
+    if value is None:
+        return default
+    try:
+        return decode_bool(value)
+    except ValueError:
+        raise OpError("invalid", f"{key.decode()!r} must be y or n") from None
+
+
+def build_env(box: Box) -> Dict[bytes, bytes]:
+    """The command's environment: the slave's, with the request's overrides."""
+    env = dict(os.environb)
+    for key, value in box.items():
+        if key.startswith(b"env_") and len(key) > 4:
+            name = key[4:]
+            if b"=" in name or b"\0" in name or b"\0" in value:
+                raise OpError("invalid", f"bad environment variable {name[:40]!r}")
+            env[name] = value
+        elif key.startswith(b"unset_") and len(key) > 6:
+            env.pop(key[6:], None)
+    return env
+
+
+class _ExitWatcher:
+    """Something ``select`` can wait on that becomes readable when the child exits."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self._thread: Optional[threading.Thread] = None
+        pidfd_open = getattr(os, "pidfd_open", None)
+        self.fd = -1
+        self._w = -1
+        if pidfd_open is not None:
+            try:
+                self.fd = pidfd_open(proc.pid)
+                return
+            except OSError:
+                pass
+        self.fd, self._w = os.pipe()
+        self._thread = threading.Thread(target=self._wait, name="remsh-exit-watch", daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        os.write(self._w, b"x")
+
+    def close(self) -> None:
+        for fd in (self.fd, self._w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self._w = -1
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+def run_execute(server: "SlaveServer", box: Box) -> None:
+    """Perform one ``execute`` request, from start reply to final box."""
+    wire = server.wire
+    args = decode_list(server._need(box, b"args"))
+    if not args:
+        raise OpError("invalid", "'args' is empty")
+    want_stdout = _flag(box, b"want_stdout", True)
+    want_stderr = _flag(box, b"want_stderr", True)
+    want_stdin = _flag(box, b"want_stdin", False)
+    timeout: Optional[float] = None
+    if b"timeout" in box:
+        try:
+            timeout = float(box[b"timeout"].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise OpError("invalid", "'timeout' must be a number of seconds") from None
+        if not timeout > 0:
+            raise OpError("invalid", "'timeout' must be positive")
+    cwd = server.cwd
+    if box.get(b"cwd"):
+        cwd = os.path.join(server.cwd, box[b"cwd"])
+    env = build_env(box)
+    try:
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if want_stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE if want_stderr else subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            bufsize=0,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, OSError) and e.filename is not None:
+            fn = e.filename
+            msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
+        raise OpError("execfailed", f"could not start {os.fsdecode(args[0])}: {msg}") from None
+    try:
+        wire.send_box({})
+        _Supervisor(server, proc, timeout).run()
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc)
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+
+class _Supervisor:
+    def __init__(self, server: "SlaveServer", proc: subprocess.Popen, timeout: Optional[float]) -> None:
+        self.server = server
+        self.wire = server.wire
+        self.proc = proc
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.timed_out = False
+        self.stdin_buf: List[bytes] = []
+        self.stdin_len = 0
+        self.stdin_eof = False
+        self.stdin_fd = proc.stdin.fileno() if proc.stdin else -1
+        self.sel = selectors.DefaultSelector()
+        self.outputs: Dict[int, bytes] = {}
+        if proc.stdout is not None:
+            self.outputs[proc.stdout.fileno()] = b"stdout"
+        if proc.stderr is not None:
+            self.outputs[proc.stderr.fileno()] = b"stderr"
+        self.wire_watched = False
+
+    def run(self) -> None:
+        proc, sel, wire = self.proc, self.sel, self.wire
+        watcher = _ExitWatcher(proc)
+        try:
+            for fd in self.outputs:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ, "out")
+            if self.stdin_fd >= 0:
+                os.set_blocking(self.stdin_fd, False)
+            sel.register(watcher.fd, selectors.EVENT_READ, "exit")
+            self._watch_wire(True)
+            exit_seen_at: Optional[float] = None
+            while True:
+                if proc.returncode is not None and not self.outputs:
+                    break
+                self._drain_wire()
+                wait = self._next_wait(exit_seen_at)
+                events = sel.select(wait)
+                for key, _ in events:
+                    what = key.data
+                    if what == "out":
+                        self._read_output(key.fd)
+                    elif what == "wire":
+                        wire.feed_available()
+                        if wire.at_eof:
+                            _kill_group(proc)
+                            raise Disconnected(f"{wire.label}: master went away during execute")
+                    elif what == "stdin":
+                        self._write_stdin()
+                    elif what == "exit":
+                        sel.unregister(watcher.fd)
+                        proc.wait()
+                        exit_seen_at = time.monotonic()
+                now = time.monotonic()
+                if self.deadline is not None and not self.timed_out and now >= self.deadline:
+                    self.timed_out = True
+                    log.info("command timed out after %g s; killing its process group", self.timeout)
+                    _kill_group(proc)
+                if exit_seen_at is not None and self.outputs and now - exit_seen_at >= OUTPUT_GRACE:
+                    log.warning("command exited but its output stays open; closing it")
+                    for fd in list(self.outputs):
+                        self._close_output(fd)
+        finally:
+            watcher.close()
+            sel.close()
+        if self.timed_out:
+            wire.send_box(error_box("timeout", f"command timed out after {self.timeout:g} s and was killed"))
+        else:
+            wire.send_box({b"result": encode_int(proc.returncode)})
+
+    def _next_wait(self, exit_seen_at: Optional[float]) -> Optional[float]:
+        waits = []
+        now = time.monotonic()
+        if self.deadline is not None and not self.timed_out:
+            waits.append(self.deadline - now)
+        if exit_seen_at is not None:
+            waits.append(exit_seen_at + OUTPUT_GRACE - now)
+        if not waits:
+            return None
+        return max(0.0, min(waits))
+
+    def _watch_wire(self, on: bool) -> None:
+        if on and not self.wire_watched:
+            self.sel.register(self.wire.stream.fileno(), selectors.EVENT_READ, "wire")
+            self.wire_watched = True
+        elif not on and self.wire_watched:
+            self.sel.unregister(self.wire.stream.fileno())
+            self.wire_watched = False
+
+    def _drain_wire(self) -> None:
+        """Handle every box already buffered (and TLS bytes select cannot see)."""
+        wire = self.wire
+        while self.wire_watched and wire.stream.pending():
+            wire.feed_available()
+        while self.stdin_len < STDIN_BUFFER_LIMIT and wire.has_buffered_box():
+            self._control(wire.read_box(0))
+        self._watch_wire(self.stdin_len < STDIN_BUFFER_LIMIT)
+
+    def _control(self, box: Optional[Box]) -> None:
+        if box is None:
+            return
+        if box.get(b"interrupt") == b"y":
+            log.info("interrupt from the master; killing the command's process group")
+            _kill_group(self.proc)
+            return
+        if box.get(b"stream") == b"stdin":
+            if self.stdin_fd < 0:
+                return  # stdin not requested, or already closed: drop
+            data = box.get(b"data")
+            if data:
+                self.stdin_buf.append(data)
+                self.stdin_len += len(data)
+                self._want_stdin_writable()
+            if box.get(b"eof") == b"y":
+                self.stdin_eof = True
+                self._want_stdin_writable()
+            return
+        log.warning("ignoring unexpected box during execute: keys %s", sorted(box)[:8])
+
+    def _want_stdin_writable(self) -> None:
+        if self.stdin_fd < 0:
+            return
+        try:
+            self.sel.get_key(self.stdin_fd)
+        except KeyError:
+            self.sel.register(self.stdin_fd, selectors.EVENT_WRITE, "stdin")
+
+    def _write_stdin(self) -> None:
+        fd = self.stdin_fd
+        while self.stdin_buf:
+            chunk = self.stdin_buf[0]
+            try:
+                n = os.write(fd, chunk)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.EBADF):
+                    log.warning("writing to the command's stdin failed: %s", e)
+                self._close_stdin()
+                return
+            self.stdin_len -= n
+            if n < len(chunk):
+                self.stdin_buf[0] = chunk[n:]
+                return
+            self.stdin_buf.pop(0)
+        if self.stdin_eof:
+            self._close_stdin()
+        else:
+            self.sel.unregister(fd)
+
+    def _close_stdin(self) -> None:
+        fd = self.stdin_fd
+        if fd < 0:
+            return
+        try:
+            self.sel.unregister(fd)
+        except KeyError:
+            pass
+        self.stdin_buf.clear()
+        self.stdin_len = 0
+        self.stdin_fd = -1
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+
+    def _read_output(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output(fd)
+            return
+        self.wire.send_box({b"stream": self.outputs[fd], b"data": data})
+
+    def _close_output(self, fd: int) -> None:
+        self.sel.unregister(fd)
+        del self.outputs[fd]

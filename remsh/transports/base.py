@@ -1,0 +1,139 @@
+"""The narrow stream interface every transport provides, and its socket form.
+
+A stream is: send all these bytes, receive up to N bytes (``b""`` at end of
+stream) within an optional time limit, close.  It also exposes ``fileno()``
+so that a caller can wait on several streams with ``select``, and
+``pending()`` for bytes already decrypted inside the stream (TLS) that
+``select`` cannot see.
+
+Sockets stay in blocking mode: a receive with a time limit polls first, a
+receive without one is a single system call (the hot path of every
+operation).  Sends are bounded by ``SO_SNDTIMEO`` so that a peer that stops
+reading cannot block a sender for ever.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+import sys
+from typing import Optional, Union
+
+try:  # Protocol is 3.8+, but keep the import cheap and explicit
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object  # type: ignore
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+#: Default bound on one blocked send (seconds): a peer that reads nothing for
+#: this long is considered gone.
+DEFAULT_SEND_TIMEOUT = 120.0
+
+
+class StreamLike(Protocol):
+    """What :class:`remsh.wire.Wire` needs from a transport."""
+
+    peer: str
+    identity: Optional[str]
+
+    def send_all(self, data: Buffer) -> None: ...
+
+    def recv(self, size: int, timeout: Optional[float]) -> bytes: ...
+
+    def fileno(self) -> int: ...
+
+    def pending(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def tune_socket(sock: socket.socket, *, send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
+                keepalive: Optional[tuple] = None) -> None:
+    """Set TCP_NODELAY (and TCP keepalive, if asked) and the send time limit.
+
+    ``keepalive`` is ``(idle, interval, count)`` in seconds/probes.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive is not None:
+            idle, interval, count = keepalive
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(interval)))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, int(count)))
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                # unacknowledged data also ends the connection in bounded time
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int((idle + interval * count) * 1000))
+    if send_timeout is not None and sys.platform.startswith("linux"):
+        sec = int(send_timeout)
+        usec = int((send_timeout - sec) * 1e6)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, usec))
+
+
+class SocketStream:
+    """A stream over a connected socket (TCP, TLS, Unix, socketpair).
+
+    ``peer`` describes the other end for logs and errors; ``identity`` is the
+    name a transport authenticated for the peer (``None`` when the transport
+    itself proves nothing).
+    """
+
+    def __init__(self, sock: socket.socket, *, peer: Optional[str] = None,
+                 identity: Optional[str] = None,
+                 send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
+                 keepalive: Optional[tuple] = None) -> None:
+        sock.setblocking(True)
+        tune_socket(sock, send_timeout=send_timeout, keepalive=keepalive)
+        self.sock = sock
+        self.identity = identity
+        if peer is None:
+            try:
+                peer = _format_addr(sock.getpeername())
+            except OSError:
+                peer = "unknown peer"
+        self.peer = peer
+        self._fd = sock.fileno()
+        self._pending = getattr(sock, "pending", None)
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN)
+
+    def send_all(self, data: Buffer) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as e:  # SO_SNDTIMEO expired
+            raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
+
+    def recv(self, size: int, timeout: Optional[float]) -> bytes:
+        if timeout is not None and not (self._pending and self._pending()):
+            if not self._poller.poll(max(0.0, timeout) * 1000.0):
+                raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
+        return self.sock.recv(size)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pending(self) -> int:
+        return self._pending() if self._pending else 0
+
+    def shutdown(self) -> None:
+        """Stop both directions now, waking any thread blocked on the socket."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()
+
+
+def _format_addr(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr) or "local socket"

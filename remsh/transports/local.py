@@ -1,0 +1,61 @@
+"""The local transport: a slave in a child process, over a socket pair.
+
+The child is ``python -m remsh.slave.localchild``; it inherits one end of the
+socket pair as a numbered file descriptor and talks the ordinary protocol
+over it.  Its own stdin and stdout point at ``/dev/null``, so nothing a
+library prints in the child can corrupt the stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import List, Optional, Tuple
+
+import remsh
+from remsh.transports.base import SocketStream
+
+
+def spawn_local_slave(basedir: str, name: Optional[str] = None, *, python: Optional[str] = None,
+                      extra_args: Optional[List[str]] = None) -> Tuple[subprocess.Popen, SocketStream]:
+    """Start a slave child process; return it and the master's stream to it."""
+    master_sock, child_sock = socket.socketpair()
+    fd = child_sock.fileno()
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(remsh.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    argv = [python or sys.executable, "-m", "remsh.slave.localchild", "--fd", str(fd),
+            "--basedir", os.path.abspath(basedir)]
+    if name is not None:
+        argv += ["--name", name]
+    argv += extra_args or []
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+    except BaseException:
+        master_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    return proc, SocketStream(master_sock, peer=f"local child pid {proc.pid}", send_timeout=None)
+
+
+def stop_child(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """End a slave child: SIGTERM (it kills its running command and exits),
+    then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass

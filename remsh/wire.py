@@ -1,0 +1,427 @@
+"""Boxes on a byte stream: the sans-I/O codec and a synchronous ``Wire``.
+
+Format
+======
+
+A *box* is a set of key/value pairs with unique keys; keys and values are
+arbitrary byte strings.  On the stream each key, then its value, is written
+preceded by its length as a 2-byte big-endian unsigned integer, and the box
+ends with a zero-length key (``00 00``)::
+
+    {b"width": b"12cm"}  ->  00 05 'width' 00 04 '12cm' 00 00
+
+This is the framing of AMP (Twisted's Asynchronous Messaging Protocol), byte
+for byte, so a box written by AMP decodes here and the other way round.
+
+Limits
+======
+
+- A key is 1 to :data:`MAX_KEY_LENGTH` (255) bytes: AMP's own limit.
+- A value is 0 to :data:`MAX_VALUE_LENGTH` (65535) bytes: what 2 bytes hold.
+- A receiver refuses a box with more than ``max_keys`` keys (default
+  :data:`DEFAULT_MAX_KEYS`) or more than ``max_box_bytes`` bytes on the wire
+  (default :data:`DEFAULT_MAX_BOX_BYTES`), so a hostile peer cannot make it
+  allocate without bound.  The check is made as soon as a length prefix is
+  read, before the bytes it announces arrive.
+- A duplicate key in one box is an error.
+- End of stream between boxes is a clean close; anywhere else the box is
+  truncated, which is an error.
+
+Every violation raises :class:`WireError`, a :class:`~remsh.errors.ProtocolError`.
+After one, a :class:`BoxDecoder` stays failed: the stream cannot be resynchronised.
+
+Value conventions: integers travel as ASCII decimal, booleans as ``y``/``n``
+and argument lists as their items joined with NUL bytes
+(:func:`encode_int`, :func:`encode_bool`, :func:`encode_list` and their
+inverses).
+
+:class:`BoxDecoder` and :func:`encode_box` do no I/O.  :class:`Wire` puts them
+on a transport stream (see :mod:`remsh.transports.base`).
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import threading
+from time import monotonic as _now
+from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Mapping, Optional, Union
+
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError
+
+if TYPE_CHECKING:  # the codec itself never touches a transport
+    from remsh.transports.base import StreamLike
+
+MAX_KEY_LENGTH = 255
+MAX_VALUE_LENGTH = 65535
+DEFAULT_MAX_KEYS = 1024
+DEFAULT_MAX_BOX_BYTES = 1 << 20
+#: Box terminator: a zero-length key.
+END_OF_BOX = b"\x00\x00"
+
+Box = Dict[bytes, bytes]
+BoxLike = Mapping[Union[bytes, str], Union[bytes, str]]
+
+_U16 = struct.Struct(">H")
+_pack_u16 = _U16.pack
+_unpack_u16 = _U16.unpack_from
+
+
+class WireError(ProtocolError):
+    """Input that is not a valid box stream under the receiver's limits."""
+
+
+def _as_bytes(v: Union[bytes, str, bytearray, memoryview]) -> bytes:
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    raise TypeError(f"box keys and values are bytes or str, not {type(v).__name__}")
+
+
+def encode_box(mapping: BoxLike) -> bytes:
+    """Encode one box; ``str`` keys and values are UTF-8 encoded.
+
+    Raises :class:`ValueError` for an empty or over-long key or an over-long
+    value, :class:`TypeError` for a key or value that is not bytes or str.
+    """
+    parts: List[bytes] = []
+    append = parts.append
+    for k, v in mapping.items():
+        kb = k if type(k) is bytes else _as_bytes(k)
+        vb = v if type(v) is bytes else _as_bytes(v)
+        kl = len(kb)
+        if not 0 < kl <= MAX_KEY_LENGTH:
+            raise ValueError(f"box key length {kl} outside 1..{MAX_KEY_LENGTH}: {kb[:40]!r}")
+        vl = len(vb)
+        if vl > MAX_VALUE_LENGTH:
+            raise ValueError(f"value of {kb!r} is {vl} bytes, over {MAX_VALUE_LENGTH}")
+        append(_pack_u16(kl))
+        append(kb)
+        append(_pack_u16(vl))
+        append(vb)
+    append(END_OF_BOX)
+    return b"".join(parts)
+
+
+def encode_data_box(key: bytes, value: bytes) -> bytes:
+    """Encode the one-key box ``{key: value}`` (the hot path of bulk transfer)."""
+    return b"".join((_pack_u16(len(key)), key, _pack_u16(len(value)), value, END_OF_BOX))
+
+
+class BoxDecoder:
+    """Turns bytes into boxes, enforcing the limits of this module.
+
+    ``feed`` may be given any chunking of the stream; it returns the boxes
+    that the bytes so far complete and keeps the rest for the next call.
+    """
+
+    def __init__(
+        self, *, max_keys: int = DEFAULT_MAX_KEYS, max_box_bytes: int = DEFAULT_MAX_BOX_BYTES
+    ) -> None:
+        if max_keys < 1 or max_box_bytes < 2:
+            raise ValueError("max_keys must be >= 1 and max_box_bytes >= 2")
+        self.max_keys = max_keys
+        self.max_box_bytes = max_box_bytes
+        self._buf = bytearray()
+        self._box: Box = {}
+        self._key: Optional[bytes] = None
+        self._box_bytes = 0
+        self._failed: Optional[WireError] = None
+
+    @property
+    def in_box(self) -> bool:
+        """True when bytes of an unfinished box have been fed."""
+        return bool(self._buf) or bool(self._box) or self._key is not None
+
+    def _fail(self, message: str) -> WireError:
+        self._failed = WireError(message)
+        self._buf.clear()
+        return self._failed
+
+    def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Box]:
+        """Add bytes; return every box they complete, in order.
+
+        Raises :class:`WireError` on input that breaks the format or a limit,
+        and again on every later call.
+        """
+        if self._failed is not None:
+            raise WireError(f"decoder already failed: {self._failed}")
+        buf = self._buf
+        buf += data
+        boxes: List[Box] = []
+        n = len(buf)
+        pos = 0
+        box = self._box
+        key = self._key
+        box_bytes = self._box_bytes
+        max_box_bytes = self.max_box_bytes
+        with memoryview(buf) as view:
+            while n - pos >= 2:
+                (length,) = _unpack_u16(buf, pos)
+                if key is None:
+                    if length == 0:
+                        pos += 2
+                        boxes.append(box)
+                        box = {}
+                        box_bytes = 0
+                        continue
+                    if length > MAX_KEY_LENGTH:
+                        raise self._fail(f"key length {length} over {MAX_KEY_LENGTH}")
+                    if len(box) >= self.max_keys:
+                        raise self._fail(f"box has more than {self.max_keys} keys")
+                    if box_bytes + 2 + length + 2 > max_box_bytes:
+                        raise self._fail(f"box larger than {max_box_bytes} bytes")
+                    end = pos + 2 + length
+                    if end > n:
+                        break
+                    key = bytes(view[pos + 2 : end])
+                    if key in box:
+                        raise self._fail(f"duplicate key {key!r} in box")
+                else:
+                    if box_bytes + 2 + length + 2 > max_box_bytes:
+                        raise self._fail(f"box larger than {max_box_bytes} bytes")
+                    end = pos + 2 + length
+                    if end > n:
+                        break
+                    box[key] = bytes(view[pos + 2 : end])
+                    key = None
+                box_bytes += end - pos
+                pos = end
+        if pos:
+            del buf[:pos]
+        self._box = box
+        self._key = key
+        self._box_bytes = box_bytes
+        return boxes
+
+    def close(self) -> None:
+        """Declare end of stream; raises :class:`WireError` if a box is unfinished."""
+        if self._failed is not None:
+            raise WireError(f"decoder already failed: {self._failed}")
+        if self.in_box:
+            raise self._fail("stream ended inside a box (truncated box)")
+
+
+def encode_int(value: int) -> bytes:
+    """An integer as ASCII decimal."""
+    return str(int(value)).encode("ascii")
+
+
+def decode_int(value: bytes) -> int:
+    """The inverse of :func:`encode_int`; :class:`ValueError` on anything else."""
+    if not value or len(value) > 40 or not value.lstrip(b"-").isdigit():
+        raise ValueError(f"not a decimal integer: {value[:40]!r}")
+    return int(value)
+
+
+def encode_bool(value: bool) -> bytes:
+    """A boolean as ``y`` or ``n``."""
+    return b"y" if value else b"n"
+
+
+def decode_bool(value: bytes) -> bool:
+    """The inverse of :func:`encode_bool`; :class:`ValueError` on anything else."""
+    if value == b"y":
+        return True
+    if value == b"n":
+        return False
+    raise ValueError(f"not a boolean (y/n): {value[:40]!r}")
+
+
+def encode_list(items: Iterable[bytes]) -> bytes:
+    """A list of byte strings joined with NUL; an item may not contain NUL."""
+    items = list(items)
+    for item in items:
+        if b"\0" in item:
+            raise ValueError(f"list item contains a NUL byte: {item[:40]!r}")
+    return b"\0".join(items)
+
+
+def decode_list(value: bytes) -> List[bytes]:
+    """The inverse of :func:`encode_list` (an empty value is an empty list)."""
+    return value.split(b"\0") if value else []
+
+
+class Wire:
+    """Boxes over a transport stream, for synchronous callers.
+
+    Sending is thread-safe: boxes from several threads never interleave.
+    Reading is for one thread at a time (the one that owns the conversation).
+    ``label`` names the peer in error messages.
+
+    Transport failures raise :class:`~remsh.errors.Disconnected` (with the
+    ``OSError`` chained), a read past its time limit raises
+    :class:`~remsh.errors.PeerTimeout`, bad input :class:`WireError`.
+    """
+
+    RECV_SIZE = 256 * 1024
+
+    def __init__(
+        self,
+        stream: "StreamLike",
+        *,
+        label: str = "peer",
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_box_bytes: int = DEFAULT_MAX_BOX_BYTES,
+    ) -> None:
+        self.stream = stream
+        self.label = label
+        self._decoder = BoxDecoder(max_keys=max_keys, max_box_bytes=max_box_bytes)
+        self._ready: Deque[Box] = collections.deque()
+        self._raw = bytearray()
+        self._raw_mode = True
+        self._send_lock = threading.Lock()
+        self._eof = False
+        self.closed = False
+
+    # -- sending -----------------------------------------------------------
+
+    def send_bytes(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Write bytes as they are (the greeting, or boxes already encoded)."""
+        with self._send_lock:
+            self._send_locked(data)
+
+    def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
+        """Encode and send one box.
+
+        ``lock_timeout`` bounds the wait for another thread's send to finish;
+        past it :class:`~remsh.errors.PeerTimeout` is raised and nothing is sent.
+        """
+        data = encode_box(box)
+        if lock_timeout is None:
+            with self._send_lock:
+                self._send_locked(data)
+            return
+        if not self._send_lock.acquire(timeout=lock_timeout):
+            raise PeerTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
+        try:
+            self._send_locked(data)
+        finally:
+            self._send_lock.release()
+
+    def send_boxes(self, boxes: Iterable[BoxLike]) -> None:
+        """Encode several boxes and send them in one write, uninterrupted."""
+        data = b"".join(encode_box(b) for b in boxes)
+        with self._send_lock:
+            self._send_locked(data)
+
+    def _send_locked(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        if self.closed:
+            raise Disconnected(f"{self.label}: connection already closed")
+        try:
+            self.stream.send_all(data)
+        except TimeoutError as e:
+            raise PeerTimeout(f"{self.label}: peer stopped reading (send timed out)") from e
+        except OSError as e:
+            raise Disconnected(f"{self.label}: connection lost while sending: {e}") from e
+
+    # -- receiving ---------------------------------------------------------
+
+    def _recv(self, timeout: Optional[float]) -> bytes:
+        try:
+            return self.stream.recv(self.RECV_SIZE, timeout)
+        except TimeoutError as e:
+            raise PeerTimeout(f"{self.label}: no answer within {timeout:g} s") from e
+        except OSError as e:
+            raise Disconnected(f"{self.label}: connection lost while receiving: {e}") from e
+
+    def read_exact(self, size: int, timeout: Optional[float] = None) -> bytes:
+        """Read exactly ``size`` raw bytes, before any box has been read.
+
+        Used for the greeting.  A shorter stream raises
+        :class:`~remsh.errors.Disconnected`.  ``timeout`` bounds the whole read.
+        """
+        if not self._raw_mode:
+            raise RuntimeError("read_exact after boxes have been read")
+        deadline = None if timeout is None else _now() + timeout
+        while len(self._raw) < size:
+            left = None if deadline is None else max(0.0, deadline - _now())
+            data = self._recv(left)
+            if not data:
+                raise Disconnected(f"{self.label}: connection closed after {len(self._raw)} bytes")
+            self._raw += data
+        result = bytes(self._raw[:size])
+        del self._raw[:size]
+        return result
+
+    def read_box(self, timeout: Optional[float] = None) -> Optional[Box]:
+        """Return the next box, or ``None`` at a clean end of stream.
+
+        ``timeout`` (seconds) bounds the wait for the whole box.
+        """
+        if self._ready:
+            return self._ready.popleft()
+        if self._raw_mode:
+            self._raw_mode = False
+            if self._raw:
+                self._ready.extend(self._decoder.feed(self._raw))
+                self._raw.clear()
+                if self._ready:
+                    return self._ready.popleft()
+        if self._eof:
+            return None
+        deadline = None if timeout is None else _now() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - _now())
+            data = self._recv(left)
+            if not data:
+                self._eof = True
+                try:
+                    self._decoder.close()
+                except WireError as e:
+                    raise WireError(f"{self.label}: {e}") from None
+                return None
+            try:
+                boxes = self._decoder.feed(data)
+            except WireError as e:
+                raise WireError(f"{self.label}: {e}") from None
+            if boxes:
+                self._ready.extend(boxes)
+                return self._ready.popleft()
+
+    def has_buffered_box(self) -> bool:
+        """True when a complete box is waiting to be returned by ``read_box``."""
+        return bool(self._ready)
+
+    def feed_available(self) -> None:
+        """Read what the stream has now (without waiting) into the buffer.
+
+        For callers that multiplex with ``select``: call it when the stream's
+        file descriptor is readable, then drain ``read_box(timeout=0)`` while
+        :meth:`has_buffered_box`.  End of stream is noted for ``read_box``.
+        """
+        if self._eof:
+            return
+        data = self._recv(0)
+        if not data:
+            self._eof = True
+            try:
+                self._decoder.close()
+            except WireError as e:
+                raise WireError(f"{self.label}: {e}") from None
+            return
+        if self._raw_mode:
+            self._raw_mode = False
+            data = bytes(self._raw) + data
+            self._raw.clear()
+        try:
+            self._ready.extend(self._decoder.feed(data))
+        except WireError as e:
+            raise WireError(f"{self.label}: {e}") from None
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the stream has ended cleanly and no box is left."""
+        return self._eof and not self._ready
+
+    def close(self) -> None:
+        """Close the stream; idempotent.  Safe to call from any thread."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+
