@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Tuple, Type, Union
 from remsh.errors import AuthenticationError, RemshError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
                              as_secret, exchange_greeting, master_handshake)
+from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 from remsh.wire import Wire
@@ -43,6 +44,8 @@ class SlaveListener:
         self.slave_collection = slave_collection if slave_collection is not None else SimpleSlaveCollection()
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
+        #: one thread that notices idle slaves going away (started on first use)
+        self.monitor = IdleMonitor()
 
     def authorize(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
         """Whether ``name`` may register over ``wire``, and the secret its
@@ -68,6 +71,7 @@ class SlaveListener:
         except BaseException:
             wire.close()
             raise
+        self.monitor.add(slave)
         self.slave_collection.add_slave(slave, self)
         log.info("slave %s registered from %s", slave.name, wire.stream.peer)
         return slave

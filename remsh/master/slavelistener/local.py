@@ -83,6 +83,7 @@ class LocalSlaveListener(SlaveListener):
             slave.close()
         for proc in procs:
             stop_child(proc)
+        self.monitor.stop()
 
     def __enter__(self) -> "LocalSlaveListener":
         return self

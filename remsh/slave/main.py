@@ -1,0 +1,223 @@
+"""``remsh-slave``: connect to a master and serve it, reconnecting as needed.
+
+Exit status with ``--no-reconnect``: 0 after a clean close by the master,
+2 for a usage or authentication failure, 3 for a protocol failure or a lost
+connection, 4 when the master cannot be reached.  SIGTERM and SIGINT end the
+program cleanly (a running command's process group is killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import ssl
+import sys
+import time
+from typing import Callable, List, Optional, Tuple
+
+from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError
+from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, as_secret,
+                             default_name, exchange_greeting, slave_handshake, valid_name)
+from remsh.slave.server import SlaveServer
+from remsh.transports.base import StreamLike
+from remsh.wire import Wire
+
+log = logging.getLogger("remsh.slave")
+
+EXIT_OK = 0
+EXIT_AUTH = 2
+EXIT_PROTOCOL = 3
+EXIT_UNREACHABLE = 4
+
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 60.0
+
+
+class _Refused(Exception):
+    """An attempt that must end the program under --no-reconnect."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_userhost(spec: str) -> Tuple[str, str, int]:
+    """``USER@HOST[:PORT]`` -> (user, host, port); IPv6 hosts in brackets."""
+    if "@" not in spec:
+        raise argparse.ArgumentTypeError(f"expected USER@HOST[:PORT], got {spec!r}")
+    user, _, rest = spec.rpartition("@")
+    port = 22
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail.startswith(":"):
+            port = int(tail[1:])
+    elif rest.count(":") == 1:
+        host, _, p = rest.partition(":")
+        port = int(p)
+    else:
+        host = rest
+    if not user or not host:
+        raise argparse.ArgumentTypeError(f"expected USER@HOST[:PORT], got {spec!r}")
+    return user, host, port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remsh-slave",
+        description="Connect to a remsh master and perform the operations it asks for.")
+    p.add_argument("host", nargs="?", metavar="HOST", help="master host (TCP listener)")
+    p.add_argument("port", nargs="?", type=int, metavar="PORT", help="master port")
+    p.add_argument("--name", help="slave name (default: host name)")
+    p.add_argument("--basedir", default=".", help="base directory (default: current directory)")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="file holding the shared secret (alternative: $REMSH_SECRET)")
+    p.add_argument("--insecure", action="store_true", help="connect with no secret")
+    p.add_argument("--tls", action="store_true", help="wrap TCP in TLS")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificates to verify the master with (implies --tls)")
+    p.add_argument("--ssh", metavar="USER@HOST[:PORT]", type=parse_userhost,
+                   help="dial the master's embedded SSH server")
+    p.add_argument("--via-ssh", metavar="USER@HOST[:PORT]", type=parse_userhost,
+                   help="reach HOST PORT through a tunnel opened on this OpenSSH server")
+    p.add_argument("--identity", metavar="FILE", help="SSH private key")
+    p.add_argument("--known-hosts", metavar="FILE", help="SSH host keys to trust")
+    p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
+                   help="longest wait between reconnection attempts")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def read_secret(args: argparse.Namespace) -> Optional[bytes]:
+    """The secret from --secret-file or $REMSH_SECRET (never the command line)."""
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise _Refused(EXIT_AUTH, f"cannot read secret file: {e}") from None
+        data = data.rstrip(b"\r\n")
+        if not data:
+            raise _Refused(EXIT_AUTH, f"secret file {args.secret_file} is empty")
+        return data
+    env = os.environ.get("REMSH_SECRET")
+    if env:
+        return as_secret(env)
+    return None
+
+
+def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
+    """A function that opens one transport stream to the master."""
+    if args.ssh or args.via_ssh:
+        if not args.identity or not args.known_hosts:
+            raise _Refused(EXIT_AUTH, "--ssh/--via-ssh need --identity and --known-hosts")
+        from remsh.transports import ssh  # paramiko only where SSH is used
+
+        if args.ssh:
+            user, host, port = args.ssh
+            return lambda: ssh.connect_embedded(user, host, port, identity=args.identity,
+                                                known_hosts=args.known_hosts,
+                                                timeout=args.connect_timeout)
+        user, host, port = args.via_ssh
+        return lambda: ssh.connect_via(user, host, port, identity=args.identity,
+                                       known_hosts=args.known_hosts, dest_host=args.host,
+                                       dest_port=args.port, timeout=args.connect_timeout)
+    from remsh.transports import tcp
+
+    ctx = None
+    if args.tls or args.tls_ca:
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+    return lambda: tcp.connect(args.host, args.port, timeout=args.connect_timeout, ssl_context=ctx)
+
+
+def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
+               basedir: str, on_registered: Callable[[], None]) -> None:
+    """One connection: dial, handshake, serve until the master closes.
+
+    Raises ``_Refused`` with the status --no-reconnect would exit with.
+    """
+    try:
+        stream = connect()
+    except AuthenticationError as e:
+        raise _Refused(EXIT_AUTH, str(e)) from None
+    except (OSError, RemshError) as e:
+        raise _Refused(EXIT_UNREACHABLE, f"cannot reach the master: {e}") from None
+    wire = Wire(stream, label=f"master at {stream.peer}")
+    try:
+        exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, HANDSHAKE_TIMEOUT)
+        slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False)
+        log.info("registered with the master at %s as %s", stream.peer, name)
+        on_registered()
+        SlaveServer(wire, basedir).serve()
+    except AuthenticationError as e:
+        raise _Refused(EXIT_AUTH, str(e)) from None
+    except ProtocolError as e:
+        raise _Refused(EXIT_PROTOCOL, f"protocol error: {e}") from None
+    except Disconnected as e:
+        raise _Refused(EXIT_PROTOCOL, f"connection lost: {e}") from None
+    finally:
+        wire.close()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``remsh-slave``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
+                        format="%(asctime)s remsh-slave %(levelname)s: %(message)s")
+    if not args.ssh and (args.host is None or args.port is None):
+        parser.error("HOST and PORT are required (unless --ssh is given)")
+    if args.via_ssh and args.ssh:
+        parser.error("--ssh and --via-ssh exclude each other")
+    name = args.name or default_name()
+    if not valid_name(name.encode("utf-8")):
+        parser.error(f"invalid slave name {name!r}")
+    basedir = os.path.abspath(args.basedir)
+    if not os.path.isdir(basedir):
+        parser.error(f"base directory does not exist: {basedir}")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        secret = read_secret(args)
+        if secret is None and not args.insecure and not args.ssh:
+            raise _Refused(EXIT_AUTH, "no secret: give --secret-file or set REMSH_SECRET "
+                                      "(or --insecure for a master that allows it)")
+        connect = make_connector(args)
+    except _Refused as e:
+        log.error("%s", e)
+        return e.status
+    attempt = 0
+
+    def registered() -> None:
+        nonlocal attempt
+        attempt = 0
+
+    while True:
+        try:
+            serve_once(connect, name, secret, basedir, registered)
+            status, message = EXIT_OK, "master closed the connection"
+        except _Refused as e:
+            status, message = e.status, str(e)
+        except KeyboardInterrupt:
+            return 130
+        if args.no_reconnect:
+            if status:
+                log.error("%s", message)
+            else:
+                log.info("%s", message)
+            return status
+        delay = min(args.max_backoff, BACKOFF_INITIAL * (2 ** min(attempt, 20)))
+        delay *= random.uniform(0.5, 1.0)
+        attempt += 1
+        log.warning("%s; reconnecting in %.1f s", message, delay)
+        time.sleep(delay)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
