@@ -9,6 +9,7 @@ the slave" from "the connection broke" from "the peer spoke nonsense":
 - :class:`Disconnected` -- the transport closed or broke (the ``OSError``, if
   any, is chained); :class:`PeerTimeout` when the peer went silent past a time
   limit.
+- :class:`Cancelled` -- a fan-out was cancelled or ran out of time.
 - :class:`AuthenticationError` -- the handshake failed to prove who is at the
   other end.
 - :class:`RemoteError` -- the slave performed the operation and reported a
@@ -39,6 +40,11 @@ class Disconnected(RemshError):
 
 class PeerTimeout(Disconnected):
     """The peer did not answer within a time limit; the connection was dropped."""
+
+
+class Cancelled(RemshError):
+    """The work was cancelled (or its overall time limit ran out) before it
+    finished on this slave."""
 
 
 class AuthenticationError(RemshError):
