@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_GRACE = 10.0
+#: Interval between repeated interrupts while a cancelled fan-out winds down.
+INTERRUPT_REPEAT = 0.25
 
 
 class Outcome(Generic[T]):
@@ -164,11 +166,19 @@ def fan_out(slaves: Sequence[Slave], operation: Callable[[Slave], T], *,
 
 
 def _stop_running(running: set, lock: threading.Lock, all_done: threading.Event, grace: float) -> None:
-    with lock:
-        busy = [o.slave for o in running]
-    for slave in busy:
-        slave.interrupt()
-    if all_done.wait(grace):
+    # An operation may be just about to start its command when the first
+    # interrupt goes out (and so miss it): interrupt again at short intervals
+    # until everything has stopped or the grace period is over.
+    end = time.monotonic() + grace
+    while True:
+        with lock:
+            busy = [o.slave for o in running]
+        for slave in busy:
+            slave.interrupt()
+        left = end - time.monotonic()
+        if left <= 0 or all_done.wait(min(left, INTERRUPT_REPEAT)):
+            break
+    if all_done.is_set():
         return
     with lock:
         stuck = [o.slave for o in running]
