@@ -136,7 +136,8 @@ class BoxDecoder:
 
     def _fail(self, message: str) -> WireError:
         self._failed = WireError(message)
-        self._buf.clear()
+        # rebind, not clear(): feed() holds a memoryview of the old buffer
+        self._buf = bytearray()
         return self._failed
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Box]:
@@ -273,6 +274,7 @@ class Wire:
         self._raw_mode = True
         self._send_lock = threading.Lock()
         self._eof = False
+        self._error: Optional[str] = None  # set by bad input; every later read raises
         self.closed = False
 
     # -- sending -----------------------------------------------------------
@@ -352,11 +354,14 @@ class Wire:
         """
         if self._ready:
             return self._ready.popleft()
+        if self._error is not None:
+            raise WireError(self._error)
         if self._raw_mode:
             self._raw_mode = False
             if self._raw:
-                self._ready.extend(self._decoder.feed(self._raw))
+                raw = bytes(self._raw)
                 self._raw.clear()
+                self._ready.extend(self._feed(raw))
                 if self._ready:
                     return self._ready.popleft()
         if self._eof:
@@ -367,15 +372,9 @@ class Wire:
             data = self._recv(left)
             if not data:
                 self._eof = True
-                try:
-                    self._decoder.close()
-                except WireError as e:
-                    raise WireError(f"{self.label}: {e}") from None
+                self._close_decoder()
                 return None
-            try:
-                boxes = self._decoder.feed(data)
-            except WireError as e:
-                raise WireError(f"{self.label}: {e}") from None
+            boxes = self._feed(data)
             if boxes:
                 self._ready.extend(boxes)
                 return self._ready.popleft()
@@ -391,29 +390,39 @@ class Wire:
         file descriptor is readable, then drain ``read_box(timeout=0)`` while
         :meth:`has_buffered_box`.  End of stream is noted for ``read_box``.
         """
+        if self._error is not None:
+            raise WireError(self._error)
         if self._eof:
             return
         data = self._recv(0)
         if not data:
             self._eof = True
-            try:
-                self._decoder.close()
-            except WireError as e:
-                raise WireError(f"{self.label}: {e}") from None
+            self._close_decoder()
             return
         if self._raw_mode:
             self._raw_mode = False
             data = bytes(self._raw) + data
             self._raw.clear()
+        self._ready.extend(self._feed(data))
+
+    def _feed(self, data: bytes) -> List[Box]:
         try:
-            self._ready.extend(self._decoder.feed(data))
+            return self._decoder.feed(data)
         except WireError as e:
-            raise WireError(f"{self.label}: {e}") from None
+            self._error = f"{self.label}: {e}"
+            raise WireError(self._error) from None
+
+    def _close_decoder(self) -> None:
+        try:
+            self._decoder.close()
+        except WireError as e:
+            self._error = f"{self.label}: {e}"
+            raise WireError(self._error) from None
 
     @property
     def at_eof(self) -> bool:
         """True once the stream has ended cleanly and no box is left."""
-        return self._eof and not self._ready
+        return self._eof and not self._ready and self._error is None
 
     def close(self) -> None:
         """Close the stream; idempotent.  Safe to call from any thread."""
