@@ -1,0 +1,82 @@
+# remsh developer targets.  Each target sets up its own virtualenv in .venv
+# (reused while the files it was built from are unchanged).
+#
+#   make demo    install the package and run the demonstration
+#   make test    install the package and test tools; lint; run the tests
+#   make docs    build the Sphinx documentation into docs/_build/html
+#   make bench   run the benchmarks (QUICK=1 for a short run)
+#   make clean   remove the virtualenv and build output
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+# Stamp files: a step runs again only when one of its inputs is newer.
+STAMP_VENV  := $(VENV)/.stamp-venv
+STAMP_PKG   := $(VENV)/.stamp-package
+STAMP_TEST  := $(VENV)/.stamp-test
+STAMP_DOCS  := $(VENV)/.stamp-docs
+STAMP_BENCH := $(VENV)/.stamp-bench
+BENCH_REQS  := $(wildcard bench/requirements.txt)
+
+.PHONY: all demo test lint pytest docs bench clean venv install
+
+all: test
+
+venv: $(STAMP_VENV)
+install: $(STAMP_PKG)
+
+$(STAMP_VENV):
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "error: '$(PYTHON) -m venv' is unavailable; on Debian/Ubuntu: apt-get install python3-venv" >&2; \
+	  exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	@touch $@
+
+$(STAMP_PKG): $(STAMP_VENV) setup.py setup.cfg pyproject.toml remsh/__init__.py
+	$(PIP) install -q -e .
+	@touch $@
+
+$(STAMP_TEST): $(STAMP_PKG) requirements.txt requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt
+	@touch $@
+
+$(STAMP_DOCS): $(STAMP_PKG) docs/requirements.txt
+	$(PIP) install -q -r docs/requirements.txt
+	@touch $@
+
+$(STAMP_BENCH): $(STAMP_PKG) $(BENCH_REQS)
+	$(if $(BENCH_REQS),$(PIP) install -q -r $(BENCH_REQS))
+	@touch $@
+
+demo: $(STAMP_PKG)
+	$(BIN)/python -m remsh.demo
+
+test: lint pytest
+
+lint: $(STAMP_TEST)
+	@if [ -x $(BIN)/ruff ]; then \
+	  echo "$(BIN)/ruff check remsh tests"; \
+	  $(BIN)/ruff check remsh tests; \
+	else \
+	  echo "ruff is not installed in $(VENV); skipping lint"; \
+	fi
+
+# pytest exits 5 when it collected no test: that is a failure here, loudly.
+pytest: $(STAMP_TEST) lint
+	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)"
+	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+docs: $(STAMP_DOCS)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+	@echo "documentation: docs/_build/html/index.html"
+
+bench: $(STAMP_BENCH)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+
+clean:
+	rm -rf $(VENV) docs/_build build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
