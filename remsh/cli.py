@@ -17,7 +17,6 @@ import os
 import signal
 import ssl
 import sys
-import tempfile
 import threading
 from typing import IO, Dict, List, Optional, Tuple
 
