@@ -143,6 +143,9 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
         stream = connect()
     except AuthenticationError as e:
         raise _Refused(EXIT_AUTH, str(e)) from None
+    except ssl.SSLCertVerificationError as e:
+        # the master was reached but failed to prove who it is
+        raise _Refused(EXIT_AUTH, f"master's TLS certificate refused: {e}") from None
     except (OSError, RemshError) as e:
         raise _Refused(EXIT_UNREACHABLE, f"cannot reach the master: {e}") from None
     wire = Wire(stream, label=f"master at {stream.peer}")
