@@ -280,10 +280,23 @@ class Slave:
                 self._raise_if_error("execute", started)
             if started:
                 raise ProtocolError(f"expected the start reply, got keys {sorted(started)[:8]}")
-            return self._run_command(stdout_cb, stderr_cb, timeout, stdin)
+            box, deferred = self._run_command(stdout_cb, stderr_cb, timeout, stdin)
+            try:
+                code = self._exit_code(box)
+            except RemoteError:
+                if deferred is None:
+                    raise
+        # the final box has been read: the conversation is in step, so a
+        # callback's or the stdin reader's exception must not drop the slave
+        if deferred is not None:
+            raise deferred
+        return code
 
     def _run_command(self, stdout_cb: Optional[OutputCallback], stderr_cb: Optional[OutputCallback],
-                     timeout: Optional[float], stdin: Union[bytes, BinaryIO, None]) -> int:
+                     timeout: Optional[float], stdin: Union[bytes, BinaryIO, None]
+                     ) -> "tuple[Box, Optional[BaseException]]":
+        """Stream the command's output until its final box; return that box
+        and the exception (if any) to raise once the operation is over."""
         feeder: Optional[_StdinFeeder] = None
         callback_error: Optional[BaseException] = None
         self._executing = True
@@ -315,9 +328,15 @@ class Slave:
             if feeder is not None:
                 feeder.stop()
         if callback_error is not None:
-            raise callback_error
+            return box, callback_error
         if feeder is not None and feeder.error is not None:
-            raise RemshError(f"{self.name}: execute: reading stdin failed: {feeder.error}") from feeder.error
+            err = RemshError(f"{self.name}: execute: reading stdin failed: {feeder.error}")
+            err.__cause__ = feeder.error
+            return box, err
+        return box, None
+
+    def _exit_code(self, box: Box) -> int:
+        """The exit code in execute's final box (or its error raised)."""
         self._raise_if_error("execute", box)
         if b"result" not in box:
             raise ProtocolError(f"expected the final execute box, got keys {sorted(box)[:8]}")
