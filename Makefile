@@ -72,7 +72,7 @@ pytest: $(STAMP_TEST) lint
 	exit $$rc
 
 docs: $(STAMP_DOCS)
-	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 	@echo "documentation: docs/_build/html/index.html"
 
 bench: $(STAMP_BENCH)
