@@ -54,7 +54,14 @@ $(STAMP_BENCH): $(STAMP_PKG) $(BENCH_REQS)
 demo: $(STAMP_PKG)
 	$(BIN)/python -m remsh.demo
 
-test: lint pytest
+# Lint and tests both run, so one report shows every problem; either failing
+# fails the target.
+test: $(STAMP_TEST)
+	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	$(MAKE) --no-print-directory pytest || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED (see the lint and test output above)" >&2; fi; \
+	exit $$status
 
 lint: $(STAMP_TEST)
 	@if [ -x $(BIN)/ruff ]; then \
@@ -65,7 +72,7 @@ lint: $(STAMP_TEST)
 	fi
 
 # pytest exits 5 when it collected no test: that is a failure here, loudly.
-pytest: $(STAMP_TEST) lint
+pytest: $(STAMP_TEST)
 	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)"
 	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
