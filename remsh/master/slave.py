@@ -395,9 +395,10 @@ class Slave:
                 self._raise_if_error("send", self._read("send"))
                 local_error = self._send_data(f)
                 reply = self._read("send")
-            self._raise_if_error("send", reply)
+            # the slave's error for an aborted transfer only echoes the local cause
             if local_error is not None:
                 raise RemshError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
+            self._raise_if_error("send", reply)
         finally:
             if own:
                 f.close()
