@@ -1,0 +1,145 @@
+"""The master's side of the raw-socket floors (see ``floorpeer.py``).
+
+These are what a careful programmer writes with nothing but Python sockets:
+the lower bound that any protocol written in Python pays on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+from typing import Callable, Optional
+
+from floorpeer import CHUNK, recv_exact
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TCP = "tcp"
+UNIX = "unix"
+
+
+class FloorPeer:
+    """A ``floorpeer.py`` process and connections to it (TCP or socket pair)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.proc: Optional[subprocess.Popen] = None
+        self._port = 0
+
+    def start(self) -> None:
+        if self.family == TCP:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "floorpeer.py"), "--listen"],
+                                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            assert self.proc.stdout is not None
+            self._port = int(self.proc.stdout.readline())
+
+    def connect(self) -> socket.socket:
+        """A new connection (for ``unix``: a socket pair to a new peer process)."""
+        if self.family == TCP:
+            sock = socket.create_connection(("127.0.0.1", self._port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        mine, theirs = socket.socketpair()
+        fd = theirs.fileno()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "floorpeer.py"), "--fd", str(fd)],
+                                pass_fds=(fd,), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._unix_procs = getattr(self, "_unix_procs", []) + [proc]
+        return mine
+
+    def stop(self) -> None:
+        for proc in [self.proc, *getattr(self, "_unix_procs", [])]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+class PingPong:
+    """Request/reply of fixed sizes over one connection."""
+
+    def __init__(self, sock: socket.socket, request: int, reply: int) -> None:
+        self.sock = sock
+        self.request = b"\1" * request
+        self.reply = reply
+        sock.sendall(b"P" + struct.pack(">II", request, reply))
+
+    def __call__(self) -> None:
+        self.sock.sendall(self.request)
+        data = self.sock.recv(self.reply)
+        if len(data) != self.reply:
+            if not data:
+                raise EOFError("floor peer went away")
+            recv_exact(self.sock, self.reply - len(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_file(sock: socket.socket, src: str, dest: str) -> None:
+    """The verified-transfer floor, master to peer."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    path = dest.encode()
+    with open(src, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        sock.sendall(b"R" + struct.pack(">QH", size, len(path)) + path)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            chunk = view[:n]
+            digest.update(chunk)
+            sock.sendall(chunk)
+    sock.sendall(digest.digest())
+    if recv_exact(sock, 1) != b"\x01":
+        raise RuntimeError("floor peer: digest mismatch")
+
+
+def fetch_file(sock: socket.socket, src: str, dest: str) -> None:
+    """The verified-transfer floor, peer to master."""
+    path = src.encode()
+    sock.sendall(b"S" + struct.pack(">H", len(path)) + path)
+    (size,) = struct.unpack(">Q", recv_exact(sock, 8))
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    left = size
+    with open(dest, "wb", buffering=0) as f:
+        while left:
+            n = sock.recv_into(buf, min(left, CHUNK))
+            if not n:
+                raise EOFError("floor peer went away")
+            chunk = view[:n]
+            digest.update(chunk)
+            f.write(chunk)
+            left -= n
+    if recv_exact(sock, 32) != digest.digest():
+        raise RuntimeError("floor: digest mismatch")
+
+
+def stream_cat(path: str, family: str, callback: Callable[[bytes], object], recv_size: int = 256 * 1024) -> None:
+    """The streamed-output floor: a child ``cat`` writes the file straight
+    into a socket and the master hands every ``recv`` to ``callback``."""
+    if family == UNIX:
+        mine, theirs = socket.socketpair()
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            theirs = socket.create_connection(server.getsockname())
+            mine, _ = server.accept()
+    try:
+        proc = subprocess.Popen(["cat", path], stdout=theirs.fileno(), stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+    with mine:
+        recv = mine.recv
+        while True:
+            data = recv(recv_size)
+            if not data:
+                break
+            callback(data)
+    if proc.wait() != 0:
+        raise RuntimeError("cat failed")

@@ -1,0 +1,141 @@
+"""The far end of the raw-socket floors: plain Python sockets, no framing
+beyond a fixed header, nothing a real protocol would need.
+
+Run as ``floorpeer.py --listen`` (prints its TCP port, then serves each
+connection in a thread) or ``floorpeer.py --fd N`` (serves one inherited
+socket, e.g. one end of a socket pair).  Each connection starts with one
+command byte:
+
+``P`` + u32 request size + u32 reply size
+    ping-pong until end of stream: read exactly the request, write the reply.
+``R`` + u64 size + u16 path length + path
+    receive ``size`` bytes in 64 KiB chunks, hashing them with SHA-256 and
+    writing them to ``path``; then read the sender's 32-byte digest and
+    answer one byte: 1 if it matches, 0 if not.
+``S`` + u16 path length + path
+    send u64 size, then the file in 64 KiB chunks, hashing as it goes, then
+    the 32-byte SHA-256 digest.
+
+After ``R`` or ``S`` the next command byte follows on the same connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import struct
+import sys
+import threading
+
+CHUNK = 64 * 1024
+_CMD_P = struct.Struct(">II")
+_U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        if not data:
+            raise EOFError
+        data = sock.recv(n - got)
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def receive_file(sock: socket.socket, size: int, path: str) -> bool:
+    """Receive ``size`` bytes to ``path`` and check the digest that follows."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    left = size
+    with open(path, "wb", buffering=0) as f:
+        while left:
+            n = sock.recv_into(buf, min(left, CHUNK))
+            if not n:
+                raise EOFError
+            chunk = view[:n]
+            digest.update(chunk)
+            f.write(chunk)
+            left -= n
+    return recv_exact(sock, 32) == digest.digest()
+
+
+def send_file(sock: socket.socket, path: str) -> None:
+    """Send size, the file in 64 KiB chunks, then its digest."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        sock.sendall(_U64.pack(os.fstat(f.fileno()).st_size))
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            chunk = view[:n]
+            digest.update(chunk)
+            sock.sendall(chunk)
+    sock.sendall(digest.digest())
+
+
+def serve(sock: socket.socket) -> None:
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            cmd = sock.recv(1)
+            if not cmd:
+                return
+            if cmd == b"P":
+                req, rep = _CMD_P.unpack(recv_exact(sock, _CMD_P.size))
+                reply = b"\0" * rep
+                recv, send = sock.recv, sock.sendall
+                while True:
+                    data = recv(req)
+                    if len(data) != req:  # short read (or end of stream)
+                        if not data:
+                            return
+                        data += recv_exact(sock, req - len(data))
+                    send(reply)
+            elif cmd == b"R":
+                (size,) = _U64.unpack(recv_exact(sock, 8))
+                (plen,) = _U16.unpack(recv_exact(sock, 2))
+                path = recv_exact(sock, plen).decode()
+                ok = receive_file(sock, size, path)
+                sock.sendall(b"\x01" if ok else b"\x00")
+            elif cmd == b"S":
+                (plen,) = _U16.unpack(recv_exact(sock, 2))
+                send_file(sock, recv_exact(sock, plen).decode())
+            else:
+                return
+    except (EOFError, ConnectionError):
+        return
+    finally:
+        sock.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--listen", action="store_true")
+    g.add_argument("--fd", type=int)
+    args = p.parse_args()
+    if args.fd is not None:
+        serve(socket.socket(fileno=args.fd))
+        return 0
+    server = socket.create_server(("127.0.0.1", 0))
+    print(server.getsockname()[1], flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

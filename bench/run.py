@@ -1,0 +1,503 @@
+"""remsh benchmark: remsh over each transport against the tools users would
+pick instead, side by side in one run.  See bench/README.md.
+
+    python bench/run.py [--quick] [--only SCENARIO ...] [--json PATH]
+
+Prints one table and writes the same figures, with the machine, to
+bench/results/latest.json.
+"""
+# Every closure made in a loop below is called (by Bench.row) before the loop
+# moves on, so late binding of loop variables cannot bite:
+# ruff: noqa: B023
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import floor  # noqa: E402
+from fixtures import LOCAL, REPO, SSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
+from harness import (ANY, PINNED, UNPINNED, Results, Row, machine_info, machine_line, measure,  # noqa: E402
+                     place)
+from sshd import Sshd, have_openssh  # noqa: E402
+
+from remsh.wire import encode_box  # noqa: E402
+
+MiB = 1024 * 1024
+SCENARIOS = ("roundtrip", "execute", "transfer", "stream", "connect", "farm")
+
+FLOOR_TCP = "raw TCP socket (floor)"
+FLOOR_UNIX = "raw socketpair (floor)"
+
+
+def remsh_name(transport: str) -> str:
+    return f"remsh {transport}"
+
+
+def floor_for(transport: str) -> str:
+    """The floor a remsh transport is compared with: same kind of socket."""
+    return FLOOR_UNIX if transport == LOCAL else FLOOR_TCP
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.results = Results()
+        self.work = tempfile.mkdtemp(prefix="remsh-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.size = (32 if self.quick else 256) * MiB
+        self.sshd: Optional[Sshd] = None
+        self.sshd_na = have_openssh()
+        self.remsh: Optional[RemshSlaves] = None
+        self.peers: Optional[Peers] = None
+        self.floors: Dict[str, floor.FloorPeer] = {}
+        self.big = os.path.join(self.work, "big.bin")
+        self.targets: List[Dict[str, object]] = []
+
+    # -- helpers ---------------------------------------------------------------
+
+    def row(self, scenario: str, contender: str, fn: Optional[Callable[[], List[float]]], *, cpus: str = ANY,
+            kind: str = "time", baseline: Optional[str] = None, na: Optional[str] = None,
+            note: str = "") -> Row:
+        row = Row(scenario, contender, cpus=cpus, kind=kind, baseline=baseline, note=note)
+        if na is None and fn is not None:
+            try:
+                row.values = fn()
+            except Exception as e:  # noqa: BLE001 - one failing contender must not end the run
+                logging.getLogger("bench").exception("%s / %s failed", scenario, contender)
+                na = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        row.na = na
+        return self.results.add(row)
+
+    def remsh_na(self, transport: str) -> Optional[str]:
+        assert self.remsh is not None
+        return self.remsh.na.get(transport)
+
+    def peer_na(self, peer: str) -> Optional[str]:
+        assert self.peers is not None
+        return self.peers.na.get(peer)
+
+    def latency_plan(self, slow: bool) -> Dict[str, int]:
+        if slow:
+            return {"runs": 5, "batch": 10, "warmup": 1} if self.quick else {"runs": 7, "batch": 30, "warmup": 1}
+        return {"runs": 5, "batch": 300, "warmup": 1} if self.quick else {"runs": 9, "batch": 2000, "warmup": 1}
+
+    # -- set-up / tear-down -------------------------------------------------------
+
+    def setup(self) -> None:
+        print(f"working directory {self.work}", flush=True)
+        with open(self.big, "wb") as f:
+            left = self.size
+            while left:
+                n = min(left, 8 * MiB)
+                f.write(os.urandom(n))
+                left -= n
+        if self.sshd_na is None:
+            try:
+                self.sshd = Sshd(self.work)
+                self.sshd.start()
+            except Exception as e:  # noqa: BLE001
+                self.sshd_na = f"sshd: {e}"
+                self.sshd = None
+        self.remsh = RemshSlaves(self.work)
+        self.remsh.start()
+        self.peers = Peers(self.work, self.sshd, self.sshd_na)
+        self.peers.start()
+        for family in (floor.TCP, floor.UNIX):
+            peer = floor.FloorPeer(family)
+            peer.start()
+            self.floors[family] = peer
+
+    def teardown(self) -> None:
+        place(UNPINNED)
+        for closer in ([self.peers.stop] if self.peers else []) + ([self.remsh.stop] if self.remsh else []) + \
+                [p.stop for p in self.floors.values()] + ([self.sshd.stop] if self.sshd else []):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - best effort
+                logging.getLogger("bench").exception("tear-down")
+        self.peers = self.remsh = self.sshd = None
+        self.floors = {}
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- scenarios -----------------------------------------------------------------
+
+    def scenario_roundtrip(self) -> None:
+        """ping and stat on an open connection, pinned to one CPU and not."""
+        assert self.remsh is not None and self.peers is not None
+        statme = os.path.join(self.work, "statme")
+        open(statme, "wb").close()
+        sizes = {
+            "ping": (len(encode_box({b"meth": b"ping", b"version": b"1"})), len(encode_box({}))),
+            "stat": (len(encode_box({b"meth": b"stat", b"version": b"1", b"path": statme.encode()})),
+                     len(encode_box({b"result": b"f"}))),
+        }
+        pingpongs = {(fam, op): floor.PingPong(self.floors[fam].connect(), *sizes[op])
+                     for fam in (floor.TCP, floor.UNIX) for op in sizes}
+        fast, slow = self.latency_plan(False), self.latency_plan(True)
+        ex_payload = b"\1" * sizes["ping"][0]
+        try:
+            for mode in (PINNED, UNPINNED):
+                place(mode)
+                for op in ("ping", "stat"):
+                    scen = f"{op} round trip"
+                    self.row(scen, FLOOR_TCP, lambda: measure(pingpongs[(floor.TCP, op)], **fast), cpus=mode,
+                             note=f"{sizes[op][0]} B request, {sizes[op][1]} B reply")
+                    self.row(scen, FLOOR_UNIX, lambda: measure(pingpongs[(floor.UNIX, op)], **fast), cpus=mode,
+                             baseline=FLOOR_TCP)
+                    for t in TRANSPORTS:
+                        slave = self.remsh.slaves.get(t)
+                        fn = (lambda s=slave: s.ping()) if op == "ping" else (lambda s=slave: s.stat(statme))
+                        self.row(scen, remsh_name(t), lambda: measure(fn, **fast), cpus=mode,
+                                 baseline=floor_for(t), na=self.remsh_na(t))
+                    if op != "ping":
+                        continue
+                    ch = self.peers.execnet_ch
+
+                    def execnet_rt() -> None:
+                        ch.send(ex_payload)
+                        ch.receive()
+
+                    self.row(scen, "execnet channel", lambda: measure(execnet_rt, **fast), cpus=mode,
+                             baseline=FLOOR_TCP, na=self.peer_na("execnet"), note="popen gateway (pipes)")
+                    conn = self.peers.rpyc_conn
+                    self.row(scen, "RPyC call", lambda: measure(lambda: conn.root.ping(ex_payload), **fast),
+                             cpus=mode, baseline=FLOOR_TCP, na=self.peer_na("rpyc"))
+                    self.row(scen, "paramiko exec 'true'", lambda: measure(self.peers.paramiko_exec, **slow),
+                             cpus=mode, baseline=FLOOR_TCP, na=self.peer_na("paramiko"))
+        finally:
+            place(UNPINNED)
+            for pp in pingpongs.values():
+                pp.close()
+
+    def scenario_execute(self) -> None:
+        """execute(['true']) on an open connection."""
+        assert self.remsh is not None and self.peers is not None
+        plan = self.latency_plan(True)
+        floor_name = "subprocess.run (floor)"
+        scen = "execute true"
+        try:
+            for mode in (PINNED, UNPINNED):
+                place(mode)
+                self.row(scen, floor_name, lambda: measure(lambda: subprocess.run(["true"], check=True), **plan),
+                         cpus=mode, note="in the master process")
+                for t in TRANSPORTS:
+                    slave = self.remsh.slaves.get(t)
+
+                    def run(s=slave) -> None:
+                        if s.execute(["true"]) != 0:
+                            raise RuntimeError("true failed")
+
+                    self.row(scen, remsh_name(t), lambda: measure(run, **plan), cpus=mode, baseline=floor_name,
+                             na=self.remsh_na(t))
+                self.row(scen, "paramiko exec", lambda: measure(self.peers.paramiko_exec, **plan), cpus=mode,
+                         baseline=floor_name, na=self.peer_na("paramiko"))
+                fab = self.peers.fabric
+                self.row(scen, "Fabric run", lambda: measure(lambda: fab.run("true", hide=True, in_stream=False),
+                                                             **plan),
+                         cpus=mode, baseline=floor_name, na=self.peer_na("fabric"))
+        finally:
+            place(UNPINNED)
+
+    def scenario_transfer(self) -> None:
+        """send and fetch of one big file, verified."""
+        assert self.remsh is not None and self.peers is not None
+        size = self.size
+        runs = 3 if self.quick else 5
+        dest_dir = os.path.join(self.work, "dest")
+        os.makedirs(dest_dir, exist_ok=True)
+        dest = os.path.join(dest_dir, "copy.bin")
+
+        def gone() -> None:
+            if os.path.lexists(dest):
+                os.unlink(dest)
+
+        def check() -> None:
+            if os.path.getsize(dest) != size:
+                raise RuntimeError(f"{dest}: {os.path.getsize(dest)} bytes, expected {size}")
+            gone()
+
+        def rate(op: Callable[[], object]) -> List[float]:
+            secs = measure(op, runs=runs, warmup=1, before=gone, after=check)
+            return [size / MiB / s for s in secs]
+
+        floor_socks = {fam: self.floors[fam].connect() for fam in (floor.TCP, floor.UNIX)}
+        sftp_batch = os.path.join(self.work, "sftp-batch")
+        label = f"{size // MiB} MiB"
+        try:
+            for direction in ("send", "fetch"):
+                scen = f"{direction} {label}"
+                for fam, name in ((floor.TCP, FLOOR_TCP), (floor.UNIX, FLOOR_UNIX)):
+                    sock = floor_socks[fam]
+                    fn = floor.send_file if direction == "send" else floor.fetch_file
+                    self.row(scen, name, lambda: rate(lambda: fn(sock, self.big, dest)), kind="rate",
+                             baseline=None if fam == floor.TCP else FLOOR_TCP,
+                             note="64 KiB chunks, SHA-256 on both ends")
+                for t in TRANSPORTS:
+                    slave = self.remsh.slaves.get(t)
+                    op = (lambda s=slave: s.send(self.big, dest)) if direction == "send" else \
+                        (lambda s=slave: s.fetch(self.big, dest))
+                    self.row(scen, remsh_name(t), lambda: rate(op), kind="rate", baseline=floor_for(t),
+                             na=self.remsh_na(t))
+                sshd = self.sshd
+                na = self.peer_na("openssh")
+                src, dst = (self.big, ":" + dest) if direction == "send" else (":" + self.big, dest)
+                self.row(scen, "scp (OpenSSH)",
+                         lambda: rate(lambda: subprocess.run(sshd.scp_argv(src, dst), check=True,
+                                                             stdin=subprocess.DEVNULL)),
+                         kind="rate", baseline=FLOOR_TCP, na=na, note="fresh connection each time")
+
+                def sftp_cli() -> None:
+                    with open(sftp_batch, "w") as f:
+                        f.write(f"put {self.big} {dest}\n" if direction == "send" else f"get {self.big} {dest}\n")
+                    subprocess.run(sshd.sftp_argv(sftp_batch), check=True, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL)
+
+                self.row(scen, "sftp (OpenSSH)", lambda: rate(sftp_cli), kind="rate", baseline=FLOOR_TCP, na=na,
+                         note="fresh connection each time")
+                sftp = self.peers.sftp
+                op = (lambda: sftp.put(self.big, dest)) if direction == "send" else (lambda: sftp.get(self.big, dest))
+                self.row(scen, "paramiko SFTP", lambda: rate(op), kind="rate", baseline=FLOOR_TCP,
+                         na=self.peer_na("paramiko"), note=f"open connection, {self.peers.cipher()}")
+        finally:
+            for s in floor_socks.values():
+                s.close()
+            gone()
+
+    def scenario_stream(self) -> None:
+        """execute(['cat', BIG]) with every chunk of stdout handed to a callback."""
+        assert self.remsh is not None and self.peers is not None
+        size = self.size
+        runs = 3 if self.quick else 5
+        scen = f"stream {size // MiB} MiB stdout"
+        got = [0]
+
+        def cb(data: bytes) -> None:
+            got[0] += len(data)
+
+        def rate(op: Callable[[], object]) -> List[float]:
+            def before() -> None:
+                got[0] = 0
+
+            def after() -> None:
+                if got[0] != size:
+                    raise RuntimeError(f"received {got[0]} bytes, expected {size}")
+
+            return [size / MiB / s for s in measure(op, runs=runs, warmup=1, before=before, after=after)]
+
+        for fam, name in ((floor.TCP, FLOOR_TCP), (floor.UNIX, FLOOR_UNIX)):
+            self.row(scen, name, lambda: rate(lambda: floor.stream_cat(self.big, fam, cb)), kind="rate",
+                     baseline=None if fam == floor.TCP else FLOOR_TCP, note="child cat writes into the socket")
+        for t in TRANSPORTS:
+            slave = self.remsh.slaves.get(t)
+
+            def run(s=slave) -> None:
+                if s.execute(["cat", self.big], stdout_cb=cb) != 0:
+                    raise RuntimeError("cat failed")
+
+            self.row(scen, remsh_name(t), lambda: rate(run), kind="rate", baseline=floor_for(t),
+                     na=self.remsh_na(t))
+        self.row(scen, "paramiko channel", lambda: rate(lambda: self.peers.paramiko_cat(self.big, cb)), kind="rate",
+                 baseline=FLOOR_TCP, na=self.peer_na("paramiko"))
+
+    def scenario_connect(self) -> None:
+        """A fresh connection: dial, authenticate, register (or run ``true``)."""
+        assert self.remsh is not None
+        runs = 5 if self.quick else 10
+        scen = "connect + auth"
+        base = "ssh true (OpenSSH)"
+        sshd = self.sshd
+        self.row(scen, base, lambda: measure(lambda: subprocess.run(sshd.ssh_argv("true"), check=True,
+                                                                    stdin=subprocess.DEVNULL), runs=runs),
+                 na=self.peer_na("openssh"), note="new ssh process, key exchange, auth, exec true")
+
+        def paramiko_connect() -> None:
+            sshd.paramiko_client().close()
+
+        self.row(scen, "paramiko connect", lambda: measure(paramiko_connect, runs=runs), baseline=base,
+                 na=self.peer_na("paramiko"), note="in-process, key exchange and public-key auth")
+        for t in (TCP, TLS, SSH):
+            def dial(t: str = t) -> List[float]:
+                argv = [sys.executable, os.path.join(HERE, "slavefarm.py"), "dial", "--times", str(runs + 1),
+                        "--basedir", self.work, *self.remsh.dial_args(t)]
+                p = subprocess.run(argv, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                if p.returncode != 0:
+                    raise RuntimeError((p.stderr.strip().splitlines() or ["dialer failed"])[-1])
+                return json.loads(p.stdout)[1:]  # the first is the warm-up
+
+            self.row(scen, f"remsh {t} register", dial, baseline=base, na=self.remsh_na(t),
+                     note="slave side: dial, handshake, registered")
+
+    def scenario_farm(self) -> None:
+        """Many slaves on one master; fan-out execute(['true'])."""
+        n = 200 if self.quick else 1000
+        procs = max(1, n // 50)
+        workers = 32
+        runs = 3 if self.quick else 5
+        scen = f"{n:,} slaves: fan-out true"
+        argv = [sys.executable, os.path.join(HERE, "farm.py"), "--slaves", str(n), "--procs", str(procs),
+                "--workers", str(workers), "--runs", str(runs), "--work", os.path.join(self.work, "farm")]
+        try:
+            p = subprocess.run(argv, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+            if p.returncode != 0:
+                raise RuntimeError((p.stderr.strip().splitlines() or ["farm failed"])[-1])
+            farm = json.loads(p.stdout.strip().splitlines()[-1])
+        except Exception as e:  # noqa: BLE001
+            msg = f"failed: {str(e)[:90]}"
+            self.row(scen, "local subprocess.run pool (floor)", None, na=msg)
+            self.row(scen, "remsh TCP fan_out", None, na=msg)
+            return
+        self.results.extra["farm"] = farm
+        pool = f"{workers} worker threads"
+        self.row(scen, "local subprocess.run pool (floor)", lambda: farm["local_pool_s"], note=pool)
+        self.row(scen, "remsh TCP fan_out", lambda: farm["fanout_s"], baseline="local subprocess.run pool (floor)",
+                 note=pool)
+        print(f"  {n} slaves in {procs} processes registered in {farm['register_all_s']:.2f} s; master threads "
+              f"{farm['master_threads_before']} before, {farm['master_threads_registered']} with all registered; "
+              f"RSS {farm['rss_per_slave_kib']:.1f} KiB per slave", flush=True)
+
+    # -- targets -------------------------------------------------------------------
+
+    def evaluate_targets(self) -> None:
+        r = self.results
+
+        def med(scen: str, who: str, cpus: str = ANY) -> Optional[float]:
+            row = r.find(scen, who, cpus)
+            return row.median if row is not None and not row.na else None
+
+        def target(text: str, ok: Optional[bool], detail: str) -> None:
+            self.targets.append({"target": text, "met": ok, "detail": detail})
+
+        for mode in (PINNED, UNPINNED):
+            scen = "ping round trip"
+            tcp, fl = med(scen, remsh_name(TCP), mode), med(scen, FLOOR_TCP, mode)
+            ex, rp = med(scen, "execnet channel", mode), med(scen, "RPyC call", mode)
+            if tcp and fl:
+                target(f"ping over TCP <= 2x raw socket ping-pong ({mode})", tcp <= 2 * fl,
+                       f"{tcp * 1e6:.1f} us vs {fl * 1e6:.1f} us = {tcp / fl:.2f}x")
+            if tcp and ex and rp:
+                target(f"ping over TCP faster than execnet and RPyC ({mode})", tcp < ex and tcp < rp,
+                       f"{tcp * 1e6:.1f} us vs execnet {ex * 1e6:.1f} us, RPyC {rp * 1e6:.1f} us")
+            scen = "execute true"
+            tcp, fl = med(scen, remsh_name(TCP), mode), med(scen, "subprocess.run (floor)", mode)
+            pm = med(scen, "paramiko exec", mode)
+            if tcp and fl:
+                target(f"execute true over TCP <= 1.5x subprocess.run ({mode})", tcp <= 1.5 * fl,
+                       f"{tcp * 1e3:.2f} ms vs {fl * 1e3:.2f} ms = {tcp / fl:.2f}x")
+            if tcp and pm:
+                target(f"execute true over TCP >= 5x faster than paramiko exec ({mode})", pm >= 5 * tcp,
+                       f"paramiko {pm * 1e3:.2f} ms / remsh {tcp * 1e3:.2f} ms = {pm / tcp:.1f}x")
+        label = f"{self.size // MiB} MiB"
+        for direction in ("send", "fetch"):
+            scen = f"{direction} {label}"
+            scp = med(scen, "scp (OpenSSH)")
+            for t in (TCP, LOCAL):
+                v, fl = med(scen, remsh_name(t)), med(scen, floor_for(t))
+                if v and fl:
+                    target(f"{direction} over {t} >= 80% of the verified-transfer floor", v >= 0.8 * fl,
+                           f"{v:.0f} vs {fl:.0f} MiB/s = {v / fl:.0%}")
+                if v and scp:
+                    target(f"{direction} over {t} faster than scp", v > scp, f"{v:.0f} vs scp {scp:.0f} MiB/s")
+            ssh, ps = med(scen, remsh_name(SSH)), med(scen, "paramiko SFTP")
+            if ssh and ps:
+                target(f"{direction} over SSH faster than paramiko SFTP", ssh > ps, f"{ssh:.0f} vs {ps:.0f} MiB/s")
+            if ssh and scp:
+                target(f"{direction} over SSH at least as fast as scp", ssh >= scp, f"{ssh:.0f} vs {scp:.0f} MiB/s")
+            if r.find(scen, FLOOR_TCP) is not None and med(scen, remsh_name(SSH)) is None:
+                target(f"{direction} over SSH vs paramiko SFTP and scp", None, "remsh SSH not measured")
+        scen = f"stream {label} stdout"
+        for t in (TCP, LOCAL):
+            v, fl = med(scen, remsh_name(t)), med(scen, floor_for(t))
+            if v and fl:
+                target(f"streamed stdout over {t} >= 50% of the raw socket floor", v >= 0.5 * fl,
+                       f"{v:.0f} vs {fl:.0f} MiB/s = {v / fl:.0%}")
+        farm = r.extra.get("farm")
+        if isinstance(farm, dict):
+            n = farm["slaves"]
+            scen = f"{n:,} slaves: fan-out true"
+            fo, lp = med(scen, "remsh TCP fan_out"), med(scen, "local subprocess.run pool (floor)")
+            if fo and lp:
+                target(f"fan-out true on {n} slaves <= 2x the same pool running local true", fo <= 2 * lp,
+                       f"{fo:.2f} s vs {lp:.2f} s = {fo / lp:.2f}x")
+            extra = farm["master_threads_registered"] - farm["master_threads_before"]
+            target(f"{n} idle slaves need no thread each", extra < n / 10,
+                   f"master threads: {farm['master_threads_before']} before, {farm['master_threads_registered']} "
+                   f"with {n} registered; {farm['rss_per_slave_kib']:.1f} KiB RSS per slave")
+
+    def print_targets(self) -> None:
+        print("\nTargets:")
+        for t in self.targets:
+            mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]  # type: ignore[index]
+            print(f"  [{mark}] {t['target']}: {t['detail']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs (under 3 minutes)")
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="where to write the figures")
+    args = p.parse_args(argv)
+    # library warnings (e.g. a dialer closing its connection) go to a file, not the table
+    log_path = os.path.join(HERE, "results", "last-run.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, filename=log_path, filemode="w",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scenarios = args.only or list(SCENARIOS)
+    bench = Bench(args)
+    machine = machine_info()
+    print(f"remsh benchmark{' (quick)' if args.quick else ''} on {machine['hostname']}: {machine_line(machine)}",
+          flush=True)
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.2f} on {os.cpu_count()} CPUs: other work is running and the "
+              "figures will be noisy", flush=True)
+    t0 = time.monotonic()
+    try:
+        bench.setup()
+        for name in scenarios:
+            if name == "farm":
+                continue  # runs alone, below
+            print(f"-- {name}", flush=True)
+            getattr(bench, f"scenario_{name}")()
+        if bench.peers is not None:
+            machine["ssh_cipher_paramiko"] = bench.peers.cipher()
+    finally:
+        bench_work = bench.work
+        bench.teardown()
+    if "farm" in scenarios:
+        print("-- farm", flush=True)
+        bench.work = tempfile.mkdtemp(prefix="remsh-bench-farm-", dir=os.path.dirname(bench_work))
+        try:
+            bench.scenario_farm()
+        finally:
+            shutil.rmtree(bench.work, ignore_errors=True)
+    bench.evaluate_targets()
+    elapsed = time.monotonic() - t0
+    print()
+    print(bench.results.table())
+    bench.print_targets()
+    print(f"\n{elapsed:.0f} s; figures written to {args.json}; warnings logged to {log_path}")
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    config = {"quick": args.quick, "scenarios": scenarios, "transfer_bytes": bench.size,
+              "elapsed_s": round(elapsed, 1), "argv": sys.argv[1:]}
+    bench.results.extra["targets"] = bench.targets
+    bench.results.extra["markdown"] = bench.results.markdown()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        f.write(bench.results.as_json(machine, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
