@@ -58,6 +58,9 @@ DEFAULT_MAX_KEYS = 1024
 DEFAULT_MAX_BOX_BYTES = 1 << 20
 #: Box terminator: a zero-length key.
 END_OF_BOX = b"\x00\x00"
+#: Longest single wait handed to the stream (seconds): poll(2) takes an int of
+#: milliseconds (about 24.8 days at most), so longer waits are made in slices.
+MAX_POLL_WAIT = 86400.0
 
 Box = Dict[bytes, bytes]
 BoxLike = Mapping[Union[bytes, str], Union[bytes, str]]
@@ -321,12 +324,17 @@ class Wire:
     # -- receiving ---------------------------------------------------------
 
     def _recv(self, timeout: Optional[float]) -> bytes:
-        try:
-            return self.stream.recv(self.RECV_SIZE, timeout)
-        except TimeoutError as e:
-            raise PeerTimeout(f"{self.label}: no answer within {timeout:g} s") from e
-        except OSError as e:
-            raise Disconnected(f"{self.label}: connection lost while receiving: {e}") from e
+        deadline = None if timeout is None else _now() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - _now())
+            sliced = left is not None and left > MAX_POLL_WAIT
+            try:
+                return self.stream.recv(self.RECV_SIZE, MAX_POLL_WAIT if sliced else left)
+            except TimeoutError as e:
+                if not sliced:
+                    raise PeerTimeout(f"{self.label}: no answer within {timeout:g} s") from e
+            except OSError as e:
+                raise Disconnected(f"{self.label}: connection lost while receiving: {e}") from e
 
     def read_exact(self, size: int, timeout: Optional[float] = None) -> bytes:
         """Read exactly ``size`` raw bytes, before any box has been read.

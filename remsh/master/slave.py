@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import threading
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Mapping,
@@ -260,8 +261,8 @@ class Slave:
         if cwd is not None:
             box[b"cwd"] = _b(cwd)
         if timeout is not None:
-            if not timeout > 0:
-                raise UsageError(f"{self.name}: execute: timeout must be positive")
+            if not 0 < timeout < math.inf:
+                raise UsageError(f"{self.name}: execute: timeout must be a positive, finite number")
             box[b"timeout"] = repr(float(timeout)).encode("ascii")
         for k, v in (env or {}).items():
             kb = _b(k)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import selectors
 import signal
@@ -38,6 +39,9 @@ STDIN_BUFFER_LIMIT = 4 << 20
 #: (a background grandchild may hold them open).
 OUTPUT_GRACE = 5.0
 READ_SIZE = 65535
+#: Longest single ``select`` (seconds); the loop re-checks its deadlines after
+#: it, so a time limit longer than select(2) accepts still works.
+MAX_SELECT_WAIT = 3600.0
 
 
 def _flag(box: Box, key: bytes, default: bool) -> bool:
@@ -123,8 +127,8 @@ def run_execute(server: "SlaveServer", box: Box) -> None:
             timeout = float(box[b"timeout"].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             raise OpError("invalid", "'timeout' must be a number of seconds") from None
-        if not timeout > 0:
-            raise OpError("invalid", "'timeout' must be positive")
+        if not 0 < timeout < math.inf:
+            raise OpError("invalid", "'timeout' must be a positive, finite number of seconds")
     cwd = server.cwd
     if box.get(b"cwd"):
         cwd = os.path.join(server.cwd, box[b"cwd"])
@@ -241,7 +245,7 @@ class _Supervisor:
             waits.append(exit_seen_at + OUTPUT_GRACE - now)
         if not waits:
             return None
-        return max(0.0, min(waits))
+        return max(0.0, min(min(waits), MAX_SELECT_WAIT))
 
     def _watch_wire(self, on: bool) -> None:
         if on and not self.wire_watched:
