@@ -264,6 +264,21 @@ def test_execute_timeout(slave) -> None:
     assert slave.execute(["true"], timeout=30) == 0
 
 
+def test_execute_long_timeout(slave) -> None:
+    """A time limit of weeks is accepted on both sides (it outlasts a poll(2) timeout)."""
+    assert slave.execute(["true"], timeout=30 * 86400.0) == 0
+    assert slave.execute(["sh", "-c", "exit 2"], timeout=1e9) == 2
+    slave.ping()
+
+
+def test_execute_non_finite_timeout_refused(slave) -> None:
+    """A timeout that is not a positive finite number is refused on the master."""
+    for bad in (float("inf"), float("nan"), 0, -1):
+        with pytest.raises(UsageError):
+            slave.execute(["true"], timeout=bad)
+    slave.ping()
+
+
 def test_execute_timeout_kills_process_group(slave) -> None:
     """The time limit kills the command's whole process group, background children too."""
     pidfds: List[int] = []
@@ -823,6 +838,8 @@ MALFORMED = [
     ({b"meth": b"stat", b"version": b"1", b"path": b""}, b"invalid"),
     ({b"meth": b"execute", b"version": b"1"}, b"invalid"),
     ({b"meth": b"execute", b"version": b"1", b"args": b"true", b"timeout": b"-1"}, b"invalid"),
+    ({b"meth": b"execute", b"version": b"1", b"args": b"true", b"timeout": b"inf"}, b"invalid"),
+    ({b"meth": b"execute", b"version": b"1", b"args": b"true", b"timeout": b"1e400"}, b"invalid"),
     ({b"meth": b"execute", b"version": b"1", b"args": b"true", b"want_stdout": b"maybe"}, b"invalid"),
     ({b"meth": b"send", b"version": b"1", b"dest": b"x", b"mode": b"abc"}, b"invalid"),
 ]
