@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -39,6 +40,25 @@ SCENARIOS = ("roundtrip", "execute", "transfer", "stream", "connect", "farm")
 
 FLOOR_TCP = "raw TCP socket (floor)"
 FLOOR_UNIX = "raw socketpair (floor)"
+
+
+@dataclass
+class Entry:
+    """One contender of a :meth:`Bench.group`: the call to time and its row."""
+
+    contender: str
+    op: Optional[Callable[[], object]]
+    baseline: Optional[str] = None
+    na: Optional[str] = None
+    note: str = ""
+    batch: int = 1
+    before: Optional[Callable[[], object]] = None
+    after: Optional[Callable[[], object]] = None
+
+
+def _failed(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:80] if str(e) else ""
+    return f"failed: {type(e).__name__}: {text}"
 
 
 def remsh_name(transport: str) -> str:
@@ -70,15 +90,54 @@ class Bench:
     def row(self, scenario: str, contender: str, fn: Optional[Callable[[], List[float]]], *, cpus: str = ANY,
             kind: str = "time", baseline: Optional[str] = None, na: Optional[str] = None,
             note: str = "") -> Row:
+        """Measure one contender on its own (``fn`` returns the per-run values)."""
         row = Row(scenario, contender, cpus=cpus, kind=kind, baseline=baseline, note=note)
         if na is None and fn is not None:
             try:
                 row.values = fn()
             except Exception as e:  # noqa: BLE001 - one failing contender must not end the run
                 logging.getLogger("bench").exception("%s / %s failed", scenario, contender)
-                na = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                na = _failed(e)
         row.na = na
         return self.results.add(row)
+
+    def group(self, scenario: str, entries: List[Entry], *, runs: int, warmup: int = 1, cpus: str = ANY,
+              nbytes: Optional[int] = None) -> None:
+        """Measure several contenders of one scenario with their runs interleaved.
+
+        After every contender's warm-up, run ``i`` of each contender is made
+        in turn (the order rotating from one round to the next), so a burst
+        of other activity on the machine lands on all of them alike.  With
+        ``nbytes`` the rows are throughputs (MiB/s) of ``nbytes`` per call.
+        """
+        values: Dict[str, List[float]] = {e.contender: [] for e in entries}
+        failed: Dict[str, str] = {}
+        active = [e for e in entries if e.na is None and e.op is not None]
+
+        def one(e: Entry, n_warm: int, n_runs: int) -> None:
+            if e.contender in failed:
+                return
+            try:
+                values[e.contender] += measure(e.op, runs=n_runs, warmup=n_warm, batch=e.batch,  # type: ignore[arg-type]
+                                               before=e.before, after=e.after)
+            except Exception as exc:  # noqa: BLE001 - one failing contender must not end the run
+                logging.getLogger("bench").exception("%s / %s failed", scenario, e.contender)
+                failed[e.contender] = _failed(exc)
+
+        for e in active:
+            one(e, warmup, 0)
+        for i in range(runs):
+            k = i % len(active) if active else 0
+            for e in active[k:] + active[:k]:
+                one(e, 0, 1)
+        for e in entries:
+            row = Row(scenario, e.contender, cpus=cpus, kind="time" if nbytes is None else "rate",
+                      baseline=e.baseline, note=e.note)
+            row.na = e.na or failed.get(e.contender) or (None if e.op is not None else "not measured")
+            if row.na is None:
+                row.values = values[e.contender] if nbytes is None else \
+                    [nbytes / MiB / v for v in values[e.contender]]
+            self.results.add(row)
 
     def remsh_na(self, transport: str) -> Optional[str]:
         assert self.remsh is not None
@@ -89,9 +148,10 @@ class Bench:
         return self.peers.na.get(peer)
 
     def latency_plan(self, slow: bool) -> Dict[str, int]:
+        """Runs and calls per run for fast (~10-300 us) and slow (~1-20 ms) operations."""
         if slow:
-            return {"runs": 5, "batch": 10, "warmup": 1} if self.quick else {"runs": 7, "batch": 30, "warmup": 1}
-        return {"runs": 5, "batch": 300, "warmup": 1} if self.quick else {"runs": 9, "batch": 2000, "warmup": 1}
+            return {"runs": 5, "batch": 10} if self.quick else {"runs": 9, "batch": 30}
+        return {"runs": 5, "batch": 300} if self.quick else {"runs": 9, "batch": 2000}
 
     # -- set-up / tear-down -------------------------------------------------------
 
@@ -147,35 +207,37 @@ class Bench:
                      for fam in (floor.TCP, floor.UNIX) for op in sizes}
         fast, slow = self.latency_plan(False), self.latency_plan(True)
         ex_payload = b"\1" * sizes["ping"][0]
+        peers = self.peers
+        ch, conn = peers.execnet_ch, peers.rpyc_conn
+
+        def execnet_rt() -> None:
+            ch.send(ex_payload)
+            ch.receive()
+
         try:
             for mode in (PINNED, UNPINNED):
                 place(mode)
                 for op in ("ping", "stat"):
-                    scen = f"{op} round trip"
-                    self.row(scen, FLOOR_TCP, lambda: measure(pingpongs[(floor.TCP, op)], **fast), cpus=mode,
-                             note=f"{sizes[op][0]} B request, {sizes[op][1]} B reply")
-                    self.row(scen, FLOOR_UNIX, lambda: measure(pingpongs[(floor.UNIX, op)], **fast), cpus=mode,
-                             baseline=FLOOR_TCP)
+                    entries = [
+                        Entry(FLOOR_TCP, pingpongs[(floor.TCP, op)], batch=fast["batch"],
+                              note=f"{sizes[op][0]} B request, {sizes[op][1]} B reply"),
+                        Entry(FLOOR_UNIX, pingpongs[(floor.UNIX, op)], baseline=FLOOR_TCP, batch=fast["batch"]),
+                    ]
                     for t in TRANSPORTS:
                         slave = self.remsh.slaves.get(t)
                         fn = (lambda s=slave: s.ping()) if op == "ping" else (lambda s=slave: s.stat(statme))
-                        self.row(scen, remsh_name(t), lambda: measure(fn, **fast), cpus=mode,
-                                 baseline=floor_for(t), na=self.remsh_na(t))
-                    if op != "ping":
-                        continue
-                    ch = self.peers.execnet_ch
-
-                    def execnet_rt() -> None:
-                        ch.send(ex_payload)
-                        ch.receive()
-
-                    self.row(scen, "execnet channel", lambda: measure(execnet_rt, **fast), cpus=mode,
-                             baseline=FLOOR_TCP, na=self.peer_na("execnet"), note="popen gateway (pipes)")
-                    conn = self.peers.rpyc_conn
-                    self.row(scen, "RPyC call", lambda: measure(lambda: conn.root.ping(ex_payload), **fast),
-                             cpus=mode, baseline=FLOOR_TCP, na=self.peer_na("rpyc"))
-                    self.row(scen, "paramiko exec 'true'", lambda: measure(self.peers.paramiko_exec, **slow),
-                             cpus=mode, baseline=FLOOR_TCP, na=self.peer_na("paramiko"))
+                        entries.append(Entry(remsh_name(t), fn, baseline=floor_for(t), na=self.remsh_na(t),
+                                             batch=fast["batch"]))
+                    if op == "ping":
+                        entries += [
+                            Entry("execnet channel", execnet_rt, baseline=FLOOR_TCP, na=self.peer_na("execnet"),
+                                  batch=fast["batch"], note="popen gateway (pipes)"),
+                            Entry("RPyC call", lambda: conn.root.ping(ex_payload), baseline=FLOOR_TCP,
+                                  na=self.peer_na("rpyc"), batch=fast["batch"]),
+                            Entry("paramiko exec 'true'", peers.paramiko_exec, baseline=FLOOR_TCP,
+                                  na=self.peer_na("paramiko"), batch=slow["batch"]),
+                        ]
+                    self.group(f"{op} round trip", entries, runs=fast["runs"], cpus=mode)
         finally:
             place(UNPINNED)
             for pp in pingpongs.values():
@@ -186,27 +248,29 @@ class Bench:
         assert self.remsh is not None and self.peers is not None
         plan = self.latency_plan(True)
         floor_name = "subprocess.run (floor)"
-        scen = "execute true"
+        fab = self.peers.fabric
+
+        def run_on(slave: Any) -> Callable[[], None]:
+            def run() -> None:
+                if slave.execute(["true"]) != 0:
+                    raise RuntimeError("true failed")
+            return run
+
         try:
             for mode in (PINNED, UNPINNED):
                 place(mode)
-                self.row(scen, floor_name, lambda: measure(lambda: subprocess.run(["true"], check=True), **plan),
-                         cpus=mode, note="in the master process")
+                entries = [Entry(floor_name, lambda: subprocess.run(["true"], check=True), batch=plan["batch"],
+                                 note="in the master process")]
                 for t in TRANSPORTS:
-                    slave = self.remsh.slaves.get(t)
-
-                    def run(s=slave) -> None:
-                        if s.execute(["true"]) != 0:
-                            raise RuntimeError("true failed")
-
-                    self.row(scen, remsh_name(t), lambda: measure(run, **plan), cpus=mode, baseline=floor_name,
-                             na=self.remsh_na(t))
-                self.row(scen, "paramiko exec", lambda: measure(self.peers.paramiko_exec, **plan), cpus=mode,
-                         baseline=floor_name, na=self.peer_na("paramiko"))
-                fab = self.peers.fabric
-                self.row(scen, "Fabric run", lambda: measure(lambda: fab.run("true", hide=True, in_stream=False),
-                                                             **plan),
-                         cpus=mode, baseline=floor_name, na=self.peer_na("fabric"))
+                    entries.append(Entry(remsh_name(t), run_on(self.remsh.slaves.get(t)), baseline=floor_name,
+                                         na=self.remsh_na(t), batch=plan["batch"]))
+                entries += [
+                    Entry("paramiko exec", self.peers.paramiko_exec, baseline=floor_name,
+                          na=self.peer_na("paramiko"), batch=plan["batch"]),
+                    Entry("Fabric run", lambda: fab.run("true", hide=True, in_stream=False), baseline=floor_name,
+                          na=self.peer_na("fabric"), batch=plan["batch"]),
+                ]
+                self.group("execute true", entries, runs=plan["runs"], cpus=mode)
         finally:
             place(UNPINNED)
 
@@ -228,88 +292,81 @@ class Bench:
                 raise RuntimeError(f"{dest}: {os.path.getsize(dest)} bytes, expected {size}")
             gone()
 
-        def rate(op: Callable[[], object]) -> List[float]:
-            secs = measure(op, runs=runs, warmup=1, before=gone, after=check)
-            return [size / MiB / s for s in secs]
-
         floor_socks = {fam: self.floors[fam].connect() for fam in (floor.TCP, floor.UNIX)}
         sftp_batch = os.path.join(self.work, "sftp-batch")
-        label = f"{size // MiB} MiB"
+        sshd, sftp = self.sshd, self.peers.sftp
+        ssh_na = self.peer_na("openssh")
+
+        def run_cmd(argv_fn: Callable[[], List[str]]) -> Callable[[], None]:
+            return lambda: subprocess.run(argv_fn(), check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
         try:
             for direction in ("send", "fetch"):
-                scen = f"{direction} {label}"
-                for fam, name in ((floor.TCP, FLOOR_TCP), (floor.UNIX, FLOOR_UNIX)):
-                    sock = floor_socks[fam]
-                    fn = floor.send_file if direction == "send" else floor.fetch_file
-                    self.row(scen, name, lambda: rate(lambda: fn(sock, self.big, dest)), kind="rate",
-                             baseline=None if fam == floor.TCP else FLOOR_TCP,
-                             note="64 KiB chunks, SHA-256 on both ends")
+                sending = direction == "send"
+                fl = floor.send_file if sending else floor.fetch_file
+                entries = [
+                    Entry(FLOOR_TCP, lambda: fl(floor_socks[floor.TCP], self.big, dest),
+                          note="64 KiB chunks, SHA-256 on both ends"),
+                    Entry(FLOOR_UNIX, lambda: fl(floor_socks[floor.UNIX], self.big, dest), baseline=FLOOR_TCP),
+                ]
                 for t in TRANSPORTS:
                     slave = self.remsh.slaves.get(t)
-                    op = (lambda s=slave: s.send(self.big, dest)) if direction == "send" else \
+                    op = (lambda s=slave: s.send(self.big, dest)) if sending else \
                         (lambda s=slave: s.fetch(self.big, dest))
-                    self.row(scen, remsh_name(t), lambda: rate(op), kind="rate", baseline=floor_for(t),
-                             na=self.remsh_na(t))
-                sshd = self.sshd
-                na = self.peer_na("openssh")
-                src, dst = (self.big, ":" + dest) if direction == "send" else (":" + self.big, dest)
-                self.row(scen, "scp (OpenSSH)",
-                         lambda: rate(lambda: subprocess.run(sshd.scp_argv(src, dst), check=True,
-                                                             stdin=subprocess.DEVNULL)),
-                         kind="rate", baseline=FLOOR_TCP, na=na, note="fresh connection each time")
-
-                def sftp_cli() -> None:
-                    with open(sftp_batch, "w") as f:
-                        f.write(f"put {self.big} {dest}\n" if direction == "send" else f"get {self.big} {dest}\n")
-                    subprocess.run(sshd.sftp_argv(sftp_batch), check=True, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL)
-
-                self.row(scen, "sftp (OpenSSH)", lambda: rate(sftp_cli), kind="rate", baseline=FLOOR_TCP, na=na,
-                         note="fresh connection each time")
-                sftp = self.peers.sftp
-                op = (lambda: sftp.put(self.big, dest)) if direction == "send" else (lambda: sftp.get(self.big, dest))
-                self.row(scen, "paramiko SFTP", lambda: rate(op), kind="rate", baseline=FLOOR_TCP,
-                         na=self.peer_na("paramiko"), note=f"open connection, {self.peers.cipher()}")
+                    entries.append(Entry(remsh_name(t), op, baseline=floor_for(t), na=self.remsh_na(t)))
+                src, dst = (self.big, ":" + dest) if sending else (":" + self.big, dest)
+                with open(sftp_batch + f"-{direction}", "w") as f:
+                    f.write(f"put {self.big} {dest}\n" if sending else f"get {self.big} {dest}\n")
+                entries += [
+                    Entry("scp (OpenSSH)", run_cmd(lambda: sshd.scp_argv(src, dst)), baseline=FLOOR_TCP,
+                          na=ssh_na, note="new connection each time"),
+                    Entry("sftp (OpenSSH)", run_cmd(lambda: sshd.sftp_argv(sftp_batch + f"-{direction}")),
+                          baseline=FLOOR_TCP, na=ssh_na, note="new connection each time"),
+                    Entry("paramiko SFTP", (lambda: sftp.put(self.big, dest)) if sending else
+                          (lambda: sftp.get(self.big, dest)), baseline=FLOOR_TCP, na=self.peer_na("paramiko"),
+                          note=f"open connection, {self.peers.cipher()}"),
+                ]
+                for e in entries:
+                    e.before, e.after = gone, check
+                self.group(f"{direction} {size // MiB} MiB", entries, runs=runs, nbytes=size)
         finally:
-            for s in floor_socks.values():
-                s.close()
+            for sock in floor_socks.values():
+                sock.close()
             gone()
 
     def scenario_stream(self) -> None:
         """execute(['cat', BIG]) with every chunk of stdout handed to a callback."""
         assert self.remsh is not None and self.peers is not None
         size = self.size
-        runs = 3 if self.quick else 5
-        scen = f"stream {size // MiB} MiB stdout"
         got = [0]
 
         def cb(data: bytes) -> None:
             got[0] += len(data)
 
-        def rate(op: Callable[[], object]) -> List[float]:
-            def before() -> None:
-                got[0] = 0
+        def before() -> None:
+            got[0] = 0
 
-            def after() -> None:
-                if got[0] != size:
-                    raise RuntimeError(f"received {got[0]} bytes, expected {size}")
+        def after() -> None:
+            if got[0] != size:
+                raise RuntimeError(f"received {got[0]} bytes, expected {size}")
 
-            return [size / MiB / s for s in measure(op, runs=runs, warmup=1, before=before, after=after)]
-
-        for fam, name in ((floor.TCP, FLOOR_TCP), (floor.UNIX, FLOOR_UNIX)):
-            self.row(scen, name, lambda: rate(lambda: floor.stream_cat(self.big, fam, cb)), kind="rate",
-                     baseline=None if fam == floor.TCP else FLOOR_TCP, note="child cat writes into the socket")
-        for t in TRANSPORTS:
-            slave = self.remsh.slaves.get(t)
-
-            def run(s=slave) -> None:
-                if s.execute(["cat", self.big], stdout_cb=cb) != 0:
+        def cat_on(slave: Any) -> Callable[[], None]:
+            def run() -> None:
+                if slave.execute(["cat", self.big], stdout_cb=cb) != 0:
                     raise RuntimeError("cat failed")
+            return run
 
-            self.row(scen, remsh_name(t), lambda: rate(run), kind="rate", baseline=floor_for(t),
-                     na=self.remsh_na(t))
-        self.row(scen, "paramiko channel", lambda: rate(lambda: self.peers.paramiko_cat(self.big, cb)), kind="rate",
-                 baseline=FLOOR_TCP, na=self.peer_na("paramiko"))
+        entries = [Entry(FLOOR_TCP, lambda: floor.stream_cat(self.big, floor.TCP, cb),
+                         note="child cat writes into the socket"),
+                   Entry(FLOOR_UNIX, lambda: floor.stream_cat(self.big, floor.UNIX, cb), baseline=FLOOR_TCP)]
+        for t in TRANSPORTS:
+            entries.append(Entry(remsh_name(t), cat_on(self.remsh.slaves.get(t)), baseline=floor_for(t),
+                                 na=self.remsh_na(t)))
+        entries.append(Entry("paramiko channel", lambda: self.peers.paramiko_cat(self.big, cb),
+                             baseline=FLOOR_TCP, na=self.peer_na("paramiko")))
+        for e in entries:
+            e.before, e.after = before, after
+        self.group(f"stream {size // MiB} MiB stdout", entries, runs=3 if self.quick else 5, nbytes=size)
 
     def scenario_connect(self) -> None:
         """A fresh connection: dial, authenticate, register (or run ``true``)."""
