@@ -31,7 +31,9 @@ class PartialFile:
             name = b".%s.%s%s" % (base, os.urandom(6).hex().encode("ascii"), TEMP_SUFFIX)
             path = os.path.join(self._dir, name)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+                # 0o666 less the umask: the permissions the file will have
+                # (reading the umask would mean changing it, racing other threads)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
             except FileExistsError:
                 continue
             break
@@ -40,10 +42,6 @@ class PartialFile:
         self.path = path
         self.fd = fd
         self._done = False
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
         self.mode = mode
 
     def write(self, data: bytes) -> None:
@@ -56,7 +54,8 @@ class PartialFile:
         """Flush to disk and move into place; raises ``FileExistsError`` if
         ``dest`` appeared meanwhile (the temporary file is then removed)."""
         try:
-            os.fchmod(self.fd, self.mode)
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1

@@ -402,7 +402,10 @@ class Wire:
             raise WireError(self._error)
         if self._eof:
             return
-        data = self._recv(0)
+        try:
+            data = self._recv(0)
+        except PeerTimeout:
+            return  # readable, yet nothing for us (e.g. SSH data on another stream)
         if not data:
             self._eof = True
             self._close_decoder()

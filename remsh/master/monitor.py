@@ -4,21 +4,19 @@ While a slave is idle nobody reads its connection, so nobody would notice
 that the slave died.  :class:`IdleMonitor` watches every slave's stream from
 one thread; no slave has a thread of its own.
 
-Two ways of watching, chosen per stream:
+A stream is *armed* (watched for input, hang-up and errors) while its slave
+is idle, and *quiet* (on Linux: watched for hang-up and errors only) while an
+operation runs, so that ordinary replies never wake the monitor.  Operations
+switch between the two with one ``epoll_ctl`` each (:meth:`busy`,
+:meth:`idle`).  An event on an idle slave means the stream ended (the slave
+died: its kernel closed the socket), failed (TCP keepalive gave up on a
+vanished host), or carries bytes nobody asked for (a protocol violation): in
+each case the slave is disconnected, which removes it from its collection.
+An event that arrives while an operation holds the slave is left to that
+operation, and looked at again when it ends.
 
-- **Sockets on Linux** are registered once with ``EPOLLRDHUP | EPOLLONESHOT``:
-  the kernel reports only the peer's FIN, a reset or an error (TCP keepalive
-  giving up on a vanished host), never ordinary replies.  Operations cost the
-  monitor nothing.  If the report comes while an operation holds the slave,
-  that operation sees the end itself; should it finish cleanly all the same
-  (the slave answered, then died), the check is made when it ends.
-- **Other streams** (an SSH channel's notification pipe) are watched for
-  readability only while their slave is idle: operations call :meth:`busy`
-  and :meth:`idle` around their I/O.  Readable while idle means the stream
-  ended, failed, or carries bytes nobody asked for: each disconnects the
-  slave.
-
-Either way a disconnected slave leaves its collection.
+Registrations are one-shot on Linux: an event disarms its stream until the
+next :meth:`idle`, so a dead stream cannot make the thread spin.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import socket
 import threading
 from typing import TYPE_CHECKING, Dict, Optional, Set
 
@@ -38,8 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _EPOLL = hasattr(select, "epoll")
-_HANGUP_MASK = (select.EPOLLRDHUP | select.EPOLLONESHOT) if _EPOLL else 0
-_READ_MASK = select.EPOLLIN if _EPOLL else select.POLLIN
+if _EPOLL:
+    _ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+    _QUIET = select.EPOLLRDHUP | select.EPOLLONESHOT
+    _WAKE = select.EPOLLIN
+else:  # pragma: no cover - poll(2) fallback: unregister while busy
+    _ARMED = select.POLLIN
+    _QUIET = 0
+    _WAKE = select.POLLIN
 
 
 class IdleMonitor:
@@ -51,9 +54,7 @@ class IdleMonitor:
         self._poller: Optional[object] = None
         self._by_fd: Dict[int, "Slave"] = {}
         self._fd_of: Dict[int, int] = {}  # id(slave) -> fd
-        self._hangup_mode: Set[int] = set()  # id(slave) watched for hang-up only
-        self._idle: Set[int] = set()  # id(slave), read-watched slaves now registered
-        self._recheck: Set[int] = set()  # id(slave), hang-up seen while busy
+        self._recheck: Set[int] = set()  # id(slave): an event came while it was busy
         self._thread: Optional[threading.Thread] = None
         self._wake_r = self._wake_w = -1
         self._stopping = False
@@ -69,7 +70,7 @@ class IdleMonitor:
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_w, False)
             os.set_blocking(self._wake_r, False)
-            self._poller.register(self._wake_r, _READ_MASK)  # type: ignore[attr-defined]
+            self._poller.register(self._wake_r, _WAKE)  # type: ignore[attr-defined]
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
@@ -94,8 +95,6 @@ class IdleMonitor:
                 slave.idle_watcher = None
             self._by_fd.clear()
             self._fd_of.clear()
-            self._hangup_mode.clear()
-            self._idle.clear()
             self._recheck.clear()
 
     def _wake(self) -> None:
@@ -110,74 +109,67 @@ class IdleMonitor:
     def add(self, slave: "Slave") -> None:
         """Start watching ``slave`` (idle now)."""
         self.start()
-        stream = slave.wire.stream
-        fd = stream.fileno()
-        hangup_only = _EPOLL and isinstance(getattr(stream, "sock", None), socket.socket)
+        fd = slave.wire.stream.fileno()
         with self._lock:
-            if self._poller is None:
+            poller = self._poller
+            if poller is None:
                 return
-            key = id(slave)
             self._by_fd[fd] = slave
-            self._fd_of[key] = fd
+            self._fd_of[id(slave)] = fd
             slave.idle_watcher = self
-            if hangup_only:
-                self._hangup_mode.add(key)
-                self._poller.register(fd, _HANGUP_MASK)  # type: ignore[attr-defined]
-                return
-        self.idle(slave)
+            poller.register(fd, _ARMED)  # type: ignore[attr-defined]
+        if not _EPOLL:
+            self._wake()
 
     def busy(self, slave: "Slave") -> None:
-        """An operation starts on ``slave``: stop reading its stream."""
-        key = id(slave)
-        if key in self._hangup_mode:
+        """An operation starts on ``slave`` (which it holds): go quiet."""
+        fd = self._fd_of.get(id(slave))
+        poller = self._poller
+        if fd is None or poller is None:
             return
-        with self._lock:
-            if key in self._idle:
-                self._idle.discard(key)
-                self._unregister(self._fd_of.get(key))
+        try:
+            if _EPOLL:
+                poller.modify(fd, _QUIET)  # type: ignore[attr-defined]
+            else:
+                poller.unregister(fd)  # type: ignore[attr-defined]
+        except (KeyError, ValueError, OSError):
+            pass
 
     def idle(self, slave: "Slave") -> None:
-        """``slave``'s operation ended (the caller still holds the slave)."""
+        """``slave``'s operation ended (the caller still holds the slave): arm."""
         key = id(slave)
-        if key in self._hangup_mode:
-            if key in self._recheck:
-                self._recheck.discard(key)
-                _check_idle_stream(slave)
+        fd = self._fd_of.get(key)
+        poller = self._poller
+        if fd is None or poller is None:
             return
-        with self._lock:
-            fd = self._fd_of.get(key)
-            if fd is None or key in self._idle or self._poller is None:
+        if key in self._recheck:
+            self._recheck.discard(key)
+            if not _check_idle_stream(slave):
                 return
-            try:
-                self._poller.register(fd, _READ_MASK)  # type: ignore[attr-defined]
-            except (ValueError, OSError):
-                return  # closed meanwhile: forget() follows
-            self._idle.add(key)
-            if not _EPOLL:
-                self._wake()  # poll() only sees changes on its next call
+        try:
+            if _EPOLL:
+                poller.modify(fd, _ARMED)  # type: ignore[attr-defined]
+            else:
+                poller.register(fd, _ARMED)  # type: ignore[attr-defined]
+                self._wake()
+        except (KeyError, ValueError, OSError):
+            pass  # closed meanwhile: forget() follows
 
     def forget(self, slave: "Slave") -> None:
         """Stop watching ``slave`` for good (it disconnected)."""
         key = id(slave)
         with self._lock:
             fd = self._fd_of.pop(key, None)
+            self._recheck.discard(key)
             if fd is None:
                 return
             if self._by_fd.get(fd) is slave:
                 del self._by_fd[fd]
-            if key in self._idle or key in self._hangup_mode:
-                self._unregister(fd)
-            self._idle.discard(key)
-            self._hangup_mode.discard(key)
-            self._recheck.discard(key)
-
-    def _unregister(self, fd: Optional[int]) -> None:
-        if self._poller is None or fd is None:
-            return
-        try:
-            self._poller.unregister(fd)  # type: ignore[attr-defined]
-        except (KeyError, ValueError, OSError):
-            pass
+            if self._poller is not None:
+                try:
+                    self._poller.unregister(fd)  # type: ignore[attr-defined]
+                except (KeyError, ValueError, OSError):
+                    pass
 
     # -- the thread ----------------------------------------------------------
 
@@ -200,41 +192,42 @@ class IdleMonitor:
                     except BlockingIOError:
                         pass
                     continue
-                with self._lock:
-                    slave = self._by_fd.get(fd)
-                    if slave is None:
-                        continue
-                    key = id(slave)
-                    if key not in self._hangup_mode:
-                        if key not in self._idle:
-                            self._unregister(fd)
-                            continue
-                if slave._lock.acquire(blocking=False):
-                    try:
-                        _check_idle_stream(slave)
-                    finally:
-                        slave._lock.release()
-                elif key in self._hangup_mode:
-                    self._recheck.add(key)  # the operation's end will look
+                slave = self._by_fd.get(fd)
+                if slave is None:
+                    continue
+                if not slave._lock.acquire(blocking=False):
+                    # an operation holds it: it sees a dead stream itself, and
+                    # idle() looks again when it ends
+                    self._recheck.add(id(slave))
+                    if not _EPOLL:
+                        self.busy(slave)
+                    continue
+                try:
+                    if _check_idle_stream(slave):
+                        self.idle(slave)  # spurious: arm again
+                finally:
+                    slave._lock.release()
 
 
-def _check_idle_stream(slave: "Slave") -> None:
-    """Disconnect ``slave`` if its stream, read while idle, shows it ended.
+def _check_idle_stream(slave: "Slave") -> bool:
+    """Read ``slave``'s stream while it is idle; disconnect the slave if the
+    stream ended, failed or carried bytes.  Returns True if all was well.
 
     The caller holds the slave's operation lock.
     """
     if not slave.connected:
-        return
+        return False
     stream = slave.wire.stream
     try:
         data = stream.recv(4096, 0)
     except TimeoutError:
-        return  # nothing there after all
+        return True  # nothing there after all
     except OSError as e:
         slave._mark_disconnected(Disconnected(f"{slave.name}: connection lost while idle: {e}"))
-        return
+        return False
     if not data:
         slave._mark_disconnected(Disconnected(f"{slave.name}: slave closed the connection"))
     else:
         slave._mark_disconnected(ProtocolError(
             f"{slave.name}: slave sent {len(data)} unrequested bytes while idle"))
+    return False

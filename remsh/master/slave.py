@@ -74,6 +74,9 @@ class Slave:
         self._state_lock = threading.Lock()
         self._disconnected: Optional[RemshError] = None
         self._callbacks: List[Callable[["Slave"], Any]] = []
+        # guards _executing, and the sending of an interrupt against the end
+        # of the command it was meant for (so it can never hit the next one)
+        self._exec_lock = threading.Lock()
         self._executing = False
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Any = None
@@ -276,12 +279,20 @@ class Slave:
             raise UsageError(f"{self.name}: execute: arguments or variable names too long for one box")
         with self._operation("execute"):
             self.wire.send_box(box)
-            started = self._read("execute")
-            if b"errtag" in started:
-                self._raise_if_error("execute", started)
-            if started:
-                raise ProtocolError(f"expected the start reply, got keys {sorted(started)[:8]}")
-            box, deferred = self._run_command(stdout_cb, stderr_cb, timeout, stdin)
+            # from here an interrupt is delivered: the slave reads it after
+            # the request (or discards it if the command never started)
+            with self._exec_lock:
+                self._executing = True
+            try:
+                started = self._read("execute")
+                if b"errtag" in started:
+                    self._raise_if_error("execute", started)
+                if started:
+                    raise ProtocolError(f"expected the start reply, got keys {sorted(started)[:8]}")
+                box, deferred = self._run_command(stdout_cb, stderr_cb, timeout, stdin)
+            finally:
+                with self._exec_lock:
+                    self._executing = False
             try:
                 code = self._exit_code(box)
             except RemoteError:
@@ -300,7 +311,6 @@ class Slave:
         and the exception (if any) to raise once the operation is over."""
         feeder: Optional[_StdinFeeder] = None
         callback_error: Optional[BaseException] = None
-        self._executing = True
         try:
             if stdin is not None:
                 feeder = _StdinFeeder(self, stdin)
@@ -325,7 +335,6 @@ class Slave:
                     continue
                 break
         finally:
-            self._executing = False
             if feeder is not None:
                 feeder.stop()
         if callback_error is not None:
@@ -364,8 +373,9 @@ class Slave:
         seconds, the connection is dropped instead (``execute`` then raises
         :class:`~remsh.errors.Disconnected`).
         """
-        if self._executing and self._disconnected is None:
-            self._send_interrupt()
+        with self._exec_lock:
+            if self._executing and self._disconnected is None:
+                self._send_interrupt()
 
     # -- file transfer -------------------------------------------------------
 

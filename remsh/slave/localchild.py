@@ -19,6 +19,7 @@ from remsh.wire import Wire
 
 def _terminate(signum: int, frame: object) -> None:
     # unwinds the server: a running command's process group is killed on the way
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
     raise SystemExit(128 + signum)
 
 

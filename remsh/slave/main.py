@@ -166,6 +166,7 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
 
 
 def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
     raise SystemExit(128 + signum)
 
 

@@ -10,6 +10,7 @@ register by overriding :meth:`SlaveListener.authorize`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional, Tuple, Type, Union
 
 from remsh.errors import AuthenticationError, RemshError
@@ -52,16 +53,18 @@ class SlaveListener:
         proof must be made with (``None``: no proof).  The base trusts all."""
         return True, None
 
-    def handle_new_connection(self, wire: Wire) -> Slave:
+    def handle_new_connection(self, wire: Wire, timeout: Optional[float] = None) -> Slave:
         """Authenticate and register the slave at the other end of ``wire``.
 
         The greeting must already have been exchanged.  Returns the slave,
         now in the collection.  On failure the wire is closed and the error
         (``AuthenticationError``, ``ProtocolError``, ``Disconnected``) raised;
-        nothing reaches the collection.
+        nothing reaches the collection.  ``timeout`` bounds the exchange
+        (default: ``handshake_timeout``).
         """
         try:
-            reg = master_handshake(wire, self.authorize, timeout=self.handshake_timeout, greet=False)
+            reg = master_handshake(wire, self.authorize, greet=False,
+                                   timeout=self.handshake_timeout if timeout is None else timeout)
             slave = self.slave_class(wire, reg.name, reg.info, self, io_timeout=self.io_timeout)
             slave.setup()
         except AuthenticationError as e:
@@ -79,9 +82,11 @@ class SlaveListener:
     def accept_wire(self, wire: Wire) -> Optional[Slave]:
         """Greeting plus :meth:`handle_new_connection`, with failures logged
         rather than raised (for accept loops).  Returns the slave or ``None``."""
+        deadline = time.monotonic() + self.handshake_timeout
         try:
+            # one time limit for greeting and handshake together
             exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, self.handshake_timeout)
-            return self.handle_new_connection(wire)
+            return self.handle_new_connection(wire, timeout=max(0.0, deadline - time.monotonic()))
         except AuthenticationError:
             return None  # logged by handle_new_connection
         except RemshError as e:

@@ -70,6 +70,8 @@ class LocalSlaveListener(SlaveListener):
         with self._lock:
             proc = self._procs.get(id(slave))
         if proc is None:
+            if not slave.connected:
+                return  # already gone (and reaped)
             raise UsageError(f"{slave.name} was not started by this listener")
         stop_child(proc)
         slave.close()
