@@ -276,6 +276,8 @@ class Wire:
         self._raw = bytearray()
         self._raw_mode = True
         self._send_lock = threading.Lock()
+        self._recv_into = getattr(stream, "recv_into", None)
+        self._rbuf = memoryview(bytearray(self.RECV_SIZE))
         self._eof = False
         self._error: Optional[str] = None  # set by bad input; every later read raises
         self.closed = False
@@ -323,12 +325,19 @@ class Wire:
 
     # -- receiving ---------------------------------------------------------
 
-    def _recv(self, timeout: Optional[float]) -> bytes:
+    def _recv(self, timeout: Optional[float]) -> Union[bytes, memoryview]:
+        """The next bytes from the stream (valid until the next call)."""
         deadline = None if timeout is None else _now() + timeout
+        recv_into = self._recv_into
         while True:
             left = None if deadline is None else max(0.0, deadline - _now())
             sliced = left is not None and left > MAX_POLL_WAIT
             try:
+                if recv_into is not None:
+                    # into one reused buffer: allocating a fresh large bytes
+                    # object per receive costs more than the system call
+                    n = recv_into(self._rbuf, MAX_POLL_WAIT if sliced else left)
+                    return self._rbuf[:n]
                 return self.stream.recv(self.RECV_SIZE, MAX_POLL_WAIT if sliced else left)
             except TimeoutError as e:
                 if not sliced:

@@ -19,6 +19,7 @@ class FairLock:
         self._next = 0
         self._serving = 0
         self._abandoned: set = set()
+        self._waiters = 0
 
     def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
         """Take the lock; returns False if not blocking / timed out."""
@@ -30,22 +31,32 @@ class FairLock:
                 return False
             ticket = self._next
             self._next += 1
+            if self._serving == ticket:
+                return True
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._serving != ticket:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    # give the ticket up: whoever reaches it skips it
-                    self._abandoned.add(ticket)
-                    self._skip()
-                    return False
-                self._cond.wait(left)
-            return True
+            self._waiters += 1
+            try:
+                return self._wait_for(ticket, deadline)
+            finally:
+                self._waiters -= 1
+
+    def _wait_for(self, ticket: int, deadline: Optional[float]) -> bool:
+        while self._serving != ticket:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                # give the ticket up: whoever reaches it skips it
+                self._abandoned.add(ticket)
+                self._skip()
+                return False
+            self._cond.wait(left)
+        return True
 
     def _skip(self) -> None:
-        while self._serving in self._abandoned:
+        while self._abandoned and self._serving in self._abandoned:
             self._abandoned.discard(self._serving)
             self._serving += 1
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
 
     def release(self) -> None:
         with self._cond:

@@ -12,6 +12,7 @@ every later call raises :class:`~remsh.errors.Disconnected` at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -26,7 +27,7 @@ from remsh.errors import (Disconnected, PeerTimeout, ProtocolError, RemoteError,
                           UsageError, remote_error)
 from remsh.files import PartialFile
 from remsh.master.fairlock import FairLock
-from remsh.wire import (MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int, encode_bool,
+from remsh.wire import (encode_box, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int, encode_bool,
                         encode_int, encode_list)
 
 if TYPE_CHECKING:
@@ -129,34 +130,49 @@ class Slave:
 
     # -- the operation frame -----------------------------------------------
 
+    def _begin(self, meth: str) -> None:
+        """Take the slave for one operation (in call order)."""
+        self._lock.acquire()
+        if self._disconnected is not None:
+            self._lock.release()
+            raise Disconnected(f"{self.name}: {meth}: slave is disconnected ({self._disconnected})")
+        watcher = self.idle_watcher
+        if watcher is not None:
+            watcher.busy(self)
+
+    def _end(self) -> None:
+        try:
+            watcher = self.idle_watcher
+            if watcher is not None and self._disconnected is None:
+                watcher.idle(self)
+        finally:
+            self._lock.release()
+
+    def _failure(self, meth: str, e: BaseException) -> BaseException:
+        """What to raise for ``e`` escaping operation ``meth``; disconnects
+        the slave unless the conversation is known to be in step."""
+        if isinstance(e, RemoteError):
+            return e  # raised only after the final box: in step
+        if isinstance(e, (Disconnected, ProtocolError)):
+            self._mark_disconnected(e)
+            named = type(e)(f"{self.name}: {meth}: {e}")
+            named.__cause__ = e
+            return named
+        # interrupted mid-conversation: where the peer stands is unknown
+        self._mark_disconnected(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
+        return e
+
     @contextmanager
     def _operation(self, meth: str) -> Iterator[None]:
         """Hold the slave for one operation; turn transport failures into a
         disconnect, and name slave and operation in every error."""
-        self._lock.acquire()
+        self._begin(meth)
         try:
-            if self._disconnected is not None:
-                raise Disconnected(f"{self.name}: {meth}: slave is disconnected "
-                                   f"({self._disconnected})")
-            watcher = self.idle_watcher
-            if watcher is not None:
-                watcher.busy(self)
-            try:
-                yield
-            except RemoteError:
-                raise  # raised only after the final box: the conversation is in step
-            except (Disconnected, ProtocolError) as e:
-                self._mark_disconnected(e)
-                raise type(e)(f"{self.name}: {meth}: {e}") from e
-            except BaseException as e:
-                # interrupted mid-conversation: where the peer stands is unknown
-                self._mark_disconnected(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
-                raise
-            finally:
-                if watcher is not None and self._disconnected is None:
-                    watcher.idle(self)
+            yield
+        except BaseException as e:
+            raise self._failure(meth, e)  # noqa: B904 - cause set by _failure
         finally:
-            self._lock.release()
+            self._end()
 
     def _read(self, meth: str) -> Box:
         box = self.wire.read_box(self.io_timeout)
@@ -172,14 +188,24 @@ class Slave:
         return box
 
     def _call(self, meth: str, keys: Optional[Mapping[bytes, bytes]] = None) -> Box:
-        """One request, one reply box."""
-        box: Dict[bytes, bytes] = {b"meth": meth.encode("ascii"), b"version": OP_VERSION}
+        """One request, one reply box (the hot path: no context manager)."""
         if keys:
-            box.update(keys)
-        with self._operation(meth):
-            self.wire.send_box(box)
-            reply = self._read(meth)
-        return self._raise_if_error(meth, reply)
+            request = encode_box({b"meth": meth.encode("ascii"), b"version": OP_VERSION, **keys})
+        else:
+            request = _bare_request(meth)
+        self._begin(meth)
+        try:
+            self.wire.send_bytes(request)
+            reply = self.wire.read_box(self.io_timeout)
+            if reply is None:
+                raise Disconnected(f"slave closed the connection during {meth}")
+        except BaseException as e:
+            raise self._failure(meth, e)  # noqa: B904 - cause set by _failure
+        finally:
+            self._end()
+        if b"errtag" in reply:
+            self._raise_if_error(meth, reply)
+        return reply
 
     # -- simple operations ---------------------------------------------------
 
@@ -486,6 +512,12 @@ class Slave:
         finally:
             if part is not None:
                 part.discard()
+
+
+@functools.lru_cache(maxsize=None)
+def _bare_request(meth: str) -> bytes:
+    """The encoded request of an operation without arguments."""
+    return encode_box({b"meth": meth.encode("ascii"), b"version": OP_VERSION})
 
 
 def _frame(header: bytes, block: bytes) -> bytes:

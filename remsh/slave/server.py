@@ -21,11 +21,12 @@ from typing import Callable, Dict, Optional
 
 from remsh.errors import Disconnected, ProtocolError
 from remsh.files import PartialFile
-from remsh.wire import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int
+from remsh.wire import END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int
 
 log = logging.getLogger(__name__)
 
 OP_VERSION = 1
+_OP_VERSION_B = b"1"
 #: Bound on the wait for each box inside a multi-box operation (send data).
 DEFAULT_IO_TIMEOUT = 120.0
 #: Bytes of file data per data box (the largest value a box can carry).
@@ -107,17 +108,7 @@ class SlaveServer:
         if op is None:
             self._send_error("invalid-meth", f"no such operation: {meth[:64]!r}")
             return
-        try:
-            version = decode_int(box.get(b"version", b""))
-        except ValueError:
-            self._send_error("invalid", "request has no valid 'version' key")
-            return
-        if version > OP_VERSION:
-            self._send_error("version-too-new", f"{meth.decode('ascii', 'replace')} version {version}"
-                             f" is newer than this slave's ({OP_VERSION})")
-            return
-        if version < OP_VERSION:
-            self._send_error("version-unsupported", f"version {version} is no longer supported")
+        if box.get(b"version") != _OP_VERSION_B and not self._version_ok(meth, box):
             return
         try:
             op(box)
@@ -129,11 +120,30 @@ class SlaveServer:
             log.exception("unexpected failure in %s", meth.decode("ascii", "replace"))
             self._send_error("unexpected", "unexpected error on the slave (details in its log)")
 
+    def _version_ok(self, meth: bytes, box: Box) -> bool:
+        """Answer a request whose version is not this slave's; False if refused."""
+        try:
+            version = decode_int(box.get(b"version", b""))
+        except ValueError:
+            self._send_error("invalid", "request has no valid 'version' key")
+            return False
+        if version > OP_VERSION:
+            self._send_error("version-too-new", f"{meth.decode('ascii', 'replace')} version {version}"
+                             f" is newer than this slave's ({OP_VERSION})")
+            return False
+        if version < OP_VERSION:
+            self._send_error("version-unsupported", f"version {version} is no longer supported")
+            return False
+        return True  # the same version, spelt differently (e.g. "01")
+
     def _send_error(self, errtag: str, message: str) -> None:
         self.wire.send_box(error_box(errtag, message))
 
     def _reply(self, box: Optional[Box] = None) -> None:
-        self.wire.send_box(box or {})
+        if box:
+            self.wire.send_box(box)
+        else:
+            self.wire.send_bytes(END_OF_BOX)  # the empty box
 
     # -- helpers -----------------------------------------------------------
 

@@ -116,6 +116,13 @@ class SocketStream:
                 raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
         return self.sock.recv(size)
 
+    def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
+        """Like :meth:`recv`, into ``buffer``; returns the byte count (0 at EOF)."""
+        if timeout is not None and not (self._pending and self._pending()):
+            if not self._poller.poll(max(0.0, timeout) * 1000.0):
+                raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
+        return self.sock.recv_into(buffer)
+
     def fileno(self) -> int:
         return self._fd
 
