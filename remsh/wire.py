@@ -152,17 +152,21 @@ class BoxDecoder:
         if self._failed is not None:
             raise WireError(f"decoder already failed: {self._failed}")
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            src: Union[bytes, bytearray, memoryview] = buf
+        else:
+            src = data  # nothing pending: parse the caller's bytes in place
         boxes: List[Box] = []
-        n = len(buf)
         pos = 0
         box = self._box
         key = self._key
         box_bytes = self._box_bytes
         max_box_bytes = self.max_box_bytes
-        with memoryview(buf) as view:
+        with memoryview(src) as view:
+            n = view.nbytes
             while n - pos >= 2:
-                (length,) = _unpack_u16(buf, pos)
+                (length,) = _unpack_u16(view, pos)
                 if key is None:
                     if length == 0:
                         pos += 2
@@ -192,7 +196,9 @@ class BoxDecoder:
                     key = None
                 box_bytes += end - pos
                 pos = end
-        if pos:
+            if src is not buf and pos < n:
+                self._buf += view[pos:]  # keep the unfinished rest
+        if src is buf and pos:
             del buf[:pos]
         self._box = box
         self._key = key
