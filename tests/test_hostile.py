@@ -1,0 +1,279 @@
+"""Hostile input never stops the TCP listener.
+
+Each kind of bad connection must cost exactly that connection: the listener
+closes it (within the handshake time limit at worst), logs it with the peer's
+address, and a real slave process registers afterwards.  A flood of silent
+connections beyond ``max_pending`` is closed on arrival.  A slave that
+registers properly and then misbehaves loses only its own registration.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError
+from remsh.handshake import AUTH_FAILED, MASTER_GREETING, SLAVE_GREETING, slave_handshake
+from remsh.transports.base import SocketStream
+from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, MAX_VALUE_LENGTH, BoxDecoder, Wire,
+                        encode_box)
+from tests.slaveproc import (HOST, SECRET, WAIT, read_until_closed, slave_procs,  # noqa: F401
+                             tcp_listener, wait_registered)
+
+pytestmark = pytest.mark.timeout(120)
+
+#: The listener's handshake time limit in these tests.
+HANDSHAKE_TIMEOUT = 1.0
+
+
+def _box_header(key: bytes, value_length: int) -> bytes:
+    return len(key).to_bytes(2, "big") + key + value_length.to_bytes(2, "big")
+
+
+def _over_byte_limit() -> bytes:
+    count = DEFAULT_MAX_BOX_BYTES // (MAX_VALUE_LENGTH + 8) + 2
+    return SLAVE_GREETING + b"".join(_box_header(b"k%d" % i, MAX_VALUE_LENGTH) + bytes(MAX_VALUE_LENGTH)
+                                     for i in range(count))
+
+
+#: name -> bytes the hostile peer sends; then it waits for the listener to close.
+HOSTILE: Dict[str, Callable[[], bytes]] = {
+    "random-bytes": lambda: os.urandom(4096),
+    "wrong-greeting": lambda: b"REMSH-X\n" + encode_box({b"register": b"x"}),
+    "http-request": lambda: b"GET / HTTP/1.0\r\n\r\n",
+    "key-length-over-255": lambda: SLAVE_GREETING + b"\x01\x00" + b"k" * 256,
+    "key-length-65535": lambda: SLAVE_GREETING + b"\xff\xff" + b"k" * 1000,
+    "box-over-byte-limit": _over_byte_limit,
+    "endless-keys": lambda: SLAVE_GREETING + b"".join(_box_header(b"k%d" % i, 0)
+                                                      for i in range(DEFAULT_MAX_KEYS * 5)),
+    "register-with-bad-nonce": lambda: SLAVE_GREETING + encode_box(
+        {b"register": b"intruder", b"version": b"1", b"nonce": b"too short"}),
+    "register-before-greeting": lambda: encode_box({b"register": b"intruder", b"version": b"1"}),
+}
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """Send what the listener will take; it may close (and reset) before the end."""
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection((HOST, port), timeout=WAIT)
+
+
+def _logged_about(caplog, port: int) -> bool:
+    peer = f"{HOST}:{port}"
+    return any(r.levelname in ("WARNING", "ERROR") and peer in r.getMessage() for r in caplog.records)
+
+
+def _wait_logged(caplog, port: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while not _logged_about(caplog, port):
+        if time.monotonic() >= deadline:
+            pytest.fail(f"nothing logged about {HOST}:{port}: {[r.getMessage() for r in caplog.records]}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_input_costs_one_connection(kind, tcp_listener, slave_procs, caplog):
+    """Bad input is answered by closing that connection (logged with the peer address); a good slave still registers."""
+    listener = tcp_listener(handshake_timeout=WAIT)
+    with _connect(listener.port) as sock:
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        _send(sock, HOSTILE[kind]())
+        received = read_until_closed(sock, WAIT)
+    # closed for the input, long before the handshake time limit
+    assert time.monotonic() - started < WAIT / 4
+    assert received.startswith(MASTER_GREETING) or received == b""
+    _wait_logged(caplog, port)
+    assert listener.slave_collection.get_all_slaves() == []
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+def test_malformed_register_box_gets_the_auth_failed_answer(tcp_listener):
+    """A register box with a bad nonce is answered with the auth-failed error box before the close."""
+    listener = tcp_listener(handshake_timeout=HANDSHAKE_TIMEOUT)
+    with _connect(listener.port) as sock:
+        _send(sock, HOSTILE["register-with-bad-nonce"]())
+        received = read_until_closed(sock, WAIT)
+    assert received.startswith(MASTER_GREETING)
+    hello, refusal = BoxDecoder().feed(received[len(MASTER_GREETING):])
+    assert hello[b"hello"] == b"remsh"
+    assert refusal[b"errtag"] == AUTH_FAILED
+
+
+@pytest.mark.parametrize("sends", [b"", SLAVE_GREETING, SLAVE_GREETING + b"\x00\x08regis"],
+                         ids=["nothing", "greeting-only", "half-a-box"])
+def test_silent_connection_is_dropped_at_the_handshake_time_limit(sends, tcp_listener, slave_procs, caplog):
+    """A peer that goes silent during the handshake is dropped once the handshake time limit passes."""
+    listener = tcp_listener(handshake_timeout=HANDSHAKE_TIMEOUT)
+    with _connect(listener.port) as sock:
+        port = sock.getsockname()[1]
+        started = time.monotonic()
+        _send(sock, sends)
+        received = read_until_closed(sock, HANDSHAKE_TIMEOUT + 5.0)
+        elapsed = time.monotonic() - started
+    assert HANDSHAKE_TIMEOUT * 0.9 <= elapsed < HANDSHAKE_TIMEOUT + 2.0
+    assert received.startswith(MASTER_GREETING)
+    _wait_logged(caplog, port)
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+def test_handshake_dribbled_byte_by_byte_is_dropped_at_the_time_limit(tcp_listener, slave_procs):
+    """A peer sending a valid greeting and register box a byte at a time is dropped when the whole handshake's limit passes."""
+    timeout = 2.0
+    listener = tcp_listener(handshake_timeout=timeout)
+    register = encode_box({b"register": b"slowpoke", b"version": b"1", b"nonce": bytes(32), b"proof": bytes(32)})
+    with _connect(listener.port) as sock:
+        started = time.monotonic()
+        closed = False
+        # the greeting alone takes most of the limit: a limit per step (or per
+        # byte) would keep the connection open well past it
+        for byte in SLAVE_GREETING + register:
+            _send(sock, bytes([byte]))
+            sock.settimeout(0.2)
+            try:
+                closed = sock.recv(65536) == b""
+            except ConnectionResetError:
+                closed = True
+            except socket.timeout:
+                pass
+            if closed or time.monotonic() - started > timeout + 5.0:
+                break
+        elapsed = time.monotonic() - started
+    assert closed, f"still open after {elapsed:.1f} s of dribbling"
+    assert timeout * 0.9 <= elapsed < timeout + 0.8
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+def test_flood_beyond_max_pending_is_closed_on_arrival(tcp_listener, slave_procs, caplog):
+    """Past max_pending unfinished handshakes new connections are closed unanswered; once the silent ones time out a slave registers."""
+    timeout = 3.0
+    listener = tcp_listener(max_pending=4, handshake_timeout=timeout)
+    holders: List[socket.socket] = []
+    extras: List[socket.socket] = []
+    try:
+        for _ in range(4):
+            holders.append(_connect(listener.port))
+        for sock in holders:  # each got a handshake worker: it is greeted
+            assert _read_exact(sock, len(MASTER_GREETING)) == MASTER_GREETING
+        started = time.monotonic()
+        for _ in range(12):
+            extras.append(_connect(listener.port))
+        for sock in extras:
+            assert read_until_closed(sock, timeout) == b"", "a connection beyond max_pending was served"
+        assert time.monotonic() - started < timeout
+        refusals = [r for r in caplog.records if "too many unfinished handshakes" in r.getMessage()]
+        assert len(refusals) == len(extras)
+        for sock in holders:
+            assert read_until_closed(sock, timeout + 5.0) == b""
+    finally:
+        for sock in holders + extras:
+            sock.close()
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    sock.settimeout(WAIT)
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# -- slaves that register properly and misbehave afterwards ----------------------------------
+
+
+def _registered_fake_slave(listener, name: str) -> Tuple[socket.socket, Wire, object]:
+    """A peer that completes the handshake with the right secret and is then driven by the test.
+
+    Returns its socket, its wire and the master's slave object for it.
+    """
+    sock = socket.create_connection((HOST, listener.port), timeout=WAIT)
+    wire = Wire(SocketStream(sock), label="master")
+    slave_handshake(wire, name, secret=SECRET, basedir="/nonexistent", timeout=WAIT)
+    slave = listener.slave_collection.get_slave(True, lambda s: s.name == name, timeout=WAIT)
+    assert slave is not None
+    return sock, wire, slave
+
+
+def _call_in_thread(fn) -> Tuple[threading.Event, list]:
+    done = threading.Event()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as e:  # noqa: BLE001 - examined by the test
+            outcome.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done, outcome
+
+
+def test_registered_slave_sending_unrequested_bytes_is_dropped(tcp_listener, slave_procs):
+    """A registered slave that sends bytes while idle is disconnected, leaves the collection, and others still register."""
+    listener = tcp_listener()
+    sock, wire, slave = _registered_fake_slave(listener, "chatty")
+    gone = threading.Event()
+    slave.on_disconnect(lambda s: gone.set())
+    with sock:
+        sock.sendall(encode_box({b"unasked": b"for"}))
+        assert gone.wait(WAIT), "the master ignored bytes from an idle slave"
+        read_until_closed(sock, WAIT)
+    assert listener.slave_collection.get_all_slaves() == []
+    with pytest.raises(Disconnected):
+        slave.ping()
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+@pytest.mark.parametrize("reply", [b"\x01\x00" + b"k" * 300, b"\x00\x01k\x00\x00\x00\x01k"],
+                         ids=["oversize-key", "duplicate-key"])
+def test_registered_slave_answering_garbage_fails_the_call_only(reply, tcp_listener, slave_procs):
+    """A malformed reply makes that call raise ProtocolError and drops that slave; the listener keeps serving."""
+    listener = tcp_listener()
+    sock, wire, slave = _registered_fake_slave(listener, "garbled")
+    with sock:
+        done, outcome = _call_in_thread(slave.ping)
+        assert wire.read_box(WAIT) == {b"meth": b"ping", b"version": b"1"}
+        sock.sendall(reply)
+        assert done.wait(WAIT)
+        assert isinstance(outcome[0], ProtocolError), outcome
+        read_until_closed(sock, WAIT)
+    assert not slave.connected
+    assert listener.slave_collection.get_all_slaves() == []
+    good = slave_procs.start(listener.port, "good")
+    wait_registered(listener, good).ping()
+
+
+def test_registered_slave_that_never_answers_times_out(tcp_listener):
+    """A slave that reads a request and never answers makes the call raise PeerTimeout after io_timeout, and it is dropped."""
+    listener = tcp_listener(io_timeout=1.0)
+    sock, wire, slave = _registered_fake_slave(listener, "mute")
+    with sock:
+        done, outcome = _call_in_thread(slave.ping)
+        assert wire.read_box(WAIT) == {b"meth": b"ping", b"version": b"1"}
+        started = time.monotonic()
+        assert done.wait(WAIT)
+        assert isinstance(outcome[0], PeerTimeout), outcome
+        assert 0.9 <= time.monotonic() - started < 5.0
+        read_until_closed(sock, WAIT)
+    assert listener.slave_collection.get_all_slaves() == []
