@@ -8,7 +8,9 @@ a TLS listener, which keeps serving through all of it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -23,8 +25,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from remsh.errors import Disconnected
-from tests.slaveproc import (HOST, WAIT, read_until_closed, slave_procs,  # noqa: F401
+from remsh.errors import Disconnected, PeerTimeout
+from remsh.handshake import SLAVE_GREETING, slave_handshake
+from remsh.transports.base import SocketStream
+from remsh.wire import Wire
+from tests.slaveproc import (HOST, SECRET, WAIT, read_until_closed, slave_procs,  # noqa: F401
                              tcp_listener, wait_registered)
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,17 +121,24 @@ def tls_listener(tcp_listener, pki):
     return make
 
 
-def test_slave_with_the_right_ca_registers_and_works(tls_listener, slave_procs, pki):
-    """A slave given --tls-ca of the CA that signed the master's certificate registers over TLS and serves operations."""
+def test_slave_with_the_right_ca_registers_and_works(tls_listener, slave_procs, pki, tmp_path):
+    """A slave given --tls-ca of the CA that signed the master's certificate registers over TLS and moves data both ways."""
     listener = tls_listener()
     proc = slave_procs.start(listener.port, "trusting", tls_ca=pki.ca)
     slave = wait_registered(listener, proc)
     assert slave.wire.stream.sock.version() in ("TLSv1.2", "TLSv1.3")
     slave.ping()
-    out: List[bytes] = []
-    assert slave.execute(["sh", "-c", "head -c 200000 /dev/zero; echo done"], stdout_cb=out.append) == 0
-    assert b"".join(out) == bytes(200000) + b"done\n"
     assert slave.stat(".") == "d"
+    # megabytes each way, so that both ends wait for the other to drain
+    blob = os.urandom(4_000_000)
+    out: List[bytes] = []
+    assert slave.execute(["cat"], stdin=blob, stdout_cb=out.append, timeout=60) == 0
+    assert hashlib.sha256(b"".join(out)).digest() == hashlib.sha256(blob).digest()
+    src = tmp_path / "blob"
+    src.write_bytes(blob)
+    slave.send(str(src), "blob")
+    slave.fetch("blob", str(tmp_path / "back"))
+    assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == hashlib.sha256(blob).digest()
 
 
 def test_slave_with_another_ca_refuses_the_master(tls_listener, slave_procs, pki):
@@ -223,3 +235,92 @@ def test_idle_tls_slave_killed_leaves_the_collection(tls_listener, slave_procs, 
     assert listener.slave_collection.get_all_slaves() == []
     with pytest.raises(Disconnected):
         slave.ping()
+
+
+def _read_tls_until_closed(tls: ssl.SSLSocket, timeout: float) -> float:
+    """Seconds until the peer closes (or resets) the TLS connection; fails after ``timeout``."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"TLS connection still open after {timeout:g} s")
+        tls.settimeout(left)
+        try:
+            if not tls.recv(65536):
+                break
+        except socket.timeout:
+            continue
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            break
+    return time.monotonic() - started
+
+
+#: The header of a TLS application-data record announcing 64 bytes, and 10 of them.
+PARTIAL_RECORD = b"\x17\x03\x03\x00\x40" + bytes(10)
+
+
+def test_tls_peer_stalling_inside_a_record_is_dropped_at_the_time_limit(tls_listener, slave_procs, pki):
+    """A TLS peer that stops inside a TLS record during the handshake is dropped at the time limit, freeing its slot."""
+    listener = tls_listener(handshake_timeout=1.0, max_pending=1)
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    with socket.create_connection((HOST, listener.port), timeout=WAIT) as raw:
+        with client.wrap_socket(raw, server_hostname=HOST) as tls:
+            tls.sendall(SLAVE_GREETING)
+            os.write(tls.fileno(), PARTIAL_RECORD)  # beneath TLS, straight onto the TCP stream
+            elapsed = _read_tls_until_closed(tls, 6.0)
+    assert elapsed < 3.0
+    good = slave_procs.start(listener.port, "trusting", tls_ca=pki.ca)
+    wait_registered(listener, good).ping()
+
+
+def _registered_tls_fake_slave(listener, pki, name: str):
+    """A TLS peer that completes the handshake with the right secret; returns its
+    TLS socket and wire, and the master's slave object for it."""
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    tls = client.wrap_socket(socket.create_connection((HOST, listener.port), timeout=WAIT), server_hostname=HOST)
+    wire = Wire(SocketStream(tls), label="master")
+    slave_handshake(wire, name, secret=SECRET, basedir="/nonexistent", timeout=WAIT)
+    slave = listener.slave_collection.get_slave(True, lambda s: s.name == name, timeout=WAIT)
+    assert slave is not None
+    return tls, wire, slave
+
+
+def test_tls_slave_stalling_inside_a_reply_record_times_out(tls_listener, pki):
+    """A TLS slave that stops inside the record of its reply makes the call raise PeerTimeout after io_timeout."""
+    listener = tls_listener(io_timeout=1.0)
+    tls, wire, slave = _registered_tls_fake_slave(listener, pki, "stutter")
+    with tls:
+        done = threading.Event()
+        outcome: list = []
+
+        def ping() -> None:
+            try:
+                slave.ping()
+            except BaseException as e:  # noqa: BLE001 - examined below
+                outcome.append(e)
+            done.set()
+
+        threading.Thread(target=ping, daemon=True).start()
+        assert wire.read_box(WAIT) == {b"meth": b"ping", b"version": b"1"}
+        started = time.monotonic()
+        os.write(tls.fileno(), PARTIAL_RECORD)
+        assert done.wait(WAIT), "the call waited past io_timeout inside a TLS record"
+        assert isinstance(outcome[0], PeerTimeout), outcome
+        assert time.monotonic() - started < 5.0
+    assert listener.slave_collection.get_all_slaves() == []
+
+
+def test_idle_monitor_is_not_stalled_by_a_partial_tls_record(tls_listener, slave_procs, pki):
+    """A registered TLS slave that leaves half a record while idle does not stop the monitor noticing another slave die."""
+    listener = tls_listener()
+    tls, wire, stutter = _registered_tls_fake_slave(listener, pki, "stutter")
+    proc = slave_procs.start(listener.port, "mayfly", tls_ca=pki.ca)
+    mayfly = wait_registered(listener, proc)
+    with tls:
+        os.write(tls.fileno(), PARTIAL_RECORD)
+        gone = threading.Event()
+        mayfly.on_disconnect(lambda s: gone.set())
+        proc.signal(signal.SIGKILL)
+        proc.wait()
+        assert gone.wait(10.0), "the idle monitor did not notice a killed slave"

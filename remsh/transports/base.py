@@ -10,6 +10,13 @@ Sockets stay in blocking mode: a receive with a time limit polls first, a
 receive without one is a single system call (the hot path of every
 operation).  Sends are bounded by ``SO_SNDTIMEO`` so that a peer that stops
 reading cannot block a sender for ever.
+
+TLS sockets are the exception: OpenSSL reads whole records, so a blocking
+read of a peer that stops inside a record would wait past any time limit
+(and a peer doing so during the handshake would hold its listener slot for
+ever).  A TLS socket is therefore non-blocking, and every wait for it is a
+poll bounded by the caller's limit (for sends: ``send_timeout`` without
+progress).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import ssl
 import struct
 import sys
-from typing import Optional, Union
+import time
+from typing import Any, Callable, Optional, Union
 
 try:  # Protocol is 3.8+, but keep the import cheap and explicit
     from typing import Protocol
@@ -89,8 +98,10 @@ class SocketStream:
                  identity: Optional[str] = None,
                  send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
                  keepalive: Optional[tuple] = None) -> None:
-        sock.setblocking(True)
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        sock.setblocking(not self._tls)
         tune_socket(sock, send_timeout=send_timeout, keepalive=keepalive)
+        self._send_timeout = send_timeout
         self.sock = sock
         self.identity = identity
         if peer is None:
@@ -105,12 +116,17 @@ class SocketStream:
         self._poller.register(self._fd, select.POLLIN)
 
     def send_all(self, data: Buffer) -> None:
+        if self._tls:
+            self._tls_send_all(data)
+            return
         try:
             self.sock.sendall(data)
         except BlockingIOError as e:  # SO_SNDTIMEO expired
             raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
+        if self._tls:
+            return self._tls_io(self.sock.recv, size, timeout)
         if timeout is not None and not (self._pending and self._pending()):
             if not self._poller.poll(max(0.0, timeout) * 1000.0):
                 raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
@@ -118,10 +134,37 @@ class SocketStream:
 
     def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
         """Like :meth:`recv`, into ``buffer``; returns the byte count (0 at EOF)."""
+        if self._tls:
+            return self._tls_io(self.sock.recv_into, buffer, timeout)
         if timeout is not None and not (self._pending and self._pending()):
             if not self._poller.poll(max(0.0, timeout) * 1000.0):
                 raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
         return self.sock.recv_into(buffer)
+
+    def _tls_io(self, op: Callable[[Any], Any], arg: Any, timeout: Optional[float]) -> Any:
+        """Run a read on the non-blocking TLS socket, waiting until ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return op(arg)
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            _wait_for(self._fd, events, deadline, "receive")
+
+    def _tls_send_all(self, data: Buffer) -> None:
+        view = memoryview(data)
+        while len(view):
+            try:
+                view = view[self.sock.send(view):]
+                continue
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            timeout = self._send_timeout
+            _wait_for(self._fd, events, None if timeout is None else time.monotonic() + timeout, "send")
 
     def fileno(self) -> int:
         return self._fd
@@ -139,6 +182,18 @@ class SocketStream:
     def close(self) -> None:
         self.shutdown()
         self.sock.close()
+
+
+def _wait_for(fd: int, events: int, deadline: Optional[float], what: str) -> None:
+    """Wait until ``fd`` is ready for ``events`` (or hung up); ``TimeoutError`` past ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, f"{what} timed out")
+        if poller.poll(None if left is None else left * 1000.0):
+            return
 
 
 def _format_addr(addr: object) -> str:
