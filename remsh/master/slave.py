@@ -169,7 +169,7 @@ class Slave:
         self._begin(meth)
         try:
             yield
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised as _failure decides
             raise self._failure(meth, e)  # noqa: B904 - cause set by _failure
         finally:
             self._end()
@@ -199,7 +199,7 @@ class Slave:
             reply = self.wire.read_box(self.io_timeout)
             if reply is None:
                 raise Disconnected(f"slave closed the connection during {meth}")
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - re-raised as _failure decides
             raise self._failure(meth, e)  # noqa: B904 - cause set by _failure
         finally:
             self._end()

@@ -55,6 +55,7 @@ class TcpServer:
         self._stopping = threading.Event()
         self._pending_lock = threading.Lock()
         self._pending: set = set()
+        self._drained = threading.Condition(self._pending_lock)
 
     def start(self) -> None:
         """Bind, listen and start accepting; ``port`` then holds the bound port."""
@@ -89,6 +90,9 @@ class TcpServer:
             except OSError:
                 pass
             sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
         with self._pending_lock:
             pending = list(self._pending)
         for s in pending:
@@ -96,9 +100,10 @@ class TcpServer:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        # unfinished handshakes were cut above: wait for their workers, so
+        # that none registers a slave after stop() returns
+        with self._drained:
+            self._drained.wait_for(lambda: not self._pending, timeout)
 
     def _accept_loop(self) -> None:
         sock = self._sock
@@ -131,6 +136,7 @@ class TcpServer:
     def _release(self, conn: socket.socket) -> None:
         with self._pending_lock:
             self._pending.discard(conn)
+            self._drained.notify_all()
         self._slots.release()
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
