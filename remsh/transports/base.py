@@ -104,6 +104,9 @@ class SocketStream:
         self._send_timeout = send_timeout
         self.sock = sock
         self.identity = identity
+        #: time.monotonic() by which the connection set-up must be done, if
+        #: the transport already spent part of the handshake time limit
+        self.handshake_deadline: Optional[float] = None
         if peer is None:
             try:
                 peer = _format_addr(sock.getpeername())

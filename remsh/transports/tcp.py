@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Callable, Optional, Tuple
 
 from remsh.transports.base import SocketStream, _format_addr
@@ -140,6 +141,7 @@ class TcpServer:
         self._slots.release()
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
         try:
             if self.ssl_context is not None:
                 conn.settimeout(self.handshake_timeout)
@@ -155,6 +157,8 @@ class TcpServer:
                 conn = tls
                 conn.settimeout(None)
             stream = SocketStream(conn, peer=peer, keepalive=self.keepalive)
+            # what the TLS handshake used counts against the remsh handshake
+            stream.handshake_deadline = deadline
             self.handler(stream)
         except Exception:  # noqa: BLE001 - one connection must never stop the listener
             log.exception("connection from %s failed", peer)

@@ -82,10 +82,13 @@ class SlaveListener:
     def accept_wire(self, wire: Wire) -> Optional[Slave]:
         """Greeting plus :meth:`handle_new_connection`, with failures logged
         rather than raised (for accept loops).  Returns the slave or ``None``."""
-        deadline = time.monotonic() + self.handshake_timeout
+        deadline = getattr(wire.stream, "handshake_deadline", None)
+        if deadline is None:
+            deadline = time.monotonic() + self.handshake_timeout
         try:
-            # one time limit for greeting and handshake together
-            exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, self.handshake_timeout)
+            # one time limit for greeting and handshake together (and for
+            # whatever the transport's own set-up, e.g. TLS, already used)
+            exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, max(0.0, deadline - time.monotonic()))
             return self.handle_new_connection(wire, timeout=max(0.0, deadline - time.monotonic()))
         except AuthenticationError:
             return None  # logged by handle_new_connection
