@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from sshd import Sshd, keygen
 
@@ -87,8 +87,10 @@ def make_tls_files(directory: str) -> Dict[str, str]:
 class RemshSlaves:
     """One master (this process) with one slave per transport."""
 
-    def __init__(self, work: str) -> None:
+    def __init__(self, work: str, python_args: Optional[List[str]] = None) -> None:
         self.work = work
+        #: inserted between the interpreter and ``-m remsh.slave.main`` (e.g. to run under cProfile)
+        self.python_args = list(python_args or [])
         self.dir = os.path.join(work, "remsh")
         os.makedirs(self.dir, exist_ok=True)
         self.collection = SimpleSlaveCollection()
@@ -112,9 +114,11 @@ class RemshSlaves:
 
     # -- starting --------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, transports: Tuple[str, ...] = TRANSPORTS) -> None:
         for transport, starter in ((LOCAL, self._start_local), (TCP, self._start_tcp),
                                    (TLS, self._start_tls), (SSH, self._start_ssh)):
+            if transport not in transports:
+                continue
             try:
                 self.slaves[transport] = starter()
             except Exception as e:  # noqa: BLE001 - reported as n/a
@@ -131,7 +135,7 @@ class RemshSlaves:
     def _spawn_slave(self, name: str, args: List[str]) -> Slave:
         log_path = os.path.join(self.dir, f"{name}.log")
         with open(log_path, "ab") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "remsh.slave.main", "--name", name,
+            proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "remsh.slave.main", "--name", name,
                                      "--no-reconnect", *args], env=child_env(), cwd=REPO,
                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
         self.procs.append(proc)

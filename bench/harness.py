@@ -255,6 +255,14 @@ def _cmd_version(argv: List[str]) -> str:
     return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr).strip() else ""
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def machine_info() -> Dict[str, object]:
     """CPU model, cores, memory, kernel, Python and peer versions."""
     model = "unknown"
@@ -284,6 +292,10 @@ def machine_info() -> Dict[str, object]:
     import remsh
 
     versions["remsh"] = remsh.__version__
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(remsh.__file__)))
+    commit = _cmd_version(["git", "-C", repo, "rev-parse", "--short", "HEAD"])
+    dirty = _cmd_version(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no", "--", "remsh"])
+    versions["remsh_commit"] = commit + (" + uncommitted changes in remsh/" if dirty else "")
     versions["openssh"] = _cmd_version(["ssh", "-V"])
     return {
         "hostname": socket.gethostname(),
@@ -296,6 +308,7 @@ def machine_info() -> Dict[str, object]:
         "python": sys.version.split()[0],
         "python_impl": platform.python_implementation(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cpuidle_driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }

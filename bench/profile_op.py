@@ -1,15 +1,18 @@
-"""Profile one remsh operation over TCP, on both ends, to see what limits it.
+"""Profile one remsh operation, on both ends, to see what limits it.
 
-    python bench/profile_op.py OP [--count N] [--size MiB] [--pin] [--how cprofile|strace]
+    python bench/profile_op.py OP [--transport T] [--count N] [--size MiB] [--pin] [--how cprofile|strace]
 
 OP is ``ping``, ``stat``, ``execute`` (``true``), ``send``, ``fetch`` or
-``stream`` (``cat`` of a file to a stdout callback).  The master is this
-process (``TcpSlaveListener``); the slave is a real ``remsh-slave`` process.
+``stream`` (``cat`` of a file to a stdout callback); T is ``TCP`` (default),
+``TLS``, ``SSH`` or ``local``.  The master is this process; the slave is a
+real ``remsh-slave`` process (for ``local``: the local child, whose side is
+traced but not profiled).
 
 ``--how cprofile`` (default) runs the slave under ``cProfile`` and wraps the
 master's timed loop in ``cProfile``, then prints the functions with the most
 own time on each side.  ``--how strace`` attaches ``strace -c -f`` to both
 processes for the timed loop only and prints system calls per operation.
+``--how time`` runs neither and reports only wall and CPU time per operation.
 ``--pin`` puts both ends on CPU 0 first.  Warm-up operations are excluded.
 """
 
@@ -29,11 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fixtures import REPO, child_env  # noqa: E402
-from harness import PIN_CPUS, set_affinity_tree  # noqa: E402
-
-from remsh.master.slavecollection.simple import SimpleSlaveCollection  # noqa: E402
-from remsh.master.slavelistener.tcp import TcpSlaveListener  # noqa: E402
+from fixtures import TRANSPORTS, RemshSlaves  # noqa: E402
+from harness import PIN_CPUS, process_tree, set_affinity_tree  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -57,38 +57,39 @@ def strace_summary(path: str, per: int) -> str:
     return "\n".join(lines)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("op", choices=["ping", "stat", "execute", "send", "fetch", "stream"])
+    p.add_argument("--transport", choices=TRANSPORTS, default="TCP")
     p.add_argument("--count", type=int, help="operations to time (default depends on OP)")
     p.add_argument("--size", type=int, default=64, help="MiB for send/fetch/stream (default 64)")
     p.add_argument("--pin", action="store_true", help="both ends on CPU 0")
-    p.add_argument("--how", choices=["cprofile", "strace"], default="cprofile")
+    p.add_argument("--how", choices=["cprofile", "strace", "time"], default="cprofile",
+                   help="time: no profiler, only wall and CPU time per operation")
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
     count = args.count or {"ping": 20000, "stat": 20000, "execute": 1000}.get(args.op, 5)
     work = tempfile.mkdtemp(prefix="remsh-profile-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    secret_file = os.path.join(work, "secret")
-    with open(os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-        f.write(os.urandom(16).hex())
-    with open(secret_file, "rb") as f:
-        secret = f.read()
     big = os.path.join(work, "big.bin")
     if args.op in ("send", "fetch", "stream"):
         with open(big, "wb") as f:
-            for _ in range(args.size):
-                f.write(os.urandom(MiB))
+            subprocess.run(["head", "-c", str(args.size * MiB), "/dev/urandom"], stdout=f, check=True)
     dest = os.path.join(work, "dest.bin")
-    coll = SimpleSlaveCollection()
-    listener = TcpSlaveListener(port=0, host="127.0.0.1", secret=secret, slave_collection=coll)
-    listener.start()
     slave_prof = os.path.join(work, "slave.prof")
-    prefix = [sys.executable, "-m", "cProfile", "-o", slave_prof] if args.how == "cprofile" else [sys.executable]
-    proc = subprocess.Popen([*prefix, "-m", "remsh.slave.main", "--secret-file", secret_file, "--name", "prof",
-                             "--no-reconnect", "--basedir", work, "127.0.0.1", str(listener.port)],
-                            env=child_env(), cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    slave = coll.get_slave(True, lambda s: s.name == "prof", timeout=30)
-    assert slave is not None
+    remsh = RemshSlaves(work, python_args=["-m", "cProfile", "-o", slave_prof] if args.how == "cprofile" else [])
+    remsh.start((args.transport,))
+    if args.transport in remsh.na:
+        print(f"cannot start remsh {args.transport}: {remsh.na[args.transport]}")
+        return 1
+    slave = remsh.slaves[args.transport]
+    slave_pids = [p for p in process_tree(os.getpid()) if p != os.getpid()]
     if args.pin:
         set_affinity_tree(PIN_CPUS)
     got = [0]
@@ -116,30 +117,36 @@ def main() -> int:
         one()
     tracers = []
     if args.how == "strace":
-        for who, pid in (("master", os.getpid()), ("slave", proc.pid)):
+        for who, pid in (("master", os.getpid()), ("slave", slave_pids[0])):
             out = os.path.join(work, f"{who}.strace")
             tracers.append((who, out, subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
                                                        stderr=subprocess.DEVNULL)))
         time.sleep(1.0)  # strace attaches
         prof = None
-    else:
+    elif args.how == "cprofile":
         prof = cProfile.Profile()
         prof.enable()
+    else:
+        prof = None
+    cpu0 = {pid: cpu_seconds(pid) for pid in (os.getpid(), slave_pids[0])}
     t0 = time.perf_counter()
     for _ in range(count):
         one()
     elapsed = time.perf_counter() - t0
+    cpu = {pid: cpu_seconds(pid) - c for pid, c in cpu0.items()}
     if prof is not None:
         prof.disable()
     for _, _, tracer in tracers:
         tracer.terminate()
         tracer.wait()
-    listener.stop()
-    proc.wait(30)
+    remsh.stop()
     per = elapsed / count
     what = f"{per * 1e6:.1f} us per {args.op}" if args.op in ("ping", "stat", "execute") else \
         f"{per:.3f} s per {args.op} = {args.size / per:.0f} MiB/s"
-    print(f"{args.op} over TCP{' (pinned)' if args.pin else ''}, {args.how}: {count} operations, {what}")
+    print(f"{args.op} over {args.transport}{' (pinned)' if args.pin else ''}, {args.how}: {count} operations, {what}")
+    print(f"CPU per {args.op}: master {cpu[os.getpid()] / count * 1e6:.0f} us, "
+          f"slave {cpu[slave_pids[0]] / count * 1e6:.0f} us (children such as the command not included; "
+          f"10 ms clock ticks, so use a large --count)")
     if prof is not None:
         master_prof = os.path.join(work, "master.prof")
         prof.dump_stats(master_prof)
