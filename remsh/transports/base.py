@@ -27,6 +27,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -102,6 +103,10 @@ class SocketStream:
         sock.setblocking(not self._tls)
         tune_socket(sock, send_timeout=send_timeout, keepalive=keepalive)
         self._send_timeout = send_timeout
+        # an OpenSSL connection must never be used by two threads at once
+        # (the stdin feeder writes while the operation's thread reads): each
+        # non-blocking TLS call is made under this lock, the waits outside it
+        self._tls_lock = threading.Lock()
         self.sock = sock
         self.identity = identity
         #: time.monotonic() by which the connection set-up must be done, if
@@ -149,7 +154,8 @@ class SocketStream:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                return op(arg)
+                with self._tls_lock:
+                    return op(arg)
             except ssl.SSLWantReadError:
                 events = select.POLLIN
             except ssl.SSLWantWriteError:
@@ -160,7 +166,9 @@ class SocketStream:
         view = memoryview(data)
         while len(view):
             try:
-                view = view[self.sock.send(view):]
+                with self._tls_lock:
+                    sent = self.sock.send(view)
+                view = view[sent:]
                 continue
             except ssl.SSLWantWriteError:
                 events = select.POLLOUT
