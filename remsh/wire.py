@@ -112,6 +112,27 @@ def encode_data_box(key: bytes, value: bytes) -> bytes:
     return b"".join((_pack_u16(len(key)), key, _pack_u16(len(value)), value, END_OF_BOX))
 
 
+#: File data read per write in bulk transfers: this many full data boxes.
+DATA_BOXES_PER_WRITE = 16
+DATA_BLOCK = MAX_VALUE_LENGTH * DATA_BOXES_PER_WRITE
+
+
+def encode_data_boxes(key: bytes, block: Union[bytes, bytearray, memoryview]) -> bytes:
+    """``block`` split into consecutive ``{key: chunk}`` boxes of at most
+    :data:`MAX_VALUE_LENGTH` bytes each, encoded as one byte string."""
+    head = _pack_u16(len(key)) + key
+    parts: List[Union[bytes, memoryview]] = []
+    append = parts.append
+    view = memoryview(block)
+    for start in range(0, len(view), MAX_VALUE_LENGTH):
+        piece = view[start : start + MAX_VALUE_LENGTH]
+        append(head)
+        append(_pack_u16(len(piece)))
+        append(piece)
+        append(END_OF_BOX)
+    return b"".join(parts)
+
+
 class BoxDecoder:
     """Turns bytes into boxes, enforcing the limits of this module.
 

@@ -27,8 +27,8 @@ from remsh.errors import (Disconnected, PeerTimeout, ProtocolError, RemoteError,
                           UsageError, remote_error)
 from remsh.files import PartialFile
 from remsh.master.fairlock import FairLock
-from remsh.wire import (encode_box, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int, encode_bool,
-                        encode_int, encode_list)
+from remsh.wire import (DATA_BLOCK, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int,
+                        encode_bool, encode_box, encode_data_boxes, encode_int, encode_list)
 
 if TYPE_CHECKING:
     from remsh.master.slavelistener.base import SlaveListener
@@ -443,18 +443,16 @@ class Slave:
     def _send_data(self, f: IO[bytes]) -> Optional[OSError]:
         digest = hashlib.sha256()
         send = self.wire.send_bytes
-        header = b"\x00\x04data"
-        span = CHUNK * 16
         while True:
             try:
-                block = f.read(span)
+                block = f.read(DATA_BLOCK)
             except OSError as e:
                 self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
                 return e
             if not block:
                 break
             digest.update(block)
-            send(_frame(header, block))
+            send(encode_data_boxes(b"data", block))
         self.wire.send_box({b"sha256": digest.hexdigest().encode("ascii")})
         return None
 
@@ -518,19 +516,6 @@ class Slave:
 def _bare_request(meth: str) -> bytes:
     """The encoded request of an operation without arguments."""
     return encode_box({b"meth": meth.encode("ascii"), b"version": OP_VERSION})
-
-
-def _frame(header: bytes, block: bytes) -> bytes:
-    """``block`` as consecutive data boxes (``header`` is the encoded key)."""
-    parts = []
-    view = memoryview(block)
-    for start in range(0, len(block), CHUNK):
-        piece = view[start : start + CHUNK]
-        parts.append(header)
-        parts.append(len(piece).to_bytes(2, "big"))
-        parts.append(piece)
-        parts.append(b"\x00\x00")
-    return b"".join(parts)
 
 
 class _StdinFeeder:

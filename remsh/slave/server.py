@@ -21,7 +21,8 @@ from typing import Callable, Dict, Optional
 
 from remsh.errors import Disconnected, ProtocolError
 from remsh.files import PartialFile
-from remsh.wire import END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int
+from remsh.wire import (DATA_BLOCK, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int,
+                        encode_data_boxes)
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ OP_VERSION = 1
 _OP_VERSION_B = b"1"
 #: Bound on the wait for each box inside a multi-box operation (send data).
 DEFAULT_IO_TIMEOUT = 120.0
-#: Bytes of file data per data box (the largest value a box can carry).
-CHUNK = MAX_VALUE_LENGTH
-#: Data boxes written per system call during ``fetch``.
-BOXES_PER_WRITE = 16
 
 
 class OpError(Exception):
@@ -336,17 +333,15 @@ class SlaveServer:
                 raise OpError("openfailed", f"is a directory: {os.fsdecode(src)}")
             digest = hashlib.sha256()
             send = self.wire.send_bytes
-            header = b"\x00\x04data"
-            span = CHUNK * BOXES_PER_WRITE
             while True:
                 try:
-                    block = f.read(span)
+                    block = f.read(DATA_BLOCK)
                 except OSError as e:
                     raise OpError("failed", _os_message(e)) from None
                 if not block:
                     break
                 digest.update(block)
-                send(_data_boxes(header, block))
+                send(encode_data_boxes(b"data", block))
             send_end = {b"sha256": digest.hexdigest().encode("ascii")}
         self._reply(send_end)
 
@@ -354,19 +349,6 @@ class SlaveServer:
         from remsh.slave.execute import run_execute
 
         run_execute(self, box)
-
-
-def _data_boxes(header: bytes, block: bytes) -> bytes:
-    """Frame ``block`` as consecutive ``{header-key: chunk}`` boxes."""
-    parts = []
-    view = memoryview(block)
-    for start in range(0, len(block), CHUNK):
-        piece = view[start : start + CHUNK]
-        parts.append(header)
-        parts.append(len(piece).to_bytes(2, "big"))
-        parts.append(piece)
-        parts.append(b"\x00\x00")
-    return b"".join(parts)
 
 
 def remove_tree(path: bytes) -> None:

@@ -133,21 +133,18 @@ class SocketStream:
             raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
-        if self._tls:
-            return self._tls_io(self.sock.recv, size, timeout)
-        if timeout is not None and not (self._pending and self._pending()):
-            if not self._poller.poll(max(0.0, timeout) * 1000.0):
-                raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
-        return self.sock.recv(size)
+        return self._read(self.sock.recv, size, timeout)
 
     def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
         """Like :meth:`recv`, into ``buffer``; returns the byte count (0 at EOF)."""
+        return self._read(self.sock.recv_into, buffer, timeout)
+
+    def _read(self, op: Callable[[Any], Any], arg: Any, timeout: Optional[float]) -> Any:
         if self._tls:
-            return self._tls_io(self.sock.recv_into, buffer, timeout)
-        if timeout is not None and not (self._pending and self._pending()):
-            if not self._poller.poll(max(0.0, timeout) * 1000.0):
-                raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
-        return self.sock.recv_into(buffer)
+            return self._tls_io(op, arg, timeout)
+        if timeout is not None and not self._poller.poll(max(0.0, timeout) * 1000.0):
+            raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
+        return op(arg)
 
     def _tls_io(self, op: Callable[[Any], Any], arg: Any, timeout: Optional[float]) -> Any:
         """Run a read on the non-blocking TLS socket, waiting until ``timeout``."""

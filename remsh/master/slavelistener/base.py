@@ -100,6 +100,43 @@ class SlaveListener:
         return None
 
 
+class NetworkSlaveListener(SlaveListener):
+    """A listener with a server that accepts connections on a port.
+
+    Subclasses set ``self._server`` (an object with ``start()``, ``stop()``
+    and ``port``) in their constructor.
+    """
+
+    port: int
+    _server: Any
+    _started = False
+
+    def start(self) -> None:
+        """Open the port and accept slaves in the background (the port is
+        not opened before)."""
+        self._server.start()
+        self.port = self._server.port
+        self.monitor.start()
+        self._started = True
+
+    def stop(self) -> None:
+        """Close the port and disconnect the slaves this listener connected."""
+        self._server.stop()
+        for slave in self.slave_collection.get_all_slaves():
+            if slave.listener is self:
+                slave.close()
+        self.monitor.stop()
+        self._started = False
+
+    def __enter__(self) -> "NetworkSlaveListener":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def secret_authorizer(secret: Optional[Secret], authenticator: Optional[Authenticator]
                       ) -> Callable[[str], Tuple[bool, Optional[bytes]]]:
     """The name -> (allowed, secret) rule for a shared secret or an authenticator."""

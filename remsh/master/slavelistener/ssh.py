@@ -18,7 +18,7 @@ from typing import Any, Optional, Tuple, Type, Union
 
 from remsh.handshake import Secret
 from remsh.master.slave import Slave
-from remsh.master.slavelistener.base import Authenticator, SlaveListener, secret_authorizer
+from remsh.master.slavelistener.base import Authenticator, NetworkSlaveListener, secret_authorizer
 from remsh.transports.ssh import KEEPALIVE_INTERVAL, ChannelStream, KeyLike, SshServer
 from remsh.transports.tcp import DEFAULT_MAX_PENDING
 from remsh.wire import Wire
@@ -26,7 +26,7 @@ from remsh.wire import Wire
 log = logging.getLogger(__name__)
 
 
-class SshSlaveListener(SlaveListener):
+class SshSlaveListener(NetworkSlaveListener):
     """Accepts slaves on an embedded SSH server.
 
     :param port: port to listen on (0: any free port; after :meth:`start`
@@ -59,7 +59,6 @@ class SshSlaveListener(SlaveListener):
                                  host=host, port=port, max_pending=max_pending,
                                  handshake_timeout=self.handshake_timeout,
                                  keepalive_interval=keepalive_interval)
-        self._started = False
 
     def authorize(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
         """Only the name bound to the slave's SSH key, and only with the
@@ -70,30 +69,6 @@ class SshSlaveListener(SlaveListener):
             return False, None
         return self._rule(name)
 
-    def start(self) -> None:
-        """Open the port and accept slaves in the background."""
-        self._server.start()
-        self.port = self._server.port
-        self.monitor.start()
-        self._started = True
-
-    def stop(self) -> None:
-        """Close the port and disconnect the slaves this listener connected."""
-        self._server.stop()
-        for slave in self.slave_collection.get_all_slaves():
-            if slave.listener is self:
-                slave.close()
-        self.monitor.stop()
-        self._started = False
-
     def _on_stream(self, stream: ChannelStream) -> None:
         wire = Wire(stream, label=f"slave {stream.identity} at {stream.peer}")
         self.accept_wire(wire)
-
-    def __enter__(self) -> "SshSlaveListener":
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 from typing import Any, Optional, Tuple, Type
 
 from remsh.errors import UsageError
 from remsh.handshake import Secret
 from remsh.master.slave import Slave
-from remsh.master.slavelistener.base import Authenticator, SlaveListener, secret_authorizer
+from remsh.master.slavelistener.base import Authenticator, NetworkSlaveListener, secret_authorizer
 from remsh.transports.base import SocketStream
 from remsh.transports.tcp import DEFAULT_KEEPALIVE, DEFAULT_MAX_PENDING, TcpServer
 from remsh.wire import Wire
@@ -18,7 +17,7 @@ from remsh.wire import Wire
 log = logging.getLogger(__name__)
 
 
-class TcpSlaveListener(SlaveListener):
+class TcpSlaveListener(NetworkSlaveListener):
     """Accepts slaves on a TCP port.
 
     :param port: port to listen on (0: any free port; after :meth:`start`
@@ -53,36 +52,10 @@ class TcpSlaveListener(SlaveListener):
         self._server = TcpServer(self._on_stream, host=host, port=port, ssl_context=ssl_context,
                                  max_pending=max_pending, handshake_timeout=self.handshake_timeout,
                                  keepalive=keepalive)
-        self._slaves_lock = threading.Lock()
-        self._started = False
 
     def authorize(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
         return self._rule(name)
 
-    def start(self) -> None:
-        """Open the port and accept slaves in the background."""
-        self._server.start()
-        self.port = self._server.port
-        self.monitor.start()
-        self._started = True
-
-    def stop(self) -> None:
-        """Close the port and disconnect the slaves this listener connected."""
-        self._server.stop()
-        for slave in self.slave_collection.get_all_slaves():
-            if slave.listener is self:
-                slave.close()
-        self.monitor.stop()
-        self._started = False
-
     def _on_stream(self, stream: SocketStream) -> None:
         wire = Wire(stream, label=f"slave at {stream.peer}")
         self.accept_wire(wire)
-
-    def __enter__(self) -> "TcpSlaveListener":
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
