@@ -1029,13 +1029,20 @@ def test_slave_process_dies_during_execute(slave, collection) -> None:
     """When the slave process dies, the running execute raises Disconnected and the slave leaves."""
     pid = slave_pid(slave)
     pidfd = os.pidfd_open(pid)
+    command_pid = None
     try:
-        outcome, _ = start_and_wait(slave, "echo started; exec sleep 60")
+        outcome, first = start_and_wait(slave, "echo $$; exec sleep 60")
+        command_pid = int(first.split()[0])
         os.kill(pid, 9)
         assert wait_pid_exit(pidfd)
         outcome.wait(WAIT)
         assert isinstance(outcome.error, Disconnected), outcome.error
     finally:
         os.close(pidfd)
+        if command_pid is not None:  # SIGKILL gave the slave no chance to end it
+            try:
+                os.killpg(command_pid, 9)
+            except ProcessLookupError:
+                pass
     assert not slave.connected
     assert slave not in collection.get_all_slaves()
