@@ -92,3 +92,17 @@ def test_run_on_tcp_slaves_waiting_for_named_slave(tmp_path):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_host_key_prints_openssh_fingerprint_and_known_hosts_line(tmp_path):
+    """'remsh host-key' prints the fingerprint ssh-keygen prints and a known_hosts line."""
+    key = tmp_path / "host_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    expected = subprocess.run(["ssh-keygen", "-l", "-f", str(key)], check=True,
+                              capture_output=True).stdout.decode().split()[1]
+    r = remsh("host-key", "--host-key", str(key), "--host", "127.0.0.1", "--port", "2222")
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(": ", 1) for line in r.stdout.decode().splitlines())
+    assert lines["fingerprint"] == expected
+    public = (tmp_path / "host_ed25519.pub").read_text().split()
+    assert lines["known_hosts"].split() == ["[127.0.0.1]:2222", public[0], public[1]]
