@@ -240,7 +240,8 @@ class Peers:
         self.rpyc_proc: Optional[subprocess.Popen] = None
         self.rpyc_conn: Any = None
         self.ssh_client: Any = None
-        self.sftp: Any = None
+        self.sftp: Any = None  # on bulk_client
+        self.bulk_client: Any = None
         self.fabric: Any = None
         if sshd is None:
             for peer in ("paramiko", "fabric", "openssh"):
@@ -279,7 +280,7 @@ class Peers:
         if self.sshd is not None:
             try:
                 self.ssh_client = self.sshd.paramiko_client()
-                self.sftp = self.ssh_client.open_sftp()
+                self.fresh_bulk_connection()
             except Exception as e:  # noqa: BLE001
                 self.na["paramiko"] = _short(e)
             try:
@@ -299,8 +300,21 @@ class Peers:
         if status != 0:
             raise RuntimeError(f"paramiko exec {command!r}: status {status}")
 
+    def fresh_bulk_connection(self) -> None:
+        """Replace the connection the bulk operations use (untimed, before a
+        run): paramiko rekeys every 512 MiB, and a channel closing during a
+        rekey can stall its transport thread for 30 s (a paramiko bug), so
+        each bulk run gets a connection of its own."""
+        assert self.sshd is not None
+        old, oldsftp = self.bulk_client, self.sftp
+        self.bulk_client = self.sshd.paramiko_client()
+        self.sftp = self.bulk_client.open_sftp()
+        for closer in (oldsftp, old):
+            if closer is not None:
+                closer.close()
+
     def paramiko_cat(self, path: str, callback: Any) -> None:
-        chan = self.ssh_client.get_transport().open_session()
+        chan = self.bulk_client.get_transport().open_session()
         try:
             chan.exec_command(f"cat {path}")
             recv = chan.recv
@@ -322,6 +336,7 @@ class Peers:
     def stop(self) -> None:
         for closer in (lambda: self.fabric and self.fabric.close(),
                        lambda: self.sftp and self.sftp.close(),
+                       lambda: self.bulk_client and self.bulk_client.close(),
                        lambda: self.ssh_client and self.ssh_client.close(),
                        lambda: self.rpyc_conn and self.rpyc_conn.close(),
                        lambda: self.execnet_gw and self.execnet_gw.exit()):

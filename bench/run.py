@@ -292,7 +292,7 @@ class Bench:
 
         floor_socks = {fam: self.floors[fam].connect() for fam in (floor.TCP, floor.UNIX)}
         sftp_batch = os.path.join(self.work, "sftp-batch")
-        sshd, sftp = self.sshd, self.peers.sftp
+        sshd = self.sshd
         ssh_na = self.peer_na("openssh")
 
         def run_cmd(argv_fn: Callable[[], List[str]]) -> Callable[[], None]:
@@ -320,12 +320,13 @@ class Bench:
                           na=ssh_na, note="new connection each time"),
                     Entry("sftp (OpenSSH)", run_cmd(lambda: sshd.sftp_argv(sftp_batch + f"-{direction}")),
                           baseline=FLOOR_TCP, na=ssh_na, note="new connection each time"),
-                    Entry("paramiko SFTP", (lambda: sftp.put(self.big, dest)) if sending else
-                          (lambda: sftp.get(self.big, dest)), baseline=FLOOR_TCP, na=self.peer_na("paramiko"),
-                          note=f"open connection, {self.peers.cipher()}"),
+                    Entry("paramiko SFTP", (lambda: self.peers.sftp.put(self.big, dest)) if sending else
+                          (lambda: self.peers.sftp.get(self.big, dest)), baseline=FLOOR_TCP,
+                          na=self.peer_na("paramiko"), note=f"open connection, {self.peers.cipher()}"),
                 ]
                 for e in entries:
                     e.before, e.after = gone, check
+                entries[-1].before = lambda: (gone(), self.peers.fresh_bulk_connection())
                 self.group(f"{direction} {size // MiB} MiB", entries, runs=runs, nbytes=size)
         finally:
             for sock in floor_socks.values():
@@ -364,6 +365,7 @@ class Bench:
                              baseline=FLOOR_TCP, na=self.peer_na("paramiko")))
         for e in entries:
             e.before, e.after = before, after
+        entries[-1].before = lambda: (before(), self.peers.fresh_bulk_connection())
         self.group(f"stream {size // MiB} MiB stdout", entries, runs=3 if self.quick else 5, nbytes=size)
 
     def scenario_connect(self) -> None:
