@@ -149,18 +149,16 @@ class BoxDecoder:
         self.max_box_bytes = max_box_bytes
         self._buf = bytearray()
         self._box: Box = {}
-        self._key: Optional[bytes] = None
         self._box_bytes = 0
         self._failed: Optional[WireError] = None
 
     @property
     def in_box(self) -> bool:
         """True when bytes of an unfinished box have been fed."""
-        return bool(self._buf) or bool(self._box) or self._key is not None
+        return bool(self._buf) or bool(self._box)
 
     def _fail(self, message: str) -> WireError:
         self._failed = WireError(message)
-        # rebind, not clear(): feed() holds a memoryview of the old buffer
         self._buf = bytearray()
         return self._failed
 
@@ -172,57 +170,60 @@ class BoxDecoder:
         """
         if self._failed is not None:
             raise WireError(f"decoder already failed: {self._failed}")
+        # Unconsumed input always starts at a key's length prefix: a key and
+        # its value are taken together, so the only state between calls is
+        # the box's finished pairs and the bytes not yet used.
         buf = self._buf
+        src: Union[bytes, bytearray, memoryview]
         if buf:
             buf += data
-            src: Union[bytes, bytearray, memoryview] = buf
+            src = buf
         else:
             src = data  # nothing pending: parse the caller's bytes in place
+        copy = type(src) is not bytes  # slices of views and bytearrays are not ours to keep
+        n = len(src) if type(src) is not memoryview else src.nbytes  # type: ignore[union-attr]
         boxes: List[Box] = []
         pos = 0
         box = self._box
-        key = self._key
         box_bytes = self._box_bytes
         max_box_bytes = self.max_box_bytes
-        with memoryview(src) as view:
-            n = view.nbytes
-            while n - pos >= 2:
-                (length,) = _unpack_u16(view, pos)
-                if key is None:
-                    if length == 0:
-                        pos += 2
-                        boxes.append(box)
-                        box = {}
-                        box_bytes = 0
-                        continue
-                    if length > MAX_KEY_LENGTH:
-                        raise self._fail(f"key length {length} over {MAX_KEY_LENGTH}")
-                    if len(box) >= self.max_keys:
-                        raise self._fail(f"box has more than {self.max_keys} keys")
-                    if box_bytes + 2 + length + 2 > max_box_bytes:
-                        raise self._fail(f"box larger than {max_box_bytes} bytes")
-                    end = pos + 2 + length
-                    if end > n:
-                        break
-                    key = bytes(view[pos + 2 : end])
-                    if key in box:
-                        raise self._fail(f"duplicate key {key!r} in box")
-                else:
-                    if box_bytes + 2 + length + 2 > max_box_bytes:
-                        raise self._fail(f"box larger than {max_box_bytes} bytes")
-                    end = pos + 2 + length
-                    if end > n:
-                        break
-                    box[key] = bytes(view[pos + 2 : end])
-                    key = None
-                box_bytes += end - pos
-                pos = end
-            if src is not buf and pos < n:
-                self._buf += view[pos:]  # keep the unfinished rest
-        if src is buf and pos:
-            del buf[:pos]
+        max_keys = self.max_keys
+        while n - pos >= 2:
+            klen = src[pos] << 8 | src[pos + 1]
+            if klen == 0:
+                pos += 2
+                boxes.append(box)
+                box = {}
+                box_bytes = 0
+                continue
+            if klen > MAX_KEY_LENGTH:
+                raise self._fail(f"key length {klen} over {MAX_KEY_LENGTH}")
+            if len(box) >= max_keys:
+                raise self._fail(f"box has more than {max_keys} keys")
+            kend = pos + 2 + klen
+            if box_bytes + (kend - pos) + 2 > max_box_bytes:
+                raise self._fail(f"box larger than {max_box_bytes} bytes")
+            if kend > n:
+                break
+            key = bytes(src[pos + 2 : kend]) if copy else src[pos + 2 : kend]
+            if key in box:
+                raise self._fail(f"duplicate key {key!r} in box")
+            if kend + 2 > n:
+                break
+            vend = kend + 2 + (src[kend] << 8 | src[kend + 1])
+            if box_bytes + (vend - pos) + 2 > max_box_bytes:
+                raise self._fail(f"box larger than {max_box_bytes} bytes")
+            if vend > n:
+                break
+            box[key] = bytes(src[kend + 2 : vend]) if copy else src[kend + 2 : vend]
+            box_bytes += vend - pos
+            pos = vend
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < n:
+            buf += src[pos:]  # keep the unfinished rest
         self._box = box
-        self._key = key
         self._box_bytes = box_bytes
         return boxes
 
