@@ -89,21 +89,20 @@ def encode_box(mapping: BoxLike) -> bytes:
     value, :class:`TypeError` for a key or value that is not bytes or str.
     """
     parts: List[bytes] = []
-    append = parts.append
+    extend = parts.extend
     for k, v in mapping.items():
-        kb = k if type(k) is bytes else _as_bytes(k)
-        vb = v if type(v) is bytes else _as_bytes(v)
-        kl = len(kb)
-        if not 0 < kl <= MAX_KEY_LENGTH:
-            raise ValueError(f"box key length {kl} outside 1..{MAX_KEY_LENGTH}: {kb[:40]!r}")
-        vl = len(vb)
-        if vl > MAX_VALUE_LENGTH:
-            raise ValueError(f"value of {kb!r} is {vl} bytes, over {MAX_VALUE_LENGTH}")
-        append(_pack_u16(kl))
-        append(kb)
-        append(_pack_u16(vl))
-        append(vb)
-    append(END_OF_BOX)
+        if type(k) is not bytes:
+            k = _as_bytes(k)
+        if type(v) is not bytes:
+            v = _as_bytes(v)
+        kl = len(k)
+        vl = len(v)
+        if not (0 < kl <= MAX_KEY_LENGTH and vl <= MAX_VALUE_LENGTH):
+            if vl > MAX_VALUE_LENGTH:
+                raise ValueError(f"value of {k[:40]!r} is {vl} bytes, over {MAX_VALUE_LENGTH}")
+            raise ValueError(f"box key length {kl} outside 1..{MAX_KEY_LENGTH}: {k[:40]!r}")
+        extend((_pack_u16(kl), k, _pack_u16(vl), v))
+    parts.append(END_OF_BOX)
     return b"".join(parts)
 
 

@@ -43,6 +43,18 @@ Buffer = Union[bytes, bytearray, memoryview]
 DEFAULT_SEND_TIMEOUT = 120.0
 
 
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` (0 = no limit), capped at what the kernel takes."""
+    seconds = min(max(seconds, 0.0), 2.0 ** 31 - 1)
+    if 0 < seconds < 1e-6:
+        seconds = 1e-6
+    sec = int(seconds)
+    return struct.pack("ll", sec, int((seconds - sec) * 1e6))
+
+
 class StreamLike(Protocol):
     """What :class:`remsh.wire.Wire` needs from a transport."""
 
@@ -82,9 +94,7 @@ def tune_socket(sock: socket.socket, *, send_timeout: Optional[float] = DEFAULT_
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                 int((idle + interval * count) * 1000))
     if send_timeout is not None and sys.platform.startswith("linux"):
-        sec = int(send_timeout)
-        usec = int((send_timeout - sec) * 1e6)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, usec))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout))
 
 
 class SocketStream:
@@ -120,8 +130,7 @@ class SocketStream:
         self.peer = peer
         self._fd = sock.fileno()
         self._pending = getattr(sock, "pending", None)
-        self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLIN)
+        self._rcvtimeo: Optional[float] = None  # SO_RCVTIMEO in force (None: none)
 
     def send_all(self, data: Buffer) -> None:
         if self._tls:
@@ -133,18 +142,43 @@ class SocketStream:
             raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
-        return self._read(self.sock.recv, size, timeout)
+        if self._tls:
+            return self._tls_io(self.sock.recv, size, timeout)
+        try:
+            if timeout is not None and timeout <= 0:
+                return self.sock.recv(size, _MSG_DONTWAIT)
+            self._limit_receive(timeout)
+            return self.sock.recv(size)
+        except BlockingIOError as e:
+            raise TimeoutError(errno.ETIMEDOUT, "receive timed out") from e
 
     def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
         """Like :meth:`recv`, into ``buffer``; returns the byte count (0 at EOF)."""
-        return self._read(self.sock.recv_into, buffer, timeout)
-
-    def _read(self, op: Callable[[Any], Any], arg: Any, timeout: Optional[float]) -> Any:
         if self._tls:
-            return self._tls_io(op, arg, timeout)
-        if timeout is not None and not self._poller.poll(max(0.0, timeout) * 1000.0):
-            raise TimeoutError(errno.ETIMEDOUT, "receive timed out")
-        return op(arg)
+            return self._tls_io(self.sock.recv_into, buffer, timeout)
+        try:
+            if timeout is not None and timeout <= 0:
+                return self.sock.recv_into(buffer, 0, _MSG_DONTWAIT)
+            self._limit_receive(timeout)
+            return self.sock.recv_into(buffer)
+        except BlockingIOError as e:
+            raise TimeoutError(errno.ETIMEDOUT, "receive timed out") from e
+
+    def _limit_receive(self, timeout: Optional[float]) -> None:
+        """Make the kernel bound the next receive (SO_RCVTIMEO).
+
+        Set only when it changes, so that a receive stays one system call
+        (no poll first); a limit within 1% (and 1 ms) of the one in force is
+        kept, since callers recompute what is left of a deadline every call.
+        """
+        current = self._rcvtimeo
+        if timeout is None:
+            if current is None:
+                return
+        elif current is not None and abs(timeout - current) <= 0.01 * current + 0.001:
+            return
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 0.0))
+        self._rcvtimeo = timeout
 
     def _tls_io(self, op: Callable[[Any], Any], arg: Any, timeout: Optional[float]) -> Any:
         """Run a read on the non-blocking TLS socket, waiting until ``timeout``."""
