@@ -54,18 +54,58 @@ def _flag(box: Box, key: bytes, default: bool) -> bool:
         raise OpError("invalid", f"{key.decode()!r} must be y or n") from None
 
 
-def build_env(box: Box) -> Dict[bytes, bytes]:
-    """The command's environment: the slave's, with the request's overrides."""
-    env = dict(os.environb)
+def build_env(box: Box) -> Optional[Dict[bytes, bytes]]:
+    """The command's environment: the slave's, with the request's overrides
+    (``None`` when there are none: the command inherits the slave's as is)."""
+    env: Optional[Dict[bytes, bytes]] = None
     for key, value in box.items():
         if key.startswith(b"env_") and len(key) > 4:
             name = key[4:]
             if b"=" in name or b"\0" in name or b"\0" in value:
                 raise OpError("invalid", f"bad environment variable {name[:40]!r}")
+            if env is None:
+                env = dict(os.environb)
             env[name] = value
         elif key.startswith(b"unset_") and len(key) > 6:
+            if env is None:
+                env = dict(os.environb)
             env.pop(key[6:], None)
     return env
+
+
+class _ProgramCache:
+    """Where each program name was last found on each ``PATH``.
+
+    ``subprocess`` searches ``PATH`` in Python on every start (joining and
+    encoding every directory), which costs more than the fork itself for a
+    short command; a hit here is checked with one ``access`` call.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._found: Dict[tuple, bytes] = {}
+        self._size = size
+
+    def resolve(self, name: bytes, env: Optional[Dict[bytes, bytes]]) -> Optional[bytes]:
+        """The program's path, or ``None`` to let ``subprocess`` search."""
+        if b"/" in name:
+            return None
+        path = (env if env is not None else os.environb).get(b"PATH", os.defpath.encode())
+        key = (path, name)
+        found = self._found.get(key)
+        if found is not None and os.access(found, os.X_OK):
+            return found
+        for directory in path.split(b":"):
+            candidate = os.path.join(directory or b".", name)
+            if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+                if len(self._found) >= self._size:
+                    self._found.clear()
+                if directory and directory.startswith(b"/"):
+                    self._found[key] = candidate  # relative PATH entries depend on cwd
+                return candidate
+        return None
+
+
+PROGRAMS = _ProgramCache()
 
 
 class _ExitWatcher:
@@ -133,14 +173,16 @@ def run_execute(server: "SlaveServer", box: Box) -> None:
     if box.get(b"cwd"):
         cwd = os.path.join(server.cwd, box[b"cwd"])
     env = build_env(box)
+    devnull = server.devnull()
     try:
         proc = subprocess.Popen(
             args,
+            executable=PROGRAMS.resolve(args[0], env),
             cwd=cwd,
             env=env,
-            stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if want_stdout else subprocess.DEVNULL,
-            stderr=subprocess.PIPE if want_stderr else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if want_stdin else devnull,
+            stdout=subprocess.PIPE if want_stdout else devnull,
+            stderr=subprocess.PIPE if want_stderr else devnull,
             start_new_session=True,
             close_fds=True,
             bufsize=0,

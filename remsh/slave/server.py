@@ -59,6 +59,7 @@ class SlaveServer:
     """Performs operations for one master over ``wire``, rooted at ``basedir``."""
 
     def __init__(self, wire: Wire, basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+        self._devnull = -1
         self.wire = wire
         self.basedir = os.fsencode(os.path.abspath(basedir))
         self.cwd = self.basedir
@@ -78,6 +79,19 @@ class SlaveServer:
             b"ping": self.op_ping,
         }
 
+    def devnull(self) -> int:
+        """A descriptor of ``/dev/null`` for commands' unwanted streams
+        (opened once, not for every command)."""
+        if self._devnull < 0:
+            self._devnull = os.open(os.devnull, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        return self._devnull
+
+    def close(self) -> None:
+        """Release what the server holds (not the wire)."""
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+
     # -- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
@@ -85,12 +99,15 @@ class SlaveServer:
 
         Raises ``Disconnected`` or ``ProtocolError`` when the connection fails.
         """
-        while True:
-            box = self.wire.read_box(None)
-            if box is None:
-                log.info("%s: master closed the connection", self.wire.label)
-                return
-            self.handle(box)
+        try:
+            while True:
+                box = self.wire.read_box(None)
+                if box is None:
+                    log.info("%s: master closed the connection", self.wire.label)
+                    return
+                self.handle(box)
+        finally:
+            self.close()
 
     def handle(self, box: Box) -> None:
         """Perform one request box and send its final box."""
