@@ -92,8 +92,8 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             wire.close()
 
-    threads = [threading.Thread(target=one, args=(f"{args.prefix}{i:04d}",), daemon=True)
-               for i in range(args.count)]
+    names = [args.prefix] if args.count == 1 else [f"{args.prefix}{i:04d}" for i in range(args.count)]
+    threads = [threading.Thread(target=one, args=(name,), daemon=True) for name in names]
     for t in threads:
         t.start()
     for t in threads:
@@ -128,7 +128,7 @@ def main() -> int:
     p.add_argument("--known-hosts")
     p.add_argument("--basedir", default=".")
     p.add_argument("--count", type=int, default=50)
-    p.add_argument("--prefix", default="farm-")
+    p.add_argument("--prefix", default="farm-", help="slave names: PREFIX0000, PREFIX0001...; with --count 1, PREFIX")
     p.add_argument("--register-timeout", type=float, default=120.0)
     p.add_argument("--times", type=int, default=10)
     p.add_argument("--name", default="bench-dial")
