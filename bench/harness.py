@@ -184,7 +184,7 @@ class Results:
                 ratio = self.ratio(row)
                 cells = [row.scenario, row.contender, row.cpus, _fmt(row.median, row.kind),
                          _fmt(min(row.values), row.kind), _fmt(max(row.values), row.kind),
-                         "" if ratio is None else f"{ratio:.2f}", row.baseline or ""]
+                         fmt_ratio(ratio), row.baseline or ""]
             lines.append(cells)
         widths = [max(len(str(line[i])) for line in lines if len(line) > i and not _wide(line, i))
                   for i in range(len(head))]
@@ -211,7 +211,7 @@ class Results:
             ratio = self.ratio(row)
             out.append(f"| {row.scenario} | {row.contender} | {row.cpus} | {_fmt(row.median, row.kind)} | "
                        f"{_fmt(min(row.values), row.kind)} | {_fmt(max(row.values), row.kind)} | "
-                       f"{'' if ratio is None else f'{ratio:.2f}'} | {row.baseline or ''} |")
+                       f"{fmt_ratio(ratio)} | {row.baseline or ''} |")
         return "\n".join(out)
 
     def as_json(self, machine: Dict[str, object], config: Dict[str, object]) -> str:
@@ -230,6 +230,11 @@ class Results:
 
 def _wide(line: List[str], i: int) -> bool:
     return i == 3 and str(line[3]).startswith("n/a (")
+
+
+def fmt_ratio(ratio: Optional[float]) -> str:
+    """Three significant digits: 1.45, 203, 0.00395."""
+    return "" if ratio is None else f"{ratio:.3g}"
 
 
 def _fmt(value: Optional[float], kind: str) -> str:
