@@ -75,8 +75,15 @@ def main() -> int:
                    help="time: no profiler, only wall and CPU time per operation")
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
-    count = args.count or {"ping": 20000, "stat": 20000, "execute": 1000}.get(args.op, 5)
     work = tempfile.mkdtemp(prefix="remsh-profile-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: str) -> int:
+    count = args.count or {"ping": 20000, "stat": 20000, "execute": 1000}.get(args.op, 5)
     big = os.path.join(work, "big.bin")
     if args.op in ("send", "fetch", "stream"):
         with open(big, "wb") as f:
@@ -87,59 +94,62 @@ def main() -> int:
     remsh.start((args.transport,))
     if args.transport in remsh.na:
         print(f"cannot start remsh {args.transport}: {remsh.na[args.transport]}")
+        remsh.stop()
         return 1
-    slave = remsh.slaves[args.transport]
-    slave_pids = [p for p in process_tree(os.getpid()) if p != os.getpid()]
-    if args.pin:
-        set_affinity_tree(PIN_CPUS)
-    got = [0]
+    tracers: list = []
+    try:
+        slave = remsh.slaves[args.transport]
+        slave_pids = [p for p in process_tree(os.getpid()) if p != os.getpid()]
+        if args.pin:
+            set_affinity_tree(PIN_CPUS)
+        got = [0]
 
-    def cb(data: bytes) -> None:
-        got[0] += len(data)
+        def cb(data: bytes) -> None:
+            got[0] += len(data)
 
-    def one() -> None:
-        if args.op == "ping":
-            slave.ping()
-        elif args.op == "stat":
-            slave.stat(work)
-        elif args.op == "execute":
-            slave.execute(["true"])
-        elif args.op == "send":
-            slave.send(big, dest)
-            os.unlink(dest)
-        elif args.op == "fetch":
-            slave.fetch(big, dest)
-            os.unlink(dest)
+        def one() -> None:
+            if args.op == "ping":
+                slave.ping()
+            elif args.op == "stat":
+                slave.stat(work)
+            elif args.op == "execute":
+                slave.execute(["true"])
+            elif args.op == "send":
+                slave.send(big, dest)
+                os.unlink(dest)
+            elif args.op == "fetch":
+                slave.fetch(big, dest)
+                os.unlink(dest)
+            else:
+                slave.execute(["cat", big], stdout_cb=cb)
+
+        for _ in range(max(1, count // 10)):
+            one()
+        if args.how == "strace":
+            for who, pid in (("master", os.getpid()), ("slave", slave_pids[0])):
+                out = os.path.join(work, f"{who}.strace")
+                tracers.append((who, out, subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
+                                                           stderr=subprocess.DEVNULL)))
+            time.sleep(1.0)  # strace attaches
+            prof = None
+        elif args.how == "cprofile":
+            prof = cProfile.Profile()
+            prof.enable()
         else:
-            slave.execute(["cat", big], stdout_cb=cb)
-
-    for _ in range(max(1, count // 10)):
-        one()
-    tracers = []
-    if args.how == "strace":
-        for who, pid in (("master", os.getpid()), ("slave", slave_pids[0])):
-            out = os.path.join(work, f"{who}.strace")
-            tracers.append((who, out, subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
-                                                       stderr=subprocess.DEVNULL)))
-        time.sleep(1.0)  # strace attaches
-        prof = None
-    elif args.how == "cprofile":
-        prof = cProfile.Profile()
-        prof.enable()
-    else:
-        prof = None
-    cpu0 = {pid: cpu_seconds(pid) for pid in (os.getpid(), slave_pids[0])}
-    t0 = time.perf_counter()
-    for _ in range(count):
-        one()
-    elapsed = time.perf_counter() - t0
-    cpu = {pid: cpu_seconds(pid) - c for pid, c in cpu0.items()}
-    if prof is not None:
-        prof.disable()
-    for _, _, tracer in tracers:
-        tracer.terminate()
-        tracer.wait()
-    remsh.stop()
+            prof = None
+        cpu0 = {pid: cpu_seconds(pid) for pid in (os.getpid(), slave_pids[0])}
+        t0 = time.perf_counter()
+        for _ in range(count):
+            one()
+        elapsed = time.perf_counter() - t0
+        cpu = {pid: cpu_seconds(pid) - c for pid, c in cpu0.items()}
+        if prof is not None:
+            prof.disable()
+    finally:
+        for _, _, tracer in tracers:
+            tracer.terminate()
+            tracer.wait()
+        remsh.stop()
     per = elapsed / count
     what = f"{per * 1e6:.1f} us per {args.op}" if args.op in ("ping", "stat", "execute") else \
         f"{per:.3f} s per {args.op} = {args.size / per:.0f} MiB/s"
@@ -156,7 +166,6 @@ def main() -> int:
                   top(slave_prof, args.top, count + max(1, count // 10)))
     for who, out, _ in tracers:
         print(f"\n== {who}: system calls per {args.op} (strace -c -f)\n" + strace_summary(out, count))
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
