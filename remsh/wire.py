@@ -274,6 +274,19 @@ def decode_list(value: bytes) -> List[bytes]:
     return value.split(b"\0") if value else []
 
 
+_scratch = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's receive buffer.  What is received into it is consumed
+    (decoded, or copied into a decoder) before the thread receives again."""
+    try:
+        return _scratch.buf  # type: ignore[no-any-return]
+    except AttributeError:
+        _scratch.buf = memoryview(bytearray(Wire.RECV_SIZE))
+        return _scratch.buf  # type: ignore[no-any-return]
+
+
 class Wire:
     """Boxes over a transport stream, for synchronous callers.
 
@@ -304,7 +317,6 @@ class Wire:
         self._raw_mode = True
         self._send_lock = threading.Lock()
         self._recv_into = getattr(stream, "recv_into", None)
-        self._rbuf = memoryview(bytearray(self.RECV_SIZE))
         self._eof = False
         self._error: Optional[str] = None  # set by bad input; every later read raises
         self.closed = False
@@ -353,7 +365,7 @@ class Wire:
     # -- receiving ---------------------------------------------------------
 
     def _recv(self, timeout: Optional[float]) -> Union[bytes, memoryview]:
-        """The next bytes from the stream (valid until the next call)."""
+        """The next bytes from the stream (valid until this thread receives again)."""
         deadline = None if timeout is None else _now() + timeout
         recv_into = self._recv_into
         while True:
@@ -361,10 +373,12 @@ class Wire:
             sliced = left is not None and left > MAX_POLL_WAIT
             try:
                 if recv_into is not None:
-                    # into one reused buffer: allocating a fresh large bytes
-                    # object per receive costs more than the system call
-                    n = recv_into(self._rbuf, MAX_POLL_WAIT if sliced else left)
-                    return self._rbuf[:n]
+                    # into the thread's reused buffer: allocating a fresh large
+                    # bytes object per receive costs more than the system call,
+                    # and a buffer per connection would cost memory per slave
+                    rbuf = _receive_buffer()
+                    n = recv_into(rbuf, MAX_POLL_WAIT if sliced else left)
+                    return rbuf[:n]
                 return self.stream.recv(self.RECV_SIZE, MAX_POLL_WAIT if sliced else left)
             except TimeoutError as e:
                 if not sliced:

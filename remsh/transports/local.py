@@ -23,6 +23,8 @@ def spawn_local_slave(basedir: str, name: Optional[str] = None, *, python: Optio
                       extra_args: Optional[List[str]] = None) -> Tuple[subprocess.Popen, SocketStream]:
     """Start a slave child process; return it and the master's stream to it."""
     master_sock, child_sock = socket.socketpair()
+    for sock in (master_sock, child_sock):
+        _grow_buffers(sock)
     fd = child_sock.fileno()
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(remsh.__file__)))
     env = dict(os.environ)
@@ -41,6 +43,20 @@ def spawn_local_slave(basedir: str, name: Optional[str] = None, *, python: Optio
     finally:
         child_sock.close()
     return proc, SocketStream(master_sock, peer=f"local child pid {proc.pid}", send_timeout=None)
+
+
+#: Socket pair buffer size asked for: the default (~200 KiB) is smaller than
+#: one bulk write (16 data boxes), which makes the two ends take turns
+#: instead of overlapping.  The kernel caps it at net.core.wmem_max/rmem_max.
+SOCKETPAIR_BUFFER = 4 << 20
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKETPAIR_BUFFER)
+        except OSError:
+            pass
 
 
 def stop_child(proc: subprocess.Popen, grace: float = 2.0) -> None:
