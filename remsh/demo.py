@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, TextIO, Tuple
 
 from remsh.errors import CommandTimeout, NotFoundError, RemshError
 from remsh.master.slave import Slave
@@ -42,15 +42,17 @@ OK, FAIL, BAR, MICRO = _symbols()
 
 
 class Report:
-    """Runs steps and prints one line for each: mark, name, result."""
+    """Runs steps and writes one line for each to ``out``: mark, name, result."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Optional[TextIO] = None) -> None:
+        self.out = out if out is not None else sys.stdout
         self.failures = 0
         self.lock = threading.Lock()
 
     def line(self, text: str) -> None:
         with self.lock:
-            print(text, flush=True)
+            self.out.write(text + "\n")
+            self.out.flush()
 
     def step(self, name: str, action: Callable[[], str]) -> None:
         start = time.monotonic()
