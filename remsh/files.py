@@ -28,7 +28,8 @@ class PartialFile:
         directory, base = os.path.split(dest)
         self._dir = directory or b"."
         for attempt in range(100):
-            name = b".%s.%s%s" % (base, os.urandom(6).hex().encode("ascii"), TEMP_SUFFIX)
+            # cut the base so that the temporary name fits where dest fits
+            name = b".%s.%s%s" % (base[:200], os.urandom(6).hex().encode("ascii"), TEMP_SUFFIX)
             path = os.path.join(self._dir, name)
             try:
                 # 0o666 less the umask: the permissions the file will have

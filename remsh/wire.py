@@ -346,6 +346,17 @@ class Wire:
         finally:
             self._send_lock.release()
 
+    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
+        """Send ``box`` unless ``stop`` is set, checked while holding the send
+        lock (so no box goes out after another thread set it and then sent).
+        Returns whether the box was sent."""
+        data = encode_box(box)
+        with self._send_lock:
+            if stop.is_set():
+                return False
+            self._send_locked(data)
+        return True
+
     def send_boxes(self, boxes: Iterable[BoxLike]) -> None:
         """Encode several boxes and send them in one write, uninterrupted."""
         data = b"".join(encode_box(b) for b in boxes)

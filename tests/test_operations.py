@@ -1046,3 +1046,29 @@ def test_slave_process_dies_during_execute(slave, collection) -> None:
                 pass
     assert not slave.connected
     assert slave not in collection.get_all_slaves()
+
+
+def test_stdin_source_that_never_returns_drops_the_connection(slave) -> None:
+    """A stdin source still blocked after the command ended cannot desynchronise the slave: it is dropped."""
+    r, w = os.pipe()
+    try:
+        with os.fdopen(r, "rb", buffering=0, closefd=False) as source:
+            # 'true' ends at once; the feeder stays blocked reading the empty pipe
+            assert slave.execute(["true"], stdin=source) == 0
+            assert not slave.connected
+            with pytest.raises(Disconnected):
+                slave.ping()
+    finally:
+        os.close(w)  # lets the feeder's read return; it must send nothing more
+        os.close(r)
+
+
+def test_long_file_names_send_and_fetch(slave, basedir, tmp_path) -> None:
+    """A destination name near NAME_MAX still gets a temporary file beside it."""
+    name = "n" * 250
+    src = tmp_path / "src"
+    src.write_bytes(b"long name")
+    slave.send(str(src), name)
+    assert (basedir / name).read_bytes() == b"long name"
+    slave.fetch(name, str(tmp_path / name))
+    assert (tmp_path / name).read_bytes() == b"long name"

@@ -687,3 +687,47 @@ def test_forty_slaves_register_at_once_and_execute_in_parallel(tcp_listener, sla
     with ThreadPoolExecutor(max_workers=len(slaves)) as pool:
         results = list(pool.map(run, slaves))
     assert sorted(results) == [(name, 0, f"{name}-ok\n".encode()) for name in names]
+
+
+class _CountingReader:
+    """A binary source of ``size`` bytes that counts what has been read."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = min(self.left, n if n >= 0 else self.left)
+        self.left -= n
+        self.count += n
+        return b"x" * n
+
+
+def test_interrupt_with_stdin_backed_up_still_ends_the_command(tcp_listener, slave_procs):
+    """With stdin backed up (the command reads none), interrupt() drops the connection and the slave still kills the command."""
+    listener = tcp_listener()
+    proc = slave_procs.start(listener.port, "backed-up")
+    slave = wait_registered(listener, proc)
+    out = LineCollector()
+    source = _CountingReader(256 << 20)  # far more than every buffer on the way holds
+    call = Call(slave.execute, ["sh", "-c", "echo $$; exec sleep 60"], stdout_cb=out, stdin=source)
+    assert out.first_line.wait(WAIT), proc.log_text()
+    command_pid = int(out.data.split(b"\n")[0])
+    try:
+        # the feeder is blocked once what it has read stops growing
+        deadline = time.monotonic() + 20
+        last, still = -1, 0
+        while still < 5 and time.monotonic() < deadline:
+            still = still + 1 if source.count == last else 0
+            last = source.count
+            time.sleep(0.1)
+        assert still >= 5 and source.left > 0, "stdin never backed up"
+        slave.interrupt()
+        call.wait(30.0)
+        assert isinstance(call.error, Disconnected), call.error
+        wait_until(lambda: pid_gone(command_pid), 10.0, "the command to be killed")
+    finally:
+        try:
+            os.kill(command_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -37,6 +37,15 @@ class FairLock:
             self._waiters += 1
             try:
                 return self._wait_for(ticket, deadline)
+            except BaseException:
+                # interrupted (e.g. KeyboardInterrupt) while queued: give the
+                # turn back, or nobody would ever take it
+                if self._serving == ticket:
+                    self._serving += 1
+                else:
+                    self._abandoned.add(ticket)
+                self._skip()
+                raise
             finally:
                 self._waiters -= 1
 

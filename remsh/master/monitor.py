@@ -155,6 +155,10 @@ class IdleMonitor:
         except (KeyError, ValueError, OSError):
             pass  # closed meanwhile: forget() follows
 
+    def needs_recheck(self, slave: "Slave") -> bool:
+        """True when an event for ``slave`` came while it was held."""
+        return id(slave) in self._recheck
+
     def forget(self, slave: "Slave") -> None:
         """Stop watching ``slave`` for good (it disconnected)."""
         key = id(slave)

@@ -141,12 +141,20 @@ class Slave:
             watcher.busy(self)
 
     def _end(self) -> None:
+        watcher = self.idle_watcher
         try:
-            watcher = self.idle_watcher
             if watcher is not None and self._disconnected is None:
                 watcher.idle(self)
         finally:
             self._lock.release()
+        # the monitor may have seen this stream while we still held the slave
+        # (after idle() armed it): look now, unless another operation has it
+        if watcher is not None and watcher.needs_recheck(self) and self._lock.acquire(blocking=False):
+            try:
+                if self._disconnected is None:
+                    watcher.idle(self)
+            finally:
+                self._lock.release()
 
     def _failure(self, meth: str, e: BaseException) -> BaseException:
         """What to raise for ``e`` escaping operation ``meth``; disconnects
@@ -386,7 +394,8 @@ class Slave:
             self.wire.send_box({b"interrupt": b"y"}, lock_timeout=INTERRUPT_SEND_TIMEOUT)
         except PeerTimeout:
             log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
-            self.wire.stream.shutdown()
+            # reset, not shut down: a FIN would queue behind the unsent stdin
+            getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
         except Disconnected:
             pass
 
@@ -536,21 +545,29 @@ class _StdinFeeder:
     def _run(self) -> None:
         wire = self.slave.wire
         try:
-            while not self._stop.is_set():
+            while True:
                 try:
                     chunk = self.source.read(CHUNK)
                 except OSError as e:
                     self.error = e
-                    self.slave._send_interrupt()
-                    break
+                    self.slave.interrupt()
+                    chunk = b""
+                # nothing may go out once the command has ended: a late box
+                # would land in the middle of the next operation
+                box = {b"stream": b"stdin", b"data": chunk} if chunk else {b"stream": b"stdin", b"eof": b"y"}
+                if not wire.send_box_unless(box, self._stop):
+                    return
                 if not chunk:
-                    break
-                wire.send_box({b"stream": b"stdin", b"data": chunk})
-            wire.send_box({b"stream": b"stdin", b"eof": b"y"})
+                    return
         except RemshError:
             pass  # the reading side sees the broken connection
 
     def stop(self) -> None:
+        """Stop sending; if the thread cannot be stopped in time (blocked
+        reading the source), the conversation can no longer be trusted."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(INTERRUPT_SEND_TIMEOUT + 1.0)
+            if self._thread.is_alive():
+                self.slave._mark_disconnected(Disconnected(
+                    f"{self.slave.name}: execute: the stdin source did not return; connection dropped"))

@@ -18,6 +18,7 @@ import errno
 import logging
 import math
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STDIN_BUFFER_LIMIT = 4 << 20
+#: Longest wait between hang-up checks while stdin is backed up.
+HANGUP_CHECK = 1.0
+_HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 #: After the command exits, how long to wait for its output pipes to close
 #: (a background grandchild may hold them open).
 OUTPUT_GRACE = 5.0
@@ -245,6 +249,13 @@ class _Supervisor:
                     break
                 self._drain_wire()
                 wait = self._next_wait(exit_seen_at)
+                if not self.wire_watched:
+                    # stdin is backed up, so the connection is not read: look
+                    # for the master hanging up at least once a second
+                    if self._master_hung_up():
+                        _kill_group(proc)
+                        raise Disconnected(f"{wire.label}: master went away during execute")
+                    wait = HANGUP_CHECK if wait is None else min(wait, HANGUP_CHECK)
                 events = sel.select(wait)
                 for key, _ in events:
                     what = key.data
@@ -288,6 +299,13 @@ class _Supervisor:
         if not waits:
             return None
         return max(0.0, min(min(waits), MAX_SELECT_WAIT))
+
+    def _master_hung_up(self) -> bool:
+        """True when the master has closed or reset the connection, even with
+        unread data still queued (POLLRDHUP: the peer's FIN has arrived)."""
+        poller = select.poll()
+        poller.register(self.wire.stream.fileno(), _HANGUP_EVENTS)
+        return any(ev & _HANGUP_EVENTS for _, ev in poller.poll(0))
 
     def _watch_wire(self, on: bool) -> None:
         if on and not self.wire_watched:

@@ -308,6 +308,8 @@ class SlaveServer:
                 data_box = read_box(self.io_timeout)
                 if data_box is None:
                     raise Disconnected(f"{self.wire.label}: connection closed during send")
+                if b"stream" in data_box or b"interrupt" in data_box:
+                    continue  # a late execute-control box: not file data
                 data = data_box.get(b"data")
                 if data is None:
                     end = data_box
