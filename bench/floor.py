@@ -6,7 +6,6 @@ the lower bound that any protocol written in Python pays on this machine.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import struct
@@ -14,7 +13,7 @@ import subprocess
 import sys
 from typing import Callable, Optional
 
-from floorpeer import CHUNK, recv_exact
+from floorpeer import receive_file, recv_exact, send_chunks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TCP = "tcp"
@@ -80,21 +79,11 @@ class PingPong:
 
 def send_file(sock: socket.socket, src: str, dest: str) -> None:
     """The verified-transfer floor, master to peer."""
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     path = dest.encode()
     with open(src, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         sock.sendall(b"R" + struct.pack(">QH", size, len(path)) + path)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            chunk = view[:n]
-            digest.update(chunk)
-            sock.sendall(chunk)
-    sock.sendall(digest.digest())
+        send_chunks(sock, f)
     if recv_exact(sock, 1) != b"\x01":
         raise RuntimeError("floor peer: digest mismatch")
 
@@ -104,20 +93,7 @@ def fetch_file(sock: socket.socket, src: str, dest: str) -> None:
     path = src.encode()
     sock.sendall(b"S" + struct.pack(">H", len(path)) + path)
     (size,) = struct.unpack(">Q", recv_exact(sock, 8))
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    left = size
-    with open(dest, "wb", buffering=0) as f:
-        while left:
-            n = sock.recv_into(buf, min(left, CHUNK))
-            if not n:
-                raise EOFError("floor peer went away")
-            chunk = view[:n]
-            digest.update(chunk)
-            f.write(chunk)
-            left -= n
-    if recv_exact(sock, 32) != digest.digest():
+    if not receive_file(sock, size, dest):
         raise RuntimeError("floor: digest mismatch")
 
 

@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import threading
+from typing import BinaryIO
 
 CHUNK = 64 * 1024
 _CMD_P = struct.Struct(">II")
@@ -68,21 +69,26 @@ def receive_file(sock: socket.socket, size: int, path: str) -> bool:
     return recv_exact(sock, 32) == digest.digest()
 
 
-def send_file(sock: socket.socket, path: str) -> None:
-    """Send size, the file in 64 KiB chunks, then its digest."""
+def send_chunks(sock: socket.socket, f: BinaryIO) -> None:
+    """Send the rest of ``f`` in 64 KiB chunks, then its SHA-256 digest."""
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        chunk = view[:n]
+        digest.update(chunk)
+        sock.sendall(chunk)
+    sock.sendall(digest.digest())
+
+
+def send_file(sock: socket.socket, path: str) -> None:
+    """Send size, the file in 64 KiB chunks, then its digest."""
     with open(path, "rb", buffering=0) as f:
         sock.sendall(_U64.pack(os.fstat(f.fileno()).st_size))
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            chunk = view[:n]
-            digest.update(chunk)
-            sock.sendall(chunk)
-    sock.sendall(digest.digest())
+        send_chunks(sock, f)
 
 
 def serve(sock: socket.socket) -> None:
