@@ -4,6 +4,11 @@ The tree is split by cause, so that a caller can tell "the command failed on
 the slave" from "the connection broke" from "the peer spoke nonsense":
 
 - :class:`UsageError` -- the caller misused the API.
+- :class:`LocalError` -- a file or resource on the master's own side failed
+  (the ``OSError`` is chained); nothing went wrong with the slave.
+- :class:`WaitTimeout` -- a wait for something the caller asked for (slaves
+  to register, the right to send) ran past its time limit; the connection is
+  not known to be broken.
 - :class:`ProtocolError` -- the peer broke the protocol; the connection is
   closed.
 - :class:`Disconnected` -- the transport closed or broke (the ``OSError``, if
@@ -28,6 +33,20 @@ class RemshError(Exception):
 
 class UsageError(RemshError):
     """The caller used the API wrongly (bad argument, wrong state)."""
+
+
+class LocalError(RemshError):
+    """A file or resource on the master's side failed (cannot read the
+    source of ``send``, cannot write the destination of ``fetch``, ...).
+
+    The ``OSError`` is chained as ``__cause__``; the slave stays connected.
+    """
+
+
+class WaitTimeout(RemshError):
+    """A wait ran past its time limit (for slaves to register, for the right
+    to send on a congested connection); the connection itself is not known to
+    be broken."""
 
 
 class ProtocolError(RemshError):
@@ -145,6 +164,13 @@ class CommandTimeout(RemoteError):
     errtag = "timeout"
 
 
+class DeniedError(RemoteError):
+    """The slave's own policy refuses the operation (a path outside its
+    ``--root``, ``execute`` with ``--no-execute``, a command not allowed)."""
+
+    errtag = "denied"
+
+
 ERRTAG_CLASSES: Dict[str, Type[RemoteError]] = {
     cls.errtag: cls
     for cls in (
@@ -159,6 +185,7 @@ ERRTAG_CLASSES: Dict[str, Type[RemoteError]] = {
         FailedError,
         ExecFailedError,
         CommandTimeout,
+        DeniedError,
     )
 }
 """errtag -> exception class; unknown tags map to :class:`UnexpectedError`."""
