@@ -5,6 +5,9 @@
 rooted at ``basedir`` (an empty directory of the test's own).  ``raw_slave``
 is a slave child with nothing of the master library between the test and the
 wire, for tests that must send what a correct master never would.
+
+``any_transport`` and ``any_slave`` (from :mod:`tests.transports`) run a test
+once per transport: local, TCP, TLS, embedded SSH and SSH through OpenSSH.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ if ROOT not in sys.path:
 from remsh.master.slavecollection.simple import SimpleSlaveCollection  # noqa: E402
 from remsh.master.slavelistener.local import LocalSlaveListener  # noqa: E402
 
+from tests.transports import any_slave, any_transport, transport_params, transport_pool  # noqa: E402,F401
 from tests.util import RawSlave  # noqa: E402
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that uses ``any_transport`` (or ``any_slave``) gets one item per transport."""
+    if "any_transport" in metafunc.fixturenames:
+        metafunc.parametrize("any_transport", transport_params(metafunc.definition), indirect=True)
 
 
 @pytest.fixture

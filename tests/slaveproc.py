@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import pytest
 
@@ -87,16 +87,18 @@ class SlaveProcesses:
             self._secret_files[secret] = path
         return path
 
-    def start(self, port: int, name: str, *, host: str = HOST, secret: Optional[bytes] = SECRET,
+    def start(self, port: Optional[int], name: str, *, host: str = HOST, secret: Optional[bytes] = SECRET,
               secret_env: bool = False, insecure: bool = False, tls: bool = False,
               tls_ca: Union[Path, str, None] = None, no_reconnect: bool = False,
               max_backoff: Optional[float] = 1.0, basedir: Optional[Path] = None,
-              extra_args: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> SlaveProcess:
+              extra_args: Sequence[str] = (), env: Optional[Mapping[str, Optional[str]]] = None) -> SlaveProcess:
         """Start ``remsh-slave --name NAME ... HOST PORT``.
 
         ``secret`` goes through ``--secret-file`` or, with ``secret_env``, through
         ``REMSH_SECRET``; ``None`` sends no secret at all.  ``basedir`` defaults
-        to a fresh directory named after the slave.
+        to a fresh directory named after the slave.  ``port=None`` gives no
+        ``HOST PORT`` (for ``--ssh`` in ``extra_args``).  ``env`` sets
+        variables in the child's environment, or removes those given ``None``.
         """
         if basedir is None:
             basedir = self.workdir / "base" / name
@@ -120,9 +122,13 @@ class SlaveProcesses:
         if max_backoff is not None:
             argv += ["--max-backoff", repr(max_backoff)]
         argv += list(extra_args)
-        argv += [host, str(port)]
-        if env:
-            child_env.update(env)
+        if port is not None:
+            argv += [host, str(port)]
+        for key, value in (env or {}).items():
+            if value is None:
+                child_env.pop(key, None)
+            else:
+                child_env[key] = value
         assert secret is None or secret.decode("utf-8", "replace") not in " ".join(argv)
         log_path = self.workdir / f"{name}-{len(self.procs)}.log"
         with open(log_path, "wb") as log:

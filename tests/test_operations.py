@@ -1,6 +1,14 @@
-"""Every operation of SPEC section 5 over the local transport: success, each
-error tag, malformed requests at the wire level, big transfers, concurrency
-and disconnection."""
+"""Every operation of SPEC section 5 over every transport: success, each
+error tag, big transfers, concurrency and disconnection; malformed requests
+at the wire level.
+
+A test that takes ``slave`` (or ``any_transport``) runs once per transport
+(local, TCP, TLS, embedded SSH, SSH through OpenSSH; see
+:mod:`tests.transports`), each time with a fresh slave rooted at the test's
+``basedir``.  Tests that need the local transport itself (``kill_slave``,
+a slave running as another user, the raw wire) use ``listener``,
+``unpriv`` or ``raw_slave`` and run once.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +25,13 @@ from typing import Callable, Dict, List
 import pytest
 
 from remsh.errors import (CommandTimeout, Disconnected, ExecFailedError, FailedError,
-                          InvalidMethError, InvalidRequestError, NotFoundError, OpenFailedError,
+                          InvalidMethError, InvalidRequestError, LocalError, NotFoundError, OpenFailedError,
                           RemoteError, RemoteFileExistsError, RemshError, UnexpectedError, UsageError,
                           VersionTooNewError, VersionUnsupportedError, remote_error)
 from remsh.master.slave import Slave
 from remsh.master.slavelistener.local import LocalSlaveListener
 
+from tests.transports import Connected, TransportUnderTest
 from tests.util import (NOBODY, WAIT, UnprivilegedSetup, run_in_thread, temp_files, wait_pid_exit,
                         wait_until)
 
@@ -59,6 +68,12 @@ def path_of(basedir, *parts) -> str:
 
 
 @pytest.fixture
+def slave(any_slave: Connected) -> Slave:
+    """A fresh slave rooted at ``basedir``, once per transport."""
+    return any_slave.slave
+
+
+@pytest.fixture
 def unpriv(collection):
     """A slave whose user is not root, for tests that need permissions to bite."""
     try:
@@ -79,12 +94,21 @@ def unpriv(collection):
 # -- registration ----------------------------------------------------------------
 
 
-def test_registration_info(slave, basedir) -> None:
-    """A local slave registers with its default name and its descriptive keys."""
-    assert slave.name.startswith("local-")
+def test_registration_info(any_slave, basedir) -> None:
+    """A slave registers with its name, its base directory and its descriptive keys."""
+    slave = any_slave.slave
+    assert slave.name.startswith(any_slave.transport + "-")
     assert slave.info["basedir"] == os.path.abspath(str(basedir))
     assert set(slave.info) >= {"hostname", "platform", "python", "basedir", "remsh"}
     assert slave.connected
+    assert any_slave.collection.get_slave(False, lambda s: s.name == slave.name) is slave
+
+
+def test_local_slave_default_name(listener, basedir) -> None:
+    """A local slave started without a name registers as local-<pid of the child>."""
+    slave = listener.start_slave(str(basedir))
+    pid = int(run(slave, ["sh", "-c", "echo $PPID"])[1])
+    assert slave.name == f"local-{pid}"
 
 
 # -- set_cwd ------------------------------------------------------------------------
@@ -126,11 +150,10 @@ def test_set_cwd_notfound(slave, basedir) -> None:
 # -- getenv -----------------------------------------------------------------------
 
 
-def test_getenv(listener, basedir, monkeypatch) -> None:
+def test_getenv(any_transport: TransportUnderTest, basedir) -> None:
     """getenv returns the slave's environment, undecodable bytes included."""
-    monkeypatch.setenv("REMSH_TEST_GETENV", "some value=1")
-    monkeypatch.setitem(os.environb, b"REMSH_TEST_BYTES", b"caf\xe9")
-    slave = listener.start_slave(str(basedir))
+    slave = any_transport.start(basedir, env={"REMSH_TEST_GETENV": "some value=1",
+                                              "REMSH_TEST_BYTES": os.fsdecode(b"caf\xe9")}).slave
     env = slave.getenv()
     assert env["REMSH_TEST_GETENV"] == "some value=1"
     assert os.fsencode(env["REMSH_TEST_BYTES"]) == b"caf\xe9"
@@ -359,11 +382,10 @@ def test_callback_exception_interrupts_and_propagates(slave) -> None:
     assert slave.execute(["true"]) == 0
 
 
-def test_execute_env_override_and_removal(listener, basedir, monkeypatch) -> None:
+def test_execute_env_override_and_removal(any_transport: TransportUnderTest, basedir) -> None:
     """env overrides variables, a None value removes one, others are inherited."""
-    monkeypatch.setenv("HOME", "/home/remsh-test")
-    monkeypatch.setenv("REMSH_KEEP", "kept")
-    slave = listener.start_slave(str(basedir))
+    slave = any_transport.start(basedir, env={"HOME": "/home/remsh-test", "REMSH_KEEP": "kept",
+                                              "FOO": None, "EMPTY": None}).slave
     script = 'printf "%s|%s|%s|%s" "$FOO" "${HOME-unset}" "$REMSH_KEEP" "${EMPTY-unset}"'
     code, out, _ = run(slave, ["sh", "-c", script], env={"FOO": "bar", "HOME": None, b"EMPTY": b""})
     assert code == 0
@@ -419,6 +441,7 @@ def test_execute_stdin_not_read(slave) -> None:
     slave.ping()
 
 
+@pytest.mark.slow_over("tls", "ssh", "openssh")
 def test_execute_cat_10mib_both_ways(slave) -> None:
     """cat of 10 MiB of stdin returns it all on stdout, without deadlock."""
     data = os.urandom(10 * MiB)
@@ -469,6 +492,7 @@ def test_send_and_fetch_file_objects(slave, basedir) -> None:
     assert out.getvalue() == data
 
 
+@pytest.mark.slow_over("tls", "ssh", "openssh")
 def test_send_fetch_20mib_digest(slave, basedir, tmp_path) -> None:
     """A 20 MiB random file makes the round trip with its sha256 intact."""
     src = tmp_path / "big"
@@ -537,12 +561,20 @@ def test_send_write_failure_midway(slave, basedir) -> None:
 
 
 def test_send_local_read_failure(slave, basedir) -> None:
-    """A send whose local source fails to read raises a local error and leaves nothing on the slave."""
+    """A send whose local source fails to read raises LocalError and leaves nothing on the slave."""
     # reading address 0 of one's own memory fails with EIO
     with open("/proc/self/mem", "rb", buffering=0) as bad:
-        with pytest.raises(RemshError) as info:
+        with pytest.raises(LocalError) as info:
             slave.send(bad, "f")
-    assert not isinstance(info.value, RemoteError), info.value
+    assert isinstance(info.value.__cause__, OSError)
+    assert os.listdir(str(basedir)) == []
+    slave.ping()
+
+
+def test_send_local_source_missing(slave, basedir, tmp_path) -> None:
+    """A send whose local source cannot be opened raises LocalError (OSError chained) and leaves nothing."""
+    with pytest.raises(LocalError) as info:
+        slave.send(str(tmp_path / "missing"), "f")
     assert isinstance(info.value.__cause__, OSError)
     assert os.listdir(str(basedir)) == []
     slave.ping()
@@ -550,9 +582,11 @@ def test_send_local_read_failure(slave, basedir) -> None:
 
 def test_fetch_notfound(slave, tmp_path) -> None:
     """fetch of a missing file is notfound and creates nothing locally."""
+    outdir = tmp_path / "out"
+    outdir.mkdir()
     with pytest.raises(NotFoundError):
-        slave.fetch("missing", str(tmp_path / "out"))
-    assert os.listdir(tmp_path) == ["base"]
+        slave.fetch("missing", str(outdir / "f"))
+    assert os.listdir(outdir) == []
     slave.ping()
 
 
@@ -583,7 +617,7 @@ def test_fetch_destination_exists(slave, basedir, tmp_path) -> None:
         f.write(b"remote")
     dest = tmp_path / "dest"
     dest.write_bytes(b"local")
-    with pytest.raises(UsageError):
+    with pytest.raises(LocalError):
         slave.fetch("f", str(dest))
     assert dest.read_bytes() == b"local"
     slave.ping()
@@ -611,11 +645,11 @@ def test_fetch_local_write_failure(slave, basedir, tmp_path, file_size_limit) ->
     outdir.mkdir()
     file_size_limit(MiB)
     try:
-        with pytest.raises(RemshError) as info:
+        with pytest.raises(LocalError) as info:
             slave.fetch("big", str(outdir / "big"))
     finally:
         file_size_limit(resource.RLIM_INFINITY)
-    assert not isinstance(info.value, RemoteError)
+    assert isinstance(info.value.__cause__, OSError)
     assert os.listdir(outdir) == []
     # the slave sent everything and is ready for more
     slave.ping()
@@ -632,7 +666,7 @@ def test_fetch_into_read_only_directory(slave, basedir, tmp_path) -> None:
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        with pytest.raises(RemshError):
+        with pytest.raises(LocalError):
             slave.fetch("f", str(ro / "f"))
         assert os.listdir(ro) == []
     finally:
@@ -657,7 +691,7 @@ def test_fetch_parent_vanishes(slave, basedir, tmp_path) -> None:
     finally:
         os.close(fd)
     fetch.wait(WAIT)
-    assert isinstance(fetch.error, RemshError) and not isinstance(fetch.error, RemoteError), fetch.error
+    assert isinstance(fetch.error, LocalError), fetch.error
     assert not outdir.exists()
     slave.ping()
 
@@ -1014,8 +1048,9 @@ def test_kill_slave_during_execute(listener, collection, basedir, tmp_path) -> N
     assert not (tmp_path / "fetched").exists() and temp_files(tmp_path) == []
 
 
-def test_close_during_execute(slave, collection) -> None:
+def test_close_during_execute(any_slave) -> None:
     """Slave.close() from another thread ends a running execute with Disconnected."""
+    slave, collection = any_slave.slave, any_slave.collection
     outcome, _ = start_and_wait(slave, "echo started; exec sleep 60")
     slave.close()
     outcome.wait(WAIT)
@@ -1025,8 +1060,9 @@ def test_close_during_execute(slave, collection) -> None:
         slave.ping()
 
 
-def test_slave_process_dies_during_execute(slave, collection) -> None:
+def test_slave_process_dies_during_execute(any_slave) -> None:
     """When the slave process dies, the running execute raises Disconnected and the slave leaves."""
+    slave, collection = any_slave.slave, any_slave.collection
     pid = slave_pid(slave)
     pidfd = os.pidfd_open(pid)
     command_pid = None
@@ -1048,6 +1084,7 @@ def test_slave_process_dies_during_execute(slave, collection) -> None:
     assert slave not in collection.get_all_slaves()
 
 
+@pytest.mark.slow_over()
 def test_stdin_source_that_never_returns_drops_the_connection(slave) -> None:
     """A stdin source still blocked after the command ended cannot desynchronise the slave: it is dropped."""
     r, w = os.pipe()
