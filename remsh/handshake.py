@@ -1,19 +1,43 @@
 """Connection set-up: greeting, ``hello`` / ``register`` / ``registered``.
 
+The conversation is written once, without I/O, in :class:`MasterHandshake`
+and :class:`SlaveHandshake` (h11's shape: the caller feeds what it received
+and sends what it is given); :func:`master_handshake` and
+:func:`slave_handshake` are thin synchronous loops over them on a
+:class:`~remsh.wire.Wire`, with one deadline for the whole exchange.
+
 State of one connection, in order (a violation raises at once)::
 
-    greeting --(both greetings match)--> hello sent/read
-             --(register read, identity proved)--> registered --> operations
+    greeting --(both greetings match)--> greeted
+             --(master: hello sent / slave: register sent)--> waiting
+             --(register read and identity proved / registered read and
+                the master's proof checked)--> registered --> operations
+    any step --(bad input, refusal)--> failed
 
 1. Each side writes its 8-byte greeting (:data:`MASTER_GREETING`,
    :data:`SLAVE_GREETING`) and checks the other's.
 2. Master: ``{hello: remsh, version: 1, nonce: N_m}``.
 3. Slave: ``{register: NAME, version: 1, nonce: N_s, hostname, platform,
-   python, basedir, remsh[, proof]}`` with
+   python, basedir, remsh[, policy_*...][, proof]}`` with
    ``proof = HMAC-SHA256(secret, b"remsh-v1-slave\\0" + N_m + N_s + NAME)``.
 4. Master: ``{registered: NAME[, proof]}`` with
    ``proof = HMAC-SHA256(secret, b"remsh-v1-master\\0" + N_s + N_m + NAME)``,
-   or the error box ``{errtag: auth-failed}`` for every kind of failure.
+   or the one refusal box ``{error: "registration refused", errtag:
+   auth-failed}`` for every kind of failure (malformed box, wrong version,
+   unknown name, name bound elsewhere, wrong proof), so a refusal tells the
+   peer nothing about why.
+
+Refusals cost the same: the master computes exactly one slave proof for
+every well-formed register box -- with the name's secret, or with a random
+key of its own when the name is unknown or has no secret -- and compares it
+in constant time, so the time of a refusal does not tell a known name from
+an unknown one.
+
+Besides :data:`INFO_KEYS`, the master keeps the register box's keys starting
+with :data:`POLICY_PREFIX` (the slave's own policy: ``policy_root``,
+``policy_execute``, ``policy_allow_command``) in ``Slave.info``, within
+:data:`MAX_POLICY_KEYS`, :data:`MAX_POLICY_VALUE_LENGTH` and
+:data:`MAX_POLICY_BYTES`; a register box beyond them is refused.
 
 Every step is bounded by one deadline (:data:`HANDSHAKE_TIMEOUT` by default),
 so a silent peer costs a connection for at most that long.  Nonces are fresh
@@ -24,19 +48,21 @@ another connection or under another name.
 
 from __future__ import annotations
 
+import enum
 import getpass
 import hashlib
 import hmac
 import os
 import platform
+import re
 import socket
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union, cast
 
 from remsh import __version__
-from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError
-from remsh.wire import Box, Wire
+from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
+from remsh.wire import Box, BoxLike, Wire
 
 MASTER_GREETING = b"REMSH-M\n"
 SLAVE_GREETING = b"REMSH-S\n"
@@ -46,8 +72,26 @@ NONCE_LENGTH = 32
 HANDSHAKE_TIMEOUT = 10.0
 MAX_NAME_LENGTH = 255
 AUTH_FAILED = b"auth-failed"
+#: The text of the one refusal box, whatever the reason.
+REFUSAL_MESSAGE = b"registration refused"
 #: Descriptive keys of the register box, reported as ``Slave.info``.
 INFO_KEYS = ("hostname", "platform", "python", "basedir", "remsh")
+#: Register-box keys with this prefix describe the slave's own policy and are
+#: kept in ``Slave.info`` too.
+POLICY_PREFIX = "policy_"
+#: Most policy keys one register box may carry.
+MAX_POLICY_KEYS = 16
+#: Longest policy key name, prefix included.
+MAX_POLICY_KEY_LENGTH = 64
+#: Longest policy value (``policy_allow_command`` holds every pattern).
+MAX_POLICY_VALUE_LENGTH = 16384
+#: Most bytes (names and values) of all policy keys of one register box.
+MAX_POLICY_BYTES = 32768
+
+_POLICY_KEY = re.compile(rb"policy_[a-z0-9_]{1,%d}\Z" % (MAX_POLICY_KEY_LENGTH - len(POLICY_PREFIX)))
+#: Keys the handshake itself uses: descriptive keys may not take them.
+_RESERVED_KEYS = frozenset({b"register", b"version", b"nonce", b"proof", b"hello", b"registered",
+                            b"error", b"errtag"})
 
 _SLAVE_LABEL = b"remsh-v1-slave\0"
 _MASTER_LABEL = b"remsh-v1-master\0"
@@ -56,7 +100,7 @@ Secret = Union[bytes, str]
 
 
 def as_secret(secret: Optional[Secret]) -> Optional[bytes]:
-    """Normalise a secret to bytes; an empty secret is refused."""
+    """Normalise a secret to bytes; an empty secret is refused (``ValueError``)."""
     if secret is None:
         return None
     b = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
@@ -86,6 +130,317 @@ def valid_name(name: bytes) -> bool:
     return all(c.isprintable() and not c.isspace() for c in text) and text not in (".", "..")
 
 
+def refusal_box() -> Box:
+    """The error box the master answers every failed registration with."""
+    return {b"error": REFUSAL_MESSAGE, b"errtag": AUTH_FAILED}
+
+
+# -- the conversation, without I/O ----------------------------------------------
+
+
+class State(enum.Enum):
+    """Where one side of the handshake stands."""
+
+    GREETING = "greeting"
+    """Our greeting is (to be) sent; the peer's is not checked yet."""
+    GREETED = "greeted"
+    """Both greetings checked."""
+    WAITING = "waiting"
+    """Master: hello sent, waiting for register.  Slave: register sent,
+    waiting for the answer."""
+    REGISTERED = "registered"
+    """Done: the slave is registered (and, with a secret, the master proved)."""
+    FAILED = "failed"
+    """The exchange failed; the connection must be closed."""
+
+
+class Registered:
+    """Event: the registration succeeded.
+
+    ``name`` is the slave's name; on the master ``info`` holds the register
+    box's descriptive keys (:data:`INFO_KEYS` and the policy keys), on the
+    slave it is empty.
+    """
+
+    def __init__(self, name: str, info: Dict[str, str]) -> None:
+        self.name = name
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"Registered({self.name!r}, {self.info!r})"
+
+
+#: The older name of :class:`Registered` (what :func:`master_handshake` returns).
+Registration = Registered
+
+
+class Refused:
+    """Event (master side): the registration is refused.
+
+    The refusal box is in the step's ``send``; ``error`` (an
+    :class:`~remsh.errors.AuthenticationError` or
+    :class:`~remsh.errors.ProtocolError`) says why, for the master's log and
+    for the caller to raise after sending.
+    """
+
+    def __init__(self, error: RemshError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Refused({self.error!r})"
+
+
+Event = Union[Registered, Refused]
+
+
+class Step(NamedTuple):
+    """What one input produced: boxes to send now, in order, and the event
+    that ended the exchange (``None`` while it goes on)."""
+
+    send: List[Box]
+    event: Optional[Event]
+
+
+#: ``rule(name) -> (allowed, secret)``: whether ``name`` may register, and the
+#: secret its proof must be made with (``None``: no proof required).
+NameRule = Callable[[str], Tuple[bool, Optional[bytes]]]
+
+
+class _Side:
+    """What both sides share: the state, the greeting check, state guards."""
+
+    greeting: bytes = b""
+    _expected: bytes = b""
+
+    def __init__(self, label: str, greeted: bool) -> None:
+        self.label = label
+        self.state = State.GREETED if greeted else State.GREETING
+
+    def _expect(self, *states: State) -> None:
+        if self.state not in states:
+            raise UsageError(f"{self.label}: handshake is {self.state.value}, not "
+                             f"{' or '.join(s.value for s in states)}")
+
+    def _fail(self, error: RemshError) -> RemshError:
+        self.state = State.FAILED
+        return error
+
+    def receive_greeting(self, data: bytes) -> None:
+        """Check the peer's 8-byte greeting.
+
+        :raises ProtocolError: it is not the greeting expected (state: failed)
+        :raises UsageError: the greeting was already checked
+        """
+        self._expect(State.GREETING)
+        if bytes(data) != self._expected:
+            raise self._fail(ProtocolError(f"{self.label}: bad greeting {bytes(data)!r} "
+                                           f"(expected {self._expected!r})"))
+        self.state = State.GREETED
+
+
+class MasterHandshake(_Side):
+    """The master's side of the handshake, without I/O.
+
+    Send :attr:`greeting` and feed the slave's to :meth:`receive_greeting`
+    (unless ``greeted``), send what :meth:`start` returns (the hello box), then
+    feed the slave's next box to :meth:`receive_box` and send the step's
+    boxes; its event is :class:`Registered` or :class:`Refused`.
+
+    :param rule: ``rule(name) -> (allowed, secret)``
+    :param label: names the peer in error messages
+    :param greeted: the greetings were already exchanged
+    :param nonce: the master's nonce (default: fresh random bytes; fixed
+        only for test vectors)
+    """
+
+    greeting = MASTER_GREETING
+    _expected = SLAVE_GREETING
+
+    def __init__(self, rule: NameRule, *, label: str = "peer", greeted: bool = False,
+                 nonce: Optional[bytes] = None) -> None:
+        super().__init__(label, greeted)
+        self._rule = rule
+        self.nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
+        if len(self.nonce) != NONCE_LENGTH:
+            raise UsageError(f"a nonce is {NONCE_LENGTH} bytes")
+        # stands in for the secret of a name without one, so that every
+        # well-formed register box costs one HMAC
+        self._decoy = os.urandom(32)
+
+    def start(self) -> List[Box]:
+        """The boxes that open the exchange (the hello box).
+
+        :raises UsageError: greetings not exchanged yet, or already started
+        """
+        self._expect(State.GREETED)
+        self.state = State.WAITING
+        return [{b"hello": b"remsh", b"version": PROTOCOL_VERSION, b"nonce": self.nonce}]
+
+    def receive_box(self, box: Box) -> Step:
+        """Take the slave's register box.
+
+        Returns the step: ``send`` holds the registered box or the refusal
+        box, ``event`` is :class:`Registered` or :class:`Refused` (then the
+        state is failed and the connection must close after the send).
+
+        :raises UsageError: not waiting for a register box
+        """
+        self._expect(State.WAITING)
+        try:
+            name_b, nonce_s = self._check_register(box)
+            info = _descriptive_keys(box)
+        except ProtocolError as e:
+            return self._refuse(e)
+        name = name_b.decode("utf-8")
+        try:
+            allowed, secret = self._rule(name)
+        except Exception as e:  # noqa: BLE001 - a failing rule refuses
+            return self._refuse(AuthenticationError(f"{self.label}: checking slave {name!r} failed: {e}"))
+        # one HMAC and one comparison whatever the rule said
+        expected = slave_proof(secret if allowed and secret is not None else self._decoy,
+                               self.nonce, nonce_s, name_b)
+        proved = hmac.compare_digest(expected, box.get(b"proof", b""))
+        if not allowed or (secret is not None and not proved):
+            return self._refuse(AuthenticationError(f"{self.label}: slave {name!r} failed authentication"))
+        reply: Box = {b"registered": name_b}
+        if secret is not None:
+            reply[b"proof"] = master_proof(secret, nonce_s, self.nonce, name_b)
+        self.state = State.REGISTERED
+        return Step([reply], Registered(name, info))
+
+    def _check_register(self, box: Box) -> Tuple[bytes, bytes]:
+        name_b = box.get(b"register")
+        if name_b is None:
+            raise ProtocolError(f"{self.label}: expected a register box, got keys {sorted(box)[:8]}")
+        if box.get(b"version") != PROTOCOL_VERSION:
+            raise ProtocolError(f"{self.label}: unsupported protocol version {box.get(b'version')!r}")
+        nonce_s = box.get(b"nonce", b"")
+        if len(nonce_s) != NONCE_LENGTH or not valid_name(name_b):
+            raise ProtocolError(f"{self.label}: malformed register box")
+        return name_b, nonce_s
+
+    def _refuse(self, error: RemshError) -> Step:
+        self.state = State.FAILED
+        return Step([refusal_box()], Refused(error))
+
+
+def _descriptive_keys(box: Box) -> Dict[str, str]:
+    """``Slave.info`` from a register box: the info keys and the policy keys
+    (bounded; :class:`ProtocolError` beyond the bounds)."""
+    info: Dict[str, str] = {}
+    for key in INFO_KEYS:
+        value = box.get(key.encode("ascii"))
+        if value is not None:
+            info[key] = value.decode("utf-8", "replace")
+    count = total = 0
+    for key_b, value in box.items():
+        if not key_b.startswith(b"policy_"):
+            continue
+        count += 1
+        total += len(key_b) + len(value)
+        if not _POLICY_KEY.match(key_b):
+            raise ProtocolError(f"malformed policy key {key_b[:80]!r} in register box")
+        if count > MAX_POLICY_KEYS or len(value) > MAX_POLICY_VALUE_LENGTH or total > MAX_POLICY_BYTES:
+            raise ProtocolError(f"policy keys of the register box over the limits ({MAX_POLICY_KEYS} keys, "
+                                f"{MAX_POLICY_VALUE_LENGTH} bytes a value, {MAX_POLICY_BYTES} bytes in all)")
+        info[key_b.decode("ascii")] = value.decode("utf-8", "replace")
+    return info
+
+
+class SlaveHandshake(_Side):
+    """The slave's side of the handshake, without I/O.
+
+    Send :attr:`greeting` and feed the master's to :meth:`receive_greeting`
+    (unless ``greeted``); then feed each box from the master to
+    :meth:`receive_box` and send the step's boxes, until its event is
+    :class:`Registered`.
+
+    :param name: the slave's name
+    :param secret: the shared secret (``None``: no proofs either way)
+    :param info: descriptive keys for the register box (str -> str)
+    :param label: names the peer in error messages
+    :param greeted: the greetings were already exchanged
+    :param nonce: the slave's nonce (default: fresh random bytes)
+    :raises ValueError: invalid name
+    :raises UsageError: a descriptive key that is not ASCII, too long, or one
+        of the handshake's own keys
+    """
+
+    greeting = SLAVE_GREETING
+    _expected = MASTER_GREETING
+
+    def __init__(self, name: str, *, secret: Optional[bytes], info: Mapping[str, str],
+                 label: str = "peer", greeted: bool = False, nonce: Optional[bytes] = None) -> None:
+        super().__init__(label, greeted)
+        self.name = name
+        self._name_b = name.encode("utf-8")
+        if not valid_name(self._name_b):
+            raise ValueError(f"invalid slave name {name!r}")
+        self._secret = secret
+        self._info: Dict[bytes, bytes] = {}
+        for k, v in info.items():
+            try:
+                kb = k.encode("ascii")
+            except UnicodeEncodeError:
+                raise UsageError(f"register box key {k!r} is not ASCII") from None
+            if not 0 < len(kb) <= MAX_NAME_LENGTH or kb in _RESERVED_KEYS:
+                raise UsageError(f"{k!r} cannot be a key of the register box")
+            self._info[kb] = v.encode("utf-8", "surrogateescape")
+        self.nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
+        if len(self.nonce) != NONCE_LENGTH:
+            raise UsageError(f"a nonce is {NONCE_LENGTH} bytes")
+        self._nonce_m = b""
+
+    def receive_box(self, box: Box) -> Step:
+        """Take the master's hello (the step sends the register box) or its
+        answer (the step's event is :class:`Registered`).
+
+        :raises ProtocolError: a malformed hello or answer (state: failed)
+        :raises AuthenticationError: the master refused us, or did not prove
+            the secret (state: failed)
+        :raises UsageError: greetings not exchanged, or already registered
+        """
+        self._expect(State.GREETED, State.WAITING)
+        if self.state is State.GREETED:
+            return self._hello(box)
+        return self._answer(box)
+
+    def _hello(self, hello: Box) -> Step:
+        nonce_m = hello.get(b"nonce", b"")
+        if hello.get(b"hello") != b"remsh" or len(nonce_m) != NONCE_LENGTH:
+            raise self._fail(ProtocolError(f"{self.label}: malformed hello box"))
+        if hello.get(b"version") != PROTOCOL_VERSION:
+            raise self._fail(ProtocolError(
+                f"{self.label}: master speaks protocol version {hello.get(b'version')!r}"))
+        self._nonce_m = nonce_m
+        box: Box = {b"register": self._name_b, b"version": PROTOCOL_VERSION, b"nonce": self.nonce}
+        box.update(self._info)
+        if self._secret is not None:
+            box[b"proof"] = slave_proof(self._secret, nonce_m, self.nonce, self._name_b)
+        self.state = State.WAITING
+        return Step([box], None)
+
+    def _answer(self, answer: Box) -> Step:
+        if b"errtag" in answer:
+            raise self._fail(AuthenticationError(
+                f"{self.label}: master refused registration of {self.name!r}: "
+                f"{answer.get(b'error', b'').decode('utf-8', 'replace')} "
+                f"[{answer[b'errtag'].decode('ascii', 'replace')}]"))
+        if answer.get(b"registered") != self._name_b:
+            raise self._fail(ProtocolError(f"{self.label}: malformed registered box"))
+        if self._secret is not None:
+            proof = answer.get(b"proof", b"")
+            if not hmac.compare_digest(master_proof(self._secret, self.nonce, self._nonce_m, self._name_b),
+                                       proof):
+                raise self._fail(AuthenticationError(
+                    f"{self.label}: master did not prove it holds the secret"))
+        self.state = State.REGISTERED
+        return Step([], Registered(self.name, {}))
+
+
+# -- the synchronous loops --------------------------------------------------------
+
+
 class _Deadline:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
@@ -98,8 +453,9 @@ class _Deadline:
 def exchange_greeting(wire: Wire, mine: bytes, theirs: bytes, timeout: float) -> None:
     """Write our greeting, read and check the peer's.
 
-    Raises :class:`ProtocolError` on a wrong greeting, ``Disconnected`` (or
-    ``PeerTimeout``) when the peer closes or stays silent.
+    :raises ProtocolError: a wrong greeting
+    :raises Disconnected: the peer closed (:class:`~remsh.errors.PeerTimeout`
+        when it stayed silent past ``timeout``)
     """
     wire.send_bytes(mine)
     got = wire.read_exact(GREETING_LENGTH, timeout)
@@ -114,6 +470,17 @@ def _read(wire: Wire, deadline: _Deadline, what: str) -> Box:
     return box
 
 
+def _send(wire: Wire, boxes: List[Box]) -> None:
+    """Send a step's boxes in one write."""
+    if boxes:
+        wire.send_boxes(cast(List[BoxLike], boxes))
+
+
+def _greet(wire: Wire, side: _Side, deadline: _Deadline) -> None:
+    wire.send_bytes(side.greeting)
+    side.receive_greeting(wire.read_exact(GREETING_LENGTH, deadline.left()))
+
+
 # -- master side ---------------------------------------------------------------
 
 #: ``authorize(name, wire) -> (allowed, secret)``: whether ``name`` may register
@@ -122,63 +489,34 @@ def _read(wire: Wire, deadline: _Deadline, what: str) -> Box:
 Authorizer = Callable[[str, Wire], Tuple[bool, Optional[bytes]]]
 
 
-class Registration:
-    """What the master learned from a successful handshake."""
-
-    def __init__(self, name: str, info: Dict[str, str]) -> None:
-        self.name = name
-        self.info = info
-
-
 def master_handshake(wire: Wire, authorize: Authorizer, *,
-                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True) -> Registration:
-    """Run steps 1-5 on the master's side and return the registration.
+                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True) -> Registered:
+    """Run the master's side of set-up over ``wire`` and return the registration.
 
-    Raises :class:`AuthenticationError` after answering ``auth-failed``,
-    :class:`ProtocolError` on a malformed exchange, ``Disconnected`` or
-    ``PeerTimeout`` when the peer goes away or stays silent.
+    One deadline (``timeout`` seconds) bounds the whole exchange; with
+    ``greet`` false the greetings must already have been exchanged.
+
+    :raises AuthenticationError: after answering with the refusal box
+    :raises ProtocolError: a malformed exchange (refused the same way when
+        the register box was the problem)
+    :raises Disconnected: the peer went away (:class:`~remsh.errors.PeerTimeout`:
+        it stayed silent past the deadline)
     """
     deadline = _Deadline(timeout)
+    hs = MasterHandshake(lambda name: authorize(name, wire), label=wire.label, greeted=not greet)
     if greet:
-        exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, deadline.left())
-    nonce_m = os.urandom(NONCE_LENGTH)
-    wire.send_box({b"hello": b"remsh", b"version": PROTOCOL_VERSION, b"nonce": nonce_m})
-    box = _read(wire, deadline, "register")
-    name_b = box.get(b"register")
-    nonce_s = box.get(b"nonce", b"")
-    if name_b is None:
-        raise ProtocolError(f"{wire.label}: expected a register box, got keys {sorted(box)[:8]}")
-    if box.get(b"version") != PROTOCOL_VERSION:
-        _refuse(wire, "unsupported protocol version")
-        raise ProtocolError(f"{wire.label}: unsupported protocol version {box.get(b'version')!r}")
-    if len(nonce_s) != NONCE_LENGTH or not valid_name(name_b):
-        _refuse(wire, "malformed register box")
-        raise ProtocolError(f"{wire.label}: malformed register box")
-    name = name_b.decode("utf-8")
-    allowed, secret = authorize(name, wire)
-    if allowed and secret is not None:
-        proof = box.get(b"proof", b"")
-        allowed = hmac.compare_digest(slave_proof(secret, nonce_m, nonce_s, name_b), proof)
-    if not allowed:
-        _refuse(wire, "authentication failed")
-        raise AuthenticationError(f"{wire.label}: slave {name!r} failed authentication")
-    reply: Dict[bytes, bytes] = {b"registered": name_b}
-    if secret is not None:
-        reply[b"proof"] = master_proof(secret, nonce_s, nonce_m, name_b)
-    wire.send_box(reply)
-    info = {}
-    for key in INFO_KEYS:
-        value = box.get(key.encode("ascii"))
-        if value is not None:
-            info[key] = value.decode("utf-8", "replace")
-    return Registration(name, info)
-
-
-def _refuse(wire: Wire, why: str) -> None:
-    try:
-        wire.send_box({b"error": why, b"errtag": AUTH_FAILED})
-    except RemshError:
-        pass
+        _greet(wire, hs, deadline)
+    _send(wire, hs.start())
+    step = hs.receive_box(_read(wire, deadline, "register"))
+    if isinstance(step.event, Refused):
+        try:
+            _send(wire, step.send)
+        except RemshError:
+            pass  # the refusal is a courtesy: the error below is what counts
+        raise step.event.error
+    _send(wire, step.send)
+    assert isinstance(step.event, Registered)
+    return step.event
 
 
 # -- slave side ----------------------------------------------------------------
@@ -202,46 +540,32 @@ def slave_info(basedir: str) -> Dict[str, str]:
 
 def slave_handshake(wire: Wire, name: str, *, secret: Optional[bytes], basedir: str,
                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True,
-                    extra_info: Optional[Dict[str, str]] = None) -> None:
-    """Run the slave's side of set-up; return once the master is verified.
+                    extra_info: Optional[Mapping[str, str]] = None) -> None:
+    """Run the slave's side of set-up over ``wire``; return once registered
+    (and, with a ``secret``, once the master proved it holds it too).
 
-    With a ``secret`` the master must prove it too: a master that cannot is
-    refused (:class:`AuthenticationError`) before any operation is served.
+    ``extra_info`` adds descriptive keys to the register box (e.g. the
+    slave's ``policy_*`` keys); they override the defaults of
+    :func:`slave_info`.  One deadline (``timeout``) bounds the exchange.
+
+    :raises ValueError: invalid ``name``
+    :raises UsageError: an ``extra_info`` key the register box cannot carry
+    :raises AuthenticationError: the master refused us, or failed to prove
+        the secret; no operation must be served then
+    :raises ProtocolError: the master broke the protocol
+    :raises Disconnected: the master went away or stayed silent
+        (:class:`~remsh.errors.PeerTimeout`)
     """
-    name_b = name.encode("utf-8")
-    if not valid_name(name_b):
-        raise ValueError(f"invalid slave name {name!r}")
-    deadline = _Deadline(timeout)
-    if greet:
-        exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, deadline.left())
-    hello = _read(wire, deadline, "hello")
-    nonce_m = hello.get(b"nonce", b"")
-    if hello.get(b"hello") != b"remsh" or len(nonce_m) != NONCE_LENGTH:
-        raise ProtocolError(f"{wire.label}: malformed hello box")
-    if hello.get(b"version") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{wire.label}: master speaks protocol version {hello.get(b'version')!r}")
-    nonce_s = os.urandom(NONCE_LENGTH)
-    box: Dict[bytes, bytes] = {b"register": name_b, b"version": PROTOCOL_VERSION, b"nonce": nonce_s}
     info = slave_info(basedir)
     if extra_info:
         info.update(extra_info)
-    for k, v in info.items():
-        box[k.encode("ascii")] = v.encode("utf-8", "surrogateescape")
-    if secret is not None:
-        box[b"proof"] = slave_proof(secret, nonce_m, nonce_s, name_b)
-    wire.send_box(box)
-    answer = _read(wire, deadline, "registered")
-    if b"errtag" in answer:
-        raise AuthenticationError(
-            f"{wire.label}: master refused registration of {name!r}: "
-            f"{answer.get(b'error', b'').decode('utf-8', 'replace')} "
-            f"[{answer[b'errtag'].decode('ascii', 'replace')}]")
-    if answer.get(b"registered") != name_b:
-        raise ProtocolError(f"{wire.label}: malformed registered box")
-    if secret is not None:
-        proof = answer.get(b"proof", b"")
-        if not hmac.compare_digest(master_proof(secret, nonce_s, nonce_m, name_b), proof):
-            raise AuthenticationError(f"{wire.label}: master did not prove it holds the secret")
+    hs = SlaveHandshake(name, secret=secret, info=info, label=wire.label, greeted=not greet)
+    deadline = _Deadline(timeout)
+    if greet:
+        _greet(wire, hs, deadline)
+    while hs.state is not State.REGISTERED:
+        step = hs.receive_box(_read(wire, deadline, "hello" if hs.state is State.GREETED else "registered"))
+        _send(wire, step.send)
 
 
 def current_user() -> str:
