@@ -1,0 +1,516 @@
+"""The slave's file-system operations, safe against the races and traps a
+plain ``os`` call falls into.
+
+Each function takes the operation's path(s) as the server built them (the
+request's value joined to the slave's current directory) and the slave's
+:class:`~remsh.slave.policy.Policy`; it resolves every path through the
+policy (so inside ``--root`` when there is one, race-free), does the work
+with the ``*at`` calls on the descriptors the policy gives, and reports every
+failure as the :class:`~remsh.errors.RemoteError` subclass the operation
+answers with.  Nothing here touches the wire.
+
+What each guards against:
+
+- :func:`open_regular` (``fetch``, ``copy``): a FIFO would block ``open``
+  forever, a device would stream without end; it opens with ``O_NONBLOCK``
+  and accepts only a regular file.
+- :func:`rename_noreplace`: "check the destination, then rename" replaces a
+  destination created in between; ``renameat2(RENAME_NOREPLACE)`` refuses
+  atomically.  Where the kernel lacks it: ``link`` + ``unlink`` for a file
+  (atomic too), and for a directory an empty directory made as a reservation
+  and then renamed over (see :func:`_rename_at` for the remaining window).
+- :func:`remove_tree`: ``rm -rf`` that makes directories *inside* the tree
+  writable where needed, never anything outside it (the parent, a symbolic
+  link's target), never follows a symbolic link, and refuses a path ending
+  in ``.`` or ``..`` (which would name the current or parent directory).
+- :func:`copy_file` and :func:`create_partial`: the destination appears
+  complete or not at all (:class:`~remsh.files.PartialFile`), never replaces
+  an existing file, and is never more open than its final mode.
+
+Long operations call an optional ``tick()`` now and then (each directory
+entry, each block copied), so the server can show the master it is alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import stat as stat_mod
+from typing import Callable, List, Optional
+
+from remsh.errors import FailedError, NotFoundError, OpenFailedError, RemoteFileExistsError
+from remsh.files import NOREPLACE_UNSUPPORTED, PartialFile, rename_noreplace_at
+from remsh.slave.policy import DIR_FLAGS, PLAIN, PROC_FD, Policy, check_path_value
+
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_PATH = getattr(os, "O_PATH", 0)
+O_NOCTTY = getattr(os, "O_NOCTTY", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+#: Bytes read and written at a time by :func:`copy_file`.
+COPY_BLOCK = 1 << 20
+
+Tick = Optional[Callable[[], None]]
+
+_KINDS = {
+    stat_mod.S_IFDIR: "a directory",
+    stat_mod.S_IFIFO: "a FIFO",
+    stat_mod.S_IFSOCK: "a socket",
+    stat_mod.S_IFCHR: "a character device",
+    stat_mod.S_IFBLK: "a block device",
+    stat_mod.S_IFLNK: "a symbolic link",
+}
+
+
+def _name(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+def _message(e: OSError, path: bytes) -> str:
+    """``strerror: path`` (the path as requested, not the name relative to
+    a directory descriptor that the ``OSError`` carries)."""
+    return f"{e.strerror or e}: {_name(path)}"
+
+
+def kind_of(mode: int) -> str:
+    """What a ``st_mode`` is, in words ("a FIFO", "a directory", ...)."""
+    return _KINDS.get(stat_mod.S_IFMT(mode), "not a regular file")
+
+
+# -- reading -----------------------------------------------------------------------
+
+def open_regular(path: bytes, policy: Policy = PLAIN) -> io.FileIO:
+    """Open ``path`` for reading, refusing anything but a regular file.
+
+    The open uses ``O_NONBLOCK`` (a FIFO with no writer cannot block it, a
+    terminal does not become the controlling one), then ``fstat`` checks the
+    file type, then ``O_NONBLOCK`` is cleared for ordinary reads.  Symbolic
+    links are followed (inside the root, with one).  The caller closes the
+    returned unbuffered file.
+
+    Raises :class:`NotFoundError` (no such file), :class:`OpenFailedError`
+    (not a regular file -- the message names the path and its type --,
+    permission denied, a socket, ...), :class:`DeniedError` (outside the
+    root), :class:`InvalidRequestError` (empty path, NUL).
+    """
+    try:
+        fd = policy.open(path, os.O_RDONLY | O_NONBLOCK | O_NOCTTY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"no such file: {_name(path)}") from None
+    except OSError as e:
+        raise OpenFailedError(_message(e, path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OpenFailedError(f"not a regular file ({kind_of(st.st_mode)}): {_name(path)}")
+        os.set_blocking(fd, True)
+        return io.FileIO(fd, "r", closefd=True)
+    except OSError as e:
+        os.close(fd)
+        raise OpenFailedError(_message(e, path)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def stat_kind(path: bytes, policy: Policy = PLAIN) -> bytes:
+    """``b"d"`` for a directory, ``b"f"`` for anything else that exists,
+    ``b""`` when nothing is there (symbolic links followed, inside the root).
+
+    Raises :class:`FailedError` (e.g. permission denied on the way),
+    :class:`DeniedError`, :class:`InvalidRequestError`.
+    """
+    check_path_value(path)
+    try:
+        if not policy.confined:
+            st = os.stat(path)
+        else:
+            fd = policy.open(path, O_PATH or os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
+    return b"d" if stat_mod.S_ISDIR(st.st_mode) else b"f"
+
+
+# -- creating ---------------------------------------------------------------------
+
+def create_partial(dest: bytes, mode: Optional[int] = None, policy: Policy = PLAIN) -> PartialFile:
+    """A :class:`~remsh.files.PartialFile` that will become ``dest`` (for
+    ``send`` and :func:`copy_file`).
+
+    The temporary file is made in ``dest``'s directory, resolved inside the
+    root with one (the :class:`PartialFile` keeps its own descriptor of that
+    directory, so a later swap of the path changes nothing); it starts with
+    ``mode & 0o777`` (less the umask), or ``0o666`` less the umask.  Its
+    ``commit()`` raises ``FileExistsError`` if ``dest`` appeared meanwhile,
+    ``OSError`` otherwise: map them to :class:`RemoteFileExistsError` and
+    :class:`FailedError`.  Call ``discard()`` in a ``finally``.
+
+    Raises :class:`RemoteFileExistsError` (``dest`` exists),
+    :class:`OpenFailedError` (the directory is missing or not writable),
+    :class:`DeniedError`, :class:`InvalidRequestError`.
+    """
+    try:
+        with policy.parent(dest) as (dir_fd, name):
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                raise RemoteFileExistsError(f"destination exists: {_name(dest)}")
+            return PartialFile(name, mode, dir_fd=dir_fd)
+    except OSError as e:
+        raise OpenFailedError(_message(e, dest)) from None
+
+
+def copy_file(src: bytes, dest: bytes, mode: Optional[int] = None, policy: Policy = PLAIN,
+              tick: Tick = None) -> None:
+    """Copy the data of regular file ``src`` to new file ``dest``, atomically.
+
+    ``src`` is opened with :func:`open_regular`; ``dest`` must not exist and
+    appears only complete (:func:`create_partial`), with ``mode`` if given.
+    ``tick()`` is called after each block.
+
+    Raises :class:`NotFoundError` (no ``src``), :class:`RemoteFileExistsError`
+    (``dest`` exists, or appeared during the copy), :class:`FailedError`
+    (``src`` is not a regular file or cannot be read, ``dest`` cannot be
+    written), :class:`DeniedError`, :class:`InvalidRequestError`.
+    """
+    try:
+        f = open_regular(src, policy)
+    except OpenFailedError as e:
+        raise FailedError(e.remote_message) from None
+    with f:
+        try:
+            part = create_partial(dest, mode, policy)
+        except OpenFailedError as e:
+            raise FailedError(e.remote_message) from None
+        try:
+            buf = bytearray(COPY_BLOCK)
+            view = memoryview(buf)
+            while True:
+                try:
+                    n = f.readinto(buf)
+                except OSError as e:
+                    raise FailedError(_message(e, src)) from None
+                if not n:
+                    break
+                try:
+                    part.write(view[:n])
+                except OSError as e:
+                    raise FailedError(_message(e, dest)) from None
+                if tick is not None:
+                    tick()
+            try:
+                part.commit()
+            except FileExistsError:
+                raise RemoteFileExistsError(f"destination appeared meanwhile: {_name(dest)}") from None
+            except OSError as e:
+                raise FailedError(_message(e, dest)) from None
+        finally:
+            part.discard()
+
+
+def make_dirs(path: bytes, policy: Policy = PLAIN) -> None:
+    """``mkdir -p``: make ``path`` and its missing parents; an existing
+    directory is fine (a symbolic link to one too, inside the root).
+
+    Raises :class:`FailedError` (a component exists and is not a directory,
+    permission denied, ...), :class:`DeniedError`, :class:`InvalidRequestError`.
+    """
+    check_path_value(path)
+    if not policy.confined:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise FailedError(_message(e, path)) from None
+        return
+    try:
+        # find the deepest existing ancestor, then make the rest downwards
+        missing: List[bytes] = []
+        p = path
+        while True:
+            try:
+                os.close(policy.open(p, DIR_FLAGS))
+                break
+            except FileNotFoundError:
+                missing.append(p)
+                up = os.path.dirname(p.rstrip(b"/"))
+                if not up or up == p:
+                    break  # relative: the root itself is next, and exists
+                p = up
+        for p in reversed(missing):
+            last = p.rstrip(b"/").rpartition(b"/")[2]
+            if last not in (b".", b".."):
+                with policy.parent(p) as (dir_fd, name):
+                    try:
+                        os.mkdir(name, 0o777, dir_fd=dir_fd)
+                        continue
+                    except FileExistsError:
+                        pass
+            os.close(policy.open(p, DIR_FLAGS))  # exists (now): a directory?
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
+
+
+# -- removing and renaming ------------------------------------------------------------
+
+def unlink_file(path: bytes, policy: Policy = PLAIN) -> None:
+    """Remove the file (or symbolic link) ``path``; a missing one is an error.
+
+    Raises :class:`NotFoundError` (nothing there), :class:`FailedError` (a
+    directory, permission denied, ...), :class:`DeniedError`,
+    :class:`InvalidRequestError`.
+    """
+    try:
+        with policy.parent(path) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"no such file: {_name(path)}") from None
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
+
+
+#: The ``renameat2`` call, looked up here so that tests can force the fallback.
+_noreplace = rename_noreplace_at
+
+
+def _rename_at(sname: bytes, dname: bytes, sfd: Optional[int], dfd: Optional[int]) -> None:
+    """Rename without replacing; ``FileExistsError`` when ``dname`` exists."""
+    try:
+        _noreplace(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return
+    except OSError as e:
+        if e.errno not in NOREPLACE_UNSUPPORTED:
+            raise
+    st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+    if stat_mod.S_ISDIR(st.st_mode):
+        # Reserve the name with an empty directory (mkdir fails if anything
+        # is there), then rename over it: rename(2) replaces only an empty
+        # directory.  The window left: someone who removes our reservation
+        # and puts an empty directory of their own there in the instant
+        # before the rename loses that empty directory.  A non-empty one or
+        # a file makes the rename fail (ENOTEMPTY/ENOTDIR): nothing is lost.
+        os.mkdir(dname, 0o700, dir_fd=dfd)
+        try:
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.rmdir(dname, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        return
+    try:
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        # no hard links here either: check, then rename (a destination made
+        # in the instant between would be replaced)
+        try:
+            os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dname) from None
+    try:
+        os.unlink(sname, dir_fd=sfd)
+    except BaseException:
+        try:
+            os.unlink(dname, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+
+
+def rename_noreplace(src: bytes, dest: bytes, policy: Policy = PLAIN) -> None:
+    """Rename ``src`` (file, link or directory) to ``dest``, which must not exist.
+
+    Atomic where the kernel has ``renameat2(RENAME_NOREPLACE)`` (Linux 3.15,
+    most local file systems) and for files everywhere (``link`` +
+    ``unlink``); for a directory without ``renameat2`` see
+    :func:`_rename_at` for the one remaining window.
+
+    Raises :class:`NotFoundError` (no ``src``), :class:`RemoteFileExistsError`
+    (``dest`` exists), :class:`FailedError` (anything else: ``dest``'s
+    directory missing, another file system, permission denied, a directory
+    into itself), :class:`DeniedError`, :class:`InvalidRequestError` (also
+    for a path ending in ``.`` or ``..``).
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            sfd, sname = stack.enter_context(policy.parent(src))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"no such file or directory: {_name(src)}") from None
+        except OSError as e:
+            raise FailedError(_message(e, src)) from None
+        try:
+            dfd, dname = stack.enter_context(policy.parent(dest))
+        except OSError as e:
+            raise FailedError(_message(e, dest)) from None
+        try:
+            _rename_at(sname, dname, sfd, dfd)
+        except FileExistsError:
+            raise RemoteFileExistsError(f"destination exists: {_name(dest)}") from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                try:
+                    os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    raise NotFoundError(f"no such file or directory: {_name(src)}") from None
+                except OSError:
+                    pass
+            raise FailedError(f"{e.strerror or e}: {_name(src)} -> {_name(dest)}") from None
+
+
+def _open_dir_in_tree(parent_fd: Optional[int], name: bytes) -> Optional[int]:
+    """Open directory ``name`` (never through a symbolic link) for listing,
+    giving it ``u+rwx`` if it lacks them: it is inside the tree being
+    removed.  ``None`` if it vanished meanwhile."""
+    flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        # no read right: change it through a descriptor that needs none, so
+        # that the change lands on this very directory (a symbolic link
+        # swapped in meanwhile is not followed)
+        pfd = os.open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            st = os.fstat(pfd)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name) from None
+            by_fd = b"%s/%d" % (PROC_FD, pfd)
+            if os.path.isdir(by_fd):
+                os.chmod(by_fd, stat_mod.S_IMODE(st.st_mode) | stat_mod.S_IRWXU)
+                return os.open(by_fd, flags & ~O_NOFOLLOW)
+            # no /proc: by name (a directory swapped in for this one in the
+            # instant between would get the change instead)
+            os.chmod(name, stat_mod.S_IMODE(st.st_mode) | stat_mod.S_IRWXU, dir_fd=parent_fd)
+            return os.open(name, flags, dir_fd=parent_fd)
+        finally:
+            os.close(pfd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & stat_mod.S_IRWXU != stat_mod.S_IRWXU:
+            try:
+                os.fchmod(fd, stat_mod.S_IMODE(mode) | stat_mod.S_IRWXU)
+            except PermissionError:
+                pass  # not ours: the removal reports what fails
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Frame:
+    """One directory on the way down in :func:`_remove_dir`."""
+
+    __slots__ = ("fd", "names", "parent_fd", "name")
+
+    def __init__(self, fd: int, names: List[bytes], parent_fd: Optional[int], name: bytes) -> None:
+        self.fd = fd  # the directory, open for listing
+        self.names = names  # its entries not yet removed
+        self.parent_fd = parent_fd  # the directory holding it
+        self.name = name  # its name there
+
+
+def _remove_dir(parent_fd: Optional[int], name: bytes, tick: Tick) -> None:
+    """Remove directory ``name`` and everything in it, depth first, holding a
+    descriptor of each directory on the way down (no path is resolved twice,
+    no recursion limit; the depth is bounded by the descriptor limit)."""
+    top = _open_dir_in_tree(parent_fd, name)
+    if top is None:
+        return
+    try:
+        listing = [os.fsencode(n) for n in os.listdir(top)]
+    except BaseException:
+        os.close(top)
+        raise
+    frames: List[_Frame] = [_Frame(top, listing, parent_fd, name)]
+    try:
+        while frames:
+            frame = frames[-1]
+            fd, names = frame.fd, frame.names
+            descended = False
+            while names:
+                entry = names.pop()
+                if tick is not None:
+                    tick()
+                try:
+                    st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat_mod.S_ISDIR(st.st_mode):
+                    child = _open_dir_in_tree(fd, entry)
+                    if child is None:
+                        continue
+                    try:
+                        listing = [os.fsencode(n) for n in os.listdir(child)]
+                    except BaseException:
+                        os.close(child)
+                        raise
+                    frames.append(_Frame(child, listing, fd, entry))
+                    descended = True
+                    break
+                try:
+                    os.unlink(entry, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+            if descended:
+                continue
+            frames.pop()
+            os.close(fd)
+            try:
+                os.rmdir(frame.name, dir_fd=frame.parent_fd)
+            except FileNotFoundError:
+                pass
+    finally:
+        for frame in frames:
+            os.close(frame.fd)
+
+
+def remove_tree(path: bytes, policy: Policy = PLAIN, tick: Tick = None) -> None:
+    """``rm -rf path``: remove a file, link or whole tree; a missing path is fine.
+
+    Symbolic links are removed, never followed.  Where a directory *inside*
+    the tree (``path`` itself included) lacks read, write or search rights
+    for its owner, they are added (it is about to go); nothing outside the
+    tree changes, not even ``path``'s parent: when the parent itself forbids
+    the removal, it fails.  ``tick()`` is called for each entry.
+
+    Raises :class:`FailedError` (permission denied, busy, ...: whatever is
+    left stays), :class:`DeniedError` (outside the root, or the root
+    itself), :class:`InvalidRequestError` (empty, NUL, ending in ``.`` or
+    ``..`` or ``/`` alone).
+    """
+    try:
+        with policy.parent(path) as (dir_fd, name):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if stat_mod.S_ISDIR(st.st_mode):
+                _remove_dir(dir_fd, name, tick)
+            else:
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no parent directory: nothing to remove
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
