@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, List, Optional, TextIO, Tuple
+from typing import Callable, Dict, List, Optional, TextIO, Tuple, Union
 
 from remsh.errors import CommandTimeout, NotFoundError, RemshError
+from remsh.lineprinter import LinePrinter
 from remsh.master.slave import Slave
 from remsh.master.slavelistener.local import LocalSlaveListener
 
@@ -47,12 +48,12 @@ class Report:
     def __init__(self, out: Optional[TextIO] = None) -> None:
         self.out = out if out is not None else sys.stdout
         self.failures = 0
-        self.lock = threading.Lock()
+        #: prints commands' output lines (source "alpha out" and so on)
+        #: between the report's own lines
+        self.printer = LinePrinter([], label=lambda source: f"      {source} {BAR} ")
 
     def line(self, text: str) -> None:
-        with self.lock:
-            self.out.write(text + "\n")
-            self.out.flush()
+        self.printer.write_line(self.out, text)
 
     def step(self, name: str, action: Callable[[], str]) -> None:
         start = time.monotonic()
@@ -78,35 +79,6 @@ def _short(path: str, root: str) -> str:
     """``path`` relative to the demo's temporary root, for shorter lines."""
     rel = os.path.relpath(path, root)
     return path if rel.startswith("..") else os.path.join("$TMP", rel)
-
-
-class LinePrinter:
-    """An output callback that prints whole lines prefixed with the slave's name.
-
-    Output arrives in chunks that need not end at a line break; a partial
-    line is kept until the rest arrives (or :meth:`flush`).
-    """
-
-    def __init__(self, report: Report, prefix: str) -> None:
-        self.report = report
-        self.prefix = prefix
-        self.buf = b""
-        self.lines = 0
-
-    def __call__(self, data: bytes) -> None:
-        self.buf += data
-        *complete, self.buf = self.buf.split(b"\n")
-        for raw in complete:
-            self._emit(raw)
-
-    def _emit(self, raw: bytes) -> None:
-        self.lines += 1
-        self.report.line(f"      {self.prefix} {BAR} {raw.decode('utf-8', 'replace')}")
-
-    def flush(self) -> None:
-        if self.buf:
-            self._emit(self.buf)
-            self.buf = b""
 
 
 def _sha256_file(path: str) -> str:
@@ -216,20 +188,20 @@ def run_demo(root: str, report: Report) -> None:
                       'echo "2 + 3 = $((2 + 3))"; '
                       'echo "a line on stderr" >&2; '
                       'exit 3')
-            results: dict = {}
+            results: Dict[str, Union[int, Exception]] = {}
 
             def run(slave: Slave) -> None:
-                out = LinePrinter(report, f"{slave.name:<5} out")
-                err = LinePrinter(report, f"{slave.name:<5} err")
+                out, err = f"{slave.name:<5} out", f"{slave.name:<5} err"
                 try:
                     results[slave.name] = slave.execute(
-                        ["sh", "-c", script], stdout_cb=out, stderr_cb=err,
+                        ["sh", "-c", script], stdout_cb=report.printer.sink(out, report.out),
+                        stderr_cb=report.printer.sink(err, report.out),
                         env={"REMSH_DEMO_NAME": slave.name}, cwd=".")
                 except Exception as e:  # noqa: BLE001 - reported below
                     results[slave.name] = e
                 finally:
-                    out.flush()
-                    err.flush()
+                    report.printer.flush(out, report.out)
+                    report.printer.flush(err, report.out)
 
             threads = [threading.Thread(target=run, args=(s,)) for s in slaves]
             for t in threads:

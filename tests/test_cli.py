@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from remsh import __version__
+from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,17 +44,17 @@ def test_run_prefixes_each_line_with_the_slave_name(tmp_path):
 
 
 def test_default_is_one_local_slave_and_failure_is_nonzero(tmp_path):
-    """With no options one local slave runs the command; a failure exits 1."""
+    """With no options one local slave runs the command; its failure status (3) is passed through."""
     r = remsh("run", "--basedir", str(tmp_path), "--", "sh", "-c", "pwd; exit 3")
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert r.stdout.decode().strip() == f"local1 | {tmp_path}"
     assert "exit status 3" in r.stderr.decode()
 
 
 def test_timeout_is_reported(tmp_path):
-    """--timeout kills the command and the run fails naming the slave."""
+    """--timeout kills the command and the run fails naming the slave (exit 3: the slaves failed to run it)."""
     r = remsh("run", "--local", "2", "--timeout", "0.5", "--basedir", str(tmp_path), "--", "sleep", "30")
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert "local1: timed out" in r.stderr.decode()
     assert "local2: timed out" in r.stderr.decode()
 
@@ -106,3 +110,241 @@ def test_host_key_prints_openssh_fingerprint_and_known_hosts_line(tmp_path):
     assert lines["fingerprint"] == expected
     public = (tmp_path / "host_ed25519.pub").read_text().split()
     assert lines["known_hosts"].split() == ["[127.0.0.1]:2222", public[0], public[1]]
+
+
+# -- exit statuses, one-line errors ------------------------------------------
+
+
+def _no_traceback(r):
+    assert b"Traceback" not in r.stderr, r.stderr.decode()
+
+
+def test_exit_statuses_of_commands(tmp_path):
+    """0 on success; one slave's status 1-125 passed through; 1 for other statuses or several slaves."""
+    base = ["run", "--basedir", str(tmp_path), "--"]
+    assert remsh(*base, "true").returncode == 0
+    assert remsh(*base, "sh", "-c", "exit 7").returncode == 7
+    assert remsh(*base, "sh", "-c", "exit 125").returncode == 125
+    assert remsh(*base, "sh", "-c", "exit 126").returncode == 1
+    assert remsh(*base, "sh", "-c", "kill -9 $$").returncode == 1
+    two = remsh("run", "--local", "2", "--basedir", str(tmp_path), "--", "sh", "-c", "exit 7")
+    assert two.returncode == 1
+    assert "remsh: failed on 2 of 2 slaves" in two.stderr.decode()
+
+
+def test_command_that_cannot_start_exits_3_naming_the_slave_once(tmp_path):
+    """execfailed is 'the slave failed to run it' (3), and the message names the slave once."""
+    r = remsh("run", "--basedir", str(tmp_path), "--", "no-such-command-here")
+    assert r.returncode == 3
+    err = r.stderr.decode()
+    assert "remsh: local1: execute: " in err
+    assert "local1: local1" not in err
+    assert "[execfailed]" in err
+
+
+def test_missing_secret_file_is_one_line_and_exit_2(tmp_path):
+    """remsh run with a secret file that does not exist: one line naming it, exit 2, no traceback."""
+    missing = tmp_path / "no-such-secret"
+    r = remsh("run", "--listen", "127.0.0.1:0", "--secret-file", str(missing), "--", "true")
+    assert r.returncode == 2
+    _no_traceback(r)
+    assert r.stderr.decode().splitlines() == [
+        f"remsh: cannot read secret file {missing}: No such file or directory"]
+
+
+def test_busy_port_is_one_line_and_exit_2(tmp_path):
+    """remsh run --listen on a port in use: one line, exit 2, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = remsh("run", "--listen", f"127.0.0.1:{port}", "--insecure", "--", "true")
+    assert r.returncode == 2
+    _no_traceback(r)
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"remsh: cannot listen on 127.0.0.1:{port}: "), lines
+
+
+def test_missing_host_key_is_one_line_and_exit_2(tmp_path):
+    """remsh run --ssh-listen with a host key file that does not exist: one line, exit 2."""
+    pytest.importorskip("paramiko")
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("")
+    r = remsh("run", "--ssh-listen", "127.0.0.1:0", "--host-key", str(tmp_path / "nokey"),
+              "--authorized-keys", str(keys), "--", "true")
+    assert r.returncode == 2
+    _no_traceback(r)
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "nokey") in lines[0], lines
+
+
+def test_tls_key_without_cert_is_a_usage_error(tmp_path):
+    """--tls-key without --tls-cert is refused (exit 2), not silently ignored."""
+    r = remsh("run", "--listen", "127.0.0.1:0", "--insecure", "--tls-key", str(tmp_path / "k.pem"), "--", "true")
+    assert r.returncode == 2
+    assert b"--tls-key needs --tls-cert" in r.stderr
+
+
+def test_slave_that_never_comes_exits_3(tmp_path):
+    """Waiting for a named slave that never registers ends with exit 3, one line."""
+    r = remsh("run", "--listen", "127.0.0.1:0", "--insecure", "--slave", "nobody", "--wait-timeout", "0.3",
+              "--", "true")
+    assert r.returncode == 3
+    _no_traceback(r)
+    assert len(r.stderr.decode().splitlines()) == 1
+
+
+def test_version_of_both_programs_and_python_dash_m_remsh():
+    """remsh --version, remsh-slave --version and python -m remsh --version print the package version."""
+    for module, program in (("remsh.cli", "remsh"), ("remsh", "remsh"), ("remsh.slave.main", "remsh-slave")):
+        r = subprocess.run([sys.executable, "-m", module, "--version"], env=_env(), capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().split() == [program, __version__]
+
+
+def test_python_dash_m_remsh_runs_the_master_program(tmp_path):
+    """python -m remsh run -- CMD runs the command on a local slave like the remsh program."""
+    r = subprocess.run([sys.executable, "-m", "remsh", "run", "--basedir", str(tmp_path), "--", "echo", "hi"],
+                       env=_env(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == "local1 | hi\n"
+
+
+def _start(args, tmp_path, **popen):
+    return subprocess.Popen([sys.executable, "-m", "remsh", *args], env=_env(), cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _read_line_with(stream, text: bytes) -> bytes:
+    """Read lines from ``stream`` until one contains ``text`` (bounded by the test timeout)."""
+    seen = b""
+    while True:
+        line = stream.readline()
+        seen += line
+        if not line:
+            raise AssertionError(f"stream ended before {text!r}: {seen!r}")
+        if text in line:
+            return line
+
+
+def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(tmp_path):
+    """Ctrl-C while commands run: they are killed, one 'interrupted' line, exit 130, no traceback."""
+    pidfile = tmp_path / "pid"
+    proc = _start(["run", "--basedir", str(tmp_path), "--", "sh", "-c",
+                   f"echo $$ > {pidfile}; echo started; exec sleep 60"], tmp_path)
+    try:
+        _read_line_with(proc.stdout, b"started")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert err.decode().splitlines()[-1] == "remsh: interrupted"
+    pid = int(pidfile.read_text())
+    wait_until(lambda: not _alive(pid), what=f"the command (pid {pid}) to end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_while_waiting_for_slaves_exits_130(tmp_path):
+    """Ctrl-C while waiting for slaves to register: one line, exit 130, no traceback."""
+    proc = _start(["-v", "run", "--listen", "127.0.0.1:0", "--insecure", "--wait", "1", "--wait-timeout", "60",
+                   "--", "true"], tmp_path)
+    try:
+        _read_line_with(proc.stderr, b"waiting for TCP slaves")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.decode().splitlines() == ["remsh: interrupted"]
+
+
+def test_stopping_local_slaves_prints_no_exception_ignored(tmp_path):
+    """Ending a run on many local slaves never prints 'Exception ignored' or a traceback from the children."""
+    for attempt in range(5):
+        r = remsh("run", "--local", "8", "--basedir", str(tmp_path), "--", "true")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == b"", r.stderr.decode()
+
+
+# -- the secret ------------------------------------------------------------------
+
+
+def test_secret_in_environment_never_reaches_local_slaves_or_commands(tmp_path):
+    """REMSH_SECRET in remsh's environment is not in a local slave's getenv or a command's environment."""
+    r = remsh("run", "--local", "2", "--basedir", str(tmp_path), "--", "env",
+              env=_env(REMSH_SECRET="do-not-leak-me"))
+    assert r.returncode == 0, r.stderr
+    assert b"do-not-leak-me" not in r.stdout
+    assert b"REMSH_SECRET" not in r.stdout
+    assert b"PATH=" in r.stdout  # the rest of the environment is there
+
+
+def test_group_readable_secret_file_is_used_with_a_warning_naming_it(tmp_path):
+    """A secret file readable by others is used, and a warning names it (as OpenSSH does for keys)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    r = remsh("run", "--listen", "127.0.0.1:0", "--secret-file", str(secret), "--wait", "1",
+              "--wait-timeout", "0.2", "--", "true")
+    assert r.returncode == 3  # it went on to wait for slaves
+    err = r.stderr.decode()
+    assert f"secret file {secret} is accessible by group or others" in err
+    secret.chmod(0o600)
+    r = remsh("run", "--listen", "127.0.0.1:0", "--secret-file", str(secret), "--wait", "1",
+              "--wait-timeout", "0.2", "--", "true")
+    assert b"accessible by group or others" not in r.stderr
+
+
+def test_secret_file_read_by_master_and_slave_alike(tmp_path):
+    """One secret file with a significant trailing blank line works for remsh run and remsh-slave together."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b" spaced secret \n\n")  # the secret is " spaced secret \n": one newline dropped
+    secret.chmod(0o600)
+    port = _free_port()
+    master = _start(["run", "--listen", f"127.0.0.1:{port}", "--secret-file", str(secret), "--slave", "same-file",
+                     "--wait-timeout", "30", "--", "echo", "ok"], tmp_path)
+    slave = subprocess.Popen(
+        [sys.executable, "-m", "remsh.slave.main", "--name", "same-file", "--basedir", str(tmp_path),
+         "--secret-file", str(secret), "--max-backoff", "0.5", "127.0.0.1", str(port)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out, err = master.communicate(timeout=60)
+    finally:
+        for p in (master, slave):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert master.returncode == 0, err
+    assert out.decode() == "same-file | ok\n"
+
+
+# -- output --------------------------------------------------------------------
+
+
+def test_49_mib_without_newline_comes_out_in_64_kib_lines(tmp_path):
+    """A command writing 49 MiB with no newline: remsh prints it as 64 KiB lines, every byte once."""
+    size = 49 * 1024 * 1024 + 100
+    code = ("import sys; b = b'x' * 65536\n"
+            f"n = {size}\n"
+            "while n: k = min(n, len(b)); sys.stdout.buffer.write(b[:k]); n -= k")
+    r = remsh("run", "--basedir", str(tmp_path), "--", sys.executable, "-c", code, timeout=110)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.split(b"\n")
+    assert lines[-1] == b""
+    lines = lines[:-1]
+    assert len(lines) == size // 65536 + 1
+    assert all(line == b"local1 | " + b"x" * 65536 for line in lines[:-1])
+    assert lines[-1] == b"local1 | " + b"x" * 100

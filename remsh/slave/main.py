@@ -3,25 +3,36 @@
 Exit status with ``--no-reconnect``: 0 after a clean close by the master,
 2 for a usage or authentication failure, 3 for a protocol failure or a lost
 connection, 4 when the master cannot be reached.  SIGTERM and SIGINT end the
-program cleanly (a running command's process group is killed).
+program cleanly (a running command's process group is killed); Ctrl-C exits
+130 with one line on standard error.
+
+The secret is taken out of the environment as soon as the program starts
+(:func:`remsh.secretfile.take_env_secret`), so that neither ``getenv`` nor
+any command the slave runs can see it.
+
+Logging goes to standard error: warnings and errors by default, ``-v`` adds
+connections and registrations (INFO), ``-vv`` everything (DEBUG).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import random
-import signal
 import ssl
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError
-from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, as_secret,
-                             default_name, exchange_greeting, slave_handshake, valid_name)
+import remsh
+from remsh.errors import AuthenticationError, Disconnected, LocalError, ProtocolError, RemshError
+from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, default_name,
+                             exchange_greeting, slave_handshake, valid_name)
+from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.slave.server import SlaveServer
+from remsh.slave.sigterm import sigterm_unwinds
 from remsh.transports.base import StreamLike
 from remsh.wire import Wire
 
@@ -87,26 +98,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
                    help="longest wait between reconnection attempts")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    g = p.add_argument_group("policy: what this slave agrees to do")
+    g.add_argument("--root", metavar="DIR",
+                   help="every path and working directory must resolve inside DIR (else: denied)")
+    g.add_argument("--no-execute", action="store_true", help="refuse to run commands (denied)")
+    g.add_argument("--allow-command", action="append", default=[], metavar="PATTERN",
+                   help="run only programs (argv[0] after PATH search) matching this glob (repeatable)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging: -v connections and registrations, -vv debugging")
+    p.add_argument("--version", action="version", version=f"remsh-slave {remsh.__version__}")
     return p
 
 
-def read_secret(args: argparse.Namespace) -> Optional[bytes]:
-    """The secret from --secret-file or $REMSH_SECRET (never the command line)."""
+def log_level(verbose: int) -> int:
+    """The logging level for ``verbose`` ``-v`` flags: WARNING, INFO, then DEBUG."""
+    return (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
+
+
+def read_secret(args: argparse.Namespace, env_secret: Optional[bytes] = None) -> Optional[bytes]:
+    """The secret from --secret-file, else ``env_secret`` (what was in
+    ``$REMSH_SECRET``, already taken out of the environment); never the
+    command line.  Raises ``_Refused`` when the file cannot be used."""
     if args.secret_file:
         try:
-            with open(args.secret_file, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise _Refused(EXIT_AUTH, f"cannot read secret file: {e}") from None
-        data = data.rstrip(b"\r\n")
-        if not data:
-            raise _Refused(EXIT_AUTH, f"secret file {args.secret_file} is empty")
-        return data
-    env = os.environ.get("REMSH_SECRET")
-    if env:
-        return as_secret(env)
-    return None
+            return read_secret_file(args.secret_file)
+        except LocalError as e:
+            raise _Refused(EXIT_AUTH, str(e)) from None
+    return env_secret
+
+
+def build_policy(args: argparse.Namespace) -> Optional[Any]:
+    """The :class:`remsh.slave.policy.Policy` the options ask for, or ``None``
+    when none of ``--root``, ``--no-execute``, ``--allow-command`` is given.
+
+    Raises ``_Refused`` (a usage error) when a policy is asked for and this
+    installation cannot enforce it: a policy silently not applied would be
+    worse than no slave at all.
+    """
+    if args.root is None and not args.no_execute and not args.allow_command:
+        return None
+    if args.root is not None and not os.path.isdir(args.root):
+        raise _Refused(EXIT_AUTH, f"--root: not a directory: {args.root}")
+    try:
+        from remsh.slave.policy import Policy  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise _Refused(EXIT_AUTH, "--root, --no-execute and --allow-command are not supported "
+                                  "by this installation (no remsh.slave.policy)") from None
+    if "policy" not in inspect.signature(SlaveServer).parameters:
+        raise _Refused(EXIT_AUTH, "--root, --no-execute and --allow-command are not supported "
+                                  "by this installation (SlaveServer takes no policy)")
+    root = os.path.abspath(args.root) if args.root is not None else None
+    return Policy(root=root, execute=not args.no_execute, allow_commands=tuple(args.allow_command))
+
+
+def _policy_info(policy: Optional[Any]) -> Optional[Dict[str, str]]:
+    """What the registration box says of ``policy`` (``None``: nothing).
+
+    Adapter: uses the policy's ``registration_info()`` when it has one.
+    """
+    if policy is None:
+        return None
+    info = getattr(policy, "registration_info", None)
+    return dict(info()) if callable(info) else None
 
 
 def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
@@ -134,10 +187,12 @@ def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
 
 
 def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
-               basedir: str, on_registered: Callable[[], None]) -> None:
+               basedir: str, on_registered: Callable[[], None], policy: Optional[Any] = None) -> None:
     """One connection: dial, handshake, serve until the master closes.
 
-    Raises ``_Refused`` with the status --no-reconnect would exit with.
+    ``policy`` (a :class:`remsh.slave.policy.Policy`, or ``None`` for none)
+    is announced at registration and enforced by the server.  Raises
+    ``_Refused`` with the status --no-reconnect would exit with.
     """
     try:
         stream = connect()
@@ -151,10 +206,12 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
     wire = Wire(stream, label=f"master at {stream.peer}")
     try:
         exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, HANDSHAKE_TIMEOUT)
-        slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False)
+        slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False,
+                        extra_info=_policy_info(policy))
         log.info("registered with the master at %s as %s", stream.peer, name)
         on_registered()
-        SlaveServer(wire, basedir).serve()
+        server_options: Dict[str, Any] = {} if policy is None else {"policy": policy}
+        SlaveServer(wire, basedir, **server_options).serve()
     except AuthenticationError as e:
         raise _Refused(EXIT_AUTH, str(e)) from None
     except ProtocolError as e:
@@ -165,16 +222,23 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
         wire.close()
 
 
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``remsh-slave``; returns the exit status."""
+    # first of all, before anything can start a process or report the
+    # environment: the secret leaves the environment
+    env_secret = take_env_secret()
+    try:
+        with sigterm_unwinds():
+            return _main(argv, env_secret)
+    except KeyboardInterrupt:
+        print("remsh-slave: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
+    logging.basicConfig(level=log_level(args.verbose),
                         format="%(asctime)s remsh-slave %(levelname)s: %(message)s")
     if not args.ssh and (args.host is None or args.port is None):
         parser.error("HOST and PORT are required (unless --ssh is given)")
@@ -186,12 +250,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     basedir = os.path.abspath(args.basedir)
     if not os.path.isdir(basedir):
         parser.error(f"base directory does not exist: {basedir}")
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        secret = read_secret(args)
+        secret = read_secret(args, env_secret)
         if secret is None and not args.insecure and not args.ssh:
             raise _Refused(EXIT_AUTH, "no secret: give --secret-file or set REMSH_SECRET "
                                       "(or --insecure for a master that allows it)")
+        policy = build_policy(args)
         connect = make_connector(args)
     except _Refused as e:
         log.error("%s", e)
@@ -204,12 +268,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     while True:
         try:
-            serve_once(connect, name, secret, basedir, registered)
+            serve_once(connect, name, secret, basedir, registered, policy)
             status, message = EXIT_OK, "master closed the connection"
         except _Refused as e:
             status, message = e.status, str(e)
-        except KeyboardInterrupt:
-            return 130
         if args.no_reconnect:
             if status:
                 log.error("%s", message)

@@ -1,0 +1,177 @@
+"""remsh.lineprinter: whole prefixed lines, bounded memory, linear work, no
+stream held by one slave's output."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from typing import List
+
+import pytest
+
+from remsh.lineprinter import MAX_LINE, LineBuffer, LinePrinter
+from tests.util import WAIT, run_in_thread, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1024 * 1024
+
+
+def test_49_mib_without_newline_is_held_in_bounded_memory_with_linear_work():
+    """49 MiB with no newline, in 4 KiB chunks: under 64 KiB held at any time, each byte joined at most once."""
+    lines: List[int] = []
+    buf = LineBuffer(lambda line: lines.append(len(line)))
+    chunk = b"x" * 4096
+    total = 49 * MiB + 100
+    fed = 0
+    most_held = 0
+    while fed < total:
+        piece = chunk[:min(len(chunk), total - fed)]
+        buf.feed(piece)
+        fed += len(piece)
+        most_held = max(most_held, buf.held)
+    buf.flush()
+    assert most_held < MAX_LINE
+    assert buf.bytes_joined <= total  # re-joining on every chunk would be ~ total**2 / 8 KiB
+    assert sum(lines) == total
+    assert lines[:-1] == [MAX_LINE] * (total // MAX_LINE)
+    assert lines[-1] == 100
+
+
+def test_partial_line_longer_than_64_kib_is_written_before_the_output_ends():
+    """A partial line reaching 64 KiB is written at once, not when the line or the output ends."""
+    lines: List[bytes] = []
+    buf = LineBuffer(lines.append)
+    buf.feed(b"a" * 40000)
+    assert lines == []
+    buf.feed(b"b" * 40000)
+    assert lines == [b"a" * 40000 + b"b" * (MAX_LINE - 40000)]
+    assert buf.held == 80000 - MAX_LINE
+    buf.feed(b"c\n")
+    assert lines[1] == b"b" * (80000 - MAX_LINE) + b"c"
+
+
+def test_lines_are_split_at_newlines_in_any_chunking():
+    """The same lines come out however the bytes are chunked, an empty line included."""
+    data = b"one\n\ntwo three\nfour"
+    for size in (1, 2, 3, 5, len(data)):
+        lines: List[bytes] = []
+        buf = LineBuffer(lines.append, max_line=8)
+        for i in range(0, len(data), size):
+            buf.feed(data[i:i + size])
+        buf.flush()
+        assert lines == [b"one", b"", b"two thre", b"e", b"four"], size
+
+
+def test_long_lines_are_cut_between_utf8_characters():
+    """A cut at the line limit never splits a UTF-8 character."""
+    lines: List[bytes] = []
+    buf = LineBuffer(lines.append, max_line=8)
+    buf.feed("é".encode() * 9 + b"\n")  # 18 bytes of two-byte characters
+    assert lines == ["éééé".encode(), "éééé".encode(), "é".encode()]
+    assert all(line.decode("utf-8") for line in lines)
+
+
+def test_printer_prefixes_each_line_and_keeps_streams_apart():
+    """Each line gets its slave's padded name; stdout and stderr lines go to their own stream."""
+    out, err = io.StringIO(), io.StringIO()
+    p = LinePrinter(["a", "bbb"])
+    p.write("a", out, b"hello\nwor")
+    p.write("bbb", err, b"oops\n")
+    p.write("a", out, b"ld\n")
+    p.write("bbb", out, b"tail")
+    p.flush("bbb", out)
+    assert out.getvalue().splitlines() == ["a   | hello", "a   | world", "bbb | tail"]
+    assert err.getvalue().splitlines() == ["bbb | oops"]
+
+
+def test_lines_of_many_slaves_never_mix():
+    """Eight threads writing long lines in small chunks to one stream: every line comes out whole."""
+    out = io.StringIO()
+    names = [f"s{i}" for i in range(8)]
+    p = LinePrinter(names)
+
+    def produce(name: str) -> None:
+        line = (name * 3000).encode() + b"\n"
+        for _ in range(20):
+            for i in range(0, len(line), 777):
+                p.write(name, out, line[i:i + 777])
+
+    workers = [threading.Thread(target=produce, args=(n,)) for n in names]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(WAIT)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 8 * 20
+    for line in lines:
+        name, _, text = line.partition(" | ")
+        assert text == name * 3000
+
+
+class _GatedStream(io.StringIO):
+    """A stream whose writes of lines containing ``gate_on`` wait for ``gate``."""
+
+    def __init__(self, gate_on: str) -> None:
+        super().__init__()
+        self.gate_on = gate_on
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.order: List[str] = []
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if self.gate_on in text:
+            self.entered.set()
+            if not self.gate.wait(WAIT):
+                raise AssertionError("gate never opened")
+        with self.lock:
+            self.order.append(text.split(" | ")[0].strip())
+        return super().write(text)
+
+
+def test_one_slaves_big_output_lets_another_slaves_line_through():
+    """While a slave's 16-line burst is being written, another slave's line gets in before the burst ends."""
+    out = _GatedStream(gate_on="AAAA")
+    p = LinePrinter(["big", "small"])
+    burst = run_in_thread(lambda: p.write("big", out, b"A" * (16 * MAX_LINE)))
+    assert out.entered.wait(WAIT)  # big's first line is being written, holding the stream
+    small = run_in_thread(lambda: p.write("small", out, b"hi\n"))
+    # small is now queued on the stream (first come, first served) behind big's first line
+    _wait_blocked(small.thread)
+    out.gate.set()
+    assert burst.done.wait(WAIT) and small.done.wait(WAIT)
+    assert burst.error is None and small.error is None
+    assert out.order.count("big") == 16
+    assert out.order.index("small") < 15, out.order
+
+
+def test_a_blocked_stream_does_not_hold_up_another_stream():
+    """A slave stuck writing to a full stdout does not stop another slave's stderr lines."""
+    stuck = _GatedStream(gate_on="a | ")
+    err = io.StringIO()
+    p = LinePrinter(["a", "b"])
+    writer = run_in_thread(lambda: p.write("a", stuck, b"line\n"))
+    assert stuck.entered.wait(WAIT)
+    other = run_in_thread(lambda: p.write("b", err, b"still here\n"))
+    try:
+        assert other.done.wait(WAIT), "b's stderr line waited for a's stdout"
+        assert err.getvalue() == "b | still here\n"
+    finally:
+        stuck.gate.set()
+        writer.done.wait(WAIT)
+
+
+def _wait_blocked(thread: threading.Thread) -> None:
+    """Wait until ``thread`` is queued for a stream's lock (its stack is in FairLock's wait)."""
+
+    def queued() -> bool:
+        frame = sys._current_frames().get(thread.ident or 0)
+        while frame is not None:
+            if frame.f_code.co_name == "_wait_for":
+                return True
+            frame = frame.f_back
+        return False
+
+    wait_until(queued, what="the thread to queue for the stream")
