@@ -3,6 +3,7 @@ unprivileged slave for permission tests, and bounded waits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from remsh.handshake import (MASTER_GREETING, SLAVE_GREETING, exchange_greeting,
                              master_handshake)
@@ -58,6 +59,115 @@ class RawSlave:
     def close(self) -> None:
         self.wire.close()
         stop_child(self.proc)
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes to the slave exactly as given (no encoding)."""
+        self.wire.stream.send_all(data)
+
+    def box_reader(self) -> "RawBoxReader":
+        """A reader of the slave's next boxes as their exact bytes.
+
+        Use it instead of :meth:`read` from then on: both read the same stream.
+        """
+        assert not self.wire.has_buffered_box(), "boxes already buffered by the Wire"
+        return RawBoxReader(self.wire.stream)
+
+
+# -- boxes as bytes, without the library's decoder ------------------------------
+
+
+def box_length(data: "bytes | bytearray") -> Optional[int]:
+    """The length of the first complete box at the start of ``data`` (``None``
+    when ``data`` does not yet hold a whole box).
+
+    Reads only the 2-byte length prefixes, so a byte-level test does not
+    depend on the decoder it checks.
+    """
+    pos = 0
+    key_next = True
+    while len(data) - pos >= 2:
+        n = data[pos] << 8 | data[pos + 1]
+        if key_next and n == 0:
+            return pos + 2
+        if len(data) - pos - 2 < n:
+            return None
+        pos += 2 + n
+        key_next = not key_next
+    return None
+
+
+def box_pairs(raw: bytes) -> List[Tuple[bytes, bytes]]:
+    """The (key, value) pairs of one encoded box, in wire order."""
+    pairs: List[Tuple[bytes, bytes]] = []
+    pos = 0
+    while True:
+        klen = raw[pos] << 8 | raw[pos + 1]
+        pos += 2
+        if klen == 0:
+            assert pos == len(raw), "bytes after the end of the box"
+            return pairs
+        key = raw[pos:pos + klen]
+        pos += klen
+        vlen = raw[pos] << 8 | raw[pos + 1]
+        pos += 2
+        pairs.append((key, raw[pos:pos + vlen]))
+        pos += vlen
+
+
+class RawBoxReader:
+    """Cuts a byte stream into boxes, each returned as its exact bytes."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    def read(self, timeout: float = WAIT) -> Optional[bytes]:
+        """The next box's bytes; ``None`` at end of stream between boxes.
+
+        Raises ``AssertionError`` when no whole box arrives within
+        ``timeout`` or the stream ends inside a box.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            n = box_length(self.buf)
+            if n is not None:
+                raw = bytes(self.buf[:n])
+                del self.buf[:n]
+                return raw
+            left = deadline - time.monotonic()
+            assert left > 0, f"no whole box within {timeout} s (have {bytes(self.buf[:64])!r})"
+            try:
+                data = self.stream.recv(1 << 20, left)
+            except TimeoutError:
+                continue
+            if not data:
+                assert not self.buf, f"stream ended inside a box: {bytes(self.buf[:64])!r}"
+                return None
+            self.buf += data
+
+    def pending(self) -> bytes:
+        """Bytes received but not yet returned (should be none between boxes)."""
+        return bytes(self.buf)
+
+
+@contextlib.contextmanager
+def environment(overrides: Mapping[bytes, Optional[bytes]]) -> Iterator[None]:
+    """Set (value) or remove (``None``) variables of this process's
+    environment for the block, e.g. so that a slave child inherits them."""
+    saved = {name: os.environb.get(name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            if value is None:
+                os.environb.pop(name, None)
+            else:
+                os.environb[name] = value
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environb.pop(name, None)
+            else:
+                os.environb[name] = old
 
 
 def run_in_thread(fn: Callable[[], Any], name: str = "test-worker") -> "Outcome":
