@@ -226,7 +226,15 @@ def _walk_open(root_fd: int, rel: bytes, flags: int, mode: int, whole: bytes) ->
                 try:
                     fd = os.open(comp, flags | O_NOFOLLOW | O_CLOEXEC, mode, dir_fd=cur)
                 except OSError as e:
-                    if e.errno != errno.ELOOP or not follow_last:
+                    # a symbolic link opened with O_NOFOLLOW: ELOOP, or
+                    # ENOTDIR with O_DIRECTORY
+                    if not follow_last or e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    try:
+                        is_link = stat_mod.S_ISLNK(os.stat(comp, dir_fd=cur, follow_symlinks=False).st_mode)
+                    except OSError:
+                        is_link = False
+                    if not is_link:
                         raise
                 else:
                     if not (follow_last and flags & O_PATH and stat_mod.S_ISLNK(os.fstat(fd).st_mode)):
