@@ -27,10 +27,11 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
-from remsh.errors import AuthenticationError, Disconnected, LocalError, ProtocolError, RemshError
+from remsh.errors import AuthenticationError, Disconnected, LocalError, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, default_name,
                              exchange_greeting, slave_handshake, valid_name)
 from remsh.secretfile import read_secret_file, take_env_secret
+from remsh.slave.policy import Policy
 from remsh.slave.server import SlaveServer
 from remsh.slave.sigterm import sigterm_unwinds
 from remsh.transports.base import StreamLike
@@ -127,39 +128,26 @@ def read_secret(args: argparse.Namespace, env_secret: Optional[bytes] = None) ->
     return env_secret
 
 
-def build_policy(args: argparse.Namespace) -> Optional[Any]:
-    """The :class:`remsh.slave.policy.Policy` the options ask for, or ``None``
-    when none of ``--root``, ``--no-execute``, ``--allow-command`` is given.
+def build_policy(args: argparse.Namespace) -> Optional[Policy]:
+    """The :class:`~remsh.slave.policy.Policy` the options ask for, or
+    ``None`` when none of ``--root``, ``--no-execute``, ``--allow-command``
+    is given.
 
-    Raises ``_Refused`` (a usage error) when a policy is asked for and this
-    installation cannot enforce it: a policy silently not applied would be
-    worse than no slave at all.
+    Raises ``_Refused`` (a usage error, exit 2) for a root that is not a
+    directory or a bad pattern, and when this installation's server cannot
+    enforce a policy: a policy silently not applied would be worse than no
+    slave at all.
     """
     if args.root is None and not args.no_execute and not args.allow_command:
         return None
-    if args.root is not None and not os.path.isdir(args.root):
-        raise _Refused(EXIT_AUTH, f"--root: not a directory: {args.root}")
     try:
-        from remsh.slave.policy import Policy  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise _Refused(EXIT_AUTH, "--root, --no-execute and --allow-command are not supported "
-                                  "by this installation (no remsh.slave.policy)") from None
+        policy = Policy(root=args.root, execute=not args.no_execute, allow_commands=tuple(args.allow_command))
+    except UsageError as e:
+        raise _Refused(EXIT_AUTH, f"policy: {e}") from None
     if "policy" not in inspect.signature(SlaveServer).parameters:
         raise _Refused(EXIT_AUTH, "--root, --no-execute and --allow-command are not supported "
                                   "by this installation (SlaveServer takes no policy)")
-    root = os.path.abspath(args.root) if args.root is not None else None
-    return Policy(root=root, execute=not args.no_execute, allow_commands=tuple(args.allow_command))
-
-
-def _policy_info(policy: Optional[Any]) -> Optional[Dict[str, str]]:
-    """What the registration box says of ``policy`` (``None``: nothing).
-
-    Adapter: uses the policy's ``registration_info()`` when it has one.
-    """
-    if policy is None:
-        return None
-    info = getattr(policy, "registration_info", None)
-    return dict(info()) if callable(info) else None
+    return policy
 
 
 def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
@@ -187,7 +175,7 @@ def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
 
 
 def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
-               basedir: str, on_registered: Callable[[], None], policy: Optional[Any] = None) -> None:
+               basedir: str, on_registered: Callable[[], None], policy: Optional[Policy] = None) -> None:
     """One connection: dial, handshake, serve until the master closes.
 
     ``policy`` (a :class:`remsh.slave.policy.Policy`, or ``None`` for none)
@@ -207,7 +195,7 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
     try:
         exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, HANDSHAKE_TIMEOUT)
         slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False,
-                        extra_info=_policy_info(policy))
+                        extra_info=None if policy is None else policy.info())
         log.info("registered with the master at %s as %s", stream.peer, name)
         on_registered()
         server_options: Dict[str, Any] = {} if policy is None else {"policy": policy}
