@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from remsh.errors import Disconnected, UsageError
+from remsh.errors import Disconnected, UsageError, WaitTimeout
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 
 from tests.util import WAIT, run_in_thread, wait_pid_exit
@@ -149,11 +149,12 @@ def test_reregistering_replaces_and_closes_the_old(listener, collection, basedir
 
 
 def test_wait_for_slaves(listener, collection, basedir) -> None:
-    """wait_for_slaves returns once enough slaves are there, and raises UsageError on timeout."""
+    """wait_for_slaves returns once enough slaves are there, and raises WaitTimeout (not UsageError) on timeout."""
     listener.start_slave(str(basedir), name="a")
-    with pytest.raises(UsageError):
+    with pytest.raises(WaitTimeout) as info:
         collection.wait_for_slaves(count=2, timeout=0.2)
-    with pytest.raises(UsageError):
+    assert not isinstance(info.value, UsageError)
+    with pytest.raises(WaitTimeout):
         collection.wait_for_slaves(names=["a", "b"], timeout=0.2)
     waiter = run_in_thread(lambda: collection.wait_for_slaves(names=["a", "b"], timeout=WAIT))
     listener.start_slave(str(basedir), name="b")

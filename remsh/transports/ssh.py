@@ -57,7 +57,8 @@ import paramiko
 from remsh.errors import AuthenticationError, Disconnected, UsageError
 from remsh.handshake import valid_name
 from remsh.transports.base import DEFAULT_SEND_TIMEOUT, Buffer, SocketStream, _format_addr, tune_socket
-from remsh.transports.tcp import DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVE, DEFAULT_MAX_PENDING, TcpServer
+from remsh.transports.tcp import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVE, DEFAULT_MAX_PENDING,
+                                  DEFAULT_MAX_PENDING_PER_ADDRESS, TcpServer)
 
 log = logging.getLogger(__name__)
 
@@ -234,25 +235,33 @@ class AuthorizedKeys:
         self._reported: Set[str] = set()
         self._lock = threading.Lock()
 
-    def lookup(self, key: paramiko.PKey) -> Optional[str]:
-        """The slave name ``key`` may register as, or ``None`` if it is not listed."""
+    def entries(self) -> List[AuthorizedKey]:
+        """The usable entries of the file now (``[]`` if it cannot be read)."""
         try:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
         except OSError as e:
             log.error("cannot read authorized keys file %s: %s", self.path, e)
-            return None
+            return []
         entries, problems = parse_authorized_keys(text)
         with self._lock:
             for p in problems:
                 if p not in self._reported:
                     self._reported.add(p)
                     log.warning("%s %s", self.path, p)
+        return entries
+
+    def lookup(self, key: paramiko.PKey) -> Optional[str]:
+        """The slave name ``key`` may register as, or ``None`` if it is not listed."""
         blob = key.asbytes()
-        for entry in entries:
+        for entry in self.entries():
             if entry.blob == blob:
                 return entry.name
         return None
+
+    def binds(self, name: str) -> bool:
+        """True when some key in the file is bound to slave ``name``."""
+        return any(entry.name == name for entry in self.entries())
 
 
 # -- the channel as a stream -------------------------------------------------------
@@ -271,6 +280,9 @@ class ChannelStream:
         self.transport: paramiko.Transport = channel.get_transport()
         self.peer = peer
         self.identity = identity
+        #: on the server: when (``time.monotonic()``) the whole set-up, SSH
+        #: and remsh handshake together, must be over
+        self.handshake_deadline: Optional[float] = None
         # only sends use the channel timeout: receives wait on the pipe below
         channel.settimeout(send_timeout)
         self._fd: int = channel.fileno()
@@ -465,17 +477,23 @@ class SshServer:
     whose ``identity`` is the slave name of the key used, to ``handler``.
 
     ``handler(stream)`` runs in the connection's worker thread and must
-    return once the connection is registered or refused.  SSH negotiation,
-    authentication and channel set-up are bounded by ``handshake_timeout``;
-    at most ``max_pending`` connections are in that phase (or in the
-    handler) at once.
+    return once the connection is registered or refused.  One time limit,
+    ``handshake_timeout`` from the TCP connection, covers the SSH
+    negotiation, authentication and channel set-up *and* the remsh
+    handshake that follows (the stream's ``handshake_deadline``).  Unfinished
+    connections are bounded as by :class:`~remsh.transports.tcp.TcpServer`
+    (``max_pending`` in all, ``max_pending_per_address`` from one address,
+    the oldest quiet one dropped to make room); a client that has sent its
+    SSH identification line counts as heard from.
 
     :raises UsageError: the host key cannot be loaded
     """
 
     def __init__(self, handler: Callable[[ChannelStream], None], *, host_key: KeyLike,
                  authorized_keys: Union[str, "os.PathLike[str]"], host: Optional[str] = None, port: int = 0,
-                 max_pending: int = DEFAULT_MAX_PENDING, handshake_timeout: float = 10.0,
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
+                 handshake_timeout: float = 10.0,
                  keepalive_interval: int = KEEPALIVE_INTERVAL,
                  tcp_keepalive: Optional[Tuple[int, int, int]] = DEFAULT_KEEPALIVE) -> None:
         self.handler = handler
@@ -486,6 +504,7 @@ class SshServer:
         self.handshake_timeout = handshake_timeout
         self.keepalive_interval = keepalive_interval
         self._tcp = TcpServer(self._on_connection, host=host, port=port, max_pending=max_pending,
+                              max_pending_per_address=max_pending_per_address,
                               handshake_timeout=handshake_timeout, keepalive=tcp_keepalive)
         self.port = port
 
@@ -502,17 +521,46 @@ class SshServer:
         """Stop accepting and drop unfinished handshakes (idempotent)."""
         self._tcp.stop()
 
+    @property
+    def pending_count(self) -> int:
+        """How many connections are unfinished now."""
+        return self._tcp.pending_count
+
     def _on_connection(self, sock_stream: SocketStream) -> None:
-        stream = self.negotiate(sock_stream.sock, sock_stream.peer)
+        deadline = sock_stream.handshake_deadline
+        if deadline is None:
+            deadline = time.monotonic() + self.handshake_timeout
+        sock, peer = sock_stream.sock, sock_stream.peer
+        # An SSH client sends its identification line at once (RFC 4253,
+        # 4.2): wait for its first byte before paying for a paramiko
+        # transport, and from then on count the connection as heard from.
+        if not _readable(sock, deadline):
+            log.warning("ssh connection from %s dropped: nothing received within %g s", peer,
+                        self.handshake_timeout)
+            sock.close()
+            return
+        try:
+            ended = not sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            ended = True
+        if ended:  # closed, or cut to make room: no SSH transport for it
+            sock.close()
+            return
+        self._tcp.mark_progress(sock)
+        stream = self.negotiate(sock, peer, deadline=deadline)
         if stream is not None:
             self.handler(stream)
 
-    def negotiate(self, sock: socket.socket, peer: str) -> Optional[ChannelStream]:
+    def negotiate(self, sock: socket.socket, peer: str, *,
+                  deadline: Optional[float] = None) -> Optional[ChannelStream]:
         """Run the server side of SSH on ``sock`` up to an open ``remsh``
         subsystem channel; ``None`` (connection closed, reason logged) on
-        failure or when ``handshake_timeout`` passes."""
-        deadline = time.monotonic() + self.handshake_timeout
-        t = _new_transport(sock, self.handshake_timeout)
+        failure or when the deadline (``time.monotonic()`` value; default
+        ``handshake_timeout`` from now) passes.  The stream returned carries
+        that deadline as its ``handshake_deadline``, for the remsh handshake."""
+        if deadline is None:
+            deadline = time.monotonic() + self.handshake_timeout
+        t = _new_transport(sock, max(0.001, deadline - time.monotonic()))
         policy = _ServerPolicy(self.authorized_keys, peer)
         try:
             t.add_server_key(self.host_key)
@@ -526,11 +574,28 @@ class SshServer:
             if chan is None or chan.get_id() != policy.session_id:
                 raise Disconnected("channel vanished")
             t.set_keepalive(self.keepalive_interval)
-            return ChannelStream(chan, peer=f"{peer} (ssh)", identity=policy.identity)
+            stream = ChannelStream(chan, peer=f"{peer} (ssh)", identity=policy.identity)
+            stream.handshake_deadline = deadline
+            return stream
         except Exception as e:  # noqa: BLE001 - one connection must never stop the listener
             log.warning("ssh connection from %s dropped: %s", peer, str(e) or type(e).__name__)
             t.close()
             return None
+
+
+def _readable(sock: socket.socket, deadline: float) -> bool:
+    """Wait until ``sock`` has input (or end of stream) or the deadline passes."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            if poller.poll(left * 1000.0):
+                return True
+        except InterruptedError:
+            continue
 
 
 # -- slave side ----------------------------------------------------------------------

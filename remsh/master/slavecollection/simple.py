@@ -1,4 +1,16 @@
-"""A thread-safe collection of connected slaves, keyed by name."""
+"""A thread-safe collection of connected slaves, keyed by name.
+
+Several listeners may share one collection (``remsh run`` puts its TCP, SSH
+and local listeners behind one).  A name then belongs to the listener that
+registered it while that slave is connected: a newcomer under the same name
+replaces the old registration only when it comes through the same listener
+(a slave reconnecting after a network failure), never through another one
+(a holder of the shared secret must not take over an SSH slave, whose holder
+proved a key, or a local slave).  Names that a started listener binds to a
+credential of its own (:meth:`SlaveListener.claims_name
+<remsh.master.slavelistener.base.SlaveListener.claims_name>`: the SSH
+listener's key-bound names) are never given to another listener at all.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
-from remsh.errors import UsageError
+from remsh.errors import AuthenticationError, WaitTimeout
 
 if TYPE_CHECKING:
     from remsh.master.slave import Slave
@@ -24,22 +36,66 @@ class SimpleSlaveCollection:
     """The slaves connected now, one per name, without reservations.
 
     A slave that disconnects leaves by itself.  A slave registering under a
-    name already present replaces the old registration, whose connection is
-    closed (its pending operations raise ``Disconnected``): the newcomer is
-    the one that just proved it holds the name.
+    name already present, through the listener that registered the old one,
+    replaces the old registration, whose connection is closed (its pending
+    operations raise ``Disconnected``): the newcomer is the one that just
+    proved it holds the name.  Through another listener it is refused (see
+    the module docstring).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._slaves: Dict[str, "Slave"] = {}
+        self._listeners: List[Any] = []
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._slaves)
 
-    def add_slave(self, slave: "Slave", listener: Any = None) -> None:
-        """Add a connected slave (``listener`` is the one that connected it)."""
+    def attach_listener(self, listener: Any) -> None:
+        """Note a started listener, whose ``claims_name`` then binds names
+        for every other listener (called by listeners' ``start()``)."""
         with self._cond:
+            if not any(x is listener for x in self._listeners):
+                self._listeners.append(listener)
+
+    def detach_listener(self, listener: Any) -> None:
+        """Forget a stopped listener (called by listeners' ``stop()``)."""
+        with self._cond:
+            self._listeners = [x for x in self._listeners if x is not listener]
+
+    def may_register(self, name: str, listener: Any) -> bool:
+        """Whether ``listener`` may register a slave called ``name`` now:
+        false while a connected slave of another listener holds the name,
+        or when another attached listener claims it.  Raises nothing."""
+        with self._cond:
+            return self._may_register(name, listener)
+
+    def _may_register(self, name: str, listener: Any) -> bool:
+        old = self._slaves.get(name)
+        if old is not None and old.connected and old.listener is not listener:
+            return False
+        for other in self._listeners:
+            if other is not listener and other.claims_name(name):
+                return False
+        return True
+
+    def add_slave(self, slave: "Slave", listener: Any = None) -> None:
+        """Add a connected slave (``listener`` is the one that connected it;
+        default: ``slave.listener``).
+
+        A connected slave of the same name registered through the same
+        listener is replaced and closed.
+
+        :raises AuthenticationError: the name is held by a connected slave
+            of another listener, or claimed by another listener (nothing
+            changes; the caller closes the newcomer)
+        """
+        if listener is None:
+            listener = slave.listener
+        with self._cond:
+            if not self._may_register(slave.name, listener):
+                raise AuthenticationError(f"slave name {slave.name!r} belongs to another listener")
             old = self._slaves.get(slave.name)
             self._slaves[slave.name] = slave
             self._cond.notify_all()
@@ -55,7 +111,7 @@ class SimpleSlaveCollection:
                 self._cond.notify_all()
 
     def get_all_slaves(self) -> List["Slave"]:
-        """The slaves connected now."""
+        """The slaves connected now.  Raises nothing."""
         with self._cond:
             return list(self._slaves.values())
 
@@ -67,6 +123,7 @@ class SimpleSlaveCollection:
         and the first returned; without ``cmp`` one is picked at random.
         With ``block`` false, or when ``timeout`` seconds pass, returns
         ``None`` if nothing matches; otherwise waits for a match to connect.
+        Raises nothing.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -90,8 +147,8 @@ class SimpleSlaveCollection:
         """Wait until ``count`` slaves (or every named one) are connected.
 
         Returns the connected slaves (the named ones, if names were given).
-        Raises :class:`~remsh.errors.UsageError` if they are not all there
-        when ``timeout`` runs out.
+
+        :raises WaitTimeout: they are not all there when ``timeout`` runs out
         """
         wanted = list(names)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -107,5 +164,5 @@ class SimpleSlaveCollection:
                 if left is not None and left <= 0:
                     missing = [n for n in wanted if n not in self._slaves]
                     what = f"slaves {missing}" if wanted else f"{count} slaves (have {len(self._slaves)})"
-                    raise UsageError(f"timed out after {timeout:g} s waiting for {what}")
+                    raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
                 self._cond.wait(left)

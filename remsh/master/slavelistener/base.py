@@ -5,15 +5,32 @@ exchanged; :meth:`SlaveListener.handle_new_connection` runs the rest of the
 handshake (SPEC section 4, steps 2-5), builds the slave object, calls its
 ``setup()`` and adds it to the collection.  Subclasses decide who may
 register by overriding :meth:`SlaveListener.authorize`.
+
+Each listener keeps the slaves *it* registered (:attr:`SlaveListener.slaves`)
+and :meth:`SlaveListener.stop` closes exactly those: listeners sharing a
+collection never touch each other's slaves.
+
+Names across listeners (several listeners behind one collection, as
+``remsh run`` sets up): a name held by a connected slave is only ever
+replaced through the listener that registered it, and a name that another
+listener binds to a credential of its own (the SSH listener's key-bound
+names, see :meth:`SlaveListener.claims_name`) is never given out here.  The
+check is made before the registration is answered (a refusal like any
+other) and again, atomically, by the collection's ``add_slave``.
+
+Rejected: letting the newest registration win across listeners.  Any holder
+of the shared secret could then take over an SSH slave's name, whose
+holder proved a key the secret-holder does not have, or a local slave's.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any, Callable, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
-from remsh.errors import AuthenticationError, RemshError
+from remsh.errors import AuthenticationError, Disconnected, RemshError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
                              as_secret, exchange_greeting, master_handshake)
 from remsh.master.monitor import IdleMonitor
@@ -30,6 +47,10 @@ Authenticator = Callable[[str], Optional[Secret]]
 class SlaveListener:
     """Abstract base of the slave listeners.
 
+    A listener has one thread of its own, the idle monitor that notices
+    idle slaves going away.  :meth:`start` starts it and :meth:`stop` stops
+    it (both idempotent); ``with listener:`` does both.
+
     :param slave_class: class instantiated for each new slave
         (default :class:`~remsh.master.slave.Slave`)
     :param slave_collection: where new slaves are added (default: a new
@@ -38,6 +59,9 @@ class SlaveListener:
     :param io_timeout: passed to each slave (bound on each wait for a reply)
     """
 
+    #: whether :meth:`handle_new_connection` starts a listener never started
+    _start_on_registration = True
+
     def __init__(self, slave_class: Optional[Type[Slave]] = None, slave_collection: Any = None, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
@@ -45,25 +69,119 @@ class SlaveListener:
         self.slave_collection = slave_collection if slave_collection is not None else SimpleSlaveCollection()
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
-        #: one thread that notices idle slaves going away (started on first use)
+        #: the thread that notices idle slaves going away (see :meth:`start`)
         self.monitor = IdleMonitor()
+        self._life_lock = threading.RLock()
+        self._started = False
+        self._slaves_lock = threading.Lock()
+        self._slaves: Dict[int, Slave] = {}
+
+    # -- life cycle --------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._started
+
+    def start(self) -> None:
+        """Start the idle monitor and take part in the collection's name
+        rules; idempotent.  Network listeners also open their port here."""
+        with self._life_lock:
+            if self._started:
+                return
+            self.monitor.start()
+            attach = getattr(self.slave_collection, "attach_listener", None)
+            if attach is not None:
+                attach(self)
+            self._started = True
+
+    def stop(self) -> None:
+        """Close the slaves this listener registered and stop the idle
+        monitor; idempotent.  Slaves of other listeners are left alone."""
+        with self._life_lock:
+            for slave in self.slaves:
+                slave.close()
+            self.monitor.stop()
+            detach = getattr(self.slave_collection, "detach_listener", None)
+            if detach is not None:
+                detach(self)
+            self._started = False
+
+    def __enter__(self) -> "SlaveListener":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def slaves(self) -> List[Slave]:
+        """The connected slaves this listener registered."""
+        with self._slaves_lock:
+            return list(self._slaves.values())
+
+    def _forget(self, slave: Slave) -> None:
+        with self._slaves_lock:
+            if self._slaves.get(id(slave)) is slave:
+                del self._slaves[id(slave)]
+
+    # -- who may register ----------------------------------------------------
 
     def authorize(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
         """Whether ``name`` may register over ``wire``, and the secret its
         proof must be made with (``None``: no proof).  The base trusts all."""
         return True, None
 
+    def claims_name(self, name: str) -> bool:
+        """True when this listener binds ``name`` to a credential of its own
+        (e.g. an SSH key), so that no other listener may register it.  The
+        base claims nothing."""
+        return False
+
+    def _name_free_here(self, name: str) -> bool:
+        """The cross-listener rules (see the module docstring)."""
+        may_register = getattr(self.slave_collection, "may_register", None)
+        if may_register is not None and not may_register(name, self):
+            log.warning("slave name %r is held or claimed by another listener", name)
+            return False
+        return True
+
+    def _authorize_registration(self, name: str, wire: Wire) -> Tuple[bool, Optional[bytes]]:
+        """:meth:`authorize`, then the cross-listener name rules."""
+        allowed, secret = self.authorize(name, wire)
+        if allowed and not self._name_free_here(name):
+            return False, secret  # the proof is still computed: a refusal costs the same
+        return allowed, secret
+
+    # -- registration ----------------------------------------------------------
+
     def handle_new_connection(self, wire: Wire, timeout: Optional[float] = None) -> Slave:
         """Authenticate and register the slave at the other end of ``wire``.
 
         The greeting must already have been exchanged.  Returns the slave,
-        now in the collection.  On failure the wire is closed and the error
-        (``AuthenticationError``, ``ProtocolError``, ``Disconnected``) raised;
-        nothing reaches the collection.  ``timeout`` bounds the exchange
-        (default: ``handshake_timeout``).
+        now in the collection and in :attr:`slaves`.  ``timeout`` bounds the
+        exchange (default: ``handshake_timeout``).  A listener that was never
+        started is started first, except a network listener, which only
+        registers between :meth:`start` and :meth:`stop`.
+
+        On failure the wire is closed and nothing reaches the collection.
+
+        :raises AuthenticationError: the slave was refused (after the
+            refusal box), or its name was taken through another listener
+            meanwhile
+        :raises ProtocolError: the slave broke the protocol
+        :raises Disconnected: the slave went away or stayed silent, or the
+            (network) listener is stopped
         """
+        if not self._started:
+            if not self._start_on_registration:
+                wire.close()
+                raise Disconnected(f"{wire.label}: listener stopped")
+            # LocalSlaveListener registers without being started; the
+            # monitor must run for its slaves all the same
+            self.start()
         try:
-            reg = master_handshake(wire, self.authorize, greet=False,
+            reg = master_handshake(wire, self._authorize_registration, greet=False,
                                    timeout=self.handshake_timeout if timeout is None else timeout)
             slave = self.slave_class(wire, reg.name, reg.info, self, io_timeout=self.io_timeout)
             slave.setup()
@@ -74,21 +192,36 @@ class SlaveListener:
         except BaseException:
             wire.close()
             raise
+        with self._slaves_lock:
+            self._slaves[id(slave)] = slave
+        slave.on_disconnect(self._forget)
         self.monitor.add(slave)
-        self.slave_collection.add_slave(slave, self)
+        try:
+            self.slave_collection.add_slave(slave, self)
+        except RemshError as e:
+            log.warning("refused slave %s from %s: %s", slave.name, wire.stream.peer, e)
+            slave.close()
+            raise
         log.info("slave %s registered from %s", slave.name, wire.stream.peer)
         return slave
 
-    def accept_wire(self, wire: Wire) -> Optional[Slave]:
+    def accept_wire(self, wire: Wire, on_progress: Optional[Callable[[], None]] = None) -> Optional[Slave]:
         """Greeting plus :meth:`handle_new_connection`, with failures logged
-        rather than raised (for accept loops).  Returns the slave or ``None``."""
+        rather than raised (for accept loops).  Returns the slave or ``None``.
+
+        One time limit covers the greeting, the handshake and whatever the
+        transport's own set-up (TLS, SSH) already used: the stream's
+        ``handshake_deadline`` (a ``time.monotonic()`` value) when it has
+        one.  ``on_progress`` is called once the peer's greeting checked out
+        (the accept loop then knows the connection is no idle squatter).
+        """
         deadline = getattr(wire.stream, "handshake_deadline", None)
         if deadline is None:
             deadline = time.monotonic() + self.handshake_timeout
         try:
-            # one time limit for greeting and handshake together (and for
-            # whatever the transport's own set-up, e.g. TLS, already used)
             exchange_greeting(wire, MASTER_GREETING, SLAVE_GREETING, max(0.0, deadline - time.monotonic()))
+            if on_progress is not None:
+                on_progress()
             return self.handle_new_connection(wire, timeout=max(0.0, deadline - time.monotonic()))
         except AuthenticationError:
             return None  # logged by handle_new_connection
@@ -109,32 +242,28 @@ class NetworkSlaveListener(SlaveListener):
 
     port: int
     _server: Any
-    _started = False
+    _start_on_registration = False
 
     def start(self) -> None:
         """Open the port and accept slaves in the background (the port is
-        not opened before)."""
-        self._server.start()
-        self.port = self._server.port
-        self.monitor.start()
-        self._started = True
+        not opened before); idempotent."""
+        with self._life_lock:
+            if self._started:
+                return
+            self._server.start()
+            self.port = self._server.port
+            super().start()
 
     def stop(self) -> None:
-        """Close the port and disconnect the slaves this listener connected."""
-        self._server.stop()
-        for slave in self.slave_collection.get_all_slaves():
-            if slave.listener is self:
-                slave.close()
-        self.monitor.stop()
-        self._started = False
+        """Close the port, drop unfinished handshakes and disconnect the
+        slaves this listener registered; idempotent."""
+        with self._life_lock:
+            self._server.stop()
+            super().stop()
 
     def __enter__(self) -> "NetworkSlaveListener":
-        if not self._started:
-            self.start()
+        self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def secret_authorizer(secret: Optional[Secret], authenticator: Optional[Authenticator]
@@ -158,6 +287,3 @@ def secret_authorizer(secret: Optional[Secret], authenticator: Optional[Authenti
         return True, None
 
     return rule
-
-
-SecretLike = Union[bytes, str, None]
