@@ -7,23 +7,14 @@ a TLS listener, which keeps serving through all of it.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import ipaddress
 import os
 import signal
 import socket
 import threading
 import ssl
 import time
-from pathlib import Path
-from typing import List, NamedTuple
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from remsh.errors import Disconnected, PeerTimeout
 from remsh.handshake import SLAVE_GREETING, slave_handshake
@@ -31,114 +22,37 @@ from remsh.transports.base import SocketStream
 from remsh.wire import Wire
 from tests.slaveproc import (HOST, SECRET, WAIT, read_until_closed, slave_procs,  # noqa: F401
                              tcp_listener, wait_registered)
+from tests.transports import Pki, make_pki, server_context
 
 pytestmark = pytest.mark.timeout(120)
 
 EXIT_AUTH = 2
 
 
-class Pki(NamedTuple):
-    ca: Path  # the CA that signed the server certificate
-    other_ca: Path  # a CA that signed nothing here
-    cert: Path
-    key: Path
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _make_ca(common_name: str):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _make_server_cert(ca_key, ca_cert):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("remsh test master"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address(HOST))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _pem(cert) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = _make_ca("remsh test CA")
-    _, other_cert = _make_ca("some other CA")
-    key, cert = _make_server_cert(ca_key, ca_cert)
-    paths = Pki(d / "ca.pem", d / "other-ca.pem", d / "server.pem", d / "server.key")
-    paths.ca.write_bytes(_pem(ca_cert))
-    paths.other_ca.write_bytes(_pem(other_cert))
-    paths.cert.write_bytes(_pem(cert))
-    paths.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    paths.key.chmod(0o600)
-    return paths
+    """A CA, another CA and the master's certificate, for the whole module."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
 def tls_listener(tcp_listener, pki):
     def make(**kwargs):
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(pki.cert), str(pki.key))
-        return tcp_listener(ssl_context=ctx, **kwargs)
+        return tcp_listener(ssl_context=server_context(pki), **kwargs)
 
     return make
 
 
-def test_slave_with_the_right_ca_registers_and_works(tls_listener, slave_procs, pki, tmp_path):
-    """A slave given --tls-ca of the CA that signed the master's certificate registers over TLS and moves data both ways."""
+def test_slave_with_the_right_ca_registers_over_tls(tls_listener, slave_procs, pki):
+    """A slave given --tls-ca of the CA that signed the master's certificate registers over TLS 1.2 or later.
+
+    The operations themselves run over TLS in tests/test_operations.py.
+    """
     listener = tls_listener()
     proc = slave_procs.start(listener.port, "trusting", tls_ca=pki.ca)
     slave = wait_registered(listener, proc)
     assert slave.wire.stream.sock.version() in ("TLSv1.2", "TLSv1.3")
     slave.ping()
-    assert slave.stat(".") == "d"
-    # megabytes each way, so that both ends wait for the other to drain
-    blob = os.urandom(4_000_000)
-    out: List[bytes] = []
-    assert slave.execute(["cat"], stdin=blob, stdout_cb=out.append, timeout=60) == 0
-    assert hashlib.sha256(b"".join(out)).digest() == hashlib.sha256(blob).digest()
-    src = tmp_path / "blob"
-    src.write_bytes(blob)
-    slave.send(str(src), "blob")
-    slave.fetch("blob", str(tmp_path / "back"))
-    assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == hashlib.sha256(blob).digest()
 
 
 def test_slave_with_another_ca_refuses_the_master(tls_listener, slave_procs, pki):
