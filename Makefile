@@ -2,7 +2,8 @@
 # (reused while the files it was built from are unchanged).
 #
 #   make demo    install the package and run the demonstration
-#   make test    install the package and test tools; lint; run the tests
+#   make test    install the package and test tools; lint (ruff, mypy --strict,
+#                import cycles); run the tests
 #   make docs    build the Sphinx documentation into docs/_build/html
 #   make bench   run the benchmarks (QUICK=1 for a short run)
 #   make clean   remove the virtualenv and build output
@@ -63,13 +64,14 @@ test: $(STAMP_TEST)
 	if [ $$status -ne 0 ]; then echo "make test: FAILED (see the lint and test output above)" >&2; fi; \
 	exit $$status
 
+# ruff, mypy --strict and the import-cycle check; each runs, so one report
+# shows every problem.
 lint: $(STAMP_TEST)
-	@if [ -x $(BIN)/ruff ]; then \
-	  echo "$(BIN)/ruff check remsh tests"; \
-	  $(BIN)/ruff check remsh tests; \
-	else \
-	  echo "ruff is not installed in $(VENV); skipping lint"; \
-	fi
+	@status=0; \
+	echo "$(BIN)/ruff check remsh tests"; $(BIN)/ruff check remsh tests || status=1; \
+	echo "$(BIN)/mypy --strict remsh"; $(BIN)/mypy --strict remsh || status=1; \
+	echo "$(BIN)/python tests/check_import_cycles.py remsh"; $(BIN)/python tests/check_import_cycles.py remsh || status=1; \
+	exit $$status
 
 # pytest exits 5 when it collected no test: that is a failure here, loudly.
 pytest: $(STAMP_TEST)

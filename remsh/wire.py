@@ -47,7 +47,7 @@ import threading
 from time import monotonic as _now
 from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Mapping, Optional, Union
 
-from remsh.errors import Disconnected, PeerTimeout, ProtocolError
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError, WaitTimeout
 
 if TYPE_CHECKING:  # the codec itself never touches a transport
     from remsh.transports.base import StreamLike
@@ -63,7 +63,8 @@ END_OF_BOX = b"\x00\x00"
 MAX_POLL_WAIT = 86400.0
 
 Box = Dict[bytes, bytes]
-BoxLike = Mapping[Union[bytes, str], Union[bytes, str]]
+BoxLike = Union[Mapping[bytes, bytes], Mapping[str, bytes], Mapping[str, str],
+                Mapping[Union[bytes, str], Union[bytes, str]]]
 
 _U16 = struct.Struct(">H")
 _pack_u16 = _U16.pack
@@ -180,7 +181,7 @@ class BoxDecoder:
         else:
             src = data  # nothing pending: parse the caller's bytes in place
         copy = type(src) is not bytes  # slices of views and bytearrays are not ours to keep
-        n = len(src) if type(src) is not memoryview else src.nbytes  # type: ignore[union-attr]
+        n = src.nbytes if isinstance(src, memoryview) else len(src)
         boxes: List[Box] = []
         pos = 0
         box = self._box
@@ -214,7 +215,7 @@ class BoxDecoder:
                 raise self._fail(f"box larger than {max_box_bytes} bytes")
             if vend > n:
                 break
-            box[key] = bytes(src[kend + 2 : vend]) if copy else src[kend + 2 : vend]
+            box[key] = bytes(src[kend + 2 : vend]) if copy else src[kend + 2 : vend]  # type: ignore[index,assignment]
             box_bytes += vend - pos
             pos = vend
         if src is buf:
@@ -323,39 +324,42 @@ class Wire:
 
     # -- sending -----------------------------------------------------------
 
-    def send_bytes(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        """Write bytes as they are (the greeting, or boxes already encoded)."""
-        with self._send_lock:
-            self._send_locked(data)
-
-    def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
-        """Encode and send one box.
+    def send_bytes(self, data: Union[bytes, bytearray, memoryview], *,
+                   lock_timeout: Optional[float] = None) -> None:
+        """Write bytes as they are (the greeting, or boxes already encoded).
 
         ``lock_timeout`` bounds the wait for another thread's send to finish;
-        past it :class:`~remsh.errors.PeerTimeout` is raised and nothing is sent.
+        past it :class:`~remsh.errors.WaitTimeout` is raised and nothing is
+        sent (the connection is not known to be broken).
         """
-        data = encode_box(box)
         if lock_timeout is None:
             with self._send_lock:
                 self._send_locked(data)
             return
         if not self._send_lock.acquire(timeout=lock_timeout):
-            raise PeerTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
+            raise WaitTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
         try:
             self._send_locked(data)
         finally:
             self._send_lock.release()
 
-    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
-        """Send ``box`` unless ``stop`` is set, checked while holding the send
-        lock (so no box goes out after another thread set it and then sent).
-        Returns whether the box was sent."""
-        data = encode_box(box)
+    def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
+        """Encode and send one box (``lock_timeout`` as for :meth:`send_bytes`)."""
+        self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
+
+    def send_bytes_unless(self, data: Union[bytes, bytearray, memoryview], stop: threading.Event) -> bool:
+        """Send ``data`` unless ``stop`` is set, checked while holding the send
+        lock (so nothing goes out after another thread set it and then sent).
+        Returns whether the data was sent."""
         with self._send_lock:
             if stop.is_set():
                 return False
             self._send_locked(data)
         return True
+
+    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
+        """:meth:`send_bytes_unless` for one box."""
+        return self.send_bytes_unless(encode_box(box), stop)
 
     def send_boxes(self, boxes: Iterable[BoxLike]) -> None:
         """Encode several boxes and send them in one write, uninterrupted."""
@@ -477,7 +481,7 @@ class Wire:
             self._raw.clear()
         self._ready.extend(self._feed(data))
 
-    def _feed(self, data: bytes) -> List[Box]:
+    def _feed(self, data: Union[bytes, memoryview]) -> List[Box]:
         try:
             return self._decoder.feed(data)
         except WireError as e:

@@ -128,3 +128,45 @@ def test_empty_and_bad_arguments():
     assert fan_out([], lambda s: 1) == []
     with pytest.raises(ValueError):
         fan_out([], lambda s: 1, max_workers=0)
+
+
+def test_returns_within_timeout_plus_two_graces_whatever_the_callable(slaves):
+    """A callable that ignores remsh altogether (so neither interrupt nor a
+    dropped connection stops it) still lets fan_out return within
+    timeout + 2 * grace: the stuck threads are not joined one after another."""
+    release = threading.Event()
+    try:
+        start = time.monotonic()
+        outcomes = fan_out(slaves * 2, lambda s: release.wait(60), timeout=0.3, grace=0.3)
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+    assert all(isinstance(o.error, Cancelled) for o in outcomes)
+    assert elapsed < 0.3 + 2 * 0.3 + 0.5, elapsed
+
+
+def test_interrupt_reaches_a_call_still_waiting_for_its_turn(slaves):
+    """interrupt() kills the running command and is kept for the execute call
+    queued behind it, which is killed as soon as its request goes out."""
+    slave = slaves[0]
+    results: list = []
+    started = threading.Event()
+
+    def run() -> None:
+        results.append(slave.execute(["sh", "-c", "echo up; exec sleep 60"],
+                                     stdout_cb=lambda _b: started.set()))
+
+    first = threading.Thread(target=run)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(slave.execute(["sleep", "60"])))
+    second.start()
+    deadline = time.monotonic() + 10
+    while len(slave._executions) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(slave._executions) == 2
+    slave.interrupt()
+    first.join(20)
+    second.join(20)
+    assert results == [-9, -9]
+    assert slave.execute(["true"]) == 0

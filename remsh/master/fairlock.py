@@ -18,7 +18,7 @@ class FairLock:
         self._cond = threading.Condition(threading.Lock())
         self._next = 0
         self._serving = 0
-        self._abandoned: set = set()
+        self._abandoned: "set[int]" = set()
         self._waiters = 0
 
     def acquire(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:

@@ -25,8 +25,6 @@ T = TypeVar("T")
 
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_GRACE = 10.0
-#: Interval between repeated interrupts while a cancelled fan-out winds down.
-INTERRUPT_REPEAT = 0.25
 
 
 class Outcome(Generic[T]):
@@ -107,7 +105,7 @@ def fan_out(slaves: Sequence[Slave], operation: Callable[[Slave], T], *,
     outcomes: List[Outcome[T]] = [Outcome(s) for s in slaves]
     lock = threading.Lock()
     next_index = 0
-    running: set = set()
+    running: "set[Outcome[T]]" = set()
     all_done = threading.Event()
     remaining = len(outcomes)
     if not remaining:
@@ -155,9 +153,12 @@ def fan_out(slaves: Sequence[Slave], operation: Callable[[Slave], T], *,
     if not finished:
         cancellation.cancel(f"fan-out timed out after {timeout:g} s")
     if not all_done.is_set():
+        # one deadline for the whole wind-down: at most 2 * grace after the
+        # cancellation, however many threads are stuck
+        end = time.monotonic() + 2 * grace
         _stop_running(running, lock, all_done, grace)
-    for t in threads:
-        t.join(grace)
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
     for outcome in outcomes:
         if outcome.finished is None:  # a worker that never came back
             outcome.error = Cancelled(f"{outcome.slave.name}: {cancellation.reason}; did not stop in time")
@@ -165,20 +166,16 @@ def fan_out(slaves: Sequence[Slave], operation: Callable[[Slave], T], *,
     return outcomes
 
 
-def _stop_running(running: set, lock: threading.Lock, all_done: threading.Event, grace: float) -> None:
-    # An operation may be just about to start its command when the first
-    # interrupt goes out (and so miss it): interrupt again at short intervals
-    # until everything has stopped or the grace period is over.
-    end = time.monotonic() + grace
-    while True:
-        with lock:
-            busy = [o.slave for o in running]
-        for slave in busy:
-            slave.interrupt()
-        left = end - time.monotonic()
-        if left <= 0 or all_done.wait(min(left, INTERRUPT_REPEAT)):
-            break
-    if all_done.is_set():
+def _stop_running(running: "set[Outcome[T]]", lock: threading.Lock, all_done: threading.Event,
+                  grace: float) -> None:
+    """Interrupt what runs (an interrupt that comes before a command starts is
+    delivered with its request), wait ``grace``, then drop the connections of
+    the slaves still busy and wait ``grace`` again at most."""
+    with lock:
+        busy = [o.slave for o in running]
+    for slave in busy:
+        slave.interrupt()
+    if all_done.wait(grace):
         return
     with lock:
         stuck = [o.slave for o in running]

@@ -25,12 +25,9 @@ import logging
 import os
 import select
 import threading
-from typing import TYPE_CHECKING, Dict, Optional, Set
+from typing import Any, Dict, Optional, Protocol, Set
 
-from remsh.errors import Disconnected, ProtocolError
-
-if TYPE_CHECKING:
-    from remsh.master.slave import Slave
+from remsh.errors import Disconnected, ProtocolError, RemshError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +40,28 @@ else:  # pragma: no cover - poll(2) fallback: unregister while busy
     _ARMED = select.POLLIN
     _QUIET = 0
     _WAKE = select.POLLIN
+
+
+class Slave(Protocol):
+    """What the monitor needs of a slave (:class:`remsh.master.slave.Slave`)."""
+
+    name: str
+    idle_watcher: Any
+
+    @property
+    def wire(self) -> Any: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def try_hold(self) -> bool:
+        """Take the slave if no operation holds it."""
+
+    def release(self) -> None:
+        """Give back what :meth:`try_hold` took."""
+
+    def drop(self, exc: RemshError) -> None:
+        """Disconnect the slave with ``exc`` as the cause."""
 
 
 class IdleMonitor:
@@ -70,7 +89,7 @@ class IdleMonitor:
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_w, False)
             os.set_blocking(self._wake_r, False)
-            self._poller.register(self._wake_r, _WAKE)  # type: ignore[attr-defined]
+            self._poller.register(self._wake_r, _WAKE)
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
@@ -183,10 +202,14 @@ class IdleMonitor:
         while True:
             try:
                 events = poller.poll(-1)  # type: ignore[attr-defined]
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
                 if self._stopping:
                     return
-                raise
+                # nothing can be watched any more: say so, and leave no slave
+                # that nobody would notice dying
+                log.exception("idle monitor %s failed; disconnecting the slaves it watched", self.name)
+                self._fail_all(Disconnected(f"idle monitor failed: {e}"))
+                return
             if self._stopping:
                 return
             for fd, _ in events:
@@ -199,7 +222,7 @@ class IdleMonitor:
                 slave = self._by_fd.get(fd)
                 if slave is None:
                     continue
-                if not slave._lock.acquire(blocking=False):
+                if not slave.try_hold():
                     # an operation holds it: it sees a dead stream itself, and
                     # idle() looks again when it ends
                     self._recheck.add(id(slave))
@@ -209,8 +232,17 @@ class IdleMonitor:
                 try:
                     if _check_idle_stream(slave):
                         self.idle(slave)  # spurious: arm again
+                except Exception as e:  # noqa: BLE001 - one slave must not stop the thread
+                    log.exception("idle monitor: checking slave %s failed", slave.name)
+                    slave.drop(Disconnected(f"{slave.name}: idle check failed: {e!r}"))
                 finally:
-                    slave._lock.release()
+                    slave.release()
+
+    def _fail_all(self, exc: RemshError) -> None:
+        with self._lock:
+            slaves = list(self._by_fd.values())
+        for slave in slaves:
+            slave.drop(exc)
 
 
 def _check_idle_stream(slave: "Slave") -> bool:
@@ -227,11 +259,11 @@ def _check_idle_stream(slave: "Slave") -> bool:
     except TimeoutError:
         return True  # nothing there after all
     except OSError as e:
-        slave._mark_disconnected(Disconnected(f"{slave.name}: connection lost while idle: {e}"))
+        slave.drop(Disconnected(f"{slave.name}: connection lost while idle: {e}"))
         return False
     if not data:
-        slave._mark_disconnected(Disconnected(f"{slave.name}: slave closed the connection"))
+        slave.drop(Disconnected(f"{slave.name}: slave closed the connection"))
     else:
-        slave._mark_disconnected(ProtocolError(
+        slave.drop(ProtocolError(
             f"{slave.name}: slave sent {len(data)} unrequested bytes while idle"))
     return False

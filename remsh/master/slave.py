@@ -16,19 +16,21 @@ import functools
 import hashlib
 import io
 import logging
-import math
 import os
 import threading
-from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Mapping,
-                    Optional, Sequence, Union)
+import time
 from contextlib import contextmanager
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
+                    Sequence, Set, Tuple, Union)
 
-from remsh.errors import (Disconnected, PeerTimeout, ProtocolError, RemoteError, RemshError,
-                          UsageError, remote_error)
+from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
+from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
+                          WaitTimeout, remote_error)
 from remsh.files import PartialFile
 from remsh.master.fairlock import FairLock
-from remsh.wire import (DATA_BLOCK, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int,
-                        encode_bool, encode_box, encode_data_boxes, encode_int, encode_list)
+from remsh.ops import (COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
+                       SET_CWD, STAT, UNLINK, Operation, is_progress)
+from remsh.wire import DATA_BLOCK, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
 
 if TYPE_CHECKING:
     from remsh.master.slavelistener.base import SlaveListener
@@ -37,16 +39,17 @@ log = logging.getLogger(__name__)
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 OutputCallback = Callable[[bytes], Any]
+#: ``progress(done_bytes, total_bytes)``; ``total_bytes`` is ``None`` while unknown
+ProgressCallback = Callable[[int, Optional[int]], Any]
 
-OP_VERSION = b"1"
-#: Default bound (seconds) on each wait for a box from the slave, except for
-#: the output of a running command (bounded by its own ``timeout``).
-DEFAULT_IO_TIMEOUT = 120.0
 #: How long :meth:`Slave.interrupt` waits for the connection before giving up
 #: on a polite interrupt and dropping the connection.
 INTERRUPT_SEND_TIMEOUT = 5.0
 CHUNK = MAX_VALUE_LENGTH
-_INLINE_STDIN = 64 * 1024
+#: Least time between two calls of a ``progress`` callback (seconds).
+PROGRESS_EVERY = 0.1
+
+__all__ = ["Slave", "DEFAULT_IO_TIMEOUT", "IdleWatcher", "ProgressCallback"]
 
 
 def _b(path: Path) -> bytes:
@@ -54,13 +57,59 @@ def _b(path: Path) -> bytes:
     return os.fsencode(path)
 
 
+class IdleWatcher(Protocol):
+    """What a slave tells the listener's idle monitor
+    (:class:`remsh.master.monitor.IdleMonitor`)."""
+
+    def busy(self, slave: "Slave") -> None: ...
+
+    def idle(self, slave: "Slave") -> None: ...
+
+    def needs_recheck(self, slave: "Slave") -> bool: ...
+
+    def forget(self, slave: "Slave") -> None: ...
+
+
+class _Progress:
+    """Calls a ``progress`` callback at most every :data:`PROGRESS_EVERY`
+    seconds, and once at the end."""
+
+    def __init__(self, callback: Optional[ProgressCallback], total: Optional[int]) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+        self._next = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + PROGRESS_EVERY
+                self.callback(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.callback is not None:
+            self.callback(self.done, self.total if self.total is not None else self.done)
+
+
 class Slave:
     """A connected slave.
 
     :ivar name: the name the slave registered with
     :ivar info: the descriptive keys of its ``register`` box (str -> str):
-        ``hostname``, ``platform``, ``python``, ``basedir``, ``remsh``
+        ``hostname``, ``platform``, ``python``, ``basedir``, ``remsh``, and
+        the ``policy_*`` keys of a slave that narrows what it will do
     :ivar listener: the listener that connected it (or ``None``)
+
+    Every operation raises :class:`~remsh.errors.Disconnected` (naming the
+    slave and the operation) when the connection is gone or goes during the
+    call, :class:`~remsh.errors.PeerTimeout` (a ``Disconnected``) when the
+    slave stops answering for ``io_timeout`` seconds, and
+    :class:`~remsh.errors.ProtocolError` when the slave breaks the protocol;
+    after any of these the slave is disconnected.  Failures the slave reports
+    raise :class:`~remsh.errors.RemoteError` subclasses chosen by the error
+    box's tag (the slave stays connected).
     """
 
     def __init__(self, wire: Wire, name: str, info: Optional[Dict[str, str]] = None,
@@ -75,12 +124,13 @@ class Slave:
         self._state_lock = threading.Lock()
         self._disconnected: Optional[RemshError] = None
         self._callbacks: List[Callable[["Slave"], Any]] = []
-        # guards _executing, and the sending of an interrupt against the end
-        # of the command it was meant for (so it can never hit the next one)
+        # the execute calls in progress (queued or running); guards their
+        # interrupt state, and the sending of an interrupt against the end of
+        # the command it was meant for (so it can never hit the next one)
         self._exec_lock = threading.Lock()
-        self._executing = False
+        self._executions: Set[ExecuteCall] = set()
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
-        self.idle_watcher: Any = None
+        self.idle_watcher: Optional[IdleWatcher] = None
 
     def __repr__(self) -> str:
         state = "disconnected" if self._disconnected else "connected"
@@ -109,9 +159,11 @@ class Slave:
 
     def close(self) -> None:
         """Drop the connection; a running operation raises ``Disconnected``."""
-        self._mark_disconnected(Disconnected(f"{self.name}: connection closed by the master"))
+        self.drop(Disconnected(f"{self.name}: connection closed by the master"))
 
-    def _mark_disconnected(self, exc: RemshError) -> None:
+    def drop(self, exc: RemshError) -> None:
+        """Disconnect with ``exc`` as the cause (idempotent): close the wire,
+        stop being watched and run the ``on_disconnect`` callbacks."""
         with self._state_lock:
             if self._disconnected is not None:
                 return
@@ -127,6 +179,19 @@ class Slave:
                 cb(self)
             except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
                 log.exception("on_disconnect callback failed for slave %s", self.name)
+
+    def _mark_disconnected(self, exc: RemshError) -> None:
+        """The earlier name of :meth:`drop`, kept for subclasses."""
+        self.drop(exc)
+
+    def try_hold(self) -> bool:
+        """Take the slave for a look at its idle connection, if no operation
+        holds it (for the idle monitor); give it back with :meth:`release`."""
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Give back what :meth:`try_hold` took."""
+        self._lock.release()
 
     # -- the operation frame -----------------------------------------------
 
@@ -156,19 +221,33 @@ class Slave:
             finally:
                 self._lock.release()
 
+    def _named(self, meth: str, e: RemshError) -> RemshError:
+        """``e`` again, its message naming slave and operation once."""
+        text = str(e)
+        prefix = f"{self.name}: "
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+        named = type(e)(f"{self.name}: {meth}: {text}")
+        named.__cause__ = e
+        return named
+
     def _failure(self, meth: str, e: BaseException) -> BaseException:
         """What to raise for ``e`` escaping operation ``meth``; disconnects
         the slave unless the conversation is known to be in step."""
         if isinstance(e, RemoteError):
             return e  # raised only after the final box: in step
         if isinstance(e, (Disconnected, ProtocolError)):
-            self._mark_disconnected(e)
-            named = type(e)(f"{self.name}: {meth}: {e}")
-            named.__cause__ = e
-            return named
+            self.drop(e)
+            return self._named(meth, e)
         # interrupted mid-conversation: where the peer stands is unknown
-        self._mark_disconnected(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
+        self.drop(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
         return e
+
+    def _protocol_error(self, meth: str, message: str) -> ProtocolError:
+        """The slave broke the protocol after its final box: drop it."""
+        error = ProtocolError(f"{self.name}: {meth}: {message}")
+        self.drop(error)
+        return error
 
     @contextmanager
     def _operation(self, meth: str) -> Iterator[None]:
@@ -195,16 +274,18 @@ class Slave:
                                slave=self.name, operation=meth)
         return box
 
-    def _call(self, meth: str, keys: Optional[Mapping[bytes, bytes]] = None) -> Box:
-        """One request, one reply box (the hot path: no context manager)."""
-        if keys:
-            request = encode_box({b"meth": meth.encode("ascii"), b"version": OP_VERSION, **keys})
-        else:
-            request = _bare_request(meth)
+    def _call(self, op: Operation, **values: Any) -> Box:
+        """One request of a simple operation, one reply box (the hot path:
+        no context manager).  Liveness boxes of a long operation are skipped,
+        each one restarting the reply deadline."""
+        meth = op.meth
+        request = op.encode(**values) if values else _encoded(op)
         self._begin(meth)
         try:
             self.wire.send_bytes(request)
             reply = self.wire.read_box(self.io_timeout)
+            while reply is not None and op.long and is_progress(reply):
+                reply = self.wire.read_box(self.io_timeout)
             if reply is None:
                 raise Disconnected(f"slave closed the connection during {meth}")
         except BaseException as e:  # noqa: BLE001 - re-raised as _failure decides
@@ -219,58 +300,81 @@ class Slave:
 
     def ping(self) -> None:
         """Round trip to the slave; raises if it does not answer."""
-        self._call("ping")
+        self._call(PING)
 
     def set_cwd(self, cwd: Optional[Path] = None) -> str:
         """Change the slave's current directory and return the new one.
 
         ``None`` goes back to the base directory; ``""`` changes nothing
         (returns the current one); a relative path is against the current one.
-        Raises :class:`~remsh.errors.NotFoundError` if it is not a directory.
+
+        :raises NotFoundError: it is not a directory
         """
-        keys = {} if cwd is None else {b"cwd": _b(cwd)}
-        reply = self._call("set_cwd", keys)
+        reply = self._call(SET_CWD, cwd=None if cwd is None else _b(cwd))
         return os.fsdecode(reply.get(b"cwd", b""))
 
     def getenv(self) -> Dict[str, str]:
         """The slave's environment (str -> str, undecodable bytes escaped)."""
-        reply = self._call("getenv")
+        reply = self._call(GETENV)
         return {os.fsdecode(k[4:]): os.fsdecode(v) for k, v in reply.items() if k.startswith(b"env_")}
 
     def mkdir(self, dir: Path) -> None:
-        """Make a directory and its parents (``mkdir -p``); raises
-        :class:`~remsh.errors.FailedError`."""
-        self._call("mkdir", {b"dir": _b(dir)})
+        """Make a directory and its parents (``mkdir -p``).
+
+        :raises FailedError: it cannot be made
+        """
+        self._call(MKDIR, dir=_b(dir), progress=True)
 
     def unlink(self, file: Path) -> None:
-        """Remove one file; :class:`~remsh.errors.NotFoundError` if missing."""
-        self._call("unlink", {b"file": _b(file)})
+        """Remove one file.
+
+        :raises NotFoundError: it does not exist
+        :raises FailedError: it cannot be removed
+        """
+        self._call(UNLINK, file=_b(file))
 
     def remove(self, path: Path) -> None:
-        """Remove a file or a whole tree (``rm -rf``); missing is fine."""
-        self._call("remove", {b"path": _b(path)})
+        """Remove a file or a whole tree (``rm -rf``); a missing path is fine.
+
+        :raises FailedError: something in it cannot be removed
+        """
+        self._call(REMOVE, path=_b(path), progress=True)
 
     def rename(self, src: Path, dest: Path) -> None:
-        """Rename ``src`` to ``dest``, which must not exist."""
-        self._call("rename", {b"src": _b(src), b"dest": _b(dest)})
+        """Rename ``src`` to ``dest``, never replacing an existing ``dest``.
+
+        :raises NotFoundError: ``src`` does not exist
+        :raises RemoteFileExistsError: ``dest`` exists
+        :raises FailedError: the rename failed
+        """
+        self._call(RENAME, src=_b(src), dest=_b(dest))
 
     def copy(self, src: Path, dest: Path) -> None:
-        """Copy a file's data on the slave; ``dest`` must not exist."""
-        self._call("copy", {b"src": _b(src), b"dest": _b(dest)})
+        """Copy a file's data on the slave; ``dest`` must not exist.
+
+        :raises NotFoundError: ``src`` does not exist
+        :raises RemoteFileExistsError: ``dest`` exists
+        :raises FailedError: ``src`` is not a regular file or cannot be read,
+            or the copy failed (nothing is left at ``dest``)
+        """
+        self._call(COPY, src=_b(src), dest=_b(dest), progress=True)
 
     def stat(self, pathname: Path) -> Optional[str]:
-        """``"d"`` for a directory, ``"f"`` for anything else, ``None`` if missing."""
-        reply = self._call("stat", {b"path": _b(pathname)})
+        """``"d"`` for a directory, ``"f"`` for anything else, ``None`` if missing.
+
+        :raises FailedError: it cannot be looked at (e.g. permission denied)
+        """
+        reply = self._call(STAT, path=_b(pathname))
         result = reply.get(b"result", b"")
         if result not in (b"", b"d", b"f"):
-            raise ProtocolError(f"{self.name}: stat: bad result {result[:20]!r}")
+            raise self._protocol_error("stat", f"bad result {result[:20]!r}")
         return result.decode("ascii") or None
 
     # -- execute -----------------------------------------------------------
 
     def execute(self, args: Sequence[Path] = (), stdout_cb: Optional[OutputCallback] = None,
                 stderr_cb: Optional[OutputCallback] = None,
-                env: Optional[Mapping[Union[str, bytes], Optional[Union[str, bytes]]]] = None,
+                env: Optional[EnvArg] = None,
                 cwd: Optional[Path] = None, timeout: Optional[float] = None,
                 stdin: Union[bytes, BinaryIO, None] = None) -> int:
         """Run a command on the slave and return its exit code.
@@ -279,177 +383,173 @@ class Slave:
         (bytes); a stream with no callback is discarded on the slave.  ``env``
         overrides variables (``None`` removes one); ``cwd`` is relative to the
         slave's current directory; ``timeout`` (seconds) kills the command's
-        process group and raises :class:`~remsh.errors.CommandTimeout`;
-        ``stdin`` is bytes or a binary file object fed to the command.
+        process group; ``stdin`` is bytes or a binary file object fed to the
+        command.
 
         A command killed by signal N returns ``-N`` (so an :meth:`interrupt`
-        returns ``-9``).  Raises :class:`~remsh.errors.ExecFailedError` if the
-        command cannot start.  An exception raised by a callback interrupts
-        the command and is re-raised once the slave has finished.
+        returns ``-9``).  An exception raised by a callback interrupts the
+        command and is re-raised once the slave has finished.
+
+        :raises UsageError: ``args`` empty, ``timeout`` not positive and
+            finite, arguments too long for one box
+        :raises ExecFailedError: the command cannot start
+        :raises CommandTimeout: ``timeout`` ran out and the command was killed
+        :raises LocalError: reading ``stdin`` failed (the command was interrupted)
         """
-        argv = [_b(a) for a in args]
-        if not argv:
-            raise UsageError(f"{self.name}: execute: args is empty")
-        box: Dict[bytes, bytes] = {
-            b"meth": b"execute", b"version": OP_VERSION, b"args": encode_list(argv),
-            b"want_stdout": encode_bool(stdout_cb is not None),
-            b"want_stderr": encode_bool(stderr_cb is not None),
-        }
-        if cwd is not None:
-            box[b"cwd"] = _b(cwd)
-        if timeout is not None:
-            if not 0 < timeout < math.inf:
-                raise UsageError(f"{self.name}: execute: timeout must be a positive, finite number")
-            box[b"timeout"] = repr(float(timeout)).encode("ascii")
-        for k, v in (env or {}).items():
-            kb = _b(k)
-            if v is None:
-                box[b"unset_" + kb] = b""
-            else:
-                box[b"env_" + kb] = _b(v)
-        if stdin is not None:
-            box[b"want_stdin"] = b"y"
-        if len(box[b"args"]) > MAX_VALUE_LENGTH or any(len(k) > MAX_KEY_LENGTH for k in box):
-            raise UsageError(f"{self.name}: execute: arguments or variable names too long for one box")
-        with self._operation("execute"):
-            self.wire.send_box(box)
-            # from here an interrupt is delivered: the slave reads it after
-            # the request (or discards it if the command never started)
-            with self._exec_lock:
-                self._executing = True
-            try:
-                started = self._read("execute")
-                if b"errtag" in started:
-                    self._raise_if_error("execute", started)
-                if started:
-                    raise ProtocolError(f"expected the start reply, got keys {sorted(started)[:8]}")
-                box, deferred = self._run_command(stdout_cb, stderr_cb, timeout, stdin)
-            finally:
+        try:
+            call = ExecuteCall(args, want_stdout=stdout_cb is not None, want_stderr=stderr_cb is not None,
+                               want_stdin=stdin is not None, cwd=cwd, timeout=timeout, env=env)
+        except UsageError as e:
+            raise UsageError(f"{self.name}: execute: {e}") from None
+        with self._exec_lock:
+            self._executions.add(call)
+        try:
+            with self._operation("execute"):
+                # under the lock: an interrupt must not overtake its request
                 with self._exec_lock:
-                    self._executing = False
-            try:
-                code = self._exit_code(box)
-            except RemoteError:
-                if deferred is None:
-                    raise
+                    self.wire.send_bytes(call.request())
+                final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin)
+        finally:
+            with self._exec_lock:
+                self._executions.discard(call)
         # the final box has been read: the conversation is in step, so a
         # callback's or the stdin reader's exception must not drop the slave
         if deferred is not None:
             raise deferred
-        return code
+        if isinstance(final, Failed):
+            error = final.error
+            raise type(error)(error.remote_message, slave=self.name, operation="execute", errtag=error.errtag)
+        return final.code
 
-    def _run_command(self, stdout_cb: Optional[OutputCallback], stderr_cb: Optional[OutputCallback],
-                     timeout: Optional[float], stdin: Union[bytes, BinaryIO, None]
-                     ) -> "tuple[Box, Optional[BaseException]]":
-        """Stream the command's output until its final box; return that box
-        and the exception (if any) to raise once the operation is over."""
+    def _run_command(self, call: ExecuteCall, stdout_cb: Optional[OutputCallback],
+                     stderr_cb: Optional[OutputCallback], timeout: Optional[float],
+                     stdin: Union[bytes, BinaryIO, None]
+                     ) -> Tuple[Union[Exited, Failed], Optional[BaseException]]:
+        """Drive ``call`` until its final box; return the final event and the
+        exception (if any) to raise once the operation is over."""
         feeder: Optional[_StdinFeeder] = None
         callback_error: Optional[BaseException] = None
+        wire = self.wire
         try:
-            if stdin is not None:
-                feeder = _StdinFeeder(self, stdin)
-                feeder.start()
-            # the command may be silent for as long as it runs: only its own
-            # time limit (plus slack for the kill) bounds the wait
-            wait = None if timeout is None else timeout + self.io_timeout
-            read_box = self.wire.read_box
+            # until the start reply: the usual reply deadline
+            wait: Optional[float] = self.io_timeout
             while True:
-                box = read_box(wait)
+                box = wire.read_box(wait)
                 if box is None:
                     raise Disconnected("slave closed the connection during execute")
-                stream = box.get(b"stream")
-                if stream is not None:
-                    cb = stdout_cb if stream == b"stdout" else stderr_cb if stream == b"stderr" else None
+                with self._exec_lock:
+                    event = call.receive(box)
+                if isinstance(event, Output):
+                    cb = stdout_cb if event.stream == "stdout" else stderr_cb
                     if cb is not None and callback_error is None:
                         try:
-                            cb(box.get(b"data", b""))
+                            cb(event.data)
                         except BaseException as e:  # noqa: BLE001 - re-raised below
                             callback_error = e
-                            self._send_interrupt()
-                    continue
-                break
+                            self._interrupt_call(call)
+                elif isinstance(event, Started):
+                    if stdin is not None:
+                        feeder = _StdinFeeder(self, call, stdin)
+                        feeder.start()
+                    # the command may be silent for as long as it runs: only
+                    # its own time limit (plus slack for the kill) bounds the wait
+                    wait = None if timeout is None else timeout + self.io_timeout
+                elif isinstance(event, (Exited, Failed)):
+                    final = event
+                    break
         finally:
             if feeder is not None:
                 feeder.stop()
         if callback_error is not None:
-            return box, callback_error
+            return final, callback_error
         if feeder is not None and feeder.error is not None:
-            err = RemshError(f"{self.name}: execute: reading stdin failed: {feeder.error}")
+            err = LocalError(f"{self.name}: execute: reading stdin failed: {feeder.error}")
             err.__cause__ = feeder.error
-            return box, err
-        return box, None
+            return final, err
+        return final, None
 
-    def _exit_code(self, box: Box) -> int:
-        """The exit code in execute's final box (or its error raised)."""
-        self._raise_if_error("execute", box)
-        if b"result" not in box:
-            raise ProtocolError(f"expected the final execute box, got keys {sorted(box)[:8]}")
-        try:
-            return decode_int(box[b"result"])
-        except ValueError:
-            raise ProtocolError(f"bad exit code {box[b'result'][:20]!r}") from None
-
-    def _send_interrupt(self) -> None:
-        try:
-            self.wire.send_box({b"interrupt": b"y"}, lock_timeout=INTERRUPT_SEND_TIMEOUT)
-        except PeerTimeout:
-            log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
-            # reset, not shut down: a FIN would queue behind the unsent stdin
-            getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
-        except Disconnected:
-            pass
+    def _interrupt_call(self, call: ExecuteCall) -> None:
+        """Ask for ``call``'s command to be killed (now, or with its request)."""
+        with self._exec_lock:
+            data = call.interrupt()
+            if data is None or self._disconnected is not None:
+                return
+            try:
+                self.wire.send_bytes(data, lock_timeout=INTERRUPT_SEND_TIMEOUT)
+            except WaitTimeout:
+                log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
+                # reset, not shut down: a FIN would queue behind the unsent stdin
+                getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
+            except (Disconnected, ProtocolError):
+                pass
 
     def interrupt(self) -> None:
-        """Kill the command running in :meth:`execute`, from any thread.
+        """Kill the command of every :meth:`execute` call in progress on this
+        slave, from any thread.
 
         The slave kills the command's whole process group and ``execute``
-        returns its status (``-9``).  Does nothing when no command runs.  If
-        the connection is too congested to take the request within a few
-        seconds, the connection is dropped instead (``execute`` then raises
-        :class:`~remsh.errors.Disconnected`).
+        returns its status (``-9``).  A call still waiting for its turn, or
+        whose command has not started yet, is interrupted as soon as its
+        request goes out.  Does nothing when no ``execute`` call is in
+        progress.  If the connection is too congested to take the request
+        within a few seconds, the connection is dropped instead (``execute``
+        then raises :class:`~remsh.errors.Disconnected`).  Never raises.
         """
         with self._exec_lock:
-            if self._executing and self._disconnected is None:
-                self._send_interrupt()
+            calls = list(self._executions)
+        for call in calls:
+            self._interrupt_call(call)
 
     # -- file transfer -------------------------------------------------------
 
-    def send(self, src: Union[Path, BinaryIO], dest: Path, *, mode: Optional[int] = None) -> None:
+    def send(self, src: Union[Path, BinaryIO], dest: Path, *, mode: Optional[int] = None,
+             progress: Optional[ProgressCallback] = None) -> None:
         """Copy local ``src`` (a path or binary file object) to ``dest`` on the slave.
 
-        The slave writes a temporary file beside ``dest`` and moves it into
-        place only once every byte arrived and the SHA-256 digest matched, so
-        ``dest`` is never seen partial.  ``dest`` must not exist
-        (:class:`~remsh.errors.RemoteFileExistsError`).  ``mode`` sets the
-        file's permission bits (default: the slave's umask).
+        The slave writes a temporary file beside ``dest`` (created with
+        ``mode`` from the start) and moves it into place only once every byte
+        arrived and the SHA-256 digest matched, so ``dest`` is never seen
+        partial.  ``mode`` sets the file's permission bits (default: the
+        slave's umask).  ``progress(done_bytes, total_bytes)`` is called as
+        data goes out, at most ten times a second, and once at the end.
+
+        :raises RemoteFileExistsError: ``dest`` exists
+        :raises OpenFailedError: the slave cannot create the file
+        :raises FailedError: writing failed on the slave (nothing is left)
+        :raises LocalError: the local source cannot be opened or read
+            (nothing is left on the slave)
         """
-        box = {b"meth": b"send", b"version": OP_VERSION, b"dest": _b(dest)}
-        if mode is not None:
-            box[b"mode"] = encode_int(mode)
+        request = SEND.encode(dest=_b(dest), mode=mode)
         if hasattr(src, "read"):
             f: IO[bytes] = src  # type: ignore[assignment]
             own = False
         else:
             try:
-                f = open(src, "rb", buffering=0)  # type: ignore[arg-type]
+                f = open(src, "rb", buffering=0)
             except OSError as e:
-                raise UsageError(f"{self.name}: send: cannot open local file: {e}") from e
+                raise LocalError(f"{self.name}: send: cannot open local file: {e}") from e
             own = True
         try:
+            total: Optional[int] = None
+            if progress is not None:
+                try:
+                    total = os.fstat(f.fileno()).st_size
+                except (OSError, AttributeError, io.UnsupportedOperation):
+                    total = None
             with self._operation("send"):
-                self.wire.send_box(box)
+                self.wire.send_bytes(request)
                 self._raise_if_error("send", self._read("send"))
-                local_error = self._send_data(f)
+                local_error = self._send_data(f, _Progress(progress, total))
                 reply = self._read("send")
             # the slave's error for an aborted transfer only echoes the local cause
             if local_error is not None:
-                raise RemshError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
+                raise LocalError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
             self._raise_if_error("send", reply)
         finally:
             if own:
                 f.close()
 
-    def _send_data(self, f: IO[bytes]) -> Optional[OSError]:
+    def _send_data(self, f: IO[bytes], progress: _Progress) -> Optional[OSError]:
         digest = hashlib.sha256()
         send = self.wire.send_bytes
         while True:
@@ -462,15 +562,30 @@ class Slave:
                 break
             digest.update(block)
             send(encode_data_boxes(b"data", block))
+            progress.add(len(block))
         self.wire.send_box({b"sha256": digest.hexdigest().encode("ascii")})
+        progress.finish()
         return None
 
-    def fetch(self, src: Path, dest: Union[Path, BinaryIO]) -> None:
+    def fetch(self, src: Path, dest: Union[Path, BinaryIO], *, max_bytes: Optional[int] = None,
+              progress: Optional[ProgressCallback] = None) -> None:
         """Copy ``src`` on the slave to local ``dest`` (a path or binary file object).
 
         For a path, data goes to a temporary file beside it that is moved
-        into place only when complete and verified; ``dest`` must not exist
-        (:class:`~remsh.errors.UsageError`).
+        into place only when complete and verified.  ``max_bytes`` bounds
+        what the slave may make the master write: past it the transfer is
+        abandoned, nothing is left at ``dest`` and the slave is dropped (it
+        is still sending).  ``progress(done_bytes, None)`` is called as data
+        arrives, at most ten times a second, and once at the end with the
+        total.
+
+        :raises NotFoundError: ``src`` does not exist
+        :raises OpenFailedError: ``src`` is not a regular file or cannot be opened
+        :raises FailedError: reading failed on the slave
+        :raises LocalError: ``dest`` exists, or cannot be created, written or
+            put in place (nothing is left)
+        :raises ProtocolError: the data does not match the slave's digest, or
+            passed ``max_bytes`` (the slave is dropped)
         """
         part: Optional[PartialFile] = None
         if hasattr(dest, "write"):
@@ -478,18 +593,20 @@ class Slave:
         else:
             dest_b = _b(dest)  # type: ignore[arg-type]
             if os.path.lexists(dest_b):
-                raise UsageError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
+                raise LocalError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
             try:
                 part = PartialFile(dest_b)
             except OSError as e:
-                raise UsageError(f"{self.name}: fetch: cannot create local file: {e}") from e
+                raise LocalError(f"{self.name}: fetch: cannot create local file: {e}") from e
             out = part
+        counter = _Progress(progress, None)
         try:
             with self._operation("fetch"):
-                self.wire.send_box({b"meth": b"fetch", b"version": OP_VERSION, b"src": _b(src)})
+                self.wire.send_bytes(FETCH.encode(src=_b(src)))
                 digest = hashlib.sha256()
                 local_error: Optional[OSError] = None
                 read_box = self.wire.read_box
+                received = 0
                 while True:
                     box = read_box(self.io_timeout)
                     if box is None:
@@ -497,42 +614,48 @@ class Slave:
                     data = box.get(b"data")
                     if data is None:
                         break
+                    received += len(data)
+                    if max_bytes is not None and received > max_bytes:
+                        raise ProtocolError(f"the file passed max_bytes ({max_bytes}); transfer abandoned")
                     digest.update(data)
                     if local_error is None:
                         try:
                             out.write(data)
                         except OSError as e:
                             local_error = e
+                    counter.add(len(data))
             self._raise_if_error("fetch", box)
             if local_error is not None:
-                raise RemshError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
+                raise LocalError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
             expected = box.get(b"sha256")
             if expected is not None and expected.lower() != digest.hexdigest().encode("ascii"):
-                raise ProtocolError(f"{self.name}: fetch: data does not match the slave's sha256 digest")
+                raise self._protocol_error("fetch", "data does not match the slave's sha256 digest")
             if part is not None:
                 try:
                     part.commit()
                 except FileExistsError:
-                    raise UsageError(f"{self.name}: fetch: local destination appeared meanwhile") from None
+                    raise LocalError(f"{self.name}: fetch: local destination appeared meanwhile") from None
                 except OSError as e:
-                    raise RemshError(f"{self.name}: fetch: cannot place local file: {e}") from e
+                    raise LocalError(f"{self.name}: fetch: cannot place local file: {e}") from e
+            counter.finish()
         finally:
             if part is not None:
                 part.discard()
 
 
 @functools.lru_cache(maxsize=None)
-def _bare_request(meth: str) -> bytes:
+def _encoded(op: Operation) -> bytes:
     """The encoded request of an operation without arguments."""
-    return encode_box({b"meth": meth.encode("ascii"), b"version": OP_VERSION})
+    return op.encode()
 
 
 class _StdinFeeder:
     """Sends a command's stdin from its own thread, so that reading output
     and writing input can never wait on each other."""
 
-    def __init__(self, slave: Slave, source: Union[bytes, BinaryIO]) -> None:
+    def __init__(self, slave: Slave, call: ExecuteCall, source: Union[bytes, BinaryIO]) -> None:
         self.slave = slave
+        self.call = call
         self.source: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
         self.error: Optional[OSError] = None
         self._stop = threading.Event()
@@ -550,12 +673,11 @@ class _StdinFeeder:
                     chunk = self.source.read(CHUNK)
                 except OSError as e:
                     self.error = e
-                    self.slave.interrupt()
+                    self.slave._interrupt_call(self.call)
                     chunk = b""
                 # nothing may go out once the command has ended: a late box
                 # would land in the middle of the next operation
-                box = {b"stream": b"stdin", b"data": chunk} if chunk else {b"stream": b"stdin", b"eof": b"y"}
-                if not wire.send_box_unless(box, self._stop):
+                if not wire.send_bytes_unless(self.call.stdin_box(chunk), self._stop):
                     return
                 if not chunk:
                     return
@@ -569,5 +691,5 @@ class _StdinFeeder:
         if self._thread is not None:
             self._thread.join(INTERRUPT_SEND_TIMEOUT + 1.0)
             if self._thread.is_alive():
-                self.slave._mark_disconnected(Disconnected(
+                self.slave.drop(Disconnected(
                     f"{self.slave.name}: execute: the stdin source did not return; connection dropped"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import select
 import selectors
@@ -24,11 +23,11 @@ import signal
 import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from remsh.errors import Disconnected
-from remsh.slave.server import OpError, error_box
-from remsh.wire import Box, decode_bool, decode_list, encode_int
+from remsh.conversation import ExecuteControl, Interrupt, Stdin
+from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
+from remsh.wire import Box
 
 if TYPE_CHECKING:
     from remsh.slave.server import SlaveServer
@@ -48,32 +47,19 @@ READ_SIZE = 65535
 MAX_SELECT_WAIT = 3600.0
 
 
-def _flag(box: Box, key: bytes, default: bool) -> bool:
-    value = box.get(key)
-    if value is None:
-        return default
-    try:
-        return decode_bool(value)
-    except ValueError:
-        raise OpError("invalid", f"{key.decode()!r} must be y or n") from None
-
-
-def build_env(box: Box) -> Optional[Dict[bytes, bytes]]:
+def build_env(overrides: Dict[bytes, bytes], removals: Dict[bytes, bytes]) -> Optional[Dict[bytes, bytes]]:
     """The command's environment: the slave's, with the request's overrides
-    (``None`` when there are none: the command inherits the slave's as is)."""
-    env: Optional[Dict[bytes, bytes]] = None
-    for key, value in box.items():
-        if key.startswith(b"env_") and len(key) > 4:
-            name = key[4:]
-            if b"=" in name or b"\0" in name or b"\0" in value:
-                raise OpError("invalid", f"bad environment variable {name[:40]!r}")
-            if env is None:
-                env = dict(os.environb)
-            env[name] = value
-        elif key.startswith(b"unset_") and len(key) > 6:
-            if env is None:
-                env = dict(os.environb)
-            env.pop(key[6:], None)
+    (``env_`` + name) and removals (``unset_`` + name); ``None`` when there
+    are none, so the command inherits the slave's as is."""
+    if not overrides and not removals:
+        return None
+    env = dict(os.environb)
+    for name, value in overrides.items():
+        if b"=" in name or b"\0" in name or b"\0" in value:
+            raise InvalidRequestError(f"bad environment variable {name[:40]!r}")
+        env[name] = value
+    for name in removals:
+        env.pop(name, None)
     return env
 
 
@@ -86,7 +72,7 @@ class _ProgramCache:
     """
 
     def __init__(self, size: int = 256) -> None:
-        self._found: Dict[tuple, bytes] = {}
+        self._found: Dict[Tuple[bytes, bytes], bytes] = {}
         self._size = size
 
     def resolve(self, name: bytes, env: Optional[Dict[bytes, bytes]]) -> Optional[bytes]:
@@ -115,7 +101,7 @@ PROGRAMS = _ProgramCache()
 class _ExitWatcher:
     """Something ``select`` can wait on that becomes readable when the child exits."""
 
-    def __init__(self, proc: subprocess.Popen) -> None:
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
         self.proc = proc
         self._thread: Optional[threading.Thread] = None
         pidfd_open = getattr(os, "pidfd_open", None)
@@ -145,7 +131,7 @@ class _ExitWatcher:
         self.fd = self._w = -1
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -156,32 +142,24 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_execute(server: "SlaveServer", box: Box) -> None:
-    """Perform one ``execute`` request, from start reply to final box."""
+def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
+    """Perform one ``execute`` request (arguments parsed by the table of
+    operations), from start reply to final box."""
     wire = server.wire
-    args = decode_list(server._need(box, b"args"))
-    if not args:
-        raise OpError("invalid", "'args' is empty")
-    want_stdout = _flag(box, b"want_stdout", True)
-    want_stderr = _flag(box, b"want_stderr", True)
-    want_stdin = _flag(box, b"want_stdin", False)
-    timeout: Optional[float] = None
-    if b"timeout" in box:
-        try:
-            timeout = float(box[b"timeout"].decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise OpError("invalid", "'timeout' must be a number of seconds") from None
-        if not 0 < timeout < math.inf:
-            raise OpError("invalid", "'timeout' must be a positive, finite number of seconds")
+    argv: List[bytes] = args["args"]
+    want_stdout = args["want_stdout"] is not False
+    want_stderr = args["want_stderr"] is not False
+    want_stdin = bool(args["want_stdin"])
+    timeout: Optional[float] = args["timeout"]
     cwd = server.cwd
-    if box.get(b"cwd"):
-        cwd = os.path.join(server.cwd, box[b"cwd"])
-    env = build_env(box)
+    if args["cwd"]:
+        cwd = os.path.join(server.cwd, args["cwd"])
+    env = build_env(args["env_"], args["unset_"])
     devnull = server.devnull()
     try:
         proc = subprocess.Popen(
-            args,
-            executable=PROGRAMS.resolve(args[0], env),
+            argv,
+            executable=PROGRAMS.resolve(argv[0], env),
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE if want_stdin else devnull,
@@ -196,7 +174,7 @@ def run_execute(server: "SlaveServer", box: Box) -> None:
         if isinstance(e, OSError) and e.filename is not None:
             fn = e.filename
             msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
-        raise OpError("execfailed", f"could not start {os.fsdecode(args[0])}: {msg}") from None
+        raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
     try:
         wire.send_box({})
         _Supervisor(server, proc, timeout).run()
@@ -213,7 +191,7 @@ def run_execute(server: "SlaveServer", box: Box) -> None:
 
 
 class _Supervisor:
-    def __init__(self, server: "SlaveServer", proc: subprocess.Popen, timeout: Optional[float]) -> None:
+    def __init__(self, server: "SlaveServer", proc: "subprocess.Popen[bytes]", timeout: Optional[float]) -> None:
         self.server = server
         self.wire = server.wire
         self.proc = proc
@@ -285,9 +263,9 @@ class _Supervisor:
             watcher.close()
             sel.close()
         if self.timed_out:
-            wire.send_box(error_box("timeout", f"command timed out after {self.timeout:g} s and was killed"))
+            wire.send_box(ExecuteControl.timeout_box(self.timeout or 0.0))
         else:
-            wire.send_box({b"result": encode_int(proc.returncode)})
+            wire.send_box(ExecuteControl.exit_box(proc.returncode))
 
     def _next_wait(self, exit_seen_at: Optional[float]) -> Optional[float]:
         waits = []
@@ -327,23 +305,22 @@ class _Supervisor:
     def _control(self, box: Optional[Box]) -> None:
         if box is None:
             return
-        if box.get(b"interrupt") == b"y":
+        control = ExecuteControl.receive(box)
+        if isinstance(control, Interrupt):
             log.info("interrupt from the master; killing the command's process group")
             _kill_group(self.proc)
-            return
-        if box.get(b"stream") == b"stdin":
+        elif isinstance(control, Stdin):
             if self.stdin_fd < 0:
                 return  # stdin not requested, or already closed: drop
-            data = box.get(b"data")
-            if data:
-                self.stdin_buf.append(data)
-                self.stdin_len += len(data)
+            if control.data:
+                self.stdin_buf.append(control.data)
+                self.stdin_len += len(control.data)
                 self._want_stdin_writable()
-            if box.get(b"eof") == b"y":
+            if control.eof:
                 self.stdin_eof = True
                 self._want_stdin_writable()
-            return
-        log.warning("ignoring unexpected box during execute: keys %s", sorted(box)[:8])
+        else:
+            log.warning("ignoring %s", control.reason)
 
     def _want_stdin_writable(self) -> None:
         if self.stdin_fd < 0:
@@ -402,7 +379,7 @@ class _Supervisor:
         if not data:
             self._close_output(fd)
             return
-        self.wire.send_box({b"stream": self.outputs[fd], b"data": data})
+        self.wire.send_box(ExecuteControl.output_box(self.outputs[fd], data))
 
     def _close_output(self, fd: int) -> None:
         self.sel.unregister(fd)

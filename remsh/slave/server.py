@@ -17,67 +17,46 @@ import logging
 import os
 import shutil
 import stat as stat_mod
-from typing import Callable, Dict, Optional
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from remsh.errors import Disconnected, ProtocolError
+from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, NotFoundError,
+                          OpenFailedError, ProtocolError, RemoteError, RemoteFileExistsError,
+                          UnexpectedError)
 from remsh.files import PartialFile
-from remsh.wire import (DATA_BLOCK, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, decode_int,
-                        encode_data_boxes)
+from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, PROGRESS_INTERVAL,
+                       PROGRESS_KEY, Operation, check_version, error_box, os_message)
+from remsh.slave.execute import run_execute
+from remsh.wire import DATA_BLOCK, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
 
 log = logging.getLogger(__name__)
 
-OP_VERSION = 1
-_OP_VERSION_B = b"1"
-#: Bound on the wait for each box inside a multi-box operation (send data).
-DEFAULT_IO_TIMEOUT = 120.0
-
-
-class OpError(Exception):
-    """An operation failure to be sent as an error box."""
-
-    def __init__(self, errtag: str, message: str) -> None:
-        super().__init__(message)
-        self.errtag = errtag
-        self.message = message
-
-
-def _os_message(e: OSError) -> str:
-    parts = [e.strerror or str(e)]
-    if e.filename is not None:
-        fn = e.filename
-        parts.append(os.fsdecode(fn) if isinstance(fn, bytes) else str(fn))
-    return ": ".join(parts)
-
-
-def error_box(errtag: str, message: str) -> Box:
-    """The error box for a tag and message (message cut to fit a value)."""
-    data = message.encode("utf-8", "replace")[:MAX_VALUE_LENGTH]
-    return {b"error": data, b"errtag": errtag.encode("ascii")}
+Handler = Callable[[Dict[str, Any]], Optional[Box]]
 
 
 class SlaveServer:
-    """Performs operations for one master over ``wire``, rooted at ``basedir``."""
+    """Performs operations for one master over ``wire``, rooted at ``basedir``.
 
-    def __init__(self, wire: Wire, basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+    The dispatch is built from :data:`remsh.ops.OPERATIONS`: every operation
+    there has a handler ``op_<meth>`` here, taking the request's parsed
+    arguments and returning the reply box (``None`` for the empty box);
+    handlers of multi-box conversations send their own final box.  A handler
+    fails by raising a :class:`~remsh.errors.RemoteError` subclass, which
+    becomes the error box of that class's ``errtag``.
+    """
+
+    def __init__(self, wire: Wire, basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT,
+                 progress_interval: float = PROGRESS_INTERVAL) -> None:
         self._devnull = -1
         self.wire = wire
         self.basedir = os.fsencode(os.path.abspath(basedir))
         self.cwd = self.basedir
         self.io_timeout = io_timeout
-        self._ops: Dict[bytes, Callable[[Box], None]] = {
-            b"set_cwd": self.op_set_cwd,
-            b"getenv": self.op_getenv,
-            b"mkdir": self.op_mkdir,
-            b"unlink": self.op_unlink,
-            b"execute": self.op_execute,
-            b"send": self.op_send,
-            b"fetch": self.op_fetch,
-            b"remove": self.op_remove,
-            b"rename": self.op_rename,
-            b"copy": self.op_copy,
-            b"stat": self.op_stat,
-            b"ping": self.op_ping,
-        }
+        self.progress_interval = progress_interval
+        self._heartbeat: Optional[_Heartbeat] = None
+        self._ops: Dict[bytes, Tuple[Operation, Handler]] = {
+            op.wire: (op, getattr(self, "op_" + op.meth)) for op in OPERATIONS.values()}
 
     def devnull(self) -> int:
         """A descriptor of ``/dev/null`` for commands' unwanted streams
@@ -91,6 +70,9 @@ class SlaveServer:
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
 
     # -- the loop ----------------------------------------------------------
 
@@ -112,46 +94,34 @@ class SlaveServer:
     def handle(self, box: Box) -> None:
         """Perform one request box and send its final box."""
         meth = box.get(b"meth")
-        if meth is None:
-            if b"interrupt" in box or b"stream" in box:
-                log.debug("discarding late execute-control box")
-                return
-            self._send_error("invalid", "request has no 'meth' key")
-            return
-        op = self._ops.get(meth)
-        if op is None:
-            self._send_error("invalid-meth", f"no such operation: {meth[:64]!r}")
-            return
-        if box.get(b"version") != _OP_VERSION_B and not self._version_ok(meth, box):
-            return
         try:
-            op(box)
-        except OpError as e:
-            self._send_error(e.errtag, e.message)
+            if meth is None:
+                if b"interrupt" in box or b"stream" in box:
+                    log.debug("discarding late execute-control box")
+                    return
+                raise InvalidRequestError("request has no 'meth' key")
+            entry = self._ops.get(meth)
+            if entry is None:
+                raise InvalidMethError(f"no such operation: {meth[:64]!r}")
+            op, handler = entry
+            version = box.get(b"version")
+            if version != OP_VERSION_BYTES:
+                check_version(op.meth, version)
+            args = op.parse(box)
+            if op.long and args.get("progress"):
+                with self._progress():
+                    reply = handler(args)
+            else:
+                reply = handler(args)
+            if not op.conversation:
+                self._reply(reply)
+        except RemoteError as e:
+            self.wire.send_box(error_box(e))
         except (Disconnected, ProtocolError):
             raise
         except Exception:  # noqa: BLE001 - reported to the master without internals
-            log.exception("unexpected failure in %s", meth.decode("ascii", "replace"))
-            self._send_error("unexpected", "unexpected error on the slave (details in its log)")
-
-    def _version_ok(self, meth: bytes, box: Box) -> bool:
-        """Answer a request whose version is not this slave's; False if refused."""
-        try:
-            version = decode_int(box.get(b"version", b""))
-        except ValueError:
-            self._send_error("invalid", "request has no valid 'version' key")
-            return False
-        if version > OP_VERSION:
-            self._send_error("version-too-new", f"{meth.decode('ascii', 'replace')} version {version}"
-                             f" is newer than this slave's ({OP_VERSION})")
-            return False
-        if version < OP_VERSION:
-            self._send_error("version-unsupported", f"version {version} is no longer supported")
-            return False
-        return True  # the same version, spelt differently (e.g. "01")
-
-    def _send_error(self, errtag: str, message: str) -> None:
-        self.wire.send_box(error_box(errtag, message))
+            log.exception("unexpected failure in %s", (meth or b"?").decode("ascii", "replace"))
+            self.wire.send_box(error_box(UnexpectedError("unexpected error on the slave (details in its log)")))
 
     def _reply(self, box: Optional[Box] = None) -> None:
         if box:
@@ -159,42 +129,42 @@ class SlaveServer:
         else:
             self.wire.send_bytes(END_OF_BOX)  # the empty box
 
+    @contextmanager
+    def _progress(self) -> Iterator[None]:
+        """Send liveness boxes while the body runs (a long operation whose
+        master asked for them), and none once it has returned."""
+        if self._heartbeat is None:
+            self._heartbeat = _Heartbeat(self.wire, self.progress_interval)
+        self._heartbeat.arm()
+        try:
+            yield
+        finally:
+            self._heartbeat.disarm()
+
     # -- helpers -----------------------------------------------------------
 
-    @staticmethod
-    def _need(box: Box, key: bytes) -> bytes:
-        try:
-            return box[key]
-        except KeyError:
-            raise OpError("invalid", f"missing key {key.decode('ascii')!r}") from None
-
-    def _path(self, box: Box, key: bytes) -> bytes:
-        value = self._need(box, key)
-        if not value or b"\0" in value:
-            raise OpError("invalid", f"{key.decode('ascii')!r} must be a non-empty path without NUL")
-        return os.path.join(self.cwd, value)
+    def _resolve(self, path: bytes) -> bytes:
+        return os.path.join(self.cwd, path)
 
     # -- operations --------------------------------------------------------
 
-    def op_ping(self, box: Box) -> None:
-        self._reply()
+    def op_ping(self, args: Dict[str, Any]) -> Optional[Box]:
+        return None
 
-    def op_set_cwd(self, box: Box) -> None:
-        cwd = box.get(b"cwd")
+    def op_set_cwd(self, args: Dict[str, Any]) -> Optional[Box]:
+        cwd = args["cwd"]
         if cwd is None:
             new = self.basedir
         elif cwd == b"":
             new = self.cwd
         else:
-            if b"\0" in cwd:
-                raise OpError("invalid", "'cwd' contains a NUL byte")
             new = os.path.normpath(os.path.join(self.cwd, cwd))
         if not os.path.isdir(new):
-            raise OpError("notfound", f"no such directory: {os.fsdecode(new)}")
+            raise NotFoundError(f"no such directory: {os.fsdecode(new)}")
         self.cwd = new
-        self._reply({b"cwd": new})
+        return {b"cwd": new}
 
-    def op_getenv(self, box: Box) -> None:
+    def op_getenv(self, args: Dict[str, Any]) -> Optional[Box]:
         reply: Box = {}
         for name, value in os.environb.items():
             key = b"env_" + name
@@ -202,68 +172,65 @@ class SlaveServer:
                 reply[key] = value
             else:
                 log.warning("getenv: variable %r too long to report", name[:40])
-        self._reply(reply)
+        return reply
 
-    def op_mkdir(self, box: Box) -> None:
-        path = self._path(box, b"dir")
+    def op_mkdir(self, args: Dict[str, Any]) -> Optional[Box]:
         try:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(self._resolve(args["dir"]), exist_ok=True)
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
-        self._reply()
+            raise FailedError(os_message(e)) from None
+        return None
 
-    def op_unlink(self, box: Box) -> None:
-        path = self._path(box, b"file")
+    def op_unlink(self, args: Dict[str, Any]) -> Optional[Box]:
+        path = self._resolve(args["file"])
         try:
             os.unlink(path)
         except FileNotFoundError:
-            raise OpError("notfound", f"no such file: {os.fsdecode(path)}") from None
+            raise NotFoundError(f"no such file: {os.fsdecode(path)}") from None
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
-        self._reply()
+            raise FailedError(os_message(e)) from None
+        return None
 
-    def op_stat(self, box: Box) -> None:
-        path = self._path(box, b"path")
+    def op_stat(self, args: Dict[str, Any]) -> Optional[Box]:
         try:
-            st = os.stat(path)
+            st = os.stat(self._resolve(args["path"]))
         except (FileNotFoundError, NotADirectoryError):
             result = b""
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
+            raise FailedError(os_message(e)) from None
         else:
             result = b"d" if stat_mod.S_ISDIR(st.st_mode) else b"f"
-        self._reply({b"result": result})
+        return {b"result": result}
 
-    def op_remove(self, box: Box) -> None:
-        path = self._path(box, b"path")
+    def op_remove(self, args: Dict[str, Any]) -> Optional[Box]:
         try:
-            remove_tree(path)
+            remove_tree(self._resolve(args["path"]))
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
-        self._reply()
+            raise FailedError(os_message(e)) from None
+        return None
 
-    def op_rename(self, box: Box) -> None:
-        src = self._path(box, b"src")
-        dest = self._path(box, b"dest")
+    def op_rename(self, args: Dict[str, Any]) -> Optional[Box]:
+        src = self._resolve(args["src"])
+        dest = self._resolve(args["dest"])
         if not os.path.lexists(src):
-            raise OpError("notfound", f"no such file or directory: {os.fsdecode(src)}")
+            raise NotFoundError(f"no such file or directory: {os.fsdecode(src)}")
         if os.path.lexists(dest):
-            raise OpError("fileexists", f"destination exists: {os.fsdecode(dest)}")
+            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
         try:
             os.rename(src, dest)
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
-        self._reply()
+            raise FailedError(os_message(e)) from None
+        return None
 
-    def op_copy(self, box: Box) -> None:
-        src = self._path(box, b"src")
-        dest = self._path(box, b"dest")
+    def op_copy(self, args: Dict[str, Any]) -> Optional[Box]:
+        src = self._resolve(args["src"])
+        dest = self._resolve(args["dest"])
         if not os.path.lexists(src):
-            raise OpError("notfound", f"no such file: {os.fsdecode(src)}")
+            raise NotFoundError(f"no such file: {os.fsdecode(src)}")
         if os.path.isdir(src):
-            raise OpError("failed", f"source is a directory (copy is for files): {os.fsdecode(src)}")
+            raise FailedError(f"source is a directory (copy is for files): {os.fsdecode(src)}")
         if os.path.lexists(dest):
-            raise OpError("fileexists", f"destination exists: {os.fsdecode(dest)}")
+            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
         try:
             with open(src, "rb") as f:
                 part = PartialFile(dest)
@@ -278,31 +245,23 @@ class SlaveServer:
                     raise
                 part.commit()
         except FileExistsError:
-            raise OpError("fileexists", f"destination exists: {os.fsdecode(dest)}") from None
+            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}") from None
         except OSError as e:
-            raise OpError("failed", _os_message(e)) from None
-        self._reply()
+            raise FailedError(os_message(e)) from None
+        return None
 
-    def op_send(self, box: Box) -> None:
-        dest = self._path(box, b"dest")
-        mode = None
-        if b"mode" in box:
-            try:
-                mode = decode_int(box[b"mode"])
-            except ValueError:
-                raise OpError("invalid", "'mode' must be a decimal integer") from None
-            if not 0 <= mode <= 0o7777:
-                raise OpError("invalid", f"'mode' out of range: {mode}")
+    def op_send(self, args: Dict[str, Any]) -> Optional[Box]:
+        dest = self._resolve(args["dest"])
         if os.path.lexists(dest):
-            raise OpError("fileexists", f"destination exists: {os.fsdecode(dest)}")
+            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
         try:
-            part = PartialFile(dest, mode)
+            part = PartialFile(dest, args["mode"])
         except OSError as e:
-            raise OpError("openfailed", _os_message(e)) from None
+            raise OpenFailedError(os_message(e)) from None
         try:
             self._reply()  # go ahead
             digest = hashlib.sha256()
-            failure: Optional[OpError] = None
+            failure: Optional[RemoteError] = None
             read_box = self.wire.read_box
             while True:
                 data_box = read_box(self.io_timeout)
@@ -319,55 +278,105 @@ class SlaveServer:
                     try:
                         part.write(data)
                     except OSError as e:
-                        failure = OpError("failed", _os_message(e))
+                        failure = FailedError(os_message(e))
                         part.discard()
             if failure is not None:
                 raise failure
             if b"abort" in end:
                 reason = end[b"abort"].decode("utf-8", "replace")
-                raise OpError("failed", f"master aborted the transfer: {reason}; file discarded")
+                raise FailedError(f"master aborted the transfer: {reason}; file discarded")
             expected = end.get(b"sha256")
             if expected is not None and expected.lower() != digest.hexdigest().encode("ascii"):
-                raise OpError("failed", "data does not match the sha256 digest sent; file discarded")
+                raise FailedError("data does not match the sha256 digest sent; file discarded")
             try:
                 part.commit()
             except FileExistsError:
-                raise OpError("fileexists", f"destination appeared meanwhile: {os.fsdecode(dest)}") from None
+                raise RemoteFileExistsError(f"destination appeared meanwhile: {os.fsdecode(dest)}") from None
             except OSError as e:
-                raise OpError("failed", _os_message(e)) from None
+                raise FailedError(os_message(e)) from None
         finally:
             part.discard()
         self._reply()
+        return None
 
-    def op_fetch(self, box: Box) -> None:
-        src = self._path(box, b"src")
+    def op_fetch(self, args: Dict[str, Any]) -> Optional[Box]:
+        src = self._resolve(args["src"])
         try:
             f = open(src, "rb", buffering=0)
         except FileNotFoundError:
-            raise OpError("notfound", f"no such file: {os.fsdecode(src)}") from None
+            raise NotFoundError(f"no such file: {os.fsdecode(src)}") from None
         except OSError as e:
-            raise OpError("openfailed", _os_message(e)) from None
+            raise OpenFailedError(os_message(e)) from None
         with f:
             if stat_mod.S_ISDIR(os.fstat(f.fileno()).st_mode):
-                raise OpError("openfailed", f"is a directory: {os.fsdecode(src)}")
+                raise OpenFailedError(f"is a directory: {os.fsdecode(src)}")
             digest = hashlib.sha256()
             send = self.wire.send_bytes
             while True:
                 try:
                     block = f.read(DATA_BLOCK)
                 except OSError as e:
-                    raise OpError("failed", _os_message(e)) from None
+                    raise FailedError(os_message(e)) from None
                 if not block:
                     break
                 digest.update(block)
                 send(encode_data_boxes(b"data", block))
             send_end = {b"sha256": digest.hexdigest().encode("ascii")}
         self._reply(send_end)
+        return None
 
-    def op_execute(self, box: Box) -> None:
-        from remsh.slave.execute import run_execute
+    def op_execute(self, args: Dict[str, Any]) -> Optional[Box]:
+        run_execute(self, args)
+        return None
 
-        run_execute(self, box)
+
+class _Heartbeat:
+    """Sends ``{progress: y}`` every ``interval`` seconds while armed, from a
+    thread of its own (started on first use, one per connection)."""
+
+    def __init__(self, wire: Wire, interval: float) -> None:
+        self.wire = wire
+        self.interval = interval
+        self._cond = threading.Condition()
+        self._armed = False
+        self._stopped = False
+        self._generation = 0
+        self._thread = threading.Thread(target=self._run, name="remsh-progress", daemon=True)
+        self._thread.start()
+
+    def arm(self) -> None:
+        with self._cond:
+            self._armed = True
+            self._generation += 1
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        """Stop sending; once this returns, no liveness box goes out (a box
+        being sent is finished first, under the same lock)."""
+        with self._cond:
+            self._armed = False
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._armed = False
+            self._cond.notify()
+
+    def _run(self) -> None:
+        box = {PROGRESS_KEY: b"y"}
+        with self._cond:
+            while not self._stopped:
+                if not self._armed:
+                    self._cond.wait()
+                    continue
+                generation = self._generation
+                self._cond.wait(self.interval)
+                if self._armed and not self._stopped and generation == self._generation:
+                    try:
+                        self.wire.send_box(box)
+                    except Exception:  # noqa: BLE001 - the operation's own I/O reports it
+                        self._armed = False
 
 
 def remove_tree(path: bytes) -> None:
