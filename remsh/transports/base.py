@@ -1,4 +1,5 @@
-"""The narrow stream interface every transport provides, and its socket form.
+"""The stream contract every transport provides (:class:`StreamLike`), and
+its socket form (:class:`SocketStream`).
 
 A stream is: send all these bytes, receive up to N bytes (``b""`` at end of
 stream) within an optional time limit, close.  It also exposes ``fileno()``
@@ -6,9 +7,9 @@ so that a caller can wait on several streams with ``select``, and
 ``pending()`` for bytes already decrypted inside the stream (TLS) that
 ``select`` cannot see.
 
-Sockets stay in blocking mode: a receive with a time limit polls first, a
-receive without one is a single system call (the hot path of every
-operation).  Sends are bounded by ``SO_SNDTIMEO`` so that a peer that stops
+Sockets stay in blocking mode and a receive is a single system call (the
+hot path of every operation): its time limit is the kernel's
+(``SO_RCVTIMEO``, set only when the limit changes).  Sends are bounded by ``SO_SNDTIMEO`` so that a peer that stops
 reading cannot block a sender for ever.
 
 TLS sockets are the exception: OpenSSL reads whole records, so a blocking
@@ -29,14 +30,11 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, Union
-
-try:  # Protocol is 3.8+, but keep the import cheap and explicit
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore
+from typing import Any, Callable, Optional, Protocol, Tuple, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
+#: TCP keepalive: (idle seconds, probe interval seconds, probe count).
+Keepalive = Tuple[int, int, int]
 
 #: Default bound on one blocked send (seconds): a peer that reads nothing for
 #: this long is considered gone.
@@ -56,26 +54,108 @@ def _timeval(seconds: float) -> bytes:
 
 
 class StreamLike(Protocol):
-    """What :class:`remsh.wire.Wire` needs from a transport."""
+    """The transport contract: everything remsh does with a connection.
 
+    :class:`remsh.wire.Wire` sends and receives through it, the listeners
+    read ``peer``, ``identity`` and ``handshake_deadline``, the master's idle
+    monitor and the slave's execute loop wait on ``fileno()`` (and
+    ``pending()``), and :class:`remsh.master.slave.Slave` ends a connection
+    it cannot keep in step with ``abort()``.  Every transport's stream
+    (:class:`SocketStream` for local socket pairs, TCP and TLS;
+    :class:`remsh.transports.ssh.ChannelStream` for SSH) provides all of it,
+    and ``tests/test_stream_conformance.py`` checks each against what is
+    promised here.
+
+    Threads: one thread may send while another receives (the stdin feeder
+    writes while the operation's thread reads); two threads never send at
+    once, nor receive at once (``Wire`` holds a lock for sending, and
+    receiving belongs to the thread that owns the conversation).
+    ``shutdown()``, ``abort()`` and ``close()`` may be called from any
+    thread at any time, and wake a thread blocked in ``recv`` or
+    ``send_all``: that call then returns ``b""`` (``0``) or raises
+    ``OSError``, promptly.
+
+    Errors: only ``OSError`` and its subclasses; ``TimeoutError`` (a
+    subclass) means a time limit passed with the connection not known to be
+    broken.  :class:`~remsh.wire.Wire` turns ``TimeoutError`` into
+    :class:`~remsh.errors.PeerTimeout` and any other ``OSError`` into
+    :class:`~remsh.errors.Disconnected`.
+    """
+
+    #: The other end, for logs and error messages (never empty).
     peer: str
+    #: The slave name the transport itself authenticated for the peer (the
+    #: comment of the SSH key it logged in with), or ``None`` when the
+    #: transport proves nothing about who the peer is.
     identity: Optional[str]
+    #: ``time.monotonic()`` by which the remsh handshake must be done, when
+    #: the transport already spent part of the handshake time limit on its
+    #: own set-up (TLS, SSH); ``None`` otherwise.
+    handshake_deadline: Optional[float]
 
-    def send_all(self, data: Buffer) -> None: ...
+    def send_all(self, data: Buffer) -> None:
+        """Send every byte of ``data``, or raise.
 
-    def recv(self, size: int, timeout: Optional[float]) -> bytes: ...
+        :raises TimeoutError: the peer read nothing for the transport's send
+            time limit (how much of ``data`` went is unknown: the connection
+            must be given up)
+        :raises OSError: the connection is broken, or the stream was shut
+            down or closed
+        """
+        ...
 
-    def fileno(self) -> int: ...
+    def recv(self, size: int, timeout: Optional[float]) -> bytes:
+        """Between 1 and ``size`` bytes, as soon as any are there; ``b""`` at
+        end of stream (the peer closed, or this side was shut down).
 
-    def pending(self) -> int: ...
+        ``timeout``: ``None`` waits as long as it takes, ``0`` does not wait
+        at all, a positive number waits at most that many seconds.
 
-    def shutdown(self) -> None: ...
+        :raises TimeoutError: nothing arrived within ``timeout``
+        :raises OSError: the connection failed (reset, vanished peer), or
+            the stream was closed
+        """
+        ...
 
-    def close(self) -> None: ...
+    def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
+        """Like :meth:`recv`, into ``buffer``: returns how many bytes were
+        written to its start (1 to ``len(buffer)``), ``0`` at end of stream.
+        Same time limit and errors as :meth:`recv`."""
+        ...
+
+    def fileno(self) -> int:
+        """A descriptor that ``select``/``poll`` report readable when
+        :meth:`recv` would not block: data, end of stream or an error is
+        there.  Valid until :meth:`close`."""
+        ...
+
+    def pending(self) -> int:
+        """How many bytes the stream holds already received (decrypted TLS
+        records) that make :meth:`fileno` no readier; ``0`` when the
+        descriptor shows everything.  Never raises."""
+        ...
+
+    def shutdown(self) -> None:
+        """End both directions now; the peer sees end of stream once what
+        was sent reaches it.  Wakes any thread blocked on the stream.
+        Idempotent; never raises."""
+        ...
+
+    def abort(self) -> None:
+        """End the connection now, throwing away what is still queued to
+        send: the peer sees the end at once (a reset), not after the queued
+        data.  Wakes any thread blocked on the stream.  Idempotent; never
+        raises."""
+        ...
+
+    def close(self) -> None:
+        """:meth:`shutdown`, then release the descriptor.  Idempotent; never
+        raises."""
+        ...
 
 
 def tune_socket(sock: socket.socket, *, send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
-                keepalive: Optional[tuple] = None) -> None:
+                keepalive: Optional[Keepalive] = None) -> None:
     """Set TCP_NODELAY (and TCP keepalive, if asked) and the send time limit.
 
     ``keepalive`` is ``(idle, interval, count)`` in seconds/probes.
@@ -108,7 +188,7 @@ class SocketStream:
     def __init__(self, sock: socket.socket, *, peer: Optional[str] = None,
                  identity: Optional[str] = None,
                  send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
-                 keepalive: Optional[tuple] = None) -> None:
+                 keepalive: Optional[Keepalive] = None) -> None:
         self._tls = isinstance(sock, ssl.SSLSocket)
         sock.setblocking(not self._tls)
         tune_socket(sock, send_timeout=send_timeout, keepalive=keepalive)
@@ -143,7 +223,7 @@ class SocketStream:
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
         if self._tls:
-            return self._tls_io(self.sock.recv, size, timeout)
+            return bytes(self._tls_io(self.sock.recv, size, timeout))
         try:
             if timeout is not None and timeout <= 0:
                 return self.sock.recv(size, _MSG_DONTWAIT)
@@ -155,7 +235,7 @@ class SocketStream:
     def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
         """Like :meth:`recv`, into ``buffer``; returns the byte count (0 at EOF)."""
         if self._tls:
-            return self._tls_io(self.sock.recv_into, buffer, timeout)
+            return int(self._tls_io(self.sock.recv_into, buffer, timeout))
         try:
             if timeout is not None and timeout <= 0:
                 return self.sock.recv_into(buffer, 0, _MSG_DONTWAIT)
