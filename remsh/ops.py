@@ -48,9 +48,9 @@ OP_VERSION_BYTES = b"1"
 #: command's own ``timeout`` instead).
 DEFAULT_IO_TIMEOUT = 120.0
 
-#: How often (seconds) a slave sends a liveness box while a long operation
-#: runs, when the request asked for them; well inside DEFAULT_IO_TIMEOUT.
-PROGRESS_INTERVAL = 10.0
+#: The shortest interval (seconds) between liveness boxes a slave accepts to
+#: send, whatever a request asks for.
+MIN_PROGRESS_INTERVAL = 0.05
 
 #: The key of the liveness box (``{progress: y}``) a slave sends during a
 #: long operation.
@@ -239,8 +239,10 @@ def _k(name: str, kind: str = "path", optional: bool = False, prefix: bool = Fal
     return Key(name, kind, optional, prefix, doc)
 
 
-#: the optional request key with which a master asks for liveness boxes
-_PROGRESS = _k("progress", "bool", optional=True, doc="y: send {progress: y} while it runs")
+#: the optional request key with which a master asks for liveness boxes: the
+#: interval (seconds) at which it wants them (it picks a fraction of its own
+#: reply deadline)
+_PROGRESS = _k("progress", "seconds", optional=True, doc="send {progress: y} every this many seconds")
 
 SET_CWD = Operation(
     "set_cwd", (_k("cwd", "cwd", optional=True),), (_k("cwd"),), (NotFoundError,),

@@ -676,22 +676,21 @@ def test_fetch_into_read_only_directory(slave, basedir, tmp_path) -> None:
 
 def test_fetch_parent_vanishes(slave, basedir, tmp_path) -> None:
     """A fetch whose destination directory vanishes midway fails and leaves nothing."""
-    fifo = path_of(basedir, "fifo")
-    os.mkfifo(fifo)
+    with open(path_of(basedir, "big"), "wb") as f:
+        f.truncate(8 * MiB)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    fetch = run_in_thread(lambda: slave.fetch("fifo", str(outdir / "f")))
-    # the slave opens the fifo only after the master made its temporary file
-    opener = run_in_thread(lambda: os.open(fifo, os.O_WRONLY)).wait(WAIT)
-    fd = opener.result
-    try:
-        assert len(temp_files(outdir)) == 1, "fetch writes beside its destination"
-        shutil.rmtree(outdir)
-        os.write(fd, b"x" * 100_000)
-    finally:
-        os.close(fd)
-    fetch.wait(WAIT)
-    assert isinstance(fetch.error, LocalError), fetch.error
+    seen: List[int] = []
+
+    def progress(done: int, total) -> None:
+        # called as the first data arrives: the temporary file is there
+        if not seen:
+            seen.append(len(temp_files(outdir)))
+            shutil.rmtree(outdir)
+
+    with pytest.raises(LocalError):
+        slave.fetch("big", str(outdir / "f"), progress=progress)
+    assert seen == [1], "fetch writes beside its destination"
     assert not outdir.exists()
     slave.ping()
 

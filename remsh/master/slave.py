@@ -296,6 +296,11 @@ class Slave:
             self._raise_if_error(meth, reply)
         return reply
 
+    def _progress_interval(self) -> float:
+        """How often a long operation should show it is alive: a quarter of
+        the reply deadline, so a slow link cannot make a busy slave look dead."""
+        return max(0.05, self.io_timeout / 4)
+
     # -- simple operations ---------------------------------------------------
 
     def ping(self) -> None:
@@ -323,7 +328,7 @@ class Slave:
 
         :raises FailedError: it cannot be made
         """
-        self._call(MKDIR, dir=_b(dir), progress=True)
+        self._call(MKDIR, dir=_b(dir), progress=self._progress_interval())
 
     def unlink(self, file: Path) -> None:
         """Remove one file.
@@ -338,7 +343,7 @@ class Slave:
 
         :raises FailedError: something in it cannot be removed
         """
-        self._call(REMOVE, path=_b(path), progress=True)
+        self._call(REMOVE, path=_b(path), progress=self._progress_interval())
 
     def rename(self, src: Path, dest: Path) -> None:
         """Rename ``src`` to ``dest``, never replacing an existing ``dest``.
@@ -357,7 +362,7 @@ class Slave:
         :raises FailedError: ``src`` is not a regular file or cannot be read,
             or the copy failed (nothing is left at ``dest``)
         """
-        self._call(COPY, src=_b(src), dest=_b(dest), progress=True)
+        self._call(COPY, src=_b(src), dest=_b(dest), progress=self._progress_interval())
 
     def stat(self, pathname: Path) -> Optional[str]:
         """``"d"`` for a directory, ``"f"`` for anything else, ``None`` if missing.
@@ -591,7 +596,7 @@ class Slave:
         if hasattr(dest, "write"):
             out: Any = dest
         else:
-            dest_b = _b(dest)  # type: ignore[arg-type]
+            dest_b = _b(dest)
             if os.path.lexists(dest_b):
                 raise LocalError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
             try:

@@ -155,26 +155,32 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     if args["cwd"]:
         cwd = os.path.join(server.cwd, args["cwd"])
     env = build_env(args["env_"], args["unset_"])
+    policy = server.policy
+    program: Optional[bytes] = None
+    if not policy.execute or policy.allow_commands:
+        env_path = (env if env is not None else os.environb).get(b"PATH")
+        program = policy.check_execute(argv, env_path, cwd=policy.check_cwd(cwd))
     devnull = server.devnull()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            executable=PROGRAMS.resolve(argv[0], env),
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE if want_stdin else devnull,
-            stdout=subprocess.PIPE if want_stdout else devnull,
-            stderr=subprocess.PIPE if want_stderr else devnull,
-            start_new_session=True,
-            close_fds=True,
-            bufsize=0,
-        )
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if isinstance(e, OSError) and e.filename is not None:
-            fn = e.filename
-            msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
-        raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
+    with policy.exec_cwd(cwd) as start_dir:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                executable=program or PROGRAMS.resolve(argv[0], env),
+                cwd=start_dir,
+                env=env,
+                stdin=subprocess.PIPE if want_stdin else devnull,
+                stdout=subprocess.PIPE if want_stdout else devnull,
+                stderr=subprocess.PIPE if want_stderr else devnull,
+                start_new_session=True,
+                close_fds=True,
+                bufsize=0,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if isinstance(e, OSError) and e.filename is not None:
+                fn = e.filename
+                msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
+            raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
     try:
         wire.send_box({})
         _Supervisor(server, proc, timeout).run()

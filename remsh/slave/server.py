@@ -15,19 +15,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import stat as stat_mod
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, NotFoundError,
-                          OpenFailedError, ProtocolError, RemoteError, RemoteFileExistsError,
-                          UnexpectedError)
-from remsh.files import PartialFile
-from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, PROGRESS_INTERVAL,
+from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, ProtocolError,
+                          RemoteError, RemoteFileExistsError, UnexpectedError)
+from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
                        PROGRESS_KEY, Operation, check_version, error_box, os_message)
+from remsh.slave import fsops
 from remsh.slave.execute import run_execute
+from remsh.slave.policy import PLAIN, Policy
 from remsh.wire import DATA_BLOCK, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
 
 log = logging.getLogger(__name__)
@@ -43,17 +41,19 @@ class SlaveServer:
     arguments and returning the reply box (``None`` for the empty box);
     handlers of multi-box conversations send their own final box.  A handler
     fails by raising a :class:`~remsh.errors.RemoteError` subclass, which
-    becomes the error box of that class's ``errtag``.
+    becomes the error box of that class's ``errtag``.  Every path goes
+    through :mod:`remsh.slave.fsops` and the slave's ``policy``.
     """
 
     def __init__(self, wire: Wire, basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT,
-                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+                 progress_interval: float = MIN_PROGRESS_INTERVAL, policy: Policy = PLAIN) -> None:
         self._devnull = -1
         self.wire = wire
+        #: what this slave refuses to do (see :mod:`remsh.slave.policy`)
+        self.policy = policy
         self.basedir = os.fsencode(os.path.abspath(basedir))
         self.cwd = self.basedir
         self.io_timeout = io_timeout
-        self.progress_interval = progress_interval
         self._heartbeat: Optional[_Heartbeat] = None
         self._ops: Dict[bytes, Tuple[Operation, Handler]] = {
             op.wire: (op, getattr(self, "op_" + op.meth)) for op in OPERATIONS.values()}
@@ -109,7 +109,7 @@ class SlaveServer:
                 check_version(op.meth, version)
             args = op.parse(box)
             if op.long and args.get("progress"):
-                with self._progress():
+                with self._progress(max(MIN_PROGRESS_INTERVAL, args["progress"])):
                     reply = handler(args)
             else:
                 reply = handler(args)
@@ -130,12 +130,13 @@ class SlaveServer:
             self.wire.send_bytes(END_OF_BOX)  # the empty box
 
     @contextmanager
-    def _progress(self) -> Iterator[None]:
-        """Send liveness boxes while the body runs (a long operation whose
-        master asked for them), and none once it has returned."""
+    def _progress(self, interval: float) -> Iterator[None]:
+        """Send liveness boxes every ``interval`` seconds while the body runs
+        (a long operation whose master asked for them), and none once it has
+        returned."""
         if self._heartbeat is None:
-            self._heartbeat = _Heartbeat(self.wire, self.progress_interval)
-        self._heartbeat.arm()
+            self._heartbeat = _Heartbeat(self.wire)
+        self._heartbeat.arm(interval)
         try:
             yield
         finally:
@@ -153,14 +154,10 @@ class SlaveServer:
 
     def op_set_cwd(self, args: Dict[str, Any]) -> Optional[Box]:
         cwd = args["cwd"]
-        if cwd is None:
-            new = self.basedir
-        elif cwd == b"":
+        if cwd == b"":
             new = self.cwd
         else:
-            new = os.path.normpath(os.path.join(self.cwd, cwd))
-        if not os.path.isdir(new):
-            raise NotFoundError(f"no such directory: {os.fsdecode(new)}")
+            new = self.policy.check_cwd(self.basedir if cwd is None else os.path.join(self.cwd, cwd))
         self.cwd = new
         return {b"cwd": new}
 
@@ -175,89 +172,31 @@ class SlaveServer:
         return reply
 
     def op_mkdir(self, args: Dict[str, Any]) -> Optional[Box]:
-        try:
-            os.makedirs(self._resolve(args["dir"]), exist_ok=True)
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
+        fsops.make_dirs(self._resolve(args["dir"]), self.policy)
         return None
 
     def op_unlink(self, args: Dict[str, Any]) -> Optional[Box]:
-        path = self._resolve(args["file"])
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            raise NotFoundError(f"no such file: {os.fsdecode(path)}") from None
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
+        fsops.unlink_file(self._resolve(args["file"]), self.policy)
         return None
 
     def op_stat(self, args: Dict[str, Any]) -> Optional[Box]:
-        try:
-            st = os.stat(self._resolve(args["path"]))
-        except (FileNotFoundError, NotADirectoryError):
-            result = b""
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
-        else:
-            result = b"d" if stat_mod.S_ISDIR(st.st_mode) else b"f"
-        return {b"result": result}
+        return {b"result": fsops.stat_kind(self._resolve(args["path"]), self.policy)}
 
     def op_remove(self, args: Dict[str, Any]) -> Optional[Box]:
-        try:
-            remove_tree(self._resolve(args["path"]))
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
+        fsops.remove_tree(self._resolve(args["path"]), self.policy)
         return None
 
     def op_rename(self, args: Dict[str, Any]) -> Optional[Box]:
-        src = self._resolve(args["src"])
-        dest = self._resolve(args["dest"])
-        if not os.path.lexists(src):
-            raise NotFoundError(f"no such file or directory: {os.fsdecode(src)}")
-        if os.path.lexists(dest):
-            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
-        try:
-            os.rename(src, dest)
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
+        fsops.rename_noreplace(self._resolve(args["src"]), self._resolve(args["dest"]), self.policy)
         return None
 
     def op_copy(self, args: Dict[str, Any]) -> Optional[Box]:
-        src = self._resolve(args["src"])
-        dest = self._resolve(args["dest"])
-        if not os.path.lexists(src):
-            raise NotFoundError(f"no such file: {os.fsdecode(src)}")
-        if os.path.isdir(src):
-            raise FailedError(f"source is a directory (copy is for files): {os.fsdecode(src)}")
-        if os.path.lexists(dest):
-            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
-        try:
-            with open(src, "rb") as f:
-                part = PartialFile(dest)
-                try:
-                    while True:
-                        chunk = f.read(1 << 20)
-                        if not chunk:
-                            break
-                        part.write(chunk)
-                except BaseException:
-                    part.discard()
-                    raise
-                part.commit()
-        except FileExistsError:
-            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}") from None
-        except OSError as e:
-            raise FailedError(os_message(e)) from None
+        fsops.copy_file(self._resolve(args["src"]), self._resolve(args["dest"]), policy=self.policy)
         return None
 
     def op_send(self, args: Dict[str, Any]) -> Optional[Box]:
         dest = self._resolve(args["dest"])
-        if os.path.lexists(dest):
-            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
-        try:
-            part = PartialFile(dest, args["mode"])
-        except OSError as e:
-            raise OpenFailedError(os_message(e)) from None
+        part = fsops.create_partial(dest, args["mode"], self.policy)
         try:
             self._reply()  # go ahead
             digest = hashlib.sha256()
@@ -300,16 +239,8 @@ class SlaveServer:
         return None
 
     def op_fetch(self, args: Dict[str, Any]) -> Optional[Box]:
-        src = self._resolve(args["src"])
-        try:
-            f = open(src, "rb", buffering=0)
-        except FileNotFoundError:
-            raise NotFoundError(f"no such file: {os.fsdecode(src)}") from None
-        except OSError as e:
-            raise OpenFailedError(os_message(e)) from None
+        f = fsops.open_regular(self._resolve(args["src"]), self.policy)
         with f:
-            if stat_mod.S_ISDIR(os.fstat(f.fileno()).st_mode):
-                raise OpenFailedError(f"is a directory: {os.fsdecode(src)}")
             digest = hashlib.sha256()
             send = self.wire.send_bytes
             while True:
@@ -334,9 +265,9 @@ class _Heartbeat:
     """Sends ``{progress: y}`` every ``interval`` seconds while armed, from a
     thread of its own (started on first use, one per connection)."""
 
-    def __init__(self, wire: Wire, interval: float) -> None:
+    def __init__(self, wire: Wire) -> None:
         self.wire = wire
-        self.interval = interval
+        self.interval = 1.0
         self._cond = threading.Condition()
         self._armed = False
         self._stopped = False
@@ -344,8 +275,9 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._run, name="remsh-progress", daemon=True)
         self._thread.start()
 
-    def arm(self) -> None:
+    def arm(self, interval: float) -> None:
         with self._cond:
+            self.interval = interval
             self._armed = True
             self._generation += 1
             self._cond.notify()
@@ -378,34 +310,3 @@ class _Heartbeat:
                     except Exception:  # noqa: BLE001 - the operation's own I/O reports it
                         self._armed = False
 
-
-def remove_tree(path: bytes) -> None:
-    """``rm -rf``: remove a file or tree, making directories writable where
-    needed; a missing path is fine."""
-    if not os.path.lexists(path):
-        return
-    if os.path.isdir(path) and not os.path.islink(path):
-
-        def fix(func: Callable, p: bytes, exc_info: object) -> None:
-            parent = os.path.dirname(p)
-            try:
-                os.chmod(parent, stat_mod.S_IRWXU)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    os.chmod(p, stat_mod.S_IRWXU)
-                    shutil.rmtree(p, onerror=fix)
-                else:
-                    func(p)
-            except FileNotFoundError:
-                pass
-
-        try:
-            os.chmod(path, stat_mod.S_IRWXU | (os.stat(path).st_mode & 0o777))
-        except OSError:
-            pass
-        shutil.rmtree(path, onerror=fix)
-    else:
-        try:
-            os.unlink(path)
-        except PermissionError:
-            os.chmod(os.path.dirname(path) or b".", stat_mod.S_IRWXU)
-            os.unlink(path)
