@@ -124,9 +124,12 @@ class StreamLike(Protocol):
         ...
 
     def fileno(self) -> int:
-        """A descriptor that ``select``/``poll`` report readable when
-        :meth:`recv` would not block: data, end of stream or an error is
-        there.  Valid until :meth:`close`."""
+        """A descriptor that ``select``/``poll`` report readable whenever
+        data, end of stream or an error is there for :meth:`recv`.  It may
+        also be readable with nothing for the caller (a TLS record that
+        carries no data): ``recv(…, 0)`` then raises ``TimeoutError``, so a
+        caller that waits on it must take that as "nothing yet".  Valid
+        until :meth:`close`."""
         ...
 
     def pending(self) -> int:
