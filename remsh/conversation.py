@@ -31,7 +31,8 @@ from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 from remsh.errors import CommandTimeout, ProtocolError, RemoteError, UsageError, remote_error
 from remsh.ops import EXECUTE, error_box, is_progress
-from remsh.wire import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, decode_int, encode_box, encode_list
+from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box,
+                        decode_int, encode_box, encode_list)
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 EnvArg = Mapping[Union[str, bytes], Optional[Union[str, bytes]]]
@@ -99,6 +100,10 @@ class ExecuteCall:
             want_stdin=True if want_stdin else None,
             cwd=None if cwd is None else os.fsencode(cwd), timeout=timeout,
             env_=sets, unset_=unsets)
+        if (len(self._request) > DEFAULT_MAX_BOX_BYTES
+                or 2 + len(sets) + len(unsets) + 7 > DEFAULT_MAX_KEYS):
+            raise UsageError("the request is larger than one box may be (too many or too long "
+                             "arguments or variables)")
         self.state = State.IDLE
         self.interrupt_wanted = False
         self._interrupt_sent = False

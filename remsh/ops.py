@@ -248,7 +248,7 @@ SET_CWD = Operation(
     "set_cwd", (_k("cwd", "cwd", optional=True),), (_k("cwd"),), (NotFoundError,),
     idempotent=True, summary="change the current directory")
 GETENV = Operation(
-    "getenv", (), (_k("env_", "bytes", prefix=True),), (), idempotent=True,
+    "getenv", (), (_k("env_", "bytes", prefix=True),), (FailedError,), idempotent=True,
     summary="the slave's environment")
 MKDIR = Operation(
     "mkdir", (_k("dir"), _PROGRESS), (), (FailedError,), idempotent=True, long=True,

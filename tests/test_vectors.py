@@ -446,11 +446,9 @@ def test_vectors_are_what_the_generator_writes() -> None:
     assert module.handshake_vectors() == HANDSHAKE
 
 
-# -- behaviour the protocol reference requires that the code does not yet have ----
+# -- limits the protocol reference requires of both ends ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: getenv's reply is not kept within the receiver's default "
-                   "limits (1024 keys): the master's decoder refuses it and drops the slave")
 def test_getenv_reply_fits_the_default_limits(tmp_path: Any) -> None:
     """getenv from a slave with 1100 variables still decodes at the default limits."""
     base = tmp_path / "base"
@@ -467,8 +465,6 @@ def test_getenv_reply_fits_the_default_limits(tmp_path: Any) -> None:
         raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Slave.execute sends a request over the slave's default "
-                   "limits (1024 keys) instead of raising UsageError, and loses the slave")
 def test_execute_refuses_a_request_over_the_slaves_limits(slave: Any) -> None:
     """execute with more variables than one box may hold raises UsageError and keeps the slave."""
     from remsh.errors import UsageError

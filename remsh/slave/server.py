@@ -26,7 +26,7 @@ from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PRO
 from remsh.slave import fsops
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
-from remsh.wire import DATA_BLOCK, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
+from remsh.wire import (DATA_BLOCK, DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,                         MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes)
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,18 @@ class SlaveServer:
 
     def op_getenv(self, args: Dict[str, Any]) -> Optional[Box]:
         reply: Box = {}
+        size = 2
         for name, value in os.environb.items():
             key = b"env_" + name
             if len(key) <= MAX_KEY_LENGTH and len(value) <= MAX_VALUE_LENGTH:
                 reply[key] = value
+                size += 4 + len(key) + len(value)
             else:
                 log.warning("getenv: variable %r too long to report", name[:40])
+        if len(reply) > DEFAULT_MAX_KEYS or size > DEFAULT_MAX_BOX_BYTES:
+            # past the receiver's default limits the master would drop us
+            raise FailedError(f"the environment ({len(reply)} variables, {size} bytes) is larger "
+                              f"than one box may be")
         return reply
 
     def op_mkdir(self, args: Dict[str, Any]) -> Optional[Box]:

@@ -28,6 +28,7 @@ def spawn_local_slave(basedir: str, name: Optional[str] = None, *, python: Optio
     fd = child_sock.fileno()
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(remsh.__file__)))
     env = dict(os.environ)
+    env.pop("REMSH_SECRET", None)  # the child is trusted and needs no secret
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     argv = [python or sys.executable, "-m", "remsh.slave.localchild", "--fd", str(fd),
             "--basedir", os.path.abspath(basedir)]
