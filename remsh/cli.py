@@ -41,6 +41,7 @@ from remsh.lineprinter import LinePrinter
 from remsh.master.fanout import Cancellation, Outcome, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
+from remsh.master.slavelistener.base import SlaveListener
 from remsh.secretfile import read_secret_file, take_env_secret
 
 log = logging.getLogger("remsh")
@@ -138,7 +139,7 @@ def _tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
 
 
 def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection,
-                     env_secret: Optional[bytes], listeners: List[object]) -> None:
+                     env_secret: Optional[bytes], listeners: List[SlaveListener]) -> None:
     """Start what the options ask for, appending each listener to
     ``listeners`` as soon as it runs (so that the caller stops it even when
     a later one fails).  Raises :class:`ConfigError` for what the user can fix."""
@@ -235,7 +236,7 @@ def cmd_run(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         print("remsh run: no command given (remsh run -- COMMAND [ARG ...])", file=sys.stderr)
         return EXIT_USAGE
     collection = SimpleSlaveCollection()
-    listeners: List[object] = []
+    listeners: List[SlaveListener] = []
     cancellation = Cancellation()
     fanning_out = False
 
@@ -284,7 +285,7 @@ def cmd_run(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         for listener in listeners:
-            listener.stop()  # type: ignore[attr-defined]
+            listener.stop()
     failed = 0
     for o in outcomes:
         if o.error is not None:

@@ -127,7 +127,6 @@ class IdleMonitor:
 
     def add(self, slave: "Slave") -> None:
         """Start watching ``slave`` (idle now)."""
-        self.start()
         fd = slave.wire.stream.fileno()
         with self._lock:
             poller = self._poller

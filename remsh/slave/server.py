@@ -26,7 +26,8 @@ from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PRO
 from remsh.slave import fsops
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
-from remsh.wire import (DATA_BLOCK, DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,                         MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes)
+from remsh.wire import (DATA_BLOCK, DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
+                        MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes)
 
 log = logging.getLogger(__name__)
 

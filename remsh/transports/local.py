@@ -20,7 +20,7 @@ from remsh.transports.base import SocketStream
 
 
 def spawn_local_slave(basedir: str, name: Optional[str] = None, *, python: Optional[str] = None,
-                      extra_args: Optional[List[str]] = None) -> Tuple[subprocess.Popen, SocketStream]:
+                      extra_args: Optional[List[str]] = None) -> Tuple["subprocess.Popen[bytes]", SocketStream]:
     """Start a slave child process; return it and the master's stream to it."""
     master_sock, child_sock = socket.socketpair()
     for sock in (master_sock, child_sock):
@@ -60,7 +60,7 @@ def _grow_buffers(sock: socket.socket) -> None:
             pass
 
 
-def stop_child(proc: subprocess.Popen, grace: float = 2.0) -> None:
+def stop_child(proc: "subprocess.Popen[bytes]", grace: float = 2.0) -> None:
     """End a slave child: SIGTERM (it kills its running command and exits),
     then SIGKILL after ``grace`` seconds."""
     if proc.poll() is not None:

@@ -50,9 +50,10 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 import paramiko
+import paramiko.common
 
 from remsh.errors import AuthenticationError, Disconnected, UsageError
 from remsh.handshake import valid_name
@@ -352,14 +353,15 @@ class ChannelStream:
 # -- server side ---------------------------------------------------------------------
 
 
-# paramiko's answers, typed (paramiko ships no type hints)
-_AUTH_FAILED: int = paramiko.AUTH_FAILED
-_AUTH_SUCCESSFUL: int = paramiko.AUTH_SUCCESSFUL
-_OPEN_SUCCEEDED: int = paramiko.OPEN_SUCCEEDED
-_OPEN_PROHIBITED: int = paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+# paramiko's answers (re-exported by the package; its stubs name them in
+# paramiko.common)
+_AUTH_FAILED: int = paramiko.common.AUTH_FAILED
+_AUTH_SUCCESSFUL: int = paramiko.common.AUTH_SUCCESSFUL
+_OPEN_SUCCEEDED: int = paramiko.common.OPEN_SUCCEEDED
+_OPEN_PROHIBITED: int = paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
 
-class _ServerPolicy(paramiko.ServerInterface):  # type: ignore[misc]
+class _ServerPolicy(paramiko.ServerInterface):
     """What one incoming SSH connection may do: prove a listed key, open one
     session channel and start the ``remsh`` subsystem on it.  Nothing else."""
 
@@ -650,7 +652,7 @@ def _load_known_hosts(path: Union[str, "os.PathLike[str]"]) -> Tuple[paramiko.Ho
     return hostkeys, revoked
 
 
-def _prefer_known_key_types(t: paramiko.Transport, known: Optional[Dict[str, paramiko.PKey]]) -> None:
+def _prefer_known_key_types(t: paramiko.Transport, known: Optional[Mapping[str, paramiko.PKey]]) -> None:
     """Ask first for the host key types we hold for this server, so that a
     server with several host keys shows the one we can check."""
     if not known:
@@ -665,7 +667,7 @@ def _prefer_known_key_types(t: paramiko.Transport, known: Optional[Dict[str, par
         opts.key_types = first + [k for k in available if k not in first]
 
 
-def _check_host_key(key: paramiko.PKey, known: Optional[Dict[str, paramiko.PKey]], revoked: Set[bytes],
+def _check_host_key(key: paramiko.PKey, known: Optional[Mapping[str, paramiko.PKey]], revoked: Set[bytes],
                     name: str, path: str) -> None:
     fp = f"{key.get_name()} {host_key_fingerprint(key)}"
     if key.asbytes() in revoked:

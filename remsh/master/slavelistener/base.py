@@ -59,8 +59,6 @@ class SlaveListener:
     :param io_timeout: passed to each slave (bound on each wait for a reply)
     """
 
-    #: whether :meth:`handle_new_connection` starts a listener never started
-    _start_on_registration = True
 
     def __init__(self, slave_class: Optional[Type[Slave]] = None, slave_collection: Any = None, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -174,12 +172,8 @@ class SlaveListener:
             (network) listener is stopped
         """
         if not self._started:
-            if not self._start_on_registration:
-                wire.close()
-                raise Disconnected(f"{wire.label}: listener stopped")
-            # LocalSlaveListener registers without being started; the
-            # monitor must run for its slaves all the same
-            self.start()
+            wire.close()
+            raise Disconnected(f"{wire.label}: listener not started (or stopped)")
         try:
             reg = master_handshake(wire, self._authorize_registration, greet=False,
                                    timeout=self.handshake_timeout if timeout is None else timeout)
@@ -242,7 +236,6 @@ class NetworkSlaveListener(SlaveListener):
 
     port: int
     _server: Any
-    _start_on_registration = False
 
     def start(self) -> None:
         """Open the port and accept slaves in the background (the port is

@@ -30,17 +30,21 @@ class LocalSlaveListener(SlaveListener):
                  *, python: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(slave_class=slave_class, slave_collection=slave_collection, **kwargs)
         self.python = python
-        self._procs: Dict[int, subprocess.Popen] = {}
+        self._procs: Dict[int, "subprocess.Popen[bytes]"] = {}
         self._lock = threading.Lock()
 
     def start_slave(self, basedir: str, name: Optional[str] = None) -> Slave:
         """Start a new slave rooted at ``basedir`` and return it, registered.
 
-        ``name`` defaults to ``local-<pid>``.  Raises ``RemshError`` if the
-        child cannot be started or fails its handshake.
+        ``name`` defaults to ``local-<pid>``.  Starts the listener (its idle
+        monitor) if it is not started yet.
+
+        :raises UsageError: ``basedir`` is not a directory
+        :raises RemshError: the child cannot be started or fails its handshake
         """
         if not os.path.isdir(basedir):
             raise UsageError(f"base directory does not exist: {basedir}")
+        self.start()
         proc, stream = spawn_local_slave(basedir, name, python=self.python)
         wire = Wire(stream, label=f"local slave (pid {proc.pid})")
         try:
@@ -76,19 +80,15 @@ class LocalSlaveListener(SlaveListener):
         stop_child(proc)
         slave.close()
 
-    def stop(self) -> None:
-        """Kill every slave this listener started; idempotent."""
-        with self._lock:
-            slaves = [s for s in self.slave_collection.get_all_slaves() if id(s) in self._procs]
-            procs: List[subprocess.Popen] = list(self._procs.values())
-        for slave in slaves:
-            slave.close()
-        for proc in procs:
-            stop_child(proc)
-        self.monitor.stop()
-
     def __enter__(self) -> "LocalSlaveListener":
+        self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def stop(self) -> None:
+        """Kill every slave this listener started and stop its idle monitor;
+        idempotent."""
+        with self._lock:
+            procs: List["subprocess.Popen[bytes]"] = list(self._procs.values())
+        super().stop()
+        for proc in procs:
+            stop_child(proc)
