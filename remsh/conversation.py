@@ -83,7 +83,8 @@ class ExecuteCall:
 
     def __init__(self, args: Sequence[PathArg], *, want_stdout: bool, want_stderr: bool,
                  want_stdin: bool = False, cwd: Optional[PathArg] = None,
-                 timeout: Optional[float] = None, env: Optional[EnvArg] = None) -> None:
+                 timeout: Optional[float] = None, env: Optional[EnvArg] = None,
+                 keep_processes: bool = False) -> None:
         argv = [os.fsencode(a) for a in args]
         if not argv:
             raise UsageError("args is empty")
@@ -99,7 +100,7 @@ class ExecuteCall:
             args=argv, want_stdout=want_stdout, want_stderr=want_stderr,
             want_stdin=True if want_stdin else None,
             cwd=None if cwd is None else os.fsencode(cwd), timeout=timeout,
-            env_=sets, unset_=unsets)
+            keep_processes=True if keep_processes else None, env_=sets, unset_=unsets)
         if (len(self._request) > DEFAULT_MAX_BOX_BYTES
                 or 2 + len(sets) + len(unsets) + 7 > DEFAULT_MAX_KEYS):
             raise UsageError("the request is larger than one box may be (too many or too long "

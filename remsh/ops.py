@@ -260,6 +260,7 @@ EXECUTE = Operation(
     (_k("args", "args"), _k("want_stdout", "bool", optional=True),
      _k("want_stderr", "bool", optional=True), _k("want_stdin", "bool", optional=True),
      _k("cwd", optional=True), _k("timeout", "seconds", optional=True),
+     _k("keep_processes", "bool", optional=True),
      _k("env_", "bytes", prefix=True), _k("unset_", "bytes", prefix=True)),
     (_k("result", "int"),), (ExecFailedError, CommandTimeout), conversation=True,
     summary="run a command, streaming its output")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -140,3 +141,36 @@ def test_fetch_digest_mismatch_drops_the_slave(tmp_path):
     assert os.listdir(tmp_path) == []
     assert not slave.connected
     peer.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_processes_left_behind_are_killed(slave):
+    """A background process the command leaves in its process group dies
+    when the command exits (and does not hold the output open)."""
+    out: list = []
+    assert slave.execute(["sh", "-c", "sleep 300 & echo $!"], stdout_cb=out.append) == 0
+    pid = int(b"".join(out))
+    deadline = time.monotonic() + WAIT
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _pid_alive(pid)
+
+
+def test_keep_processes_leaves_them_running(slave):
+    """keep_processes=True leaves the command's background processes running."""
+    out: list = []
+    code = slave.execute(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], stdout_cb=out.append,
+                         keep_processes=True)
+    assert code == 0
+    pid = int(b"".join(out))
+    try:
+        assert _pid_alive(pid)
+    finally:
+        os.kill(pid, 9)

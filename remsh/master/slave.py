@@ -381,7 +381,7 @@ class Slave:
                 stderr_cb: Optional[OutputCallback] = None,
                 env: Optional[EnvArg] = None,
                 cwd: Optional[Path] = None, timeout: Optional[float] = None,
-                stdin: Union[bytes, BinaryIO, None] = None) -> int:
+                stdin: Union[bytes, BinaryIO, None] = None, *, keep_processes: bool = False) -> int:
         """Run a command on the slave and return its exit code.
 
         Output is passed, as it arrives, to ``stdout_cb`` / ``stderr_cb``
@@ -395,6 +395,11 @@ class Slave:
         returns ``-9``).  An exception raised by a callback interrupts the
         command and is re-raised once the slave has finished.
 
+        When the command exits, whatever it left running in its process group
+        (background jobs, daemons it started without a session of their own)
+        is killed, so no stray process outlives the call; ``keep_processes``
+        leaves them running.
+
         :raises UsageError: ``args`` empty, ``timeout`` not positive and
             finite, arguments too long for one box
         :raises ExecFailedError: the command cannot start
@@ -403,7 +408,8 @@ class Slave:
         """
         try:
             call = ExecuteCall(args, want_stdout=stdout_cb is not None, want_stderr=stderr_cb is not None,
-                               want_stdin=stdin is not None, cwd=cwd, timeout=timeout, env=env)
+                               want_stdin=stdin is not None, cwd=cwd, timeout=timeout, env=env,
+                               keep_processes=keep_processes)
         except UsageError as e:
             raise UsageError(f"{self.name}: execute: {e}") from None
         with self._exec_lock:

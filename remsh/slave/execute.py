@@ -142,6 +142,14 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         pass
 
 
+def _kill_group_only(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGKILL the command's process group (the command itself has exited)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     """Perform one ``execute`` request (arguments parsed by the table of
     operations), from start reply to final box."""
@@ -183,7 +191,7 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
             raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
     try:
         wire.send_box({})
-        _Supervisor(server, proc, timeout).run()
+        _Supervisor(server, proc, timeout, bool(args["keep_processes"])).run()
     finally:
         if proc.returncode is None:
             _kill_group(proc)
@@ -197,8 +205,10 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
 
 
 class _Supervisor:
-    def __init__(self, server: "SlaveServer", proc: "subprocess.Popen[bytes]", timeout: Optional[float]) -> None:
+    def __init__(self, server: "SlaveServer", proc: "subprocess.Popen[bytes]", timeout: Optional[float],
+                 keep_processes: bool = False) -> None:
         self.server = server
+        self.keep_processes = keep_processes
         self.wire = server.wire
         self.proc = proc
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -254,6 +264,11 @@ class _Supervisor:
                         self._write_stdin()
                     elif what == "exit":
                         sel.unregister(watcher.fd)
+                        if not self.keep_processes:
+                            # what the command left in its process group
+                            # dies with it (before the leader is reaped, so
+                            # its id cannot have been reused)
+                            _kill_group_only(proc)
                         proc.wait()
                         exit_seen_at = time.monotonic()
                 now = time.monotonic()
