@@ -1,9 +1,22 @@
 """``remsh``: the master program.
 
-``remsh [options] run -- COMMAND [ARG ...]`` runs a command on slaves in
-parallel, printing each output line prefixed with the slave's name.  With no
-listener option it runs on local slaves (``--local N``, default 1), so it
-works with nothing set up.
+``remsh master [listener options]`` runs a long-lived master: it holds the
+TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
+(:mod:`remsh.control`) through which the other commands reach them:
+
+- ``remsh ls [--json]``: the connected slaves;
+- ``remsh run [-t PATTERN]... [--where KEY=GLOB]... [--stdin] [--json] -- COMMAND [ARG ...]``:
+  run a command on the chosen slaves, each output line prefixed with the
+  slave's name;
+- ``remsh put [-t ...] LOCAL DEST`` / ``remsh get [-t ...] REMOTE LOCALDIR``:
+  copy files and trees, with a progress bar on a terminal.
+
+The master is found by ``--master PATH`` (before the subcommand), else
+``$REMSH_MASTER``, else the default control path.  ``run``, ``put`` and
+``get`` also work without a master: with ``--local N`` or ``--listen``
+they set up their own slaves for the one command; with neither, and no
+master at the default path, they use one local slave, so ``remsh run``
+works on a fresh machine with nothing configured.
 
 ``remsh host-key --host-key FILE`` prints the fingerprint of an SSH host key
 and the ``known_hosts`` line slaves need to trust the embedded SSH server.
@@ -15,7 +28,7 @@ Exit statuses (the same for every command):
   status is passed through when it is 1-125);
 - 2: usage or configuration error (one line on standard error, no
   traceback): bad options, an unreadable secret file, a port in use, a
-  missing host key, no slave to run on;
+  missing host key, no master, no slave matching the choice;
 - 3: some slave failed to run it (unreachable, disconnected, timed out,
   could not start the command); takes precedence over 1;
 - 130: interrupted (Ctrl-C): running commands are interrupted first.
@@ -27,18 +40,24 @@ starts, so local slaves and the commands they run never see it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import select
 import signal
 import ssl
 import sys
-from typing import List, Optional, Sequence, Tuple
+import threading
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import remsh
-from remsh.errors import CommandTimeout, RemoteError, RemshError, WaitTimeout
+from remsh.control import ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row, result_of
+from remsh.errors import RemshError, UsageError, WaitTimeout
+from remsh.fleet import (DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
+                         EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
+                         describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
-from remsh.lineprinter import LinePrinter
-from remsh.master.fanout import Cancellation, Outcome, fan_out
+from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 from remsh.master.slavelistener.base import SlaveListener
@@ -46,11 +65,11 @@ from remsh.secretfile import read_secret_file, take_env_secret
 
 log = logging.getLogger("remsh")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_SLAVE_FAILED = 3
-EXIT_INTERRUPTED = 130
+__all__ = ["main", "build_parser", "describe_error", "exit_status", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE",
+           "EXIT_SLAVE_FAILED", "EXIT_INTERRUPTED"]
+
+#: The fields of ``remsh ls``, in order.
+LS_FIELDS = ("name", "transport", "peer", "since", "platform", "python", "remsh", "state")
 
 
 class ConfigError(Exception):
@@ -77,17 +96,13 @@ def parse_hostport(spec: str) -> Tuple[Optional[str], int]:
         raise argparse.ArgumentTypeError(f"expected [HOST:]PORT, got {spec!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="remsh", description="Run commands on many machines.")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
-    p.add_argument("--version", action="version", version=f"remsh {remsh.__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run a command on slaves")
-    g = run.add_argument_group("local slaves")
-    g.add_argument("--local", type=int, metavar="N", help="start N local slaves (default 1 when no listener)")
+def _listener_options(p: argparse.ArgumentParser, *, waiting: bool) -> None:
+    """The options that set up slaves in this process (``remsh master``, and
+    ``run``/``put``/``get`` without a master)."""
+    g = p.add_argument_group("local slaves")
+    g.add_argument("--local", type=int, metavar="N", help="start N local slaves")
     g.add_argument("--basedir", default=".", help="base directory of local slaves (default: .)")
-    g = run.add_argument_group("listening for slaves")
+    g = p.add_argument_group("listening for slaves")
     g.add_argument("--listen", type=parse_hostport, metavar="[HOST:]PORT", help="accept slaves over TCP")
     g.add_argument("--secret-file", metavar="FILE", help="shared secret (alternative: $REMSH_SECRET)")
     g.add_argument("--insecure", action="store_true", help="accept TCP slaves without a secret")
@@ -98,17 +113,64 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host-key", metavar="FILE", help="SSH host key (private key file)")
     g.add_argument("--authorized-keys", metavar="FILE",
                    help="slave keys; each key's comment is the name it may register as")
-    g = run.add_argument_group("choosing slaves")
-    g.add_argument("--wait", type=int, metavar="N", help="wait for N slaves before running")
-    g.add_argument("--slave", action="append", default=[], metavar="NAME",
-                   help="wait for and run on this slave (repeatable)")
-    g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS")
+    if waiting:
+        g = p.add_argument_group("waiting for slaves (without a master)")
+        g.add_argument("--wait", type=int, metavar="N", help="wait for N slaves before starting")
+        g.add_argument("--slave", action="append", default=[], metavar="NAME",
+                       help="wait for and use this slave (repeatable)")
+        g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS")
+
+
+def _choice_options(p: argparse.ArgumentParser, parallel: int) -> None:
+    g = p.add_argument_group("choosing slaves")
+    g.add_argument("-t", "--target", action="append", default=[], metavar="PATTERN",
+                   help="slaves whose name matches this glob (repeatable: any of them; default: all)")
+    g.add_argument("--where", action="append", default=[], metavar="KEY=GLOB",
+                   help="slaves whose registration fact matches (platform=Linux*, python=3.1*; all must hold)")
+    g.add_argument("--max-parallel", type=int, default=parallel, metavar="N", help="slaves driven at once")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="remsh", description="Run commands on many machines.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    p.add_argument("--version", action="version", version=f"remsh {remsh.__version__}")
+    p.add_argument("--master", metavar="PATH",
+                   help="control socket of the master (default: $REMSH_MASTER, else "
+                        "$XDG_RUNTIME_DIR/remsh/master.sock or ~/.remsh/master.sock)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("master", help="run a master: listeners, slaves and the control socket")
+    _listener_options(m, waiting=False)
+    m.add_argument("--control", metavar="PATH", help="control socket to serve (default: as --master)")
+
+    ls = sub.add_parser("ls", help="list the master's connected slaves")
+    ls.add_argument("--json", action="store_true", help="a JSON array")
+
+    run = sub.add_parser("run", help="run a command on slaves")
+    _listener_options(run, waiting=True)
+    _choice_options(run, DEFAULT_PARALLEL)
     g = run.add_argument_group("the command")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the command after this long")
     g.add_argument("--cwd", help="directory to run in, relative to each slave's base directory")
-    g.add_argument("--max-parallel", type=int, default=64, metavar="N", help="slaves driven at once")
+    g.add_argument("--stdin", action="store_true", help="forward this program's stdin to every command")
+    g.add_argument("--json", action="store_true", help="one JSON object per slave as it ends")
     g.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]")
+
+    put = sub.add_parser("put", help="copy a local file or tree to slaves")
+    _listener_options(put, waiting=True)
+    _choice_options(put, DEFAULT_TRANSFER_PARALLEL)
+    put.add_argument("--sync", action="store_true", help="send only what changed (trees)")
+    put.add_argument("--delete", action="store_true", help="with --sync: delete what the source lacks")
+    put.add_argument("--checksum", action="store_true", help="with --sync: compare contents, not size and time")
+    put.add_argument("local_path", metavar="LOCAL")
+    put.add_argument("dest", metavar="DEST")
+
+    get = sub.add_parser("get", help="copy a file or tree from slaves into LOCALDIR/NAME/")
+    _listener_options(get, waiting=True)
+    _choice_options(get, DEFAULT_TRANSFER_PARALLEL)
+    get.add_argument("remote", metavar="REMOTE")
+    get.add_argument("localdir", metavar="LOCALDIR")
 
     hk = sub.add_parser("host-key", help="print an SSH host key's fingerprint and known_hosts line")
     hk.add_argument("--host-key", required=True, metavar="FILE")
@@ -139,7 +201,8 @@ def _tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
 
 
 def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection,
-                     env_secret: Optional[bytes], listeners: List[SlaveListener]) -> None:
+                     env_secret: Optional[bytes], listeners: List[SlaveListener], default_local: int = 1,
+                     announce: Optional[Callable[[str], None]] = None) -> None:
     """Start what the options ask for, appending each listener to
     ``listeners`` as soon as it runs (so that the caller stops it even when
     a later one fails).  Raises :class:`ConfigError` for what the user can fix."""
@@ -160,6 +223,8 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         except RemshError as e:
             raise ConfigError(str(e)) from None
         log.info("waiting for TCP slaves on port %d", tcp.port)
+        if announce is not None:
+            announce(f"listening for TCP{'/TLS' if ctx else ''} slaves on {host or '*'}:{tcp.port}")
         listeners.append(tcp)
     if args.ssh_listen:
         try:
@@ -177,8 +242,10 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         except RemshError as e:
             raise ConfigError(str(e)) from None
         log.info("waiting for SSH slaves on port %d", sshl.port)
+        if announce is not None:
+            announce(f"listening for SSH slaves on {host or '*'}:{sshl.port}")
         listeners.append(sshl)
-    local_count = args.local if args.local is not None else (0 if listeners else 1)
+    local_count = args.local if args.local is not None else (0 if listeners else default_local)
     if local_count:
         from remsh.master.slavelistener.local import LocalSlaveListener
 
@@ -203,38 +270,115 @@ def _choose_slaves(args: argparse.Namespace, collection: SimpleSlaveCollection) 
     return sorted(collection.get_all_slaves(), key=lambda s: s.name)
 
 
-def describe_error(error: BaseException, name: str) -> str:
-    """What went wrong on slave ``name``, for a line that already starts
-    with the name: the error's own text without the slave's name in front."""
-    if isinstance(error, CommandTimeout):
-        return "timed out"
-    if isinstance(error, RemoteError) and error.slave == name:
-        where = f"{error.operation}: " if error.operation else ""
-        return f"{where}{error.remote_message} [{error.errtag}]"
-    text = str(error) or type(error).__name__
-    prefix = f"{name}: "
-    while text.startswith(prefix):
-        text = text[len(prefix):]
-    return text
+def _announce(text: str) -> None:
+    print(f"remsh master: {text}", file=sys.stderr, flush=True)
 
 
-def exit_status(outcomes: Sequence[Outcome[int]]) -> int:
-    """The program's exit status for the outcomes of a run (not interrupted)."""
-    if any(o.error is not None for o in outcomes):
-        return EXIT_SLAVE_FAILED
-    statuses = [o.value for o in outcomes if o.value != 0]
-    if not statuses:
-        return EXIT_OK
-    if len(outcomes) == 1 and statuses[0] is not None and 1 <= statuses[0] <= 125:
-        return statuses[0]
-    return EXIT_FAILED
+def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
+    def call() -> None:
+        try:
+            fn()
+        except (OSError, RemshError):
+            pass
+    return call
 
 
-def cmd_run(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        print("remsh run: no command given (remsh run -- COMMAND [ARG ...])", file=sys.stderr)
+def _pump_stdin(send: Callable[[bytes], Any], end: Callable[[], Any]) -> threading.Thread:
+    """Copy this process's stdin to ``send`` in a thread, then call ``end``."""
+    def pump() -> None:
+        source: BinaryIO = sys.stdin.buffer
+        try:
+            while True:
+                read1 = getattr(source, "read1", None)
+                data = read1(65536) if read1 is not None else source.read(65536)
+                if not data:
+                    break
+                send(data)
+        except (OSError, ValueError, RemshError):
+            pass
+        try:
+            end()
+        except (OSError, RemshError):
+            pass
+    thread = threading.Thread(target=pump, name="remsh-stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+def _renderer(args: argparse.Namespace) -> Renderer:
+    if args.command == "run":
+        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
+                                             and os.environ.get("NO_COLOR") is None)
+        return Renderer("json" if args.json else "lines", out=sys.stdout, err=sys.stderr, colour=colour)
+    return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
+
+
+def _check_job(args: argparse.Namespace) -> None:
+    """What can be checked before any slave is involved.
+
+    :raises UsageError: a bad option
+    """
+    args.wheres = [parse_where(w) for w in args.where]
+    if args.max_parallel < 1:
+        raise UsageError("--max-parallel must be at least 1")
+    if args.command == "run":
+        args.argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not args.argv:
+            raise UsageError("remsh run: no command given (remsh run -- COMMAND [ARG ...])")
+        if args.timeout is not None and not args.timeout > 0:
+            raise UsageError("--timeout must be positive")
+    elif args.command == "put":
+        args.local_path = os.path.abspath(args.local_path)
+        if not os.path.lexists(args.local_path):
+            raise UsageError(f"no such local file or directory: {args.local_path}")
+        if (args.delete or args.checksum) and not args.sync:
+            raise UsageError("--delete and --checksum go with --sync")
+    elif args.command == "get":
+        args.localdir = os.path.abspath(args.localdir)
+        if os.path.exists(args.localdir) and not os.path.isdir(args.localdir):
+            raise UsageError(f"not a directory: {args.localdir}")
+
+
+def _do_job(args: argparse.Namespace, slaves: List[Slave], renderer: Renderer, cancellation: Cancellation,
+            tee: Optional[StdinTee]) -> List[SlaveResult]:
+    if args.command == "run":
+        return run_job(slaves, args.argv, renderer, cwd=args.cwd, timeout=args.timeout, stdin=tee,
+                       max_parallel=args.max_parallel, cancellation=cancellation)
+    if args.command == "put":
+        return put_job(slaves, args.local_path, args.dest, renderer, sync=args.sync, delete=args.delete,
+                       checksum=args.checksum, max_parallel=args.max_parallel, cancellation=cancellation)
+    return get_job(slaves, args.remote, args.localdir, renderer, max_parallel=args.max_parallel,
+                   cancellation=cancellation)
+
+
+def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
+    """``run``, ``put`` or ``get``: through the master, or on slaves of our own."""
+    try:
+        _check_job(args)
+    except UsageError as e:
+        print(f"remsh: {e}" if not str(e).startswith("remsh") else str(e), file=sys.stderr)
         return EXIT_USAGE
+    if args.local is not None or args.listen or args.ssh_listen:
+        return _standalone_job(args, env_secret)
+    path, explicit = control_path(args.master)
+    try:
+        client = ControlClient(path)
+    except NoMaster as e:
+        if explicit or os.path.lexists(path):
+            print(f"remsh: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return _standalone_job(args, env_secret)  # a fresh machine: one local slave
+    except ControlError as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return e.exit
+    if args.wait or args.slave:
+        client.close()
+        print("remsh: --wait and --slave are for --listen; with a master use -t", file=sys.stderr)
+        return EXIT_USAGE
+    return _through_master(args, client)
+
+
+def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     collection = SimpleSlaveCollection()
     listeners: List[SlaveListener] = []
     cancellation = Cancellation()
@@ -248,29 +392,18 @@ def cmd_run(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         cancellation.cancel("interrupted")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    renderer = _renderer(args)
     try:
         _start_listeners(args, collection, env_secret, listeners)
-        slaves = _choose_slaves(args, collection)
-        if not slaves:
-            print("remsh run: no slaves", file=sys.stderr)
-            return EXIT_USAGE
-        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
-                                             and os.environ.get("NO_COLOR") is None)
-        printer = LinePrinter([s.name for s in slaves], colour)
-
-        def run_one(slave: Slave) -> int:
-            try:
-                return slave.execute(argv, stdout_cb=printer.sink(slave.name, sys.stdout),
-                                     stderr_cb=printer.sink(slave.name, sys.stderr),
-                                     cwd=args.cwd, timeout=args.timeout)
-            finally:
-                printer.flush(slave.name, sys.stdout)
-                printer.flush(slave.name, sys.stderr)
-
+        slaves = select_slaves(_choose_slaves(args, collection), args.target, args.wheres)
+        tee: Optional[StdinTee] = None
+        if args.command == "run" and args.stdin:
+            tee = StdinTee()
+            _pump_stdin(tee.feed, tee.end)
         fanning_out = True
-        outcomes = fan_out(slaves, run_one, max_workers=args.max_parallel, cancellation=cancellation)
+        _do_job(args, slaves, renderer, cancellation, tee)
         fanning_out = False
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"remsh: {e}", file=sys.stderr)
         return EXIT_USAGE
     except SlavesUnavailable as e:
@@ -286,21 +419,141 @@ def cmd_run(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         signal.signal(signal.SIGINT, previous)
         for listener in listeners:
             listener.stop()
-    failed = 0
-    for o in outcomes:
-        if o.error is not None:
-            failed += 1
-            print(f"remsh: {o.slave.name}: {describe_error(o.error, o.slave.name)}", file=sys.stderr)
-        elif o.value != 0:
-            failed += 1
-            print(f"remsh: {o.slave.name}: exit status {o.value}", file=sys.stderr)
-    if cancellation.cancelled:
+    return renderer.finish(cancellation.cancelled)
+
+
+def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
+    renderer = _renderer(args)
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now (the master interrupts on the close)
+        interrupted.set()
+        threading.Thread(target=_quietly(client.interrupt), name="remsh-interrupt", daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    common: Dict[str, Any] = {"targets": args.target, "where": args.where, "parallel": args.max_parallel}
+    try:
+        if args.command == "run":
+            client.request("run", args=args.argv, cwd=args.cwd, timeout=args.timeout, stdin=args.stdin, **common)
+            if args.stdin:
+                _pump_stdin(client.send_stdin, client.send_stdin_eof)
+        elif args.command == "put":
+            client.request("put", src=args.local_path, dest=args.dest, sync=args.sync, delete=args.delete,
+                           checksum=args.checksum, **common)
+        else:
+            client.request("get", src=args.remote, dest=args.localdir, **common)
+        for box in client.events():
+            ev = box.get(b"ev")
+            name = box.get(b"slave", b"").decode("utf-8", "replace")
+            if ev == b"out":
+                renderer.output(name, box.get(b"stream", b"stdout").decode("ascii", "replace"), box.get(b"data", b""))
+            elif ev == b"progress":
+                total = box.get(b"total")
+                renderer.progress(name, int(box.get(b"done", b"0")), None if total is None else int(total))
+            elif ev == b"end":
+                renderer.end(result_of(box))
+            elif ev == b"begin":
+                renderer.begin([n.decode("utf-8", "replace") for n in box.get(b"names", b"").split(b"\0") if n])
+            elif ev == b"fail":
+                print(f"remsh: {box.get(b'message', b'').decode('utf-8', 'replace')}", file=sys.stderr)
+                return int(box.get(b"exit", b"2"))
+            elif ev == b"done":
+                return renderer.finish(interrupted.is_set())
+        print("remsh: lost the master before the end", file=sys.stderr)
+        return EXIT_SLAVE_FAILED
+    except ControlError as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return e.exit
+    except (UsageError, ValueError) as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"remsh: lost the master: {e.strerror or e}", file=sys.stderr)
+        return EXIT_SLAVE_FAILED
+    except KeyboardInterrupt:
         print("remsh: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if failed:
-        print(f"remsh: failed on {failed} of {len(outcomes)} slaves", file=sys.stderr)
-    return exit_status(outcomes)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        client.close()
 
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    path, _ = control_path(args.master)
+    rows: List[Dict[str, Optional[str]]] = []
+    try:
+        client = ControlClient(path)
+        try:
+            client.request("ls")
+            for box in client.events():
+                if box.get(b"ev") == b"slave":
+                    rows.append(ls_row(box, LS_FIELDS))
+                elif box.get(b"ev") == b"fail":
+                    print(f"remsh: {box.get(b'message', b'').decode('utf-8', 'replace')}", file=sys.stderr)
+                    return int(box.get(b"exit", b"2"))
+        finally:
+            client.close()
+    except ControlError as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return e.exit
+    except OSError as e:
+        print(f"remsh: lost the master: {e.strerror or e}", file=sys.stderr)
+        return EXIT_SLAVE_FAILED
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    table = [list(LS_FIELDS)] + [[row.get(f) or "-" for f in LS_FIELDS] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(LS_FIELDS))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return EXIT_OK
+
+
+def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
+    """Serve until SIGTERM or SIGINT."""
+    path = args.control or control_path(args.master)[0]
+    collection = FleetCollection()
+    server = ControlServer(path, collection)
+    try:
+        server.start()
+    except ControlError as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return e.exit
+    listeners: List[SlaveListener] = []
+    # the signal handlers only write to a pipe; the main thread waits on it
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def on_signal(signum: int, frame: object) -> None:
+        try:
+            os.write(wake_w, b"x")
+        except OSError:
+            pass
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _start_listeners(args, collection, env_secret, listeners, default_local=0, announce=_announce)
+        if not listeners:
+            raise ConfigError("remsh master needs --listen, --ssh-listen or --local N")
+        _announce(f"control socket {server.path}")
+        _announce("ready")
+        while not select.select([wake_r], [], [], 60.0)[0]:
+            pass
+        _announce("stopping")
+    except ConfigError as e:
+        print(f"remsh: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+        for listener in listeners:
+            listener.stop()
+        os.close(wake_r)
+        os.close(wake_w)
+    return EXIT_OK
 
 def cmd_host_key(args: argparse.Namespace) -> int:
     try:
@@ -325,13 +578,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     env_secret = take_env_secret()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "run" and args.tls_key and not args.tls_cert:
+    if getattr(args, "tls_key", None) and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="remsh %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "run":
-            return cmd_run(args, env_secret)
+        if args.command in ("run", "put", "get"):
+            return cmd_job(args, env_secret)
+        if args.command == "master":
+            return cmd_master(args, env_secret)
+        if args.command == "ls":
+            return cmd_ls(args)
         return cmd_host_key(args)
     except KeyboardInterrupt:
         print("remsh: interrupted", file=sys.stderr)

@@ -1,0 +1,717 @@
+"""Fleet jobs: run a command, put or get files on a chosen set of slaves.
+
+The ``remsh`` program does the same three jobs in two places: inside a
+long-running ``remsh master`` (for a client on the control socket, see
+:mod:`remsh.control`) and inside ``remsh run --local/--listen`` itself.  Both
+use the functions here.  A job reports what happens through a :class:`Sink`
+as it happens (output chunks, transfer progress, each slave's end), and the
+sink decides where that goes: straight to the terminal (:class:`Renderer`)
+or over the control socket to a client that renders it the same way.
+
+Choosing slaves (:func:`select_slaves`): ``-t PATTERN`` globs on names
+(repeatable, a union), ``--where KEY=GLOB`` on registration facts (all must
+hold); a choice that matches nothing is an error, never a silent success.
+
+Exit statuses (:func:`exit_status`), the same for every command: 0 all
+succeeded; 1 a command exited non-zero (one slave: its own status 1-125);
+2 usage or configuration error; 3 some slave failed to run it; 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import json
+import os
+import posixpath
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, TextIO,
+                    Tuple)
+
+from remsh.conversation import State
+from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
+from remsh.lineprinter import LinePrinter
+from remsh.master.fanout import Cancellation, fan_out
+from remsh.master.slave import Slave
+from remsh.master.slavecollection.simple import SimpleSlaveCollection
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SLAVE_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+#: Most bytes of one stream of one slave kept for ``--json`` (the rest is
+#: dropped and the object says ``"truncated": true``).
+MAX_JSON_OUTPUT = 4 * 1024 * 1024
+#: Most bytes of forwarded stdin waiting for one slave's command; reading
+#: stdin waits while any command is that far behind (flow control).
+MAX_STDIN_BACKLOG = 1024 * 1024
+#: How often a blocked stdin reader looks whether its command has ended.
+STDIN_POLL = 0.1
+#: Default number of slaves driven at once.
+DEFAULT_PARALLEL = 64
+#: Default number of slaves transferring files at once.
+DEFAULT_TRANSFER_PARALLEL = 8
+
+
+# -- facts and selection ------------------------------------------------------
+
+
+def transport_of(slave: Slave) -> str:
+    """``tcp``, ``tls``, ``ssh``, ``local`` (or ``?``): how ``slave`` is connected."""
+    listener = slave.listener
+    kind = type(listener).__name__ if listener is not None else ""
+    if kind.startswith("Ssh"):
+        return "ssh"
+    if kind.startswith("Local"):
+        return "local"
+    if kind.startswith("Tcp"):
+        return "tls" if getattr(listener, "ssl_context", None) is not None else "tcp"
+    return "?"
+
+
+def slave_facts(slave: Slave) -> Dict[str, str]:
+    """What ``--where`` matches: the slave's registration info plus
+    ``name`` and ``transport``."""
+    facts = dict(slave.info)
+    facts["name"] = slave.name
+    facts["transport"] = transport_of(slave)
+    return facts
+
+
+def parse_where(spec: str) -> Tuple[str, str]:
+    """``KEY=GLOB`` -> (key, glob).
+
+    :raises UsageError: no ``=`` or an empty key
+    """
+    key, sep, glob = spec.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--where expects KEY=GLOB (e.g. platform=Linux*), got {spec!r}")
+    return key.strip(), glob
+
+
+def select_slaves(slaves: Sequence[Slave], patterns: Sequence[str] = (),
+                  wheres: Sequence[Tuple[str, str]] = ()) -> List[Slave]:
+    """The connected slaves whose name matches any of ``patterns`` (all when
+    there is none) and whose facts match every ``(key, glob)`` of
+    ``wheres``, sorted by name.
+
+    :raises UsageError: nothing matches (naming the choice)
+    """
+    chosen = []
+    for slave in slaves:
+        if not slave.connected:
+            continue
+        if patterns and not any(fnmatch.fnmatchcase(slave.name, p) for p in patterns):
+            continue
+        facts = slave_facts(slave)
+        if any(not fnmatch.fnmatchcase(facts.get(k, ""), g) for k, g in wheres):
+            continue
+        chosen.append(slave)
+    if not chosen:
+        what = []
+        if patterns:
+            what.append("-t " + " -t ".join(patterns))
+        if wheres:
+            what.append(" ".join(f"--where {k}={g}" for k, g in wheres))
+        raise UsageError(f"no connected slave matches {' '.join(what)}" if what else "no slaves connected")
+    return sorted(chosen, key=lambda s: s.name)
+
+
+class FleetCollection(SimpleSlaveCollection):
+    """The collection of a ``remsh master``: also when each slave connected
+    and how many jobs hold it now (for ``remsh ls``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._since: Dict[int, float] = {}
+        self._busy: Dict[int, int] = {}
+        self._facts_lock = threading.Lock()
+
+    def add_slave(self, slave: Slave, listener: Any = None) -> None:
+        """As :meth:`SimpleSlaveCollection.add_slave`, noting the time."""
+        super().add_slave(slave, listener)
+        with self._facts_lock:
+            self._since[id(slave)] = time.time()
+        slave.on_disconnect(self._forget_facts)
+
+    def _forget_facts(self, slave: Slave) -> None:
+        with self._facts_lock:
+            self._since.pop(id(slave), None)
+            self._busy.pop(id(slave), None)
+
+    @contextmanager
+    def holding(self, slave: Slave) -> Iterator[None]:
+        """Count ``slave`` as busy for the ``with`` block."""
+        with self._facts_lock:
+            self._busy[id(slave)] = self._busy.get(id(slave), 0) + 1
+        try:
+            yield
+        finally:
+            with self._facts_lock:
+                left = self._busy.get(id(slave), 0) - 1
+                if left > 0:
+                    self._busy[id(slave)] = left
+                else:
+                    self._busy.pop(id(slave), None)
+
+    def describe(self, slave: Slave) -> Dict[str, Any]:
+        """One row of ``remsh ls``: nothing secret, only what the slave
+        announced and what the master saw."""
+        with self._facts_lock:
+            since = self._since.get(id(slave))
+            busy = self._busy.get(id(slave), 0)
+        stream = getattr(slave.wire, "stream", None)
+        return {
+            "name": slave.name,
+            "transport": transport_of(slave),
+            "peer": str(getattr(stream, "peer", "") or ""),
+            "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+            "platform": slave.info.get("platform", ""),
+            "python": slave.info.get("python", ""),
+            "remsh": slave.info.get("remsh", ""),
+            "state": "busy" if busy else "idle",
+        }
+
+
+# -- what a job reports ----------------------------------------------------------
+
+
+class SlaveResult:
+    """How one slave's part of a job ended: ``status`` (the command's exit
+    status; 0 for a transfer) or ``error`` (why it could not be done)."""
+
+    __slots__ = ("name", "status", "error", "errtag", "duration_s", "summary")
+
+    def __init__(self, name: str, status: Optional[int] = None, error: Optional[str] = None,
+                 errtag: Optional[str] = None, duration_s: float = 0.0, summary: str = "") -> None:
+        self.name = name
+        self.status = status
+        self.error = error
+        self.errtag = errtag
+        self.duration_s = duration_s
+        #: for a transfer: what was moved, in words
+        self.summary = summary
+
+
+class Sink(Protocol):
+    """Where a job reports, from several threads at once."""
+
+    def begin(self, names: List[str]) -> None:
+        """The job starts on these slaves."""
+
+    def output(self, name: str, stream: str, data: bytes) -> None:
+        """A chunk of a command's ``stdout`` or ``stderr``."""
+
+    def progress(self, name: str, done: int, total: Optional[int]) -> None:
+        """Bytes moved so far for slave ``name`` (``total`` when known)."""
+
+    def end(self, result: SlaveResult) -> None:
+        """Slave ``result.name`` is done."""
+
+
+def describe_error(error: BaseException, name: str) -> str:
+    """What went wrong on slave ``name``, for a line that already starts
+    with the name: the error's own text without the slave's name in front."""
+    if isinstance(error, CommandTimeout):
+        return "timed out"
+    if isinstance(error, RemoteError) and error.slave == name:
+        where = f"{error.operation}: " if error.operation else ""
+        return f"{where}{error.remote_message} [{error.errtag}]"
+    text = str(error) or type(error).__name__
+    prefix = f"{name}: "
+    while text.startswith(prefix):
+        text = text[len(prefix):]
+    return text
+
+
+def exit_status(results: Sequence[SlaveResult], interrupted: bool = False) -> int:
+    """The exit status for a job's results (see the module docstring)."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if any(r.error is not None for r in results):
+        return EXIT_SLAVE_FAILED
+    statuses = [r.status for r in results if r.status != 0]
+    if not statuses:
+        return EXIT_OK
+    if len(results) == 1 and statuses[0] is not None and 1 <= statuses[0] <= 125:
+        return statuses[0]
+    return EXIT_FAILED
+
+
+def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sink, max_parallel: int,
+         cancellation: Cancellation, holder: Optional[FleetCollection]) -> List[SlaveResult]:
+    """Run ``one`` on every slave, reporting each end to ``sink`` as it comes;
+    slaves the fan-out cancelled are reported too."""
+    sink.begin([s.name for s in slaves])
+    reported: Dict[str, SlaveResult] = {}
+    lock = threading.Lock()
+
+    def op(slave: Slave) -> SlaveResult:
+        start = time.monotonic()
+        try:
+            if holder is not None:
+                with holder.holding(slave):
+                    result = one(slave)
+            else:
+                result = one(slave)
+        except RemshError as e:
+            result = SlaveResult(slave.name, error=describe_error(e, slave.name),
+                                 errtag=getattr(e, "errtag", None) or _tag(e))
+        result.duration_s = time.monotonic() - start
+        with lock:
+            reported[slave.name] = result
+        sink.end(result)
+        return result
+
+    outcomes = fan_out(slaves, op, max_workers=max_parallel, cancellation=cancellation)
+    results = []
+    for o in outcomes:
+        with lock:
+            result = reported.get(o.slave.name)
+        if result is None:
+            error = o.error if o.error is not None else RemshError("no result")
+            result = SlaveResult(o.slave.name, error=describe_error(error, o.slave.name), errtag=_tag(error),
+                                 duration_s=o.duration or 0.0)
+            sink.end(result)
+        results.append(result)
+    return results
+
+
+def _tag(error: BaseException) -> str:
+    """A short word for a local failure (``--json`` and the control protocol)."""
+    return {"Disconnected": "disconnected", "PeerTimeout": "disconnected", "Cancelled": "cancelled",
+            "LocalError": "local", "UsageError": "usage", "ProtocolError": "protocol",
+            "WaitTimeout": "timeout"}.get(type(error).__name__, "error")
+
+
+# -- run ----------------------------------------------------------------------------
+
+
+class StdinTee:
+    """One input stream copied to the stdin of many commands.
+
+    Each command has a bounded backlog (:data:`MAX_STDIN_BACKLOG`);
+    :meth:`feed` waits while any command still reading is that far behind,
+    so the input is read no faster than the slowest command takes it.  A
+    command that ends stops counting.
+    """
+
+    def __init__(self, limit: int = MAX_STDIN_BACKLOG) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._queues: Dict[str, Deque[bytes]] = {}
+        self._sizes: Dict[str, int] = {}
+        self._eof = False
+
+    def reader(self, slave: Slave) -> "TeeReader":
+        """The stdin source for ``slave``'s command (one per slave)."""
+        with self._cond:
+            self._queues[slave.name] = collections.deque()
+            self._sizes[slave.name] = 0
+        return TeeReader(self, slave)
+
+    def feed(self, data: bytes, timeout: Optional[float] = None) -> bool:
+        """Queue ``data`` for every command still reading; False when
+        ``timeout`` ran out first (nothing queued)."""
+        if not data:
+            return True
+        with self._cond:
+            if not self._cond.wait_for(
+                    lambda: all(size < self.limit for size in self._sizes.values()), timeout):
+                return False
+            for name, queue in self._queues.items():
+                queue.append(data)
+                self._sizes[name] += len(data)
+            self._cond.notify_all()
+        return True
+
+    def end(self) -> None:
+        """The input has ended: every command gets end-of-file."""
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def done(self, name: str) -> None:
+        """Slave ``name``'s command no longer reads."""
+        with self._cond:
+            self._queues.pop(name, None)
+            self._sizes.pop(name, None)
+            self._cond.notify_all()
+
+    def _read(self, name: str, n: int, finished: Callable[[], bool]) -> bytes:
+        with self._cond:
+            while True:
+                queue = self._queues.get(name)
+                if queue is None:
+                    return b""
+                if queue:
+                    chunk = queue.popleft()
+                    if len(chunk) > n:
+                        queue.appendleft(chunk[n:])
+                        chunk = chunk[:n]
+                    self._sizes[name] -= len(chunk)
+                    self._cond.notify_all()
+                    return chunk
+                if self._eof or finished():
+                    return b""
+                self._cond.wait(STDIN_POLL)
+
+
+def _command_over(slave: Slave) -> bool:
+    """True once no ``execute`` of ``slave`` is running: its stdin reader
+    must return then, because ``Slave.execute`` waits for the reader before
+    it returns.  ``Slave`` has no public hook for this; it keeps its calls
+    in progress in ``_executions``."""
+    if not slave.connected:
+        return True
+    calls = getattr(slave, "_executions", ())
+    return not any(getattr(c, "state", None) is State.RUNNING for c in list(calls))
+
+
+class TeeReader:
+    """A binary file-like stdin source for one slave's command."""
+
+    def __init__(self, tee: StdinTee, slave: Slave) -> None:
+        self._tee = tee
+        self._slave = slave
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the end of the input or once the
+        command has ended."""
+        return self._tee._read(self._slave.name, n if n > 0 else MAX_STDIN_BACKLOG,
+                               lambda: _command_over(self._slave))
+
+
+def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Optional[str] = None,
+            timeout: Optional[float] = None, stdin: Optional[StdinTee] = None,
+            max_parallel: int = DEFAULT_PARALLEL, cancellation: Optional[Cancellation] = None,
+            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
+    """Run ``argv`` on every slave at once (at most ``max_parallel``),
+    reporting output and ends to ``sink``; returns one result per slave.
+    ``cancellation`` interrupts the commands."""
+    cancellation = cancellation or Cancellation()
+
+    def one(slave: Slave) -> SlaveResult:
+        name = slave.name
+        try:
+            code = slave.execute(list(argv), stdout_cb=lambda d: sink.output(name, "stdout", d),
+                                 stderr_cb=lambda d: sink.output(name, "stderr", d), cwd=cwd, timeout=timeout,
+                                 stdin=None if stdin is None else stdin.reader(slave))  # type: ignore[arg-type]
+        finally:
+            if stdin is not None:
+                stdin.done(name)
+        return SlaveResult(name, status=code)
+
+    return _fan(slaves, one, sink, max_parallel, cancellation, holder)
+
+
+# -- put and get ----------------------------------------------------------------------
+
+
+def _tree_method(slave: Slave, meth: str) -> Callable[..., Any]:
+    fn = getattr(slave, meth, None)
+    if fn is None:
+        raise UsageError(f"directory trees need Slave.{meth}, which this remsh does not have")
+    return fn  # type: ignore[no-any-return]
+
+
+def _sizes(text: str, result: Any) -> str:
+    """Words for a tree operation's result object."""
+    parts = []
+    for attr in ("sent_files", "sent_bytes", "unchanged", "deleted"):
+        value = getattr(result, attr, None)
+        if value is not None:
+            parts.append(f"{attr.replace('_', ' ')} {value}")
+    return f"{text}: {', '.join(parts)}" if parts else text
+
+
+def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync: bool = False,
+            delete: bool = False, checksum: bool = False, max_parallel: int = DEFAULT_TRANSFER_PARALLEL,
+            cancellation: Optional[Cancellation] = None,
+            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
+    """Copy the local file or tree ``local`` to ``dest`` on every slave.
+
+    A file goes into ``dest`` when that is a directory on the slave, else
+    to ``dest`` itself (which must not exist).  A tree is sent with
+    ``Slave.send_tree``, or synchronised with ``Slave.sync_tree`` when
+    ``sync``.
+
+    :raises UsageError: ``local`` does not exist
+    """
+    if not os.path.lexists(local):
+        raise UsageError(f"no such local file or directory: {local}")
+    is_tree = os.path.isdir(local)
+    if not is_tree and (sync or delete or checksum):
+        raise UsageError("--sync, --delete and --checksum are for directory trees")
+
+    def one(slave: Slave) -> SlaveResult:
+        name = slave.name
+
+        def progress(done: int, total: Optional[int]) -> None:
+            sink.progress(name, done, total)
+
+        if is_tree:
+            if sync:
+                result = _tree_method(slave, "sync_tree")(local, dest, delete=delete, checksum=checksum,
+                                                          progress=progress)
+                return SlaveResult(name, status=0, summary=_sizes("synced", result))
+            result = _tree_method(slave, "send_tree")(local, dest, progress=progress)
+            return SlaveResult(name, status=0, summary=_sizes("sent tree", result))
+        target = dest
+        if slave.stat(dest) == "d":
+            target = posixpath.join(dest, os.path.basename(local))
+        slave.send(local, target, progress=progress)
+        return SlaveResult(name, status=0, summary=f"sent to {target}")
+
+    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder)
+
+
+def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
+            max_parallel: int = DEFAULT_TRANSFER_PARALLEL, cancellation: Optional[Cancellation] = None,
+            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
+    """Copy ``remote`` (a file or tree) from every slave to
+    ``localdir/NAME/BASENAME``.
+
+    :raises UsageError: ``localdir`` exists and is not a directory
+    """
+    if os.path.exists(localdir) and not os.path.isdir(localdir):
+        raise UsageError(f"not a directory: {localdir}")
+    base = posixpath.basename(remote.rstrip("/")) or "root"
+
+    def one(slave: Slave) -> SlaveResult:
+        name = slave.name
+        if name in (".", "..") or "/" in name or "\0" in name:
+            raise LocalError(f"{name}: get: the slave's name cannot be a local directory name")
+        mine = os.path.join(localdir, name)
+        try:
+            os.makedirs(mine, exist_ok=True)
+        except OSError as e:
+            raise LocalError(f"{name}: get: cannot make {mine}: {e.strerror or e}") from e
+        target = os.path.join(mine, base)
+
+        def progress(done: int, total: Optional[int]) -> None:
+            sink.progress(name, done, total)
+
+        kind = slave.stat(remote)
+        if kind == "d":
+            result = _tree_method(slave, "fetch_tree")(remote, target, progress=progress)
+            return SlaveResult(name, status=0, summary=_sizes(f"tree into {target}", result))
+        slave.fetch(remote, target, progress=progress)
+        return SlaveResult(name, status=0, summary=f"into {target}")
+
+    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder)
+
+
+# -- the terminal side -------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 MiB`` and the like."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop returns
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBars:
+    """Transfer progress per slave and in total.
+
+    On a terminal: one bar per slave and a total line, redrawn in place at
+    most ten times a second (bytes, rate, ETA when the size is known).
+    Otherwise (``tty`` false): nothing until a slave ends, then one plain
+    line (the caller's).
+    """
+
+    BAR = 24
+    EVERY = 0.1
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self._lock = threading.Lock()
+        self._names: List[str] = []
+        self._done: Dict[str, int] = {}
+        self._total: Dict[str, Optional[int]] = {}
+        self._start: Dict[str, float] = {}
+        self._ended: Dict[str, float] = {}
+        self._drawn = 0
+        self._last = 0.0
+        self._t0 = time.monotonic()
+
+    def begin(self, names: List[str]) -> None:
+        with self._lock:
+            self._names = list(names)
+            self._t0 = time.monotonic()
+
+    def update(self, name: str, done: int, total: Optional[int]) -> None:
+        with self._lock:
+            self._start.setdefault(name, time.monotonic())
+            self._done[name] = done
+            self._total[name] = total
+            now = time.monotonic()
+            if self.tty and now - self._last >= self.EVERY:
+                self._last = now
+                self._draw()
+
+    def ended(self, name: str) -> None:
+        with self._lock:
+            self._ended[name] = time.monotonic()
+            if self.tty:
+                self._draw()
+
+    def clear(self) -> None:
+        """Take the bars off the screen (before other text is printed)."""
+        if self.tty and self._drawn:
+            self.out.write(f"\033[{self._drawn}F\033[J")
+            self._drawn = 0
+            self.out.flush()
+
+    def finish(self) -> None:
+        """Draw the final state and leave it on the screen."""
+        with self._lock:
+            if self.tty:
+                self._draw()
+                self._drawn = 0
+
+    def line(self, label: str, done: int, total: Optional[int], elapsed: float, finished: bool) -> str:
+        """One line: bar, bytes, rate, ETA."""
+        rate = done / elapsed if elapsed > 0 else 0.0
+        if total:
+            frac = min(1.0, done / total)
+            fill = int(frac * self.BAR)
+            bar = "#" * fill + "-" * (self.BAR - fill)
+            amount = f"{human_bytes(done)} / {human_bytes(total)} {frac * 100:3.0f}%"
+        else:
+            bar = ("#" if finished else "?") * self.BAR
+            amount = human_bytes(done)
+        text = f"{label} [{bar}] {amount} {human_bytes(rate)}/s"
+        if finished:
+            text += " done"
+        elif total and rate > 0:
+            text += f" ETA {_eta((total - done) / rate)}"
+        return text
+
+    def _draw(self) -> None:
+        width = max((len(n) for n in self._names), default=5)
+        width = max(width, 5)
+        now = time.monotonic()
+        lines = []
+        for name in self._names:
+            start = self._start.get(name, now)
+            end = self._ended.get(name, now)
+            lines.append(self.line(name.ljust(width), self._done.get(name, 0), self._total.get(name),
+                                   end - start, name in self._ended))
+        totals = [self._total.get(n) for n in self._names]
+        total: Optional[int] = sum(t for t in totals if t is not None) if all(t is not None for t in totals) \
+            else None
+        finished = len(self._ended) >= len(self._names)
+        lines.append(self.line("total".ljust(width), sum(self._done.values()), total, now - self._t0, finished))
+        up = f"\033[{self._drawn}F" if self._drawn else ""
+        self.out.write(up + "".join(line + "\033[K\n" for line in lines))
+        self.out.flush()
+        self._drawn = len(lines)
+
+
+class Renderer:
+    """The :class:`Sink` that shows a job on this process's terminal, and
+    works out the exit status.
+
+    ``mode`` is ``"lines"`` (output lines prefixed with the slave's name, as
+    ``remsh run`` always printed), ``"json"`` (one JSON object per slave as
+    it ends) or ``"transfer"`` (progress bars on a terminal, a plain line per
+    slave otherwise).
+    """
+
+    def __init__(self, mode: str = "lines", *, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+                 colour: bool = False, progress_tty: bool = False) -> None:
+        self.mode = mode
+        self.out = out
+        self.err = err
+        self.colour = colour
+        self.results: List[SlaveResult] = []
+        self.printer = LinePrinter([], colour)
+        self.bars = ProgressBars(err, progress_tty)
+        self._lock = threading.Lock()
+        self._buffers: Dict[Tuple[str, str], bytearray] = {}
+        self._truncated: Dict[str, bool] = {}
+
+    def _stream(self, stream: str) -> TextIO:
+        return self.err if stream == "stderr" else self.out
+
+    def begin(self, names: List[str]) -> None:
+        self.printer = LinePrinter(names, self.colour)
+        self.bars.begin(names)
+
+    def output(self, name: str, stream: str, data: bytes) -> None:
+        if self.mode == "json":
+            with self._lock:
+                buf = self._buffers.setdefault((name, stream), bytearray())
+                room = MAX_JSON_OUTPUT - len(buf)
+                if len(data) > room:
+                    self._truncated[name] = True
+                buf += data[:max(0, room)]
+            return
+        self.printer.write(name, self._stream(stream), data)
+
+    def progress(self, name: str, done: int, total: Optional[int]) -> None:
+        self.bars.update(name, done, total)
+
+    def end(self, result: SlaveResult) -> None:
+        with self._lock:
+            self.results.append(result)
+        name = result.name
+        if self.mode == "json":
+            with self._lock:
+                out = bytes(self._buffers.pop((name, "stdout"), b""))
+                err = bytes(self._buffers.pop((name, "stderr"), b""))
+            obj: Dict[str, Any] = {"name": name, "status": result.status,
+                                   "stdout": out.decode("utf-8", "replace"),
+                                   "stderr": err.decode("utf-8", "replace"),
+                                   "duration_s": round(result.duration_s, 3), "error": result.error}
+            if self._truncated.get(name):
+                obj["truncated"] = True
+            self.printer.write_line(self.out, json.dumps(obj))
+            return
+        self.printer.flush(name, self.out)
+        self.printer.flush(name, self.err)
+        if self.mode == "transfer":
+            self.bars.ended(name)
+            if not self.bars.tty:
+                text = f"{name}: {result.summary or 'done'} ({result.duration_s:.1f} s)" if result.error is None \
+                    else f"{name}: failed: {result.error}"
+                self.printer.write_line(self.out, text)
+
+    def message(self, text: str) -> None:
+        """One line of the program's own on stderr."""
+        self.bars.clear()
+        self.printer.write_line(self.err, text)
+
+    def finish(self, interrupted: bool = False) -> int:
+        """Print the summary lines and return the exit status."""
+        self.bars.finish()
+        failed = 0
+        for r in sorted(self.results, key=lambda r: r.name):
+            if r.error is not None:
+                failed += 1
+                self.printer.write_line(self.err, f"remsh: {r.name}: {r.error}")
+            elif r.status != 0:
+                failed += 1
+                self.printer.write_line(self.err, f"remsh: {r.name}: exit status {r.status}")
+        if interrupted:
+            self.printer.write_line(self.err, "remsh: interrupted")
+        elif failed:
+            self.printer.write_line(self.err, f"remsh: failed on {failed} of {len(self.results)} slaves")
+        return exit_status(self.results, interrupted)
