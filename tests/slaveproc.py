@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import pytest
 
+from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 from remsh.master.slavelistener.tcp import TcpSlaveListener
 
@@ -36,7 +37,7 @@ WAIT = 20.0
 class SlaveProcess:
     """One running ``remsh-slave`` child."""
 
-    def __init__(self, name: str, popen: subprocess.Popen, basedir: Path, log_path: Path) -> None:
+    def __init__(self, name: str, popen: "subprocess.Popen[bytes]", basedir: Path, log_path: Path) -> None:
         self.name = name
         self.popen = popen
         self.basedir = basedir
@@ -191,7 +192,7 @@ def tcp_listener() -> Iterator[Callable[..., TcpSlaveListener]]:
             listener.stop()
 
 
-def wait_registered(listener: TcpSlaveListener, proc: SlaveProcess, timeout: float = WAIT):
+def wait_registered(listener: TcpSlaveListener, proc: SlaveProcess, timeout: float = WAIT) -> Slave:
     """The slave object ``proc`` registered as; fails with its log if it does not within ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

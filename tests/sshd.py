@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import paramiko
 import pytest
@@ -70,7 +70,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(condition, timeout: float = WAIT, what: str = "condition") -> None:
+def wait_until(condition: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
     """Poll ``condition()`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -88,9 +88,9 @@ class SlaveProcs:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.procs: List[Tuple[subprocess.Popen, Path]] = []
+        self.procs: List[Tuple["subprocess.Popen[bytes]", Path]] = []
 
-    def start(self, args: Sequence[str], name: str = "slave") -> subprocess.Popen:
+    def start(self, args: Sequence[str], name: str = "slave") -> "subprocess.Popen[bytes]":
         basedir = self.workdir / f"base-{name}-{len(self.procs)}"
         basedir.mkdir(parents=True)
         log_path = self.workdir / f"{name}-{len(self.procs)}.log"
@@ -107,13 +107,13 @@ class SlaveProcs:
         return p
 
     @staticmethod
-    def log_text(p: subprocess.Popen) -> str:
+    def log_text(p: "subprocess.Popen[bytes]") -> str:
         try:
-            return p.log_path.read_text(errors="replace")[-4000:]  # type: ignore[attr-defined]
+            return str(p.log_path.read_text(errors="replace")[-4000:])  # type: ignore[attr-defined]
         except OSError:
             return ""
 
-    def wait(self, p: subprocess.Popen, timeout: float = WAIT) -> int:
+    def wait(self, p: "subprocess.Popen[bytes]", timeout: float = WAIT) -> int:
         """The exit status; fails the test if still running after ``timeout``."""
         try:
             return p.wait(timeout)
@@ -158,7 +158,7 @@ class Sshd:
         self.user = getpass.getuser()
         self.port = 0
         self.log_path = workdir / "sshd.log"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: Optional["subprocess.Popen[bytes]"] = None
 
     def _config(self, port: int) -> Path:
         config = self.workdir / "sshd_config"

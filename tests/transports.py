@@ -40,7 +40,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Type
+from typing import Callable, ClassVar, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Type
 
 import paramiko
 import pytest
@@ -183,7 +183,7 @@ class Transport:
 
     def close(self) -> None:
         if self.listener is not None:
-            self.listener.stop()  # type: ignore[attr-defined]
+            self.listener.stop()
 
 
 class LocalTransport(Transport):
@@ -409,7 +409,7 @@ class TransportUnderTest:
 def transport_params(definition: pytest.Function) -> List[object]:
     """``pytest.param`` for each transport, marked ``slow`` where the test's ``slow_over`` says so."""
     marker = definition.get_closest_marker("slow_over")
-    slow = set()
+    slow: Set[str] = set()
     if marker is not None:
         slow = set(marker.args) if marker.args else set(TRANSPORT_NAMES) - {"local"}
         unknown = slow - set(TRANSPORT_NAMES)
