@@ -48,7 +48,7 @@ import signal
 import ssl
 import sys
 import threading
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
 from remsh.control import ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row, result_of
@@ -286,11 +286,12 @@ def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
 def _pump_stdin(send: Callable[[bytes], Any], end: Callable[[], Any]) -> threading.Thread:
     """Copy this process's stdin to ``send`` in a thread, then call ``end``."""
     def pump() -> None:
-        source: BinaryIO = sys.stdin.buffer
+        # the file descriptor, not sys.stdin.buffer: a thread blocked inside
+        # the buffered reader at exit makes the interpreter abort
         try:
+            fd = sys.stdin.fileno()
             while True:
-                read1 = getattr(source, "read1", None)
-                data = read1(65536) if read1 is not None else source.read(65536)
+                data = os.read(fd, 65536)
                 if not data:
                     break
                 send(data)
@@ -398,7 +399,7 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
         slaves = select_slaves(_choose_slaves(args, collection), args.target, args.wheres)
         tee: Optional[StdinTee] = None
         if args.command == "run" and args.stdin:
-            tee = StdinTee()
+            tee = StdinTee([s.name for s in slaves])
             _pump_stdin(tee.feed, tee.end)
         fanning_out = True
         _do_job(args, slaves, renderer, cancellation, tee)

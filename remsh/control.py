@@ -513,7 +513,7 @@ class _Client:
             timeout = float(request[b"timeout"]) if b"timeout" in request else None
             cwd = os.fsdecode(request[b"cwd"]) if b"cwd" in request else None
             if request.get(b"stdin") == b"y":
-                self.tee = StdinTee()
+                self.tee = StdinTee([s.name for s in slaves])
             tee = self.tee
             return lambda: run_job(slaves, args, sink, cwd=cwd, timeout=timeout, stdin=tee, **extra)
         src = os.fsdecode(request.get(b"src", b""))

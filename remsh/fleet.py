@@ -302,18 +302,17 @@ class StdinTee:
     command that ends stops counting.
     """
 
-    def __init__(self, limit: int = MAX_STDIN_BACKLOG) -> None:
+    def __init__(self, names: Sequence[str], limit: int = MAX_STDIN_BACKLOG) -> None:
+        """``names``: the slaves whose commands get the input (input fed
+        before a command starts waits for it)."""
         self.limit = limit
         self._cond = threading.Condition()
-        self._queues: Dict[str, Deque[bytes]] = {}
-        self._sizes: Dict[str, int] = {}
+        self._queues: Dict[str, Deque[bytes]] = {name: collections.deque() for name in names}
+        self._sizes: Dict[str, int] = {name: 0 for name in names}
         self._eof = False
 
     def reader(self, slave: Slave) -> "TeeReader":
-        """The stdin source for ``slave``'s command (one per slave)."""
-        with self._cond:
-            self._queues[slave.name] = collections.deque()
-            self._sizes[slave.name] = 0
+        """The stdin source for ``slave``'s command (one of the names given)."""
         return TeeReader(self, slave)
 
     def feed(self, data: bytes, timeout: Optional[float] = None) -> bool:
@@ -408,7 +407,12 @@ def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Op
                 stdin.done(name)
         return SlaveResult(name, status=code)
 
-    return _fan(slaves, one, sink, max_parallel, cancellation, holder)
+    try:
+        return _fan(slaves, one, sink, max_parallel, cancellation, holder)
+    finally:
+        if stdin is not None:
+            for slave in slaves:  # those never started too: feeding must not wait for them
+                stdin.done(slave.name)
 
 
 # -- put and get ----------------------------------------------------------------------
@@ -545,7 +549,6 @@ class ProgressBars:
         self._names: List[str] = []
         self._done: Dict[str, int] = {}
         self._total: Dict[str, Optional[int]] = {}
-        self._start: Dict[str, float] = {}
         self._ended: Dict[str, float] = {}
         self._drawn = 0
         self._last = 0.0
@@ -558,7 +561,6 @@ class ProgressBars:
 
     def update(self, name: str, done: int, total: Optional[int]) -> None:
         with self._lock:
-            self._start.setdefault(name, time.monotonic())
             self._done[name] = done
             self._total[name] = total
             now = time.monotonic()
@@ -600,7 +602,7 @@ class ProgressBars:
         text = f"{label} [{bar}] {amount} {human_bytes(rate)}/s"
         if finished:
             text += " done"
-        elif total and rate > 0:
+        elif total and rate > 0 and done < total:
             text += f" ETA {_eta((total - done) / rate)}"
         return text
 
@@ -610,7 +612,7 @@ class ProgressBars:
         now = time.monotonic()
         lines = []
         for name in self._names:
-            start = self._start.get(name, now)
+            start = self._t0
             end = self._ended.get(name, now)
             lines.append(self.line(name.ljust(width), self._done.get(name, 0), self._total.get(name),
                                    end - start, name in self._ended))

@@ -1,0 +1,545 @@
+"""A real ``remsh master`` with real ``remsh-slave`` processes over TCP, driven
+by the ``remsh`` commands as real processes: ls, run, put, get, the control
+socket's protection, one master per socket, and a master restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import pytest
+
+from remsh import __version__
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
+from tests.util import NOBODY, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("web-1", "web-2", "db-1")
+LS_FIELDS = {"name", "transport", "peer", "since", "platform", "python", "remsh", "state"}
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("REMSH_SECRET", "REMSH_MASTER", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Master:
+    """A ``remsh master`` process on its own control socket and TCP port."""
+
+    def __init__(self, workdir: Path, sock: Path, port: int = 0, secret_file: Optional[Path] = None) -> None:
+        self.sock = sock
+        self.log = workdir / f"master-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "remsh", "master", "--control", str(sock), "--listen", f"{HOST}:{port}"]
+        argv += ["--secret-file", str(secret_file)] if secret_file else ["--insecure"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, env=_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.port = 0
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> "Master":
+        """Wait for the 'ready' line and read the bound port from the log."""
+        wait_until(lambda: "remsh master: ready" in self.text() or self.proc.poll() is not None,
+                   WAIT, "the master to be ready")
+        assert self.proc.poll() is None, self.text()
+        line = next(x for x in self.text().splitlines() if "listening for TCP slaves on" in x)
+        self.port = int(line.rsplit(":", 1)[1])
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(WAIT)
+
+
+def remsh(sock: Path, *args: str, input: Optional[bytes] = None, cwd: Optional[Path] = None,
+          timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "remsh", "--master", str(sock), *args], env=_env(),
+                          input=input, capture_output=True, timeout=timeout, cwd=cwd)
+
+
+def ls(sock: Path) -> List[dict]:
+    r = remsh(sock, "ls", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def wait_names(sock: Path, names: Sequence[str], timeout: float = WAIT) -> List[dict]:
+    """``ls --json`` once every name in ``names`` is connected (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = ls(sock)
+        if set(names) <= {r["name"] for r in rows}:
+            return rows
+        assert time.monotonic() < deadline, f"slaves {names} not all connected: {rows}"
+        time.sleep(0.1)
+
+
+class Fleet:
+    def __init__(self, workdir: Path, master: Master, slaves: SlaveProcesses) -> None:
+        self.workdir = workdir
+        self.master = master
+        self.sock = master.sock
+        self.slaves = slaves
+
+    def base(self, name: str) -> Path:
+        return self.workdir / "slaves" / "base" / name
+
+    def run(self, *args: str, **kw: object) -> subprocess.CompletedProcess:
+        return remsh(self.sock, *args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One master and three slaves (web-1, web-2, db-1) for the whole module."""
+    workdir = tmp_path_factory.mktemp("fleet")
+    slaves = SlaveProcesses(workdir / "slaves")
+    master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
+    try:
+        master.wait_ready()
+        for name in NAMES:
+            slaves.start(master.port, name, max_backoff=0.5)
+        wait_names(master.sock, NAMES)
+        yield Fleet(workdir, master, slaves)
+    finally:
+        master.stop()
+        slaves.close()
+
+
+# -- ls -----------------------------------------------------------------------------------
+
+
+def test_ls_json_lists_every_slave_with_its_fields(fleet: Fleet) -> None:
+    """ls --json: one object per slave with name, transport, peer, since, platform, python, remsh, state."""
+    rows = ls(fleet.sock)
+    assert sorted(r["name"] for r in rows) == sorted(NAMES)
+    for row in rows:
+        assert set(row) == LS_FIELDS
+        assert row["transport"] == "tcp"
+        assert row["peer"].startswith("127.0.0.1:")
+        assert row["since"].endswith("Z") and row["since"][:2] == "20"
+        assert row["platform"] and row["python"] == ".".join(map(str, sys.version_info[:3]))
+        assert row["remsh"] == __version__
+        assert row["state"] == "idle"
+
+
+def test_ls_prints_one_line_per_slave_under_a_header(fleet: Fleet) -> None:
+    """Plain ls: a header line, then one line per slave starting with its name."""
+    r = fleet.run("ls")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["name", "transport", "peer", "since", "platform", "python", "remsh", "state"]
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(NAMES)
+    assert all(line.split()[-1] == "idle" for line in lines[1:])
+
+
+def test_ls_shows_busy_while_a_command_runs(fleet: Fleet) -> None:
+    """A slave running a command through the master is 'busy' in ls; the others stay 'idle'."""
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(fleet.sock), "run", "-t", "db-1",
+                             "--", "sh", "-c", "echo started; sleep 30"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert b"started" in proc.stdout.readline()
+        states = {r["name"]: r["state"] for r in ls(fleet.sock)}
+        assert states == {"db-1": "busy", "web-1": "idle", "web-2": "idle"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=WAIT)
+    assert proc.returncode == 130
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+def _prefixes(out: bytes) -> List[str]:
+    return sorted(line.split(" | ")[0].strip() for line in out.decode().splitlines())
+
+
+def test_run_target_glob_reaches_exactly_the_matching_slaves(fleet: Fleet) -> None:
+    """run -t 'web-*' runs on web-1 and web-2 only, each line prefixed with the name."""
+    r = fleet.run("run", "-t", "web-*", "--", "sh", "-c", "pwd")
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.decode().splitlines())
+    assert lines == [f"web-1 | {fleet.base('web-1')}", f"web-2 | {fleet.base('web-2')}"]
+
+
+def test_run_targets_are_a_union_and_default_is_all(fleet: Fleet) -> None:
+    """Several -t patterns add up; with none the command runs on every connected slave."""
+    r = fleet.run("run", "-t", "web-1", "-t", "db-*", "--", "echo", "x")
+    assert r.returncode == 0, r.stderr
+    assert _prefixes(r.stdout) == ["db-1", "web-1"]
+    r = fleet.run("run", "--", "echo", "x")
+    assert _prefixes(r.stdout) == sorted(NAMES)
+
+
+def test_where_selects_by_registration_fact(fleet: Fleet) -> None:
+    """--where platform=Linux* matches all; --where name=db-* one; a python that matches nothing exits 2."""
+    r = fleet.run("run", "--where", "platform=Linux*", "--", "true")
+    assert r.returncode == 0, r.stderr
+    py = ".".join(map(str, sys.version_info[:2]))
+    r = fleet.run("run", "--where", f"python={py}.*", "--where", "name=db-*", "--", "echo", "y")
+    assert r.returncode == 0, r.stderr
+    assert _prefixes(r.stdout) == ["db-1"]
+    r = fleet.run("run", "--where", "python=2.*", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == ["remsh: no connected slave matches --where python=2.*"]
+
+
+def test_no_match_is_a_usage_error(fleet: Fleet) -> None:
+    """-t matching nothing exits 2 with one line and runs nothing; a bad --where is also 2."""
+    r = fleet.run("run", "-t", "mail-*", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == ["remsh: no connected slave matches -t mail-*"]
+    assert r.stdout == b""
+    r = fleet.run("run", "--where", "platform", "--", "true")
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+
+
+def test_exit_statuses_through_the_master(fleet: Fleet) -> None:
+    """0 all succeeded; one slave's 1-125 status passed through; 1 for several; 3 when a command cannot start."""
+    assert fleet.run("run", "--", "true").returncode == 0
+    assert fleet.run("run", "-t", "web-1", "--", "sh", "-c", "exit 7").returncode == 7
+    assert fleet.run("run", "-t", "web-1", "--", "sh", "-c", "exit 126").returncode == 1
+    several = fleet.run("run", "-t", "web-*", "--", "sh", "-c", "exit 7")
+    assert several.returncode == 1
+    assert "remsh: failed on 2 of 2 slaves" in several.stderr.decode()
+    r = fleet.run("run", "-t", "db-1", "--", "no-such-command-here")
+    assert r.returncode == 3
+    assert "remsh: db-1: execute: " in r.stderr.decode() and "[execfailed]" in r.stderr.decode()
+    r = fleet.run("run", "-t", "web-1", "--timeout", "0.3", "--", "sleep", "30")
+    assert r.returncode == 3 and "web-1: timed out" in r.stderr.decode()
+
+
+def test_missing_command_and_missing_master_exit_2(fleet: Fleet, tmp_path: Path) -> None:
+    """run with no command, and any command naming a master that is not running, exit 2 with one line."""
+    r = fleet.run("run", "-t", "web-1")
+    assert r.returncode == 2 and b"no command" in r.stderr
+    for args in (("ls",), ("run", "--", "true"), ("put", __file__, "x"), ("get", "x", str(tmp_path))):
+        r = remsh(tmp_path / "none.sock", *args)
+        assert r.returncode == 2, args
+        assert r.stderr.decode().splitlines() == [f"remsh: no remsh master running at {tmp_path / 'none.sock'}"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(fleet: Fleet, tmp_path: Path) -> None:
+    """Ctrl-C on the client: the master interrupts the commands on every slave, the client exits 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(fleet.sock), "run", "-t", "web-*",
+                             "--", "sh", "-c", f"echo $$ > {tmp_path}/$(basename $PWD).pid; echo started; "
+                                               "exec sleep 60"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(2):
+            assert b"started" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert err.decode().splitlines()[-1] == "remsh: interrupted"
+    for name in ("web-1", "web-2"):
+        pid = int((tmp_path / f"{name}.pid").read_text())
+        wait_until(lambda: not _alive(pid), what=f"the command on {name} (pid {pid}) to end")
+    assert {r["state"] for r in ls(fleet.sock)} == {"idle"}
+
+
+def test_stdin_is_forwarded_to_every_selected_command(fleet: Fleet) -> None:
+    """--stdin: this process's stdin reaches each selected slave's command, and its end ends them."""
+    data = b"".join(b"line %d\n" % i for i in range(2000))
+    r = fleet.run("run", "--stdin", "-t", "web-*", "--", "sh", "-c", "cat; echo end", input=data)
+    assert r.returncode == 0, r.stderr
+    for name in ("web-1", "web-2"):
+        mine = [line[len(name) + 3:] for line in r.stdout.decode().splitlines() if line.startswith(name + " | ")]
+        assert mine == [f"line {i}" for i in range(2000)] + ["end"]
+
+
+def test_stdin_left_unread_does_not_hold_the_slave(fleet: Fleet) -> None:
+    """--stdin with a command that never reads it and an input that never ends: the run ends with the command."""
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(fleet.sock), "run", "--stdin", "-t",
+                             "web-1", "--", "echo", "done"], env=_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        start = time.monotonic()
+        proc.stdin.write(b"never read\n")
+        proc.stdin.flush()
+        assert proc.wait(WAIT) == 0
+        assert time.monotonic() - start < 4, "the stdin reader held the slave"
+        assert proc.stdout.read() == b"web-1 | done\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdin.close()
+    assert fleet.run("run", "-t", "web-1", "--", "true").returncode == 0
+
+
+def test_json_prints_one_object_per_slave(fleet: Fleet) -> None:
+    """--json: one JSON object per slave with name, status, stdout, stderr, duration_s, error."""
+    r = fleet.run("run", "--json", "-t", "web-*", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert r.returncode == 1, r.stderr
+    objs = sorted((json.loads(line) for line in r.stdout.decode().splitlines()), key=lambda o: o["name"])
+    assert [o["name"] for o in objs] == ["web-1", "web-2"]
+    for o in objs:
+        assert set(o) == {"name", "status", "stdout", "stderr", "duration_s", "error"}
+        assert (o["status"], o["stdout"], o["stderr"], o["error"]) == (3, "out\n", "err\n", None)
+        assert 0 <= o["duration_s"] < 30
+    r = fleet.run("run", "--json", "-t", "db-1", "--", "no-such-command-here")
+    o = json.loads(r.stdout)
+    assert o["status"] is None and "execfailed" in o["error"]
+
+
+# -- put and get ----------------------------------------------------------------------------
+
+
+def test_put_file_reaches_every_chosen_slave(fleet: Fleet, tmp_path: Path) -> None:
+    """put LOCAL DEST copies a file to each chosen slave; into DEST when that is a directory there."""
+    src = tmp_path / "conf.txt"
+    src.write_bytes(b"setting = 1\n" * 1000)
+    r = fleet.run("put", "-t", "web-*", str(src), "put-file.txt")
+    assert r.returncode == 0, r.stderr
+    for name in ("web-1", "web-2"):
+        assert (fleet.base(name) / "put-file.txt").read_bytes() == src.read_bytes()
+    assert not (fleet.base("db-1") / "put-file.txt").exists()
+    assert sorted(line.split(":")[0] for line in r.stdout.decode().splitlines()) == ["web-1", "web-2"]
+    (fleet.base("db-1") / "incoming").mkdir()
+    r = fleet.run("put", "-t", "db-1", str(src), "incoming")
+    assert r.returncode == 0, r.stderr
+    assert (fleet.base("db-1") / "incoming" / "conf.txt").read_bytes() == src.read_bytes()
+    again = fleet.run("put", "-t", "db-1", str(src), "incoming")
+    assert again.returncode == 3 and b"exists" in again.stderr
+
+
+def test_relative_local_paths_are_the_clients(fleet: Fleet, tmp_path: Path) -> None:
+    """put and get resolve relative local paths against the client's directory, not the master's."""
+    (tmp_path / "rel.txt").write_bytes(b"relative\n")
+    r = fleet.run("put", "-t", "web-2", "rel.txt", "rel.txt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = fleet.run("get", "-t", "web-2", "rel.txt", "back", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "web-2" / "rel.txt").read_bytes() == b"relative\n"
+
+
+def test_get_lands_in_localdir_slash_name(fleet: Fleet, tmp_path: Path) -> None:
+    """get REMOTE LOCALDIR puts each slave's copy in LOCALDIR/NAME/; a missing file on one slave exits 3."""
+    for name in NAMES:
+        (fleet.base(name) / "id.txt").write_text(f"I am {name}\n")
+    r = fleet.run("get", "id.txt", str(tmp_path / "got"))
+    assert r.returncode == 0, r.stderr
+    for name in NAMES:
+        assert (tmp_path / "got" / name / "id.txt").read_text() == f"I am {name}\n"
+    (fleet.base("db-1") / "id.txt").unlink()
+    r = fleet.run("get", "id.txt", str(tmp_path / "got2"))
+    assert r.returncode == 3
+    assert "remsh: db-1: fetch: " in r.stderr.decode() and "[notfound]" in r.stderr.decode()
+    assert (tmp_path / "got2" / "web-1" / "id.txt").exists()
+
+
+def _has_trees() -> bool:
+    from remsh.master.slave import Slave
+    return all(hasattr(Slave, m) for m in ("send_tree", "fetch_tree", "sync_tree"))
+
+
+@pytest.mark.skipif(not _has_trees(), reason="Slave.send_tree/fetch_tree/sync_tree not there yet")
+def test_put_and_get_of_a_tree(fleet: Fleet, tmp_path: Path) -> None:
+    """put of a directory sends the tree, --sync sends what changed, get of a directory fetches it per slave."""
+    src = tmp_path / "site"
+    (src / "sub").mkdir(parents=True)
+    (src / "index.html").write_text("<h1>hi</h1>\n")
+    (src / "sub" / "a.txt").write_text("a\n")
+    r = fleet.run("put", "-t", "web-*", str(src), "site")
+    assert r.returncode == 0, r.stderr
+    for name in ("web-1", "web-2"):
+        assert (fleet.base(name) / "site" / "sub" / "a.txt").read_text() == "a\n"
+    (src / "sub" / "a.txt").write_text("changed\n")
+    r = fleet.run("put", "--sync", "-t", "web-*", str(src), "site")
+    assert r.returncode == 0, r.stderr
+    assert (fleet.base("web-1") / "site" / "sub" / "a.txt").read_text() == "changed\n"
+    r = fleet.run("get", "-t", "web-*", "site", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    for name in ("web-1", "web-2"):
+        assert (tmp_path / "back" / name / "site" / "index.html").read_text() == "<h1>hi</h1>\n"
+
+
+def _run_on_pty(args: Sequence[str], timeout: float = 60) -> "tuple[int, bytes]":
+    """Run a remsh client with stdout and stderr on a pseudo-terminal; its status and all it wrote."""
+    master_fd, slave_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", *args], env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=slave_fd, stderr=slave_fd)
+    os.close(slave_fd)
+    data = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master_fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master_fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            elif proc.poll() is not None:
+                break
+        return proc.wait(WAIT), bytes(data)
+    finally:
+        os.close(master_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_progress_bars_on_a_terminal_plain_lines_when_piped(fleet: Fleet, tmp_path: Path) -> None:
+    """On a pty put draws bars (bytes, rate, per slave and a total, redrawn in place); piped it prints plain lines."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(4 * 1024 * 1024))
+    code, text = _run_on_pty(["--master", str(fleet.sock), "put", "-t", "web-*", str(src), "big-pty.bin"])
+    assert code == 0, text
+    out = text.decode(errors="replace")
+    assert "\033[3F" in out  # redrawn in place: three lines up
+    plain = re.sub(r"\033\[[0-9]*[A-Za-z]", "", out).replace("\r", "")
+    for label in ("web-1", "web-2", "total"):
+        size = "8.0 MiB / 8.0 MiB" if label == "total" else "4.0 MiB / 4.0 MiB"
+        assert any(line.startswith(label) and f"{size} 100%" in line and "/s done" in line
+                   for line in plain.splitlines()), out
+    r = fleet.run("put", "-t", "web-*", str(src), "big-pipe.bin")
+    assert r.returncode == 0, r.stderr
+    assert b"\033[" not in r.stdout + r.stderr
+    assert sorted(line.split(":")[0] for line in r.stdout.decode().splitlines()) == ["web-1", "web-2"]
+
+
+# -- the control socket ---------------------------------------------------------------------
+
+
+def test_control_socket_is_owner_only(fleet: Fleet) -> None:
+    """The control socket is mode 0600 in a 0700 directory, owned by the master's user."""
+    st = os.lstat(fleet.sock)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+    assert stat.S_IMODE(os.stat(fleet.sock.parent).st_mode) == 0o700
+
+
+def _client_as_nobody(argv: List[str]) -> "tuple[int, str]":
+    """Run remsh's main() in a forked child that became uid/gid nobody; its status and stderr."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            sys.stderr = open(write_fd, "w", closefd=False)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            from remsh.cli import main
+            code = main(argv)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_is_refused_by_mode_and_by_peer_credentials() -> None:
+    """Another uid cannot use the control socket: the mode bits stop it, and with them opened SO_PEERCRED does."""
+    # a directory others may traverse (pytest's own are 0700), so that only
+    # the master's 0700 directory and 0600 socket stand in the way
+    root = Path(tempfile.mkdtemp(prefix="remsh-fleet-uid-"))
+    os.chmod(root, 0o711)
+    sock = root / "ctl" / "m.sock"
+    master = Master(root, sock)
+    try:
+        master.wait_ready()
+        code, err = _client_as_nobody(["--master", str(sock), "ls"])
+        assert code == 2, err
+        assert err.splitlines() == [f"remsh: permission denied on the control socket {sock}"]
+        os.chmod(sock.parent, 0o711)
+        os.chmod(sock, 0o666)
+        code, err = _client_as_nobody(["--master", str(sock), "run", "--", "true"])
+        assert code == 2, err
+        assert err.splitlines() == ["remsh: permission denied: the control socket is for the master's user only"]
+        assert "refused a connection from uid 65534" in master.text()
+        assert len(ls(sock)) == 0  # still serving its own user
+    finally:
+        master.stop()
+        shutil.rmtree(root)
+
+
+def test_second_master_on_the_same_socket_exits_2(fleet: Fleet) -> None:
+    """A second master on a live master's socket exits 2 with one clear line and leaves the first serving."""
+    r = subprocess.run([sys.executable, "-m", "remsh", "master", "--control", str(fleet.sock), "--listen",
+                        f"{HOST}:0", "--insecure"], env=_env(), capture_output=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == [f"remsh: a remsh master is already running on {fleet.sock}"]
+    assert len(ls(fleet.sock)) == 3
+
+
+def test_master_restart_and_stale_socket(tmp_path: Path) -> None:
+    """SIGTERM stops a master cleanly (socket removed); a killed master's stale socket is replaced; slaves come back."""
+    sock = tmp_path / "ctl" / "m.sock"
+    port = _free_port()
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    try:
+        first = Master(tmp_path, sock, port).wait_ready()
+        slaves.start(port, "back-1", secret=None, insecure=True, max_backoff=0.5)
+        wait_names(sock, ["back-1"])
+        assert first.stop(signal.SIGTERM) == 0
+        assert not sock.exists()
+        second = Master(tmp_path, sock, port).wait_ready()
+        rows = wait_names(sock, ["back-1"])
+        assert [r["name"] for r in rows] == ["back-1"]
+        second.stop(signal.SIGKILL)
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)  # left behind by the killed master
+        r = remsh(sock, "ls")
+        assert r.returncode == 2 and b"stale" in r.stderr
+        third = Master(tmp_path, sock, port).wait_ready()
+        try:
+            wait_names(sock, ["back-1"])
+            r = remsh(sock, "run", "--", "echo", "again")
+            assert r.returncode == 0 and r.stdout == b"back-1 | again\n", r.stderr
+        finally:
+            assert third.stop(signal.SIGINT) == 0
+    finally:
+        slaves.close()
