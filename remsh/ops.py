@@ -285,10 +285,20 @@ STAT = Operation(
     "stat", (_k("path"),), (_k("result", "bytes"),), (FailedError,), idempotent=True,
     summary="d, f or nothing")
 PING = Operation("ping", idempotent=True, summary="liveness check")
+SEND_TREE = Operation(
+    "send_tree", (_k("dest"),), (), (RemoteFileExistsError, NotFoundError, FailedError), conversation=True,
+    summary="build a directory tree from the master's stream, atomically")
+FETCH_TREE = Operation(
+    "fetch_tree", (_k("src"), _PROGRESS), (), (NotFoundError, OpenFailedError, FailedError), long=True,
+    conversation=True, summary="stream a directory tree to the master")
+SYNC_TREE = Operation(
+    "sync_tree", (_k("dest"), _k("checksum", "bool", optional=True), _PROGRESS), (), (NotFoundError, FailedError),
+    long=True, conversation=True, summary="report a directory tree, then apply the master's changes")
 
 #: Every operation, by ``meth``.
 OPERATIONS: Dict[str, Operation] = {op.meth: op for op in (
-    SET_CWD, GETENV, MKDIR, UNLINK, EXECUTE, SEND, FETCH, REMOVE, RENAME, COPY, STAT, PING)}
+    SET_CWD, GETENV, MKDIR, UNLINK, EXECUTE, SEND, FETCH, REMOVE, RENAME, COPY, STAT, PING,
+    SEND_TREE, FETCH_TREE, SYNC_TREE)}
 
 
 def error_box(error: RemoteError) -> Box:

@@ -37,6 +37,9 @@ SAMPLE_CALLS: Dict[str, Callable[[Slave], Any]] = {
     "copy": lambda s: s.copy("a", "b"),
     "stat": lambda s: s.stat("a"),
     "ping": lambda s: s.ping(),
+    "send_tree": lambda s: s.send_tree(os.path.dirname(os.path.abspath(__file__)), "tree-copy"),
+    "fetch_tree": lambda s: s.fetch_tree("d", os.devnull + ".never"),
+    "sync_tree": lambda s: s.sync_tree(os.path.dirname(os.path.abspath(__file__)), "tree-sync"),
 }
 
 

@@ -359,6 +359,8 @@ def F(path: str, data: bytes, **more: Any) -> Dict[str, Any]:
 
 
 BIG = b"\x61" * 65535 + b"\x62"
+#: A fixed modification time (ns) for the tree transcripts.
+MTIME = "1700000000000000000"
 
 TRANSCRIPTS: Dict[str, List[T]] = {
     "common": [
@@ -561,6 +563,49 @@ TRANSCRIPTS: Dict[str, List[T]] = {
         T("empty-args", "an empty argument list", [req("execute", ("args", "")), S]),
         T("bad-flag", "want_stdout must be y or n", [req("execute", args("true"), ("want_stdout", "yes")), S]),
     ],
+    "send_tree": [
+        T("small", "a directory holding a file, a symbolic link and an empty directory, then the end box",
+          [req("send_tree", ("dest", "out")), M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("t", "f"), ("n", "hello"), ("m", "420"), ("mt", MTIME), ("d", "hello\n"), ("h", sha(b"hello\n"))),
+           M(("t", "l"), ("n", "link"), ("l", "hello"), ("mt", MTIME)),
+           M(("t", "d"), ("n", "empty"), ("m", "448"), ("mt", MTIME)), M(("t", "u")), M(("t", "u")),
+           M(("end", "y")), S],
+          check=[F("out/hello", b"hello\n", mode=420), {"dir": "out/empty"}, {"no_partial_files": "."}]),
+        T("file-in-three-boxes", "a file's data over several boxes; the box with h ends it",
+          [req("send_tree", ("dest", "out")), M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("t", "f"), ("n", "f"), ("m", "420"), ("mt", MTIME), ("d", "ab")), M(("d", "cd")),
+           M(("d", "e"), ("h", sha(b"abcde"))), M(("t", "u")), M(("end", "y")), S],
+          check=[F("out/f", b"abcde")]),
+        T("fileexists", "dest exists: the error box comes at once, the slave reads up to the end box",
+          [req("send_tree", ("dest", "out")), S, M(("t", "d"), ("m", "493"), ("mt", MTIME)), M(("t", "u")),
+           M(("end", "y"))], setup=[W("out", b"old")], check=[F("out", b"old"), {"no_partial_files": "."}]),
+        T("notfound", "the directory of dest does not exist",
+          [req("send_tree", ("dest", "missing/out")), S, M(("t", "d"), ("m", "493"), ("mt", MTIME)), M(("t", "u")),
+           M(("end", "y"))]),
+        T("digest-mismatch", "nothing is kept",
+          [req("send_tree", ("dest", "out")), M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("t", "f"), ("n", "f"), ("m", "420"), ("mt", MTIME), ("d", "x"), ("h", sha(b"y"))), S,
+           M(("t", "u")), M(("end", "y"))], check=[{"absent": "out"}, {"no_partial_files": "."}]),
+        T("abort", "the master gives up: nothing is kept",
+          [req("send_tree", ("dest", "out")), M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("abort", "could not read a file")), S], check=[{"absent": "out"}, {"no_partial_files": "."}]),
+        T("bad-name", "a name with a slash is refused (invalid)",
+          [req("send_tree", ("dest", "out")), M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("t", "l"), ("n", "a/b"), ("l", "x"), ("mt", MTIME)), S, M(("t", "u")), M(("end", "y"))],
+          check=[{"absent": "out"}]),
+    ],
+    "fetch_tree": [
+        T("notfound", "missing directory", [req("fetch_tree", ("src", "missing")), S]),
+        T("openfailed", "a file is not a directory", [req("fetch_tree", ("src", "f")), S], setup=[W("f", b"")]),
+    ],
+    "sync_tree": [
+        T("into-missing", "dest does not exist: an empty manifest, then the whole tree",
+          [req("sync_tree", ("dest", "out")), S, M(("t", "d"), ("m", "493"), ("mt", MTIME)),
+           M(("t", "f"), ("n", "f"), ("m", "420"), ("mt", MTIME), ("d", "new"), ("h", sha(b"new"))),
+           M(("t", "u")), M(("end", "y")), S], check=[F("out/f", b"new", mode=420)]),
+        T("notfound", "the directory of dest does not exist", [req("sync_tree", ("dest", "missing/out")), S]),
+        T("failed", "dest is a file", [req("sync_tree", ("dest", "f")), S], setup=[W("f", b"")]),
+    ],
 }
 
 #: Error tags an operation can return that no transcript shows, and why.
@@ -571,6 +616,8 @@ NOT_SHOWN: Dict[str, Dict[str, str]] = {
                   "runs without a policy",
     },
     "fetch": {"failed": "a read error after the file was opened (e.g. EIO) cannot be provoked portably"},
+    "fetch_tree": {"failed": "needs a FIFO, socket or device in the tree, or an unreadable file, which the "
+                             "set-up actions cannot make; tests/test_tree.py checks them"},
     "remove": {"failed": "needs a tree its user cannot remove, and the tests may run as root"},
     "getenv": {"failed": "needs a slave whose environment is larger than one box (more than 1022 "
                          "variables); tests/test_vectors.py checks it against a live slave"},

@@ -27,6 +27,7 @@ from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Star
 from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
                           WaitTimeout, remote_error)
 from remsh.files import PartialFile
+from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
 from remsh.ops import (COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
@@ -652,6 +653,71 @@ class Slave:
         finally:
             if part is not None:
                 part.discard()
+
+    # -- directory trees ---------------------------------------------------------
+
+    def send_tree(self, src_dir: Path, dest: Path, *, progress: Optional[ProgressCallback] = None) -> None:
+        """Copy the local directory ``src_dir`` to ``dest`` on the slave.
+
+        Regular files (data, permission bits, modification time), directories
+        (permission bits, time; empty ones too) and symbolic links (as links,
+        never followed) are copied; names are bytes and survive as they are.
+        The tree is built in a temporary directory beside ``dest`` and renamed
+        into place last, never replacing anything: it appears complete or not
+        at all.  Every file is verified with SHA-256.  One conversation, no
+        round trip per file.  ``progress(done_bytes, total_bytes)`` is called
+        as data goes out, at most ten times a second, and once at the end.
+
+        :raises LocalError: ``src_dir`` is missing or not a directory, holds
+            something that is not a file, directory or link (every such path
+            is named; nothing was sent), or a file cannot be read or changes
+            size while it is sent (nothing is kept on the slave)
+        :raises RemoteFileExistsError: ``dest`` exists
+        :raises NotFoundError: the directory that should hold ``dest`` does not exist
+        :raises FailedError: writing failed on the slave (disk full, permission
+            denied; nothing is kept)
+        """
+        _tree.send_tree(self, src_dir, dest, progress)
+
+    def fetch_tree(self, src: Path, dest_dir: Path, *, progress: Optional[ProgressCallback] = None) -> None:
+        """Copy the directory ``src`` on the slave to the new local directory
+        ``dest_dir`` (which must not exist), with the guarantees of
+        :meth:`send_tree` on the master's side: built beside ``dest_dir``,
+        renamed into place last, nothing left on failure.
+
+        :raises NotFoundError: ``src`` does not exist
+        :raises OpenFailedError: ``src`` is not a directory or cannot be opened
+        :raises FailedError: ``src`` holds something that is not a file,
+            directory or link (each named; nothing was sent), or a file cannot
+            be read or changes size on the slave
+        :raises LocalError: ``dest_dir`` exists, its directory does not, or
+            writing the local tree failed
+        :raises UsageError: ``dest_dir`` does not end in a name
+        :raises ProtocolError: the data does not match its digest (the slave
+            is dropped)
+        """
+        _tree.fetch_tree(self, src, dest_dir, progress)
+
+    def sync_tree(self, src_dir: Path, dest: Path, *, delete: bool = False, checksum: bool = False,
+                  progress: Optional[ProgressCallback] = None) -> "_tree.SyncResult":
+        """Make ``dest`` on the slave (created if missing) match the local
+        directory ``src_dir``, sending only the files whose size or
+        modification time differ -- or, with ``checksum``, whose content
+        differs (both ends read every file of equal size).  Each file is
+        replaced atomically; the tree as a whole is not.  ``delete`` removes
+        what is on the slave and not in ``src_dir``.  Two turns in all: the
+        slave's manifest, then the changes.
+
+        Returns a :class:`~remsh.master.tree.SyncResult` (``sent_files``,
+        ``sent_bytes``, ``deleted``, ``unchanged``).
+
+        :raises LocalError: as for :meth:`send_tree` (nothing was changed
+            when it is a special file; a file unreadable midway leaves what
+            was already replaced)
+        :raises NotFoundError: the directory that should hold ``dest`` does not exist
+        :raises FailedError: ``dest`` is not a directory, or writing failed
+        """
+        return _tree.sync_tree(self, src_dir, dest, delete, checksum, progress)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRe
                           RemoteError, RemoteFileExistsError, UnexpectedError)
 from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
                        PROGRESS_KEY, Operation, check_version, error_box, os_message)
-from remsh.slave import fsops
+from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
 from remsh.wire import (DATA_BLOCK, DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
@@ -265,6 +265,18 @@ class SlaveServer:
 
     def op_execute(self, args: Dict[str, Any]) -> Optional[Box]:
         run_execute(self, args)
+        return None
+
+    def op_send_tree(self, args: Dict[str, Any]) -> Optional[Box]:
+        tree.receive_tree(self, args)
+        return None
+
+    def op_fetch_tree(self, args: Dict[str, Any]) -> Optional[Box]:
+        tree.send_tree_to_master(self, args)
+        return None
+
+    def op_sync_tree(self, args: Dict[str, Any]) -> Optional[Box]:
+        tree.sync_tree(self, args)
         return None
 
 

@@ -1,0 +1,417 @@
+"""The master's side of the directory-tree operations, behind
+:meth:`Slave.send_tree <remsh.master.slave.Slave.send_tree>`,
+:meth:`~remsh.master.slave.Slave.fetch_tree` and
+:meth:`~remsh.master.slave.Slave.sync_tree`.
+
+The conversations are described in :mod:`remsh.slave.tree` and the record
+format in :mod:`remsh.treestream`.  The master never waits for the slave
+between files: it streams, and looks now and then (without blocking) whether
+the slave has already answered -- a slave that fails midway answers at once,
+so the master stops sending instead of pushing the rest of a big tree to a
+slave that drops it.
+
+Failures on the master's own side (its source unreadable, its destination
+unwritable) are :class:`~remsh.errors.LocalError` and are raised only once
+the conversation has ended in step, so the slave stays connected.
+
+Memory: ``send_tree`` and ``fetch_tree`` hold one directory listing per
+level of the tree being walked and one block of data, whatever the size of
+the tree.  ``sync_tree`` holds the slave's manifest (one small entry per
+file, as rsync holds its file list).
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+
+from remsh.errors import LocalError, ProtocolError, UsageError
+from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
+from remsh.slave.fsops import _remove_dir
+from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError,
+                              ManifestReader, Sender, SourceError, StreamError, T, TargetError, Writer, encode,
+                              file_digest, make_temp_dir, others_message, place_dir, scan, walk)
+from remsh.wire import Box
+
+if TYPE_CHECKING:
+    from remsh.master.slave import Slave
+
+Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+ProgressCallback = Callable[[int, Optional[int]], Any]
+
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: Least time between two looks for an early answer from the slave.
+PEEK_EVERY = 0.05
+#: Least time between two calls of a ``progress`` callback (seconds).
+PROGRESS_EVERY = 0.1
+
+
+@dataclass
+class SyncResult:
+    """What :meth:`Slave.sync_tree <remsh.master.slave.Slave.sync_tree>` did.
+
+    ``sent_files``: regular files and symbolic links written on the slave;
+    ``sent_bytes``: the data of those files; ``deleted``: entries removed
+    from the slave (each file, link and directory counted, those inside a
+    removed directory too); ``unchanged``: regular files and links left as
+    they were (a file whose permission bits or time alone differed counts
+    here: only those are set).
+    """
+
+    sent_files: int = 0
+    sent_bytes: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+
+class _Progress:
+    """Calls ``progress(done, total)`` at most every :data:`PROGRESS_EVERY`
+    seconds, and once at the end."""
+
+    def __init__(self, callback: Optional[ProgressCallback], total: Optional[int]) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+        self._next = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + PROGRESS_EVERY
+                self.callback(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.callback is not None:
+            self.callback(self.done, self.total if self.total is not None else self.done)
+
+
+def _open_local_dir(slave: "Slave", meth: str, path: Path) -> int:
+    p = os.fsencode(path)
+    try:
+        return os.open(p, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    except NotADirectoryError:
+        raise LocalError(f"{slave.name}: {meth}: not a directory: {os.fsdecode(p)}") from None
+    except OSError as e:
+        raise LocalError(f"{slave.name}: {meth}: cannot open local directory: {e}") from e
+
+
+def _read(slave: "Slave", meth: str) -> Box:
+    """The slave's next box that is not a liveness box."""
+    while True:
+        box = slave._read(meth)
+        if not is_progress(box):
+            return box
+
+
+class _Peek:
+    """Whether the slave has answered already (a failure while the master is
+    still sending); looks at most every :data:`PEEK_EVERY` seconds and never
+    blocks.  The answer is kept in :attr:`final`."""
+
+    def __init__(self, slave: "Slave") -> None:
+        self.wire = slave.wire
+        self.final: Optional[Box] = None
+        self._next = time.monotonic() + PEEK_EVERY
+
+    def __call__(self) -> bool:
+        if self.final is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + PEEK_EVERY
+        wire = self.wire
+        wire.feed_available()
+        while wire.has_buffered_box():
+            box = wire.read_box(0)
+            if box is not None and not is_progress(box):
+                self.final = box
+                return True
+        return False
+
+
+def _finish_stream(slave: "Slave", meth: str, sender: Sender, peek: _Peek,
+                   local_error: Optional[Exception]) -> Box:
+    """Send the end box (``abort`` after a local failure or an early answer)
+    and return the slave's final box."""
+    wire = slave.wire
+    if local_error is not None:
+        sender.flush()
+        wire.send_box({ABORT: f"master could not read its tree: {local_error}".encode("utf-8", "replace")})
+    elif peek.final is not None or sender.stopped:
+        wire.send_box({ABORT: b"the slave answered before the end"})
+    else:
+        sender.flush()
+        wire.send_box({END: b"y"})
+    return peek.final if peek.final is not None else _read(slave, meth)
+
+
+# -- send_tree -----------------------------------------------------------------------------
+
+
+def send_tree(slave: "Slave", src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
+    """See :meth:`remsh.master.slave.Slave.send_tree`."""
+    meth = "send_tree"
+    top = _open_local_dir(slave, meth, src_dir)
+    try:
+        try:
+            found = scan(top)
+        except SourceError as e:
+            raise LocalError(f"{slave.name}: {meth}: {e}") from None
+        if found.others:
+            raise LocalError(f"{slave.name}: {meth}: {others_message(found.others, top)}")
+        counter = _Progress(progress, found.size)
+        request = SEND_TREE.encode(dest=os.fsencode(dest))
+        local_error: Optional[Exception] = None
+        with slave._operation(meth):
+            slave.wire.send_bytes(request)
+            peek = _Peek(slave)
+            sender = Sender(slave.wire.send_bytes, counter.add, peek)
+            try:
+                sender.tree(top)
+            except SourceError as e:
+                local_error = e
+            final = _finish_stream(slave, meth, sender, peek, local_error)
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: {meth}: {local_error}; nothing was kept on the slave")
+        slave._raise_if_error(meth, final)
+        counter.finish()
+    finally:
+        os.close(top)
+
+
+# -- fetch_tree ----------------------------------------------------------------------------
+
+
+def _local_parent(slave: "Slave", meth: str, path: Path) -> Tuple[int, bytes]:
+    """A descriptor of the local directory that will hold ``path`` and its
+    last component; ``path`` must not exist."""
+    p = os.fsencode(path).rstrip(b"/")
+    head, _, name = p.rpartition(b"/")
+    if name in (b"", b".", b".."):
+        raise UsageError(f"{slave.name}: {meth}: the destination must end in a name: {os.fsdecode(path)}")
+    if not head and p.startswith(b"/"):
+        head = b"/"
+    if os.path.lexists(p):
+        raise LocalError(f"{slave.name}: {meth}: local destination exists: {os.fsdecode(p)}")
+    try:
+        return os.open(head or b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC), name
+    except OSError as e:
+        raise LocalError(f"{slave.name}: {meth}: cannot open the local destination's directory: {e}") from e
+
+
+def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[ProgressCallback]) -> None:
+    """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
+    meth = "fetch_tree"
+    parent, name = _local_parent(slave, meth, dest_dir)
+    tmp: Optional[bytes] = None
+    top = -1
+    writer: Optional[Writer] = None
+    local_error: Optional[Exception] = None
+    try:
+        with slave._operation(meth):
+            wire = slave.wire
+            wire.send_bytes(FETCH_TREE.encode(src=os.fsencode(src), progress=slave._progress_interval()))
+            box = _read(slave, meth)
+            if b"errtag" not in box:
+                try:
+                    total: Optional[int] = int(box[b"size"])
+                except (KeyError, ValueError):
+                    total = None
+                counter = _Progress(progress, total)
+                try:
+                    tmp = make_temp_dir(parent, name)
+                    top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
+                    writer = Writer(top, on_data=counter.add)
+                except OSError as e:
+                    local_error = e
+                    wire.send_box({b"interrupt": b"y"})
+                while True:
+                    box = _read(slave, meth)
+                    if b"errtag" in box or END in box:
+                        break
+                    if writer is None or local_error is not None:
+                        continue
+                    try:
+                        writer.feed(box)
+                    except TargetError as e:
+                        local_error = e
+                        wire.send_box({b"interrupt": b"y"})
+                    except (StreamError, DigestError) as e:
+                        raise ProtocolError(str(e)) from None
+        if b"errtag" in box:
+            slave._raise_if_error(meth, box)
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: {meth}: writing the local tree failed: {local_error}; "
+                             f"nothing was kept") from local_error
+        assert writer is not None and tmp is not None
+        if not writer.done:
+            raise slave._protocol_error(meth, "the tree stream ended before its top directory was left")
+        writer.close()
+        os.close(top)
+        top = -1
+        try:
+            place_dir(parent, tmp, name)
+        except FileExistsError:
+            raise LocalError(f"{slave.name}: {meth}: local destination appeared meanwhile: "
+                             f"{os.fsdecode(dest_dir)}") from None
+        except OSError as e:
+            raise LocalError(f"{slave.name}: {meth}: cannot put the local tree in place: {e}") from e
+        tmp = None
+        counter.finish()
+    finally:
+        if writer is not None:
+            writer.close()
+        if top >= 0:
+            os.close(top)
+        if tmp is not None:
+            try:
+                _remove_dir(parent, tmp, None)
+            except OSError:
+                pass
+        os.close(parent)
+
+
+# -- sync_tree -------------------------------------------------------------------------------
+
+_SEND, _ATTRS = 1, 2
+
+
+def _plan(top: int, manifest: ManifestReader, checksum: bool) -> Tuple[Dict[bytes, int], int, List[bytes]]:
+    """Compare the local tree with the slave's manifest: ``{path: _SEND or
+    _ATTRS}`` for the files and links that need something (absent: the same
+    already), the bytes to send, and the paths that cannot be copied."""
+    plan: Dict[bytes, int] = {}
+    total = 0
+    others: List[bytes] = []
+    known = manifest.entries
+    for e in walk(top):
+        if e.kind == FILE:
+            st = e.st
+            assert st is not None
+            k = known.get(e.rel)
+            same = False
+            if k is not None and k.kind == FILE and k.size == st.st_size:
+                if checksum:
+                    same = k.digest is not None and k.digest == file_digest(e.dir_fd, e.name)
+                else:
+                    same = k.mtime == st.st_mtime_ns
+            if not same:
+                plan[e.rel] = _SEND
+                total += st.st_size
+            elif k is not None and (k.mode != stat_mod.S_IMODE(st.st_mode) or k.mtime != st.st_mtime_ns):
+                plan[e.rel] = _ATTRS
+        elif e.kind == LINK:
+            k = known.get(e.rel)
+            try:
+                target = os.readlink(e.name, dir_fd=e.dir_fd)
+            except OSError:
+                target = None
+            if k is None or k.kind != LINK or k.target != target:
+                plan[e.rel] = _SEND
+        elif e.kind == OTHER:
+            others.append(e.rel)
+    return plan, total, others
+
+
+def sync_tree(slave: "Slave", src_dir: Path, dest: Path, delete: bool, checksum: bool,
+              progress: Optional[ProgressCallback]) -> SyncResult:
+    """See :meth:`remsh.master.slave.Slave.sync_tree`."""
+    meth = "sync_tree"
+    top = _open_local_dir(slave, meth, src_dir)
+    result = SyncResult()
+    local_error: Optional[Exception] = None
+    try:
+        request = SYNC_TREE.encode(dest=os.fsencode(dest), checksum=checksum, progress=slave._progress_interval())
+        with slave._operation(meth):
+            wire = slave.wire
+            wire.send_bytes(request)
+            manifest = ManifestReader()
+            while True:
+                final = _read(slave, meth)
+                if b"errtag" in final or END in final:
+                    break
+                try:
+                    manifest.feed(final)
+                except StreamError as e:
+                    raise ProtocolError(f"bad manifest: {e}") from None
+            if b"errtag" not in final:
+                counter: Optional[_Progress] = None
+                try:
+                    plan, total, others = _plan(top, manifest, checksum)
+                    if others:
+                        local_error = SourceError(others_message(others, top))
+                    counter = _Progress(progress, total)
+                except SourceError as e:
+                    local_error = e
+                peek = _Peek(slave)
+                sender = Sender(wire.send_bytes, counter.add if counter else (lambda n: None), peek)
+                if local_error is None:
+                    try:
+                        _send_changes(sender, top, manifest, plan, delete, result)
+                    except SourceError as e:
+                        local_error = e
+                final = _finish_stream(slave, meth, sender, peek, local_error)
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: {meth}: {local_error}")
+        slave._raise_if_error(meth, final)
+        if counter is not None:
+            counter.finish()
+        return result
+    finally:
+        os.close(top)
+
+
+def _send_changes(sender: Sender, top: int, manifest: ManifestReader, plan: Dict[bytes, int], delete: bool,
+                  result: SyncResult) -> None:
+    """Phase two of ``sync_tree``: stream what differs."""
+    known = manifest.entries
+    for e in walk(top):
+        if e.kind == UP:
+            sender.up()
+            continue
+        st = e.st
+        assert st is not None
+        k = known.get(e.rel)
+        if e.kind == DIR:
+            sender.dir(e)
+            if k is not None and k.kind == DIR:
+                here = set(e.names)
+                for name in manifest.children.get(e.rel, ()):
+                    if name not in here:
+                        if delete:
+                            sender.add(encode(T, REMOVE, N, name))
+                            result.deleted += known[e.rel + b"/" + name if e.rel else name].entries
+            continue
+        if k is not None and k.kind == DIR:
+            result.deleted += k.entries - 1  # replaced: what was inside goes
+        action = plan.get(e.rel, _SEND if k is None else 0)
+        if e.kind == FILE:
+            if action == _SEND:
+                result.sent_bytes += sender.file(e)
+                result.sent_files += 1
+                if sender.stopped:
+                    return
+            else:
+                if action == _ATTRS:
+                    sender.add(encode(T, ATTRS, N, e.name, M, b"%d" % stat_mod.S_IMODE(st.st_mode),
+                                      MT, b"%d" % st.st_mtime_ns))
+                result.unchanged += 1
+        elif e.kind == LINK:
+            if action == _SEND:
+                sender.link(e)
+                result.sent_files += 1
+            else:
+                result.unchanged += 1
+        else:
+            raise SourceError(f"appeared while being sent and cannot be copied: {e.rel!r}")
+        if sender.stopped or sender.poll():
+            sender.stopped = True
+            return
+
