@@ -264,6 +264,13 @@ class Relay:
         self._control(do)
         return fired
 
+    def disarm(self) -> None:
+        """Forget every cut armed by :meth:`cut_when` that has not happened
+        (their events are left unset)."""
+        def do() -> None:
+            self._triggers = []
+        self._control(do)
+
     def close(self) -> None:
         """Close every connection (with a reset) and the listening socket,
         and stop the thread; idempotent."""

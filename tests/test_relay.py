@@ -273,6 +273,16 @@ def test_cut_when_fires_at_the_byte_count(relay: Relay, server: TargetServer) ->
                 c.recv(1 << 20)
 
 
+def test_disarm_forgets_an_armed_cut(relay: Relay, server: TargetServer) -> None:
+    """disarm(): an armed cut that has not happened never happens."""
+    fired = relay.cut_when(to_client=1000)
+    relay.disarm()
+    with dial(relay) as c:
+        c.sendall(b"w" * 5000)
+        assert recv_exact(c, 5000) == b"w" * 5000
+    assert not fired.is_set()
+
+
 def test_cut_when_wants_one_direction(relay: Relay) -> None:
     """cut_when() with both or no directions is a usage error."""
     with pytest.raises(ValueError):
