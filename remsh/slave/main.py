@@ -56,21 +56,28 @@ class _Refused(Exception):
         self.status = status
 
 
-def parse_userhost(spec: str) -> Tuple[str, str, int]:
-    """``USER@HOST[:PORT]`` -> (user, host, port); IPv6 hosts in brackets."""
+def parse_userhost(spec: str) -> Tuple[str, str, Optional[int]]:
+    """``USER@HOST[:PORT]`` -> (user, host, port); IPv6 hosts in brackets.
+
+    ``port`` is ``None`` when not given: the OpenSSH client then takes it
+    from its configuration (a host alias may set one), paramiko uses 22.
+    """
     if "@" not in spec:
         raise argparse.ArgumentTypeError(f"expected USER@HOST[:PORT], got {spec!r}")
     user, _, rest = spec.rpartition("@")
-    port = 22
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
-            port = int(tail[1:])
-    elif rest.count(":") == 1:
-        host, _, p = rest.partition(":")
-        port = int(p)
-    else:
-        host = rest
+    port: Optional[int] = None
+    try:
+        if rest.startswith("["):
+            host, _, tail = rest[1:].partition("]")
+            if tail.startswith(":"):
+                port = int(tail[1:])
+        elif rest.count(":") == 1:
+            host, _, p = rest.partition(":")
+            port = int(p)
+        else:
+            host = rest
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad port in {spec!r}") from None
     if not user or not host:
         raise argparse.ArgumentTypeError(f"expected USER@HOST[:PORT], got {spec!r}")
     return user, host, port
@@ -93,8 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dial the master's embedded SSH server")
     p.add_argument("--via-ssh", metavar="USER@HOST[:PORT]", type=parse_userhost,
                    help="reach HOST PORT through a tunnel opened on this OpenSSH server")
-    p.add_argument("--identity", metavar="FILE", help="SSH private key")
-    p.add_argument("--known-hosts", metavar="FILE", help="SSH host keys to trust")
+    p.add_argument("--identity", metavar="FILE",
+                   help="SSH private key (the only one offered; openssh: default from the ssh configuration)")
+    p.add_argument("--known-hosts", metavar="FILE",
+                   help="SSH host keys to trust (the only ones; openssh: default ~/.ssh/known_hosts)")
+    p.add_argument("--ssh-client", choices=("openssh", "paramiko"),
+                   help="SSH client for --ssh/--via-ssh: the system's ssh program (default when it is on PATH) "
+                        "or paramiko (needs --identity and --known-hosts)")
+    p.add_argument("-F", dest="ssh_config", metavar="FILE",
+                   help="OpenSSH client configuration file to use instead of ~/.ssh/config")
+    p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
@@ -150,19 +166,36 @@ def build_policy(args: argparse.Namespace) -> Optional[Policy]:
     return policy
 
 
+def ssh_client(args: argparse.Namespace) -> str:
+    """The SSH client the options ask for: ``--ssh-client``, else
+    ``openssh`` when the ``ssh`` program is on ``PATH``, else ``paramiko``."""
+    if args.ssh_client:
+        return str(args.ssh_client)
+    from remsh.transports import openssh
+
+    return "openssh" if openssh.find_ssh() else "paramiko"
+
+
 def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
-    """A function that opens one transport stream to the master."""
+    """A function that opens one transport stream to the master.
+
+    Raises ``_Refused`` (exit 2) for SSH options that cannot work together.
+    """
     if args.ssh or args.via_ssh:
+        user, host, port = args.ssh or args.via_ssh
+        if ssh_client(args) == "openssh":
+            return _openssh_connector(args, user, host, port)
+        if args.ssh_config:
+            raise _Refused(EXIT_AUTH, "-F applies to the OpenSSH client only (--ssh-client openssh)")
         if not args.identity or not args.known_hosts:
-            raise _Refused(EXIT_AUTH, "--ssh/--via-ssh need --identity and --known-hosts")
+            raise _Refused(EXIT_AUTH, "--ssh/--via-ssh with paramiko need --identity and --known-hosts")
         from remsh.transports import ssh  # paramiko only where SSH is used
 
+        port = 22 if port is None else port
         if args.ssh:
-            user, host, port = args.ssh
             return lambda: ssh.connect_embedded(user, host, port, identity=args.identity,
                                                 known_hosts=args.known_hosts,
                                                 timeout=args.connect_timeout)
-        user, host, port = args.via_ssh
         return lambda: ssh.connect_via(user, host, port, identity=args.identity,
                                        known_hosts=args.known_hosts, dest_host=args.host,
                                        dest_port=args.port, timeout=args.connect_timeout)
@@ -172,6 +205,23 @@ def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
     if args.tls or args.tls_ca:
         ctx = ssl.create_default_context(cafile=args.tls_ca)
     return lambda: tcp.connect(args.host, args.port, timeout=args.connect_timeout, ssl_context=ctx)
+
+
+def _openssh_connector(args: argparse.Namespace, user: str, host: str,
+                       port: Optional[int]) -> Callable[[], StreamLike]:
+    """``--ssh``/``--via-ssh`` through the system's ``ssh`` program."""
+    from remsh.transports import openssh
+
+    program = openssh.find_ssh()
+    if program is None:
+        raise _Refused(EXIT_AUTH, "--ssh-client openssh: the ssh program is not on PATH")
+    if args.ssh_config and not os.access(args.ssh_config, os.R_OK):
+        raise _Refused(EXIT_AUTH, f"cannot read ssh configuration file {args.ssh_config}")
+    options: Dict[str, Any] = dict(identity=args.identity, known_hosts=args.known_hosts, config=args.ssh_config,
+                                   timeout=args.connect_timeout, program=program)
+    if args.ssh:
+        return lambda: openssh.connect_embedded(user, host, port, **options)
+    return lambda: openssh.connect_via(user, host, port, dest_host=args.host, dest_port=args.port, **options)
 
 
 def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
@@ -184,7 +234,7 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
     """
     try:
         stream = connect()
-    except AuthenticationError as e:
+    except (AuthenticationError, UsageError) as e:
         raise _Refused(EXIT_AUTH, str(e)) from None
     except ssl.SSLCertVerificationError as e:
         # the master was reached but failed to prove who it is
@@ -232,6 +282,8 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
         parser.error("HOST and PORT are required (unless --ssh is given)")
     if args.via_ssh and args.ssh:
         parser.error("--ssh and --via-ssh exclude each other")
+    if (args.ssh_client or args.ssh_config) and not (args.ssh or args.via_ssh):
+        parser.error("--ssh-client and -F apply to --ssh and --via-ssh only")
     name = args.name or default_name()
     if not valid_name(name.encode("utf-8")):
         parser.error(f"invalid slave name {name!r}")
