@@ -77,10 +77,13 @@ class Forwarded(NamedTuple):
 
 
 class Transcript(NamedTuple):
-    """The first bytes of one connection in each direction (see ``record``)."""
+    """The first bytes of one connection in each direction (see ``record``),
+    with the ``(time.monotonic(), bytes so far)`` of each delivery among them."""
 
     to_target: bytes
     to_client: bytes
+    to_target_times: Tuple[Tuple[float, int], ...]
+    to_client_times: Tuple[Tuple[float, int], ...]
 
 
 def _ephemeral_range() -> Tuple[int, int]:
@@ -149,11 +152,13 @@ class _Pair:
         self.stuck = stuck
         self.record = record
         self.heads = [bytearray(), bytearray()]  # first bytes delivered, by source side
+        self.times: List[List[Tuple[float, int]]] = [[], []]
 
     def note(self, side: int, data: "bytes | memoryview") -> None:
         head = self.heads[side]
         if len(head) < self.record:
             head += bytes(data[:self.record - len(head)])
+            self.times[side].append((time.monotonic(), len(head)))
 
 
 class Relay:
@@ -333,7 +338,8 @@ class Relay:
     def transcripts(self) -> List[Transcript]:
         """The recorded first bytes of every connection so far, in accept order."""
         with self._cond:
-            return [Transcript(bytes(p.heads[0]), bytes(p.heads[1])) for p in self._transcripts]
+            return [Transcript(bytes(p.heads[0]), bytes(p.heads[1]), tuple(p.times[0]), tuple(p.times[1]))
+                    for p in self._transcripts]
 
     @property
     def closed(self) -> bool:
@@ -507,10 +513,10 @@ class Relay:
             if events & selectors.EVENT_WRITE and pair.bufs[other]:
                 n = sock.send(pair.bufs[other])
                 if n:
-                    pair.note(other, memoryview(pair.bufs[other])[:n])
-                    del pair.bufs[other][:n]
                     with self._cond:
+                        pair.note(other, memoryview(pair.bufs[other])[:n])
                         self._totals[other] += n
+                    del pair.bufs[other][:n]
                     self._check_triggers()
             # write what just came in at once, if the other end takes it
             dest = pair.socks[other]
@@ -520,10 +526,10 @@ class Relay:
                 except BlockingIOError:
                     n = 0
                 if n:
-                    pair.note(side, memoryview(pair.bufs[side])[:n])
-                    del pair.bufs[side][:n]
                     with self._cond:
+                        pair.note(side, memoryview(pair.bufs[side])[:n])
                         self._totals[side] += n
+                    del pair.bufs[side][:n]
                     self._check_triggers()
         except (BlockingIOError, InterruptedError):
             pass

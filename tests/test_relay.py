@@ -356,6 +356,9 @@ def test_transcripts_keep_the_first_bytes_of_each_connection(relay: Relay, serve
     ts = relay.transcripts()
     assert [t.to_target for t in ts] == [b"first", b"second"]
     assert ts[0].to_client.startswith(b"first")
+    assert [n for _, n in ts[0].to_target_times] == [5]
+    assert ts[1].to_client_times[-1][1] == len(ts[1].to_client)
+    assert ts[0].to_target_times[0][0] <= ts[1].to_target_times[0][0]
 
 
 def test_accept_times_and_wait_accepted(relay: Relay, server: TargetServer) -> None:
