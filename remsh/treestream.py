@@ -66,8 +66,9 @@ import hashlib
 import os
 import stat as stat_mod
 import struct
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+from remsh.errors import PeerTimeout
 from remsh.files import NOREPLACE_UNSUPPORTED, TEMP_SUFFIX, rename_noreplace_at
 from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box
 
@@ -162,6 +163,28 @@ def mtime_of(box: Box) -> int:
         return int(box[MT])
     except (KeyError, ValueError):
         raise StreamError("a tree record without valid 'mt'") from None
+
+
+def received_boxes(wire: Any) -> Iterator[Box]:
+    """The boxes the peer has already sent, without waiting for more (a
+    ``Wire``, or a wire of the same interface that may hold boxes of its own
+    that are not for the caller: those are skipped, never waited for)."""
+    wire.feed_available()
+    poll = getattr(wire, "poll_box", None)
+    if poll is not None:
+        while True:
+            box = poll()
+            if box is None:
+                return
+            yield box
+    while wire.has_buffered_box():
+        try:
+            box = wire.read_box(0)
+        except PeerTimeout:
+            return
+        if box is None:
+            return
+        yield box
 
 
 # -- walking -------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.slave.fsops import _remove_dir
 from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError,
                               ManifestReader, Sender, SourceError, StreamError, T, TargetError, Writer, encode,
-                              file_digest, make_temp_dir, others_message, place_dir, scan, walk)
+                              file_digest, make_temp_dir, others_message, place_dir, received_boxes, scan,
+                              walk)
 from remsh.wire import Box
 
 if TYPE_CHECKING:
@@ -126,11 +127,8 @@ class _Peek:
         if now < self._next:
             return False
         self._next = now + PEEK_EVERY
-        wire = self.wire
-        wire.feed_available()
-        while wire.has_buffered_box():
-            box = wire.read_box(0)
-            if box is not None and not is_progress(box):
+        for box in received_boxes(self.wire):
+            if not is_progress(box):
                 self.final = box
                 return True
         return False

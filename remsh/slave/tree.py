@@ -41,7 +41,8 @@ from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
 from remsh.treestream import (ABORT, DIR_OPEN, END, DigestError, Sender, SourceError, StreamError, TargetError,
-                              Writer, make_temp_dir, manifest_records, others_message, place_dir, scan)
+                              Writer, make_temp_dir, manifest_records, others_message, place_dir, received_boxes,
+                              scan)
 from remsh.wire import END_OF_BOX, Box
 
 if TYPE_CHECKING:
@@ -217,11 +218,8 @@ class _InterruptWatch:
         if now < self.next:
             return self.seen
         self.next = now + POLL_EVERY
-        wire = self.wire
-        wire.feed_available()
-        while wire.has_buffered_box():
-            box = wire.read_box(0)
-            if box is not None and b"interrupt" in box:
+        for box in received_boxes(self.wire):
+            if b"interrupt" in box:
                 self.seen = True
         return self.seen
 
