@@ -417,7 +417,8 @@ def test_command_line_escapes_file_names_and_never_prompts(tmp_path):
     """ssh_command: BatchMode and strict host keys always; %-escaped, quoted file names; port and -F only when given."""
     odd = tmp_path / "dir with space" / "kh%d"
     argv = openssh.ssh_command("u", "h", None, known_hosts=odd, identity=tmp_path / "id%u", program="ssh")
-    assert argv[0] == "ssh" and argv[-5:] == ["-l", "u", "-s", "h", "remsh"]
+    assert argv[0] == "ssh" and argv[-3:] == ["-s", "h", "remsh"] and argv[argv.index("-l") + 1] == "u"
+    assert f"Ciphers=^{openssh.EMBEDDED_CIPHERS}" in argv
     assert "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv and "UpdateHostKeys=no" in argv
     assert f'UserKnownHostsFile="{str(odd).replace("%", "%%")}"' in argv
     assert argv[argv.index("-i") + 1] == str(tmp_path / "id%%u")
@@ -425,6 +426,7 @@ def test_command_line_escapes_file_names_and_never_prompts(tmp_path):
     argv = openssh.ssh_command("u", "::1", 2222, config=tmp_path / "cfg", tunnel_to=("::1", 7), program="ssh")
     assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-F") + 1] == str(tmp_path / "cfg")
     assert argv[-3:] == ["-W", "[::1]:7", "::1"] and "-i" not in argv and "IdentitiesOnly=yes" not in argv
+    assert not any(a.startswith("Ciphers=") for a in argv)  # a stock sshd: OpenSSH's own choice
     for bad in ("-oProxyCommand=x", "a b", ""):
         with pytest.raises(UsageError, match="invalid SSH"):
             openssh.ssh_command("u", bad)

@@ -100,6 +100,9 @@ REAP_TIMEOUT = 5.0
 #: Socket buffers of the pair between the slave and ``ssh`` (bytes).
 SOCKET_BUFFER = 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Ciphers put first for the embedded server (AES-GCM authenticates as it
+#: encrypts: the cheapest for paramiko's Python packet loop).
+EMBEDDED_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -163,7 +166,10 @@ def ssh_command(user: str, host: str, port: Optional[int] = None, *,
         argv += ["-p", str(int(port))]
     argv += ["-l", user]
     if tunnel_to is None:
-        argv += ["-s", host, SUBSYSTEM]
+        # the embedded server is paramiko, which has no chacha20-poly1305
+        # (OpenSSH's first choice): without this it would get aes128-ctr
+        # with a separate MAC, which costs it about a third of its speed
+        argv += ["-o", f"Ciphers=^{EMBEDDED_CIPHERS}", "-s", host, SUBSYSTEM]
     else:
         dest_host, dest_port = tunnel_to
         _check_name("tunnel destination", dest_host)
