@@ -3,7 +3,8 @@
 - remsh slaves over each transport: local (child process over a socket
   pair), TCP and TLS (a real ``remsh-slave`` process dialling the master's
   ``TcpSlaveListener``), SSH (``remsh-slave --ssh`` dialling the master's
-  embedded ``SshSlaveListener``);
+  embedded ``SshSlaveListener`` with paramiko) and SSH via ssh (the same,
+  through the system's OpenSSH client);
 - the peers: an execnet gateway, an RPyC server, a paramiko client and a
   Fabric connection to the benchmark's own sshd.
 
@@ -35,7 +36,10 @@ from remsh.master.slavecollection.simple import SimpleSlaveCollection  # noqa: E
 log = logging.getLogger("bench")
 
 LOCAL, TCP, TLS, SSH = "local", "TCP", "TLS", "SSH"
-TRANSPORTS = (LOCAL, TCP, TLS, SSH)
+#: the same embedded SSH server, the slave dialling with the system's
+#: ``ssh`` program (``--ssh-client openssh``); ``SSH`` is the paramiko client
+SSH_OPENSSH = "SSH via ssh"
+TRANSPORTS = (LOCAL, TCP, TLS, SSH, SSH_OPENSSH)
 
 
 def child_env() -> Dict[str, str]:
@@ -108,7 +112,7 @@ class RemshSlaves:
         self.ssh_files: Dict[str, str] = {}
 
     def basedir(self, transport: str) -> str:
-        d = os.path.join(self.dir, f"slave-{transport.lower()}")
+        d = os.path.join(self.dir, f"slave-{transport.lower().replace(' ', '-')}")
         os.makedirs(d, exist_ok=True)
         return d
 
@@ -116,7 +120,8 @@ class RemshSlaves:
 
     def start(self, transports: Tuple[str, ...] = TRANSPORTS) -> None:
         for transport, starter in ((LOCAL, self._start_local), (TCP, self._start_tcp),
-                                   (TLS, self._start_tls), (SSH, self._start_ssh)):
+                                   (TLS, self._start_tls), (SSH, self._start_ssh),
+                                   (SSH_OPENSSH, self._start_ssh_openssh)):
             if transport not in transports:
                 continue
             try:
@@ -182,7 +187,7 @@ class RemshSlaves:
         host_key = os.path.join(d, "host_ed25519")
         host_pub = keygen(host_key, "bench-master")
         lines = []
-        for name in ("bench-ssh", "bench-dial"):
+        for name in ("bench-ssh", "bench-dial", "bench-ossh"):
             key = os.path.join(d, f"{name}_ed25519")
             lines.append(keygen(key, name))
             self.ssh_files[name] = key
@@ -200,8 +205,21 @@ class RemshSlaves:
             f.write(f"[127.0.0.1]:{listener.port} {key_type} {key_data}\n")
         self.ssh_files["known_hosts"] = known
         return self._spawn_slave("bench-ssh", [
+            "--ssh-client", "paramiko",
             "--ssh", f"bench-ssh@127.0.0.1:{listener.port}", "--identity", self.ssh_files["bench-ssh"],
             "--known-hosts", known, "--basedir", self.basedir(SSH)])
+
+    def _start_ssh_openssh(self) -> Slave:
+        """A slave through the system's ``ssh`` to the embedded server of :meth:`_start_ssh`."""
+        if SSH not in self.ports:
+            raise RuntimeError(f"needs the embedded SSH server ({self.na.get(SSH, 'not started')})")
+        config = os.path.join(self.dir, "ssh", "ssh_config")  # nothing of ~/.ssh/config
+        with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"):
+            pass
+        return self._spawn_slave("bench-ossh", [
+            "--ssh-client", "openssh", "-F", config,
+            "--ssh", f"bench-ossh@127.0.0.1:{self.ports[SSH]}", "--identity", self.ssh_files["bench-ossh"],
+            "--known-hosts", self.ssh_files["known_hosts"], "--basedir", self.basedir(SSH_OPENSSH)])
 
     def dial_args(self, transport: str) -> List[str]:
         """``slavefarm.py dial`` options that reach this master over ``transport``."""

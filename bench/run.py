@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import floor  # noqa: E402
-from fixtures import LOCAL, REPO, SSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
+from fixtures import LOCAL, REPO, SSH, SSH_OPENSSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
 from harness import (ANY, PINNED, UNPINNED, Results, Row, machine_info, machine_line, measure,  # noqa: E402
                      place)
 from sshd import Sshd, have_openssh  # noqa: E402
@@ -361,6 +361,24 @@ class Bench:
         for t in TRANSPORTS:
             entries.append(Entry(remsh_name(t), cat_on(self.remsh.slaves.get(t)), baseline=floor_for(t),
                                  na=self.remsh_na(t)))
+        sshd = self.sshd
+
+        def ssh_cat() -> None:
+            assert sshd is not None
+            with subprocess.Popen(sshd.ssh_argv("cat", self.big), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE) as proc:
+                assert proc.stdout is not None
+                read = proc.stdout.read1
+                while True:
+                    data = read(1 << 20)
+                    if not data:
+                        break
+                    cb(data)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ssh cat: status {proc.returncode}")
+
+        entries.append(Entry("ssh cat (OpenSSH)", ssh_cat, baseline=FLOOR_TCP, na=self.peer_na("openssh"),
+                             note="new connection each time"))
         entries.append(Entry("paramiko channel", lambda: self.peers.paramiko_cat(self.big, cb),
                              baseline=FLOOR_TCP, na=self.peer_na("paramiko")))
         for e in entries:
@@ -473,7 +491,15 @@ class Bench:
                 target(f"{direction} over SSH at least as fast as scp", ssh >= scp, f"{ssh:.0f} vs {scp:.0f} MiB/s")
             if r.find(scen, FLOOR_TCP) is not None and med(scen, remsh_name(SSH)) is None:
                 target(f"{direction} over SSH vs paramiko SFTP and scp", None, "remsh SSH not measured")
+            ossh = med(scen, remsh_name(SSH_OPENSSH))
+            if scp and r.find(scen, remsh_name(SSH_OPENSSH)) is not None:
+                target(f"{direction} over SSH via ssh at least as fast as scp", None if ossh is None else ossh >= scp,
+                       "not measured" if ossh is None else f"{ossh:.0f} vs {scp:.0f} MiB/s")
         scen = f"stream {label} stdout"
+        ossh, pch = med(scen, remsh_name(SSH_OPENSSH)), med(scen, "paramiko channel")
+        if ossh and pch:
+            target("streamed stdout over SSH via ssh >= 2x the paramiko channel", ossh >= 2 * pch,
+                   f"{ossh:.0f} vs {pch:.0f} MiB/s = {ossh / pch:.1f}x")
         for t in (TCP, LOCAL):
             v, fl = med(scen, remsh_name(t)), med(scen, floor_for(t))
             if v and fl:
