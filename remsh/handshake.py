@@ -257,9 +257,11 @@ class MasterHandshake(_Side):
     _expected = SLAVE_GREETING
 
     def __init__(self, rule: NameRule, *, label: str = "peer", greeted: bool = False,
-                 nonce: Optional[bytes] = None) -> None:
+                 nonce: Optional[bytes] = None,
+                 session_keys: Optional[Callable[[str, Box], Mapping[bytes, bytes]]] = None) -> None:
         super().__init__(label, greeted)
         self._rule = rule
+        self._session_keys = session_keys
         self.nonce = os.urandom(NONCE_LENGTH) if nonce is None else nonce
         if len(self.nonce) != NONCE_LENGTH:
             raise UsageError(f"a nonce is {NONCE_LENGTH} bytes")
@@ -305,6 +307,13 @@ class MasterHandshake(_Side):
         reply: Box = {b"registered": name_b}
         if secret is not None:
             reply[b"proof"] = master_proof(secret, nonce_s, self.nonce, name_b)
+        if self._session_keys is not None:
+            # resumable sessions (remsh.session): decided once the slave is
+            # authenticated; a refusal here is the same refusal as any other
+            try:
+                reply.update(self._session_keys(name, box))
+            except RemshError as e:
+                return self._refuse(e)
         self.state = State.REGISTERED
         return Step([reply], Registered(name, info))
 
@@ -435,7 +444,9 @@ class SlaveHandshake(_Side):
                 raise self._fail(AuthenticationError(
                     f"{self.label}: master did not prove it holds the secret"))
         self.state = State.REGISTERED
-        return Step([], Registered(self.name, {}))
+        session = {k.decode("ascii"): v.decode("ascii", "replace") for k, v in answer.items()
+                   if k in (b"session", b"resumed", b"received", b"resume_timeout")}
+        return Step([], Registered(self.name, session))
 
 
 # -- the synchronous loops --------------------------------------------------------
@@ -490,11 +501,16 @@ Authorizer = Callable[[str, Wire], Tuple[bool, Optional[bytes]]]
 
 
 def master_handshake(wire: Wire, authorize: Authorizer, *,
-                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True) -> Registered:
+                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True,
+                     session_keys: Optional[Callable[[str, Box], Mapping[bytes, bytes]]] = None
+                     ) -> Registered:
     """Run the master's side of set-up over ``wire`` and return the registration.
 
     One deadline (``timeout`` seconds) bounds the whole exchange; with
     ``greet`` false the greetings must already have been exchanged.
+    ``session_keys(name, register_box)``, called once the slave is
+    authenticated, gives keys to add to the ``registered`` box (a
+    resumable session, :mod:`remsh.session`) or raises to refuse.
 
     :raises AuthenticationError: after answering with the refusal box
     :raises ProtocolError: a malformed exchange (refused the same way when
@@ -503,7 +519,8 @@ def master_handshake(wire: Wire, authorize: Authorizer, *,
         it stayed silent past the deadline)
     """
     deadline = _Deadline(timeout)
-    hs = MasterHandshake(lambda name: authorize(name, wire), label=wire.label, greeted=not greet)
+    hs = MasterHandshake(lambda name: authorize(name, wire), label=wire.label, greeted=not greet,
+                         session_keys=session_keys)
     if greet:
         _greet(wire, hs, deadline)
     _send(wire, hs.start())
@@ -540,9 +557,12 @@ def slave_info(basedir: str) -> Dict[str, str]:
 
 def slave_handshake(wire: Wire, name: str, *, secret: Optional[bytes], basedir: str,
                     timeout: float = HANDSHAKE_TIMEOUT, greet: bool = True,
-                    extra_info: Optional[Mapping[str, str]] = None) -> None:
+                    extra_info: Optional[Mapping[str, str]] = None) -> Registered:
     """Run the slave's side of set-up over ``wire``; return once registered
     (and, with a ``secret``, once the master proved it holds it too).
+
+    The registration's ``info`` holds the session keys of the master's
+    answer (``session``, ``resumed``, ``received``, ``resume_timeout``), if any.
 
     ``extra_info`` adds descriptive keys to the register box (e.g. the
     slave's ``policy_*`` keys); they override the defaults of
@@ -563,9 +583,11 @@ def slave_handshake(wire: Wire, name: str, *, secret: Optional[bytes], basedir: 
     deadline = _Deadline(timeout)
     if greet:
         _greet(wire, hs, deadline)
-    while hs.state is not State.REGISTERED:
+    while True:
         step = hs.receive_box(_read(wire, deadline, "hello" if hs.state is State.GREETED else "registered"))
         _send(wire, step.send)
+        if isinstance(step.event, Registered):
+            return step.event
 
 
 def current_user() -> str:

@@ -397,7 +397,8 @@ class Wire:
                 return self.stream.recv(self.RECV_SIZE, MAX_POLL_WAIT if sliced else left)
             except TimeoutError as e:
                 if not sliced:
-                    raise PeerTimeout(f"{self.label}: no answer within {timeout:g} s") from e
+                    limit = 0.0 if timeout is None else timeout
+                    raise PeerTimeout(f"{self.label}: no answer within {limit:g} s") from e
             except OSError as e:
                 raise Disconnected(f"{self.label}: connection lost while receiving: {e}") from e
 
@@ -451,6 +452,10 @@ class Wire:
             if boxes:
                 self._ready.extend(boxes)
                 return self._ready.popleft()
+
+    def poll_box(self) -> Optional[Box]:
+        """A box already buffered, or ``None`` (no I/O)."""
+        return self._ready.popleft() if self._ready else None
 
     def has_buffered_box(self) -> bool:
         """True when a complete box is waiting to be returned by ``read_box``."""

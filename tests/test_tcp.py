@@ -477,8 +477,9 @@ def relay_to():
 
 
 def test_slave_reconnects_after_the_connection_is_cut(tcp_listener, slave_procs, relay_to):
-    """When the relay is cut the old slave object is disconnected and leaves; the slave reconnects and is usable again."""
-    listener = tcp_listener()
+    """With resume_timeout=0, when the relay is cut the old slave object is disconnected and leaves; the slave
+    reconnects and is usable again as a new object."""
+    listener = tcp_listener(resume_timeout=0)
     relay = relay_to(listener.port)
     proc = slave_procs.start(relay.port, "phoenix", max_backoff=1.0)
     old = wait_registered(listener, proc)
@@ -503,8 +504,9 @@ def test_slave_reconnects_after_the_connection_is_cut(tcp_listener, slave_procs,
 
 
 def test_reconnect_replaces_a_stale_registration_and_fails_its_pending_call(tcp_listener, slave_procs, relay_to):
-    """A slave that re-registers under its name replaces the stale registration, whose pending execute raises Disconnected."""
-    listener = tcp_listener()
+    """With resume_timeout=0, a slave that re-registers under its name replaces the stale registration, whose
+    pending execute raises Disconnected."""
+    listener = tcp_listener(resume_timeout=0)
     relay = relay_to(listener.port)
     proc = slave_procs.start(relay.port, "phoenix", max_backoff=1.0)
     old = wait_registered(listener, proc)
@@ -533,8 +535,9 @@ def test_reconnect_replaces_a_stale_registration_and_fails_its_pending_call(tcp_
 
 
 def test_idle_slave_killed_leaves_the_collection(tcp_listener, slave_procs):
-    """An idle slave killed with SIGKILL is disconnected and leaves the collection within 10 s."""
-    listener = tcp_listener()
+    """With resume_timeout=0, an idle slave killed with SIGKILL is disconnected and leaves the collection within
+    10 s (with a resume time limit it would be waited for: tests/test_resume.py)."""
+    listener = tcp_listener(resume_timeout=0)
     proc = slave_procs.start(listener.port, "mayfly")
     slave = wait_registered(listener, proc)
     gone = threading.Event()
@@ -548,8 +551,9 @@ def test_idle_slave_killed_leaves_the_collection(tcp_listener, slave_procs):
 
 
 def test_slave_killed_mid_execute_makes_the_call_raise(tcp_listener, slave_procs):
-    """A slave killed with SIGKILL during a long execute makes that call raise Disconnected within 10 s."""
-    listener = tcp_listener()
+    """With resume_timeout=0, a slave killed with SIGKILL during a long execute makes that call raise Disconnected
+    within 10 s."""
+    listener = tcp_listener(resume_timeout=0)
     proc = slave_procs.start(listener.port, "doomed")
     slave = wait_registered(listener, proc)
     out = LineCollector()

@@ -137,7 +137,7 @@ def test_tls_listener_drops_a_client_hello_sent_byte_by_byte_at_the_time_limit(t
 
 def test_idle_tls_slave_killed_leaves_the_collection(tls_listener, slave_procs, pki):
     """An idle slave on TLS killed with SIGKILL is disconnected and leaves the collection within 10 s."""
-    listener = tls_listener()
+    listener = tls_listener(resume_timeout=0)
     proc = slave_procs.start(listener.port, "mayfly", tls_ca=pki.ca)
     slave = wait_registered(listener, proc)
     slave.ping()
@@ -227,7 +227,7 @@ def test_tls_slave_stalling_inside_a_reply_record_times_out(tls_listener, pki):
 
 def test_idle_monitor_is_not_stalled_by_a_partial_tls_record(tls_listener, slave_procs, pki):
     """A registered TLS slave that leaves half a record while idle does not stop the monitor noticing another slave die."""
-    listener = tls_listener()
+    listener = tls_listener(resume_timeout=0)
     tls, wire, stutter = _registered_tls_fake_slave(listener, pki, "stutter")
     proc = slave_procs.start(listener.port, "mayfly", tls_ca=pki.ca)
     mayfly = wait_registered(listener, proc)

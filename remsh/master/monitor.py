@@ -248,21 +248,36 @@ def _check_idle_stream(slave: "Slave") -> bool:
     """Read ``slave``'s stream while it is idle; disconnect the slave if the
     stream ended, failed or carried bytes.  Returns True if all was well.
 
-    The caller holds the slave's operation lock.
+    A resumable slave (:mod:`remsh.session`) is only marked away when its
+    stream ends or fails, and may send the session's control boxes (link
+    checks, acknowledgements) while idle.  The caller holds the slave.
     """
     if not slave.connected:
         return False
-    stream = slave.wire.stream
+    wire = slave.wire
+    stream = wire.stream
+    session = hasattr(wire, "idle_input")
     try:
         data = stream.recv(4096, 0)
     except TimeoutError:
         return True  # nothing there after all
     except OSError as e:
-        slave.drop(Disconnected(f"{slave.name}: connection lost while idle: {e}"))
+        if session:
+            wire.connection_lost(why=f"connection lost while idle: {e}")
+        else:
+            slave.drop(Disconnected(f"{slave.name}: connection lost while idle: {e}"))
         return False
     if not data:
-        slave.drop(Disconnected(f"{slave.name}: slave closed the connection"))
-    else:
-        slave.drop(ProtocolError(
-            f"{slave.name}: slave sent {len(data)} unrequested bytes while idle"))
+        if session:
+            wire.connection_lost(why="slave closed the connection")
+        else:
+            slave.drop(Disconnected(f"{slave.name}: slave closed the connection"))
+        return False
+    if session:
+        try:
+            if wire.idle_input(data):
+                return True
+        except ProtocolError:
+            pass
+    slave.drop(ProtocolError(f"{slave.name}: slave sent {len(data)} unrequested bytes while idle"))
     return False

@@ -29,6 +29,7 @@ from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, 
 from remsh.files import PartialFile
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
+from remsh.session import SessionWire
 from remsh.ops import (COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
 from remsh.wire import DATA_BLOCK, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
@@ -113,10 +114,10 @@ class Slave:
     box's tag (the slave stays connected).
     """
 
-    def __init__(self, wire: Wire, name: str, info: Optional[Dict[str, str]] = None,
+    def __init__(self, wire: Union[Wire, SessionWire], name: str, info: Optional[Dict[str, str]] = None,
                  listener: Optional["SlaveListener"] = None, *,
                  io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
-        self.wire = wire
+        self.wire: Any = wire
         self.name = name
         self.info: Dict[str, str] = dict(info or {})
         self.listener = listener
@@ -132,6 +133,9 @@ class Slave:
         self._executions: Set[ExecuteCall] = set()
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Optional[IdleWatcher] = None
+        if isinstance(wire, SessionWire):
+            wire.on_lost = self._connection_lost
+            wire.on_failed = self._session_failed
 
     def __repr__(self) -> str:
         state = "disconnected" if self._disconnected else "connected"
@@ -146,8 +150,30 @@ class Slave:
 
     @property
     def connected(self) -> bool:
-        """False once the connection has closed or broken."""
-        return self._disconnected is None
+        """False once the connection has closed or broken -- and, for a slave
+        whose work survives a dropped connection (``resume_timeout``), while
+        it is away."""
+        return self._disconnected is None and bool(getattr(self.wire, "attached", True))
+
+    @property
+    def resumable(self) -> bool:
+        """True when this slave's work survives a dropped connection."""
+        return isinstance(self.wire, SessionWire)
+
+    def _connection_lost(self) -> None:
+        """The connection of a resumable slave dropped: it is away until it
+        comes back (or its resume time limit runs out)."""
+        log.info("slave %s is away; its work waits up to %g s for it", self.name, self.wire.resume_timeout)
+        watcher = self.idle_watcher
+        if watcher is not None:
+            watcher.forget(self)
+
+    def _session_failed(self, error: RemshError) -> None:
+        self.drop(Disconnected(f"{self.name}: {error}"))
+
+    def attached(self) -> None:
+        """The resumable slave is back (called by its listener)."""
+        log.info("slave %s is back", self.name)
 
     def on_disconnect(self, callback: Callable[["Slave"], Any]) -> None:
         """Call ``callback(slave)`` once when the connection goes (at once if
@@ -159,7 +185,10 @@ class Slave:
         callback(self)
 
     def close(self) -> None:
-        """Drop the connection; a running operation raises ``Disconnected``."""
+        """Drop the connection; a running operation raises ``Disconnected``.
+        A resumable slave is told its session is over (it will not resume)."""
+        if isinstance(self.wire, SessionWire):
+            self.wire.end()
         self.drop(Disconnected(f"{self.name}: connection closed by the master"))
 
     def drop(self, exc: RemshError) -> None:
@@ -199,6 +228,11 @@ class Slave:
     def _begin(self, meth: str) -> None:
         """Take the slave for one operation (in call order)."""
         self._lock.acquire()
+        if self._disconnected is None and isinstance(self.wire, SessionWire) and not self.wire.attached:
+            try:
+                self.wire.wait_attached()  # while away: wait, within its resume time limit
+            except RemshError:
+                pass  # failed: _disconnected is set by then
         if self._disconnected is not None:
             self._lock.release()
             raise Disconnected(f"{self.name}: {meth}: slave is disconnected ({self._disconnected})")
@@ -263,7 +297,7 @@ class Slave:
             self._end()
 
     def _read(self, meth: str) -> Box:
-        box = self.wire.read_box(self.io_timeout)
+        box: Optional[Box] = self.wire.read_box(self.io_timeout)
         if box is None:
             raise Disconnected(f"slave closed the connection during {meth}")
         return box
@@ -284,7 +318,7 @@ class Slave:
         self._begin(meth)
         try:
             self.wire.send_bytes(request)
-            reply = self.wire.read_box(self.io_timeout)
+            reply: Optional[Box] = self.wire.read_box(self.io_timeout)
             while reply is not None and op.long and is_progress(reply):
                 reply = self.wire.read_box(self.io_timeout)
             if reply is None:
@@ -490,8 +524,11 @@ class Slave:
                 self.wire.send_bytes(data, lock_timeout=INTERRUPT_SEND_TIMEOUT)
             except WaitTimeout:
                 log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
-                # reset, not shut down: a FIN would queue behind the unsent stdin
-                getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
+                if isinstance(self.wire, SessionWire):
+                    self.wire.end()  # no resume: the slave kills the command when it learns
+                else:
+                    # reset, not shut down: a FIN would queue behind the unsent stdin
+                    getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
             except (Disconnected, ProtocolError):
                 pass
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
+from remsh.session import SessionWire
 from remsh.wire import Box
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class _Supervisor:
                  keep_processes: bool = False) -> None:
         self.server = server
         self.keep_processes = keep_processes
-        self.wire = server.wire
+        self.wire: Any = server.wire
         self.proc = proc
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
@@ -225,6 +226,10 @@ class _Supervisor:
         if proc.stderr is not None:
             self.outputs[proc.stderr.fileno()] = b"stderr"
         self.wire_watched = False
+        #: the connection being watched: (generation, fd); a session
+        #: (remsh.session) may replace its connection while the command runs
+        self.watched: "tuple[int, int]" = (-1, -1)
+        self.session = isinstance(self.wire, SessionWire)
 
     def run(self) -> None:
         proc, sel, wire = self.proc, self.sel, self.wire
@@ -236,6 +241,8 @@ class _Supervisor:
             if self.stdin_fd >= 0:
                 os.set_blocking(self.stdin_fd, False)
             sel.register(watcher.fd, selectors.EVENT_READ, "exit")
+            if self.session:
+                sel.register(wire.wake_fd(), selectors.EVENT_READ, "wake")
             self._watch_wire(True)
             exit_seen_at: Optional[float] = None
             while True:
@@ -247,8 +254,7 @@ class _Supervisor:
                     # stdin is backed up, so the connection is not read: look
                     # for the master hanging up at least once a second
                     if self._master_hung_up():
-                        _kill_group(proc)
-                        raise Disconnected(f"{wire.label}: master went away during execute")
+                        self._lost()
                     wait = HANGUP_CHECK if wait is None else min(wait, HANGUP_CHECK)
                 events = sel.select(wait)
                 for key, _ in events:
@@ -258,8 +264,11 @@ class _Supervisor:
                     elif what == "wire":
                         wire.feed_available()
                         if wire.at_eof:
-                            _kill_group(proc)
-                            raise Disconnected(f"{wire.label}: master went away during execute")
+                            self._lost()
+                    elif what == "wake":
+                        wire.clear_wake()
+                        if wire.at_eof:
+                            self._lost()
                     elif what == "stdin":
                         self._write_stdin()
                     elif what == "exit":
@@ -299,28 +308,56 @@ class _Supervisor:
             return None
         return max(0.0, min(min(waits), MAX_SELECT_WAIT))
 
+    def _lost(self) -> None:
+        """The master is gone: for a session, only this connection (it may
+        come back: keep going); else, or once the session has ended, kill
+        the command and give up."""
+        wire = self.wire
+        if self.session and not wire.at_eof:
+            wire.connection_lost(why="master went away during execute")
+            return
+        _kill_group(self.proc)
+        raise Disconnected(f"{wire.label}: master went away during execute")
+
     def _master_hung_up(self) -> bool:
         """True when the master has closed or reset the connection, even with
         unread data still queued (POLLRDHUP: the peer's FIN has arrived)."""
+        fd = self.watched[1] if self.watched[1] >= 0 else self._wire_fd()
+        if fd < 0:
+            return False
         poller = select.poll()
-        poller.register(self.wire.stream.fileno(), _HANGUP_EVENTS)
+        poller.register(fd, _HANGUP_EVENTS)
         return any(ev & _HANGUP_EVENTS for _, ev in poller.poll(0))
 
+    def _wire_fd(self) -> int:
+        if self.session and not self.wire.attached:
+            return -1
+        return int(self.wire.stream.fileno())
+
     def _watch_wire(self, on: bool) -> None:
-        if on and not self.wire_watched:
-            self.sel.register(self.wire.stream.fileno(), selectors.EVENT_READ, "wire")
-            self.wire_watched = True
-        elif not on and self.wire_watched:
-            self.sel.unregister(self.wire.stream.fileno())
-            self.wire_watched = False
+        """Watch the current connection for input (``on``), or not."""
+        want = (getattr(self.wire, "generation", 0), self._wire_fd() if on else -1)
+        if want != self.watched:
+            if self.watched[1] >= 0:
+                try:
+                    self.sel.unregister(self.watched[1])
+                except (KeyError, ValueError, OSError):
+                    pass
+            if want[1] >= 0:
+                self.sel.register(want[1], selectors.EVENT_READ, "wire")
+            self.watched = want
+        self.wire_watched = on
 
     def _drain_wire(self) -> None:
         """Handle every box already buffered (and TLS bytes select cannot see)."""
         wire = self.wire
-        while self.wire_watched and wire.stream.pending():
+        while self.watched[1] >= 0 and wire.stream.pending():
             wire.feed_available()
-        while self.stdin_len < STDIN_BUFFER_LIMIT and wire.has_buffered_box():
-            self._control(wire.read_box(0))
+        while self.stdin_len < STDIN_BUFFER_LIMIT:
+            box = wire.poll_box()
+            if box is None:
+                break
+            self._control(box)
         self._watch_wire(self.stdin_len < STDIN_BUFFER_LIMIT)
 
     def _control(self, box: Optional[Box]) -> None:

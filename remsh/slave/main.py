@@ -32,6 +32,8 @@ from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING,
                              exchange_greeting, slave_handshake, valid_name)
 from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.slave.policy import Policy
+from remsh.session import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
+from remsh.slave.keeper import SessionKeeper
 from remsh.slave.server import SlaveServer
 from remsh.slave.sigterm import sigterm_unwinds
 from remsh.transports.base import StreamLike
@@ -111,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenSSH client configuration file to use instead of ~/.ssh/config")
     p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
+                   help="check the link when nothing was sent for this long; redial after "
+                        "hearing nothing for three times as long (default %(default)g)")
+    p.add_argument("--spool-limit", type=int, default=DEFAULT_SPOOL_LIMIT, metavar="BYTES",
+                   help="most output kept for the master while it is unreachable; past it "
+                        "commands wait on their writes (default %(default)d)")
     p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
                    help="longest wait between reconnection attempts")
     g = p.add_argument_group("policy: what this slave agrees to do")
@@ -225,13 +231,18 @@ def _openssh_connector(args: argparse.Namespace, user: str, host: str,
 
 
 def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
-               basedir: str, on_registered: Callable[[], None], policy: Optional[Policy] = None) -> None:
+               basedir: str, on_registered: Callable[[], None], policy: Optional[Policy] = None,
+               keeper: Optional[SessionKeeper] = None) -> None:
     """One connection: dial, handshake, serve until the master closes.
 
     ``policy`` (a :class:`remsh.slave.policy.Policy`, or ``None`` for none)
-    is announced at registration and enforced by the server.  Raises
-    ``_Refused`` with the status --no-reconnect would exit with.
+    is announced at registration and enforced by the server.  ``keeper``
+    keeps the session across connections (work survives a dropped
+    connection; :mod:`remsh.slave.keeper`).  Raises ``_Refused`` with the
+    status --no-reconnect would exit with.
     """
+    if keeper is None:
+        keeper = SessionKeeper(basedir, policy)
     try:
         stream = connect()
     except (AuthenticationError, UsageError) as e:
@@ -244,12 +255,17 @@ def serve_once(connect: Callable[[], StreamLike], name: str, secret: Optional[by
     wire = Wire(stream, label=f"master at {stream.peer}")
     try:
         exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, HANDSHAKE_TIMEOUT)
-        slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False,
-                        extra_info=None if policy is None else policy.info())
-        log.info("registered with the master at %s as %s", stream.peer, name)
+        extra: Dict[str, str] = {} if policy is None else dict(policy.info())
+        extra.update(keeper.register_keys())
+        reg = slave_handshake(wire, name, secret=secret, basedir=basedir, greet=False, extra_info=extra)
+        log.info("registered with the master at %s as %s%s", stream.peer, name,
+                 " (resumed)" if reg.info.get("resumed") == "y" else "")
         on_registered()
-        server_options: Dict[str, Any] = {} if policy is None else {"policy": policy}
-        SlaveServer(wire, basedir, **server_options).serve()
+        try:
+            keeper.serve(wire, reg)
+        except (SystemExit, KeyboardInterrupt):
+            keeper.close()  # tell the master while the connection is still open
+            raise
     except AuthenticationError as e:
         raise _Refused(EXIT_AUTH, str(e)) from None
     except ProtocolError as e:
@@ -301,6 +317,7 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
         log.error("%s", e)
         return e.status
     attempt = 0
+    keeper = SessionKeeper(basedir, policy, heartbeat=args.heartbeat, spool_limit=args.spool_limit)
 
     def registered() -> None:
         nonlocal attempt
@@ -308,11 +325,15 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
 
     while True:
         try:
-            serve_once(connect, name, secret, basedir, registered, policy)
+            serve_once(connect, name, secret, basedir, registered, policy, keeper)
             status, message = EXIT_OK, "master closed the connection"
         except _Refused as e:
             status, message = e.status, str(e)
+        except BaseException:
+            keeper.close()
+            raise
         if args.no_reconnect:
+            keeper.close()
             if status:
                 log.error("%s", message)
             else:

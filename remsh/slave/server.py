@@ -17,12 +17,13 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, ProtocolError,
                           RemoteError, RemoteFileExistsError, UnexpectedError)
 from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
                        PROGRESS_KEY, Operation, check_version, error_box, os_message)
+from remsh.session import SessionWire
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
@@ -46,7 +47,7 @@ class SlaveServer:
     through :mod:`remsh.slave.fsops` and the slave's ``policy``.
     """
 
-    def __init__(self, wire: Wire, basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT,
+    def __init__(self, wire: Union[Wire, SessionWire], basedir: str, *, io_timeout: float = DEFAULT_IO_TIMEOUT,
                  progress_interval: float = MIN_PROGRESS_INTERVAL, policy: Policy = PLAIN) -> None:
         self._devnull = -1
         self.wire = wire
@@ -284,7 +285,7 @@ class _Heartbeat:
     """Sends ``{progress: y}`` every ``interval`` seconds while armed, from a
     thread of its own (started on first use, one per connection)."""
 
-    def __init__(self, wire: Wire) -> None:
+    def __init__(self, wire: Union[Wire, SessionWire]) -> None:
         self.wire = wire
         self.interval = 1.0
         self._cond = threading.Condition()

@@ -339,6 +339,17 @@ class ChannelStream:
                 raise OSError(errno.EBADF, "stream closed")
         return bytes(self.channel.recv(size))
 
+    def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
+        """Like :meth:`recv`, into the start of ``buffer``; the byte count
+        (0 at end of stream)."""
+        data = self.recv(len(buffer), timeout)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def abort(self) -> None:
+        """End the connection now; what paramiko still queues is dropped with it."""
+        self.shutdown()
+
     def fileno(self) -> int:
         """A descriptor that select() reports readable when :meth:`recv`
         would not block."""

@@ -110,6 +110,12 @@ class SimpleSlaveCollection:
                 del self._slaves[slave.name]
                 self._cond.notify_all()
 
+    def changed(self) -> None:
+        """A slave's state changed (a resumable slave came back): wake the
+        waiters of :meth:`get_slave` and :meth:`wait_for_slaves`."""
+        with self._cond:
+            self._cond.notify_all()
+
     def get_all_slaves(self) -> List["Slave"]:
         """The slaves connected now.  Raises nothing."""
         with self._cond:

@@ -28,15 +28,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
-from remsh.errors import AuthenticationError, Disconnected, RemshError
+from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
                              as_secret, exchange_greeting, master_handshake)
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
-from remsh.wire import Wire
+from remsh.session import SessionWire, new_session_id
+from remsh.wire import Box, Wire
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,14 @@ class SlaveListener:
     """
 
 
+    #: ``resume_timeout`` when none is given: work does not survive a
+    #: dropped connection (a local child never redials)
+    DEFAULT_RESUME_TIMEOUT = 0.0
+
     def __init__(self, slave_class: Optional[Type[Slave]] = None, slave_collection: Any = None, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+                 io_timeout: float = DEFAULT_IO_TIMEOUT,
+                 resume_timeout: Optional[float] = None) -> None:
         self.slave_class: Type[Slave] = slave_class or Slave
         self.slave_collection = slave_collection if slave_collection is not None else SimpleSlaveCollection()
         self.handshake_timeout = handshake_timeout
@@ -73,6 +79,12 @@ class SlaveListener:
         self._started = False
         self._slaves_lock = threading.Lock()
         self._slaves: Dict[int, Slave] = {}
+        #: how long (seconds) a slave whose connection dropped may take to
+        #: come back and carry on its work (0: it may not; see remsh.session)
+        self.resume_timeout = self.DEFAULT_RESUME_TIMEOUT if resume_timeout is None else float(resume_timeout)
+        if not 0 <= self.resume_timeout < float("inf"):
+            raise UsageError("resume_timeout must be a finite number of seconds, 0 or more")
+        self._sessions: Dict[str, Slave] = {}
 
     # -- life cycle --------------------------------------------------------
 
@@ -122,6 +134,9 @@ class SlaveListener:
         with self._slaves_lock:
             if self._slaves.get(id(slave)) is slave:
                 del self._slaves[id(slave)]
+            sid = getattr(slave.wire, "session_id", None)
+            if sid is not None and self._sessions.get(sid) is slave:
+                del self._sessions[sid]
 
     # -- who may register ----------------------------------------------------
 
@@ -174,20 +189,68 @@ class SlaveListener:
         if not self._started:
             wire.close()
             raise Disconnected(f"{wire.label}: listener not started (or stopped)")
+        resuming: List[Tuple[Slave, int]] = []
+        new_session: List[str] = []
+
+        def session_keys(name: str, box: Box) -> Dict[bytes, bytes]:
+            """The registered box's session keys (remsh.session): a slave
+            that can resume gets a session; one naming its session (and
+            name) carries on with it; anything else starts afresh."""
+            if self.resume_timeout <= 0 or box.get(b"resumable") != b"y":
+                return {}
+            timeout_b = repr(self.resume_timeout).encode("ascii")
+            sid_b = box.get(b"resume")
+            if sid_b is not None:
+                sid = sid_b.decode("ascii", "replace")
+                with self._slaves_lock:
+                    old = self._sessions.get(sid)
+                if old is not None and old.name != name:
+                    raise AuthenticationError(f"{wire.label}: slave {name!r} named another slave's session")
+                if old is not None and isinstance(old.wire, SessionWire) and old.wire.failed is None:
+                    try:
+                        peer_received = int(box.get(b"received", b""))
+                    except ValueError:
+                        raise ProtocolError(f"{wire.label}: bad 'received' in register box") from None
+                    received = old.wire.prepare_resume()
+                    resuming.append((old, peer_received))
+                    return {b"session": sid_b, b"resumed": b"y", b"resume_timeout": timeout_b,
+                            b"received": str(received).encode("ascii")}
+            sid = new_session_id()
+            new_session.append(sid)
+            return {b"session": sid.encode("ascii"), b"resume_timeout": timeout_b}
+
         try:
             reg = master_handshake(wire, self._authorize_registration, greet=False,
-                                   timeout=self.handshake_timeout if timeout is None else timeout)
-            slave = self.slave_class(wire, reg.name, reg.info, self, io_timeout=self.io_timeout)
+                                   timeout=self.handshake_timeout if timeout is None else timeout,
+                                   session_keys=session_keys)
+            if resuming:
+                old, peer_received = resuming[0]
+                old.wire.attach(wire, peer_received)
+                self.monitor.add(old)
+                old.attached()
+                changed = getattr(self.slave_collection, "changed", None)
+                if changed is not None:
+                    changed()
+                log.info("slave %s resumed from %s", old.name, wire.stream.peer)
+                return old
+            conn: Union[Wire, SessionWire] = wire
+            if new_session:
+                conn = SessionWire(wire, new_session[0], resume_timeout=self.resume_timeout)
+            slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
             slave.setup()
         except AuthenticationError as e:
             log.warning("refused slave from %s: %s", wire.stream.peer, e)
             wire.close()
+            if resuming:
+                resuming[0][0].wire.connection_lost(why="a resume failed")
             raise
         except BaseException:
             wire.close()
             raise
         with self._slaves_lock:
             self._slaves[id(slave)] = slave
+            if new_session:
+                self._sessions[new_session[0]] = slave
         slave.on_disconnect(self._forget)
         self.monitor.add(slave)
         try:
@@ -230,9 +293,14 @@ class SlaveListener:
 class NetworkSlaveListener(SlaveListener):
     """A listener with a server that accepts connections on a port.
 
+    A slave's work survives a dropped connection for ``resume_timeout``
+    seconds (default 300; ``0``: not at all): see :mod:`remsh.session`.
+
     Subclasses set ``self._server`` (an object with ``start()``, ``stop()``
     and ``port``) in their constructor.
     """
+
+    DEFAULT_RESUME_TIMEOUT = 300.0
 
     port: int
     _server: Any

@@ -1,0 +1,600 @@
+"""Conversations that survive a dropped connection: :class:`SessionWire`.
+
+A session sits above the per-connection :class:`~remsh.wire.Wire`.  Both ends
+count the boxes of the conversation they send and receive (the *session
+boxes*: everything after registration except the session's own control
+boxes), keep what they sent until the peer acknowledges it, and after a
+reconnection re-send exactly what the peer has not received -- so every
+operation in progress (a command's output, its stdin, a file's data) goes on
+as if nothing happened, every box arriving once and in order, and nothing is
+sent twice or lost.
+
+Why boxes and not bytes: a connection cut in the middle of a box leaves a
+partial box in that connection's decoder; counting whole boxes lets each
+connection start with a clean decoder, and the partial box is simply sent
+again in full.
+
+Control boxes (one key each, never counted, never re-sent):
+
+- ``{ack: N}`` -- "I have received your first N session boxes"; sent after
+  every :data:`ACK_EVERY_BOXES` boxes or :data:`ACK_EVERY_BYTES` bytes
+  received, so the sender can forget them.  A sender whose unacknowledged
+  boxes pass :data:`WINDOW_BYTES` waits for an acknowledgement (flow
+  control, and a bound on what it keeps).
+- ``{hb: ping}`` / ``{hb: pong}`` -- the slave's link check: sent when it
+  has sent nothing for a while; the master answers at once.  A slave that
+  hears nothing for three intervals takes the link for dead and redials
+  (a half-open link never ends by itself).
+- ``{bye: y}`` -- the peer ends the session on purpose (a master closing a
+  slave): no resume is waited for.
+
+The resume itself happens in the handshake (see :mod:`remsh.handshake`):
+the ``registered`` box carries ``session`` (an id), and a redialing slave's
+``register`` box names it with ``resume`` and says how many session boxes it
+received (``received``); the master's answer says how many it received.
+While the connection is away, sending keeps the boxes (up to
+``spool_limit`` bytes, past which the sender waits), and receiving waits for
+the next connection, up to ``resume_timeout`` after the loss; then the
+session fails and every waiter gets :class:`~remsh.errors.Disconnected`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
+from remsh.wire import Box, BoxLike, Wire, encode_box
+
+log = logging.getLogger(__name__)
+
+Data = Union[bytes, bytearray, memoryview]
+
+#: Acknowledge after this many session boxes received ...
+ACK_EVERY_BOXES = 64
+#: ... or this many bytes.
+ACK_EVERY_BYTES = 1 << 20
+#: Most bytes of unacknowledged boxes a connected sender keeps before it
+#: waits for an acknowledgement.
+WINDOW_BYTES = 8 << 20
+#: Default bound on what a disconnected sender keeps (bytes); past it the
+#: sender waits for the connection to come back.
+DEFAULT_SPOOL_LIMIT = 256 << 20
+#: Default interval of the slave's link check (seconds).
+DEFAULT_HEARTBEAT = 15.0
+
+_PING = encode_box({b"hb": b"ping"})
+_PONG = encode_box({b"hb": b"pong"})
+_BYE = encode_box({b"bye": b"y"})
+_CONTROL_KEYS = (b"ack", b"hb", b"bye")
+
+
+def new_session_id() -> str:
+    """A fresh session id: 128 random bits, as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def count_boxes(data: Data) -> int:
+    """How many whole boxes ``data`` (a sequence of encoded boxes) holds."""
+    view = memoryview(data)
+    n = len(view)
+    pos = count = 0
+    while pos < n:
+        length = view[pos] << 8 | view[pos + 1]
+        pos += 2
+        if length == 0:
+            count += 1
+            continue
+        pos += length
+        vlen = view[pos] << 8 | view[pos + 1]
+        pos += 2 + vlen
+    return count
+
+
+def _skip_boxes(data: bytes, boxes: int) -> int:
+    """The offset in ``data`` after its first ``boxes`` boxes."""
+    pos = 0
+    while boxes:
+        length = data[pos] << 8 | data[pos + 1]
+        pos += 2
+        if length == 0:
+            boxes -= 1
+            continue
+        pos += length
+        pos += 2 + (data[pos] << 8 | data[pos + 1])
+    return pos
+
+
+def _control(box: Box) -> bool:
+    return len(box) == 1 and next(iter(box)) in _CONTROL_KEYS
+
+
+class SessionFailed(Disconnected):
+    """The session ended: its connection did not come back in time, the peer
+    ended it, or the slave came back as a new process."""
+
+
+class SessionWire:
+    """A :class:`~remsh.wire.Wire` look-alike whose connection may be replaced.
+
+    Sending is thread-safe; reading is for one thread at a time, as with
+    ``Wire``.  ``resume_timeout`` bounds how long the session waits for a
+    lost connection to come back (it starts counting at the loss);
+    ``on_lost``/``on_attached``/``on_failed`` are called (from the thread
+    that noticed) so the owner can follow the state.
+    """
+
+    def __init__(self, conn: Wire, session_id: str, *, resume_timeout: float,
+                 label: Optional[str] = None, spool_limit: int = DEFAULT_SPOOL_LIMIT,
+                 on_lost: Optional[Callable[[], Any]] = None,
+                 on_failed: Optional[Callable[[RemshError], Any]] = None) -> None:
+        self.session_id = session_id
+        self.resume_timeout = resume_timeout
+        self.label = label or conn.label
+        self.spool_limit = spool_limit
+        self.on_lost = on_lost
+        self.on_failed = on_failed
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Lock()
+        self.conn: Optional[Wire] = conn
+        self._last_conn = conn
+        self.generation = 0
+        self.sent = 0
+        self.peer_acked = 0
+        self.received = 0
+        self._acked_to_peer = 0
+        self._bytes_since_ack = 0
+        self._replay: Deque[Tuple[int, int, bytes]] = collections.deque()
+        self._replay_bytes = 0
+        self.lost_at: Optional[float] = None
+        self.failed: Optional[RemshError] = None
+        self.peer_ended = False
+        self.last_sent = self.last_received = time.monotonic()
+        self.closed = False
+        self._timer: Optional[threading.Timer] = None
+        # a pipe that becomes readable at every change (attach, failure), for
+        # callers that wait with select (the slave's execute)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """True while a connection carries the session."""
+        return self.conn is not None and self.failed is None
+
+    @property
+    def stream(self) -> Any:
+        """The current connection's stream (the last one while away)."""
+        conn = self.conn or self._last_conn
+        return conn.stream
+
+    def wake_fd(self) -> int:
+        """A descriptor that turns readable when the connection changes or
+        the session fails (drain it with :meth:`clear_wake`)."""
+        return self._wake_r
+
+    def clear_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def connection_lost(self, conn: Optional[Wire] = None, why: str = "connection lost") -> None:
+        """The connection ``conn`` (default: the current one) broke: keep
+        the session and wait for the next one."""
+        with self._cond:
+            if self.conn is None or (conn is not None and conn is not self.conn) or self.failed:
+                return
+            self._last_conn = self.conn
+            self.conn = None
+            self.generation += 1
+            self.lost_at = time.monotonic()
+            old = self._last_conn
+            self._cond.notify_all()
+        log.info("%s: %s; waiting up to %g s for it to come back", self.label, why, self.resume_timeout)
+        try:
+            abort = getattr(old.stream, "abort", None)
+            if abort is not None:
+                abort()
+        except OSError:
+            pass
+        old.close()
+        self._wake()
+        if self._timer is None and self.resume_timeout > 0:
+            timer = threading.Timer(self.resume_timeout + 0.05, self._expire)
+            timer.daemon = True
+            self._timer = timer
+            timer.start()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _expire(self) -> None:
+        with self._cond:
+            self._timer = None
+            if self.conn is not None or self.failed is not None or self.lost_at is None:
+                return
+            waited = time.monotonic() - self.lost_at
+            if waited < self.resume_timeout:
+                timer = threading.Timer(self.resume_timeout - waited + 0.05, self._expire)
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+                return
+        self.fail(SessionFailed(f"{self.label}: the connection did not come back within "
+                                f"{self.resume_timeout:g} s (waited {waited:.1f} s)"))
+
+    def fail(self, error: RemshError) -> None:
+        """End the session: every waiter and every later call raises ``error``."""
+        with self._cond:
+            if self.failed is not None:
+                return
+            self.failed = error
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                self._last_conn = conn
+            timer, self._timer = self._timer, None
+            self._replay.clear()
+            self._replay_bytes = 0
+            self._cond.notify_all()
+        if timer is not None:
+            timer.cancel()
+        if conn is not None:
+            conn.close()
+        self._wake()
+        if self.on_failed is not None:
+            self.on_failed(error)
+
+    def prepare_resume(self) -> int:
+        """Take the session off its current connection (if any) so that no
+        box arrives on it any more, and return how many session boxes were
+        received: what the resuming handshake tells the peer."""
+        self.connection_lost(why="the slave redialed")
+        with self._reader:  # no reader is between a receive and its count
+            with self._cond:
+                return self.received
+
+    def attach(self, conn: Wire, peer_received: int) -> None:
+        """Carry the session on ``conn`` from now on; re-send what the peer
+        has not received (it received ``peer_received`` of our boxes).
+
+        :raises ProtocolError: the peer claims boxes we never sent
+        :raises SessionFailed: the session has already failed
+        """
+        with self._send_lock:
+            with self._cond:
+                if self.failed is not None:
+                    conn.close()
+                    raise self.failed
+                if not self.peer_acked <= peer_received <= self.sent:
+                    conn.close()
+                    raise ProtocolError(f"{self.label}: resume from box {peer_received}, but "
+                                        f"{self.peer_acked}..{self.sent} are the boxes it may have")
+                if self.conn is not None:
+                    self._last_conn = self.conn
+                    old: Optional[Wire] = self.conn
+                else:
+                    old = None
+                self._ack_to(peer_received)
+                pending = [(first, n, data) for first, n, data in self._replay]
+                self.conn = conn
+                self.generation += 1
+                self.lost_at = None
+                self._bytes_since_ack = 0
+                self.last_received = time.monotonic()
+                timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+            if old is not None:
+                old.close()
+            try:
+                for first, n, data in pending:
+                    skip = peer_received - first
+                    conn.send_bytes(data[_skip_boxes(data, skip):] if skip > 0 else data)
+                self.last_sent = time.monotonic()
+            except Disconnected:
+                pass  # lost again at once: the next reader notices
+        with self._cond:
+            self._cond.notify_all()
+        self._wake()
+        log.info("%s: session resumed (%d boxes sent again)", self.label, self.sent - peer_received)
+
+    def end(self) -> None:
+        """End the session on purpose: tell the peer (best effort) and fail
+        every waiter with ``Disconnected``."""
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.send_bytes(_BYE, lock_timeout=1.0)
+            except RemshError:
+                pass
+        self.fail(SessionFailed(f"{self.label}: session ended"))
+
+    def close(self) -> None:
+        """Close for good (as ``Wire.close``): ends the session."""
+        if self.closed:
+            return
+        self.closed = True
+        self.end()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _ack_to(self, count: int) -> None:
+        """The peer has our first ``count`` boxes: forget them (under _cond)."""
+        if count <= self.peer_acked:
+            return
+        self.peer_acked = count
+        replay = self._replay
+        while replay and replay[0][0] + replay[0][1] <= count:
+            self._replay_bytes -= len(replay.popleft()[2])
+        self._cond.notify_all()
+
+    def wait_attached(self) -> None:
+        """Wait while away: until a connection carries the session again.
+
+        :raises Disconnected: the session failed (its resume time limit ran
+            out, or it was ended)
+        """
+        with self._cond:
+            self._wait_connected(None)
+
+    def _wait_connected(self, deadline: Optional[float]) -> Wire:
+        """The current connection, waiting for one while away (under _cond)."""
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            if self.conn is not None:
+                return self.conn
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise PeerTimeout(f"{self.label}: no connection within the time limit")
+            self._cond.wait(left)
+
+    # -- sending -------------------------------------------------------------------
+
+    def send_bytes(self, data: Data, *, lock_timeout: Optional[float] = None) -> None:
+        """Send encoded session boxes: kept until acknowledged, sent now if
+        connected.  Waits while too much is unacknowledged (connected: for
+        the peer's acknowledgement; away: for the connection, past
+        ``spool_limit``).
+
+        :raises WaitTimeout: ``lock_timeout`` passed waiting for another sender
+        :raises Disconnected: the session has failed
+        """
+        if lock_timeout is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=lock_timeout):
+            raise WaitTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
+        try:
+            self._send_locked(data)
+        finally:
+            self._send_lock.release()
+
+    def send_bytes_unless(self, data: Data, stop: threading.Event) -> bool:
+        """Send unless ``stop`` is set (checked under the send lock)."""
+        with self._send_lock:
+            if stop.is_set():
+                return False
+            self._send_locked(data)
+        return True
+
+    def _send_locked(self, data: Data) -> None:
+        if not data:
+            return
+        chunk = bytes(data)
+        n = count_boxes(chunk)
+        self._make_room(len(chunk))
+        with self._cond:
+            if self.failed is not None:
+                raise self.failed
+            self._replay.append((self.sent, n, chunk))
+            self._replay_bytes += len(chunk)
+            self.sent += n
+            conn = self.conn
+        if conn is not None:
+            try:
+                conn.send_bytes(chunk)
+                self.last_sent = time.monotonic()
+            except Disconnected as e:
+                self.connection_lost(conn, f"connection lost while sending: {e}")
+
+    def _make_room(self, size: int) -> None:
+        """Wait until ``size`` more bytes may be kept (holding the send lock)."""
+        while True:
+            with self._cond:
+                if self.failed is not None:
+                    raise self.failed
+                limit = WINDOW_BYTES if self.conn is not None else self.spool_limit
+                if self._replay_bytes + size <= limit or not self._replay:
+                    return
+                if self.conn is None:
+                    self._cond.wait(1.0)
+                    continue
+            # connected: the acknowledgement is on its way; read it ourselves
+            # if no other thread reads, else let the reader handle it
+            if self._reader.acquire(blocking=False):
+                try:
+                    self._pump(1.0)
+                finally:
+                    self._reader.release()
+            else:
+                with self._cond:
+                    self._cond.wait(0.2)
+
+    def _pump(self, timeout: float) -> None:
+        """Read one box while waiting for room, keeping a session box for
+        the next ``read_box`` (holding the reader lock)."""
+        with self._cond:
+            conn = self.conn
+        if conn is None:
+            return
+        try:
+            box = conn.read_box(timeout)
+        except PeerTimeout:
+            return
+        except Disconnected as e:
+            self.connection_lost(conn, f"connection lost: {e}")
+            return
+        if box is None:
+            self.connection_lost(conn, "connection closed")
+            return
+        if self._take(box, conn) is not None:
+            conn._ready.appendleft(box)  # for the next read_box
+
+    def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
+        self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
+
+    def send_boxes(self, boxes: List[BoxLike]) -> None:
+        self.send_bytes(b"".join(encode_box(b) for b in boxes))
+
+    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
+        return self.send_bytes_unless(encode_box(box), stop)
+
+    def _send_control(self, conn: Wire, data: bytes) -> None:
+        try:
+            conn.send_bytes(data, lock_timeout=5.0)
+            self.last_sent = time.monotonic()
+        except (Disconnected, WaitTimeout):
+            pass
+
+    def heartbeat(self) -> None:
+        """Send a link check if connected (the slave's connection keeper)."""
+        conn = self.conn
+        if conn is not None:
+            self._send_control(conn, _PING)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _take(self, box: Box, conn: Wire) -> Optional[Box]:
+        """Handle a control box (``None``), or return a session box."""
+        self.last_received = time.monotonic()
+        if not _control(box):
+            return box
+        if b"ack" in box:
+            try:
+                count = int(box[b"ack"])
+            except ValueError:
+                raise ProtocolError(f"{self.label}: bad ack {box[b'ack'][:20]!r}") from None
+            with self._cond:
+                if count > self.sent:
+                    raise ProtocolError(f"{self.label}: ack of boxes never sent")
+                self._ack_to(count)
+        elif box.get(b"hb") == b"ping":
+            self._send_control(conn, _PONG)
+        elif b"bye" in box:
+            self.peer_ended = True
+        return None
+
+    def _count(self, box: Box, conn: Wire) -> Box:
+        """Count a session box delivered to the caller; acknowledge when due."""
+        with self._cond:
+            self.received += 1
+            self._bytes_since_ack += sum(len(k) + len(v) + 4 for k, v in box.items()) + 2
+            due = (self.received - self._acked_to_peer >= ACK_EVERY_BOXES
+                   or self._bytes_since_ack >= ACK_EVERY_BYTES)
+            if due:
+                self._acked_to_peer = self.received
+                self._bytes_since_ack = 0
+                ack = encode_box({b"ack": str(self.received).encode("ascii")})
+        if due:
+            self._send_control(conn, ack)
+        return box
+
+    def read_box(self, timeout: Optional[float] = None) -> Optional[Box]:
+        """The next session box; ``None`` when the peer ended the session.
+
+        While the connection is away, waits for the next one (the session's
+        own time limit applies, ``timeout`` too).
+
+        :raises PeerTimeout: nothing within ``timeout``
+        :raises Disconnected: the session failed
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.peer_ended:
+                return None
+            with self._cond:
+                conn = self._wait_connected(deadline)
+            with self._reader:
+                if conn is not self.conn:
+                    continue
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    box = conn.read_box(left)
+                except PeerTimeout:
+                    raise
+                except ProtocolError:
+                    raise
+                except Disconnected as e:
+                    self.connection_lost(conn, f"connection lost: {e}")
+                    continue
+                if box is None:
+                    self.connection_lost(conn, "connection closed")
+                    continue
+                if self._take(box, conn) is not None:
+                    return self._count(box, conn)
+
+    def poll_box(self) -> Optional[Box]:
+        """A session box already buffered, or ``None`` (no I/O)."""
+        with self._reader:
+            conn = self.conn
+            while conn is not None and conn._ready:
+                box = conn._ready.popleft()
+                if self._take(box, conn) is not None:
+                    return self._count(box, conn)
+        return None
+
+    def has_buffered_box(self) -> bool:
+        conn = self.conn
+        return conn is not None and conn.has_buffered_box()
+
+    def feed_available(self) -> None:
+        """As ``Wire.feed_available``; a broken connection is noted as lost
+        (not raised)."""
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.feed_available()
+        except ProtocolError:
+            raise
+        except Disconnected as e:
+            self.connection_lost(conn, f"connection lost: {e}")
+            return
+        if conn.at_eof:
+            self.connection_lost(conn, "connection closed")
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the session has ended (never while it may resume)."""
+        return self.peer_ended or self.failed is not None
+
+    def idle_input(self, data: bytes) -> bool:
+        """Bytes that arrived while no operation runs (the master's idle
+        monitor): control boxes are handled; False if a session box came
+        (nobody asked for one)."""
+        conn = self.conn
+        if conn is None:
+            return True
+        with self._reader:
+            for box in conn._feed(data):
+                if self._take(box, conn) is not None:
+                    return False
+        return not self.peer_ended
