@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import floor  # noqa: E402
+import trees  # noqa: E402
 from fixtures import LOCAL, REPO, SSH, SSH_OPENSSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
 from harness import (ANY, PINNED, UNPINNED, Results, Row, machine_info, machine_line, measure,  # noqa: E402
                      place)
@@ -36,7 +37,7 @@ from sshd import Sshd, have_openssh  # noqa: E402
 from remsh.wire import encode_box  # noqa: E402
 
 MiB = 1024 * 1024
-SCENARIOS = ("roundtrip", "execute", "transfer", "stream", "connect", "farm")
+SCENARIOS = ("roundtrip", "execute", "transfer", "stream", "connect", "tree", "farm")
 
 FLOOR_TCP = "raw TCP socket (floor)"
 FLOOR_UNIX = "raw socketpair (floor)"
@@ -414,6 +415,10 @@ class Bench:
             self.row(scen, f"remsh {t} register", dial, baseline=base, na=self.remsh_na(t),
                      note="slave side: dial, handshake, registered")
 
+    def scenario_tree(self) -> None:
+        """send_tree, fetch_tree and sync_tree against tar|ssh, scp -r and rsync (bench/trees.py)."""
+        trees.run(self, Entry)
+
     def scenario_farm(self) -> None:
         """Many slaves on one master; fan-out execute(['true'])."""
         n = 200 if self.quick else 1000
@@ -517,6 +522,7 @@ class Bench:
             target(f"{n} idle slaves need no thread each", extra < n / 10,
                    f"master threads: {farm['master_threads_before']} before, {farm['master_threads_registered']} "
                    f"with {n} registered; {farm['rss_per_slave_kib']:.1f} KiB RSS per slave")
+        trees.evaluate(med, target)
 
     def print_targets(self) -> None:
         print("\nTargets:")
