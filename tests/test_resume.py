@@ -69,11 +69,11 @@ class Rig:
         self.procs = procs
         self.proc: Optional[SlaveProcess] = None
 
-    def start_slave(self, name: str) -> Slave:
+    def start_slave(self, name: str, spool_limit: int = SPOOL_LIMIT) -> Slave:
         """Start ``remsh-slave NAME`` through the relay and return its ``Slave`` once registered."""
         self.proc = self.procs.start(
             self.relay.port, name, max_backoff=MAX_BACKOFF,
-            extra_args=["--heartbeat", repr(HEARTBEAT), "--spool-limit", str(SPOOL_LIMIT)])
+            extra_args=["--heartbeat", repr(HEARTBEAT), "--spool-limit", str(spool_limit)])
         slave: Slave = wait_registered(self.listener, self.proc)
         return slave
 
@@ -181,6 +181,21 @@ while not os.path.exists("go"):
     i += 1
     time.sleep(0.005)
 print("END", flush=True)
+"""
+
+
+# NUMBERED, noting after each write how many bytes it wrote (12 digits at
+# the start of the file argv[2])
+NUMBERED_PROGRESS = """\
+import os, sys
+n = int(sys.argv[1])
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT, 0o600)
+w = sys.stdout.buffer
+for start in range(0, n, 4096):
+    end = min(n, start + 4096)
+    w.write(b"".join(b"%09d\\n" % i for i in range(start, end)))
+    w.flush()
+    os.pwrite(fd, b"%012d" % (end * 10), 0)
 """
 
 
@@ -414,6 +429,47 @@ def test_stdin_arrives_exactly_once_across_a_cut(rig: Callable[..., Rig], tmp_pa
     assert bytes(out.data).decode() == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n"
 
 
+def test_spool_limit_blocks_the_command_instead_of_losing_output(rig: Callable[..., Rig], tmp_path: Path) -> None:
+    """Away with a small --spool-limit: the command blocks on its writes (it gets nowhere near the end of its output) and, back, every byte arrives exactly once."""
+    spool = 2 * MiB
+    lines = 24 * MiB // 10
+    progress = tmp_path / "progress"
+    progress.write_bytes(b"0" * 12)
+    r = rig()
+    slave = r.start_slave("spooler", spool_limit=spool)
+    r.relay.refuse()  # the registration's connection goes on; a redial will not
+    fired = r.relay.cut_when(to_target=r.relay.bytes_forwarded.to_target + MiB)
+    out = Collector()
+    call = run_in_thread(lambda: slave.execute(
+        script(tmp_path, "numbered_progress", NUMBERED_PROGRESS) + [str(lines), str(progress)], stdout_cb=out))
+    assert fired.wait(WAIT), f"the output never reached the cut\n{r.logs()}"
+    wait_until(lambda: not slave.connected, what="the master to notice the slave is away")
+
+    def written() -> int:
+        return int(progress.read_bytes()[:12] or b"0")
+    # the command writes until the slave stops reading: wait for it to stand still
+    last = [-1, time.monotonic()]
+
+    def still() -> bool:
+        now = written()
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+        return time.monotonic() - last[1] > QUIET
+    wait_until(still, timeout=WAIT, what="the command to block on its output")
+    # what the slave holds: its spool, plus at most the session's window of
+    # unacknowledged output and the pipe (8 + 2 MiB)
+    held = written() - len(out.data)
+    assert written() < lines * 10, "the command wrote all its output while the slave was away"
+    assert held <= spool + 10 * MiB, f"the slave read {held} bytes of output it could not send (limit {spool})"
+    assert not call.done.is_set(), f"the call ended while away: {call.error!r}"
+    r.relay.restore()
+    call.wait(CALL_WAIT)
+    assert call.error is None, f"execute raised {call.error!r}\n{r.logs()}"
+    assert call.result == 0
+    problem = same_bytes(out.data, numbered(lines))
+    assert problem is None, problem
+
+
 # -- not back in time ------------------------------------------------------------------------
 
 
@@ -524,19 +580,33 @@ def test_half_open_link_is_noticed_and_redialed(rig: Callable[..., Rig], tmp_pat
 # -- security -------------------------------------------------------------------------------
 
 
-def session_of(relay: Relay) -> bytes:
-    """The session id the master gave in the ``registered`` box of the relay's first connection."""
-    to_client = relay.transcripts()[0].to_client
-    assert to_client.startswith(MASTER_GREETING), to_client[:20]
+def registered_box(to_client: bytes) -> Optional[Dict[bytes, bytes]]:
+    """The master's ``registered`` box among the first bytes it sent (``None``: not there yet)."""
+    assert to_client[:len(MASTER_GREETING)] == MASTER_GREETING[:len(to_client)], to_client[:20]
     rest = to_client[len(MASTER_GREETING):]
     while True:
         n = box_length(rest)
-        assert n is not None, "no registered box in the first bytes of the connection"
+        if n is None:
+            return None
         pairs = dict(box_pairs(rest[:n]))
         rest = rest[n:]
         if b"registered" in pairs:
-            assert b"session" in pairs, f"the registered box carries no session: {sorted(pairs)}"
-            return pairs[b"session"]
+            return pairs
+
+
+def session_of(relay: Relay) -> bytes:
+    """The session id the master gave in the ``registered`` box of the relay's first connection."""
+    found: List[Dict[bytes, bytes]] = []
+
+    def look() -> bool:
+        # the relay counts a delivery just after making it: wait for it
+        box = registered_box(relay.transcripts()[0].to_client)
+        if box is not None:
+            found.append(box)
+        return box is not None
+    wait_until(look, what="the registered box in the relay's transcript")
+    assert b"session" in found[0], f"the registered box carries no session: {sorted(found[0])}"
+    return found[0][b"session"]
 
 
 def impostor_register(port: int, name: bytes, extra: Dict[bytes, bytes]) -> Optional[Box]:
