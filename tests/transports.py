@@ -36,6 +36,7 @@ import datetime
 import ipaddress
 import itertools
 import os
+import shutil
 import ssl
 import threading
 import time
@@ -53,7 +54,13 @@ from remsh.master.slavelistener.ssh import SshSlaveListener
 from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.transports import ssh
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcess, SlaveProcesses
+
 from tests.sshd import Sshd, make_key, require_sshd, write_known_hosts
+
+#: The network listeners keep sessions (work survives a dropped connection),
+#: so every operation test runs over them; a slave that dies is given up on
+#: after this long.
+RESUME_TIMEOUT = 2.0
 
 # -- a throwaway PKI (TLS) ---------------------------------------------------------
 
@@ -224,6 +231,7 @@ class TcpTransport(Transport):
 
     def open(self) -> None:
         listener = TcpSlaveListener(port=0, host=HOST, secret=SECRET, ssl_context=self._context(),
+                                    resume_timeout=RESUME_TIMEOUT,
                                     slave_collection=self.collection)
         listener.start()
         self.listener = listener
@@ -271,6 +279,7 @@ class SshTransport(Transport):
         self.keys = self.workdir / "keys"
         self.keys.mkdir()
         listener = SshSlaveListener(host=HOST, host_key=self.host_key, authorized_keys=self.authorized_keys,
+                                    resume_timeout=RESUME_TIMEOUT,
                                     slave_collection=self.collection)
         listener.start()
         self.listener = listener
@@ -290,6 +299,37 @@ class SshTransport(Transport):
         return wait_registered(self.collection, name, proc)
 
 
+class OpenSshClientTransport(SshTransport):
+    """A ``remsh-slave --ssh --ssh-client openssh`` process: the system's
+    ``ssh`` program logging in to the master's embedded SSH server (with an
+    empty ``-F`` configuration, so nothing of this machine's ``~/.ssh``
+    takes part)."""
+
+    name = "openssh-client"
+
+    def open(self) -> None:
+        if shutil.which("ssh") is None:
+            pytest.skip("the OpenSSH client (ssh) is not installed")
+        super().open()
+        self.ssh_config = self.workdir / "ssh_config"
+        self.ssh_config.write_text("")
+        self.ssh_config.chmod(0o600)
+
+    def start(self, procs: SlaveProcesses, basedir: Path, name: str,
+              env: Mapping[str, Optional[str]]) -> Slave:
+        assert isinstance(self.listener, SshSlaveListener)
+        key = paramiko.ECDSAKey.generate()
+        key_path = self.keys / name
+        key.write_private_key_file(str(key_path))
+        with open(self.authorized_keys, "a") as f:
+            f.write(ssh.authorized_keys_line(key, name) + "\n")
+        proc = procs.start(None, name, basedir=basedir, secret=None, no_reconnect=True, env=env,
+                           extra_args=["--ssh-client", "openssh", "-F", str(self.ssh_config),
+                                       "--ssh", f"remsh@{HOST}:{self.listener.port}", "--identity", str(key_path),
+                                       "--known-hosts", str(self.known_hosts)])
+        return wait_registered(self.collection, name, proc)
+
+
 class OpenSshTransport(Transport):
     """A ``remsh-slave --via-ssh`` process reaching a TCP listener through a
     ``direct-tcpip`` tunnel opened by a real OpenSSH ``sshd``."""
@@ -305,7 +345,8 @@ class OpenSshTransport(Transport):
         self.sshd = Sshd(self.workdir / "sshd", authorized).start()
         self.known_hosts = write_known_hosts(self.workdir / "known_hosts",
                                              [(HOST, self.sshd.port, self.sshd.host_key)])
-        listener = TcpSlaveListener(port=0, host=HOST, secret=SECRET, slave_collection=self.collection)
+        listener = TcpSlaveListener(port=0, host=HOST, secret=SECRET, slave_collection=self.collection,
+                                    resume_timeout=RESUME_TIMEOUT)
         listener.start()
         self.listener = listener
 
@@ -328,7 +369,7 @@ class OpenSshTransport(Transport):
 
 #: Every transport the operation tests run over, in the order they are listed.
 TRANSPORTS: Sequence[Type[Transport]] = (LocalTransport, TcpTransport, TlsTransport, SshTransport,
-                                         OpenSshTransport)
+                                         OpenSshClientTransport, OpenSshTransport)
 TRANSPORT_NAMES: List[str] = [t.name for t in TRANSPORTS]
 
 
