@@ -110,7 +110,7 @@ def secret_file(tmp_path: Path, secret: bytes) -> Path:
 
 def start_ssh_slave(procs: SlaveProcs, name: str, identity: Path, port: int, known_hosts: Path,
                     *extra: str) -> subprocess.Popen:
-    return procs.start(["--ssh", f"remsh@{HOST}:{port}", "--identity", str(identity),
+    return procs.start(["--ssh-client", "paramiko", "--ssh", f"remsh@{HOST}:{port}", "--identity", str(identity),
                         "--known-hosts", str(known_hosts), "--no-reconnect", *extra], name=name)
 
 
@@ -293,16 +293,21 @@ def test_silent_and_stalled_connections_are_dropped_at_the_handshake_limit(keys,
 # -- liveness and the stream -----------------------------------------------------------------
 
 
-def test_idle_slave_killed_leaves_the_collection(ssh_listener, known_hosts, keys, procs, collection):
-    """An idle SSH slave killed with SIGKILL is noticed by the idle monitor and leaves the collection."""
-    p = start_ssh_slave(procs, "gamma", keys.gamma_path, ssh_listener.port, known_hosts)
-    slave = collection.get_slave(True, named("gamma"), timeout=WAIT)
-    assert slave is not None, procs.log_text(p)
-    slave.ping()
-    p.send_signal(signal.SIGKILL)
-    p.wait(WAIT)
-    wait_until(lambda: collection.get_all_slaves() == [], timeout=15, what="the killed slave to leave")
-    assert not slave.connected
+def test_idle_slave_killed_leaves_the_collection(keys, authorized_keys, known_hosts, procs, collection):
+    """With resume_timeout=0, an idle SSH slave killed with SIGKILL is noticed by the idle monitor and leaves
+    the collection."""
+    ssh_listener = _listener(keys, authorized_keys, collection, resume_timeout=0)
+    try:
+        p = start_ssh_slave(procs, "gamma", keys.gamma_path, ssh_listener.port, known_hosts)
+        slave = collection.get_slave(True, named("gamma"), timeout=WAIT)
+        assert slave is not None, procs.log_text(p)
+        slave.ping()
+        p.send_signal(signal.SIGKILL)
+        p.wait(WAIT)
+        wait_until(lambda: collection.get_all_slaves() == [], timeout=15, what="the killed slave to leave")
+        assert not slave.connected
+    finally:
+        ssh_listener.stop()
 
 
 def test_channel_stream_timeouts_select_and_end_of_stream(ssh_listener, known_hosts, keys):
@@ -366,7 +371,8 @@ def tcp_listener(collection: SimpleSlaveCollection) -> Iterator[TcpSlaveListener
 def start_tunnel_slave(procs: SlaveProcs, sshd: Sshd, keys: SimpleNamespace, tmp_path: Path, secret: bytes,
                        dest_port: int, name: str = "alpha") -> subprocess.Popen:
     kh = write_known_hosts(tmp_path / "kh-sshd", [(HOST, sshd.port, sshd.host_key)])
-    return procs.start(["--via-ssh", f"{sshd.user}@{HOST}:{sshd.port}", "--identity", str(keys.alpha_path),
+    return procs.start(["--ssh-client", "paramiko", "--via-ssh", f"{sshd.user}@{HOST}:{sshd.port}",
+                        "--identity", str(keys.alpha_path),
                         "--known-hosts", str(kh), "--secret-file", str(secret_file(tmp_path, secret)),
                         "--no-reconnect", "-v", HOST, str(dest_port)], name=name)
 

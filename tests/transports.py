@@ -294,7 +294,8 @@ class SshTransport(Transport):
         with open(self.authorized_keys, "a") as f:
             f.write(ssh.authorized_keys_line(key, name) + "\n")
         proc = procs.start(None, name, basedir=basedir, secret=None, no_reconnect=True, env=env,
-                           extra_args=["--ssh", f"remsh@{HOST}:{self.listener.port}", "--identity", str(key_path),
+                           extra_args=["--ssh-client", "paramiko",
+                                       "--ssh", f"remsh@{HOST}:{self.listener.port}", "--identity", str(key_path),
                                        "--known-hosts", str(self.known_hosts)])
         return wait_registered(self.collection, name, proc)
 
@@ -354,7 +355,8 @@ class OpenSshTransport(Transport):
               env: Mapping[str, Optional[str]]) -> Slave:
         assert isinstance(self.listener, TcpSlaveListener)
         proc = procs.start(self.listener.port, name, basedir=basedir, no_reconnect=True, env=env,
-                           extra_args=["--via-ssh", f"{self.sshd.user}@{HOST}:{self.sshd.port}",
+                           extra_args=["--ssh-client", "paramiko",
+                                       "--via-ssh", f"{self.sshd.user}@{HOST}:{self.sshd.port}",
                                        "--identity", str(self.identity), "--known-hosts", str(self.known_hosts)])
         return wait_registered(self.collection, name, proc, why=self.sshd.log_text)
 
