@@ -285,6 +285,9 @@ STAT = Operation(
     "stat", (_k("path"),), (_k("result", "bytes"),), (FailedError,), idempotent=True,
     summary="d, f or nothing")
 PING = Operation("ping", idempotent=True, summary="liveness check")
+CHMOD = Operation(
+    "chmod", (_k("path"), _k("mode", "mode")), (), (NotFoundError, FailedError), idempotent=True,
+    summary="set permission bits")
 SEND_TREE = Operation(
     "send_tree", (_k("dest"),), (), (RemoteFileExistsError, NotFoundError, FailedError), conversation=True,
     summary="build a directory tree from the master's stream, atomically")
@@ -297,7 +300,7 @@ SYNC_TREE = Operation(
 
 #: Every operation, by ``meth``.
 OPERATIONS: Dict[str, Operation] = {op.meth: op for op in (
-    SET_CWD, GETENV, MKDIR, UNLINK, EXECUTE, SEND, FETCH, REMOVE, RENAME, COPY, STAT, PING,
+    SET_CWD, GETENV, MKDIR, UNLINK, EXECUTE, SEND, FETCH, REMOVE, RENAME, COPY, STAT, PING, CHMOD,
     SEND_TREE, FETCH_TREE, SYNC_TREE)}
 
 

@@ -40,6 +40,7 @@ SAMPLE_CALLS: Dict[str, Callable[[Slave], Any]] = {
     "send_tree": lambda s: s.send_tree(os.path.dirname(os.path.abspath(__file__)), "tree-copy"),
     "fetch_tree": lambda s: s.fetch_tree("d", os.devnull + ".never"),
     "sync_tree": lambda s: s.sync_tree(os.path.dirname(os.path.abspath(__file__)), "tree-sync"),
+    "chmod": lambda s: s.chmod("a", 0o600),
 }
 
 

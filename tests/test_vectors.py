@@ -390,7 +390,7 @@ def _summary_table() -> Dict[str, List[str]]:
     """meth -> its own error tags (the last column), from the page's summary table."""
     text = _page()
     lines = text[text.index("\nSummary\n"):].splitlines()
-    rulers = [i for i, line in enumerate(lines) if line.startswith("===========  ")]
+    rulers = [i for i, line in enumerate(lines) if re.match(r"=+  =", line)]
     last_column = lines[rulers[0]].rindex("  ") + 2
     tags: Dict[str, List[str]] = {}
     meth = None

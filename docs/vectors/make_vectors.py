@@ -464,6 +464,13 @@ TRANSCRIPTS: Dict[str, List[T]] = {
         T("symlink-loop", "a path that cannot be examined", [req("stat", ("path", "loop")), S],
           setup=[{"symlink": "loop", "target": "loop"}]),
     ],
+    "chmod": [
+        T("file", "mode 384 is 0600", [req("chmod", ("path", "f"), ("mode", "384")), S], setup=[W("f", b"")],
+          check=[F("f", b"", mode=384)]),
+        T("missing", "notfound", [req("chmod", ("path", "missing"), ("mode", "384")), S]),
+        T("symlink", "a link is refused, never followed", [req("chmod", ("path", "link"), ("mode", "511")), S],
+          setup=[W("f", b""), {"symlink": "link", "target": "f"}]),
+    ],
     "send": [
         T("with-digest-and-mode", "two data boxes and the digest; mode 420 is 0644",
           [req("send", ("dest", "out"), ("mode", "420")), S, M(("data", "hello ")), M(("data", "world")),

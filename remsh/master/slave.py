@@ -30,7 +30,7 @@ from remsh.files import PartialFile
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
 from remsh.session import SessionWire
-from remsh.ops import (COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
+from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
 from remsh.wire import DATA_BLOCK, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
 
@@ -388,6 +388,15 @@ class Slave:
         :raises FailedError: the rename failed
         """
         self._call(RENAME, src=_b(src), dest=_b(dest))
+
+    def chmod(self, path: Path, mode: int) -> None:
+        """Set the permission bits of ``path`` on the slave (``0o7777`` at
+        most); a symbolic link is refused, never followed.
+
+        :raises NotFoundError: ``path`` does not exist
+        :raises FailedError: it is a symbolic link, or the change failed
+        """
+        self._call(CHMOD, path=_b(path), mode=mode)
 
     def copy(self, src: Path, dest: Path) -> None:
         """Copy a file's data on the slave; ``dest`` must not exist.

@@ -514,3 +514,27 @@ def remove_tree(path: bytes, policy: Policy = PLAIN, tick: Tick = None) -> None:
         return  # no parent directory: nothing to remove
     except OSError as e:
         raise FailedError(_message(e, path)) from None
+
+
+def chmod(path: bytes, mode: int, policy: Policy = PLAIN) -> None:
+    """Set the permission bits of ``path`` to ``mode``, never through a
+    symbolic link (a link is refused: its target may lie anywhere).
+
+    :raises NotFoundError: ``path`` does not exist
+    :raises FailedError: it is a symbolic link, or the change failed
+    """
+    try:
+        fd = policy.open(path, O_PATH | O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file or directory: {_name(path)}") from None
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
+    try:
+        if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+            raise FailedError(f"is a symbolic link (chmod never follows one): {_name(path)}")
+        by_fd = b"%s/%d" % (PROC_FD, fd)
+        os.chmod(by_fd if os.path.exists(by_fd) else path, mode)
+    except OSError as e:
+        raise FailedError(_message(e, path)) from None
+    finally:
+        os.close(fd)

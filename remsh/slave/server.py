@@ -198,6 +198,10 @@ class SlaveServer:
         fsops.rename_noreplace(self._resolve(args["src"]), self._resolve(args["dest"]), self.policy)
         return None
 
+    def op_chmod(self, args: Dict[str, Any]) -> Optional[Box]:
+        fsops.chmod(self._resolve(args["path"]), args["mode"], self.policy)
+        return None
+
     def op_copy(self, args: Dict[str, Any]) -> Optional[Box]:
         fsops.copy_file(self._resolve(args["src"]), self._resolve(args["dest"]), policy=self.policy)
         return None
