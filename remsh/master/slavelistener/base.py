@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
                              as_secret, exchange_greeting, master_handshake)
+from remsh.master.limits import prepare_descriptors
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -304,13 +305,25 @@ class NetworkSlaveListener(SlaveListener):
 
     port: int
     _server: Any
+    #: how many slaves this listener is meant to hold (``None``: not said);
+    #: :meth:`start` fails when the open-file limit cannot hold them
+    expected_slaves: Optional[int] = None
 
     def start(self) -> None:
         """Open the port and accept slaves in the background (the port is
-        not opened before); idempotent."""
+        not opened before); idempotent.
+
+        First raises the soft ``RLIMIT_NOFILE`` to the hard limit
+        (:mod:`remsh.master.limits`).
+
+        :raises LocalError: the hard limit cannot hold
+            :attr:`expected_slaves` (or a single slave); the message says
+            how many fit
+        """
         with self._life_lock:
             if self._started:
                 return
+            prepare_descriptors(self.expected_slaves, self.resume_timeout, label=type(self).__name__)
             self._server.start()
             self.port = self._server.port
             super().start()
