@@ -227,6 +227,7 @@ def test_silence_delivers_nothing_closes_nothing_and_stays_after_restore(relay: 
     with dial(relay) as c:
         c.sendall(b"before")
         assert recv_exact(c, 6) == b"before"
+        wait_until(lambda: relay.bytes_forwarded == Forwarded(6, 6), what="the counters to count the echo")
         before = relay.bytes_forwarded
         relay.silence()
         c.sendall(b"during")
