@@ -118,9 +118,9 @@ def prepare_descriptors(expected_slaves: Optional[int] = None, resume_timeout: f
         expected = (f"fewer than the {expected_slaves:,} expected" if expected_slaves is not None
                     else "not even one")
         hint = "raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, /etc/security/limits.conf)"
-        if per == FDS_PER_SESSION_SLAVE:
-            hint += (f" or turn sessions off (resume_timeout=0: {FDS_PER_SLAVE} descriptor a slave, "
-                     f"{max(0, (soft - cap.reserve) // FDS_PER_SLAVE):,} slaves)")
+        plain = max(0, (soft - cap.reserve) // FDS_PER_SLAVE)
+        if per == FDS_PER_SESSION_SLAVE and plain >= wanted:
+            hint += f" or turn sessions off (resume_timeout=0: {FDS_PER_SLAVE} descriptor a slave, {plain:,} slaves)"
         raise LocalError(
             f"{label}: the open-file limit (soft {_limit_text(soft)}, hard {_limit_text(hard)}) holds "
             f"{cap.slaves:,} slaves at {per} descriptor{'s' if per != 1 else ''} each ({each}; "
