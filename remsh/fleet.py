@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, TextIO,
                     Tuple)
 
-from remsh.conversation import State
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
 from remsh.lineprinter import LinePrinter
 from remsh.master.fanout import Cancellation, fan_out
@@ -175,7 +174,7 @@ class FleetCollection(SimpleSlaveCollection):
             "platform": slave.info.get("platform", ""),
             "python": slave.info.get("python", ""),
             "remsh": slave.info.get("remsh", ""),
-            "state": "busy" if busy else "idle",
+            "state": "resuming" if not slave.connected else "busy" if busy else "idle",
         }
 
 
@@ -336,6 +335,11 @@ class StdinTee:
             self._eof = True
             self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Wake waiting readers (one of them was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def done(self, name: str) -> None:
         """Slave ``name``'s command no longer reads."""
         with self._cond:
@@ -362,29 +366,25 @@ class StdinTee:
                 self._cond.wait(STDIN_POLL)
 
 
-def _command_over(slave: Slave) -> bool:
-    """True once no ``execute`` of ``slave`` is running: its stdin reader
-    must return then, because ``Slave.execute`` waits for the reader before
-    it returns.  ``Slave`` has no public hook for this; it keeps its calls
-    in progress in ``_executions``."""
-    if not slave.connected:
-        return True
-    calls = getattr(slave, "_executions", ())
-    return not any(getattr(c, "state", None) is State.RUNNING for c in list(calls))
-
-
 class TeeReader:
     """A binary file-like stdin source for one slave's command."""
 
     def __init__(self, tee: StdinTee, slave: Slave) -> None:
         self._tee = tee
         self._slave = slave
+        self._cancelled = False
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes; ``b""`` at the end of the input or once the
-        command has ended."""
+        command has ended (:meth:`cancel`)."""
         return self._tee._read(self._slave.name, n if n > 0 else MAX_STDIN_BACKLOG,
-                               lambda: _command_over(self._slave))
+                               lambda: self._cancelled or not self._slave.connected)
+
+    def cancel(self) -> None:
+        """The command has ended (called by ``Slave.execute``): a waiting
+        :meth:`read` returns at once."""
+        self._cancelled = True
+        self._tee.wake()
 
 
 def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Optional[str] = None,

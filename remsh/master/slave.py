@@ -433,7 +433,8 @@ class Slave:
         overrides variables (``None`` removes one); ``cwd`` is relative to the
         slave's current directory; ``timeout`` (seconds) kills the command's
         process group; ``stdin`` is bytes or a binary file object fed to the
-        command.
+        command (if it has a ``cancel()`` method, that is called when the
+        command ends, so that a ``read()`` waiting for more input returns).
 
         A command killed by signal N returns ``-N`` (so an :meth:`interrupt`
         returns ``-9``).  An exception raised by a callback interrupts the
@@ -809,8 +810,17 @@ class _StdinFeeder:
 
     def stop(self) -> None:
         """Stop sending; if the thread cannot be stopped in time (blocked
-        reading the source), the conversation can no longer be trusted."""
+        reading the source), the conversation can no longer be trusted.
+
+        A source with a ``cancel()`` method is told first, so that a
+        ``read()`` blocked waiting for input can return at once."""
         self._stop.set()
+        cancel = getattr(self.source, "cancel", None)
+        if callable(cancel):
+            try:
+                cancel()
+            except Exception:  # noqa: BLE001 - the join below bounds the wait anyway
+                log.exception("slave %s: cancelling the stdin source failed", self.slave.name)
         if self._thread is not None:
             self._thread.join(INTERRUPT_SEND_TIMEOUT + 1.0)
             if self._thread.is_alive():
