@@ -26,8 +26,9 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
+from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import LocalError, ProtocolError, UsageError
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.slave.fsops import _remove_dir
@@ -41,14 +42,11 @@ if TYPE_CHECKING:
     from remsh.master.slave import Slave
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
-ProgressCallback = Callable[[int, Optional[int]], Any]
 
 O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
-#: Least time between two calls of a ``progress`` callback (seconds).
-PROGRESS_EVERY = 0.1
 
 
 @dataclass
@@ -67,29 +65,6 @@ class SyncResult:
     sent_bytes: int = 0
     deleted: int = 0
     unchanged: int = 0
-
-
-class _Progress:
-    """Calls ``progress(done, total)`` at most every :data:`PROGRESS_EVERY`
-    seconds, and once at the end."""
-
-    def __init__(self, callback: Optional[ProgressCallback], total: Optional[int]) -> None:
-        self.callback = callback
-        self.total = total
-        self.done = 0
-        self._next = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            now = time.monotonic()
-            if now >= self._next:
-                self._next = now + PROGRESS_EVERY
-                self.callback(self.done, self.total)
-
-    def finish(self) -> None:
-        if self.callback is not None:
-            self.callback(self.done, self.total if self.total is not None else self.done)
 
 
 def _open_local_dir(slave: "Slave", meth: str, path: Path) -> int:
@@ -164,7 +139,7 @@ def send_tree(slave: "Slave", src_dir: Path, dest: Path, progress: Optional[Prog
             raise LocalError(f"{slave.name}: {meth}: {e}") from None
         if found.others:
             raise LocalError(f"{slave.name}: {meth}: {others_message(found.others, top)}")
-        counter = _Progress(progress, found.size)
+        counter = Progress(progress, found.size)
         request = SEND_TREE.encode(dest=os.fsencode(dest))
         local_error: Optional[Exception] = None
         with slave._operation(meth):
@@ -222,7 +197,7 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                     total: Optional[int] = int(box[b"size"])
                 except (KeyError, ValueError):
                     total = None
-                counter = _Progress(progress, total)
+                counter = Progress(progress, total)
                 try:
                     tmp = make_temp_dir(parent, name)
                     top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
@@ -340,12 +315,12 @@ def sync_tree(slave: "Slave", src_dir: Path, dest: Path, delete: bool, checksum:
                 except StreamError as e:
                     raise ProtocolError(f"bad manifest: {e}") from None
             if b"errtag" not in final:
-                counter: Optional[_Progress] = None
+                counter: Optional[Progress] = None
                 try:
                     plan, total, others = _plan(top, manifest, checksum)
                     if others:
                         local_error = SourceError(others_message(others, top))
-                    counter = _Progress(progress, total)
+                    counter = Progress(progress, total)
                 except SourceError as e:
                     local_error = e
                 peek = _Peek(slave)
