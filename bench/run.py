@@ -419,33 +419,92 @@ class Bench:
         """send_tree, fetch_tree and sync_tree against tar|ssh, scp -r and rsync (bench/trees.py)."""
         trees.run(self, Entry)
 
+    def _fleet(self, n: int, procs: int, runs: int, resume: float, hard: Optional[int] = None) -> Dict[str, Any]:
+        """One run of bench/fleet.py (a master process of its own with ``n`` slaves)."""
+        argv = [sys.executable, os.path.join(HERE, "fleet.py"), "--slaves", str(n), "--procs", str(procs),
+                "--workers", "32", "--runs", str(runs), "--resume-timeout", repr(resume),
+                "--work", os.path.join(self.work, f"fleet-{resume:g}")]
+        if hard is not None:
+            argv += ["--hard-limit", str(hard)]
+        p = subprocess.run(argv, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError((p.stderr.strip().splitlines() or ["fleet failed"])[-1])
+        out: Dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+        return out
+
     def scenario_farm(self) -> None:
-        """Many slaves on one master; fan-out execute(['true'])."""
-        n = 200 if self.quick else 1000
-        procs = max(1, n // 50)
-        workers = 32
+        """Many slaves on one master (bench/fleet.py): registration, threads,
+        descriptors and memory per idle slave, get_slave, fan-out execute(['true']);
+        sessions off (resume_timeout=0) and on (the network listeners' default)."""
+        n = 200 if self.quick else 10_000
+        procs = 4 if self.quick else 20
         runs = 3 if self.quick else 5
-        scen = f"{n:,} slaves: fan-out true"
-        argv = [sys.executable, os.path.join(HERE, "farm.py"), "--slaves", str(n), "--procs", str(procs),
-                "--workers", str(workers), "--runs", str(runs), "--work", os.path.join(self.work, "farm")]
-        try:
-            p = subprocess.run(argv, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
-            if p.returncode != 0:
-                raise RuntimeError((p.stderr.strip().splitlines() or ["farm failed"])[-1])
-            farm = json.loads(p.stdout.strip().splitlines()[-1])
-        except Exception as e:  # noqa: BLE001
-            msg = f"failed: {str(e)[:90]}"
-            self.row(scen, "local subprocess.run pool (floor)", None, na=msg)
-            self.row(scen, "remsh TCP fan_out", None, na=msg)
-            return
-        self.results.extra["farm"] = farm
-        pool = f"{workers} worker threads"
-        self.row(scen, "local subprocess.run pool (floor)", lambda: farm["local_pool_s"], note=pool)
-        self.row(scen, "remsh TCP fan_out", lambda: farm["fanout_s"], baseline="local subprocess.run pool (floor)",
-                 note=pool)
-        print(f"  {n} slaves in {procs} processes registered in {farm['register_all_s']:.2f} s; master threads "
-              f"{farm['master_threads_before']} before, {farm['master_threads_registered']} with all registered; "
-              f"RSS {farm['rss_per_slave_kib']:.1f} KiB per slave", flush=True)
+        from remsh.master.limits import FDS_PER_SESSION_SLAVE, RESERVE
+        from remsh.master.slavelistener.base import NetworkSlaveListener
+
+        default_resume = NetworkSlaveListener.DEFAULT_RESUME_TIMEOUT
+        fleets: Dict[str, Dict[str, Any]] = {}
+        for key, resume in (("plain", 0.0), ("sessions", default_resume)):
+            try:
+                fleets[key] = self._fleet(n, procs, runs, resume)
+            except Exception as e:  # noqa: BLE001
+                fleets[key] = {"error": f"failed: {str(e)[:200]}", "failed": True}
+        ses = fleets["sessions"]
+        if "error" in ses and not ses.get("failed") and os.geteuid() == 0:
+            # the listener refused under this machine's hard limit (its message is kept); as the
+            # superuser the bench raises the hard limit of that master process, as LimitNOFILE= would
+            need = RESERVE + FDS_PER_SESSION_SLAVE * n
+            hard = 1 << max(need - 1, 1).bit_length()
+            try:
+                raised = self._fleet(n, procs, runs, default_resume, hard=hard)
+            except Exception as e:  # noqa: BLE001
+                raised = {"error": f"failed: {str(e)[:200]}", "failed": True}
+            raised["refused_under_machine_limit"] = ses["error"]
+            raised["hard_limit_raised_to"] = hard
+            fleets["sessions"] = raised
+        self.results.extra["farm"] = {"slaves": n, **fleets}
+        tag = {"plain": "", "sessions": ", sessions"}
+        fo = f"{n:,} slaves: fan-out true"
+        gs = f"{n:,} slaves: get_slave by name"
+        rg = f"{n:,} slaves: register all"
+        clean = "local pool, no slaves (floor)"
+        plain = fleets["plain"]
+
+        def vals(f: Dict[str, Any], key: str) -> Optional[Callable[[], List[float]]]:
+            return (lambda: list(f[key])) if key in f else None
+
+        def na(f: Dict[str, Any]) -> Optional[str]:
+            return str(f["error"])[:160] if "error" in f else None
+
+        pool = "32 worker threads"
+        self.row(fo, clean, vals(plain, "clean_pool_s"), na=na(plain),
+                 note=f"{pool}, subprocess.run(['true']) in a process with no slave sockets")
+        self.row(fo, "local pool in the master", vals(plain, "local_pool_s"), baseline=clean, na=na(plain),
+                 note=f"{pool}, in the master with its {n:,} slave sockets open")
+        for key, f in fleets.items():
+            self.row(fo, f"remsh TCP fan_out{tag[key]}", vals(f, "fanout_s"), baseline=clean, na=na(f), note=pool)
+        self.row(gs, "dict scan, same filter (floor)", vals(plain, "get_slave_floor_s"), na=na(plain),
+                 note="a list comprehension over the collection's dict")
+        for key, f in fleets.items():
+            self.row(gs, f"remsh get_slave{tag[key]}", vals(f, "get_slave_s"), na=na(f),
+                     baseline="dict scan, same filter (floor)")
+        for key, f in fleets.items():
+            self.row(rg, f"remsh TCP{tag[key]}", (lambda f=f: [f["register_all_s"]]) if "register_all_s" in f
+                     else None, na=na(f), note=f"{procs} processes, one loopback address each")
+        for key, f in fleets.items():
+            if "error" in f:
+                print(f"  {n:,} slaves{tag[key]}: {f['error']}", flush=True)
+                continue
+            print(f"  {n:,} slaves{tag[key]}: registered in {f['register_all_s']:.1f} s; master threads "
+                  f"{f['master_threads_before']} before, {f['master_threads_peak_registering']} at most while "
+                  f"registering, {f['master_threads_registered']} with all registered, "
+                  f"{f.get('master_threads_after_fanout', '-')} after the fan-outs; {f['fds_per_slave']:.2f} "
+                  f"descriptors and {f['rss_per_slave_kib']:.1f} KiB resident per slave "
+                  f"({f.get('rss_marginal_kib', float('nan')):.1f} KiB for each after the first tenth); RLIMIT_NOFILE "
+                  f"{f['rlimit_nofile_at_start']} -> {f['rlimit_nofile_after_start']}", flush=True)
+            if "refused_under_machine_limit" in f:
+                print(f"    (under this machine's hard limit: {f['refused_under_machine_limit']}; hard limit "
+                      f"raised to {f['hard_limit_raised_to']:,} for this run)", flush=True)
 
     # -- targets -------------------------------------------------------------------
 
@@ -512,17 +571,55 @@ class Bench:
                        f"{v:.0f} vs {fl:.0f} MiB/s = {v / fl:.0%}")
         farm = r.extra.get("farm")
         if isinstance(farm, dict):
-            n = farm["slaves"]
-            scen = f"{n:,} slaves: fan-out true"
-            fo, lp = med(scen, "remsh TCP fan_out"), med(scen, "local subprocess.run pool (floor)")
-            if fo and lp:
-                target(f"fan-out true on {n} slaves <= 2x the same pool running local true", fo <= 2 * lp,
-                       f"{fo:.2f} s vs {lp:.2f} s = {fo / lp:.2f}x")
-            extra = farm["master_threads_registered"] - farm["master_threads_before"]
-            target(f"{n} idle slaves need no thread each", extra < n / 10,
-                   f"master threads: {farm['master_threads_before']} before, {farm['master_threads_registered']} "
-                   f"with {n} registered; {farm['rss_per_slave_kib']:.1f} KiB RSS per slave")
+            self._farm_targets(farm, med, target)
         trees.evaluate(med, target)
+
+    def _farm_targets(self, farm: Dict[str, Any], med: Callable[..., Optional[float]],
+                      target: Callable[[str, Optional[bool], str], None]) -> None:
+        """Targets of the many-slaves scenario (issue: 10,000 slaves on one master)."""
+        n = farm["slaves"]
+        for key, tag in (("plain", "sessions off"), ("sessions", "sessions on")):
+            f = farm.get(key)
+            if not isinstance(f, dict):
+                continue
+            if "error" in f:
+                target(f"{n:,} slaves register ({tag})", False, str(f["error"]))
+                continue
+            extra = f" (hard limit raised to {f['hard_limit_raised_to']:,})" if "hard_limit_raised_to" in f else ""
+            target(f"{n:,} slaves register ({tag})", True, f"all in {f['register_all_s']:.1f} s{extra}")
+            steady = f["master_threads_registered"] == f["master_threads_before"]
+            after = f.get("master_threads_after_fanout")
+            target(f"master threads constant with {n:,} slaves ({tag})",
+                   steady and (after is None or after <= f["master_threads_before"] + 1),
+                   f"{f['master_threads_before']} before the first slave, {f['master_threads_registered']} with "
+                   f"all registered ({f['master_threads_peak_registering']} at most while handshakes ran), "
+                   f"{after} after the fan-outs")
+            grown = (f["master_rss_registered_kib"] - f["master_rss_before_kib"]) / 1024
+            target(f"resident memory per idle slave <= 16 KiB ({tag})", f["rss_per_slave_kib"] <= 16,
+                   f"{f['rss_per_slave_kib']:.1f} KiB ({grown:.1f} MiB for {n:,}; "
+                   f"{f.get('rss_marginal_kib', float('nan')):.1f} KiB each after the first tenth); "
+                   f"{f['fds_per_slave']:.2f} descriptors each")
+            suffix = ", sessions" if key == "sessions" else ""
+            gsv = med(f"{n:,} slaves: get_slave by name", "remsh get_slave" + suffix)
+            if gsv is not None:
+                target(f"get_slave with a filter over {n:,} slaves < 1 ms ({tag})", gsv < 1e-3,
+                       f"{gsv * 1e3:.2f} ms")
+            scen = f"{n:,} slaves: fan-out true"
+            fo = med(scen, "remsh TCP fan_out" + suffix)
+            lp, cl = med(scen, "local pool in the master"), med(scen, "local pool, no slaves (floor)")
+            if fo and lp:
+                target(f"fan-out true on {n:,} slaves <= 1.5x the local pool in the master ({tag})", fo <= 1.5 * lp,
+                       f"{fo:.2f} s vs {lp:.2f} s = {fo / lp:.2f}x")
+            if fo and cl:
+                target(f"fan-out true on {n:,} slaves <= 1.5x a local pool with no slaves open ({tag})",
+                       fo <= 1.5 * cl, f"{fo:.2f} s vs {cl:.2f} s = {fo / cl:.2f}x")
+            soft0, hard0 = f["rlimit_nofile_at_start"]
+            soft1, _ = f["rlimit_nofile_after_start"]
+            target(f"soft RLIMIT_NOFILE raised to the hard limit at start ({tag})", soft1 == hard0,
+                   f"soft {soft0} -> {soft1}, hard {hard0}")
+            if "refused_under_machine_limit" in f:
+                target(f"{n:,} slaves with sessions under this machine's hard limit: a clear refusal", True,
+                       f["refused_under_machine_limit"])
 
     def print_targets(self) -> None:
         print("\nTargets:")
