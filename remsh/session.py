@@ -109,6 +109,12 @@ def _skip_boxes(data: bytes, boxes: int) -> int:
     return pos
 
 
+def _cut_short(conn: Wire, error: ProtocolError) -> bool:
+    """Whether ``error`` only says the stream ended inside a box: a lost
+    connection (the box is sent again whole), not a broken peer."""
+    return bool(getattr(conn, "_eof", False))
+
+
 def _control(box: Box) -> bool:
     return len(box) == 1 and next(iter(box)) in _CONTROL_KEYS
 
@@ -143,6 +149,7 @@ class SessionWire:
         self._reader = threading.Lock()
         self.conn: Optional[Wire] = conn
         self._last_conn = conn
+        self._resending = False
         self.generation = 0
         self.sent = 0
         self.peer_acked = 0
@@ -272,46 +279,58 @@ class SessionWire:
         """Carry the session on ``conn`` from now on; re-send what the peer
         has not received (it received ``peer_received`` of our boxes).
 
+        Senders are not held up meanwhile (one may be waiting for the
+        connection with its boxes kept): what they add while the kept boxes
+        go out is sent after them, in order.
+
         :raises ProtocolError: the peer claims boxes we never sent
         :raises SessionFailed: the session has already failed
         """
-        with self._send_lock:
-            with self._cond:
-                if self.failed is not None:
-                    conn.close()
-                    raise self.failed
-                if not self.peer_acked <= peer_received <= self.sent:
-                    conn.close()
-                    raise ProtocolError(f"{self.label}: resume from box {peer_received}, but "
-                                        f"{self.peer_acked}..{self.sent} are the boxes it may have")
-                if self.conn is not None:
-                    self._last_conn = self.conn
-                    old: Optional[Wire] = self.conn
-                else:
-                    old = None
-                self._ack_to(peer_received)
-                pending = [(first, n, data) for first, n, data in self._replay]
-                self.conn = conn
-                self.generation += 1
-                self.lost_at = None
-                self._bytes_since_ack = 0
-                self.last_received = time.monotonic()
-                timer, self._timer = self._timer, None
-            if timer is not None:
-                timer.cancel()
-            if old is not None:
-                old.close()
-            try:
-                for first, n, data in pending:
-                    skip = peer_received - first
-                    conn.send_bytes(data[_skip_boxes(data, skip):] if skip > 0 else data)
-                self.last_sent = time.monotonic()
-            except Disconnected:
-                pass  # lost again at once: the next reader notices
         with self._cond:
-            self._cond.notify_all()
+            if self.failed is not None:
+                conn.close()
+                raise self.failed
+            if not self.peer_acked <= peer_received <= self.sent:
+                conn.close()
+                raise ProtocolError(f"{self.label}: resume from box {peer_received}, but "
+                                    f"{self.peer_acked}..{self.sent} are the boxes it may have")
+            old = self.conn
+            if old is not None:
+                self._last_conn = old
+            self._ack_to(peer_received)
+            self.conn = conn
+            self.generation += 1
+            self.lost_at = None
+            self._bytes_since_ack = 0
+            self.last_received = time.monotonic()
+            self._resending = True
+            timer, self._timer = self._timer, None
+            next_box = peer_received
+        if timer is not None:
+            timer.cancel()
+        if old is not None:
+            old.close()
+        try:
+            while True:
+                with self._cond:
+                    if self.conn is not conn:
+                        return  # lost again (or failed): the next attach re-sends
+                    pending = [(first, n, data) for first, n, data in self._replay
+                               if first + n > next_box]
+                    if not pending:
+                        self._resending = False
+                        self._cond.notify_all()
+                        break
+                for first, n, data in pending:
+                    skip = next_box - first
+                    conn.send_bytes(data[_skip_boxes(data, skip):] if skip > 0 else data)
+                    next_box = first + n
+                self.last_sent = time.monotonic()
+        except Disconnected as e:
+            self.connection_lost(conn, f"connection lost while resuming: {e}")
+            return
         self._wake()
-        log.info("%s: session resumed (%d boxes sent again)", self.label, self.sent - peer_received)
+        log.info("%s: session resumed (%d boxes sent again)", self.label, next_box - peer_received)
 
     def end(self) -> None:
         """End the session on purpose: tell the peer (best effort) and fail
@@ -407,7 +426,8 @@ class SessionWire:
             self._replay.append((self.sent, n, chunk))
             self._replay_bytes += len(chunk)
             self.sent += n
-            conn = self.conn
+            # while a resume re-sends the kept boxes, it sends this one too
+            conn = None if self._resending else self.conn
         if conn is not None:
             try:
                 conn.send_bytes(chunk)
@@ -448,6 +468,11 @@ class SessionWire:
         try:
             box = conn.read_box(timeout)
         except PeerTimeout:
+            return
+        except ProtocolError as e:
+            if not _cut_short(conn, e):
+                raise
+            self.connection_lost(conn, f"connection lost inside a box: {e}")
             return
         except Disconnected as e:
             self.connection_lost(conn, f"connection lost: {e}")
@@ -540,8 +565,11 @@ class SessionWire:
                     box = conn.read_box(left)
                 except PeerTimeout:
                     raise
-                except ProtocolError:
-                    raise
+                except ProtocolError as e:
+                    if not _cut_short(conn, e):
+                        raise
+                    self.connection_lost(conn, f"connection lost inside a box: {e}")
+                    continue
                 except Disconnected as e:
                     self.connection_lost(conn, f"connection lost: {e}")
                     continue
@@ -573,8 +601,11 @@ class SessionWire:
             return
         try:
             conn.feed_available()
-        except ProtocolError:
-            raise
+        except ProtocolError as e:
+            if not _cut_short(conn, e):
+                raise
+            self.connection_lost(conn, f"connection lost inside a box: {e}")
+            return
         except Disconnected as e:
             self.connection_lost(conn, f"connection lost: {e}")
             return
