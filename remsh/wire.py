@@ -173,16 +173,46 @@ class BoxDecoder:
         # Unconsumed input always starts at a key's length prefix: a key and
         # its value are taken together, so the only state between calls is
         # the box's finished pairs and the bytes not yet used.
+        boxes: List[Box] = []
         buf = self._buf
-        src: Union[bytes, bytearray, memoryview]
+        start = 0
         if buf:
-            buf += data
-            src = buf
-        else:
-            src = data  # nothing pending: parse the caller's bytes in place
+            # Complete the pending pair from the head of ``data`` only (not
+            # all of ``data`` copied behind it), then parse the rest of
+            # ``data`` where it is: bulk data crosses no extra copy.
+            n = data.nbytes if isinstance(data, memoryview) else len(data)
+            while buf and start < n:
+                need = self._missing(buf)
+                take = data[start : start + need]
+                buf += take
+                start += len(take)
+                self._parse(buf, boxes)
+            if start >= n:
+                return boxes
+            if start:
+                data = memoryview(data)[start:]
+        self._parse(data, boxes)
+        return boxes
+
+    @staticmethod
+    def _missing(buf: bytearray) -> int:
+        """How many more bytes the unfinished pair (or box end) at the start
+        of ``buf`` needs before its next length prefix can be read or it is
+        complete."""
+        have = len(buf)
+        if have < 2:
+            return 2 - have
+        kend = 2 + (buf[0] << 8 | buf[1])
+        if have < kend + 2:
+            return kend + 2 - have
+        return kend + 2 + (buf[kend] << 8 | buf[kend + 1]) - have
+
+    def _parse(self, src: Union[bytes, bytearray, memoryview], boxes: List[Box]) -> None:
+        """Take every complete pair of ``src`` into boxes; keep the rest in
+        the buffer (``src`` may be the buffer itself)."""
+        buf = self._buf
         copy = type(src) is not bytes  # slices of views and bytearrays are not ours to keep
         n = src.nbytes if isinstance(src, memoryview) else len(src)
-        boxes: List[Box] = []
         pos = 0
         box = self._box
         box_bytes = self._box_bytes
@@ -225,7 +255,6 @@ class BoxDecoder:
             buf += src[pos:]  # keep the unfinished rest
         self._box = box
         self._box_bytes = box_bytes
-        return boxes
 
     def close(self) -> None:
         """Declare end of stream; raises :class:`WireError` if a box is unfinished."""

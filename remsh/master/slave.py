@@ -13,7 +13,6 @@ every later call raises :class:`~remsh.errors.Disconnected` at once.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -27,12 +26,13 @@ from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Star
 from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
                           WaitTimeout, remote_error)
 from remsh.files import PartialFile
+from remsh.bulk import Sink, reader_for, send_blocks, writer_for_fd
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
 from remsh.session import SessionWire
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
-from remsh.wire import DATA_BLOCK, MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes
+from remsh.wire import MAX_VALUE_LENGTH, Box, Wire
 
 if TYPE_CHECKING:
     from remsh.master.slavelistener.base import SlaveListener
@@ -609,20 +609,13 @@ class Slave:
                 f.close()
 
     def _send_data(self, f: IO[bytes], progress: _Progress) -> Optional[OSError]:
-        digest = hashlib.sha256()
-        send = self.wire.send_bytes
-        while True:
-            try:
-                block = f.read(DATA_BLOCK)
-            except OSError as e:
-                self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
-                return e
-            if not block:
-                break
-            digest.update(block)
-            send(encode_data_boxes(b"data", block))
-            progress.add(len(block))
-        self.wire.send_box({b"sha256": digest.hexdigest().encode("ascii")})
+        # file data read in place into pre-framed data boxes, hashed in a
+        # helper thread while the next block is read and sent (remsh.bulk)
+        digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add)
+        if error is not None:
+            self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
+            return error
+        self.wire.send_box({b"sha256": digest.encode("ascii")})
         progress.finish()
         return None
 
@@ -659,12 +652,15 @@ class Slave:
                 raise LocalError(f"{self.name}: fetch: cannot create local file: {e}") from e
             out = part
         counter = _Progress(progress, None)
+        # hashed and written in a helper thread while the next boxes arrive
+        # (remsh.bulk); a caller's file object is written from this thread
+        sink = Sink(writer_for_fd(part.fd), threaded=True) if part is not None else \
+            Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
         try:
             with self._operation("fetch"):
                 self.wire.send_bytes(FETCH.encode(src=_b(src)))
-                digest = hashlib.sha256()
-                local_error: Optional[OSError] = None
                 read_box = self.wire.read_box
+                add = sink.add
                 received = 0
                 while True:
                     box = read_box(self.io_timeout)
@@ -676,18 +672,17 @@ class Slave:
                     received += len(data)
                     if max_bytes is not None and received > max_bytes:
                         raise ProtocolError(f"the file passed max_bytes ({max_bytes}); transfer abandoned")
-                    digest.update(data)
-                    if local_error is None:
-                        try:
-                            out.write(data)
-                        except OSError as e:
-                            local_error = e
+                    add(data)
                     counter.add(len(data))
+                digest = sink.finish()
             self._raise_if_error("fetch", box)
+            local_error = sink.error
             if local_error is not None:
+                if not isinstance(local_error, OSError):
+                    raise local_error
                 raise LocalError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
             expected = box.get(b"sha256")
-            if expected is not None and expected.lower() != digest.hexdigest().encode("ascii"):
+            if expected is not None and expected.lower() != digest.encode("ascii"):
                 raise self._protocol_error("fetch", "data does not match the slave's sha256 digest")
             if part is not None:
                 try:
@@ -698,6 +693,7 @@ class Slave:
                     raise LocalError(f"{self.name}: fetch: cannot place local file: {e}") from e
             counter.finish()
         finally:
+            sink.close()
             if part is not None:
                 part.discard()
 

@@ -12,13 +12,13 @@ carry no ``meth`` and are discarded, so they can never be taken for a request.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
+from remsh.bulk import Sink, reader_for, send_blocks, writer_for_fd
 from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, ProtocolError,
                           RemoteError, RemoteFileExistsError, UnexpectedError)
 from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
@@ -27,8 +27,8 @@ from remsh.session import SessionWire
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
-from remsh.wire import (DATA_BLOCK, DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
-                        MAX_VALUE_LENGTH, Box, Wire, encode_data_boxes)
+from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
+                        MAX_VALUE_LENGTH, Box, Wire)
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,12 @@ class SlaveServer:
     def op_send(self, args: Dict[str, Any]) -> Optional[Box]:
         dest = self._resolve(args["dest"])
         part = fsops.create_partial(dest, args["mode"], self.policy)
+        # hashed and written in a helper thread while the next boxes arrive (remsh.bulk)
+        sink = Sink(writer_for_fd(part.fd))
         try:
             self._reply()  # go ahead
-            digest = hashlib.sha256()
-            failure: Optional[RemoteError] = None
             read_box = self.wire.read_box
+            add = sink.add
             while True:
                 data_box = read_box(self.io_timeout)
                 if data_box is None:
@@ -224,20 +225,17 @@ class SlaveServer:
                 if data is None:
                     end = data_box
                     break
-                if failure is None:
-                    digest.update(data)
-                    try:
-                        part.write(data)
-                    except OSError as e:
-                        failure = FailedError(os_message(e))
-                        part.discard()
-            if failure is not None:
-                raise failure
+                add(data)
+            digest = sink.finish()
+            if sink.error is not None:
+                if isinstance(sink.error, OSError):
+                    raise FailedError(os_message(sink.error))
+                raise sink.error
             if b"abort" in end:
                 reason = end[b"abort"].decode("utf-8", "replace")
                 raise FailedError(f"master aborted the transfer: {reason}; file discarded")
             expected = end.get(b"sha256")
-            if expected is not None and expected.lower() != digest.hexdigest().encode("ascii"):
+            if expected is not None and expected.lower() != digest.encode("ascii"):
                 raise FailedError("data does not match the sha256 digest sent; file discarded")
             try:
                 part.commit()
@@ -246,6 +244,7 @@ class SlaveServer:
             except OSError as e:
                 raise FailedError(os_message(e)) from None
         finally:
+            sink.close()
             part.discard()
         self._reply()
         return None
@@ -253,18 +252,12 @@ class SlaveServer:
     def op_fetch(self, args: Dict[str, Any]) -> Optional[Box]:
         f = fsops.open_regular(self._resolve(args["src"]), self.policy)
         with f:
-            digest = hashlib.sha256()
-            send = self.wire.send_bytes
-            while True:
-                try:
-                    block = f.read(DATA_BLOCK)
-                except OSError as e:
-                    raise FailedError(os_message(e)) from None
-                if not block:
-                    break
-                digest.update(block)
-                send(encode_data_boxes(b"data", block))
-            send_end = {b"sha256": digest.hexdigest().encode("ascii")}
+            # read in place into pre-framed data boxes, hashed in a helper
+            # thread while the next block is read and sent (remsh.bulk)
+            digest, error = send_blocks(reader_for(f), self.wire.send_bytes)
+            if error is not None:
+                raise FailedError(os_message(error)) from None
+            send_end = {b"sha256": digest.encode("ascii")}
         self._reply(send_end)
         return None
 

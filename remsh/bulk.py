@@ -1,0 +1,353 @@
+"""Verified bulk transfer: file data as ``{data: chunk}`` boxes with SHA-256
+computed on both ends, hashing overlapped with the I/O.
+
+Both ends of ``send`` and ``fetch`` use these pieces:
+
+- :class:`FramedBlock` -- a reusable buffer laid out as
+  :data:`~remsh.wire.DATA_BOXES_PER_WRITE` encoded data boxes: file data is
+  read straight into the boxes' value areas (one ``readv`` per block), so
+  the encoded boxes are sent from the buffer as they are, with no copy to
+  frame them.
+- :func:`send_blocks` -- read, hash and send a whole source.  A source
+  larger than one block is hashed in a helper thread (``hashlib`` releases
+  the GIL on large updates) while the caller's thread reads and sends the
+  next block; two blocks take turns.
+- :class:`Sink` -- the receiving end: hashes and writes what arrives, in a
+  helper thread once more than one batch came in, so receiving and decoding
+  overlap with hashing and writing.
+
+The wire format is unchanged (boxes of at most 65535 bytes of data), and the
+digest is the same SHA-256 of every byte, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import struct
+import threading
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+from remsh.wire import DATA_BOXES_PER_WRITE, END_OF_BOX, MAX_VALUE_LENGTH
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+#: Bytes of received data handed to the sink's helper thread at a time.
+SINK_BATCH = 1 << 20
+#: Batches the sink's helper may have queued before the receiver waits
+#: (bounds the memory of a transfer whose disk is slower than its network).
+SINK_QUEUE = 4
+#: How often a wait on a helper thread checks that it is still alive (s).
+_HELPER_CHECK = 1.0
+
+_U16 = struct.Struct(">H")
+
+
+class FramedBlock:
+    """A buffer of ``boxes`` encoded ``{key: chunk}`` boxes whose value areas
+    are filled with file data in place (see the module docstring).
+
+    After :meth:`fill` (or :meth:`fill_with`), :meth:`data` holds the views
+    of the bytes read and :meth:`encoded` the boxes that carry them, the
+    last one shortened if the source ended inside it.  Both are valid until
+    the next fill.
+    """
+
+    def __init__(self, key: bytes, boxes: int = DATA_BOXES_PER_WRITE) -> None:
+        head = _U16.pack(len(key)) + key + _U16.pack(MAX_VALUE_LENGTH)
+        self._head = len(head)
+        self._stride = self._head + MAX_VALUE_LENGTH + 2
+        buf = bytearray(self._stride * boxes)
+        for i in range(boxes):
+            off = i * self._stride
+            buf[off : off + self._head] = head
+            buf[off + self._stride - 2 : off + self._stride] = END_OF_BOX
+        self._buf = buf
+        self._view = memoryview(buf)
+        self.slots = [self._view[i * self._stride + self._head : (i + 1) * self._stride - 2] for i in range(boxes)]
+        self.capacity = MAX_VALUE_LENGTH * boxes
+        self.size = 0
+        self._end = 0
+        self._short = -1  # the box whose length prefix was shortened by the last fill
+
+    def _restore(self) -> None:
+        if self._short >= 0:
+            _U16.pack_into(self._buf, self._short * self._stride + self._head - 2, MAX_VALUE_LENGTH)
+            self._short = -1
+
+    def fill(self, fd: int) -> int:
+        """Read up to :attr:`capacity` bytes from ``fd`` (until full or end of
+        file); returns the count (0 at end of file).  Raises ``OSError``."""
+        self._restore()
+        slots = self.slots
+        total = 0
+        while total < self.capacity:
+            i, off = divmod(total, MAX_VALUE_LENGTH)
+            n = os.readv(fd, [slots[i][off:], *slots[i + 1 :]])
+            if not n:
+                break
+            total += n
+        return self._finish(total)
+
+    def fill_with(self, read: Callable[[memoryview], Optional[int]]) -> int:
+        """As :meth:`fill`, with ``read(view)`` (a ``readinto``) for each read;
+        ``None`` from ``read`` (nothing available yet) counts as end of data."""
+        self._restore()
+        total = 0
+        for slot in self.slots:
+            off = 0
+            while off < MAX_VALUE_LENGTH:
+                n = read(slot[off:])
+                if not n:
+                    return self._finish(total + off)
+                off += n
+            total += off
+        return self._finish(total)
+
+    def _finish(self, n: int) -> int:
+        self.size = n
+        full, rem = divmod(n, MAX_VALUE_LENGTH)
+        if rem:
+            off = full * self._stride + self._head
+            _U16.pack_into(self._buf, off - 2, rem)
+            self._buf[off + rem : off + rem + 2] = END_OF_BOX
+            self._short = full
+            self._end = off + rem + 2
+        else:
+            self._end = full * self._stride
+        return n
+
+    def data(self) -> List[memoryview]:
+        """Views of the bytes read by the last fill, in order."""
+        full, rem = divmod(self.size, MAX_VALUE_LENGTH)
+        views = self.slots[:full]
+        if rem:
+            views = views + [self.slots[full][:rem]]
+        return views
+
+    def encoded(self) -> memoryview:
+        """The encoded boxes carrying the bytes of the last fill."""
+        return self._view[: self._end]
+
+
+def reader_for(f: Any) -> Callable[[FramedBlock], int]:
+    """How to fill a :class:`FramedBlock` from the file object ``f``: ``readv``
+    on its descriptor for an unbuffered ``io.FileIO`` (no buffer of its own
+    to bypass), else its ``readinto``, else its ``read``."""
+    import io
+
+    if type(f) is io.FileIO:
+        fd = f.fileno()
+        return lambda block: block.fill(fd)
+    readinto = getattr(f, "readinto", None)
+    if readinto is not None:
+        return lambda block: block.fill_with(readinto)
+    read = f.read
+
+    def read_into(view: memoryview) -> int:
+        data = read(len(view))
+        if not data:
+            return 0
+        view[: len(data)] = data
+        return len(data)
+
+    return lambda block: block.fill_with(read_into)
+
+
+def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview], object],
+                progress: Optional[Callable[[int], object]] = None,
+                key: bytes = b"data") -> Tuple[str, Optional[OSError]]:
+    """Read a source block by block with ``fill``, send each block's encoded
+    data boxes with ``send``, and return the SHA-256 hex digest of the data
+    with ``None`` -- or, when ``fill`` raised ``OSError``, ``("", error)``
+    (what was read before was sent).
+
+    ``send`` must be done with the buffer when it returns (``Wire.send_bytes``
+    is: the kernel, or a session's kept copy, holds the bytes then).
+    Errors of ``send`` propagate.
+    """
+    digest = hashlib.sha256()
+    block = FramedBlock(key)
+    try:
+        n = fill(block)
+    except OSError as e:
+        return "", e
+    if n < block.capacity:  # the whole source in one block: no helper thread
+        for view in block.data():
+            digest.update(view)
+        if n:
+            send(block.encoded())
+            if progress is not None:
+                progress(n)
+        return digest.hexdigest(), None
+    hasher = _Hasher(digest, FramedBlock(key))
+    try:
+        while True:
+            hasher.submit(block)
+            send(block.encoded())
+            if progress is not None:
+                progress(n)
+            block = hasher.free_block()
+            try:
+                n = fill(block)
+            except OSError as e:
+                return "", e
+            if not n:
+                break
+        return hasher.finish(), None
+    finally:
+        hasher.stop()
+
+
+class _Hasher:
+    """A helper thread that hashes submitted blocks in order and hands each
+    back once hashed (two blocks take turns: one hashed, one read and sent)."""
+
+    def __init__(self, digest: Any, spare: FramedBlock) -> None:
+        self.digest = digest
+        self._work: "queue.SimpleQueue[Optional[FramedBlock]]" = queue.SimpleQueue()
+        self._free: "queue.SimpleQueue[FramedBlock]" = queue.SimpleQueue()
+        self._free.put(spare)
+        self._thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self.digest.update
+        while True:
+            block = self._work.get()
+            if block is None:
+                return
+            for view in block.data():
+                update(view)
+            self._free.put(block)
+
+    def submit(self, block: FramedBlock) -> None:
+        self._work.put(block)
+
+    def free_block(self) -> FramedBlock:
+        """A block that is hashed and sent: free to be filled again."""
+        block: FramedBlock = _get(self._free, self._thread)
+        return block
+
+    def finish(self) -> str:
+        """Wait for every submitted block; the digest."""
+        self.stop()
+        return str(self.digest.hexdigest())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+
+def _get(q: "queue.SimpleQueue[Any]", helper: threading.Thread) -> Any:
+    """The next item of ``q``, which ``helper`` fills; never waits on a dead helper."""
+    while True:
+        try:
+            return q.get(timeout=_HELPER_CHECK)
+        except queue.Empty:
+            if not helper.is_alive():
+                # drained by the time it died?  one last look before giving up
+                try:
+                    return q.get_nowait()
+                except queue.Empty:
+                    raise RuntimeError("bulk transfer helper thread ended unexpectedly") from None
+
+
+def writer_for_fd(fd: int) -> Callable[[List[Buffer]], None]:
+    """Write a batch of buffers to ``fd`` with ``writev`` (all of them, or ``OSError``)."""
+    def write(batch: List[Buffer]) -> None:
+        bufs: List[Buffer] = list(batch)
+        while bufs:
+            n = os.writev(fd, bufs)
+            i = 0
+            while i < len(bufs) and n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            bufs = bufs[i:]
+            if n:
+                bufs[0] = memoryview(bufs[0])[n:]
+    return write
+
+
+class Sink:
+    """The receiving end: every chunk is hashed and written, in order.
+
+    ``write(batch)`` writes a list of chunks.  With ``threaded``, batches of
+    :data:`SINK_BATCH` bytes go to a helper thread (started with the first
+    full batch, so a small transfer never starts one); at most
+    :data:`SINK_QUEUE` batches wait for it.
+
+    The first exception of ``write`` is kept in :attr:`error`; later chunks
+    are still hashed but not written.  Call :meth:`finish` for the digest
+    and :meth:`close` in any case (it stops the helper).
+    """
+
+    def __init__(self, write: Callable[[List[Buffer]], object], *, threaded: bool = True) -> None:
+        self.digest = hashlib.sha256()
+        self.error: Optional[BaseException] = None
+        self._write = write
+        self._threaded = threaded
+        self._batch: List[Buffer] = []
+        self._batch_bytes = 0
+        self._thread: Optional[threading.Thread] = None
+        self._work: "queue.SimpleQueue[Optional[List[Buffer]]]" = queue.SimpleQueue()
+        self._tokens: "queue.SimpleQueue[bool]" = queue.SimpleQueue()
+
+    def add(self, data: Buffer) -> None:
+        """Take one received chunk (kept until hashed and written: it must not change)."""
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= SINK_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if not self._threaded:
+            self._process(batch)
+            return
+        thread = self._thread
+        if thread is None:
+            for _ in range(SINK_QUEUE):
+                self._tokens.put(True)
+            thread = self._thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
+            thread.start()
+        _get(self._tokens, thread)
+        self._work.put(batch)
+
+    def _process(self, batch: List[Buffer]) -> None:
+        update = self.digest.update
+        for data in batch:
+            update(data)
+        if self.error is None:
+            try:
+                self._write(batch)
+            except Exception as e:  # noqa: BLE001 - kept for the caller, who decides
+                self.error = e
+
+    def _run(self) -> None:
+        while True:
+            batch = self._work.get()
+            if batch is None:
+                return
+            self._process(batch)
+            self._tokens.put(True)
+
+    def finish(self) -> str:
+        """Hash and write what is left; the SHA-256 hex digest of everything added."""
+        if self._batch:
+            if self._thread is None:  # all of it fit in one batch: no helper needed
+                batch, self._batch, self._batch_bytes = self._batch, [], 0
+                self._process(batch)
+            else:
+                self._flush()
+        self.close()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread (after it has done what it was given)."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._work.put(None)
+            thread.join()

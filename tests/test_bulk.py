@@ -1,0 +1,203 @@
+"""The verified bulk transfer pieces (remsh.bulk) and the decoder's handling
+of data boxes split across receives."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import threading
+
+import pytest
+
+from remsh.bulk import FramedBlock, Sink, reader_for, send_blocks, writer_for_fd
+from remsh.wire import DATA_BLOCK, MAX_VALUE_LENGTH, BoxDecoder, WireError, encode_data_boxes
+
+SIZES = [0, 1, MAX_VALUE_LENGTH - 1, MAX_VALUE_LENGTH, MAX_VALUE_LENGTH + 1, DATA_BLOCK - 1, DATA_BLOCK]
+
+
+def _file(tmp_path, data: bytes) -> str:
+    path = os.path.join(tmp_path, "src.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_framed_block_from_a_file_encodes_like_encode_data_boxes(tmp_path, size):
+    """A block filled from a file descriptor holds exactly the boxes encode_data_boxes makes of the same bytes."""
+    data = os.urandom(size)
+    block = FramedBlock(b"data")
+    with open(_file(tmp_path, data), "rb", buffering=0) as f:
+        assert block.fill(f.fileno()) == size
+    assert bytes(block.encoded()) == (encode_data_boxes(b"data", data) if size else b"")
+    assert b"".join(block.data()) == data
+
+
+def test_framed_block_reused_after_a_short_fill_is_whole_again(tmp_path):
+    """A block refilled after a short (end-of-file) fill encodes full boxes again, not the old short one."""
+    block = FramedBlock(b"data")
+    block.fill_with(io.BytesIO(b"x" * 1000).readinto)
+    data = os.urandom(DATA_BLOCK)
+    assert block.fill_with(io.BytesIO(data).readinto) == DATA_BLOCK
+    assert bytes(block.encoded()) == encode_data_boxes(b"data", data)
+
+
+class _Trickle(io.RawIOBase):
+    """A raw stream that returns at most 1000 bytes per read (like a pipe)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._src = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        chunk = self._src.read(min(len(b), 1000))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("source", ["fileio", "buffered", "trickle", "read-only"])
+def test_send_blocks_sends_every_byte_in_order_with_its_digest(tmp_path, source):
+    """send_blocks sends the whole source as data boxes (reusing its buffers) and returns its SHA-256, from any kind of file object."""
+    data = os.urandom(3 * DATA_BLOCK + 12345)
+    path = _file(tmp_path, data)
+    if source == "fileio":
+        f = open(path, "rb", buffering=0)
+    elif source == "buffered":
+        f = open(path, "rb")
+    elif source == "trickle":
+        f = _Trickle(data)
+    else:
+        class ReadOnly:
+            def __init__(self) -> None:
+                self._src = io.BytesIO(data)
+
+            def read(self, n: int) -> bytes:
+                return self._src.read(min(n, 7000))
+
+        f = ReadOnly()
+    sent = []
+    progress = []
+    with f if hasattr(f, "close") else contextlib.nullcontext():
+        digest, error = send_blocks(reader_for(f), lambda view: sent.append(bytes(view)), progress.append)
+    assert error is None
+    assert digest == hashlib.sha256(data).hexdigest()
+    decoder = BoxDecoder()
+    boxes = decoder.feed(b"".join(sent))
+    assert b"".join(box[b"data"] for box in boxes) == data
+    assert all(len(box[b"data"]) <= MAX_VALUE_LENGTH for box in boxes)
+    assert sum(progress) == len(data)
+
+
+def test_send_blocks_reports_a_read_error_after_sending_what_was_read():
+    """A source failing on its third block: the first two were sent, the OSError is returned, and no helper thread is left."""
+    reads = [0]
+
+    def fill(block: FramedBlock) -> int:
+        reads[0] += 1
+        if reads[0] == 3:
+            raise OSError(5, "Input/output error")
+        return block.fill_with(io.BytesIO(b"z" * DATA_BLOCK).readinto)
+
+    sent = []
+    before = threading.active_count()
+    digest, error = send_blocks(fill, lambda view: sent.append(len(view)))
+    assert digest == ""
+    assert isinstance(error, OSError) and error.errno == 5
+    assert len(sent) == 2
+    assert threading.active_count() == before
+
+
+def test_send_blocks_stops_its_helper_when_sending_fails():
+    """An exception from send propagates and the hashing thread is stopped."""
+    before = threading.active_count()
+    src = io.BytesIO(os.urandom(3 * DATA_BLOCK))
+
+    def send(view: memoryview) -> None:
+        raise ConnectionResetError("gone")
+
+    with pytest.raises(ConnectionResetError):
+        send_blocks(reader_for(src), send)
+    assert threading.active_count() == before
+
+
+def test_sink_hashes_and_writes_every_chunk_in_order(tmp_path):
+    """Chunks handed to a threaded sink land in the file in order, with the SHA-256 of all of them."""
+    path = os.path.join(tmp_path, "out.bin")
+    chunks = [os.urandom(random.randint(1, MAX_VALUE_LENGTH)) for _ in range(200)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        sink = Sink(writer_for_fd(fd))
+        for c in chunks:
+            sink.add(c)
+        digest = sink.finish()
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(chunks)
+    assert digest == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert sink.error is None
+
+
+def test_sink_keeps_the_first_write_error_and_still_hashes():
+    """A failing write is kept as the sink's error, later batches are not written, and the digest still covers everything."""
+    calls = []
+
+    def write(batch):
+        calls.append(len(batch))
+        raise OSError(28, "No space left on device")
+
+    sink = Sink(write)
+    data = [b"a" * MAX_VALUE_LENGTH] * 64
+    for d in data:
+        sink.add(d)
+    digest = sink.finish()
+    assert isinstance(sink.error, OSError) and sink.error.errno == 28
+    assert len(calls) == 1
+    assert digest == hashlib.sha256(b"".join(data)).hexdigest()
+
+
+def test_small_sink_starts_no_thread():
+    """Less than one batch of data is hashed and written in the caller's thread."""
+    before = threading.active_count()
+    written = []
+    sink = Sink(lambda batch: written.extend(batch))
+    sink.add(b"hello")
+    assert threading.active_count() == before
+    assert sink.finish() == hashlib.sha256(b"hello").hexdigest()
+    assert written == [b"hello"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decoder_reassembles_data_boxes_split_anywhere(seed):
+    """Data boxes fed in random pieces (from 1 byte to several boxes) decode to the same boxes as fed whole."""
+    rng = random.Random(seed)
+    data = rng.randbytes(5 * MAX_VALUE_LENGTH + 777)
+    stream = encode_data_boxes(b"data", data) + b"\x00\x01k\x00\x01v\x00\x00"
+    decoder = BoxDecoder()
+    boxes = []
+    pos = 0
+    buf = memoryview(bytearray(len(stream)))
+    while pos < len(stream):
+        n = rng.choice([1, 2, 3, rng.randint(1, 300), rng.randint(1, 3 * MAX_VALUE_LENGTH)])
+        piece = stream[pos : pos + n]
+        buf[: len(piece)] = piece  # like a reused receive buffer
+        boxes += decoder.feed(buf[: len(piece)])
+        buf[: len(piece)] = b"\xff" * len(piece)  # overwritten before the next receive
+        pos += n
+    assert boxes[-1] == {b"k": b"v"}
+    assert b"".join(b[b"data"] for b in boxes[:-1]) == data
+    assert not decoder.in_box
+
+
+def test_decoder_refuses_an_oversized_value_as_soon_as_its_prefix_completes():
+    """A value length over the box limit is refused when its second prefix byte arrives, split across feeds."""
+    decoder = BoxDecoder(max_box_bytes=1000)
+    assert decoder.feed(b"\x00\x01k\x00\x01v\x00\x01") == []
+    assert decoder.feed(b"x\x04") == []
+    with pytest.raises(WireError):
+        decoder.feed(b"\x00")
