@@ -90,6 +90,11 @@ READ_BLOCK = 1 << 20
 SEND_BUFFER = 256 * 1024
 #: At most this many offending paths are named in one error message.
 MAX_NAMED = 50
+#: Longest relative path (bytes) of a directory a received stream may make:
+#: the system's path limit.  Deeper nesting is refused, so that a hostile
+#: sender cannot make the receiver hold a descriptor and a path per level
+#: without bound (memory grows with the square of the depth).
+MAX_TREE_PATH = 4096
 
 T, N, M, MT, D, H, L, S = b"t", b"n", b"m", b"mt", b"d", b"h", b"l", b"s"
 DIR, UP, FILE, LINK, REMOVE, ATTRS, OTHER = b"d", b"u", b"f", b"l", b"x", b"a", b"o"
@@ -538,6 +543,10 @@ class Writer:
     allowed; otherwise the top directory is new and empty and every name is
     created once (``O_EXCL``).  ``remove_dir(parent_fd, name)`` removes a
     whole directory (sync mode).  ``on_data(n)`` counts file data written.
+    ``file_mode_mask`` narrows the permission bits given to files (the
+    master passes one without the set-ID bits for ``fetch_tree``, so that a
+    slave cannot plant a program that runs as the master's user).
+    Directories nested past :data:`MAX_TREE_PATH` bytes are refused.
 
     :meth:`feed` raises :class:`StreamError` (bad records),
     :class:`DigestError` (a file's data does not match its digest) and
@@ -545,9 +554,10 @@ class Writer:
     """
 
     def __init__(self, top_fd: int, *, sync: bool = False, remove_dir: Optional[RemoveTree] = None,
-                 on_data: Callable[[int], None] = lambda n: None) -> None:
+                 on_data: Callable[[int], None] = lambda n: None, file_mode_mask: int = 0o7777) -> None:
         self.top_fd = top_fd
         self.sync = sync
+        self.file_mode_mask = file_mode_mask
         self.remove_dir = remove_dir
         self.on_data = on_data
         self.stack: List[_Dir] = []
@@ -640,6 +650,9 @@ class Writer:
     def _enter(self, cur: int, box: Box) -> None:
         name = check_name(box.get(N))
         mode, mtime = mode_of(box), mtime_of(box)
+        if len(self._where(name)) > MAX_TREE_PATH:
+            raise StreamError(f"directories nested past {MAX_TREE_PATH} bytes of path: "
+                              f"{show(self._where())[:80]}...")
         try:
             if self.sync:
                 try:
@@ -716,7 +729,7 @@ class Writer:
 
     def _attrs(self, cur: int, box: Box) -> None:
         name = check_name(box.get(N))
-        mode, mtime = mode_of(box), mtime_of(box)
+        mode, mtime = mode_of(box) & self.file_mode_mask, mtime_of(box)
         try:
             fd = os.open(name, (O_PATH or os.O_RDONLY) | O_NOFOLLOW | O_CLOEXEC, dir_fd=cur)
             try:
@@ -737,7 +750,7 @@ class Writer:
 
     def _start_file(self, cur: int, box: Box) -> None:
         name = check_name(box.get(N))
-        self._mode, self._mtime = mode_of(box), mtime_of(box)
+        self._mode, self._mtime = mode_of(box) & self.file_mode_mask, mtime_of(box)
         self._name = name
         self._rel = self._where(name)
         self._tmp = temp_name(name) if self.sync else None
@@ -912,6 +925,8 @@ class ManifestReader:
             name = check_name(box.get(N))
             base = self._stack[-1][0]
             rel = base + b"/" + name if base else name
+            if t == DIR and len(rel) > MAX_TREE_PATH:
+                raise StreamError(f"directories nested past {MAX_TREE_PATH} bytes of path")
             self.children[base].append(name)
         self._seen += 1
         if t == DIR:

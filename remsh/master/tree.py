@@ -47,6 +47,10 @@ O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
+#: The permission bits ``fetch_tree`` keeps of a slave's file: all but the
+#: set-user-ID and set-group-ID bits -- a slave must not be able to leave a
+#: program on the master that runs as the master's user (root, often).
+FETCHED_FILE_MODES = 0o7777 & ~(stat_mod.S_ISUID | stat_mod.S_ISGID)
 
 
 @dataclass
@@ -201,7 +205,7 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                 try:
                     tmp = make_temp_dir(parent, name)
                     top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
-                    writer = Writer(top, on_data=counter.add)
+                    writer = Writer(top, on_data=counter.add, file_mode_mask=FETCHED_FILE_MODES)
                 except OSError as e:
                     local_error = e
                     wire.send_box({b"interrupt": b"y"})
