@@ -293,21 +293,18 @@ def test_silent_and_stalled_connections_are_dropped_at_the_handshake_limit(keys,
 # -- liveness and the stream -----------------------------------------------------------------
 
 
-def test_idle_slave_killed_leaves_the_collection(keys, authorized_keys, known_hosts, procs, collection):
+def test_idle_slave_killed_leaves_the_collection(ssh_listener, known_hosts, keys, procs, collection):
     """With resume_timeout=0, an idle SSH slave killed with SIGKILL is noticed by the idle monitor and leaves
     the collection."""
-    ssh_listener = _listener(keys, authorized_keys, collection, resume_timeout=0)
-    try:
-        p = start_ssh_slave(procs, "gamma", keys.gamma_path, ssh_listener.port, known_hosts)
-        slave = collection.get_slave(True, named("gamma"), timeout=WAIT)
-        assert slave is not None, procs.log_text(p)
-        slave.ping()
-        p.send_signal(signal.SIGKILL)
-        p.wait(WAIT)
-        wait_until(lambda: collection.get_all_slaves() == [], timeout=15, what="the killed slave to leave")
-        assert not slave.connected
-    finally:
-        ssh_listener.stop()
+    ssh_listener.resume_timeout = 0  # read at registration: this slave's work does not wait for it
+    p = start_ssh_slave(procs, "gamma", keys.gamma_path, ssh_listener.port, known_hosts)
+    slave = collection.get_slave(True, named("gamma"), timeout=WAIT)
+    assert slave is not None, procs.log_text(p)
+    slave.ping()
+    p.send_signal(signal.SIGKILL)
+    p.wait(WAIT)
+    wait_until(lambda: collection.get_all_slaves() == [], timeout=15, what="the killed slave to leave")
+    assert not slave.connected
 
 
 def test_channel_stream_timeouts_select_and_end_of_stream(ssh_listener, known_hosts, keys):
