@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Deque, List, Optional, Tuple, Union
@@ -61,11 +62,18 @@ ACK_EVERY_BYTES = 1 << 20
 #: Most bytes of unacknowledged boxes a connected sender keeps before it
 #: waits for an acknowledgement.
 WINDOW_BYTES = 8 << 20
+#: Longest a connected sender with a full window waits for the peer's next
+#: acknowledgement before it takes the connection for lost (as long as a
+#: stalled send may take, remsh.transports.base.DEFAULT_SEND_TIMEOUT).
+ACK_TIMEOUT = 120.0
 #: Default bound on what a disconnected sender keeps (bytes); past it the
 #: sender waits for the connection to come back.
 DEFAULT_SPOOL_LIMIT = 256 << 20
 #: Default interval of the slave's link check (seconds).
 DEFAULT_HEARTBEAT = 15.0
+#: While away, what a sender keeps in memory before it writes the rest to
+#: its spool file (when it has a spool directory).
+SPOOL_MEMORY = 1 << 20
 
 _PING = encode_box({b"hb": b"ping"})
 _PONG = encode_box({b"hb": b"pong"})
@@ -136,6 +144,7 @@ class SessionWire:
 
     def __init__(self, conn: Wire, session_id: str, *, resume_timeout: float,
                  label: Optional[str] = None, spool_limit: int = DEFAULT_SPOOL_LIMIT,
+                 spool_dir: Optional[str] = None,
                  on_lost: Optional[Callable[[], Any]] = None,
                  on_failed: Optional[Callable[[RemshError], Any]] = None) -> None:
         self.session_id = session_id
@@ -156,8 +165,14 @@ class SessionWire:
         self.received = 0
         self._acked_to_peer = 0
         self._bytes_since_ack = 0
-        self._replay: Deque[Tuple[int, int, bytes]] = collections.deque()
+        # (first box, boxes, data): data is bytes, or (offset, length) in the
+        # spool file for what was kept while away past SPOOL_MEMORY
+        self._replay: Deque[Tuple[int, int, Union[bytes, Tuple[int, int]]]] = collections.deque()
         self._replay_bytes = 0
+        self._memory_bytes = 0
+        self.spool_dir = spool_dir
+        self._spool: Optional[Any] = None
+        self._spool_end = 0
         self.lost_at: Optional[float] = None
         self.failed: Optional[RemshError] = None
         self.peer_ended = False
@@ -256,7 +271,10 @@ class SessionWire:
                 self._last_conn = conn
             timer, self._timer = self._timer, None
             self._replay.clear()
-            self._replay_bytes = 0
+            self._replay_bytes = self._memory_bytes = 0
+            spool, self._spool = self._spool, None
+            if spool is not None:
+                spool.close()
             self._cond.notify_all()
         if timer is not None:
             timer.cancel()
@@ -321,7 +339,15 @@ class SessionWire:
                         self._resending = False
                         self._cond.notify_all()
                         break
-                for first, n, data in pending:
+                for first, n, kept in pending:
+                    if isinstance(kept, bytes):
+                        data = kept
+                    else:
+                        with self._cond:  # read back from the spool, one entry at a time
+                            if first + n <= self.peer_acked:
+                                next_box = first + n
+                                continue
+                            data = self._data(kept)
                     skip = next_box - first
                     conn.send_bytes(data[_skip_boxes(data, skip):] if skip > 0 else data)
                     next_box = first + n
@@ -362,7 +388,16 @@ class SessionWire:
         self.peer_acked = count
         replay = self._replay
         while replay and replay[0][0] + replay[0][1] <= count:
-            self._replay_bytes -= len(replay.popleft()[2])
+            data = replay.popleft()[2]
+            if isinstance(data, bytes):
+                self._replay_bytes -= len(data)
+                self._memory_bytes -= len(data)
+            else:
+                self._replay_bytes -= data[1]
+        if self._spool is not None and not any(not isinstance(d, bytes) for _, _, d in replay):
+            self._spool.seek(0)
+            self._spool.truncate()
+            self._spool_end = 0
         self._cond.notify_all()
 
     def wait_attached(self) -> None:
@@ -423,7 +458,7 @@ class SessionWire:
         with self._cond:
             if self.failed is not None:
                 raise self.failed
-            self._replay.append((self.sent, n, chunk))
+            self._replay.append((self.sent, n, self._keep(chunk)))
             self._replay_bytes += len(chunk)
             self.sent += n
             # while a resume re-sends the kept boxes, it sends this one too
@@ -435,8 +470,41 @@ class SessionWire:
             except Disconnected as e:
                 self.connection_lost(conn, f"connection lost while sending: {e}")
 
+    def _keep(self, chunk: bytes) -> Union[bytes, Tuple[int, int]]:
+        """What the replay holds for ``chunk`` (under _cond): the bytes, or
+        while away past SPOOL_MEMORY, where they are in the spool file."""
+        if self.conn is None and self.spool_dir is not None and self._memory_bytes >= SPOOL_MEMORY:
+            try:
+                if self._spool is None:
+                    self._spool = tempfile.TemporaryFile(dir=self.spool_dir)
+                self._spool.seek(self._spool_end)
+                self._spool.write(chunk)
+                where = (self._spool_end, len(chunk))
+                self._spool_end += len(chunk)
+                return where
+            except OSError as e:
+                log.warning("%s: cannot spool to %s (%s); keeping output in memory", self.label,
+                            self.spool_dir, e)
+                self.spool_dir = None
+        self._memory_bytes += len(chunk)
+        return chunk
+
+    def _data(self, kept: Union[bytes, Tuple[int, int]]) -> bytes:
+        """The bytes of a replay entry (under _cond)."""
+        if isinstance(kept, bytes):
+            return kept
+        assert self._spool is not None
+        self._spool.seek(kept[0])
+        data: bytes = self._spool.read(kept[1])
+        return data
+
     def _make_room(self, size: int) -> None:
-        """Wait until ``size`` more bytes may be kept (holding the send lock)."""
+        """Wait until ``size`` more bytes may be kept (holding the send lock).
+
+        A connected peer that acknowledges nothing for :data:`ACK_TIMEOUT`
+        while the window is full is taken as lost (as a stalled send is):
+        the wait goes on as while away, bounded by ``resume_timeout``."""
+        acked, since = -1, 0.0
         while True:
             with self._cond:
                 if self.failed is not None:
@@ -447,6 +515,14 @@ class SessionWire:
                 if self.conn is None:
                     self._cond.wait(1.0)
                     continue
+                conn = self.conn
+                now = time.monotonic()
+                if self.peer_acked != acked:
+                    acked, since = self.peer_acked, now
+                stalled = now - since >= ACK_TIMEOUT
+            if stalled:
+                self.connection_lost(conn, f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s")
+                continue
             # connected: the acknowledgement is on its way; read it ourselves
             # if no other thread reads, else let the reader handle it
             if self._reader.acquire(blocking=False):

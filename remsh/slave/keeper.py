@@ -18,6 +18,8 @@ and the command's process group is killed.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -47,6 +49,7 @@ class SessionKeeper:
         self.session: Optional[SessionWire] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._spool_path: Optional[str] = None
 
     def register_keys(self) -> Dict[str, str]:
         """The keys this slave adds to its register box: it can resume, and
@@ -85,13 +88,25 @@ class SessionKeeper:
                 log.warning("the master does not know our session any more: its work is lost")
                 self._end_session(SessionFailed("the master started a new session"))
             session = SessionWire(wire, sid, resume_timeout=float(reg.info.get("resume_timeout", "0") or 0),
-                                  spool_limit=self.spool_limit)
+                                  spool_limit=self.spool_limit, spool_dir=self._spool_dir())
             self.session = session
             self._error = None
             self._thread = threading.Thread(target=self._run_server, args=(session,),
                                             name="remsh-slave-server", daemon=True)
             self._thread.start()
         self._keep_link(session)
+
+    def _spool_dir(self) -> Optional[str]:
+        """A private directory (0700) under the base directory for output
+        kept while the master is away; its files are unlinked as soon as
+        they are made, so nothing is left behind and nobody can open them."""
+        if self._spool_path is None:
+            try:
+                self._spool_path = tempfile.mkdtemp(prefix=".remsh-spool-", dir=self.basedir)
+            except OSError as e:
+                log.warning("no spool directory in %s (%s): output is kept in memory", self.basedir, e)
+                return None
+        return self._spool_path
 
     def _run_server(self, session: SessionWire) -> None:
         try:
@@ -144,3 +159,6 @@ class SessionKeeper:
         if session is not None:
             session.end()
         self._end_session(SessionFailed("the slave is stopping"))
+        if self._spool_path is not None:
+            shutil.rmtree(self._spool_path, ignore_errors=True)
+            self._spool_path = None

@@ -37,7 +37,7 @@ from remsh.master.limits import prepare_descriptors
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
-from remsh.session import SessionWire, new_session_id
+from remsh.session import WINDOW_BYTES, SessionWire, new_session_id
 from remsh.wire import Box, Wire
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,9 @@ class SlaveListener:
                 return old
             conn: Union[Wire, SessionWire] = wire
             if new_session:
-                conn = SessionWire(wire, new_session[0], resume_timeout=self.resume_timeout)
+                # the master's senders wait for an away slave rather than keep much
+                conn = SessionWire(wire, new_session[0], resume_timeout=self.resume_timeout,
+                                   spool_limit=WINDOW_BYTES)
             slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
             slave.setup()
         except AuthenticationError as e:
