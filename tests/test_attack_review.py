@@ -12,12 +12,14 @@ import os
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from remsh.errors import Disconnected, LocalError, ProtocolError
+from remsh import session as session_mod
+from remsh.errors import Disconnected, LocalError, PeerTimeout, ProtocolError, RemshError
 from remsh.handshake import slave_handshake
 from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.slave.fsops import remove_tree
@@ -166,3 +168,46 @@ def test_fetch_tree_refuses_a_tree_nested_past_path_max(tcp_listener: Any, tmp_p
     assert isinstance(error, ProtocolError), error
     assert os.listdir(dest.parent) == []
     assert peak[0] - fds_before < 2100, f"{peak[0] - fds_before} descriptors open at once"
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+def test_session_peer_that_never_acknowledges_cannot_hold_a_send_forever(
+        tcp_listener: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumable slave that reads everything but never acknowledges makes the master's send fail within ACK_TIMEOUT plus resume_timeout, not hang with its window full."""
+    monkeypatch.setattr(session_mod, "ACK_TIMEOUT", 1.0)
+    listener = tcp_listener(resume_timeout=1.0)
+    fake = FakeSlave(listener, "no-acks", resumable=True)
+    assert "session" in fake.reg.info, fake.reg.info
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(3 * session_mod.WINDOW_BYTES))
+    stop = threading.Event()
+
+    def swallow() -> None:
+        """Answer the request, then read every box and acknowledge none."""
+        try:
+            request = fake.wire.read_box(WAIT)
+            assert request is not None and request.get(b"meth") == b"send", request
+            fake.wire.send_box({b"ready": b"y"})
+            while not stop.is_set():
+                try:
+                    if fake.wire.read_box(0.2) is None:
+                        return
+                except PeerTimeout:
+                    continue
+        except RemshError:
+            return
+
+    reader = threading.Thread(target=swallow, daemon=True)
+    reader.start()
+    started = time.monotonic()
+    outcome = run_in_thread(lambda: fake.slave.send(src, "dest"))
+    try:
+        outcome.wait(WAIT)
+    finally:
+        stop.set()
+        reader.join(WAIT)
+        fake.close()
+    assert isinstance(outcome.error, Disconnected), outcome.error
+    assert time.monotonic() - started < 10.0
