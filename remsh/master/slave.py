@@ -17,12 +17,12 @@ import io
 import logging
 import os
 import threading
-import time
 from contextlib import contextmanager
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
+from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
                           WaitTimeout, remote_error)
 from remsh.files import PartialFile
@@ -41,15 +41,11 @@ log = logging.getLogger(__name__)
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 OutputCallback = Callable[[bytes], Any]
-#: ``progress(done_bytes, total_bytes)``; ``total_bytes`` is ``None`` while unknown
-ProgressCallback = Callable[[int, Optional[int]], Any]
 
 #: How long :meth:`Slave.interrupt` waits for the connection before giving up
 #: on a polite interrupt and dropping the connection.
 INTERRUPT_SEND_TIMEOUT = 5.0
 CHUNK = MAX_VALUE_LENGTH
-#: Least time between two calls of a ``progress`` callback (seconds).
-PROGRESS_EVERY = 0.1
 
 __all__ = ["Slave", "DEFAULT_IO_TIMEOUT", "IdleWatcher", "ProgressCallback"]
 
@@ -70,29 +66,6 @@ class IdleWatcher(Protocol):
     def needs_recheck(self, slave: "Slave") -> bool: ...
 
     def forget(self, slave: "Slave") -> None: ...
-
-
-class _Progress:
-    """Calls a ``progress`` callback at most every :data:`PROGRESS_EVERY`
-    seconds, and once at the end."""
-
-    def __init__(self, callback: Optional[ProgressCallback], total: Optional[int]) -> None:
-        self.callback = callback
-        self.total = total
-        self.done = 0
-        self._next = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            now = time.monotonic()
-            if now >= self._next:
-                self._next = now + PROGRESS_EVERY
-                self.callback(self.done, self.total)
-
-    def finish(self) -> None:
-        if self.callback is not None:
-            self.callback(self.done, self.total if self.total is not None else self.done)
 
 
 class Slave:
@@ -598,7 +571,7 @@ class Slave:
             with self._operation("send"):
                 self.wire.send_bytes(request)
                 self._raise_if_error("send", self._read("send"))
-                local_error = self._send_data(f, _Progress(progress, total))
+                local_error = self._send_data(f, Progress(progress, total))
                 reply = self._read("send")
             # the slave's error for an aborted transfer only echoes the local cause
             if local_error is not None:
@@ -608,7 +581,7 @@ class Slave:
             if own:
                 f.close()
 
-    def _send_data(self, f: IO[bytes], progress: _Progress) -> Optional[OSError]:
+    def _send_data(self, f: IO[bytes], progress: Progress) -> Optional[OSError]:
         # file data read in place into pre-framed data boxes, hashed in a
         # helper thread while the next block is read and sent (remsh.bulk)
         digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add)
@@ -651,7 +624,7 @@ class Slave:
             except OSError as e:
                 raise LocalError(f"{self.name}: fetch: cannot create local file: {e}") from e
             out = part
-        counter = _Progress(progress, None)
+        counter = Progress(progress, None)
         # hashed and written in a helper thread while the next boxes arrive
         # (remsh.bulk); a caller's file object is written from this thread
         sink = Sink(writer_for_fd(part.fd), threaded=True) if part is not None else \

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import LocalError, ProtocolError, UsageError
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
-from remsh.slave.fsops import _remove_dir
+from remsh.slave.fsops import remove_dir_at
 from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError,
                               ManifestReader, Sender, SourceError, StreamError, T, TargetError, Writer, encode,
                               file_digest, make_temp_dir, others_message, place_dir, received_boxes, scan,
@@ -249,7 +249,7 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
             os.close(top)
         if tmp is not None:
             try:
-                _remove_dir(parent, tmp, None)
+                remove_dir_at(parent, tmp, None)
             except OSError:
                 pass
         os.close(parent)

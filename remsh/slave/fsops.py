@@ -417,7 +417,7 @@ def _open_dir_in_tree(parent_fd: Optional[int], name: bytes) -> Optional[int]:
 
 
 class _Frame:
-    """One directory on the way down in :func:`_remove_dir`."""
+    """One directory on the way down in :func:`remove_dir_at`."""
 
     __slots__ = ("fd", "names", "parent_fd", "name")
 
@@ -428,7 +428,7 @@ class _Frame:
         self.name = name  # its name there
 
 
-def _remove_dir(parent_fd: Optional[int], name: bytes, tick: Tick) -> None:
+def remove_dir_at(parent_fd: Optional[int], name: bytes, tick: Tick) -> None:
     """Remove directory ``name`` and everything in it, depth first, holding a
     descriptor of each directory on the way down (no path is resolved twice,
     no recursion limit; the depth is bounded by the descriptor limit)."""
@@ -504,7 +504,7 @@ def remove_tree(path: bytes, policy: Policy = PLAIN, tick: Tick = None) -> None:
             except (FileNotFoundError, NotADirectoryError):
                 return
             if stat_mod.S_ISDIR(st.st_mode):
-                _remove_dir(dir_fd, name, tick)
+                remove_dir_at(dir_fd, name, tick)
             else:
                 try:
                     os.unlink(name, dir_fd=dir_fd)

@@ -56,8 +56,8 @@ O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 POLL_EVERY = 0.05
 
 
-def _remove_dir(parent_fd: int, name: bytes) -> None:
-    fsops._remove_dir(parent_fd, name, None)
+def remove_dir_at(parent_fd: int, name: bytes) -> None:
+    fsops.remove_dir_at(parent_fd, name, None)
 
 
 def open_parent(policy: Policy, path: bytes) -> Tuple[int, bytes]:
@@ -194,7 +194,7 @@ def _cleanup(writer: Optional[Writer], top: int, parent: int, tmp: Optional[byte
         os.close(top)
     if tmp is not None and parent >= 0:
         try:
-            _remove_dir(parent, tmp)
+            remove_dir_at(parent, tmp)
         except OSError as e:
             log.warning("cannot remove temporary directory %r: %s", tmp, e)
     if parent >= 0:
@@ -311,7 +311,7 @@ def _apply(server: "SlaveServer", parent: int, name: bytes, top: int, dest: byte
                 made = top = os.open(name, DIR_OPEN, dir_fd=parent)
             except OSError as e:
                 raise FailedError(f"cannot open the destination: {e.strerror}: {os.fsdecode(dest)}") from None
-        writer = Writer(top, sync=True, remove_dir=_remove_dir)
+        writer = Writer(top, sync=True, remove_dir=remove_dir_at)
         while box is not None:
             writer.feed(box)
             box = receiver.next()
