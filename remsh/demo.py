@@ -18,8 +18,9 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, TextIO, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, TextIO, Tuple, Union
 
+from remsh.ops import OPERATIONS
 from remsh.errors import CommandTimeout, NotFoundError, RemshError
 from remsh.lineprinter import LinePrinter
 from remsh.master.slave import Slave
@@ -51,6 +52,8 @@ class Report:
         #: prints commands' output lines (source "alpha out" and so on)
         #: between the report's own lines
         self.printer = LinePrinter([], label=lambda source: f"      {source} {BAR} ")
+        #: the first word of every step that worked (an operation's name)
+        self.shown: Set[str] = set()
 
     def line(self, text: str) -> None:
         self.printer.write_line(self.out, text)
@@ -64,6 +67,7 @@ class Report:
             self.line(f"  {FAIL} {name:<22} {type(e).__name__}: {e}")
             return
         elapsed = time.monotonic() - start
+        self.shown.add(name.split()[0])
         self.line(f"  {OK} {name:<22} {result}  ({_duration(elapsed)})")
 
 
@@ -268,6 +272,46 @@ def run_demo(root: str, report: Report) -> None:
 
         report.step("interrupt", execute_interrupt)
 
+        def chmod() -> str:
+            alpha.chmod("work/data.bin", 0o600)
+            mode = os.stat(os.path.join(root, "alpha", "work", "data.bin")).st_mode & 0o777
+            return f"work/data.bin set to {mode:04o}"
+
+        report.step("chmod", chmod)
+
+        # -- directory trees ------------------------------------------------
+        tree = os.path.join(local_dir, "tree")
+
+        def send_tree() -> str:
+            for i in range(200):
+                sub = os.path.join(tree, f"d{i % 10}")
+                os.makedirs(sub, exist_ok=True)
+                with open(os.path.join(sub, f"f{i}.txt"), "wb") as f:
+                    f.write(b"line %d\n" % i * (i + 1))
+            os.symlink("d0/f0.txt", os.path.join(tree, "link"))
+            beta.send_tree(tree, "tree")
+            return "200 files in 10 directories and a symbolic link, in one conversation, verified"
+
+        report.step("send_tree", send_tree)
+
+        def sync_tree() -> str:
+            with open(os.path.join(tree, "d3", "f3.txt"), "ab") as f:
+                f.write(b"changed\n")
+            result = beta.sync_tree(tree, "tree")
+            return (f"after changing one file: {result.sent_files} sent, {result.unchanged} unchanged, "
+                    f"{result.deleted} deleted")
+
+        report.step("sync_tree", sync_tree)
+
+        def fetch_tree() -> str:
+            back = os.path.join(local_dir, "tree-back")
+            beta.fetch_tree("tree", back)
+            count = sum(len(files) for _, _, files in os.walk(back))
+            still_link = os.path.islink(os.path.join(back, "link"))
+            return f"fetched back: {count} entries (the link stays a link: {still_link})"
+
+        report.step("fetch_tree", fetch_tree)
+
         # -- clean-up -------------------------------------------------------
         def unlink() -> str:
             alpha.unlink("work/data.bin")
@@ -326,6 +370,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.monotonic()
         run_demo(root, report)
         total = time.monotonic() - t0
+    missing = sorted(set(OPERATIONS) - report.shown)
+    if missing:  # an operation added to the table and forgotten here
+        report.failures += 1
+        report.line(f"  {FAIL} operations the demo did not show: {', '.join(missing)}")
     if report.failures:
         report.line(f"{report.failures} step(s) failed ({total:.1f} s).")
         return 1
