@@ -628,6 +628,15 @@ class ControlClient:
         except OSError as e:
             sock.close()
             raise ControlError(f"cannot connect to the control socket {path}: {e.strerror or e}") from None
+        # the master must be our own user too: a socket another user made
+        # first at a shared path would otherwise get our commands and stdin
+        try:
+            uid = peer_uid(sock)
+        except OSError:
+            uid = -1
+        if uid is not None and uid != os.geteuid():
+            sock.close()
+            raise ControlError(f"the control socket {path} belongs to another user (uid {uid}): not used")
         self.channel = Channel(sock)
 
     def request(self, op: str, **values: Any) -> None:

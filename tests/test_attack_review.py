@@ -9,8 +9,12 @@ right secret and then speaks the protocol by hand.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from remsh import session as session_mod
+from remsh.control import ControlClient, ControlError
 from remsh.errors import Disconnected, LocalError, PeerTimeout, ProtocolError, RemshError
 from remsh.handshake import slave_handshake
 from remsh.master.slavelistener.tcp import TcpSlaveListener
@@ -27,7 +32,7 @@ from remsh.transports.base import SocketStream
 from remsh.treestream import DIR, END, FILE, LINK, UP, D, H, M, MT, N, T
 from remsh.wire import Box, Wire, encode_box
 from tests.slaveproc import HOST, SECRET, tcp_listener  # noqa: F401
-from tests.util import WAIT, run_in_thread
+from tests.util import NOBODY, WAIT, need_unprivileged, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,3 +216,70 @@ def test_session_peer_that_never_acknowledges_cannot_hold_a_send_forever(
         fake.close()
     assert isinstance(outcome.error, Disconnected), outcome.error
     assert time.monotonic() - started < 10.0
+
+
+# -- the control socket ------------------------------------------------------------------------
+
+IMPOSTOR = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+c.settimeout(5)
+try:
+    print("got", len(c.recv(65536)), flush=True)
+except OSError:
+    print("got 0", flush=True)
+"""
+
+
+@pytest.mark.skipif(not need_unprivileged(), reason="needs root to run the impostor as another user")
+def test_control_client_refuses_a_socket_of_another_user(tmp_path: Path) -> None:
+    """A control socket made first by another local user at a shared path is refused by the client before any request goes out."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None
+    outer = Path(tempfile.mkdtemp(prefix="remsh-attack-"))  # reachable by the other user
+    os.chmod(outer, 0o755)
+    shared = outer / "shared"
+    shared.mkdir()
+    os.chown(shared, NOBODY, NOBODY)
+    path = str(shared / "master.sock")
+    proc = subprocess.Popen([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                             sys.executable, "-c", IMPOSTOR, path], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"listening\n"
+        with pytest.raises(ControlError, match="another user"):
+            client = ControlClient(path)
+            try:
+                client.request("run", args=["echo", "secret"], targets=[], where=[])
+            finally:
+                client.close()
+        assert proc.stdout.readline() == b"got 0\n", "the request reached the other user's socket"
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        shutil.rmtree(outer)
+
+
+@pytest.mark.xfail(strict=True, reason="the idle monitor answers a link check with a blocking send (up to "
+                   "the 120 s send timeout); needs a non-blocking send in remsh/transports/base.py or wire.py")
+def test_ping_flood_from_a_slave_that_never_reads_does_not_stall_the_idle_monitor(tcp_listener: Any) -> None:
+    """A resumable slave that floods link checks while idle and never reads cannot keep the idle monitor from noticing another slave going away."""
+    listener = tcp_listener(resume_timeout=30.0)
+    flooder = FakeSlave(listener, "flooder", resumable=True)
+    victim = FakeSlave(listener, "victim", resumable=True)
+    flooder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pings = encode_box({b"hb": b"ping"}) * 2_000_000
+    sent = run_in_thread(lambda: flooder.sock.sendall(pings))
+    try:
+        # the master's pongs fill our unread receive buffer and then its send
+        # buffer; the flood stops going in once the monitor blocks on a pong
+        sent.done.wait(5.0)
+        victim.sock.close()
+        wait_until(lambda: not victim.slave.connected, timeout=5.0, what="the monitor to notice the victim left")
+    finally:
+        flooder.close()
+        victim.close()
