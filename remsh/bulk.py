@@ -11,7 +11,8 @@ Both ends of ``send`` and ``fetch`` use these pieces:
 - :func:`send_blocks` -- read, hash and send a whole source.  A source
   larger than one block is hashed in a helper thread (``hashlib`` releases
   the GIL on large updates) while the caller's thread reads and sends the
-  next block; two blocks take turns.
+  next block; two blocks take turns.  A process allowed on one CPU only
+  hashes inline (see :func:`overlap`).
 - :class:`Sink` -- the receiving end: hashes and writes what arrives, in a
   helper thread once more than one batch came in, so receiving and decoding
   overlap with hashing and writing.
@@ -155,6 +156,17 @@ def reader_for(f: Any) -> Callable[[FramedBlock], int]:
     return lambda block: block.fill_with(read_into)
 
 
+def overlap() -> bool:
+    """Whether hashing in a helper thread can overlap the I/O: only when
+    this process may run on more than one CPU (on one CPU the helper would
+    add thread switches and gain nothing).  Asked at each transfer, since
+    the affinity may change while the process runs."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
+
+
 def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview], object],
                 progress: Optional[Callable[[int], object]] = None,
                 key: bytes = b"data") -> Tuple[str, Optional[OSError]]:
@@ -173,14 +185,20 @@ def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview],
         n = fill(block)
     except OSError as e:
         return "", e
-    if n < block.capacity:  # the whole source in one block: no helper thread
-        for view in block.data():
-            digest.update(view)
-        if n:
-            send(block.encoded())
-            if progress is not None:
-                progress(n)
-        return digest.hexdigest(), None
+    if n < block.capacity or not overlap():  # one block, or one CPU: no helper thread
+        while True:
+            for view in block.data():
+                digest.update(view)
+            if n:
+                send(block.encoded())
+                if progress is not None:
+                    progress(n)
+            if n < block.capacity:
+                return digest.hexdigest(), None
+            try:
+                n = fill(block)
+            except OSError as e:
+                return "", e
     hasher = _Hasher(digest, FramedBlock(key))
     try:
         while True:
@@ -288,7 +306,7 @@ class Sink:
         self.digest = hashlib.sha256()
         self.error: Optional[BaseException] = None
         self._write = write
-        self._threaded = threaded
+        self._threaded = threaded and overlap()
         self._batch: List[Buffer] = []
         self._batch_bytes = 0
         self._thread: Optional[threading.Thread] = None

@@ -329,7 +329,7 @@ class Wire:
     :class:`~remsh.errors.PeerTimeout`, bad input :class:`WireError`.
     """
 
-    RECV_SIZE = 256 * 1024
+    RECV_SIZE = 1024 * 1024
 
     def __init__(
         self,
