@@ -97,6 +97,33 @@ def fetch_file(sock: socket.socket, src: str, dest: str) -> None:
         raise RuntimeError("floor: digest mismatch")
 
 
+def raw_send(sock: socket.socket, size: int) -> None:
+    """The connection alone: ``size`` bytes from a reused 1 MiB buffer, no
+    file and no hashing on either end (what the socket carries at best)."""
+    block = memoryview(bytearray(1 << 20))
+    sock.sendall(b"D" + struct.pack(">Q", size))
+    left = size
+    while left > 0:
+        n = min(left, len(block))
+        sock.sendall(block[:n])
+        left -= n
+    if recv_exact(sock, 1) != b"\x01":
+        raise RuntimeError("floor peer: raw receive failed")
+
+
+def sha256_rate(size: int) -> None:
+    """SHA-256 of ``size`` bytes from memory in 1 MiB updates: one core's hashing alone."""
+    import hashlib
+
+    block = memoryview(bytearray(1 << 20))
+    digest = hashlib.sha256()
+    left = size
+    while left > 0:
+        n = min(left, len(block))
+        digest.update(block[:n])
+        left -= n
+
+
 def stream_cat(path: str, family: str, callback: Callable[[bytes], object], recv_size: int = 256 * 1024) -> None:
     """The streamed-output floor: a child ``cat`` writes the file straight
     into a socket and the master hands every ``recv`` to ``callback``."""

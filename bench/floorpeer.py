@@ -15,6 +15,10 @@ command byte:
 ``S`` + u16 path length + path
     send u64 size, then the file in 64 KiB chunks, hashing as it goes, then
     the 32-byte SHA-256 digest.
+``D`` + u64 size
+    receive ``size`` bytes into a reused 1 MiB buffer and throw them away
+    (no hashing, no file), then answer one byte: what the connection alone
+    carries.
 
 After ``R`` or ``S`` the next command byte follows on the same connection.
 """
@@ -116,6 +120,15 @@ def serve(sock: socket.socket) -> None:
                 path = recv_exact(sock, plen).decode()
                 ok = receive_file(sock, size, path)
                 sock.sendall(b"\x01" if ok else b"\x00")
+            elif cmd == b"D":
+                (size,) = _U64.unpack(recv_exact(sock, 8))
+                sink = bytearray(1 << 20)
+                while size > 0:
+                    n = sock.recv_into(sink, min(size, len(sink)))
+                    if not n:
+                        raise EOFError
+                    size -= n
+                sock.sendall(b"\x01")
             elif cmd == b"S":
                 (plen,) = _U16.unpack(recv_exact(sock, 2))
                 send_file(sock, recv_exact(sock, plen).decode())

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import floor  # noqa: E402
+import transfers  # noqa: E402
 import trees  # noqa: E402
 from fixtures import LOCAL, REPO, SSH, SSH_OPENSSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
 from harness import (ANY, PINNED, UNPINNED, Results, Row, machine_info, machine_line, measure,  # noqa: E402
@@ -333,6 +334,7 @@ class Bench:
             for sock in floor_socks.values():
                 sock.close()
             gone()
+        transfers.run_transfer(self, Entry)  # pinned rows, and the limits beside them
 
     def scenario_stream(self) -> None:
         """execute(['cat', BIG]) with every chunk of stdout handed to a callback."""
@@ -386,6 +388,7 @@ class Bench:
             e.before, e.after = before, after
         entries[-1].before = lambda: (before(), self.peers.fresh_bulk_connection())
         self.group(f"stream {size // MiB} MiB stdout", entries, runs=3 if self.quick else 5, nbytes=size)
+        transfers.run_stream(self, Entry, cb, before, after, cat_on)  # pinned rows
 
     def scenario_connect(self) -> None:
         """A fresh connection: dial, authenticate, register (or run ``true``)."""
@@ -573,6 +576,7 @@ class Bench:
         if isinstance(farm, dict):
             self._farm_targets(farm, med, target)
         trees.evaluate(med, target)
+        transfers.evaluate(med, target, self.size)
 
     def _farm_targets(self, farm: Dict[str, Any], med: Callable[..., Optional[float]],
                       target: Callable[[str, Optional[bool], str], None]) -> None:
