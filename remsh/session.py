@@ -71,6 +71,10 @@ ACK_TIMEOUT = 120.0
 DEFAULT_SPOOL_LIMIT = 256 << 20
 #: Default interval of the slave's link check (seconds).
 DEFAULT_HEARTBEAT = 15.0
+#: Most link checks a peer may send in one second while idle (a slave sends
+#: one per heartbeat interval); more is taken for an attack on the thread
+#: that answers them.
+MAX_IDLE_PINGS = 10
 #: While away, what a sender keeps in memory before it writes the rest to
 #: its spool file (when it has a spool directory).
 SPOOL_MEMORY = 1 << 20
@@ -159,6 +163,8 @@ class SessionWire:
         self.conn: Optional[Wire] = conn
         self._last_conn = conn
         self._resending = False
+        self._idle_window = 0.0
+        self._idle_pings = 0
         self.generation = 0
         self.sent = 0
         self.peer_acked = 0
@@ -696,12 +702,23 @@ class SessionWire:
     def idle_input(self, data: bytes) -> bool:
         """Bytes that arrived while no operation runs (the master's idle
         monitor): control boxes are handled; False if a session box came
-        (nobody asked for one)."""
+        (nobody asked for one) or link checks came faster than any slave
+        sends them (one thread answers every idle slave: a slave that
+        floods it, and does not read the answers, must not stall it)."""
         conn = self.conn
         if conn is None:
             return True
+        now = time.monotonic()
+        if now - self._idle_window >= 1.0:
+            self._idle_window, self._idle_pings = now, 0
         with self._reader:
             for box in conn._feed(data):
+                if box.get(b"hb") == b"ping":
+                    self._idle_pings += 1
+                    if self._idle_pings > MAX_IDLE_PINGS:
+                        log.warning("%s: link checks faster than %d a second while idle", self.label,
+                                    MAX_IDLE_PINGS)
+                        return False
                 if self._take(box, conn) is not None:
                     return False
         return not self.peer_ended

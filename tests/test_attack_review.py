@@ -264,8 +264,6 @@ def test_control_client_refuses_a_socket_of_another_user(tmp_path: Path) -> None
         shutil.rmtree(outer)
 
 
-@pytest.mark.xfail(strict=True, reason="the idle monitor answers a link check with a blocking send (up to "
-                   "the 120 s send timeout); needs a non-blocking send in remsh/transports/base.py or wire.py")
 def test_ping_flood_from_a_slave_that_never_reads_does_not_stall_the_idle_monitor(tcp_listener: Any) -> None:
     """A resumable slave that floods link checks while idle and never reads cannot keep the idle monitor from noticing another slave going away."""
     listener = tcp_listener(resume_timeout=30.0)

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from remsh.errors import Disconnected, RemshError
+from remsh.errors import Disconnected, ProtocolError, RemshError
 from remsh.handshake import Registered
 from remsh.session import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT, SessionFailed, SessionWire
 from remsh.slave.policy import PLAIN, Policy
@@ -33,6 +33,8 @@ from remsh.wire import Wire
 
 log = logging.getLogger(__name__)
 
+#: The longest resume time limit a master may set (a week).
+MAX_RESUME_TIMEOUT = 7 * 86400.0
 #: How long to wait for the server thread of a session that failed.
 _JOIN_TIMEOUT = 10.0
 
@@ -80,14 +82,21 @@ class SessionKeeper:
             self._end_session(SessionFailed("the master gave no session"))
             SlaveServer(wire, self.basedir, policy=self.policy).serve()
             return
+        try:
+            received = int(reg.info.get("received", "0"))
+            resume_timeout = float(reg.info.get("resume_timeout", "0") or 0)
+        except ValueError:
+            raise ProtocolError("malformed session keys in the registered box") from None
+        if not 0 <= resume_timeout <= MAX_RESUME_TIMEOUT:
+            raise ProtocolError(f"resume_timeout {resume_timeout!r} out of range")
         session = self.session
         if session is not None and reg.info.get("resumed") == "y" and sid == session.session_id:
-            session.attach(wire, int(reg.info.get("received", "0")))
+            session.attach(wire, received)
         else:
             if session is not None:
                 log.warning("the master does not know our session any more: its work is lost")
                 self._end_session(SessionFailed("the master started a new session"))
-            session = SessionWire(wire, sid, resume_timeout=float(reg.info.get("resume_timeout", "0") or 0),
+            session = SessionWire(wire, sid, resume_timeout=resume_timeout,
                                   spool_limit=self.spool_limit, spool_dir=self._spool_dir())
             self.session = session
             self._error = None
