@@ -282,7 +282,10 @@ class ControlServer:
             if _answers(self.path):
                 raise ControlError(f"a remsh master is already running on {self.path}")
             log.info("replacing the stale control socket %s", self.path)
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except OSError as e:
+                raise ControlError(f"cannot replace the stale control socket {self.path}: {e.strerror}") from e
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window with wider bits
         try:
