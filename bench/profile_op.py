@@ -8,9 +8,11 @@ OP is ``ping``, ``stat``, ``execute`` (``true``), ``send``, ``fetch`` or
 real ``remsh-slave`` process (for ``local``: the local child, whose side is
 traced but not profiled).
 
-``--how cprofile`` (default) runs the slave under ``cProfile`` and wraps the
-master's timed loop in ``cProfile``, then prints the functions with the most
-own time on each side.  ``--how strace`` attaches ``strace -c -f`` to both
+``--how cprofile`` (default) runs the slave under ``cProfile`` in every
+thread (``bench/threadprof.py``: the slave serves from a thread of its own)
+and wraps the master's timed loop in ``cProfile``, then prints the
+functions with the most own time on each side (time waiting on a lock or a
+queue is a thread waiting for another, not work).  ``--how strace`` attaches ``strace -c -f`` to both
 processes for the timed loop only and prints system calls per operation.
 ``--how time`` runs neither and reports only wall and CPU time per operation.
 ``--pin`` puts both ends on CPU 0 first.  Warm-up operations are excluded.
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace, work: str) -> int:
             subprocess.run(["head", "-c", str(args.size * MiB), "/dev/urandom"], stdout=f, check=True)
     dest = os.path.join(work, "dest.bin")
     slave_prof = os.path.join(work, "slave.prof")
-    remsh = RemshSlaves(work, python_args=["-m", "cProfile", "-o", slave_prof] if args.how == "cprofile" else [])
+    remsh = RemshSlaves(work, python_args=[os.path.join(HERE, "threadprof.py"), slave_prof]
+                        if args.how == "cprofile" else [])
     remsh.start((args.transport,))
     if args.transport in remsh.na:
         print(f"cannot start remsh {args.transport}: {remsh.na[args.transport]}")
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace, work: str) -> int:
         prof.dump_stats(master_prof)
         print("\n== master (this process), own time\n" + top(master_prof, args.top, count))
         if os.path.exists(slave_prof):
-            print("== slave (remsh-slave under cProfile), own time; includes the warm-up\n" +
+            print("== slave (remsh-slave, every thread under cProfile), own time; includes the warm-up\n" +
                   top(slave_prof, args.top, count + max(1, count // 10)))
     for who, out, _ in tracers:
         print(f"\n== {who}: system calls per {args.op} (strace -c -f)\n" + strace_summary(out, count))
