@@ -186,10 +186,9 @@ class SessionWire:
         self.closed = False
         self._timer: Optional[threading.Timer] = None
         # a pipe that becomes readable at every change (attach, failure), for
-        # callers that wait with select (the slave's execute)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        # callers that wait with select (the slave's execute); made on first
+        # use, so that a master's sessions cost no descriptor but the socket
+        self._wake_r = self._wake_w = -1
 
     # -- state -------------------------------------------------------------------
 
@@ -207,9 +206,16 @@ class SessionWire:
     def wake_fd(self) -> int:
         """A descriptor that turns readable when the connection changes or
         the session fails (drain it with :meth:`clear_wake`)."""
-        return self._wake_r
+        with self._cond:
+            if self._wake_r < 0:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                os.set_blocking(self._wake_w, False)
+            return self._wake_r
 
     def clear_wake(self) -> None:
+        if self._wake_r < 0:
+            return
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -217,6 +223,8 @@ class SessionWire:
             pass
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -382,10 +390,12 @@ class SessionWire:
         self.closed = True
         self.end()
         for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
 
     def _ack_to(self, count: int) -> None:
         """The peer has our first ``count`` boxes: forget them (under _cond)."""

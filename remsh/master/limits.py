@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 RESERVE = 128
 #: Descriptors one connected slave holds in the master: its socket.
 FDS_PER_SLAVE = 1
-#: ... and a slave with a session (``resume_timeout`` > 0): its socket and
-#: the session's wake-up pipe (:meth:`remsh.session.SessionWire.wake_fd`).
-FDS_PER_SESSION_SLAVE = 3
+#: ... and a slave with a session (``resume_timeout`` > 0): its socket too
+#: (a session's wake-up pipe is made only by the slave's own execute).
+FDS_PER_SESSION_SLAVE = 1
 #: Used for the soft limit when the hard limit is unlimited and
 #: ``/proc/sys/fs/nr_open`` cannot be read (Linux's default ``nr_open``).
 FALLBACK_UNLIMITED = 1 << 20
@@ -114,12 +114,12 @@ def prepare_descriptors(expected_slaves: Optional[int] = None, resume_timeout: f
     cap = Capacity(soft=soft, hard=hard, per_slave=per)
     wanted = 1 if expected_slaves is None else max(1, expected_slaves)
     if cap.slaves < wanted:
-        each = ("its socket and its session's wake-up pipe" if per == FDS_PER_SESSION_SLAVE else "its socket")
+        each = "its socket"
         expected = (f"fewer than the {expected_slaves:,} expected" if expected_slaves is not None
                     else "not even one")
         hint = "raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, /etc/security/limits.conf)"
         plain = max(0, (soft - cap.reserve) // FDS_PER_SLAVE)
-        if per == FDS_PER_SESSION_SLAVE and plain >= wanted:
+        if per > FDS_PER_SLAVE and plain >= wanted:
             hint += f" or turn sessions off (resume_timeout=0: {FDS_PER_SLAVE} descriptor a slave, {plain:,} slaves)"
         raise LocalError(
             f"{label}: the open-file limit (soft {_limit_text(soft)}, hard {_limit_text(hard)}) holds "

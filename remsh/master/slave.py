@@ -106,6 +106,7 @@ class Slave:
         self._executions: Set[ExecuteCall] = set()
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Optional[IdleWatcher] = None
+        self._session = isinstance(wire, SessionWire)
         if isinstance(wire, SessionWire):
             wire.on_lost = self._connection_lost
             wire.on_failed = self._session_failed
@@ -126,7 +127,9 @@ class Slave:
         """False once the connection has closed or broken -- and, for a slave
         whose work survives a dropped connection (``resume_timeout``), while
         it is away."""
-        return self._disconnected is None and bool(getattr(self.wire, "attached", True))
+        if self._disconnected is not None:
+            return False
+        return not self._session or bool(self.wire.attached)
 
     @property
     def resumable(self) -> bool:

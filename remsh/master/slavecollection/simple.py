@@ -135,7 +135,7 @@ class SimpleSlaveCollection:
         with self._cond:
             while True:
                 matches = [s for s in self._slaves.values()
-                           if s.connected and (filter is None or filter(s))]
+                           if (filter is None or filter(s)) and s.connected]
                 if matches:
                     if cmp is not None:
                         matches.sort(key=functools.cmp_to_key(cmp))
