@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import socket
 import threading
 
 import pytest
@@ -201,3 +202,48 @@ def test_decoder_refuses_an_oversized_value_as_soon_as_its_prefix_completes():
     assert decoder.feed(b"x\x04") == []
     with pytest.raises(WireError):
         decoder.feed(b"\x00")
+
+
+def test_peer_on_this_host_is_told_from_the_socket():
+    """A socket pair and loopback TCP reach this host; a stream without a socket counts as remote."""
+    from remsh.bulk import _peer_on_this_host
+    from remsh.transports.base import SocketStream
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert _peer_on_this_host(SocketStream(a, peer="pair", send_timeout=None))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with client, conn:
+            assert _peer_on_this_host(SocketStream(client))
+    assert not _peer_on_this_host(object())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+def test_no_helper_thread_on_one_cpu():
+    """A thread allowed on one CPU hashes inline: no helper thread is started for a multi-block source."""
+    from remsh.bulk import overlap
+
+    started = []
+    original = threading.Thread.start
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        started.append(self.name)
+        original(self)
+
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    threading.Thread.start = spy  # type: ignore[method-assign]
+    try:
+        assert not overlap()
+        data = os.urandom(3 * DATA_BLOCK)
+        digest, error = send_blocks(reader_for(io.BytesIO(data)), lambda view: None)
+        sink = Sink(lambda batch: None)
+        for i in range(0, len(data), MAX_VALUE_LENGTH):
+            sink.add(data[i : i + MAX_VALUE_LENGTH])
+        assert sink.finish() == digest == hashlib.sha256(data).hexdigest()
+    finally:
+        threading.Thread.start = original  # type: ignore[method-assign]
+        os.sched_setaffinity(0, cpus)
+    assert started == []

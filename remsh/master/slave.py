@@ -587,7 +587,7 @@ class Slave:
     def _send_data(self, f: IO[bytes], progress: Progress) -> Optional[OSError]:
         # file data read in place into pre-framed data boxes, hashed in a
         # helper thread while the next block is read and sent (remsh.bulk)
-        digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add)
+        digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add, stream=self.wire.stream)
         if error is not None:
             self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
             return error
@@ -630,7 +630,7 @@ class Slave:
         counter = Progress(progress, None)
         # hashed and written in a helper thread while the next boxes arrive
         # (remsh.bulk); a caller's file object is written from this thread
-        sink = Sink(writer_for_fd(part.fd), threaded=True) if part is not None else \
+        sink = Sink(writer_for_fd(part.fd), stream=self.wire.stream) if part is not None else \
             Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
         try:
             with self._operation("fetch"):

@@ -210,7 +210,7 @@ class SlaveServer:
         dest = self._resolve(args["dest"])
         part = fsops.create_partial(dest, args["mode"], self.policy)
         # hashed and written in a helper thread while the next boxes arrive (remsh.bulk)
-        sink = Sink(writer_for_fd(part.fd))
+        sink = Sink(writer_for_fd(part.fd), stream=self.wire.stream)
         try:
             self._reply()  # go ahead
             read_box = self.wire.read_box
@@ -254,7 +254,7 @@ class SlaveServer:
         with f:
             # read in place into pre-framed data boxes, hashed in a helper
             # thread while the next block is read and sent (remsh.bulk)
-            digest, error = send_blocks(reader_for(f), self.wire.send_bytes)
+            digest, error = send_blocks(reader_for(f), self.wire.send_bytes, stream=self.wire.stream)
             if error is not None:
                 raise FailedError(os_message(error)) from None
             send_end = {b"sha256": digest.encode("ascii")}
