@@ -492,7 +492,14 @@ class SessionWire:
         if self.conn is None and self.spool_dir is not None and self._memory_bytes >= SPOOL_MEMORY:
             try:
                 if self._spool is None:
-                    self._spool = tempfile.TemporaryFile(dir=self.spool_dir)
+                    # an unlinked file in a private (0700) directory that is
+                    # removed at once: nobody else can open it, nothing is
+                    # left behind
+                    private = tempfile.mkdtemp(prefix=".remsh-spool-", dir=self.spool_dir)
+                    try:
+                        self._spool = tempfile.TemporaryFile(dir=private)
+                    finally:
+                        os.rmdir(private)
                 self._spool.seek(self._spool_end)
                 self._spool.write(chunk)
                 where = (self._spool_end, len(chunk))

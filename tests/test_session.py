@@ -69,10 +69,11 @@ def test_acknowledged_boxes_are_forgotten():
 
 def test_output_kept_while_away_goes_to_a_spool_file(tmp_path):
     """Past SPOOL_MEMORY, what a disconnected sender keeps goes to an unlinked
-    file in the spool directory; it comes back byte for byte, and the file is
-    emptied once acknowledged."""
+    file (in a private directory made and removed at once under the spool
+    directory); it comes back byte for byte, and the file is emptied once
+    acknowledged."""
     spool = tmp_path / "spool"
-    spool.mkdir(mode=0o700)
+    spool.mkdir()
     mine, theirs = _pair()
     session = SessionWire(mine, "s3", resume_timeout=30, spool_dir=str(spool))
     session.connection_lost(why="test cut")
@@ -81,8 +82,8 @@ def test_output_kept_while_away_goes_to_a_spool_file(tmp_path):
     for i in range(count):
         session.send_box({b"i": str(i).encode(), b"data": payload})
     assert session._spool is not None and session._spool_end > SPOOL_MEMORY
-    assert os.listdir(spool) == []  # unlinked: nobody can open it
-    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+    assert os.listdir(spool) == []  # unlinked, its directory gone: nobody can open it
+    assert stat.S_ISREG(os.fstat(session._spool.fileno()).st_mode)
     mine2, theirs2 = _pair()
     got: list = []
     reader = threading.Thread(target=lambda: got.extend(theirs2.read_box(10) for _ in range(count)))

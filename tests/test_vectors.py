@@ -169,7 +169,8 @@ def test_proof_vectors(vector: Dict[str, Any]) -> None:
 
 
 def _python_snippet_of_the_page() -> str:
-    m = re.search(r"In Python::\n\n((?:    .*\n|\n)+)", _page())
+    m = re.search(r"In Python:(?::|\n\n\.\. example: fragment\n\n\.\. code-block:: python)\n\n((?:    .*\n|\n)+)",
+                  _page())
     assert m, "the proofs' Python example is missing from protocol.rst"
     return "\n".join(line[4:] for line in m.group(1).splitlines())
 

@@ -18,8 +18,6 @@ and the command's process group is killed.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -51,7 +49,6 @@ class SessionKeeper:
         self.session: Optional[SessionWire] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
-        self._spool_path: Optional[str] = None
 
     def register_keys(self) -> Dict[str, str]:
         """The keys this slave adds to its register box: it can resume, and
@@ -106,16 +103,10 @@ class SessionKeeper:
         self._keep_link(session)
 
     def _spool_dir(self) -> Optional[str]:
-        """A private directory (0700) under the base directory for output
-        kept while the master is away; its files are unlinked as soon as
-        they are made, so nothing is left behind and nobody can open them."""
-        if self._spool_path is None:
-            try:
-                self._spool_path = tempfile.mkdtemp(prefix=".remsh-spool-", dir=self.basedir)
-            except OSError as e:
-                log.warning("no spool directory in %s (%s): output is kept in memory", self.basedir, e)
-                return None
-        return self._spool_path
+        """Where a session keeps output past memory while the master is
+        away: under the base directory (see remsh.session: a private
+        directory made and removed around an unlinked file)."""
+        return self.basedir
 
     def _run_server(self, session: SessionWire) -> None:
         try:
@@ -168,6 +159,4 @@ class SessionKeeper:
         if session is not None:
             session.end()
         self._end_session(SessionFailed("the slave is stopping"))
-        if self._spool_path is not None:
-            shutil.rmtree(self._spool_path, ignore_errors=True)
-            self._spool_path = None
+
