@@ -182,10 +182,14 @@ def overlap(stream: Any = None) -> bool:
 
 def _peer_on_this_host(stream: Any) -> bool:
     """True when ``stream`` reaches a process on this host (a socket pair,
-    a Unix socket, or TCP between two addresses of this host); unknown
-    streams count as remote."""
+    a Unix socket, or TCP between two addresses of this host), looking
+    through an SSH channel to its transport's socket; unknown streams count
+    as remote."""
     sock = getattr(stream, "sock", None)
-    if sock is None:
+    if sock is None:  # an SSH channel (paramiko): its transport's socket
+        get_transport = getattr(getattr(stream, "channel", None), "get_transport", None)
+        sock = getattr(get_transport(), "sock", None) if callable(get_transport) else None
+    if not isinstance(sock, socket.socket):
         return False
     try:
         if sock.family == socket.AF_UNIX:

@@ -220,6 +220,30 @@ def test_peer_on_this_host_is_told_from_the_socket():
     assert not _peer_on_this_host(object())
 
 
+def test_peer_on_this_host_looks_through_an_ssh_channel():
+    """A stream over an SSH channel is judged by the socket of the channel's transport."""
+    from remsh.bulk import _peer_on_this_host
+
+    class Transport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+    class Channel:
+        def __init__(self, sock: socket.socket) -> None:
+            self._transport = Transport(sock)
+
+        def get_transport(self) -> Transport:
+            return self._transport
+
+    class ChannelStream:
+        def __init__(self, sock: socket.socket) -> None:
+            self.channel = Channel(sock)
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert _peer_on_this_host(ChannelStream(a))
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
 def test_no_helper_thread_on_one_cpu():
     """A thread allowed on one CPU hashes inline: no helper thread is started for a multi-block source."""
