@@ -271,3 +271,31 @@ def test_no_helper_thread_on_one_cpu():
         threading.Thread.start = original  # type: ignore[method-assign]
         os.sched_setaffinity(0, cpus)
     assert started == []
+
+
+def test_blocks_are_reused_across_transfers_and_never_shared():
+    """A finished transfer's block serves the next one; transfers running at once in threads each get their own and send exactly their own data."""
+    from remsh.bulk import give_back, take_block
+
+    held = [take_block(b"data") for _ in range(5)]  # the pool is empty now
+    give_back(held[0])
+    assert take_block(b"data") is held[0]
+    for block in held:
+        give_back(block)
+
+    sources = [os.urandom(2 * DATA_BLOCK + i * 1000) for i in range(4)]
+    results: dict = {}
+
+    def one(i: int) -> None:
+        sent = []
+        digest, error = send_blocks(reader_for(io.BytesIO(sources[i])), lambda view: sent.append(bytes(view)))
+        boxes = BoxDecoder().feed(b"".join(sent))
+        results[i] = (digest, b"".join(b[b"data"] for b in boxes), error)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, src in enumerate(sources):
+        assert results[i] == (hashlib.sha256(src).hexdigest(), src, None)
