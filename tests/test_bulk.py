@@ -299,3 +299,31 @@ def test_blocks_are_reused_across_transfers_and_never_shared():
         t.join(60)
     for i, src in enumerate(sources):
         assert results[i] == (hashlib.sha256(src).hexdigest(), src, None)
+
+
+def test_send_and_fetch_with_the_helper_threads_round_trip(slave, basedir, tmp_path, monkeypatch):
+    """With the hashing helpers forced on in the master, a multi-block send and fetch through a real slave arrive whole and verified."""
+    import remsh.bulk
+
+    monkeypatch.setattr(remsh.bulk, "overlap", lambda stream=None: True)
+    started = []
+    original = threading.Thread.start
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        started.append(self.name)
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    data = os.urandom(5 * DATA_BLOCK + 4321)
+    src = os.path.join(tmp_path, "src.bin")
+    with open(src, "wb") as f:
+        f.write(data)
+    slave.send(src, "copy.bin")
+    with open(os.path.join(basedir, "copy.bin"), "rb") as f:
+        assert f.read() == data
+    back = os.path.join(tmp_path, "back.bin")
+    slave.fetch("copy.bin", back)
+    with open(back, "rb") as f:
+        assert f.read() == data
+    assert started.count("remsh-sha256") == 2  # one for the send, one for the fetch
+    assert not [t for t in threading.enumerate() if t.name == "remsh-sha256"]
