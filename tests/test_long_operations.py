@@ -29,7 +29,7 @@ def test_copy_longer_than_the_reply_deadline_succeeds(slave, basedir):
     the slave sends liveness boxes while it works."""
     with open(os.path.join(basedir, "big"), "wb") as f:
         f.truncate(GiB)
-    slave.io_timeout = 0.1
+    slave.io_timeout = 0.3  # the copy takes longer; liveness boxes come every 0.075 s
     slave.copy("big", "copy")
     assert os.path.getsize(os.path.join(basedir, "copy")) == GiB
     assert slave.connected
