@@ -169,6 +169,9 @@ class SessionWire:
         self.sent = 0
         self.peer_acked = 0
         self.received = 0
+        #: session boxes handed to the caller (received may be ahead: _held)
+        self.delivered = 0
+        self._held: Deque[Box] = collections.deque()
         self._acked_to_peer = 0
         self._bytes_since_ack = 0
         # (first box, boxes, data): data is bytes, or (offset, length) in the
@@ -580,7 +583,11 @@ class SessionWire:
             self.connection_lost(conn, "connection closed")
             return
         if self._take(box, conn) is not None:
-            conn._ready.appendleft(box)  # for the next read_box
+            # a box for the reader, read ahead to reach the acknowledgement
+            # behind it: received now, delivered by the next read
+            with self._cond:
+                self.received += 1
+            self._held.append(box)
 
     def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
         self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
@@ -626,20 +633,30 @@ class SessionWire:
             self.peer_ended = True
         return None
 
-    def _count(self, box: Box, conn: Wire) -> Box:
-        """Count a session box delivered to the caller; acknowledge when due."""
+    def _deliver(self, box: Box, conn: Optional[Wire]) -> Box:
+        """Hand a session box to the caller; acknowledge when due.
+
+        Acknowledgements count what was *delivered*, not what was read
+        ahead (:meth:`_pump`): the peer's window then bounds what is held."""
         with self._cond:
-            self.received += 1
+            self.delivered += 1
             self._bytes_since_ack += sum(len(k) + len(v) + 4 for k, v in box.items()) + 2
-            due = (self.received - self._acked_to_peer >= ACK_EVERY_BOXES
+            due = (self.delivered - self._acked_to_peer >= ACK_EVERY_BOXES
                    or self._bytes_since_ack >= ACK_EVERY_BYTES)
             if due:
-                self._acked_to_peer = self.received
+                self._acked_to_peer = self.delivered
                 self._bytes_since_ack = 0
-                ack = encode_box({b"ack": str(self.received).encode("ascii")})
-        if due:
+                ack = encode_box({b"ack": str(self.delivered).encode("ascii")})
+            conn = self.conn
+        if due and conn is not None:
             self._send_control(conn, ack)
         return box
+
+    def _count(self, box: Box, conn: Wire) -> Box:
+        """A session box read from the connection and handed over at once."""
+        with self._cond:
+            self.received += 1
+        return self._deliver(box, conn)
 
     def read_box(self, timeout: Optional[float] = None) -> Optional[Box]:
         """The next session box; ``None`` when the peer ended the session.
@@ -652,11 +669,17 @@ class SessionWire:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self._held:
+                with self._reader:
+                    if self._held:
+                        return self._deliver(self._held.popleft(), self.conn)
             if self.peer_ended:
                 return None
             with self._cond:
                 conn = self._wait_connected(deadline)
             with self._reader:
+                if self._held:
+                    continue
                 if conn is not self.conn:
                     continue
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -682,6 +705,8 @@ class SessionWire:
         """A session box already buffered, or ``None`` (no I/O)."""
         with self._reader:
             conn = self.conn
+            if self._held:
+                return self._deliver(self._held.popleft(), conn)
             while conn is not None and conn._ready:
                 box = conn._ready.popleft()
                 if self._take(box, conn) is not None:
@@ -690,7 +715,7 @@ class SessionWire:
 
     def has_buffered_box(self) -> bool:
         conn = self.conn
-        return conn is not None and conn.has_buffered_box()
+        return bool(self._held) or (conn is not None and conn.has_buffered_box())
 
     def feed_available(self) -> None:
         """As ``Wire.feed_available``; a broken connection is noted as lost

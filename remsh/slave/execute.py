@@ -15,6 +15,7 @@ or a lost master kills its whole process group.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
 from remsh.session import SessionWire
-from remsh.wire import Box
+from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box
 
 if TYPE_CHECKING:
     from remsh.slave.server import SlaveServer
@@ -42,7 +43,13 @@ _HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLE
 #: After the command exits, how long to wait for its output pipes to close
 #: (a background grandchild may hold them open).
 OUTPUT_GRACE = 5.0
-READ_SIZE = 65535
+#: Most output read from a command at once (sent as boxes of at most 65535
+#: bytes, in one write): big reads when a command writes fast, one system
+#: call and one send for many boxes.
+READ_SIZE = 1 << 20
+#: The output pipes are made this big where the kernel allows, so a fast
+#: writer fills big reads (Linux's default pipe holds 64 KiB).
+PIPE_SIZE = 1 << 20
 #: Longest single ``select`` (seconds); the loop re-checks its deadlines after
 #: it, so a time limit longer than select(2) accepts still works.
 MAX_SELECT_WAIT = 3600.0
@@ -143,6 +150,16 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         pass
 
 
+def _grow_pipe(fd: int) -> None:
+    """Make the pipe ``fd`` hold :data:`PIPE_SIZE` bytes if the kernel lets us."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        try:
+            fcntl.fcntl(fd, set_size, PIPE_SIZE)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size: the default size works too
+
+
 def _kill_group_only(proc: "subprocess.Popen[bytes]") -> None:
     """SIGKILL the command's process group (the command itself has exited)."""
     try:
@@ -223,8 +240,10 @@ class _Supervisor:
         self.outputs: Dict[int, bytes] = {}
         if proc.stdout is not None:
             self.outputs[proc.stdout.fileno()] = b"stdout"
+            _grow_pipe(proc.stdout.fileno())
         if proc.stderr is not None:
             self.outputs[proc.stderr.fileno()] = b"stderr"
+            _grow_pipe(proc.stderr.fileno())
         self.wire_watched = False
         #: the connection being watched: (generation, fd); a session
         #: (remsh.session) may replace its connection while the command runs
@@ -437,7 +456,14 @@ class _Supervisor:
         if not data:
             self._close_output(fd)
             return
-        self.wire.send_box(ExecuteControl.output_box(self.outputs[fd], data))
+        stream = self.outputs[fd]
+        if len(data) <= MAX_VALUE_LENGTH:
+            self.wire.send_box(ExecuteControl.output_box(stream, data))
+        else:
+            view = memoryview(data)
+            self.wire.send_bytes(b"".join(
+                encode_box(ExecuteControl.output_box(stream, bytes(view[i:i + MAX_VALUE_LENGTH])))
+                for i in range(0, len(data), MAX_VALUE_LENGTH)))
 
     def _close_output(self, fd: int) -> None:
         self.sel.unregister(fd)
