@@ -86,6 +86,7 @@ docs: $(STAMP_DOCS)
 
 bench: $(STAMP_BENCH)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/resume.py $(if $(QUICK),--resumes 10 --cut-every 0.5 --min-cuts 3)
 
 clean:
 	rm -rf $(VENV) docs/_build build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
