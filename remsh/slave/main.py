@@ -285,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with sigterm_unwinds():
             return _main(argv, env_secret)
     except KeyboardInterrupt:
-        print("remsh-slave: interrupted", file=sys.stderr)
+        sys.stderr.write("remsh-slave: interrupted\n")
         return 130
 
 
