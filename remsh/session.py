@@ -568,26 +568,38 @@ class SessionWire:
         if conn is None:
             return
         try:
-            box = conn.read_box(timeout)
+            box = self._read_conn(conn, timeout)
         except PeerTimeout:
             return
-        except ProtocolError as e:
-            if not _cut_short(conn, e):
-                raise
-            self.connection_lost(conn, f"connection lost inside a box: {e}")
-            return
-        except Disconnected as e:
-            self.connection_lost(conn, f"connection lost: {e}")
-            return
-        if box is None:
-            self.connection_lost(conn, "connection closed")
-            return
-        if self._take(box, conn) is not None:
+        if box is not None and self._take(box, conn) is not None:
             # a box for the reader, read ahead to reach the acknowledgement
             # behind it: received now, delivered by the next read
             with self._cond:
                 self.received += 1
             self._held.append(box)
+
+    def _read_conn(self, conn: Wire, timeout: Optional[float]) -> Optional[Box]:
+        """The next box from ``conn``, or ``None`` when the connection
+        turned out lost (noted as such: the session waits for the next).
+
+        :raises PeerTimeout: nothing within ``timeout``
+        :raises ProtocolError: the peer broke the protocol
+        """
+        try:
+            box = conn.read_box(timeout)
+        except PeerTimeout:
+            raise
+        except ProtocolError as e:
+            if not _cut_short(conn, e):
+                raise
+            self.connection_lost(conn, f"connection lost inside a box: {e}")
+            return None
+        except Disconnected as e:
+            self.connection_lost(conn, f"connection lost: {e}")
+            return None
+        if box is None:
+            self.connection_lost(conn, "connection closed")
+        return box
 
     def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
         self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
@@ -683,22 +695,8 @@ class SessionWire:
                 if conn is not self.conn:
                     continue
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    box = conn.read_box(left)
-                except PeerTimeout:
-                    raise
-                except ProtocolError as e:
-                    if not _cut_short(conn, e):
-                        raise
-                    self.connection_lost(conn, f"connection lost inside a box: {e}")
-                    continue
-                except Disconnected as e:
-                    self.connection_lost(conn, f"connection lost: {e}")
-                    continue
-                if box is None:
-                    self.connection_lost(conn, "connection closed")
-                    continue
-                if self._take(box, conn) is not None:
+                box = self._read_conn(conn, left)
+                if box is not None and self._take(box, conn) is not None:
                     return self._count(box, conn)
 
     def poll_box(self) -> Optional[Box]:
