@@ -698,11 +698,15 @@ class Slave:
         """
         _tree.send_tree(self, src_dir, dest, progress)
 
-    def fetch_tree(self, src: Path, dest_dir: Path, *, progress: Optional[ProgressCallback] = None) -> None:
+    def fetch_tree(self, src: Path, dest_dir: Path, *, progress: Optional[ProgressCallback] = None,
+                   max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
         """Copy the directory ``src`` on the slave to the new local directory
         ``dest_dir`` (which must not exist), with the guarantees of
         :meth:`send_tree` on the master's side: built beside ``dest_dir``,
-        renamed into place last, nothing left on failure.
+        renamed into place last, nothing left on failure.  ``max_bytes``
+        (file data) and ``max_entries`` (files, directories and links)
+        bound what the slave may make the master write: past either the
+        transfer is abandoned, nothing is left and the slave is dropped.
 
         :raises NotFoundError: ``src`` does not exist
         :raises OpenFailedError: ``src`` is not a directory or cannot be opened
@@ -712,10 +716,10 @@ class Slave:
         :raises LocalError: ``dest_dir`` exists, its directory does not, or
             writing the local tree failed
         :raises UsageError: ``dest_dir`` does not end in a name
-        :raises ProtocolError: the data does not match its digest (the slave
-            is dropped)
+        :raises ProtocolError: the data does not match its digest, or passed
+            ``max_bytes`` or ``max_entries`` (the slave is dropped)
         """
-        _tree.fetch_tree(self, src, dest_dir, progress)
+        _tree.fetch_tree(self, src, dest_dir, progress, max_bytes, max_entries)
 
     def sync_tree(self, src_dir: Path, dest: Path, *, delete: bool = False, checksum: bool = False,
                   progress: Optional[ProgressCallback] = None) -> "_tree.SyncResult":

@@ -183,9 +183,11 @@ def _local_parent(slave: "Slave", meth: str, path: Path) -> Tuple[int, bytes]:
         raise LocalError(f"{slave.name}: {meth}: cannot open the local destination's directory: {e}") from e
 
 
-def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[ProgressCallback]) -> None:
+def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
+               max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
     meth = "fetch_tree"
+    entries = 0
     parent, name = _local_parent(slave, meth, dest_dir)
     tmp: Optional[bytes] = None
     top = -1
@@ -202,10 +204,16 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                 except (KeyError, ValueError):
                     total = None
                 counter = Progress(progress, total)
+
+                def on_data(n: int) -> None:
+                    counter.add(n)
+                    if max_bytes is not None and counter.done > max_bytes:
+                        raise ProtocolError(f"the tree passed max_bytes ({max_bytes}); transfer abandoned")
+
                 try:
                     tmp = make_temp_dir(parent, name)
                     top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
-                    writer = Writer(top, on_data=counter.add, file_mode_mask=FETCHED_FILE_MODES)
+                    writer = Writer(top, on_data=on_data, file_mode_mask=FETCHED_FILE_MODES)
                 except OSError as e:
                     local_error = e
                     wire.send_box({b"interrupt": b"y"})
@@ -215,6 +223,10 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                         break
                     if writer is None or local_error is not None:
                         continue
+                    if box.get(T) in (DIR, FILE, LINK):
+                        entries += 1
+                    if max_entries is not None and entries > max_entries:
+                        raise ProtocolError(f"the tree passed max_entries ({max_entries}); transfer abandoned")
                     try:
                         writer.feed(box)
                     except TargetError as e:
