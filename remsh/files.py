@@ -96,6 +96,46 @@ def rename_noreplace_at(src: bytes, dest: bytes, *, src_dir_fd: Optional[int] = 
          AT_FDCWD if dst_dir_fd is None else dst_dir_fd, dest, RENAME_NOREPLACE)
 
 
+def rename_dir_noreplace_at(src: bytes, dest: bytes, *, src_dir_fd: Optional[int] = None,
+                            dst_dir_fd: Optional[int] = None) -> None:
+    """Rename the directory ``src`` to ``dest``, never replacing anything:
+    ``renameat2(RENAME_NOREPLACE)`` where the system has it, else
+    :func:`rename_dir_reserving_at`.
+
+    Raises ``FileExistsError`` when ``dest`` exists, ``OSError`` otherwise.
+    """
+    try:
+        rename_noreplace_at(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
+    except OSError as e:
+        if e.errno not in NOREPLACE_UNSUPPORTED:
+            raise
+    rename_dir_reserving_at(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+
+def rename_dir_reserving_at(src: bytes, dest: bytes, *, src_dir_fd: Optional[int] = None,
+                            dst_dir_fd: Optional[int] = None) -> None:
+    """Rename the directory ``src`` to ``dest`` without ``renameat2``: an
+    empty directory reserves the name (``mkdir`` fails if anything is
+    there) and the rename replaces only that -- rename(2) replaces only an
+    empty directory.  The window left: someone who removes the reservation
+    and puts an empty directory of their own there in the instant before the
+    rename loses that empty directory; a non-empty one or a file makes the
+    rename fail (``ENOTEMPTY``/``ENOTDIR``): nothing is lost.
+
+    Raises ``FileExistsError`` when ``dest`` exists, ``OSError`` otherwise.
+    """
+    os.mkdir(dest, 0o700, dir_fd=dst_dir_fd)
+    try:
+        os.rename(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    except BaseException:
+        try:
+            os.rmdir(dest, dir_fd=dst_dir_fd)
+        except OSError:
+            pass
+        raise
+
+
 class PartialFile:
     """A temporary file beside ``dest`` that becomes ``dest`` on :meth:`commit`.
 

@@ -69,7 +69,7 @@ import struct
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from remsh.errors import PeerTimeout
-from remsh.files import NOREPLACE_UNSUPPORTED, TEMP_SUFFIX, rename_noreplace_at
+from remsh.files import TEMP_SUFFIX, rename_dir_noreplace_at
 from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -487,24 +487,9 @@ def make_temp_dir(parent_fd: int, name: bytes) -> bytes:
 
 def place_dir(parent_fd: int, tmp: bytes, name: bytes) -> None:
     """Rename directory ``tmp`` to ``name`` in ``parent_fd``, never replacing
-    anything (``renameat2(RENAME_NOREPLACE)``; where the kernel lacks it, an
-    empty directory reserves the name and the rename replaces only that).
+    anything (:func:`remsh.files.rename_dir_noreplace_at`).
     Raises ``FileExistsError`` when ``name`` exists, ``OSError`` otherwise."""
-    try:
-        rename_noreplace_at(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        return
-    except OSError as e:
-        if e.errno not in NOREPLACE_UNSUPPORTED:
-            raise
-    os.mkdir(name, 0o700, dir_fd=parent_fd)
-    try:
-        os.rename(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    except BaseException:
-        try:
-            os.rmdir(name, dir_fd=parent_fd)
-        except OSError:
-            pass
-        raise
+    rename_dir_noreplace_at(tmp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
 
 
 RemoveTree = Callable[[int, bytes], None]

@@ -41,7 +41,7 @@ import stat as stat_mod
 from typing import Callable, List, Optional
 
 from remsh.errors import FailedError, NotFoundError, OpenFailedError, RemoteFileExistsError
-from remsh.files import NOREPLACE_UNSUPPORTED, PartialFile, rename_noreplace_at
+from remsh.files import NOREPLACE_UNSUPPORTED, PartialFile, rename_dir_reserving_at, rename_noreplace_at
 from remsh.slave.policy import DIR_FLAGS, PLAIN, PROC_FD, Policy, check_path_value
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -294,21 +294,7 @@ def _rename_at(sname: bytes, dname: bytes, sfd: Optional[int], dfd: Optional[int
             raise
     st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
     if stat_mod.S_ISDIR(st.st_mode):
-        # Reserve the name with an empty directory (mkdir fails if anything
-        # is there), then rename over it: rename(2) replaces only an empty
-        # directory.  The window left: someone who removes our reservation
-        # and puts an empty directory of their own there in the instant
-        # before the rename loses that empty directory.  A non-empty one or
-        # a file makes the rename fail (ENOTEMPTY/ENOTDIR): nothing is lost.
-        os.mkdir(dname, 0o700, dir_fd=dfd)
-        try:
-            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-        except BaseException:
-            try:
-                os.rmdir(dname, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
+        rename_dir_reserving_at(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
         return
     try:
         os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
