@@ -46,7 +46,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
 from remsh.wire import Box, BoxLike, Wire, encode_box
@@ -603,12 +603,6 @@ class SessionWire:
 
     def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
         self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
-
-    def send_boxes(self, boxes: List[BoxLike]) -> None:
-        self.send_bytes(b"".join(encode_box(b) for b in boxes))
-
-    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
-        return self.send_bytes_unless(encode_box(box), stop)
 
     def _send_control(self, conn: Wire, data: bytes) -> None:
         try:

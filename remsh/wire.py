@@ -390,10 +390,6 @@ class Wire:
             self._send_locked(data)
         return True
 
-    def send_box_unless(self, box: BoxLike, stop: threading.Event) -> bool:
-        """:meth:`send_bytes_unless` for one box."""
-        return self.send_bytes_unless(encode_box(box), stop)
-
     def send_boxes(self, boxes: Iterable[BoxLike]) -> None:
         """Encode several boxes and send them in one write, uninterrupted."""
         data = b"".join(encode_box(b) for b in boxes)

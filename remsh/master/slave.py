@@ -186,10 +186,6 @@ class Slave:
             except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
                 log.exception("on_disconnect callback failed for slave %s", self.name)
 
-    def _mark_disconnected(self, exc: RemshError) -> None:
-        """The earlier name of :meth:`drop`, kept for subclasses."""
-        self.drop(exc)
-
     def try_hold(self) -> bool:
         """Take the slave for a look at its idle connection, if no operation
         holds it (for the idle monitor); give it back with :meth:`release`."""
