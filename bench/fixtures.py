@@ -226,7 +226,10 @@ class RemshSlaves:
         if transport == SSH:
             return ["--ssh", f"bench-dial@127.0.0.1:{self.ports[SSH]}", "--identity", self.ssh_files["bench-dial"],
                     "--known-hosts", self.ssh_files["known_hosts"], "--name", "bench-dial"]
-        args = ["--port", str(self.ports[transport]), "--secret-file", self.secret_file, "--name", "bench-dial"]
+        # a name of its own: the SSH listener binds "bench-dial" to its key, and
+        # no other listener may register a name another one claims
+        args = ["--port", str(self.ports[transport]), "--secret-file", self.secret_file,
+                "--name", f"bench-dial-{transport.lower()}"]
         if transport == TLS:
             assert self.tls is not None
             args += ["--tls-ca", self.tls["cert"]]
