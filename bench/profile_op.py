@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fixtures import TRANSPORTS, RemshSlaves  # noqa: E402
+from fixtures import SSH, SSH_OPENSSH, TRANSPORTS, RemshSlaves  # noqa: E402
 from harness import PIN_CPUS, process_tree, set_affinity_tree  # noqa: E402
 
 MiB = 1024 * 1024
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace, work: str) -> int:
     slave_prof = os.path.join(work, "slave.prof")
     remsh = RemshSlaves(work, python_args=[os.path.join(HERE, "threadprof.py"), slave_prof]
                         if args.how == "cprofile" else [])
-    remsh.start((args.transport,))
+    # the system ssh client reaches the embedded server of the SSH transport
+    remsh.start((SSH, SSH_OPENSSH) if args.transport == SSH_OPENSSH else (args.transport,))
     if args.transport in remsh.na:
         print(f"cannot start remsh {args.transport}: {remsh.na[args.transport]}")
         remsh.stop()

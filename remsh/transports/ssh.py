@@ -300,11 +300,17 @@ class ChannelStream:
         self.handshake_deadline: Optional[float] = None
         # only sends use the channel timeout: receives wait on the pipe below
         channel.settimeout(send_timeout)
+        # Open the window again after half of it was read, not a tenth: each
+        # adjustment is a message of its own, and the sender keeps at least
+        # half a window to go on with.
+        channel.in_window_threshold = max(channel.in_window_threshold, channel.in_window_size // 2)
         self._fd: int = channel.fileno()
         self._poller = select.poll()
         self._poller.register(self._fd, select.POLLIN)
         self._closed = False
         self._close_lock = threading.Lock()
+        #: what the last read from the channel held beyond what was asked
+        self._rest: Optional[memoryview] = None
 
     def send_all(self, data: Buffer) -> None:
         """Send every byte; ``TimeoutError`` if the peer stops reading for the
@@ -320,9 +326,15 @@ class ChannelStream:
         ch = self.channel
         return bool(ch.recv_ready() or ch.closed or ch.eof_received)
 
-    def recv(self, size: int, timeout: Optional[float]) -> bytes:
-        """Up to ``size`` bytes, ``b""`` at end of stream; ``TimeoutError``
-        if nothing arrives within ``timeout`` seconds (``0``: do not wait)."""
+    def _take(self, size: int, timeout: Optional[float]) -> Buffer:
+        """Up to ``size`` bytes, what an earlier read left first."""
+        rest = self._rest
+        if rest is not None:
+            if len(rest) > size:
+                self._rest = rest[size:]
+                return rest[:size]
+            self._rest = None
+            return rest
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while not self._ready():
             if self._closed:
@@ -337,14 +349,27 @@ class ChannelStream:
             events = self._poller.poll(None if left is None else left * 1000.0)
             if any(ev & select.POLLNVAL for _, ev in events):
                 raise OSError(errno.EBADF, "stream closed")
-        return bytes(self.channel.recv(size))
+        # All the channel holds: paramiko's pipe moves what a partial read
+        # leaves to its front, a copy of up to a whole window per read.
+        data = self.channel.recv(max(size, len(self.channel.in_buffer)))
+        if len(data) > size:
+            view = memoryview(data)
+            self._rest = view[size:]
+            return view[:size]
+        return data
+
+    def recv(self, size: int, timeout: Optional[float]) -> bytes:
+        """Up to ``size`` bytes, ``b""`` at end of stream; ``TimeoutError``
+        if nothing arrives within ``timeout`` seconds (``0``: do not wait)."""
+        return bytes(self._take(size, timeout))
 
     def recv_into(self, buffer: memoryview, timeout: Optional[float]) -> int:
         """Like :meth:`recv`, into the start of ``buffer``; the byte count
         (0 at end of stream)."""
-        data = self.recv(len(buffer), timeout)
-        buffer[:len(data)] = data
-        return len(data)
+        data = self._take(len(buffer), timeout)
+        n = len(data)
+        buffer[:n] = data
+        return n
 
     def abort(self) -> None:
         """End the connection now; what paramiko still queues is dropped with it."""
@@ -356,8 +381,11 @@ class ChannelStream:
         return self._fd
 
     def pending(self) -> int:
-        # the readiness pipe stays set while the channel buffers anything
-        return 0
+        """Bytes held here beyond the channel: the channel's readiness pipe
+        stays set while the channel itself buffers anything, but not for
+        these."""
+        rest = self._rest
+        return 0 if rest is None else len(rest)
 
     def shutdown(self) -> None:
         """End the connection now, waking any thread blocked on the channel."""
