@@ -27,12 +27,12 @@ from __future__ import annotations
 import enum
 import math
 import os
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from remsh.errors import CommandTimeout, ProtocolError, RemoteError, UsageError, remote_error
 from remsh.ops import EXECUTE, error_box, is_progress
-from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box,
-                        decode_int, encode_box, encode_list)
+from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH, MAX_VALUE_LENGTH,
+                        Box, decode_int, encode_box, encode_list)
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 EnvArg = Mapping[Union[str, bytes], Optional[Union[str, bytes]]]
@@ -218,6 +218,13 @@ class ExecuteControl:
     @staticmethod
     def output_box(stream: bytes, data: bytes) -> Box:
         return {b"stream": stream, b"data": data}
+
+    @staticmethod
+    def output_head(stream: bytes) -> Tuple[bytes, bytes]:
+        """The encoded keys that come before the data in every output box of
+        ``stream``, and the data's key: :meth:`output_box` in two parts, for
+        a sender that lets the kernel move the data (``Wire.send_values_spliced``)."""
+        return encode_box({b"stream": stream})[:-len(END_OF_BOX)], b"data"
 
     @staticmethod
     def exit_box(code: int) -> Box:

@@ -45,7 +45,7 @@ import collections
 import struct
 import threading
 from time import monotonic as _now
-from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, WaitTimeout
 
@@ -397,14 +397,43 @@ class Wire:
             self._send_locked(data)
 
     def _send_locked(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        self._sending(self.stream.send_all, data)
+
+    def _sending(self, send: Callable[..., None], *args: Any) -> None:
+        """``send(*args)`` (holding the send lock), its failures as ours."""
         if self.closed:
             raise Disconnected(f"{self.label}: connection already closed")
         try:
-            self.stream.send_all(data)
+            send(*args)
         except TimeoutError as e:
             raise PeerTimeout(f"{self.label}: peer stopped reading (send timed out)") from e
         except OSError as e:
             raise Disconnected(f"{self.label}: connection lost while sending: {e}") from e
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether :meth:`send_values_spliced` works on this connection."""
+        return bool(getattr(self.stream, "can_splice", False))
+
+    def send_values_spliced(self, head: bytes, key: bytes, fd: int, count: int) -> None:
+        """Send ``count`` bytes the pipe ``fd`` holds as consecutive boxes
+        ``head + {key: chunk}`` (``head``: the encoded keys before ``key``),
+        the chunks moved from the pipe into the connection by the kernel:
+        the same bytes :meth:`send_box` would send for each box.
+
+        :raises PeerTimeout: the peer stopped reading
+        :raises Disconnected: the connection failed (possibly mid-box: it is
+            of no further use)
+        """
+        prefix = head + _pack_u16(len(key)) + key
+        pieces: List[Tuple[bytes, int]] = []
+        tail = b""
+        for start in range(0, count, MAX_VALUE_LENGTH):
+            n = min(MAX_VALUE_LENGTH, count - start)
+            pieces.append((tail + prefix + _pack_u16(n), n))
+            tail = END_OF_BOX
+        with self._send_lock:
+            self._sending(self.stream.send_spliced, pieces, fd, tail)  # type: ignore[attr-defined]
 
     # -- receiving ---------------------------------------------------------
 

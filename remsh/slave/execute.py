@@ -14,6 +14,7 @@ or a lost master kills its whole process group.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import logging
@@ -22,6 +23,7 @@ import select
 import selectors
 import signal
 import subprocess
+import termios
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -150,6 +152,16 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         pass
 
 
+def _pipe_bytes(fd: int) -> int:
+    """How many bytes the pipe ``fd`` holds (0 also when that is unknown)."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+    except OSError:
+        return 0
+    return count[0]
+
+
 def _grow_pipe(fd: int) -> None:
     """Make the pipe ``fd`` hold :data:`PIPE_SIZE` bytes if the kernel lets us."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
@@ -245,6 +257,12 @@ class _Supervisor:
             self.outputs[proc.stderr.fileno()] = b"stderr"
             _grow_pipe(proc.stderr.fileno())
         self.wire_watched = False
+        #: per output pipe, what comes before its data in each output box,
+        #: when the kernel may move the data into the connection (a plain
+        #: socket, no session that must keep a copy): see _read_output
+        self.splice_heads: Optional[Dict[int, Tuple[bytes, bytes]]] = None
+        if not isinstance(self.wire, SessionWire) and getattr(self.wire, "can_splice", False):
+            self.splice_heads = {fd: ExecuteControl.output_head(name) for fd, name in self.outputs.items()}
         #: the connection being watched: (generation, fd); a session
         #: (remsh.session) may replace its connection while the command runs
         self.watched: "tuple[int, int]" = (-1, -1)
@@ -447,6 +465,14 @@ class _Supervisor:
             pass
 
     def _read_output(self, fd: int) -> None:
+        if self.splice_heads is not None:
+            ready = _pipe_bytes(fd)
+            if ready > 0:
+                # the bytes go from the pipe to the socket without a copy
+                # through this process (read, encode and send: two copies)
+                head, key = self.splice_heads[fd]
+                self.wire.send_values_spliced(head, key, fd, ready)
+                return
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:

@@ -23,6 +23,7 @@ progress).
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import ssl
@@ -30,7 +31,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 #: TCP keepalive: (idle seconds, probe interval seconds, probe count).
@@ -42,6 +43,9 @@ DEFAULT_SEND_TIMEOUT = 120.0
 
 
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_splice: Optional[Callable[..., int]] = getattr(os, "splice", None) if sys.platform.startswith("linux") else None
+_SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 0)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -290,6 +294,35 @@ class SocketStream:
                 events = select.POLLIN
             timeout = self._send_timeout
             _wait_for(self._fd, events, None if timeout is None else time.monotonic() + timeout, "send")
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether :meth:`send_spliced` may be used: a plain socket (TLS must
+        see every byte) on a system with ``splice(2)``."""
+        return not self._tls and _splice is not None
+
+    def send_spliced(self, pieces: List[Tuple[bytes, int]], fd: int, tail: bytes) -> None:
+        """Send each ``(head, count)`` of ``pieces`` as ``head`` followed by
+        ``count`` bytes moved from the pipe ``fd`` straight into the socket,
+        then ``tail``: bytes that only pass through are never copied into
+        this process.  The pipe must hold every byte asked for (``FIONREAD``).
+
+        Same time limit and errors as :meth:`send_all`; after an error part of
+        the pieces may have been sent, so the connection is of no further use.
+        """
+        assert _splice is not None and not self._tls
+        sock, out = self.sock, self._fd
+        try:
+            for head, count in pieces:
+                sock.sendall(head, _MSG_MORE)
+                while count:
+                    moved = _splice(fd, out, count, flags=_SPLICE_F_MORE)
+                    if moved <= 0:
+                        raise OSError(errno.EIO, "the pipe ran dry while splicing")
+                    count -= moved
+            sock.sendall(tail)
+        except BlockingIOError as e:  # SO_SNDTIMEO expired
+            raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
 
     def fileno(self) -> int:
         return self._fd
