@@ -40,6 +40,11 @@ LOCAL, TCP, TLS, SSH = "local", "TCP", "TLS", "SSH"
 #: ``ssh`` program (``--ssh-client openssh``); ``SSH`` is the paramiko client
 SSH_OPENSSH = "SSH via ssh"
 TRANSPORTS = (LOCAL, TCP, TLS, SSH, SSH_OPENSSH)
+#: TCP to a listener that keeps no session (``resume_timeout=0``): nothing
+#: survives a dropped connection, and nothing sent is kept for it (the
+#: pinned transfer and stream rows, to show what a session costs)
+TCP_PLAIN = "TCP, sessions off"
+ALL_TRANSPORTS = TRANSPORTS + (TCP_PLAIN,)
 
 
 def child_env() -> Dict[str, str]:
@@ -112,14 +117,15 @@ class RemshSlaves:
         self.ssh_files: Dict[str, str] = {}
 
     def basedir(self, transport: str) -> str:
-        d = os.path.join(self.dir, f"slave-{transport.lower().replace(' ', '-')}")
+        d = os.path.join(self.dir, f"slave-{transport.lower().replace(',', '').replace(' ', '-')}")
         os.makedirs(d, exist_ok=True)
         return d
 
     # -- starting --------------------------------------------------------------
 
-    def start(self, transports: Tuple[str, ...] = TRANSPORTS) -> None:
+    def start(self, transports: Tuple[str, ...] = ALL_TRANSPORTS) -> None:
         for transport, starter in ((LOCAL, self._start_local), (TCP, self._start_tcp),
+                                   (TCP_PLAIN, self._start_tcp_plain),
                                    (TLS, self._start_tls), (SSH, self._start_ssh),
                                    (SSH_OPENSSH, self._start_ssh_openssh)):
             if transport not in transports:
@@ -154,16 +160,19 @@ class RemshSlaves:
                     lines = f.read().strip().splitlines()
                 raise RuntimeError(f"slave did not register: {lines[-1] if lines else 'no output'}")
 
-    def _start_tcp(self) -> Slave:
+    def _start_tcp(self, transport: str = TCP, name: str = "bench-tcp", **options: Any) -> Slave:
         from remsh.master.slavelistener.tcp import TcpSlaveListener
 
         listener = TcpSlaveListener(port=0, host="127.0.0.1", secret=self.secret,
-                                    slave_collection=self.collection)
+                                    slave_collection=self.collection, **options)
         listener.start()
         self.listeners.append(listener)
-        self.ports[TCP] = listener.port
-        return self._spawn_slave("bench-tcp", ["--secret-file", self.secret_file,
-                                               "--basedir", self.basedir(TCP), "127.0.0.1", str(listener.port)])
+        self.ports[transport] = listener.port
+        return self._spawn_slave(name, ["--secret-file", self.secret_file,
+                                        "--basedir", self.basedir(transport), "127.0.0.1", str(listener.port)])
+
+    def _start_tcp_plain(self) -> Slave:
+        return self._start_tcp(TCP_PLAIN, "bench-tcp0", resume_timeout=0)
 
     def _start_tls(self) -> Slave:
         from remsh.master.slavelistener.tcp import TcpSlaveListener

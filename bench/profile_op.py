@@ -4,7 +4,7 @@
 
 OP is ``ping``, ``stat``, ``execute`` (``true``), ``send``, ``fetch`` or
 ``stream`` (``cat`` of a file to a stdout callback); T is ``TCP`` (default),
-``TLS``, ``SSH`` or ``local``.  The master is this process; the slave is a
+``"TCP, sessions off"``, ``TLS``, ``SSH``, ``"SSH via ssh"`` or ``local``.  The master is this process; the slave is a
 real ``remsh-slave`` process (for ``local``: the local child, whose side is
 traced but not profiled).
 
@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fixtures import SSH, SSH_OPENSSH, TRANSPORTS, RemshSlaves  # noqa: E402
+from fixtures import ALL_TRANSPORTS, SSH, SSH_OPENSSH, RemshSlaves  # noqa: E402
 from harness import PIN_CPUS, process_tree, set_affinity_tree  # noqa: E402
 
 MiB = 1024 * 1024
@@ -69,7 +69,7 @@ def cpu_seconds(pid: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("op", choices=["ping", "stat", "execute", "send", "fetch", "stream"])
-    p.add_argument("--transport", choices=TRANSPORTS, default="TCP")
+    p.add_argument("--transport", choices=ALL_TRANSPORTS, default="TCP")
     p.add_argument("--count", type=int, help="operations to time (default depends on OP)")
     p.add_argument("--size", type=int, default=64, help="MiB for send/fetch/stream (default 64)")
     p.add_argument("--pin", action="store_true", help="both ends on CPU 0")

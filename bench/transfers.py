@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable, List, Optional
 
 import floor
-from fixtures import LOCAL, TCP
+from fixtures import LOCAL, TCP, TCP_PLAIN
 from harness import ANY, PINNED, UNPINNED, place
 
 MiB = 1024 * 1024
@@ -26,7 +26,7 @@ FLOOR_UNIX = "raw socketpair (floor)"
 SHA_ROW = "SHA-256, one core"
 RAW_TCP_ROW = "raw TCP, no hash (1 MiB sends)"
 RAW_UNIX_ROW = "raw socketpair, no hash (1 MiB sends)"
-TRANSPORTS = (TCP, LOCAL)
+TRANSPORTS = (TCP, TCP_PLAIN, LOCAL)
 
 
 def _floor_for(transport: str) -> str:

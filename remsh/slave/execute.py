@@ -45,6 +45,8 @@ _HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLE
 #: After the command exits, how long to wait for its output pipes to close
 #: (a background grandchild may hold them open).
 OUTPUT_GRACE = 5.0
+#: Longest the start box waits to go out with something else (seconds).
+START_DELAY = 0.005
 #: Most output read from a command at once: one box's worth.  Reading more
 #: and sending several boxes in one write measured slower on both ends here
 #: (the joins cost more than the system calls they save).
@@ -183,7 +185,6 @@ def _kill_group_only(proc: "subprocess.Popen[bytes]") -> None:
 def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     """Perform one ``execute`` request (arguments parsed by the table of
     operations), from start reply to final box."""
-    wire = server.wire
     argv: List[bytes] = args["args"]
     want_stdout = args["want_stdout"] is not False
     want_stderr = args["want_stderr"] is not False
@@ -220,8 +221,10 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
                 msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
             raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
     try:
-        wire.send_box({})
-        _Supervisor(server, proc, timeout, bool(args["keep_processes"])).run()
+        supervisor = _Supervisor(server, proc, timeout, bool(args["keep_processes"]))
+        if want_stdin:
+            supervisor.send_start()  # the master may wait for it before sending stdin
+        supervisor.run()
     finally:
         if proc.returncode is None:
             _kill_group(proc)
@@ -267,6 +270,18 @@ class _Supervisor:
         #: (remsh.session) may replace its connection while the command runs
         self.watched: "tuple[int, int]" = (-1, -1)
         self.session = isinstance(self.wire, SessionWire)
+        #: the start box ("the command is running") is not sent yet: it goes
+        #: out before the first output, at the latest START_DELAY after the
+        #: start, or in one write with the final box of a command that ended
+        #: sooner (one message and one wake-up of the master fewer)
+        self.start_pending = True
+        self.started_at = time.monotonic()
+
+    def send_start(self) -> None:
+        """Send the start box now, unless it went already."""
+        if self.start_pending:
+            self.start_pending = False
+            self.wire.send_box({})
 
     def run(self) -> None:
         proc, sel, wire = self.proc, self.sel, self.wire
@@ -287,6 +302,9 @@ class _Supervisor:
                     break
                 self._drain_wire()
                 wait = self._next_wait(exit_seen_at)
+                if self.start_pending:
+                    left = max(0.0, self.started_at + START_DELAY - time.monotonic())
+                    wait = left if wait is None else min(wait, left)
                 if not self.wire_watched:
                     # stdin is backed up, so the connection is not read: look
                     # for the master hanging up at least once a second
@@ -294,6 +312,9 @@ class _Supervisor:
                         self._lost()
                     wait = HANGUP_CHECK if wait is None else min(wait, HANGUP_CHECK)
                 events = sel.select(wait)
+                if self.start_pending and (time.monotonic() >= self.started_at + START_DELAY
+                                           or any(key.data != "exit" for key, _ in events)):
+                    self.send_start()
                 for key, _ in events:
                     what = key.data
                     if what == "out":
@@ -326,13 +347,23 @@ class _Supervisor:
                     log.warning("command exited but its output stays open; closing it")
                     for fd in list(self.outputs):
                         self._close_output(fd)
+        except Disconnected:
+            raise
+        except BaseException:
+            self.send_start()  # the error box that follows is then the final box, not a refusal
+            raise
         finally:
             watcher.close()
             sel.close()
         if self.timed_out:
-            wire.send_box(ExecuteControl.timeout_box(self.timeout or 0.0))
+            final = ExecuteControl.timeout_box(self.timeout or 0.0)
         else:
-            wire.send_box(ExecuteControl.exit_box(proc.returncode))
+            final = ExecuteControl.exit_box(proc.returncode)
+        if self.start_pending:
+            self.start_pending = False
+            wire.send_bytes(encode_box({}) + encode_box(final))
+        else:
+            wire.send_box(final)
 
     def _next_wait(self, exit_seen_at: Optional[float]) -> Optional[float]:
         waits = []
