@@ -14,6 +14,7 @@ listener's key-bound names) are never given to another listener at all.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
 import random
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from remsh.master.slave import Slave
 
 log = logging.getLogger(__name__)
+_filter = builtins.filter
 
 SlaveFilter = Callable[["Slave"], bool]
 SlaveCmp = Callable[["Slave", "Slave"], int]
@@ -134,8 +136,10 @@ class SimpleSlaveCollection:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                matches = [s for s in self._slaves.values()
-                           if (filter is None or filter(s)) and s.connected]
+                # the filter is called from C (the builtin ``filter``, which
+                # the parameter hides), not from a bytecode loop per slave
+                candidates = self._slaves.values() if filter is None else _filter(filter, self._slaves.values())
+                matches = [s for s in candidates if s.connected]
                 if matches:
                     if cmp is not None:
                         matches.sort(key=functools.cmp_to_key(cmp))
