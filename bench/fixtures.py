@@ -39,7 +39,10 @@ LOCAL, TCP, TLS, SSH = "local", "TCP", "TLS", "SSH"
 #: the same embedded SSH server, the slave dialling with the system's
 #: ``ssh`` program (``--ssh-client openssh``); ``SSH`` is the paramiko client
 SSH_OPENSSH = "SSH via ssh"
-TRANSPORTS = (LOCAL, TCP, TLS, SSH, SSH_OPENSSH)
+#: a tunnel: the system's ``ssh -W`` through the bench's OpenSSH ``sshd`` to
+#: the TCP listener (``--via-ssh --ssh-client openssh``): no paramiko at all
+SSH_TUNNEL = "SSH via ssh -W"
+TRANSPORTS = (LOCAL, TCP, TLS, SSH, SSH_OPENSSH, SSH_TUNNEL)
 #: TCP to a listener that keeps no session (``resume_timeout=0``): nothing
 #: survives a dropped connection, and nothing sent is kept for it (the
 #: pinned transfer and stream rows, to show what a session costs)
@@ -96,8 +99,10 @@ def make_tls_files(directory: str) -> Dict[str, str]:
 class RemshSlaves:
     """One master (this process) with one slave per transport."""
 
-    def __init__(self, work: str, python_args: Optional[List[str]] = None) -> None:
+    def __init__(self, work: str, python_args: Optional[List[str]] = None, sshd: Any = None) -> None:
         self.work = work
+        #: the bench's OpenSSH server (bench/sshd.py), for the tunnel; None: not started
+        self.sshd = sshd
         #: inserted between the interpreter and ``-m remsh.slave.main`` (e.g. to run under cProfile)
         self.python_args = list(python_args or [])
         self.dir = os.path.join(work, "remsh")
@@ -127,7 +132,8 @@ class RemshSlaves:
         for transport, starter in ((LOCAL, self._start_local), (TCP, self._start_tcp),
                                    (TCP_PLAIN, self._start_tcp_plain),
                                    (TLS, self._start_tls), (SSH, self._start_ssh),
-                                   (SSH_OPENSSH, self._start_ssh_openssh)):
+                                   (SSH_OPENSSH, self._start_ssh_openssh),
+                                   (SSH_TUNNEL, self._start_ssh_tunnel)):
             if transport not in transports:
                 continue
             try:
@@ -229,6 +235,21 @@ class RemshSlaves:
             "--ssh-client", "openssh", "-F", config,
             "--ssh", f"bench-ossh@127.0.0.1:{self.ports[SSH]}", "--identity", self.ssh_files["bench-ossh"],
             "--known-hosts", self.ssh_files["known_hosts"], "--basedir", self.basedir(SSH_OPENSSH)])
+
+    def _start_ssh_tunnel(self) -> Slave:
+        """A slave through ``ssh -W`` and the bench's ``sshd`` to the TCP listener of :meth:`_start_tcp`."""
+        if self.sshd is None:
+            raise RuntimeError("needs the bench's sshd (not started)")
+        if TCP not in self.ports:
+            raise RuntimeError(f"needs the TCP listener ({self.na.get(TCP, 'not started')})")
+        config = os.path.join(self.dir, "tunnel_ssh_config")  # nothing of ~/.ssh/config
+        with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"):
+            pass
+        return self._spawn_slave("bench-tunnel", [
+            "--ssh-client", "openssh", "-F", config,
+            "--via-ssh", f"{self.sshd.user}@{self.sshd.host}:{self.sshd.port}", "--identity", self.sshd.client_key,
+            "--known-hosts", self.sshd.known_hosts, "--secret-file", self.secret_file,
+            "--basedir", self.basedir(SSH_TUNNEL), "127.0.0.1", str(self.ports[TCP])])
 
     def dial_args(self, transport: str) -> List[str]:
         """``slavefarm.py dial`` options that reach this master over ``transport``."""

@@ -4,7 +4,8 @@
 
 OP is ``ping``, ``stat``, ``execute`` (``true``), ``send``, ``fetch`` or
 ``stream`` (``cat`` of a file to a stdout callback); T is ``TCP`` (default),
-``"TCP, sessions off"``, ``TLS``, ``SSH``, ``"SSH via ssh"`` or ``local``.  The master is this process; the slave is a
+``"TCP, sessions off"``, ``TLS``, ``SSH``, ``"SSH via ssh"``, ``"SSH via ssh -W"`` or
+``local``.  The master is this process; the slave is a
 real ``remsh-slave`` process (for ``local``: the local child, whose side is
 traced but not profiled).
 
@@ -34,7 +35,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fixtures import ALL_TRANSPORTS, SSH, SSH_OPENSSH, RemshSlaves  # noqa: E402
+from fixtures import ALL_TRANSPORTS, SSH, SSH_OPENSSH, SSH_TUNNEL, TCP, RemshSlaves  # noqa: E402
+from sshd import Sshd  # noqa: E402
 from harness import PIN_CPUS, process_tree, set_affinity_tree  # noqa: E402
 
 MiB = 1024 * 1024
@@ -92,13 +94,21 @@ def run(args: argparse.Namespace, work: str) -> int:
             subprocess.run(["head", "-c", str(args.size * MiB), "/dev/urandom"], stdout=f, check=True)
     dest = os.path.join(work, "dest.bin")
     slave_prof = os.path.join(work, "slave.prof")
+    sshd = None
+    if args.transport == SSH_TUNNEL:
+        sshd = Sshd(work)
+        sshd.start()
     remsh = RemshSlaves(work, python_args=[os.path.join(HERE, "threadprof.py"), slave_prof]
-                        if args.how == "cprofile" else [])
-    # the system ssh client reaches the embedded server of the SSH transport
-    remsh.start((SSH, SSH_OPENSSH) if args.transport == SSH_OPENSSH else (args.transport,))
+                        if args.how == "cprofile" else [], sshd=sshd)
+    # the system ssh client reaches the embedded server of the SSH transport,
+    # or the TCP listener through the tunnel
+    remsh.start({SSH_OPENSSH: (SSH, SSH_OPENSSH), SSH_TUNNEL: (TCP, SSH_TUNNEL)}.get(args.transport,
+                                                                                  (args.transport,)))
     if args.transport in remsh.na:
         print(f"cannot start remsh {args.transport}: {remsh.na[args.transport]}")
         remsh.stop()
+        if sshd is not None:
+            sshd.stop()
         return 1
     tracers: list = []
     try:
@@ -154,6 +164,8 @@ def run(args: argparse.Namespace, work: str) -> int:
             tracer.terminate()
             tracer.wait()
         remsh.stop()
+        if sshd is not None:
+            sshd.stop()
     per = elapsed / count
     what = f"{per * 1e6:.1f} us per {args.op}" if args.op in ("ping", "stat", "execute") else \
         f"{per:.3f} s per {args.op} = {args.size / per:.0f} MiB/s"

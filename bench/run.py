@@ -32,7 +32,8 @@ import floor  # noqa: E402
 import slowlink  # noqa: E402
 import transfers  # noqa: E402
 import trees  # noqa: E402
-from fixtures import LOCAL, REPO, SSH, SSH_OPENSSH, TCP, TLS, TRANSPORTS, Peers, RemshSlaves, child_env  # noqa: E402
+from fixtures import (LOCAL, REPO, SSH, SSH_OPENSSH, SSH_TUNNEL, TCP, TLS, TRANSPORTS, Peers,  # noqa: E402
+                      RemshSlaves, child_env)
 from harness import (ANY, PINNED, UNPINNED, Results, Row, machine_info, machine_line, measure,  # noqa: E402
                      place)
 from sshd import Sshd, have_openssh  # noqa: E402
@@ -172,7 +173,7 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 self.sshd_na = f"sshd: {e}"
                 self.sshd = None
-        self.remsh = RemshSlaves(self.work)
+        self.remsh = RemshSlaves(self.work, sshd=self.sshd)
         self.remsh.start()
         self.peers = Peers(self.work, self.sshd, self.sshd_na)
         self.peers.start()
@@ -571,15 +572,18 @@ class Bench:
                 target(f"{direction} over SSH at least as fast as scp", ssh >= scp, f"{ssh:.0f} vs {scp:.0f} MiB/s")
             if r.find(scen, FLOOR_TCP) is not None and med(scen, remsh_name(SSH)) is None:
                 target(f"{direction} over SSH vs paramiko SFTP and scp", None, "remsh SSH not measured")
-            ossh = med(scen, remsh_name(SSH_OPENSSH))
-            if scp and r.find(scen, remsh_name(SSH_OPENSSH)) is not None:
-                target(f"{direction} over SSH via ssh at least as fast as scp", None if ossh is None else ossh >= scp,
-                       "not measured" if ossh is None else f"{ossh:.0f} vs {scp:.0f} MiB/s")
+            for t in (SSH_OPENSSH, SSH_TUNNEL):
+                ossh = med(scen, remsh_name(t))
+                if scp and r.find(scen, remsh_name(t)) is not None:
+                    target(f"{direction} over {t} at least as fast as scp", None if ossh is None else ossh >= scp,
+                           "not measured" if ossh is None else f"{ossh:.0f} vs {scp:.0f} MiB/s")
         scen = f"stream {label} stdout"
-        ossh, pch = med(scen, remsh_name(SSH_OPENSSH)), med(scen, "paramiko channel")
-        if ossh and pch:
-            target("streamed stdout over SSH via ssh >= 2x the paramiko channel", ossh >= 2 * pch,
-                   f"{ossh:.0f} vs {pch:.0f} MiB/s = {ossh / pch:.1f}x")
+        pch = med(scen, "paramiko channel")
+        for t in (SSH_OPENSSH, SSH_TUNNEL):
+            ossh = med(scen, remsh_name(t))
+            if ossh and pch:
+                target(f"streamed stdout over {t} >= 2x the paramiko channel", ossh >= 2 * pch,
+                       f"{ossh:.0f} vs {pch:.0f} MiB/s = {ossh / pch:.1f}x")
         for t in (TCP, LOCAL):
             v, fl = med(scen, remsh_name(t)), med(scen, floor_for(t))
             if v and fl:
