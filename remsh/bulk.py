@@ -256,12 +256,14 @@ def _send_blocks(block: FramedBlock, fill: Callable[[FramedBlock], int], send: C
         return "", e
     if n < block.capacity or not overlap(stream):  # one block, or no CPU to spare: no helper
         while True:
-            for view in block.data():
-                digest.update(view)
             if n:
+                # sent first, hashed while the bytes are on their way: the
+                # block stays as it is until the next fill
                 send(block.encoded())
                 if progress is not None:
                     progress(n)
+            for view in block.data():
+                digest.update(view)
             if n < block.capacity:
                 return digest.hexdigest(), None
             try:
