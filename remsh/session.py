@@ -58,7 +58,7 @@ Data = Union[bytes, bytearray, memoryview]
 #: Acknowledge after this many session boxes received ...
 ACK_EVERY_BOXES = 64
 #: ... or this many bytes.
-ACK_EVERY_BYTES = 2 << 20
+ACK_EVERY_BYTES = 1 << 20
 #: Most bytes of unacknowledged boxes a connected sender keeps before it
 #: waits for an acknowledgement.
 WINDOW_BYTES = 8 << 20

@@ -34,7 +34,8 @@ from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.transports import openssh, ssh
 from remsh.transports.base import SocketStream
 from tests.sshd import HOST, WAIT, SlaveProcs, Sshd, make_key, require_sshd, wait_until, write_known_hosts
-from tests.test_stream_conformance import (Pair, test_abort_wakes_a_blocked_recv_and_the_peer_sees_the_end_at_once,
+from tests.test_stream_conformance import (Pair, test_a_short_read_leaves_the_rest_announced_and_close_drops_it,
+                                           test_abort_wakes_a_blocked_recv_and_the_peer_sees_the_end_at_once,
                                            test_attributes_and_protocol_members, test_close_wakes_a_blocked_recv,
                                            test_end_of_stream_after_the_data, test_fileno_readable_when_data_arrives,
                                            test_peer_vanishing_wakes_a_blocked_recv,
@@ -58,7 +59,8 @@ CONTRACT = (test_attributes_and_protocol_members, test_send_and_receive_in_order
             test_recv_time_limits, test_fileno_readable_when_data_arrives, test_end_of_stream_after_the_data,
             test_shutdown_wakes_a_blocked_recv, test_abort_wakes_a_blocked_recv_and_the_peer_sees_the_end_at_once,
             test_close_wakes_a_blocked_recv, test_peer_vanishing_wakes_a_blocked_recv,
-            test_sending_to_a_vanished_peer_raises_oserror)
+            test_sending_to_a_vanished_peer_raises_oserror,
+            test_a_short_read_leaves_the_rest_announced_and_close_drops_it)
 
 
 # -- fixtures --------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ send within its time limit."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import socket
@@ -45,14 +48,21 @@ def expected_output() -> Tuple[bytes, bytes]:
     return out, err
 
 
-def pipe_with(data: bytes) -> Tuple[int, int]:
-    """A pipe holding ``data`` (grown to fit it)."""
+@contextlib.contextmanager
+def pipe_and_pair(data: bytes) -> Iterator[Tuple[int, socket.socket, socket.socket]]:
+    """The read end of a pipe holding ``data`` (grown to fit it) and a
+    socket pair; all closed afterwards."""
     r, w = os.pipe()
-    import fcntl
-
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    assert os.write(w, data) == len(data)
-    return r, w
+    a, b = socket.socketpair()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        assert os.write(w, data) == len(data)
+        yield r, a, b
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
 
 
 def read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -65,52 +75,61 @@ def read_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(got)
 
 
-def test_spliced_boxes_are_the_bytes_send_box_would_send() -> None:
-    """send_values_spliced puts on the wire exactly the output boxes send_box would, split at the value limit."""
-    data = os.urandom(3 * MAX_VALUE_LENGTH + 12345)
-    r, w = pipe_with(data)
-    a, b = socket.socketpair()
-    try:
+def splice_and_read(data: bytes, stream: bytes) -> Tuple[Wire, bytes, bytes]:
+    """``data`` sent from a pipe as ``stream`` output boxes through a socket
+    pair: the wire, what the other end read (as many bytes as the boxes
+    send_box would send take) and those boxes; nothing more may follow."""
+    with pipe_and_pair(data) as (r, a, b):
         wire = Wire(SocketStream(a, send_timeout=5.0), label="splicer")
-        assert wire.can_splice
-        head, key = ExecuteControl.output_head(b"stdout")
-        want = b"".join(encode_box(ExecuteControl.output_box(b"stdout", data[i:i + MAX_VALUE_LENGTH]))
+        head, key = ExecuteControl.output_head(stream)
+        want = b"".join(encode_box(ExecuteControl.output_box(stream, data[i:i + MAX_VALUE_LENGTH]))
                         for i in range(0, len(data), MAX_VALUE_LENGTH))
         got: List[bytes] = []
         reader = threading.Thread(target=lambda: got.append(read_exactly(b, len(want))), daemon=True)
         reader.start()
         wire.send_values_spliced(head, key, r, len(data))
         reader.join(WAIT)
-        assert got == [want]
+        assert got, "the reader got nothing"
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
             b.recv(1)  # nothing more than the boxes
-    finally:
-        for fd in (r, w):
-            os.close(fd)
-        a.close()
-        b.close()
+        return wire, got[0], want
+
+
+def test_spliced_boxes_are_the_bytes_send_box_would_send() -> None:
+    """send_values_spliced puts on the wire exactly the output boxes send_box would, split at the value limit."""
+    wire, got, want = splice_and_read(os.urandom(3 * MAX_VALUE_LENGTH + 12345), b"stdout")
+    assert wire.can_splice
+    assert got == want
+
+
+def test_a_refused_splice_falls_back_to_copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel refuses splice (a sandbox), the same boxes go out copied, and splice is not tried again."""
+    calls: List[int] = []
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EINVAL, "splice refused")
+
+    monkeypatch.setattr(base, "_splice", refuse)
+    wire, got, want = splice_and_read(os.urandom(2 * MAX_VALUE_LENGTH + 777), b"stderr")
+    assert got == want
+    assert calls == [1] and base._splice is None
+    assert not wire.can_splice
 
 
 def test_splice_into_a_peer_that_stopped_reading_times_out() -> None:
     """A peer that reads nothing makes the spliced send fail with PeerTimeout within the send time limit."""
     data = os.urandom(1 << 20)
-    r, w = pipe_with(data)
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    try:
+    with pipe_and_pair(data) as (r, a, b):
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         wire = Wire(SocketStream(a, send_timeout=0.5), label="splicer")
         head, key = ExecuteControl.output_head(b"stdout")
         started = time.monotonic()
         with pytest.raises(PeerTimeout):
             wire.send_values_spliced(head, key, r, len(data))
         assert time.monotonic() - started < WAIT
-    finally:
-        for fd in (r, w):
-            os.close(fd)
-        a.close()
-        b.close()
 
 
 def test_tls_streams_never_splice() -> None:

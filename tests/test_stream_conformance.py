@@ -335,6 +335,36 @@ def test_fileno_readable_when_data_arrives(pair: Pair) -> None:
     assert receive_exactly(near, 4, timeout=1.0) == b"ping"
 
 
+def test_a_short_read_leaves_the_rest_announced_and_close_drops_it(pair: Pair) -> None:
+    """After a short recv of a large arrival the rest is announced (fileno or pending); after close pending() is 0 and recv raises OSError."""
+    near, far = pair.near, pair.far
+    data = os.urandom(1 << 20)
+    sender = threading.Thread(target=far.send_all, args=(data,), daemon=True)
+    sender.start()
+    first = near.recv(1000, WAIT)
+    assert 1 <= len(first) <= 1000
+    assert select.select([near.fileno()], [], [], WAIT)[0] or near.pending() > 0
+    assert first + receive_exactly(near, len(data) - len(first)) == data
+    sender.join(WAIT)
+
+    def send_quietly() -> None:
+        try:
+            far.send_all(data)
+        except OSError:
+            pass  # the near end closed while this was sending
+
+    sender = threading.Thread(target=send_quietly, daemon=True)
+    sender.start()
+    assert 1 <= len(near.recv(1000, WAIT)) <= 1000
+    near.close()
+    assert near.pending() == 0
+    with pytest.raises(OSError) as info:
+        near.recv(1000, 0)
+    assert not isinstance(info.value, TimeoutError)
+    far.shutdown()
+    sender.join(WAIT)
+
+
 def test_end_of_stream_after_the_data(pair: Pair) -> None:
     """When the peer sends and closes, recv returns all the data, then b"" and fileno() is readable."""
     pair.far.send_all(b"last words")

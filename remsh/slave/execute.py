@@ -419,7 +419,9 @@ class _Supervisor:
     def _drain_wire(self) -> None:
         """Handle every box already buffered (and TLS bytes select cannot see)."""
         wire = self.wire
-        while self.watched[1] >= 0 and wire.stream.pending():
+        # (a session away from its connection reads nothing: what the old
+        # connection still holds is not for it)
+        while self.watched[1] >= 0 and (not self.session or wire.attached) and wire.stream.pending():
             wire.feed_available()
         while self.stdin_len < STDIN_BUFFER_LIMIT:
             box = wire.poll_box()

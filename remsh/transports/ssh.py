@@ -328,6 +328,8 @@ class ChannelStream:
 
     def _take(self, size: int, timeout: Optional[float]) -> Buffer:
         """Up to ``size`` bytes, what an earlier read left first."""
+        if self._closed:
+            raise OSError(errno.EBADF, "stream closed")
         rest = self._rest
         if rest is not None:
             if len(rest) > size:
@@ -385,7 +387,7 @@ class ChannelStream:
         stays set while the channel itself buffers anything, but not for
         these."""
         rest = self._rest
-        return 0 if rest is None else len(rest)
+        return 0 if rest is None or self._closed else len(rest)
 
     def shutdown(self) -> None:
         """End the connection now, waking any thread blocked on the channel."""
@@ -397,6 +399,7 @@ class ChannelStream:
             if self._closed:
                 return
             self._closed = True
+            self._rest = None
         try:
             self.shutdown()  # first: it wakes threads polling the pipe
         finally:
