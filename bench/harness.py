@@ -204,14 +204,19 @@ class Results:
     def markdown(self) -> str:
         out = ["| scenario | contender | cpus | median | min | max | ratio | baseline |",
                "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+
+        def cell(text: object) -> str:
+            return str(text).replace("|", "\\|")  # "tar | ssh | tar" is one cell
+
         for row in self.rows:
+            name = f"| {cell(row.scenario)} | {cell(row.contender)} | {row.cpus} |"
             if row.na:
-                out.append(f"| {row.scenario} | {row.contender} | {row.cpus} | n/a ({row.na}) | | | | |")
+                out.append(f"{name} n/a ({cell(row.na)}) | | | | |")
                 continue
             ratio = self.ratio(row)
-            out.append(f"| {row.scenario} | {row.contender} | {row.cpus} | {_fmt(row.median, row.kind)} | "
+            out.append(f"{name} {_fmt(row.median, row.kind)} | "
                        f"{_fmt(min(row.values), row.kind)} | {_fmt(max(row.values), row.kind)} | "
-                       f"{fmt_ratio(ratio)} | {row.baseline or ''} |")
+                       f"{fmt_ratio(ratio)} | {cell(row.baseline or '')} |")
         return "\n".join(out)
 
     def as_json(self, machine: Dict[str, object], config: Dict[str, object]) -> str:
