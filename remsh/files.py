@@ -26,6 +26,14 @@ import errno
 import os
 from typing import Optional, Union
 
+#: Open flags, 0 where the system has no such flag.
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_PATH = getattr(os, "O_PATH", 0)
+O_NOCTTY = getattr(os, "O_NOCTTY", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
 TEMP_SUFFIX = b".remsh-part"
 
 #: ``renameat2`` flag: fail with ``EEXIST`` rather than replace the destination.

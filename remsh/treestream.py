@@ -69,15 +69,10 @@ import struct
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from remsh.errors import PeerTimeout
-from remsh.files import TEMP_SUFFIX, rename_dir_noreplace_at
+from remsh.files import (O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_PATH, TEMP_SUFFIX,
+                         rename_dir_noreplace_at)
 from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box
 
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-O_NOCTTY = getattr(os, "O_NOCTTY", 0)
-O_PATH = getattr(os, "O_PATH", 0)
 
 #: Flags of a directory opened for listing, never through a symbolic link.
 DIR_OPEN = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import LocalError, ProtocolError, UsageError
+from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.slave.fsops import remove_dir_at
 from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError,
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
 #: The permission bits ``fetch_tree`` keeps of a slave's file: all but the

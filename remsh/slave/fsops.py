@@ -41,15 +41,10 @@ import stat as stat_mod
 from typing import Callable, List, Optional
 
 from remsh.errors import FailedError, NotFoundError, OpenFailedError, RemoteFileExistsError
-from remsh.files import NOREPLACE_UNSUPPORTED, PartialFile, rename_dir_reserving_at, rename_noreplace_at
+from remsh.files import (NOREPLACE_UNSUPPORTED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_PATH,
+                         PartialFile, rename_dir_reserving_at, rename_noreplace_at)
 from remsh.slave.policy import DIR_FLAGS, PLAIN, PROC_FD, Policy, check_path_value
 
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-O_PATH = getattr(os, "O_PATH", 0)
-O_NOCTTY = getattr(os, "O_NOCTTY", 0)
-O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 #: Bytes read and written at a time by :func:`copy_file`.
 COPY_BLOCK = 1 << 20

@@ -70,13 +70,10 @@ import stat as stat_mod
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from remsh.errors import DeniedError, InvalidRequestError, NotFoundError, UsageError
+from remsh.files import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_PATH
 
 log = logging.getLogger(__name__)
 
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-O_PATH = getattr(os, "O_PATH", 0)
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 #: Flags of a descriptor used only to name a directory (no read right needed).
 DIR_FLAGS = (O_PATH or os.O_RDONLY) | O_DIRECTORY | O_CLOEXEC
 

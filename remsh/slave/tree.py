@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from remsh.errors import (Disconnected, FailedError, InvalidRequestError, NotFoundError, OpenFailedError,
                           RemoteError, RemoteFileExistsError, UnexpectedError)
+from remsh.files import O_DIRECTORY, O_NONBLOCK
 from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 #: Least time between two looks for a master's interrupt during fetch_tree.
 POLL_EVERY = 0.05
 
