@@ -156,15 +156,20 @@ def create_partial(dest: bytes, mode: Optional[int] = None, policy: Policy = PLA
     """
     try:
         with policy.parent(dest) as (dir_fd, name):
-            try:
-                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                raise RemoteFileExistsError(f"destination exists: {_name(dest)}")
+            refuse_existing(dir_fd, name, dest)
             return PartialFile(name, mode, dir_fd=dir_fd)
     except OSError as e:
         raise OpenFailedError(_message(e, dest)) from None
+
+
+def refuse_existing(dir_fd: Optional[int], name: bytes, dest: bytes) -> None:
+    """:class:`RemoteFileExistsError` when ``name`` (in ``dir_fd``, if given) exists (as
+    anything, a dangling symbolic link too): ``dest`` must be new."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    raise RemoteFileExistsError(f"destination exists: {_name(dest)}")
 
 
 def copy_file(src: bytes, dest: bytes, mode: Optional[int] = None, policy: Policy = PLAIN,

@@ -443,16 +443,21 @@ class Policy:
             if not os.path.isdir(new):
                 raise NotFoundError(f"no such directory: {os.fsdecode(new)}")
             return new
-        try:
-            fd = self.open(path, DIR_FLAGS)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise NotFoundError(f"no such directory: {os.fsdecode(path)}") from None
-            raise DeniedError(f"cannot use the directory {os.fsdecode(path)}: {e.strerror}") from None
+        fd = self._open_dir(path)
         try:
             return self._real_dir(fd, path)
         finally:
             os.close(fd)
+
+    def _open_dir(self, path: bytes) -> int:
+        """A descriptor naming the directory ``path`` inside the root;
+        :class:`NotFoundError` or :class:`DeniedError` when it cannot be had."""
+        try:
+            return self.open(path, DIR_FLAGS)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFoundError(f"no such directory: {os.fsdecode(path)}") from None
+            raise DeniedError(f"cannot use the directory {os.fsdecode(path)}: {e.strerror}") from None
 
     def _real_dir(self, fd: int, path: bytes) -> bytes:
         """The path of directory ``fd`` (opened inside the root)."""
@@ -491,12 +496,7 @@ class Policy:
         if self.root is None:
             yield path
             return
-        try:
-            fd = self.open(path, DIR_FLAGS)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise NotFoundError(f"no such directory: {os.fsdecode(path)}") from None
-            raise DeniedError(f"cannot use the directory {os.fsdecode(path)}: {e.strerror}") from None
+        fd = self._open_dir(path)
         try:
             by_fd = b"%s/%d" % (PROC_FD, fd)
             yield by_fd if os.path.isdir(by_fd) else self._real_dir(fd, path)

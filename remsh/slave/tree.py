@@ -144,12 +144,7 @@ def receive_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
     failure: Optional[BaseException] = None
     try:
         parent, name = open_parent(server.policy, dest)
-        try:
-            os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
-            raise RemoteFileExistsError(f"destination exists: {os.fsdecode(dest)}")
+        fsops.refuse_existing(parent, name, dest)
         try:
             tmp = make_temp_dir(parent, name)
             top = os.open(tmp, DIR_OPEN, dir_fd=parent)
