@@ -75,6 +75,7 @@ from remsh.errors import RemshError, UsageError
 from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, StdinTee, get_job,
                          parse_where, put_job, run_job, select_slaves)
 from remsh.master.fanout import Cancellation
+from remsh.transports.base import cut_and_close
 from remsh.wire import (MAX_VALUE_LENGTH, Box, BoxDecoder, decode_int, decode_list, encode_box, encode_int,
                         encode_list)
 
@@ -184,11 +185,7 @@ class Channel:
 
     def close(self) -> None:
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        cut_and_close(self.sock)
 
 
 def _text(value: Optional[bytes]) -> str:
@@ -310,11 +307,7 @@ class ControlServer:
         self._stopping.set()
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            cut_and_close(sock)
             try:
                 if self._ino is not None and os.lstat(self.path).st_ino == self._ino:
                     os.unlink(self.path)

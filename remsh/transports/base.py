@@ -374,6 +374,21 @@ class SocketStream:
         self.sock.close()
 
 
+def cut(sock: socket.socket) -> None:
+    """Shut ``sock`` down in both directions, waking any thread blocked on it
+    (in ``accept`` or ``recv``); never raises."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def cut_and_close(sock: socket.socket) -> None:
+    """:func:`cut`, then release the descriptor."""
+    cut(sock)
+    sock.close()
+
+
 def _wait_for(fd: int, events: int, deadline: Optional[float], what: str) -> None:
     """Wait until ``fd`` is ready for ``events`` (or hung up); ``TimeoutError`` past ``deadline``."""
     poller = select.poll()

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from remsh.transports.base import SocketStream, _format_addr
+from remsh.transports.base import SocketStream, _format_addr, cut, cut_and_close
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +145,14 @@ class TcpServer:
         self._stopping.set()
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            cut_and_close(sock)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         with self._pending_lock:
             pending = list(self._pending.values())
         for entry in pending:
-            _cut(entry.sock)
+            cut(entry.sock)
         # unfinished handshakes were cut above: wait for their workers, so
         # that none registers a slave after stop() returns
         with self._drained:
@@ -204,7 +200,7 @@ class TcpServer:
             self._workers += 1
         if victim is not None:
             log.warning("dropped the unfinished handshake of %s to make room for %s", victim.peer, peer)
-            _cut(victim.sock)
+            cut(victim.sock)
         return entry
 
     def _accept_loop(self) -> None:
@@ -276,12 +272,6 @@ class TcpServer:
             self._release(entry)
 
 
-def _cut(sock: _AnySocket) -> None:
-    """Shut a socket down, waking the thread blocked on it."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def connect(host: str, port: int, *, timeout: float = DEFAULT_CONNECT_TIMEOUT,
