@@ -282,18 +282,7 @@ class Bench:
         assert self.remsh is not None and self.peers is not None
         size = self.size
         runs = 3 if self.quick else 5
-        dest_dir = os.path.join(self.work, "dest")
-        os.makedirs(dest_dir, exist_ok=True)
-        dest = os.path.join(dest_dir, "copy.bin")
-
-        def gone() -> None:
-            if os.path.lexists(dest):
-                os.unlink(dest)
-
-        def check() -> None:
-            if os.path.getsize(dest) != size:
-                raise RuntimeError(f"{dest}: {os.path.getsize(dest)} bytes, expected {size}")
-            gone()
+        dest, gone, check = transfers.transfer_dest(self)
 
         floor_socks = {fam: self.floors[fam].connect() for fam in (floor.TCP, floor.UNIX)}
         sftp_batch = os.path.join(self.work, "sftp-batch")

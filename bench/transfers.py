@@ -14,7 +14,7 @@ I/O, which the inline floor does not.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import floor
 from fixtures import LOCAL, TCP, TCP_PLAIN
@@ -37,11 +37,10 @@ def limits_scenario(size: int) -> str:
     return f"limits {size // MiB} MiB"
 
 
-def run_transfer(bench: Any, Entry: Any) -> None:
-    """Pinned send and fetch rows (floors, remsh TCP and local), then the
-    limits on two CPUs: SHA-256 of one core, raw TCP and socket pair."""
+def transfer_dest(bench: Any) -> Tuple[str, Callable[[], None], Callable[[], None]]:
+    """Where a transfer row writes its copy, what removes it (before each
+    run), and what checks it has the file's size and then removes it (after)."""
     size = bench.size
-    runs = 3 if bench.quick else 5
     dest_dir = os.path.join(bench.work, "dest")
     os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, "copy.bin")
@@ -54,6 +53,16 @@ def run_transfer(bench: Any, Entry: Any) -> None:
         if os.path.getsize(dest) != size:
             raise RuntimeError(f"{dest}: {os.path.getsize(dest)} bytes, expected {size}")
         gone()
+
+    return dest, gone, check
+
+
+def run_transfer(bench: Any, Entry: Any) -> None:
+    """Pinned send and fetch rows (floors, remsh TCP and local), then the
+    limits on two CPUs: SHA-256 of one core, raw TCP and socket pair."""
+    size = bench.size
+    runs = 3 if bench.quick else 5
+    dest, gone, check = transfer_dest(bench)
 
     socks = {fam: bench.floors[fam].connect() for fam in (floor.TCP, floor.UNIX)}
     try:
