@@ -42,6 +42,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
+import trees
+
 if TYPE_CHECKING:
     from run import Bench
 
@@ -219,22 +221,6 @@ class Echo:
         self.sock.close()
 
 
-def _make_tree(top: str, files: int = TREE_FILES, dirs: int = 20) -> int:
-    import random
-
-    rnd = random.Random(7)
-    os.makedirs(top)
-    total = 0
-    for d in range(dirs):
-        os.mkdir(os.path.join(top, f"d{d:02d}"))
-    for i in range(files):
-        size = rnd.randint(1024, 8192)
-        with open(os.path.join(top, f"d{i % dirs:02d}", f"f{i:04d}"), "wb") as f:
-            f.write(os.urandom(size))
-        total += size
-    return total
-
-
 def _count(top: str) -> int:
     return sum(len(fs) for _, _, fs in os.walk(top))
 
@@ -381,7 +367,7 @@ def run(bench: "Bench", Entry: Any) -> None:
 
         # -- a tree of 1,000 small files -----------------------------------------------------
         tree = os.path.join(work, "tree")
-        info["tree_bytes"] = _make_tree(tree)
+        info["tree_bytes"] = trees.make_many(tree, files=TREE_FILES, dirs=20, seed=7)
         tdest = os.path.join(work, "tree-copy")
         q = shlex.quote
 
