@@ -56,6 +56,7 @@ from remsh.transports import ssh
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcess, SlaveProcesses
 
 from tests.sshd import Sshd, make_key, require_sshd, write_known_hosts
+from tests.util import environment
 
 #: The network listeners keep sessions (work survives a dropped connection),
 #: so every operation test runs over them; a slave that dies is given up on
@@ -205,20 +206,8 @@ class LocalTransport(Transport):
               env: Mapping[str, Optional[str]]) -> Slave:
         assert isinstance(self.listener, LocalSlaveListener)
         # the child inherits the master's environment: change it around the spawn
-        saved = {k: os.environ.get(k) for k in env}
-        try:
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with environment({os.fsencode(k): None if v is None else os.fsencode(v) for k, v in env.items()}):
             return self.listener.start_slave(str(basedir), name)
-        finally:
-            for k, old in saved.items():
-                if old is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = old
 
 
 class TcpTransport(Transport):
