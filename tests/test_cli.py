@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from remsh import __version__
-from tests.util import wait_until
+from tests.util import interrupt_after, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -232,41 +231,19 @@ def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(tmp_path):
     pidfile = tmp_path / "pid"
     proc = _start(["run", "--basedir", str(tmp_path), "--", "sh", "-c",
                    f"echo $$ > {pidfile}; echo started; exec sleep 60"], tmp_path)
-    try:
-        _read_line_with(proc.stdout, b"started")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, err = interrupt_after(proc, lambda: _read_line_with(proc.stdout, b"started"))
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
     assert err.decode().splitlines()[-1] == "remsh: interrupted"
     pid = int(pidfile.read_text())
-    wait_until(lambda: not _alive(pid), what=f"the command (pid {pid}) to end")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_until(lambda: not process_alive(pid), what=f"the command (pid {pid}) to end")
 
 
 def test_ctrl_c_while_waiting_for_slaves_exits_130(tmp_path):
     """Ctrl-C while waiting for slaves to register: one line, exit 130, no traceback."""
     proc = _start(["-v", "run", "--listen", "127.0.0.1:0", "--insecure", "--wait", "1", "--wait-timeout", "60",
                    "--", "true"], tmp_path)
-    try:
-        _read_line_with(proc.stderr, b"waiting for TCP slaves")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, err = interrupt_after(proc, lambda: _read_line_with(proc.stderr, b"waiting for TCP slaves"))
     assert proc.returncode == 130, err
     assert err.decode().splitlines() == ["remsh: interrupted"]
 

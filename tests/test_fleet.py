@@ -24,7 +24,7 @@ import pytest
 
 from remsh import __version__
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
-from tests.util import NOBODY, wait_until
+from tests.util import NOBODY, interrupt_after, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -245,35 +245,23 @@ def test_missing_command_and_missing_master_exit_2(fleet: Fleet, tmp_path: Path)
         assert r.stderr.decode().splitlines() == [f"remsh: no remsh master running at {tmp_path / 'none.sock'}"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(fleet: Fleet, tmp_path: Path) -> None:
     """Ctrl-C on the client: the master interrupts the commands on every slave, the client exits 130."""
     proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(fleet.sock), "run", "-t", "web-*",
                              "--", "sh", "-c", f"echo $$ > {tmp_path}/$(basename $PWD).pid; echo started; "
                                                "exec sleep 60"],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    def both_started() -> None:
         for _ in range(2):
             assert b"started" in proc.stdout.readline()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    out, err = interrupt_after(proc, both_started)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
     assert err.decode().splitlines()[-1] == "remsh: interrupted"
     for name in ("web-1", "web-2"):
         pid = int((tmp_path / f"{name}.pid").read_text())
-        wait_until(lambda: not _alive(pid), what=f"the command on {name} (pid {pid}) to end")
+        wait_until(lambda: not process_alive(pid), what=f"the command on {name} (pid {pid}) to end")
     assert {r["state"] for r in ls(fleet.sock)} == {"idle"}
 
 

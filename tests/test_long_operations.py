@@ -17,7 +17,7 @@ from remsh.ops import is_progress
 from remsh.transports.base import SocketStream
 from remsh.wire import Wire
 
-from tests.util import WAIT
+from tests.util import WAIT, process_alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,14 +143,6 @@ def test_fetch_digest_mismatch_drops_the_slave(tmp_path):
     peer.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_processes_left_behind_are_killed(slave):
     """A background process the command leaves in its process group dies
     when the command exits (and does not hold the output open)."""
@@ -158,9 +150,9 @@ def test_processes_left_behind_are_killed(slave):
     assert slave.execute(["sh", "-c", "sleep 300 & echo $!"], stdout_cb=out.append) == 0
     pid = int(b"".join(out))
     deadline = time.monotonic() + WAIT
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _pid_alive(pid)
+    assert not process_alive(pid)
 
 
 def test_keep_processes_leaves_them_running(slave):
@@ -171,6 +163,6 @@ def test_keep_processes_leaves_them_running(slave):
     assert code == 0
     pid = int(b"".join(out))
     try:
-        assert _pid_alive(pid)
+        assert process_alive(pid)
     finally:
         os.kill(pid, 9)

@@ -7,7 +7,9 @@ import contextlib
 import os
 import select
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -168,6 +170,31 @@ def environment(overrides: Mapping[bytes, Optional[bytes]]) -> Iterator[None]:
                 os.environb.pop(name, None)
             else:
                 os.environb[name] = old
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def interrupt_after(proc: "subprocess.Popen[bytes]", ready: Callable[[], object],
+                    timeout: float = 30.0) -> Tuple[bytes, bytes]:
+    """Once ``ready()`` returns, Ctrl-C for ``proc`` (SIGINT); then its whole
+    stdout and stderr once it ended.  ``proc`` is killed and reaped if it has
+    not ended when this returns or raises (``ready`` failing, too)."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out, err
 
 
 def run_in_thread(fn: Callable[[], Any], name: str = "test-worker") -> "Outcome":
