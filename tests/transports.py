@@ -283,10 +283,14 @@ class SshTransport(Transport):
         with open(self.authorized_keys, "a") as f:
             f.write(ssh.authorized_keys_line(key, name) + "\n")
         proc = procs.start(None, name, basedir=basedir, secret=None, no_reconnect=True, env=env,
-                           extra_args=["--ssh-client", "paramiko",
+                           extra_args=[*self.client_args(),
                                        "--ssh", f"remsh@{HOST}:{self.listener.port}", "--identity", str(key_path),
                                        "--known-hosts", str(self.known_hosts)])
         return wait_registered(self.collection, name, proc)
+
+    def client_args(self) -> List[str]:
+        """How the slave dials the embedded server: with paramiko here."""
+        return ["--ssh-client", "paramiko"]
 
 
 class OpenSshClientTransport(SshTransport):
@@ -305,19 +309,8 @@ class OpenSshClientTransport(SshTransport):
         self.ssh_config.write_text("")
         self.ssh_config.chmod(0o600)
 
-    def start(self, procs: SlaveProcesses, basedir: Path, name: str,
-              env: Mapping[str, Optional[str]]) -> Slave:
-        assert isinstance(self.listener, SshSlaveListener)
-        key = paramiko.ECDSAKey.generate()
-        key_path = self.keys / name
-        key.write_private_key_file(str(key_path))
-        with open(self.authorized_keys, "a") as f:
-            f.write(ssh.authorized_keys_line(key, name) + "\n")
-        proc = procs.start(None, name, basedir=basedir, secret=None, no_reconnect=True, env=env,
-                           extra_args=["--ssh-client", "openssh", "-F", str(self.ssh_config),
-                                       "--ssh", f"remsh@{HOST}:{self.listener.port}", "--identity", str(key_path),
-                                       "--known-hosts", str(self.known_hosts)])
-        return wait_registered(self.collection, name, proc)
+    def client_args(self) -> List[str]:
+        return ["--ssh-client", "openssh", "-F", str(self.ssh_config)]
 
 
 class OpenSshTransport(Transport):
