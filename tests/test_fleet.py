@@ -449,10 +449,11 @@ def _client_as_nobody(argv: List[str]) -> "tuple[int, str]":
         code = 99
         try:
             sys.stderr = open(write_fd, "w", closefd=False)
+            # imported while still root: the checkout may be out of nobody's reach
+            from remsh.cli import main
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            from remsh.cli import main
             code = main(argv)
         finally:
             sys.stderr.flush()

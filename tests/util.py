@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -16,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+import remsh
 from remsh.handshake import (MASTER_GREETING, SLAVE_GREETING, exchange_greeting,
                              master_handshake)
 from remsh.transports.local import spawn_local_slave, stop_child
@@ -265,6 +267,36 @@ def need_unprivileged() -> bool:
     return os.geteuid() == 0
 
 
+def _readable_by_all(top: str) -> None:
+    for dirpath, _dirs, files in os.walk(top):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+_NOBODY_PYTHON: Optional[str] = None
+
+
+def _python_for(setpriv: str) -> str:
+    """An interpreter of this Python version that ``nobody`` can start."""
+    global _NOBODY_PYTHON
+    if _NOBODY_PYTHON is None:
+        version = "%d.%d" % sys.version_info[:2]
+        candidates = [sys.executable, os.path.realpath(sys.executable),
+                      getattr(sys, "_base_executable", sys.executable),
+                      f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+        for cand in dict.fromkeys(candidates):
+            probe = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", cand,
+                                    "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                   capture_output=True, timeout=WAIT, cwd="/")
+            if probe.returncode == 0 and probe.stdout.decode().strip() == version:
+                _NOBODY_PYTHON = cand
+                break
+        else:
+            raise RuntimeError(f"no Python {version} interpreter that nobody can run")
+    return _NOBODY_PYTHON
+
+
 class UnprivilegedSetup:
     """A base directory and python wrapper that run a local slave as ``nobody``
     when the tests run as root (as the current user otherwise)."""
@@ -280,10 +312,19 @@ class UnprivilegedSetup:
             if setpriv is None:
                 raise RuntimeError("setpriv is missing")
             os.chown(self.basedir, NOBODY, NOBODY)
+            # The checkout (and the virtualenv in it) may sit below a directory
+            # only root can enter: the slave gets a copy of the package it can
+            # read and an interpreter it can run.
+            lib = os.path.join(self.root, "lib")
+            shutil.copytree(os.path.dirname(os.path.abspath(remsh.__file__)), os.path.join(lib, "remsh"),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            _readable_by_all(lib)
+            python = _python_for(setpriv)
             wrapper = os.path.join(self.root, "python-as-nobody")
             with open(wrapper, "w") as f:
-                f.write(f"#!/bin/sh\nexec {setpriv} --reuid={NOBODY} --regid={NOBODY} "
-                        f"--clear-groups {sys.executable} \"$@\"\n")
+                f.write(f"#!/bin/sh\nPYTHONPATH={shlex.quote(lib)} PYTHONDONTWRITEBYTECODE=1 "
+                        f"exec {setpriv} --reuid={NOBODY} --regid={NOBODY} "
+                        f"--clear-groups {shlex.quote(python)} \"$@\"\n")
             os.chmod(wrapper, 0o755)
             self.python = wrapper
 
