@@ -10,7 +10,8 @@ or over the control socket to a client that renders it the same way.
 
 Choosing slaves (:func:`select_slaves`): ``-t PATTERN`` globs on names
 (repeatable, a union), ``--where KEY=GLOB`` on registration facts (all must
-hold); a choice that matches nothing is an error, never a silent success.
+hold; a slave without the fact never matches, and a key no slave has is an
+error); a choice that matches nothing is an error, never a silent success.
 
 Exit statuses (:func:`exit_status`), the same for every command: 0 all
 succeeded; 1 a command exited non-zero (one slave: its own status 1-125);
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, TextIO,
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Set, TextIO,
                     Tuple)
 
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
@@ -100,18 +101,28 @@ def select_slaves(slaves: Sequence[Slave], patterns: Sequence[str] = (),
     there is none) and whose facts match every ``(key, glob)`` of
     ``wheres``, sorted by name.
 
-    :raises UsageError: nothing matches (naming the choice)
+    A slave that lacks a fact never matches a ``--where`` on it (not even
+    ``KEY=*``): a misspelt key must not select the whole fleet.
+
+    :raises UsageError: nothing matches (naming the choice), or no
+        connected slave has one of the keys of ``wheres`` (naming it)
     """
     chosen = []
+    known: Set[str] = set()
     for slave in slaves:
         if not slave.connected:
             continue
+        facts = slave_facts(slave)
+        known.update(facts)
         if patterns and not any(fnmatch.fnmatchcase(slave.name, p) for p in patterns):
             continue
-        facts = slave_facts(slave)
-        if any(not fnmatch.fnmatchcase(facts.get(k, ""), g) for k, g in wheres):
+        if any(k not in facts or not fnmatch.fnmatchcase(facts[k], g) for k, g in wheres):
             continue
         chosen.append(slave)
+    unknown = [k for k, _ in wheres if k not in known]
+    if unknown and known:
+        raise UsageError(f"no connected slave has the fact {unknown[0]!r}; "
+                         f"the facts are: {', '.join(sorted(known))}")
     if not chosen:
         what = []
         if patterns:

@@ -210,6 +210,16 @@ def test_where_selects_by_registration_fact(fleet: Fleet) -> None:
     assert r.stderr.decode().splitlines() == ["remsh: no connected slave matches --where python=2.*"]
 
 
+def test_where_on_a_key_no_slave_has_is_an_error_naming_it(fleet: Fleet) -> None:
+    """--where nonsense=* selects nothing: exit 2, one line naming the key, nothing run."""
+    for spec in ("nonsense=*", "nonsense="):
+        r = fleet.run("run", "--where", spec, "--", "echo", "ran")
+        assert r.returncode == 2, r.stdout
+        assert r.stdout == b""
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("remsh: no connected slave has the fact 'nonsense'"), lines
+
+
 def test_no_match_is_a_usage_error(fleet: Fleet) -> None:
     """-t matching nothing exits 2 with one line and runs nothing; a bad --where is also 2."""
     r = fleet.run("run", "-t", "mail-*", "--", "true")
@@ -308,6 +318,39 @@ def test_json_prints_one_object_per_slave(fleet: Fleet) -> None:
     r = fleet.run("run", "--json", "-t", "db-1", "--", "no-such-command-here")
     o = json.loads(r.stdout)
     assert o["status"] is None and "execfailed" in o["error"]
+
+
+# -- slaves that differ in their facts ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A master of its own with plain-1 (no policy) and rooted-1 (--root: it has the fact policy_root)."""
+    workdir = tmp_path_factory.mktemp("mixed")
+    slaves = SlaveProcesses(workdir / "slaves")
+    master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
+    try:
+        master.wait_ready()
+        slaves.start(master.port, "plain-1", max_backoff=0.5)
+        rooted = workdir / "slaves" / "base" / "rooted-1"
+        rooted.mkdir(parents=True)
+        slaves.start(master.port, "rooted-1", max_backoff=0.5, basedir=rooted, extra_args=["--root", str(rooted)])
+        wait_names(master.sock, ["plain-1", "rooted-1"])
+        yield Fleet(workdir, master, slaves)
+    finally:
+        master.stop()
+        slaves.close()
+
+
+def test_where_never_matches_a_slave_that_lacks_the_fact(mixed: Fleet) -> None:
+    """--where policy_root=* chooses rooted-1 only; policy_root= (empty) matches no slave, not the one without it."""
+    r = mixed.run("run", "--where", "policy_root=*", "--", "echo", "x")
+    assert r.returncode == 0, r.stderr
+    assert _prefixes(r.stdout) == ["rooted-1"]
+    r = mixed.run("run", "--where", "policy_root=", "--", "echo", "x")
+    assert r.returncode == 2
+    assert r.stdout == b""
+    assert r.stderr.decode().splitlines() == ["remsh: no connected slave matches --where policy_root="]
 
 
 # -- put and get ----------------------------------------------------------------------------
