@@ -97,6 +97,38 @@ def test_info_reports_what_applies(tmp_path):
                           "policy_allow_command": "/usr/bin/*\0/bin/true"}
 
 
+def test_info_reports_allow_env(tmp_path):
+    """info(): policy_allow_env (NUL-joined) when environment patterns are given."""
+    pol = Policy(allow_commands=["/bin/true"], allow_env=["CI_*", "LANG"])
+    assert pol.info() == {"policy_execute": "y", "policy_allow_command": "/bin/true",
+                          "policy_allow_env": "CI_*\0LANG"}
+    assert pol != Policy(allow_commands=["/bin/true"])
+
+
+def test_allow_env_needs_allow_commands():
+    """Environment patterns without command patterns would mean nothing: a UsageError, as is a bad pattern."""
+    with pytest.raises(UsageError):
+        Policy(allow_env=["CI_*"])
+    with pytest.raises(UsageError):
+        Policy(allow_commands=["/bin/true"], allow_env=[""])
+
+
+def test_check_env_under_allow_commands():
+    """With command patterns only names matching an allow_env glob (case counts) may be changed; without, any."""
+    Policy().check_env([b"LD_PRELOAD"])
+    Policy(root=None, execute=True).check_env([b"PYTHONPATH"])
+    strict = Policy(allow_commands=["/bin/true"])
+    strict.check_env([])
+    for name in (b"LD_PRELOAD", b"LD_AUDIT", b"GCONV_PATH", b"PATH"):
+        with pytest.raises(DeniedError, match="--allow-env"):
+            strict.check_env([name])
+    pol = Policy(allow_commands=["/bin/true"], allow_env=["CI_*", "LANG"])
+    pol.check_env([b"CI_JOB", b"LANG"])
+    for names in ([b"ci_job"], [b"CI_JOB", b"LD_PRELOAD"], [b"LANGUAGE"]):
+        with pytest.raises(DeniedError):
+            pol.check_env(names)
+
+
 def test_no_root_parent_costs_nothing(tmp_path):
     """Without a root, parent() hands back (None, path) and open() is os.open."""
     pol = Policy()

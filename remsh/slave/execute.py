@@ -193,9 +193,14 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     cwd = server.cwd
     if args["cwd"]:
         cwd = os.path.join(server.cwd, args["cwd"])
-    env = build_env(args["env_"], args["unset_"])
     policy = server.policy
     program: Optional[bytes] = None
+    if not policy.execute or policy.allow_commands:
+        # before anything else: the environment can turn an allowed program
+        # into any other (LD_PRELOAD, PYTHONPATH, ...)
+        if policy.execute:
+            policy.check_env(list(args["env_"]) + list(args["unset_"]))
+    env = build_env(args["env_"], args["unset_"])
     if not policy.execute or policy.allow_commands:
         env_path = (env if env is not None else os.environb).get(b"PATH")
         program = policy.check_execute(argv, env_path, cwd=policy.check_cwd(cwd))

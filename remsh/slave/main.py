@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-execute", action="store_true", help="refuse to run commands (denied)")
     g.add_argument("--allow-command", action="append", default=[], metavar="PATTERN",
                    help="run only programs (argv[0] after PATH search) matching this glob (repeatable)")
+    g.add_argument("--allow-env", action="append", default=[], metavar="PATTERN",
+                   help="with --allow-command: a command's request may set or unset only variables whose "
+                        "name matches this glob (repeatable; default none)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging: -v connections and registrations, -vv debugging")
     p.add_argument("--version", action="version", version=f"remsh-slave {remsh.__version__}")
@@ -153,17 +156,19 @@ def read_secret(args: argparse.Namespace, env_secret: Optional[bytes] = None) ->
 def build_policy(args: argparse.Namespace) -> Optional[Policy]:
     """The :class:`~remsh.slave.policy.Policy` the options ask for, or
     ``None`` when none of ``--root``, ``--no-execute``, ``--allow-command``
-    is given.
+    is given (``--allow-env`` goes with ``--allow-command``).
 
     Raises ``_Refused`` (a usage error, exit 2) for a root that is not a
-    directory or a bad pattern, and when this installation's server cannot
+    directory, a bad pattern, ``--allow-env`` without ``--allow-command``,
+    and when this installation's server cannot
     enforce a policy: a policy silently not applied would be worse than no
     slave at all.
     """
-    if args.root is None and not args.no_execute and not args.allow_command:
+    if args.root is None and not args.no_execute and not args.allow_command and not args.allow_env:
         return None
     try:
-        policy = Policy(root=args.root, execute=not args.no_execute, allow_commands=tuple(args.allow_command))
+        policy = Policy(root=args.root, execute=not args.no_execute, allow_commands=tuple(args.allow_command),
+                        allow_env=tuple(args.allow_env))
     except UsageError as e:
         raise _Refused(EXIT_AUTH, f"policy: {e}") from None
     if "policy" not in inspect.signature(SlaveServer).parameters:

@@ -57,6 +57,25 @@ file ``argv[0]`` names, after the same ``PATH`` search the command's start
 would do (see :meth:`Policy.check_execute`) -- matches.  A policy that lets
 commands run cannot confine them: a command can do what the slave's user can
 do, root or no root.
+
+The environment decides what an allowed program does as much as the program
+does: ``LD_PRELOAD``, ``LD_LIBRARY_PATH`` or ``LD_AUDIT`` load any library
+into it, ``GCONV_PATH``, ``PYTHONPATH``, ``BASH_ENV``, ``PERL5OPT`` and many
+more make it run code of the master's choosing (a library the master has
+just sent into the root, say).  So with ``allow_commands`` every variable a
+request sets or removes must match one of ``allow_env``'s patterns
+(:meth:`Policy.check_env`; none by default: the commands get the slave's own
+environment, unchanged).
+
+Set-ID files
+------------
+
+A slave with any policy (:attr:`Policy.restricted`) never makes a file
+set-user-ID or set-group-ID: :meth:`Policy.file_mode` drops those bits from
+every mode a master asks for (``send``, ``chmod``, the records of
+``send_tree`` and ``sync_tree``), so a confined master cannot plant a program
+that runs with someone else's rights, and ``chmod`` of the root itself is
+refused.
 """
 
 from __future__ import annotations
@@ -67,7 +86,7 @@ import fnmatch
 import logging
 import os
 import stat as stat_mod
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from remsh.errors import DeniedError, InvalidRequestError, NotFoundError, UsageError
 from remsh.files import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_PATH
@@ -86,12 +105,27 @@ MAX_SYMLINKS = 40
 #: How often a resolution is retried when openat2 answers EAGAIN (a rename
 #: elsewhere on the system raced with it).
 OPENAT2_RETRIES = 16
-#: Longest ``policy_allow_command`` value (one box value).
+#: Longest ``policy_allow_command`` or ``policy_allow_env`` value (one box value).
 MAX_INFO_VALUE = 65535
+#: The set-user-ID and set-group-ID bits, dropped by a restricting policy.
+SETID_BITS = stat_mod.S_ISUID | stat_mod.S_ISGID
 
 #: Where this process's descriptors appear as paths (for chdir to a descriptor
 #: in a command about to start).
 PROC_FD = b"/proc/self/fd"
+
+
+def _patterns(given: Sequence[str], what: str) -> Tuple[str, ...]:
+    """``given`` as a tuple, checked: non-empty strings without NUL that fit,
+    joined, in one box value (:class:`UsageError` otherwise)."""
+    patterns = tuple(given)
+    for p in patterns:
+        if not isinstance(p, str) or not p or "\0" in p:
+            raise UsageError(f"{'an' if what[0] in 'aeiou' else 'a'} {what} pattern must be a non-empty "
+                             f"string without NUL: {p!r}")
+    if len("\0".join(patterns).encode("utf-8", "surrogateescape")) > MAX_INFO_VALUE:
+        raise UsageError(f"the {what} patterns are too long to report to the master")
+    return patterns
 
 
 def _denied(path: bytes, why: str = "outside the slave's root") -> DeniedError:
@@ -260,22 +294,27 @@ class Policy:
     ``root``: confine every path to this directory (its real path is kept);
     ``None`` for no confinement.  ``execute``: whether ``execute`` may run
     commands at all.  ``allow_commands``: glob patterns the program of a
-    command must match (empty: any program).
+    command must match (empty: any program).  ``allow_env``: glob patterns
+    (case counts) the name of every variable a command's request sets or
+    removes must match when there are ``allow_commands`` (empty: none may).
 
     Raises :class:`~remsh.errors.UsageError` when ``root`` is not an existing
-    directory, or a pattern is empty, contains NUL, or the patterns do not
-    fit in a box value.
+    directory, a pattern is empty, contains NUL, or the patterns do not fit
+    in a box value, or ``allow_env`` is given without ``allow_commands``
+    (where it would mean nothing: any command may then change its own
+    environment).
     """
 
-    __slots__ = ("root", "execute", "allow_commands", "_root_parts")
+    __slots__ = ("root", "execute", "allow_commands", "allow_env", "_root_parts")
 
     root: Optional[bytes]
     execute: bool
     allow_commands: Tuple[str, ...]
+    allow_env: Tuple[str, ...]
     _root_parts: Tuple[bytes, ...]
 
     def __init__(self, root: Optional[Union[str, bytes]] = None, execute: bool = True,
-                 allow_commands: Sequence[str] = ()) -> None:
+                 allow_commands: Sequence[str] = (), allow_env: Sequence[str] = ()) -> None:
         root_b: Optional[bytes] = None
         if root is not None:
             given = os.fsencode(root)
@@ -284,15 +323,15 @@ class Policy:
             root_b = os.path.realpath(os.path.abspath(given))
             if not os.path.isdir(root_b):
                 raise UsageError(f"the root is not a directory: {os.fsdecode(given)}")
-        patterns = tuple(allow_commands)
-        for p in patterns:
-            if not isinstance(p, str) or not p or "\0" in p:
-                raise UsageError(f"a command pattern must be a non-empty string without NUL: {p!r}")
-        if len("\0".join(patterns).encode("utf-8", "surrogateescape")) > MAX_INFO_VALUE:
-            raise UsageError("the command patterns are too long to report to the master")
+        patterns = _patterns(allow_commands, "command")
+        env_patterns = _patterns(allow_env, "environment")
+        if env_patterns and not patterns:
+            raise UsageError("environment patterns (--allow-env) apply only with command patterns "
+                             "(--allow-command)")
         object.__setattr__(self, "root", root_b)
         object.__setattr__(self, "execute", bool(execute))
         object.__setattr__(self, "allow_commands", patterns)
+        object.__setattr__(self, "allow_env", env_patterns)
         object.__setattr__(self, "_root_parts",
                            tuple(c for c in root_b.split(b"/") if c) if root_b is not None else ())
 
@@ -304,20 +343,29 @@ class Policy:
 
     def __repr__(self) -> str:
         return (f"Policy(root={self.root!r}, execute={self.execute!r}, "
-                f"allow_commands={self.allow_commands!r})")
+                f"allow_commands={self.allow_commands!r}, allow_env={self.allow_env!r})")
+
+    def _key(self) -> Tuple[Optional[bytes], bool, Tuple[str, ...], Tuple[str, ...]]:
+        return (self.root, self.execute, self.allow_commands, self.allow_env)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
-        return (self.root, self.execute, self.allow_commands) == (other.root, other.execute, other.allow_commands)
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.root, self.execute, self.allow_commands))
+        return hash(self._key())
 
     @property
     def confined(self) -> bool:
         """True when paths are confined to a root."""
         return self.root is not None
+
+    @property
+    def restricted(self) -> bool:
+        """True when this policy narrows anything (a root, no commands, or
+        command patterns): the master is not fully trusted."""
+        return self.root is not None or not self.execute or bool(self.allow_commands)
 
     # -- what the master is told ---------------------------------------------
 
@@ -325,12 +373,15 @@ class Policy:
         """The keys the slave adds to its register box (values as ``str``;
         encode them with ``os.fsencode``): ``policy_execute`` (``y``/``n``)
         always, ``policy_root`` with a root, ``policy_allow_command`` (the
-        patterns joined with NUL) with patterns."""
+        patterns joined with NUL) with command patterns, ``policy_allow_env``
+        (likewise) with environment patterns."""
         out = {"policy_execute": "y" if self.execute else "n"}
         if self.root is not None:
             out["policy_root"] = os.fsdecode(self.root)
         if self.allow_commands:
             out["policy_allow_command"] = "\0".join(self.allow_commands)
+        if self.allow_env:
+            out["policy_allow_env"] = "\0".join(self.allow_env)
         return out
 
     # -- paths -------------------------------------------------------------------
@@ -565,6 +616,35 @@ class Policy:
                 return path
         raise DeniedError(f"command not allowed: {os.fsdecode(name)} ({os.fsdecode(os.path.normpath(found))}"
                           " matches no --allow-command pattern)")
+
+
+    def check_env(self, names: Iterable[bytes]) -> None:
+        """Check that a command's request may set or remove the variables ``names``.
+
+        Without ``allow_commands`` anything goes (a command that may be
+        anything may as well set its own environment).  With them, every
+        name must match an ``allow_env`` pattern
+        (:func:`fnmatch.fnmatchcase`): the dynamic loader's ``LD_*``
+        variables, ``PYTHONPATH``, ``BASH_ENV`` and their like would
+        otherwise make an allowed program run code of the master's choosing.
+
+        Raises :class:`DeniedError` naming the first name that matches no
+        pattern.
+        """
+        if not self.allow_commands:
+            return
+        for name in names:
+            text = os.fsdecode(name)
+            if not any(fnmatch.fnmatchcase(text, p) for p in self.allow_env):
+                raise DeniedError(f"environment variable not allowed: {text[:80]} (matches no --allow-env "
+                                  "pattern; with --allow-command a request may not change the environment "
+                                  "otherwise)")
+
+    def file_mode(self, mode: int) -> int:
+        """``mode`` as this slave applies it: without the set-user-ID and
+        set-group-ID bits when the policy restricts anything
+        (:attr:`restricted`), as given otherwise."""
+        return mode & ~SETID_BITS if self.restricted else mode
 
 
 #: The policy of a slave started without options: no root, every command.

@@ -1,0 +1,102 @@
+"""A confined remsh-slave (``--root``, ``--no-execute``, ``--allow-command``)
+as a real process against what a hostile master tries: an ``LD_PRELOAD``
+library run through an allowed program, the environment read by
+``getenv``, and set-ID files planted inside the root.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from remsh.errors import DeniedError
+from tests.slaveproc import slave_procs, tcp_listener, wait_registered  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+TRUE = shutil.which("true") or "/bin/true"
+CC = shutil.which("cc") or shutil.which("gcc")
+
+PRELOAD_SOURCE = r"""
+#include <fcntl.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+    int fd = open("MARKER", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) { write(fd, "ran\n", 4); close(fd); }
+}
+"""
+
+
+def _preload_library(workdir: Path, marker: Path) -> bytes:
+    """A shared library whose constructor writes ``marker`` (compiled with the system's cc)."""
+    if CC is None:
+        pytest.skip("no C compiler to build an LD_PRELOAD library")
+    src = workdir / "planted.c"
+    src.write_text(PRELOAD_SOURCE.replace("MARKER", str(marker)))
+    lib = workdir / "planted.so"
+    done = subprocess.run([CC, "-shared", "-fPIC", "-o", str(lib), str(src)], capture_output=True, timeout=60)
+    if done.returncode != 0:
+        pytest.skip(f"cc cannot build a shared library: {done.stderr[-500:]!r}")
+    return lib.read_bytes()
+
+
+def _confined(tcp_listener, slave_procs, tmp_path, name, *options):  # noqa: F811
+    """A registered slave confined to tmp_path/root with ``options``; (slave, root)."""
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    listener = tcp_listener()
+    proc = slave_procs.start(listener.port, name, basedir=root, extra_args=["--root", str(root), *options])
+    return wait_registered(listener, proc), root
+
+
+# -- finding: --allow-command bypassed through the environment -------------------------
+
+
+def test_ld_preload_through_an_allowed_program_is_refused(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """A master allowed only `true` that sends a library and runs `true` with LD_PRELOAD gets DeniedError; the library never runs."""
+    marker = tmp_path / "marker"
+    library = _preload_library(tmp_path, marker)
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "preload", "--allow-command", TRUE)
+    slave.send(io.BytesIO(library), "planted.so")
+    assert (root / "planted.so").read_bytes() == library
+    for env in ({"LD_PRELOAD": str(root / "planted.so")}, {"LD_LIBRARY_PATH": str(root)},
+                {"BASH_ENV": str(root / "x")}, {"PYTHONPATH": str(root)}):
+        with pytest.raises(DeniedError, match="--allow-env"):
+            slave.execute([TRUE], env=env)
+    assert not marker.exists()
+    assert slave.execute([TRUE]) == 0  # the same command with the slave's own environment still runs
+    assert not marker.exists()
+
+
+def test_unsetting_a_variable_is_refused_too(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --allow-command, removing a variable (unset_NAME) is refused like setting one."""
+    slave, _ = _confined(tcp_listener, slave_procs, tmp_path, "unset", "--allow-command", TRUE)
+    with pytest.raises(DeniedError, match="--allow-env"):
+        slave.execute([TRUE], env={"HOME": None})
+
+
+def test_allow_env_lets_matching_names_through(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """--allow-env 'CI_*' (and LANG): such names may be set and unset; any other name is still refused."""
+    env_prog = shutil.which("env") or "/usr/bin/env"
+    slave, _ = _confined(tcp_listener, slave_procs, tmp_path, "allowenv", "--allow-command", env_prog,
+                         "--allow-env", "CI_*", "--allow-env", "LANG")
+    assert slave.info.get("policy_allow_env") == "CI_*\0LANG"
+    out = bytearray()
+    assert slave.execute([env_prog], stdout_cb=out.extend, env={"CI_JOB": "7", "LANG": None}) == 0
+    lines = bytes(out).splitlines()
+    assert b"CI_JOB=7" in lines and not any(line.startswith(b"LANG=") for line in lines)
+    with pytest.raises(DeniedError):
+        slave.execute([env_prog], env={"CI_JOB": "7", "ci_lower": "1"})  # case counts
+    with pytest.raises(DeniedError):
+        slave.execute([env_prog], env={"LD_PRELOAD": "/nonexistent.so"})
+
+
+def test_allow_env_without_allow_command_is_a_usage_error(slave_procs, tmp_path):  # noqa: F811
+    """remsh-slave --allow-env without --allow-command exits 2 before dialling (the option would mean nothing)."""
+    proc = slave_procs.start(1, "envonly", no_reconnect=True, extra_args=["--allow-env", "CI_*"])
+    assert proc.wait() == 2
+    assert "--allow-env" in proc.log_text()
