@@ -13,10 +13,12 @@ TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
 
 The master is found by ``--master PATH`` (before the subcommand), else
 ``$REMSH_MASTER``, else the default control path.  ``run``, ``put`` and
-``get`` also work without a master: with ``--local N`` or ``--listen``
-they set up their own slaves for the one command; with neither, and no
-master at the default path, they use one local slave, so ``remsh run``
-works on a fresh machine with nothing configured.
+``get`` also work without a master, but only when asked: with ``--local N``
+or ``--listen``/``--ssh-listen`` they set up their own slaves for the one
+command.  With neither and no master reachable they stop (exit 2, "no remsh
+master running at PATH"): never a silent fall-back to this machine, where a
+``remsh run -- reboot`` typed while the master is down would reboot the
+operator's own computer.
 
 ``remsh host-key --host-key FILE`` prints the fingerprint of an SSH host key
 and the ``known_hosts`` line slaves need to trust the embedded SSH server.
@@ -96,11 +98,23 @@ def parse_hostport(spec: str) -> Tuple[Optional[str], int]:
         raise argparse.ArgumentTypeError(f"expected [HOST:]PORT, got {spec!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """An argument that must be a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _listener_options(p: argparse.ArgumentParser, *, waiting: bool) -> None:
     """The options that set up slaves in this process (``remsh master``, and
     ``run``/``put``/``get`` without a master)."""
     g = p.add_argument_group("local slaves")
-    g.add_argument("--local", type=int, metavar="N", help="start N local slaves")
+    g.add_argument("--local", type=positive_int, metavar="N",
+                   help="start N local slaves (without a master, the only way to run on this machine)")
     g.add_argument("--basedir", default=".", help="base directory of local slaves (default: .)")
     g = p.add_argument_group("listening for slaves")
     g.add_argument("--listen", type=parse_hostport, metavar="[HOST:]PORT", help="accept slaves over TCP")
@@ -201,7 +215,7 @@ def _tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
 
 
 def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection,
-                     env_secret: Optional[bytes], listeners: List[SlaveListener], default_local: int = 1,
+                     env_secret: Optional[bytes], listeners: List[SlaveListener],
                      announce: Optional[Callable[[str], None]] = None) -> None:
     """Start what the options ask for, appending each listener to
     ``listeners`` as soon as it runs (so that the caller stops it even when
@@ -245,7 +259,7 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         if announce is not None:
             announce(f"listening for SSH slaves on {host or '*'}:{sshl.port}")
         listeners.append(sshl)
-    local_count = args.local if args.local is not None else (0 if listeners else default_local)
+    local_count = args.local or 0
     if local_count:
         from remsh.master.slavelistener.local import LocalSlaveListener
 
@@ -361,14 +375,13 @@ def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         return EXIT_USAGE
     if args.local is not None or args.listen or args.ssh_listen:
         return _standalone_job(args, env_secret)
-    path, explicit = control_path(args.master)
+    path, _ = control_path(args.master)
     try:
         client = ControlClient(path)
     except NoMaster as e:
-        if explicit or os.path.lexists(path):
-            print(f"remsh: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        return _standalone_job(args, env_secret)  # a fresh machine: one local slave
+        # never a fall-back to local slaves: those run on this machine
+        print(f"remsh: {e} (start one with 'remsh master', or use --local N for local slaves)", file=sys.stderr)
+        return EXIT_USAGE
     except ControlError as e:
         print(f"remsh: {e}", file=sys.stderr)
         return e.exit
@@ -535,7 +548,7 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _start_listeners(args, collection, env_secret, listeners, default_local=0, announce=_announce)
+        _start_listeners(args, collection, env_secret, listeners, announce=_announce)
         if not listeners:
             raise ConfigError("remsh master needs --listen, --ssh-listen or --local N")
         _announce(f"control socket {server.path}")

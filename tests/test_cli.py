@@ -42,12 +42,52 @@ def test_run_prefixes_each_line_with_the_slave_name(tmp_path):
     assert "\033[" not in r.stdout.decode()  # plain when piped
 
 
-def test_default_is_one_local_slave_and_failure_is_nonzero(tmp_path):
-    """With no options one local slave runs the command; its failure status (3) is passed through."""
-    r = remsh("run", "--basedir", str(tmp_path), "--", "sh", "-c", "pwd; exit 3")
+def test_one_local_slave_and_its_failure_is_passed_through(tmp_path):
+    """--local 1 runs the command on one local slave; its failure status (3) is passed through."""
+    r = remsh("run", "--local", "1", "--basedir", str(tmp_path), "--", "sh", "-c", "pwd; exit 3")
     assert r.returncode == 3
     assert r.stdout.decode().strip() == f"local1 | {tmp_path}"
     assert "exit status 3" in r.stderr.decode()
+
+
+def _no_master_env(tmp_path):
+    """An environment whose default control path (under XDG_RUNTIME_DIR) has no master."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = _env(XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path))
+    env.pop("REMSH_MASTER", None)
+    return env, runtime / "remsh" / "master.sock"
+
+
+def test_no_master_and_no_local_option_runs_nothing_on_this_machine(tmp_path):
+    """run/put/get with no master reachable and no --local N: exit 2, one line naming the path, nothing done here."""
+    env, path = _no_master_env(tmp_path)
+    marker = tmp_path / "ran-here"
+    src = tmp_path / "src.txt"
+    src.write_text("x\n")
+    for args in (("run", "--", "sh", "-c", f"touch {marker}"), ("put", str(src), str(tmp_path / "copy.txt")),
+                 ("get", str(src), str(tmp_path / "got"))):
+        r = remsh("--verbose", *args, cwd=tmp_path, env=env)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        _no_traceback(r)
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"remsh: no remsh master running at {path}"), lines
+        assert "--local N" in lines[0]
+        assert r.stdout == b""
+    assert not marker.exists()
+    assert not (tmp_path / "copy.txt").exists() and not (tmp_path / "got").exists()
+
+
+def test_local_0_is_a_usage_error(tmp_path):
+    """--local 0 (and a negative count) is refused with exit 2 before anything starts."""
+    env, _ = _no_master_env(tmp_path)
+    for n in ("0", "-1"):
+        r = remsh("run", "--local", n, "--basedir", str(tmp_path), "--", "sh", "-c", f"touch {tmp_path}/ran",
+                  env=env)
+        assert r.returncode == 2
+        _no_traceback(r)
+        assert b"--local: must be at least 1" in r.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 def test_timeout_is_reported(tmp_path):
@@ -120,7 +160,7 @@ def _no_traceback(r):
 
 def test_exit_statuses_of_commands(tmp_path):
     """0 on success; one slave's status 1-125 passed through; 1 for other statuses or several slaves."""
-    base = ["run", "--basedir", str(tmp_path), "--"]
+    base = ["run", "--local", "1", "--basedir", str(tmp_path), "--"]
     assert remsh(*base, "true").returncode == 0
     assert remsh(*base, "sh", "-c", "exit 7").returncode == 7
     assert remsh(*base, "sh", "-c", "exit 125").returncode == 125
@@ -133,7 +173,7 @@ def test_exit_statuses_of_commands(tmp_path):
 
 def test_command_that_cannot_start_exits_3_naming_the_slave_once(tmp_path):
     """execfailed is 'the slave failed to run it' (3), and the message names the slave once."""
-    r = remsh("run", "--basedir", str(tmp_path), "--", "no-such-command-here")
+    r = remsh("run", "--local", "1", "--basedir", str(tmp_path), "--", "no-such-command-here")
     assert r.returncode == 3
     err = r.stderr.decode()
     assert "remsh: local1: execute: " in err
@@ -202,8 +242,9 @@ def test_version_of_both_programs_and_python_dash_m_remsh():
 
 
 def test_python_dash_m_remsh_runs_the_master_program(tmp_path):
-    """python -m remsh run -- CMD runs the command on a local slave like the remsh program."""
-    r = subprocess.run([sys.executable, "-m", "remsh", "run", "--basedir", str(tmp_path), "--", "echo", "hi"],
+    """python -m remsh run --local 1 -- CMD runs the command on a local slave like the remsh program."""
+    r = subprocess.run([sys.executable, "-m", "remsh", "run", "--local", "1", "--basedir", str(tmp_path), "--",
+                        "echo", "hi"],
                        env=_env(), capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == "local1 | hi\n"
@@ -229,7 +270,7 @@ def _read_line_with(stream, text: bytes) -> bytes:
 def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(tmp_path):
     """Ctrl-C while commands run: they are killed, one 'interrupted' line, exit 130, no traceback."""
     pidfile = tmp_path / "pid"
-    proc = _start(["run", "--basedir", str(tmp_path), "--", "sh", "-c",
+    proc = _start(["run", "--local", "1", "--basedir", str(tmp_path), "--", "sh", "-c",
                    f"echo $$ > {pidfile}; echo started; exec sleep 60"], tmp_path)
     out, err = interrupt_after(proc, lambda: _read_line_with(proc.stdout, b"started"))
     assert proc.returncode == 130, err
@@ -317,7 +358,7 @@ def test_49_mib_without_newline_comes_out_in_64_kib_lines(tmp_path):
     code = ("import sys; b = b'x' * 65536\n"
             f"n = {size}\n"
             "while n: k = min(n, len(b)); sys.stdout.buffer.write(b[:k]); n -= k")
-    r = remsh("run", "--basedir", str(tmp_path), "--", sys.executable, "-c", code, timeout=110)
+    r = remsh("run", "--local", "1", "--basedir", str(tmp_path), "--", sys.executable, "-c", code, timeout=110)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.split(b"\n")
     assert lines[-1] == b""

@@ -252,7 +252,8 @@ def test_missing_command_and_missing_master_exit_2(fleet: Fleet, tmp_path: Path)
     for args in (("ls",), ("run", "--", "true"), ("put", __file__, "x"), ("get", "x", str(tmp_path))):
         r = remsh(tmp_path / "none.sock", *args)
         assert r.returncode == 2, args
-        assert r.stderr.decode().splitlines() == [f"remsh: no remsh master running at {tmp_path / 'none.sock'}"]
+        lines = r.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"remsh: no remsh master running at {tmp_path / 'none.sock'}")
 
 
 def test_ctrl_c_interrupts_the_remote_commands_and_exits_130(fleet: Fleet, tmp_path: Path) -> None:
