@@ -59,6 +59,7 @@ from remsh.fleet import (DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL, EXIT_FAILE
                          EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
+from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -284,6 +285,12 @@ def _choose_slaves(args: argparse.Namespace, collection: SimpleSlaveCollection) 
     return sorted(collection.get_all_slaves(), key=lambda s: s.name)
 
 
+def _error(text: str) -> None:
+    """One line ``remsh: TEXT`` on stderr, escaped with :func:`printable`:
+    the text may quote a slave (its name, facts or error message)."""
+    print(f"remsh: {printable(text)}", file=sys.stderr)
+
+
 def _announce(text: str) -> None:
     print(f"remsh master: {text}", file=sys.stderr, flush=True)
 
@@ -339,7 +346,7 @@ def _check_job(args: argparse.Namespace) -> None:
     if args.command == "run":
         args.argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not args.argv:
-            raise UsageError("remsh run: no command given (remsh run -- COMMAND [ARG ...])")
+            raise UsageError("run: no command given (remsh run -- COMMAND [ARG ...])")
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError("--timeout must be positive")
     elif args.command == "put":
@@ -371,7 +378,7 @@ def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     try:
         _check_job(args)
     except UsageError as e:
-        print(f"remsh: {e}" if not str(e).startswith("remsh") else str(e), file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     if args.local is not None or args.listen or args.ssh_listen:
         return _standalone_job(args, env_secret)
@@ -380,14 +387,14 @@ def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         client = ControlClient(path)
     except NoMaster as e:
         # never a fall-back to local slaves: those run on this machine
-        print(f"remsh: {e} (start one with 'remsh master', or use --local N for local slaves)", file=sys.stderr)
+        _error(f"{e} (start one with 'remsh master', or use --local N for local slaves)")
         return EXIT_USAGE
     except ControlError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit
     if args.wait or args.slave:
         client.close()
-        print("remsh: --wait and --slave are for --listen; with a master use -t", file=sys.stderr)
+        _error("--wait and --slave are for --listen; with a master use -t")
         return EXIT_USAGE
     return _through_master(args, client)
 
@@ -418,16 +425,16 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
         _do_job(args, slaves, renderer, cancellation, tee)
         fanning_out = False
     except (ConfigError, UsageError) as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     except SlavesUnavailable as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_SLAVE_FAILED
     except KeyboardInterrupt:
-        print("remsh: interrupted", file=sys.stderr)
+        _error("interrupted")
         return EXIT_INTERRUPTED
     except RemshError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_SLAVE_FAILED
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -471,23 +478,23 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
             elif ev == b"begin":
                 renderer.begin([n.decode("utf-8", "replace") for n in box.get(b"names", b"").split(b"\0") if n])
             elif ev == b"fail":
-                print(f"remsh: {box.get(b'message', b'').decode('utf-8', 'replace')}", file=sys.stderr)
+                _error(box.get(b"message", b"").decode("utf-8", "replace"))
                 return int(box.get(b"exit", b"2"))
             elif ev == b"done":
                 return renderer.finish(interrupted.is_set())
-        print("remsh: lost the master before the end", file=sys.stderr)
+        _error("lost the master before the end")
         return EXIT_SLAVE_FAILED
     except ControlError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit
     except (UsageError, ValueError) as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     except OSError as e:
-        print(f"remsh: lost the master: {e.strerror or e}", file=sys.stderr)
+        _error(f"lost the master: {e.strerror or e}")
         return EXIT_SLAVE_FAILED
     except KeyboardInterrupt:
-        print("remsh: interrupted", file=sys.stderr)
+        _error("interrupted")
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -505,20 +512,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 if box.get(b"ev") == b"slave":
                     rows.append(ls_row(box, LS_FIELDS))
                 elif box.get(b"ev") == b"fail":
-                    print(f"remsh: {box.get(b'message', b'').decode('utf-8', 'replace')}", file=sys.stderr)
+                    _error(box.get(b"message", b"").decode("utf-8", "replace"))
                     return int(box.get(b"exit", b"2"))
         finally:
             client.close()
     except ControlError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit
     except OSError as e:
-        print(f"remsh: lost the master: {e.strerror or e}", file=sys.stderr)
+        _error(f"lost the master: {e.strerror or e}")
         return EXIT_SLAVE_FAILED
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
-    table = [list(LS_FIELDS)] + [[row.get(f) or "-" for f in LS_FIELDS] for row in rows]
+    # every cell is the slave's word: escaped, so that a platform string
+    # cannot retitle or clear the operator's terminal
+    table = [list(LS_FIELDS)] + [[printable(row.get(f) or "-") for f in LS_FIELDS] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(LS_FIELDS))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -533,7 +542,7 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     try:
         server.start()
     except ControlError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit
     listeners: List[SlaveListener] = []
     # the signal handlers only write to a pipe; the main thread waits on it
@@ -557,7 +566,7 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
             pass
         _announce("stopping")
     except ConfigError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     finally:
         for sig, handler in previous.items():
@@ -575,10 +584,10 @@ def cmd_host_key(args: argparse.Namespace) -> int:
 
         key = ssh.load_private_key(args.host_key)
     except ImportError as e:
-        print(f"remsh: host-key needs paramiko: {e}", file=sys.stderr)
+        _error(f"host-key needs paramiko: {e}")
         return EXIT_USAGE
     except RemshError as e:
-        print(f"remsh: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     print(f"fingerprint: {ssh.host_key_fingerprint(key)}")
     print(f"known_hosts: {ssh.known_hosts_line(args.host, args.port, key)}")
@@ -605,7 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_ls(args)
         return cmd_host_key(args)
     except KeyboardInterrupt:
-        print("remsh: interrupted", file=sys.stderr)
+        _error("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # our own output was closed (``remsh ls | head``): stop quietly, and

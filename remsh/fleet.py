@@ -34,7 +34,7 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protoc
                     Tuple)
 
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
-from remsh.lineprinter import LinePrinter
+from remsh.lineprinter import LinePrinter, printable
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -618,14 +618,15 @@ class ProgressBars:
         return text
 
     def _draw(self) -> None:
-        width = max((len(n) for n in self._names), default=5)
+        shown = {name: printable(name) for name in self._names}
+        width = max((len(n) for n in shown.values()), default=5)
         width = max(width, 5)
         now = time.monotonic()
         lines = []
         for name in self._names:
             start = self._t0
             end = self._ended.get(name, now)
-            lines.append(self.line(name.ljust(width), self._done.get(name, 0), self._total.get(name),
+            lines.append(self.line(shown[name].ljust(width), self._done.get(name, 0), self._total.get(name),
                                    end - start, name in self._ended))
         totals = [self._total.get(n) for n in self._names]
         total: Optional[int] = sum(t for t in totals if t is not None) if all(t is not None for t in totals) \
@@ -705,12 +706,12 @@ class Renderer:
             if not self.bars.tty:
                 text = f"{name}: {result.summary or 'done'} ({result.duration_s:.1f} s)" if result.error is None \
                     else f"{name}: failed: {result.error}"
-                self.printer.write_line(self.out, text)
+                self.printer.write_line(self.out, printable(text))
 
     def message(self, text: str) -> None:
-        """One line of the program's own on stderr."""
+        """One line of the program's own on stderr (escaped: it may quote a slave)."""
         self.bars.clear()
-        self.printer.write_line(self.err, text)
+        self.printer.write_line(self.err, printable(text))
 
     def finish(self, interrupted: bool = False) -> int:
         """Print the summary lines and return the exit status."""
@@ -719,10 +720,10 @@ class Renderer:
         for r in sorted(self.results, key=lambda r: r.name):
             if r.error is not None:
                 failed += 1
-                self.printer.write_line(self.err, f"remsh: {r.name}: {r.error}")
+                self.printer.write_line(self.err, printable(f"remsh: {r.name}: {r.error}"))
             elif r.status != 0:
                 failed += 1
-                self.printer.write_line(self.err, f"remsh: {r.name}: exit status {r.status}")
+                self.printer.write_line(self.err, printable(f"remsh: {r.name}: exit status {r.status}"))
         if interrupted:
             self.printer.write_line(self.err, "remsh: interrupted")
         elif failed:

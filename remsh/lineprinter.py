@@ -6,6 +6,14 @@ chunks into lines; :class:`LinePrinter` writes the lines of many sources to
 shared text streams, each line prefixed, so that lines of different slaves
 never mix.  Both ``remsh run`` and the demo use them.
 
+:func:`printable` makes text a slave supplied (its name, its facts, its
+error messages, file names it reports) safe to show on the operator's
+terminal: a slave that sends ``ESC ] 0 ; ... BEL`` or ``ESC [ 2 J`` in its
+platform string must not retitle or clear the operator's screen, nor forge
+lines.  Every such text goes through that one function before it is printed;
+the output bytes of a command are the exception and are written as they came
+(they are what the operator asked to see).
+
 Three limits keep one slave's output from hurting the others:
 
 - A partial line is held up to :data:`MAX_LINE` bytes (64 KiB); past that it
@@ -36,6 +44,34 @@ MAX_LINE = 64 * 1024
 
 #: Colours (ANSI SGR codes) of the slave names, in turn.
 COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on escaped, for
+    printing text that came from a slave.
+
+    Escaped, as ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``: all of C0 (tab and
+    line feed included: the text is one field or one line), DEL, C1 (``\\x9b``
+    is CSI on many terminals), and every other character Python does not
+    count as printable (format characters such as bidirectional overrides,
+    line and paragraph separators, unassigned code points, lone surrogates;
+    a surrogate escape of an undecodable byte shows as that byte).  The
+    ordinary space stays.  Text that is already printable is returned as is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 def _utf8_cut(data: bytes, start: int, limit: int) -> int:
@@ -150,14 +186,15 @@ class LinePrinter:
         """``names`` are the sources; each line starts with the name padded
         to the longest one and ``" | "`` (coloured when ``colour``), or with
         ``label(name)`` when ``label`` is given.  A source not in ``names``
-        gets ``label(name)``, or ``name + " | "``."""
-        width = max((len(n) for n in names), default=0)
+        gets ``label(name)``, or ``name + " | "``.  The name is passed
+        through :func:`printable` first (also before ``label``)."""
+        width = max((len(printable(n)) for n in names), default=0)
         self.prefix: Dict[str, str] = {}
         for i, name in enumerate(sorted(names)):
             if label is not None:
-                text = label(name)
+                text = label(printable(name))
             else:
-                text = name.ljust(width)
+                text = printable(name).ljust(width)
                 if colour:
                     text = f"\033[{COLOURS[i % len(COLOURS)]}m{text}\033[0m"
                 text += " | "
@@ -197,7 +234,8 @@ class LinePrinter:
         if buf is None:
             prefix = self.prefix.get(name)
             if prefix is None:
-                prefix = self._label(name) if self._label is not None else name + " | "
+                shown = printable(name)
+                prefix = self._label(shown) if self._label is not None else shown + " | "
             lock = self._lock_for(out)
             buf = LineBuffer(lambda line: self._write(lock, out, prefix + line.decode("utf-8", "replace") + "\n"),
                              self.max_line)

@@ -324,9 +324,19 @@ def test_json_prints_one_object_per_slave(fleet: Fleet) -> None:
 # -- slaves that differ in their facts ------------------------------------------------------
 
 
+#: What the hostile slave evil-1 announces as its platform: a terminal title
+#: (OSC), clear screen, a C1 CSI, DEL, and a line break with a forged line.
+HOSTILE_PLATFORM = "Linux\x1b]0;owned\x07\x1b[2J\x9b31m\x7f\nremsh: all good"
+#: The name of a FIFO in evil-1's tree: the slave's error message quotes it.
+HOSTILE_FILE = "\x1b[2J\x1b]0;pwned\x07fifo"
+#: Raw control characters (C0 but the line feed, DEL, C1 as UTF-8).
+RAW_CONTROL = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """A master of its own with plain-1 (no policy) and rooted-1 (--root: it has the fact policy_root)."""
+    """A master of its own with plain-1 (no policy), rooted-1 (--root: it has the fact policy_root) and
+    evil-1, a real slave whose platform fact carries escape sequences (a sitecustomize patches it in)."""
     workdir = tmp_path_factory.mktemp("mixed")
     slaves = SlaveProcesses(workdir / "slaves")
     master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
@@ -336,7 +346,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         rooted = workdir / "slaves" / "base" / "rooted-1"
         rooted.mkdir(parents=True)
         slaves.start(master.port, "rooted-1", max_backoff=0.5, basedir=rooted, extra_args=["--root", str(rooted)])
-        wait_names(master.sock, ["plain-1", "rooted-1"])
+        hostile = workdir / "hostile"
+        hostile.mkdir()
+        (hostile / "sitecustomize.py").write_text(
+            f"import platform\nplatform.platform = lambda *args, **kwargs: {HOSTILE_PLATFORM!r}\n")
+        slaves.start(master.port, "evil-1", max_backoff=0.5, env={"PYTHONPATH": f"{hostile}{os.pathsep}{ROOT}"})
+        wait_names(master.sock, ["plain-1", "rooted-1", "evil-1"])
         yield Fleet(workdir, master, slaves)
     finally:
         master.stop()
@@ -352,6 +367,31 @@ def test_where_never_matches_a_slave_that_lacks_the_fact(mixed: Fleet) -> None:
     assert r.returncode == 2
     assert r.stdout == b""
     assert r.stderr.decode().splitlines() == ["remsh: no connected slave matches --where policy_root="]
+
+
+def test_slave_supplied_text_reaches_the_terminal_escaped(mixed: Fleet, tmp_path: Path) -> None:
+    """A slave's facts (ls) and error text (a file name it quotes) are printed with control characters escaped."""
+    rows = {r["name"]: r for r in ls(mixed.sock)}
+    assert rows["evil-1"]["platform"] == HOSTILE_PLATFORM  # --json: JSON's own escapes, the text exact
+    r = mixed.run("ls")
+    assert r.returncode == 0, r.stderr
+    assert not RAW_CONTROL.search(r.stdout + r.stderr), r.stdout
+    evil = [line for line in r.stdout.decode().splitlines() if line.startswith("evil-1 ")]
+    assert len(evil) == 1 and "Linux\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x7f\\x0aremsh: all good" in evil[0], evil
+    tree = mixed.base("evil-1") / "tree"
+    tree.mkdir()
+    os.mkfifo(tree / HOSTILE_FILE)
+    r = mixed.run("get", "-t", "evil-1", "tree", str(tmp_path / "got"))
+    assert r.returncode == 3, r.stderr
+    assert not RAW_CONTROL.search(r.stdout + r.stderr), r.stdout + r.stderr
+    assert "\\x1b[2J\\x1b]0;pwned\\x07fifo (a FIFO)" in r.stderr.decode()
+
+
+def test_command_output_bytes_stay_exact(mixed: Fleet) -> None:
+    """The command's own output is not escaped: escape sequences it prints reach stdout as they were."""
+    r = mixed.run("run", "-t", "evil-1", "--", "printf", "\\033[1mbold\\033[0m\\tx\\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"evil-1 | \x1b[1mbold\x1b[0m\tx\n"
 
 
 # -- put and get ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import List
 
 import pytest
 
-from remsh.lineprinter import MAX_LINE, LineBuffer, LinePrinter
+from remsh.lineprinter import MAX_LINE, LineBuffer, LinePrinter, printable
 from tests.util import WAIT, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,3 +175,28 @@ def _wait_blocked(thread: threading.Thread) -> None:
         return False
 
     wait_until(queued, what="the thread to queue for the stream")
+
+
+# -- text from slaves on the terminal ---------------------------------------------
+
+
+def test_printable_escapes_every_control_character():
+    """C0 (tab and line feed too), DEL, C1, bidi overrides and separators are escaped; the rest stays as it is."""
+    for code in list(range(0x20)) + [0x7F] + list(range(0x80, 0xA0)):
+        assert printable(chr(code)) == f"\\x{code:02x}"
+    assert printable("a\x1b]0;title\x07b\x1b[2J") == "a\\x1b]0;title\\x07b\\x1b[2J"
+    assert printable("\u202eabc\u2028") == "\\u202eabc\\u2028"
+    assert printable("\U000e0001") == "\\U000e0001"
+    assert printable("caf\udce9") == "caf\\xe9"  # an undecodable byte (surrogate escape) shows as that byte
+    plain = "Linux-6.1.0-x86_64-with-glibc2.36 café 名前 [ok] \\ 50%"
+    assert printable(plain) is plain
+
+
+def test_a_hostile_name_is_escaped_in_the_prefix_and_the_line_stays_exact():
+    """A source name with escape sequences is printed escaped in every prefix; the output line itself is not."""
+    out = io.StringIO()
+    evil = "e\x1b[2Jvil\x9b"
+    printer = LinePrinter(["ok", evil])
+    printer.write(evil, out, b"\x1b[1mbold\x1b[0m\n")
+    printer.write("stranger\x07", out, b"x\n")
+    assert out.getvalue() == "e\\x1b[2Jvil\\x9b | \x1b[1mbold\x1b[0m\nstranger\\x07 | x\n"
