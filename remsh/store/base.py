@@ -1,0 +1,270 @@
+"""What a job store holds and promises, whatever database keeps it.
+
+A *job* is one ``run``, ``put`` or ``get`` given to a master: an id, what
+was asked, who asked, when, its state, and per slave a record of what
+happened there -- including the command's output, stdout and stderr kept
+apart and in the order they came, byte for byte.
+
+The store is the one place that state outlives a master process, so it is
+written before anything is acknowledged: output is appended *by position*
+(:meth:`JobStore.append_output` takes the offset of the chunk's first byte
+in its stream), which makes a chunk that arrives twice -- a slave re-sending
+what a master that died had not acknowledged -- land once, and a chunk that
+skips ahead an error rather than a silent hole.
+
+The interface is narrow on purpose (a handful of calls, records out, no
+cursor or connection leaks through it) so that a server database can back
+several masters with the same calls; :mod:`remsh.store.sqlite` is the
+default, one master per store.
+
+Job ids are short and sort by start time: the start time in milliseconds
+and a sequence number, both in Crockford's base 32, e.g. ``01jcz3v8qd-0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+
+from remsh.errors import LocalError, UsageError
+
+#: Job states.
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+JOB_STATES = (JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_CANCELLED)
+JOB_FINAL_STATES = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
+
+#: Per-slave states.
+SLAVE_QUEUED = "queued"
+SLAVE_RUNNING = "running"
+SLAVE_AWAY = "away"
+SLAVE_OK = "ok"
+SLAVE_FAILED = "failed"
+SLAVE_LOST = "lost"
+SLAVE_CANCELLED = "cancelled"
+SLAVE_SKIPPED = "skipped"
+SLAVE_STATES = (SLAVE_QUEUED, SLAVE_RUNNING, SLAVE_AWAY, SLAVE_OK, SLAVE_FAILED, SLAVE_LOST,
+                SLAVE_CANCELLED, SLAVE_SKIPPED)
+SLAVE_FINAL_STATES = (SLAVE_OK, SLAVE_FAILED, SLAVE_LOST, SLAVE_CANCELLED, SLAVE_SKIPPED)
+
+#: Job kinds.
+KINDS = ("run", "put", "get")
+
+#: Output streams, as stored.
+STDOUT = "stdout"
+STDERR = "stderr"
+STREAMS = (STDOUT, STDERR)
+
+#: Defaults of ``remsh master --keep-jobs`` and ``--max-job-output``.
+DEFAULT_KEEP_SECONDS = 7 * 86400.0
+DEFAULT_MAX_OUTPUT = 64 << 20
+
+
+class StoreError(LocalError):
+    """The job store cannot be opened, read or written (corrupt file,
+    unwritable directory, a schema newer than this remsh, a second master on
+    a single-master store); the database's own error is chained."""
+
+
+class UnknownJob(StoreError):
+    """No job with that id is in the store (never was, or pruned)."""
+
+
+class OutputGap(StoreError):
+    """A chunk of output starts past the end of what is stored: bytes in
+    between were never given to the store.  Storing it would leave a hole."""
+
+
+@dataclasses.dataclass
+class SlaveRecord:
+    """What one job did on one slave."""
+
+    name: str
+    state: str = SLAVE_QUEUED
+    exit_status: Optional[int] = None
+    error: Optional[str] = None
+    errtag: Optional[str] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    #: every byte the command wrote, stored or not (positions in the streams)
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    #: True once output past the store's limit was counted but not kept
+    truncated: bool = False
+    progress_done: Optional[int] = None
+    progress_total: Optional[int] = None
+
+    def to_json(self) -> Dict[str, object]:
+        """The record as the command line's and the web API's JSON give it."""
+        return {"state": self.state, "exit_status": self.exit_status, "error": self.error,
+                "stdout_bytes": self.stdout_bytes, "stderr_bytes": self.stderr_bytes,
+                "started": self.started, "finished": self.finished, "truncated": self.truncated}
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """One job: what was asked, by whom, when, and what became of it."""
+
+    id: str
+    kind: str
+    #: what the job does: ``argv`` for run, ``paths`` for put/get, and the
+    #: target options (``targets``, ``where``, ...), as JSON-able values
+    spec: Dict[str, object]
+    uid: int
+    state: str
+    started: float
+    finished: Optional[float] = None
+    slaves: Dict[str, SlaveRecord] = dataclasses.field(default_factory=dict)
+
+    @property
+    def finished_state(self) -> bool:
+        return self.state in JOB_FINAL_STATES
+
+    def to_json(self) -> Dict[str, object]:
+        """The record as ``remsh jobs --json`` prints it."""
+        out: Dict[str, object] = {"id": self.id, "kind": self.kind, "state": self.state,
+                                  "started": self.started, "finished": self.finished, "uid": self.uid}
+        for key, value in self.spec.items():
+            out.setdefault(key, value)
+        out["slaves"] = {name: rec.to_json() for name, rec in self.slaves.items()}
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputChunk:
+    """A stored piece of a slave's output: its place in the job's order
+    (``seq``), its stream, the offset of its first byte in that stream."""
+
+    seq: int
+    stream: str
+    offset: int
+    data: bytes
+
+
+class JobStore(Protocol):
+    """The calls a master makes on its job store.
+
+    Every call is thread-safe and commits before it returns; every failure is
+    a :class:`StoreError`.
+    """
+
+    def create_job(self, kind: str, spec: Dict[str, object], uid: int, names: Sequence[str],
+                   *, now: Optional[float] = None) -> JobRecord:
+        """A new running job for ``names`` (each ``queued``), with a fresh id."""
+
+    def update_slave(self, job_id: str, name: str, *, state: Optional[str] = None,
+                     exit_status: Optional[int] = None, error: Optional[str] = None,
+                     errtag: Optional[str] = None, started: Optional[float] = None,
+                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None
+                     ) -> None:
+        """Change what the record of ``name`` in ``job_id`` says (``None``: unchanged)."""
+
+    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes) -> int:
+        """Store ``data``, whose first byte is at ``offset`` in ``stream``.
+
+        Bytes already stored (a chunk sent again) are skipped; a chunk that
+        starts past the end raises :class:`OutputGap`.  Returns the stream's
+        length after the call: what may be acknowledged.
+        """
+
+    def output_position(self, job_id: str, name: str) -> Tuple[int, int]:
+        """``(stdout_bytes, stderr_bytes)`` committed for ``name`` in ``job_id``."""
+
+    def finish_job(self, job_id: str, state: str, *, now: Optional[float] = None) -> None:
+        """Mark the job ended in ``state`` (one of :data:`JOB_FINAL_STATES`)."""
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """The job's record; :class:`UnknownJob` when there is none."""
+
+    def list_jobs(self, *, running: bool = False, limit: Optional[int] = None) -> List[JobRecord]:
+        """Jobs newest first; only running ones with ``running``."""
+
+    def read_output(self, job_id: str, name: Optional[str] = None, *, after: int = -1,
+                    limit: int = 1000) -> List[Tuple[str, OutputChunk]]:
+        """Stored output in the job's order, ``(slave name, chunk)``, after sequence ``after``."""
+
+    def prune(self, *, now: Optional[float] = None) -> int:
+        """Delete jobs that ended longer ago than the retention; how many."""
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        """Block until the store changed after ``version`` or ``timeout``
+        passed; the current version (start with :meth:`version`)."""
+
+    def version(self) -> int:
+        """A number that grows with every change the store has seen."""
+
+    def close(self) -> None:
+        """Release the database (idempotent)."""
+
+
+# -- job ids ----------------------------------------------------------------------
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's, lower case
+_ID_RE = re.compile(r"^[0-9a-hjkmnp-tv-z]{1,16}-[0-9a-hjkmnp-tv-z]{1,8}$")
+
+
+def _b32(n: int) -> str:
+    digits = []
+    while True:
+        n, r = divmod(n, 32)
+        digits.append(_B32[r])
+        if not n:
+            return "".join(reversed(digits))
+
+
+def make_job_id(millis: int, seq: int) -> str:
+    """The id of the ``seq``-th job started in millisecond ``millis``.
+
+    Ten digits of milliseconds (good until the year 36812) keep ids of the
+    same length, so they sort by start time as plain strings.
+    """
+    return _b32(millis).rjust(10, "0") + "-" + _b32(seq)
+
+
+def check_job_id(text: str) -> str:
+    """``text`` if it has the shape of a job id; :class:`UsageError` otherwise."""
+    if not _ID_RE.match(text):
+        raise UsageError(f"not a job id: {text!r}")
+    return text
+
+
+# -- the command line's units -----------------------------------------------------
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number with an optional unit ``s m h d w``
+    (``90``, ``30m``, ``7d``, ``1.5h``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if m is None:
+        raise UsageError(f"not a duration (a number with s, m, h, d or w): {text!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: an integer with an optional binary unit ``K M G T``
+    (``65536``, ``64M``, ``1G``; an ``iB``/``B`` suffix is accepted)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None:
+        raise UsageError(f"not a size (an integer with K, M, G or T): {text!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def now() -> float:
+    """Wall-clock time as stored (seconds since the epoch)."""
+    return time.time()
+
+
+def job_state_from(slaves: Iterable[SlaveRecord], cancelled: bool = False) -> str:
+    """The final state of a job whose slaves ended as given: ``cancelled``
+    when it was cancelled, ``done`` when every slave is ``ok``, else
+    ``failed``."""
+    if cancelled:
+        return JOB_CANCELLED
+    return JOB_DONE if all(s.state == SLAVE_OK for s in slaves) else JOB_FAILED
