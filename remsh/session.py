@@ -19,14 +19,23 @@ Control boxes (one key each, never counted, never re-sent):
 - ``{ack: N}`` -- "I have received your first N session boxes"; sent after
   every :data:`ACK_EVERY_BOXES` boxes or :data:`ACK_EVERY_BYTES` bytes
   received, so the sender can forget them.  A sender whose unacknowledged
-  boxes pass :data:`WINDOW_BYTES` waits for an acknowledgement (flow
-  control, and a bound on what it keeps).
+  boxes would pass :data:`WINDOW_BYTES` bytes or :data:`WINDOW_BOXES`
+  boxes waits for an acknowledgement (flow control, and a bound on what it
+  keeps); only a single write, when nothing is unacknowledged, may pass
+  the window alone.  After a resume the boxes sent again are paced the
+  same way.
 - ``{hb: ping}`` / ``{hb: pong}`` -- the slave's link check: sent when it
   has sent nothing for a while; the master answers at once.  A slave that
   hears nothing for three intervals takes the link for dead and redials
   (a half-open link never ends by itself).
 - ``{bye: y}`` -- the peer ends the session on purpose (a master closing a
   slave): no resume is waited for.
+
+The window also bounds what a receiver reads ahead while it waits for room
+to send (acknowledgements count the boxes *handed to the caller*): at most
+:data:`HELD_BOXES` boxes and :data:`HELD_BYTES` bytes; a peer that sends
+more has broken the protocol (a flooding slave costs its own connection,
+never the master's memory).
 
 The resume itself happens in the handshake (see :mod:`remsh.handshake`):
 the ``registered`` box carries ``session`` (an id), and a redialing slave's
@@ -43,25 +52,33 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
-from remsh.wire import Box, BoxLike, Wire, encode_box
+from remsh.spool import SpoolFile
+from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes
 
 log = logging.getLogger(__name__)
 
 Data = Union[bytes, bytearray, memoryview]
 
-#: Acknowledge after this many session boxes received ...
+#: Acknowledge after this many session boxes received, or this many bytes.
 ACK_EVERY_BOXES = 64
-#: ... or this many bytes.
 ACK_EVERY_BYTES = 1 << 20
 #: Most bytes of unacknowledged boxes a connected sender keeps before it
 #: waits for an acknowledgement.
 WINDOW_BYTES = 8 << 20
+#: Most unacknowledged session boxes a connected sender keeps: the byte
+#: window alone would let a peer send 8 MiB of 2-byte boxes, each a Python
+#: dict on the receiving side.
+WINDOW_BOXES = 4096
+#: Most boxes (and bytes, as encoded) a receiver holds read ahead of its
+#: reader (see the module docstring): the window, plus one write that may
+#: pass it alone.
+HELD_BOXES = 2 * WINDOW_BOXES
+HELD_BYTES = 2 * WINDOW_BYTES
 #: Longest a connected sender with a full window waits for the peer's next
 #: acknowledgement before it takes the connection for lost (as long as a
 #: stalled send may take, remsh.transports.base.DEFAULT_SEND_TIMEOUT).
@@ -88,37 +105,6 @@ _CONTROL_KEYS = (b"ack", b"hb", b"bye")
 def new_session_id() -> str:
     """A fresh session id: 128 random bits, as 32 hex digits."""
     return os.urandom(16).hex()
-
-
-def count_boxes(data: Data) -> int:
-    """How many whole boxes ``data`` (a sequence of encoded boxes) holds."""
-    view = memoryview(data)
-    n = len(view)
-    pos = count = 0
-    while pos < n:
-        length = view[pos] << 8 | view[pos + 1]
-        pos += 2
-        if length == 0:
-            count += 1
-            continue
-        pos += length
-        vlen = view[pos] << 8 | view[pos + 1]
-        pos += 2 + vlen
-    return count
-
-
-def _skip_boxes(data: bytes, boxes: int) -> int:
-    """The offset in ``data`` after its first ``boxes`` boxes."""
-    pos = 0
-    while boxes:
-        length = data[pos] << 8 | data[pos + 1]
-        pos += 2
-        if length == 0:
-            boxes -= 1
-            continue
-        pos += length
-        pos += 2 + (data[pos] << 8 | data[pos + 1])
-    return pos
 
 
 def _cut_short(conn: Wire, error: ProtocolError) -> bool:
@@ -171,7 +157,12 @@ class SessionWire:
         self.received = 0
         #: session boxes handed to the caller (received may be ahead: _held)
         self.delivered = 0
-        self._held: Deque[Box] = collections.deque()
+        self._held: Deque[Tuple[Box, int]] = collections.deque()
+        self._held_bytes = 0
+        #: boxes (and bytes) held across a resume: the peer's new window is on top
+        self._carried = (0, 0)
+        self.held_peak = (0, 0)  # the most boxes and bytes ever held at once
+        self._acked_bytes = 0
         self._acked_to_peer = 0
         self._bytes_since_ack = 0
         # (first box, boxes, data): data is bytes, or (offset, length) in the
@@ -180,8 +171,7 @@ class SessionWire:
         self._replay_bytes = 0
         self._memory_bytes = 0
         self.spool_dir = spool_dir
-        self._spool: Optional[Any] = None
-        self._spool_end = 0
+        self._spool: Optional[SpoolFile] = None
         self.lost_at: Optional[float] = None
         self.failed: Optional[RemshError] = None
         self.peer_ended = False
@@ -339,8 +329,11 @@ class SessionWire:
             self._bytes_since_ack = 0
             self.last_received = time.monotonic()
             self._resending = True
+            self._carried = (len(self._held), self._held_bytes)
             timer, self._timer = self._timer, None
             next_box = peer_received
+            acked_bytes = self._acked_bytes
+        resent_bytes = 0
         if timer is not None:
             timer.cancel()
         if old is not None:
@@ -366,7 +359,11 @@ class SessionWire:
                                 continue
                             data = self._data(kept)
                     skip = next_box - first
-                    conn.send_bytes(data[_skip_boxes(data, skip):] if skip > 0 else data)
+                    data = data[skip_boxes(data, skip):] if skip > 0 else data
+                    if not self._pace(conn, next_box, first + n, acked_bytes, resent_bytes, len(data)):
+                        return
+                    conn.send_bytes(data)
+                    resent_bytes += len(data)
                     next_box = first + n
                 self.last_sent = time.monotonic()
         except Disconnected as e:
@@ -374,6 +371,29 @@ class SessionWire:
             return
         self._wake()
         log.info("%s: session resumed (%d boxes sent again)", self.label, next_box - peer_received)
+
+    def _pace(self, conn: Wire, sent_to: int, upto: int, acked_bytes: int, resent: int, size: int) -> bool:
+        """Wait until re-sending boxes ``sent_to..upto`` (``size`` bytes;
+        ``resent`` bytes so far, ``_acked_bytes`` was ``acked_bytes`` at the
+        start) stays within the window.  False when the connection went (or
+        acknowledged nothing for :data:`ACK_TIMEOUT`: taken as lost)."""
+        since, acked = time.monotonic(), -1
+        with self._cond:
+            while True:
+                if self.conn is not conn:
+                    return False
+                boxes = max(0, sent_to - self.peer_acked)
+                in_flight = max(0, resent - (self._acked_bytes - acked_bytes))
+                if boxes == 0 or (boxes + upto - sent_to <= WINDOW_BOXES
+                                  and in_flight + size <= WINDOW_BYTES):
+                    return True
+                if self.peer_acked != acked:
+                    acked, since = self.peer_acked, time.monotonic()
+                elif time.monotonic() - since >= ACK_TIMEOUT:
+                    break
+                self._cond.wait(1.0)
+        self.connection_lost(conn, f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s while we resumed")
+        return False
 
     def end(self) -> None:
         """End the session on purpose: tell the peer (best effort) and fail
@@ -411,12 +431,12 @@ class SessionWire:
             if isinstance(data, bytes):
                 self._replay_bytes -= len(data)
                 self._memory_bytes -= len(data)
+                self._acked_bytes += len(data)
             else:
                 self._replay_bytes -= data[1]
+                self._acked_bytes += data[1]
         if self._spool is not None and not any(not isinstance(d, bytes) for _, _, d in replay):
-            self._spool.seek(0)
-            self._spool.truncate()
-            self._spool_end = 0
+            self._spool.clear()
         self._cond.notify_all()
 
     def wait_attached(self) -> None:
@@ -473,7 +493,7 @@ class SessionWire:
             return
         chunk = bytes(data)
         n = count_boxes(chunk)
-        self._make_room(len(chunk))
+        self._make_room(len(chunk), n)
         with self._cond:
             if self.failed is not None:
                 raise self.failed
@@ -495,19 +515,8 @@ class SessionWire:
         if self.conn is None and self.spool_dir is not None and self._memory_bytes >= SPOOL_MEMORY:
             try:
                 if self._spool is None:
-                    # an unlinked file in a private (0700) directory that is
-                    # removed at once: nobody else can open it, nothing is
-                    # left behind
-                    private = tempfile.mkdtemp(prefix=".remsh-spool-", dir=self.spool_dir)
-                    try:
-                        self._spool = tempfile.TemporaryFile(dir=private)
-                    finally:
-                        os.rmdir(private)
-                self._spool.seek(self._spool_end)
-                self._spool.write(chunk)
-                where = (self._spool_end, len(chunk))
-                self._spool_end += len(chunk)
-                return where
+                    self._spool = SpoolFile(self.spool_dir)
+                return self._spool.append(chunk)
             except OSError as e:
                 log.warning("%s: cannot spool to %s (%s); keeping output in memory", self.label,
                             self.spool_dir, e)
@@ -520,12 +529,11 @@ class SessionWire:
         if isinstance(kept, bytes):
             return kept
         assert self._spool is not None
-        self._spool.seek(kept[0])
-        data: bytes = self._spool.read(kept[1])
-        return data
+        return self._spool.read(kept)
 
-    def _make_room(self, size: int) -> None:
-        """Wait until ``size`` more bytes may be kept (holding the send lock).
+    def _make_room(self, size: int, boxes: int) -> None:
+        """Wait until ``size`` more bytes in ``boxes`` boxes may be kept
+        (holding the send lock).
 
         A connected peer that acknowledges nothing for :data:`ACK_TIMEOUT`
         while the window is full is taken as lost (as a stalled send is):
@@ -535,8 +543,13 @@ class SessionWire:
             with self._cond:
                 if self.failed is not None:
                     raise self.failed
-                limit = WINDOW_BYTES if self.conn is not None else self.spool_limit
-                if self._replay_bytes + size <= limit or not self._replay:
+                if not self._replay:
+                    return
+                if self.conn is None:
+                    if self._replay_bytes + size <= self.spool_limit:
+                        return
+                elif (self._replay_bytes + size <= WINDOW_BYTES
+                      and self.sent - self.peer_acked + boxes <= WINDOW_BOXES):
                     return
                 if self.conn is None:
                     self._cond.wait(1.0)
@@ -574,9 +587,37 @@ class SessionWire:
         if box is not None and self._take(box, conn) is not None:
             # a box for the reader, read ahead to reach the acknowledgement
             # behind it: received now, delivered by the next read
-            with self._cond:
-                self.received += 1
-            self._held.append(box)
+            self._hold(box)
+
+    def _hold(self, box: Box) -> None:
+        """Keep a session box read ahead (holding the reader lock).
+
+        :raises ProtocolError: past HELD_BOXES / HELD_BYTES (beyond the window)
+        """
+        size = box_size(box)
+        with self._cond:
+            self.received += 1
+            carried_boxes, carried_bytes = self._carried
+            boxes = len(self._held) + 1
+            held_bytes = self._held_bytes + size
+            if boxes - carried_boxes > HELD_BOXES or held_bytes - carried_bytes > HELD_BYTES:
+                raise ProtocolError(
+                    f"{self.label}: the peer sent more than its window allows without an "
+                    f"acknowledgement ({boxes} boxes, {held_bytes} bytes unread)")
+            self._held.append((box, size))
+            self._held_bytes = held_bytes
+            peak_boxes, peak_bytes = self.held_peak
+            self.held_peak = (max(peak_boxes, boxes), max(peak_bytes, held_bytes))
+
+    def _unhold(self) -> Box:
+        """The oldest box held (holding the reader lock, with one held)."""
+        with self._cond:
+            box, size = self._held.popleft()
+            self._held_bytes -= size
+            carried_boxes, carried_bytes = self._carried
+            if carried_boxes:
+                self._carried = (carried_boxes - 1, max(0, carried_bytes - size))
+        return box
 
     def _read_conn(self, conn: Wire, timeout: Optional[float]) -> Optional[Box]:
         """The next box from ``conn``, or ``None`` when the connection
@@ -646,7 +687,7 @@ class SessionWire:
         ahead (:meth:`_pump`): the peer's window then bounds what is held."""
         with self._cond:
             self.delivered += 1
-            self._bytes_since_ack += sum(len(k) + len(v) + 4 for k, v in box.items()) + 2
+            self._bytes_since_ack += box_size(box)
             due = (self.delivered - self._acked_to_peer >= ACK_EVERY_BOXES
                    or self._bytes_since_ack >= ACK_EVERY_BYTES)
             if due:
@@ -678,7 +719,7 @@ class SessionWire:
             if self._held:
                 with self._reader:
                     if self._held:
-                        return self._deliver(self._held.popleft(), self.conn)
+                        return self._deliver(self._unhold(), self.conn)
             if self.peer_ended:
                 return None
             with self._cond:
@@ -698,7 +739,7 @@ class SessionWire:
         with self._reader:
             conn = self.conn
             if self._held:
-                return self._deliver(self._held.popleft(), conn)
+                return self._deliver(self._unhold(), conn)
             while conn is not None and conn._ready:
                 box = conn._ready.popleft()
                 if self._take(box, conn) is not None:

@@ -573,3 +573,38 @@ class Wire:
         except OSError:
             pass
 
+
+def count_boxes(data: "bytes | bytearray | memoryview") -> int:
+    """How many whole boxes ``data`` (a sequence of encoded boxes) holds."""
+    view = memoryview(data)
+    n = len(view)
+    pos = count = 0
+    while pos < n:
+        length = view[pos] << 8 | view[pos + 1]
+        pos += 2
+        if length == 0:
+            count += 1
+            continue
+        pos += length
+        vlen = view[pos] << 8 | view[pos + 1]
+        pos += 2 + vlen
+    return count
+
+
+def skip_boxes(data: bytes, boxes: int) -> int:
+    """The offset in ``data`` after its first ``boxes`` boxes."""
+    pos = 0
+    while boxes:
+        length = data[pos] << 8 | data[pos + 1]
+        pos += 2
+        if length == 0:
+            boxes -= 1
+            continue
+        pos += length
+        pos += 2 + (data[pos] << 8 | data[pos + 1])
+    return pos
+
+
+def box_size(box: Box) -> int:
+    """The encoded size of ``box`` (bytes on the wire)."""
+    return sum(len(k) + len(v) + 4 for k, v in box.items()) + 2

@@ -10,6 +10,7 @@ registers properly and then misbehaves loses only its own registration.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError
+from remsh.session import HELD_BOXES, HELD_BYTES, WINDOW_BYTES
 from remsh.handshake import AUTH_FAILED, MASTER_GREETING, SLAVE_GREETING, slave_handshake
 from remsh.transports.base import SocketStream
 from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, MAX_VALUE_LENGTH, BoxDecoder, Wire,
@@ -276,3 +278,37 @@ def test_registered_slave_that_never_answers_times_out(tcp_listener):
         assert 0.9 <= time.monotonic() - started < 5.0
         read_until_closed(sock, WAIT)
     assert listener.slave_collection.get_all_slaves() == []
+
+
+@pytest.mark.parametrize("box", [encode_box({}), encode_box({b"x": bytes(60000)})], ids=["tiny", "large"])
+def test_slave_flooding_a_waiting_sender_is_dropped_and_the_master_holds_a_window(box, tcp_listener,
+                                                                                    slave_procs):
+    """A slave that answers a send with a flood of unacknowledged boxes gets ProtocolError; the master holds no more than the window; other slaves go on."""
+    listener = tcp_listener()
+    good = wait_registered(listener, slave_procs.start(listener.port, "good"))
+    sock = socket.create_connection((HOST, listener.port), timeout=WAIT)
+    wire = Wire(SocketStream(sock), label="master")
+    slave_handshake(wire, "flooder", secret=SECRET, basedir="/nonexistent", timeout=WAIT,
+                    extra_info={"resumable": "y"})
+    slave = listener.slave_collection.get_slave(True, lambda s: s.name == "flooder", timeout=WAIT)
+    assert slave is not None and slave.resumable
+    with sock:
+        done, outcome = _call_in_thread(lambda: slave.send(io.BytesIO(bytes(3 * WINDOW_BYTES)), "dest"))
+        assert wire.read_box(WAIT)[b"meth"] == b"send"
+        wire.send_box({})  # go ahead
+        # read everything the master sends, acknowledge nothing, and flood it
+        reader = threading.Thread(target=read_until_closed, args=(sock, 3 * WAIT), daemon=True)
+        reader.start()
+        flood = box * (max(HELD_BOXES, HELD_BYTES // len(box)) + 100)
+        flooder = threading.Thread(target=_send, args=(sock, flood), daemon=True)
+        flooder.start()
+        assert done.wait(WAIT), "the master kept reading the flood"
+        assert isinstance(outcome[0], ProtocolError), outcome
+        for thread in (reader, flooder):  # both end as the master closes the connection
+            thread.join(WAIT)
+        boxes, held = slave.wire.held_peak
+        assert boxes <= HELD_BOXES and held <= HELD_BYTES
+    assert not slave.connected
+    assert listener.slave_collection.get_all_slaves() == [good]
+    good.ping()
+    good.send(io.BytesIO(b"still fine"), "f")

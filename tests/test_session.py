@@ -8,12 +8,15 @@ import os
 import socket
 import stat
 import threading
+from typing import Optional
 
 import pytest
 
-from remsh.session import SPOOL_MEMORY, SessionWire, count_boxes
+from remsh.errors import Disconnected, ProtocolError
+from remsh.session import HELD_BOXES, SPOOL_MEMORY, WINDOW_BOXES, SessionWire, count_boxes
 from remsh.transports.base import SocketStream
 from remsh.wire import Wire, encode_box, encode_data_boxes
+from tests.util import WAIT, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,9 +84,9 @@ def test_output_kept_while_away_goes_to_a_spool_file(tmp_path):
     count = (3 * SPOOL_MEMORY) // len(payload)
     for i in range(count):
         session.send_box({b"i": str(i).encode(), b"data": payload})
-    assert session._spool is not None and session._spool_end > SPOOL_MEMORY
+    assert session._spool is not None and session._spool.end > SPOOL_MEMORY
     assert os.listdir(spool) == []  # unlinked, its directory gone: nobody can open it
-    assert stat.S_ISREG(os.fstat(session._spool.fileno()).st_mode)
+    assert stat.S_ISREG(os.fstat(session._spool.file.fileno()).st_mode)
     mine2, theirs2 = _pair()
     got: list = []
     reader = threading.Thread(target=lambda: got.extend(theirs2.read_box(10) for _ in range(count)))
@@ -94,7 +97,88 @@ def test_output_kept_while_away_goes_to_a_spool_file(tmp_path):
     assert all(b[b"data"] == payload for b in got)
     theirs2.send_box({b"ack": str(count).encode()})
     session._pump(5)
-    assert session._spool_end == 0 and not session._replay
+    assert session._spool.end == 0 and not session._replay
     session.close()
     theirs.close()
     theirs2.close()
+
+
+def test_a_sender_keeps_at_most_window_boxes_unacknowledged():
+    """A connected sender waits for an acknowledgement once WINDOW_BOXES boxes are unacknowledged, however small they are."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s4", resume_timeout=30)
+    received = []
+    reader = threading.Thread(target=lambda: _drain(theirs, received), daemon=True)
+    reader.start()
+    sent = []
+
+    def send_all() -> None:
+        for i in range(WINDOW_BOXES + 10):
+            session.send_box({})
+            sent.append(i)
+
+    worker = threading.Thread(target=send_all, daemon=True)
+    worker.start()
+    wait_until(lambda: len(sent) >= WINDOW_BOXES, what="the window filled")
+    worker.join(0.5)
+    assert len(sent) == WINDOW_BOXES, "the sender passed the box window without an acknowledgement"
+    theirs.send_box({b"ack": str(WINDOW_BOXES).encode()})
+    worker.join(WAIT)  # the waiting sender reads the acknowledgement itself
+    assert len(sent) == WINDOW_BOXES + 10
+    session.close()
+    reader.join(WAIT)
+    assert received[:WINDOW_BOXES + 10] == [{}] * (WINDOW_BOXES + 10)
+    theirs.close()
+
+
+def test_boxes_read_ahead_are_bounded_by_the_window():
+    """A peer that floods a sender waiting for room with unacknowledged boxes breaks the protocol: ProtocolError, held boxes bounded."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s5", resume_timeout=30)
+    drain = threading.Thread(target=lambda: _drain(theirs), daemon=True)
+    drain.start()
+    theirs.send_bytes(encode_box({}) * (HELD_BOXES + 100))
+    with pytest.raises(ProtocolError, match="window"):
+        for _ in range(WINDOW_BOXES + 10):
+            session.send_box({})  # the peer never acknowledges: the sender reads ahead
+    assert session.held_peak[0] <= HELD_BOXES
+    session.close()
+    theirs.close()
+
+
+def test_boxes_held_across_a_resume_do_not_count_against_the_new_window():
+    """Boxes read ahead before a resume (which the peer was told we have) leave the new window whole."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s6", resume_timeout=30)
+    theirs.send_bytes(encode_box({}) * 100)
+    theirs.send_box({b"ack": b"0"})
+    session.send_box({})
+    with session._reader:
+        for _ in range(101):
+            session._pump(WAIT)
+    assert len(session._held) == 100
+    session.prepare_resume()
+    mine2, theirs2 = _pair()
+    session.attach(mine2, 1)
+    theirs2.send_bytes(encode_box({}) * HELD_BOXES)
+    with session._reader:
+        for _ in range(HELD_BOXES):
+            session._pump(WAIT)
+    assert len(session._held) == HELD_BOXES + 100
+    assert session.read_box(WAIT) == {}
+    session.close()
+    for w in (theirs, theirs2):
+        w.close()
+
+
+def _drain(wire: Wire, into: Optional[list] = None) -> None:
+    """Read what the other end sends (and keep it in ``into``), until it closes."""
+    try:
+        while True:
+            box = wire.read_box(WAIT)
+            if box is None:
+                return
+            if into is not None:
+                into.append(box)
+    except (Disconnected, ProtocolError):
+        pass
