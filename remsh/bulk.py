@@ -51,6 +51,17 @@ _HELPER_CHECK = 1.0
 _U16 = struct.Struct(">H")
 
 
+class OverlongRead(OSError):
+    """A source's ``read(n)`` (or ``readinto(view)``) gave more than it was
+    asked for: a broken file-like object, reported as a read error so that
+    the transfer is aborted in the protocol (the peer keeps nothing and
+    stays usable) and the caller can name the object (``source``)."""
+
+    def __init__(self, source: Any, asked: int, got: int) -> None:
+        super().__init__(f"{source!r} returned {got} bytes when asked for at most {asked}")
+        self.source = source
+
+
 class FramedBlock:
     """A buffer of ``boxes`` encoded ``{key: chunk}`` boxes whose value areas
     are filled with file data in place (see the module docstring).
@@ -109,6 +120,8 @@ class FramedBlock:
                 n = read(slot[off:])
                 if not n:
                     return self._finish(total + off)
+                if n < 0 or n > MAX_VALUE_LENGTH - off:
+                    raise OverlongRead(getattr(read, "__self__", read), MAX_VALUE_LENGTH - off, n)
                 off += n
             total += off
         return self._finish(total)
@@ -181,6 +194,8 @@ def reader_for(f: Any) -> Callable[[FramedBlock], int]:
         data = read(len(view))
         if not data:
             return 0
+        if len(data) > len(view):
+            raise OverlongRead(f, len(view), len(data))
         view[: len(data)] = data
         return len(data)
 

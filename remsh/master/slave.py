@@ -26,7 +26,7 @@ from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
                           WaitTimeout, remote_error)
 from remsh.files import PartialFile
-from remsh.bulk import Sink, reader_for, send_blocks, writer_for_fd
+from remsh.bulk import OverlongRead, Sink, reader_for, send_blocks, writer_for_fd
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
 from remsh.session import SessionWire
@@ -549,6 +549,8 @@ class Slave:
         :raises FailedError: writing failed on the slave (nothing is left)
         :raises LocalError: the local source cannot be opened or read
             (nothing is left on the slave)
+        :raises UsageError: ``src.read(n)`` returned more than ``n`` bytes
+            (nothing is left on the slave; it stays usable)
         """
         request = SEND.encode(dest=_b(dest), mode=mode)
         if hasattr(src, "read"):
@@ -573,6 +575,8 @@ class Slave:
                 local_error = self._send_data(f, Progress(progress, total))
                 reply = self._read("send")
             # the slave's error for an aborted transfer only echoes the local cause
+            if isinstance(local_error, OverlongRead):
+                raise UsageError(f"{self.name}: send: the source is not a file-like object: {local_error}")
             if local_error is not None:
                 raise LocalError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
             self._raise_if_error("send", reply)
