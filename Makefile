@@ -6,6 +6,9 @@
 #                import cycles); run the tests
 #   make docs    build the Sphinx documentation into docs/_build/html
 #   make bench   run the benchmarks (QUICK=1 for a short run)
+#   make soak    random work for SOAK_MINUTES (default 30; QUICK=1: 3) under
+#                cuts, freezes, refusals and kills; fails on any lost byte
+#   make fuzz    the Hypothesis fuzz tests with many examples (FUZZ_EXAMPLES)
 #   make clean   remove the virtualenv and build output
 
 PYTHON ?= python3
@@ -22,7 +25,7 @@ STAMP_DOCS  := $(VENV)/.stamp-docs
 STAMP_BENCH := $(VENV)/.stamp-bench
 BENCH_REQS  := $(wildcard bench/requirements.txt)
 
-.PHONY: all demo test lint pytest docs bench clean venv install
+.PHONY: all demo test lint pytest docs bench soak fuzz clean venv install
 
 all: test
 
@@ -87,6 +90,14 @@ docs: $(STAMP_DOCS)
 bench: $(STAMP_BENCH)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/resume.py $(if $(QUICK),--resumes 10 --cut-every 0.5 --min-cuts 3)
+
+# the soak uses the test suite's relay and the test tools (cryptography for TLS)
+soak: $(STAMP_TEST)
+	$(BIN)/python bench/soak.py $(if $(QUICK),--minutes 3,$(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES)))
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP_TEST)
+	REMSH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_fuzz_readers.py
 
 clean:
 	rm -rf $(VENV) docs/_build build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
