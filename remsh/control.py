@@ -3,9 +3,23 @@
 A ``remsh master`` holds the listeners and the collection of slaves; the
 ``remsh ls/run/put/get`` commands reach it through a UNIX socket, the
 *control socket*.  That socket is the power to run anything on every slave,
-so only the master's own user may use it: the socket is created mode 0600
-(in a directory the master creates mode 0700), and every connection's peer
-is checked with ``SO_PEERCRED`` and refused unless it has the master's uid.
+so only the master's own user may use it:
+
+- the socket is created mode 0600 in a directory the master creates mode
+  0700; a directory that already exists must belong to the master's user
+  and be writable by no one else, or the master refuses to start (whoever
+  can write there can replace the socket, or plant a link where the lock
+  file goes);
+- the lock file is opened without following a symbolic link and must be a
+  regular file of the master's user;
+- every connection's peer uid is read from the kernel (``SO_PEERCRED`` on
+  Linux and OpenBSD, ``LOCAL_PEERCRED`` on macOS and FreeBSD:
+  :data:`PEER_CREDENTIALS`) and the connection is refused unless it is the
+  master's uid, or when the uid cannot be read at all.  The client checks
+  the master's uid the same way.  Rejected: trusting the mode bits alone
+  where the system cannot tell the peer (a socket's mode is not honoured
+  everywhere, and a wrong mode is one ``chmod`` away).
+
 Nothing secret ever goes back to a client: slave facts, output and error
 text only.
 
@@ -72,6 +86,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from remsh.errors import RemshError, UsageError
+from remsh.files import O_CLOEXEC, O_NOFOLLOW
+from remsh.peercred import PEER_CREDENTIALS, PeerCredential, PeerUnknown, peer_uid
 from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, StdinTee, get_job,
                          parse_where, put_job, run_job, select_slaves)
 from remsh.master.fanout import Cancellation
@@ -111,6 +127,8 @@ class ControlError(RemshError):
 class NoMaster(ControlError):
     """Nothing listens at the control path (no socket file there, or a
     stale one)."""
+
+
 
 
 def default_control_path() -> str:
@@ -199,15 +217,26 @@ def _chunks(data: bytes) -> List[bytes]:
 # -- the master's side -----------------------------------------------------------------------
 
 
-def peer_uid(sock: socket.socket) -> Optional[int]:
-    """The uid of the process at the other end of a UNIX socket
-    (``SO_PEERCRED``), or ``None`` where the system cannot tell."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+def check_control_directory(directory: str) -> None:
+    """Refuse a control directory that someone else could write to.
+
+    :raises ControlError: ``directory`` is not a directory, belongs to
+        another user, or is writable by group or others (one line, exit 2)
+    """
+    try:
+        st = os.stat(directory)
+    except OSError as e:
+        raise ControlError(f"cannot use the control directory {directory}: {e.strerror or e}") from None
+    euid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"the control directory {directory} is not a directory")
+    if st.st_uid != euid:
+        raise ControlError(f"the control directory {directory} belongs to uid {st.st_uid}, not to this user "
+                           f"(uid {euid}): not used")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(f"the control directory {directory} is writable by group or others "
+                           f"(mode {mode:04o}): not used; make it 0700")
 
 
 class ControlServer:
@@ -220,9 +249,13 @@ class ControlServer:
     thread of its own.
     """
 
-    def __init__(self, path: str, collection: FleetCollection) -> None:
+    def __init__(self, path: str, collection: FleetCollection, *,
+                 credentials: Sequence[PeerCredential] = PEER_CREDENTIALS) -> None:
+        """``credentials``: how to read a client's uid (the system's ways by
+        default; with none, every client is refused)."""
         self.path = os.path.abspath(path)
         self.collection = collection
+        self.credentials = tuple(credentials)
         self._sock: Optional[socket.socket] = None
         self._lock_fd: Optional[int] = None
         self._ino: Optional[int] = None
@@ -237,7 +270,9 @@ class ControlServer:
         """Lock, replace a stale socket, bind, listen, accept in the background.
 
         :raises ControlError: another master holds the socket, or it cannot
-            be made (the directory, a non-socket in the way)
+            be made (the directory, a non-socket in the way), or the
+            directory or the lock file is not safe (another user's, writable
+            by others, a symbolic link)
         """
         directory = os.path.dirname(self.path)
         try:
@@ -250,10 +285,8 @@ class ControlServer:
                     os.chmod(directory, 0o700)
         except OSError as e:
             raise ControlError(f"cannot make the control directory {directory}: {e.strerror or e}") from e
-        try:
-            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise ControlError(f"cannot open {self.path}.lock: {e.strerror or e}") from e
+        check_control_directory(directory)
+        fd = _open_lock(self.path + ".lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -340,10 +373,12 @@ class ControlServer:
                 time.sleep(0.05)  # out of descriptors: do not spin
                 continue
             try:
-                uid = peer_uid(conn)
-            except OSError:
-                uid = -1
-            if uid is not None and uid != os.geteuid():
+                uid = peer_uid(conn, self.credentials)
+            except PeerUnknown as e:
+                log.warning("control socket: refused a connection: %s", e)
+                _refuse(conn, "permission denied: the master cannot tell which user connected")
+                continue
+            if uid != os.geteuid():
                 log.warning("control socket: refused a connection from uid %s", uid)
                 _refuse(conn, "permission denied: the control socket is for the master's user only")
                 continue
@@ -360,6 +395,25 @@ class ControlServer:
             self._clients.pop(id(client), None)
 
 
+def _open_lock(path: str) -> int:
+    """Open (create) the lock file: never through a symbolic link, and only
+    a regular file of this user.
+
+    :raises ControlError: it cannot be opened, or is not such a file
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | O_CLOEXEC | O_NOFOLLOW | getattr(os, "O_NOCTTY", 0), 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            raise ControlError(f"cannot open {path}: it is a symbolic link; not followed") from None
+        raise ControlError(f"cannot open {path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ControlError(f"cannot use {path}: not a regular file of this user")
+    return fd
+
+
 def _answers(path: str) -> bool:
     """Whether something accepts connections on the UNIX socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -371,10 +425,29 @@ def _answers(path: str) -> bool:
         return True
 
 
+#: Bound on a refusal: sending the ``fail`` box and waiting for the client to close.
+REFUSE_TIMEOUT = 1.0
+
+
 def _refuse(conn: socket.socket, message: str) -> None:
+    """Send a ``fail`` box and close.  What the client already sent is read
+    and dropped first (bounded): closing with unread data would reset the
+    connection, and the client could lose the box that says why."""
+    deadline = time.monotonic() + REFUSE_TIMEOUT
     try:
-        conn.settimeout(2.0)
+        conn.settimeout(REFUSE_TIMEOUT)
         conn.sendall(encode_box({b"ev": b"fail", b"message": message.encode(), b"exit": b"2"}))
+        conn.shutdown(socket.SHUT_WR)
+        drained = 0
+        while drained < MAX_BOX:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            conn.settimeout(left)
+            data = conn.recv(65536)
+            if not data:
+                break
+            drained += len(data)
     except OSError:
         pass
     finally:
@@ -605,9 +678,14 @@ class _Client:
 class ControlClient:
     """A connection to a running ``remsh master``."""
 
-    def __init__(self, path: str, timeout: float = CONNECT_TIMEOUT) -> None:
-        """:raises NoMaster: nothing listens at ``path``
-        :raises ControlError: the connection is refused (another user's master)"""
+    def __init__(self, path: str, timeout: float = CONNECT_TIMEOUT, *,
+                 credentials: Sequence[PeerCredential] = PEER_CREDENTIALS) -> None:
+        """``credentials``: how to read the master's uid (the system's ways
+        by default; with none, no master is trusted).
+
+        :raises NoMaster: nothing listens at ``path``
+        :raises ControlError: the connection is refused (another user's
+            master, or one whose uid cannot be read)"""
         self.path = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -627,10 +705,11 @@ class ControlClient:
         # the master must be our own user too: a socket another user made
         # first at a shared path would otherwise get our commands and stdin
         try:
-            uid = peer_uid(sock)
-        except OSError:
-            uid = -1
-        if uid is not None and uid != os.geteuid():
+            uid = peer_uid(sock, credentials)
+        except PeerUnknown as e:
+            sock.close()
+            raise ControlError(f"the control socket {path}: {e}; not used") from None
+        if uid != os.geteuid():
             sock.close()
             raise ControlError(f"the control socket {path} belongs to another user (uid {uid}): not used")
         self.channel = Channel(sock)

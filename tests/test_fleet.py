@@ -23,6 +23,8 @@ from typing import Iterator, List, Optional, Sequence
 import pytest
 
 from remsh import __version__
+from remsh.control import ControlClient, ControlError, ControlServer
+from remsh.fleet import FleetCollection
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
 from tests.util import NOBODY, interrupt_after, process_alive, wait_until
 
@@ -582,6 +584,78 @@ def test_another_user_is_refused_by_mode_and_by_peer_credentials() -> None:
     finally:
         master.stop()
         shutil.rmtree(root)
+
+
+def _master_outcome(workdir: Path, sock: Path) -> "tuple[Optional[int], str]":
+    """Start a master on ``sock``: its exit status and output if it stops by itself, ``None`` if it
+    came up (it is stopped again)."""
+    master = Master(workdir, sock)
+    wait_until(lambda: master.proc.poll() is not None or "remsh master: ready" in master.text(), WAIT,
+               "the master to stop or be ready")
+    if master.proc.poll() is None:
+        master.stop()
+        return None, master.text()
+    return master.proc.returncode, master.text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_control_directory_of_another_user_or_writable_by_others_is_refused(tmp_path: Path) -> None:
+    """A master refuses (exit 2, one line) a control directory of another uid, or one group or others can write."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir(mode=0o700)
+    os.chown(ctl, NOBODY, NOBODY)
+    code, text = _master_outcome(tmp_path, ctl / "m.sock")
+    assert code == 2, text
+    assert text.splitlines() == [f"remsh: the control directory {ctl} belongs to uid {NOBODY}, not to this user "
+                                 f"(uid {os.geteuid()}): not used"]
+    os.chown(ctl, os.geteuid(), os.getegid())
+    for mode in (0o777, 0o1777, 0o770, 0o702):
+        os.chmod(ctl, mode)
+        code, text = _master_outcome(tmp_path, ctl / "m.sock")
+        assert code == 2, (oct(mode), text)
+        assert text.splitlines() == [f"remsh: the control directory {ctl} is writable by group or others "
+                                     f"(mode {mode:04o}): not used; make it 0700"]
+        assert os.listdir(ctl) == []
+    os.chmod(ctl, 0o755)  # others may read and enter, not write: served
+    code, text = _master_outcome(tmp_path, ctl / "m.sock")
+    assert code is None, text
+
+
+def test_lock_file_is_never_opened_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A symbolic link where PATH.lock goes: the master exits 2 naming it, and creates nothing at the link's target."""
+    ctl = tmp_path / "ctl"
+    ctl.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere" / "victim"
+    target.parent.mkdir()
+    os.symlink(target, ctl / "m.sock.lock")
+    code, text = _master_outcome(tmp_path, ctl / "m.sock")
+    assert code == 2, text
+    assert text.splitlines() == [f"remsh: cannot open {ctl / 'm.sock.lock'}: it is a symbolic link; not followed"]
+    assert not os.path.lexists(target)
+    assert not (ctl / "m.sock").exists()
+
+
+def test_a_peer_whose_uid_cannot_be_read_is_refused_at_both_ends(fleet: Fleet, tmp_path: Path) -> None:
+    """Where the uid at the other end cannot be read, the master refuses the client and the client the master."""
+    # the client's side, against the running master: no way to read its uid, so it is not used
+    with pytest.raises(ControlError) as caught:
+        ControlClient(str(fleet.sock), credentials=())
+    assert f"the control socket {fleet.sock}: cannot tell which user" in str(caught.value)
+    assert caught.value.exit == 2
+    # the master's side: a server that cannot read a client's uid refuses it
+    server = ControlServer(str(tmp_path / "ctl" / "m.sock"), FleetCollection(), credentials=())
+    server.start()
+    try:
+        client = ControlClient(server.path)
+        try:
+            client.request("ls")
+            boxes = list(client.events())
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    assert [b.get(b"ev") for b in boxes] == [b"fail"]
+    assert boxes[0][b"message"] == b"permission denied: the master cannot tell which user connected"
 
 
 def test_second_master_on_the_same_socket_exits_2(fleet: Fleet) -> None:
