@@ -594,6 +594,15 @@ def cmd_host_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines with the message escaped by :func:`printable`: the master
+    logs what slaves send (names they tried, their error texts) to the
+    operator's terminal.  A traceback after the line keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``remsh`` program; returns the exit status."""
     # first of all: the secret leaves the environment, so that no local
@@ -604,7 +613,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "tls_key", None) and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="remsh %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("remsh %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         if args.command in ("run", "put", "get"):
             return cmd_job(args, env_secret)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from remsh import __version__
+from remsh.cli import PrintableFormatter
 from tests.util import interrupt_after, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -366,3 +368,21 @@ def test_49_mib_without_newline_comes_out_in_64_kib_lines(tmp_path):
     assert len(lines) == size // 65536 + 1
     assert all(line == b"local1 | " + b"x" * 65536 for line in lines[:-1])
     assert lines[-1] == b"local1 | " + b"x" * 100
+
+
+# -- the master's log -----------------------------------------------------------
+
+
+def test_log_lines_escape_what_they_quote_and_keep_the_traceback():
+    """remsh's log formatter escapes control characters in a message (slave text) and leaves a traceback's lines."""
+    formatter = PrintableFormatter("remsh %(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("remsh.master", logging.WARNING, __file__, 1, "refused slave %s: %s",
+                               ("evil\x1b]0;owned\x07", "text\x1b[2J\nforged"), exc_info)
+    text = formatter.format(record)
+    first, *rest = text.split("\n")
+    assert first == "remsh WARNING remsh.master: refused slave evil\\x1b]0;owned\\x07: text\\x1b[2J\\x0aforged"
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
