@@ -435,3 +435,29 @@ def test_allow_commands_skip_directories_and_non_executables(tmp_path):
     pol = Policy(allow_commands=[f"{tmp_path}/*"])
     search = b":".join(b(tmp_path / n) for n in ("d1", "d2", "d3"))
     assert pol.check_execute([b"tool"], search) == real
+
+
+# -- set-ID bits -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pol", [Policy(execute=False), Policy(allow_commands=["/bin/true"])],
+                         ids=["no-execute", "allow-command"])
+def test_any_restricting_policy_drops_set_id_bits(tmp_path, pol):
+    """Without a root, --no-execute or --allow-command alone still drop set-ID bits from send and chmod."""
+    assert pol.restricted and pol.file_mode(0o6755) == 0o755 and pol.file_mode(0o1777) == 0o1777
+    part = fsops.create_partial(b(tmp_path / "sent"), 0o4755, pol)
+    try:
+        part.write(b"x")
+        part.commit()
+    finally:
+        part.discard()
+    assert os.stat(tmp_path / "sent").st_mode & 0o7777 == 0o755
+    fsops.chmod(b(tmp_path / "sent"), 0o6750, pol)
+    assert os.stat(tmp_path / "sent").st_mode & 0o7777 == 0o750
+
+
+def test_no_policy_keeps_set_id_bits(tmp_path):
+    """A slave without a policy applies the mode as asked, set-ID bits included (its master is trusted)."""
+    assert not Policy().restricted
+    (tmp_path / "f").write_bytes(b"x")
+    fsops.chmod(b(tmp_path / "f"), 0o4755, Policy())
+    assert os.stat(tmp_path / "f").st_mode & 0o7777 == 0o4755

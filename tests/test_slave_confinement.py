@@ -7,7 +7,9 @@ library run through an allowed program, the environment read by
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -100,3 +102,85 @@ def test_allow_env_without_allow_command_is_a_usage_error(slave_procs, tmp_path)
     proc = slave_procs.start(1, "envonly", no_reconnect=True, extra_args=["--allow-env", "CI_*"])
     assert proc.wait() == 2
     assert "--allow-env" in proc.log_text()
+
+
+# -- finding: set-ID files under a policy -----------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _setid_tree(top: Path) -> Path:
+    """A local tree: a set-user-ID program, a set-group-ID file, a set-group-ID directory."""
+    (top / "bin").mkdir(parents=True)
+    (top / "bin" / "suid").write_bytes(b"#!/bin/sh\nid\n")
+    os.chmod(top / "bin" / "suid", 0o4755)
+    (top / "sgid").write_bytes(b"data")
+    os.chmod(top / "sgid", 0o2750)
+    os.chmod(top / "bin", 0o2775)
+    assert _mode(top / "bin" / "suid") == 0o4755 and _mode(top / "bin") == 0o2775
+    return top
+
+
+def test_send_and_chmod_under_root_drop_set_id_bits(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --root, send(mode=0o4755) and chmod(0o6777) give 0o755 and 0o777: no set-ID file appears."""
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "setid-send")
+    slave.send(io.BytesIO(b"#!/bin/sh\nid\n"), "prog", mode=0o4755)
+    assert _mode(root / "prog") == 0o755
+    slave.chmod("prog", 0o6777)
+    assert _mode(root / "prog") == 0o777
+    slave.mkdir("d")
+    slave.chmod("d", 0o2775)
+    assert _mode(root / "d") == 0o775
+    slave.chmod("prog", 0o700)  # other bits are applied as asked
+    assert _mode(root / "prog") == 0o700
+
+
+def test_chmod_of_the_root_itself_is_denied(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --root, chmod of the root (by '.', by its absolute path) is DeniedError and leaves its mode."""
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "chmod-root")
+    before = _mode(root)
+    for path in (".", str(root), "sub/.."):
+        if path == "sub/..":
+            slave.mkdir("sub")
+        with pytest.raises(DeniedError):
+            slave.chmod(path, 0o777)
+    assert _mode(root) == before
+
+
+def test_copy_under_root_makes_no_set_id_file(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --root, copying a set-user-ID file inside the root gives a file without set-ID bits."""
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "setid-copy")
+    (root / "orig").write_bytes(b"x")
+    os.chmod(root / "orig", 0o4755)
+    slave.copy("orig", "copied")
+    assert _mode(root / "copied") & 0o6000 == 0
+
+
+def test_send_tree_under_root_drops_set_id_bits(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --root, send_tree of a tree holding set-ID files and directories lands without any set-ID bit."""
+    src = _setid_tree(tmp_path / "src")
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "setid-tree")
+    slave.send_tree(str(src), "got")
+    assert _mode(root / "got" / "bin" / "suid") == 0o755
+    assert _mode(root / "got" / "sgid") == 0o750
+    assert _mode(root / "got" / "bin") == 0o775
+    assert (root / "got" / "bin" / "suid").read_bytes() == b"#!/bin/sh\nid\n"
+
+
+def test_sync_tree_under_root_drops_set_id_bits(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """Under --root, sync_tree neither creates set-ID entries nor turns an existing file set-ID by a mode change alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(src / "tool", 0o755)
+    slave, root = _confined(tcp_listener, slave_procs, tmp_path, "setid-sync")
+    slave.sync_tree(str(src), "mirror")
+    assert _mode(root / "mirror" / "tool") == 0o755
+    os.chmod(src / "tool", 0o4755)  # same data: only the mode differs
+    _setid_tree(src / "more")
+    slave.sync_tree(str(src), "mirror")
+    found = {p: _mode(p) for p in (root / "mirror").rglob("*")}
+    assert found and all(m & 0o6000 == 0 for m in found.values()), {str(p): oct(m) for p, m in found.items()}
+    assert _mode(root / "mirror" / "more" / "bin" / "suid") == 0o755

@@ -40,7 +40,7 @@ import os
 import stat as stat_mod
 from typing import Callable, List, Optional
 
-from remsh.errors import FailedError, NotFoundError, OpenFailedError, RemoteFileExistsError
+from remsh.errors import DeniedError, FailedError, NotFoundError, OpenFailedError, RemoteFileExistsError
 from remsh.files import (NOREPLACE_UNSUPPORTED, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_PATH,
                          PartialFile, rename_dir_reserving_at, rename_noreplace_at)
 from remsh.slave.policy import DIR_FLAGS, PLAIN, PROC_FD, Policy, check_path_value
@@ -145,7 +145,9 @@ def create_partial(dest: bytes, mode: Optional[int] = None, policy: Policy = PLA
     The temporary file is made in ``dest``'s directory, resolved inside the
     root with one (the :class:`PartialFile` keeps its own descriptor of that
     directory, so a later swap of the path changes nothing); it starts with
-    ``mode & 0o777`` (less the umask), or ``0o666`` less the umask.  Its
+    ``mode & 0o777`` (less the umask), or ``0o666`` less the umask, and ends
+    with ``mode`` less the set-ID bits when the policy restricts anything
+    (:meth:`Policy.file_mode`).  Its
     ``commit()`` raises ``FileExistsError`` if ``dest`` appeared meanwhile,
     ``OSError`` otherwise: map them to :class:`RemoteFileExistsError` and
     :class:`FailedError`.  Call ``discard()`` in a ``finally``.
@@ -157,7 +159,7 @@ def create_partial(dest: bytes, mode: Optional[int] = None, policy: Policy = PLA
     try:
         with policy.parent(dest) as (dir_fd, name):
             refuse_existing(dir_fd, name, dest)
-            return PartialFile(name, mode, dir_fd=dir_fd)
+            return PartialFile(name, None if mode is None else policy.file_mode(mode), dir_fd=dir_fd)
     except OSError as e:
         raise OpenFailedError(_message(e, dest)) from None
 
@@ -506,9 +508,16 @@ def chmod(path: bytes, mode: int, policy: Policy = PLAIN) -> None:
     """Set the permission bits of ``path`` to ``mode``, never through a
     symbolic link (a link is refused: its target may lie anywhere).
 
+    Under a restricting policy the set-user-ID and set-group-ID bits are
+    dropped from ``mode`` (:meth:`Policy.file_mode`), and the root itself
+    may not be changed (the master could open it to everyone, or close it
+    to the slave's own user).
+
     :raises NotFoundError: ``path`` does not exist
     :raises FailedError: it is a symbolic link, or the change failed
+    :raises DeniedError: ``path`` is outside the root, or the root itself
     """
+    mode = policy.file_mode(mode)
     try:
         fd = policy.open(path, O_PATH | O_NOFOLLOW)
     except FileNotFoundError:
@@ -516,8 +525,11 @@ def chmod(path: bytes, mode: int, policy: Policy = PLAIN) -> None:
     except OSError as e:
         raise FailedError(_message(e, path)) from None
     try:
-        if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if stat_mod.S_ISLNK(st.st_mode):
             raise FailedError(f"is a symbolic link (chmod never follows one): {_name(path)}")
+        if policy.is_root(st):
+            raise DeniedError(f"the slave's root itself cannot be changed: {_name(path)}")
         by_fd = b"%s/%d" % (PROC_FD, fd)
         os.chmod(by_fd if os.path.exists(by_fd) else path, mode)
     except OSError as e:

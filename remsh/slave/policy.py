@@ -640,6 +640,17 @@ class Policy:
                                   "pattern; with --allow-command a request may not change the environment "
                                   "otherwise)")
 
+    def is_root(self, st: os.stat_result) -> bool:
+        """True when ``st`` (of something opened through this policy) is the
+        root directory itself; always False without a root."""
+        if self.root is None:
+            return False
+        try:
+            here = os.stat(self.root)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
     def file_mode(self, mode: int) -> int:
         """``mode`` as this slave applies it: without the set-user-ID and
         set-group-ID bits when the policy restricts anything

@@ -41,7 +41,7 @@ from remsh.files import O_DIRECTORY, O_NONBLOCK
 from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
-from remsh.treestream import (ABORT, DIR_OPEN, END, DigestError, Sender, SourceError, StreamError, TargetError,
+from remsh.treestream import (ABORT, DIR_OPEN, END, M, DigestError, Sender, SourceError, StreamError, TargetError,
                               Writer, make_temp_dir, manifest_records, others_message, place_dir, received_boxes,
                               scan)
 from remsh.wire import END_OF_BOX, Box
@@ -79,6 +79,26 @@ def open_parent(policy: Policy, path: bytes) -> Tuple[int, bytes]:
         raise NotFoundError(f"the directory of the destination does not exist: {os.fsdecode(path)}") from None
     except OSError as e:
         raise FailedError(f"{e.strerror}: {os.fsdecode(path)}") from None
+
+
+def _policed(policy: Policy, box: Box) -> Box:
+    """A record ``box`` as the policy lets it apply: its mode without the
+    set-ID bits under a restricting policy (:meth:`Policy.file_mode`), for
+    files and directories alike.  A mode that is not a number is left as
+    it is, for the writer to refuse."""
+    raw = box.get(M)
+    if raw is None or not policy.restricted:
+        return box
+    try:
+        mode = int(raw)
+    except ValueError:
+        return box
+    kept = policy.file_mode(mode)
+    if kept == mode:
+        return box
+    box = dict(box)
+    box[M] = b"%d" % kept
+    return box
 
 
 def _as_remote(e: BaseException) -> RemoteError:
@@ -155,7 +175,7 @@ def receive_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
             box = receiver.next()
             if box is None:
                 break
-            writer.feed(box)
+            writer.feed(_policed(server.policy, box))
         receiver.aborted()
         if not writer.done:
             raise InvalidRequestError("the tree stream ended before its top directory was left")
@@ -307,7 +327,7 @@ def _apply(server: "SlaveServer", parent: int, name: bytes, top: int, dest: byte
                 raise FailedError(f"cannot open the destination: {e.strerror}: {os.fsdecode(dest)}") from None
         writer = Writer(top, sync=True, remove_dir=remove_dir_at)
         while box is not None:
-            writer.feed(box)
+            writer.feed(_policed(server.policy, box))
             box = receiver.next()
         receiver.aborted()
         if not writer.done:
