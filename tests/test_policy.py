@@ -461,3 +461,12 @@ def test_no_policy_keeps_set_id_bits(tmp_path):
     (tmp_path / "f").write_bytes(b"x")
     fsops.chmod(b(tmp_path / "f"), 0o4755, Policy())
     assert os.stat(tmp_path / "f").st_mode & 0o7777 == 0o4755
+
+
+def test_check_getenv():
+    """getenv is denied under execute=False and allow_commands, allowed with no policy or a root alone."""
+    Policy().check_getenv()
+    Policy(root=b"/").check_getenv()
+    for pol in (Policy(execute=False), Policy(allow_commands=["/bin/true"])):
+        with pytest.raises(DeniedError, match="getenv"):
+            pol.check_getenv()

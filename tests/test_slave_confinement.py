@@ -184,3 +184,24 @@ def test_sync_tree_under_root_drops_set_id_bits(tcp_listener, slave_procs, tmp_p
     found = {p: _mode(p) for p in (root / "mirror").rglob("*")}
     assert found and all(m & 0o6000 == 0 for m in found.values()), {str(p): oct(m) for p, m in found.items()}
     assert _mode(root / "mirror" / "more" / "bin" / "suid") == 0o755
+
+
+# -- finding: getenv outside the policy -----------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--no-execute"], ["--allow-command", TRUE]], ids=["no-execute", "allow-command"])
+def test_getenv_is_denied_to_a_master_that_may_not_run_anything(tcp_listener, slave_procs, options):  # noqa: F811
+    """Under --no-execute or --allow-command, getenv is DeniedError: a confined master cannot read the slave's credentials."""
+    listener = tcp_listener()
+    proc = slave_procs.start(listener.port, "getenv-" + options[0].strip("-"), extra_args=options,
+                             env={"AWS_SECRET_ACCESS_KEY": "cloud-credential"})
+    slave = wait_registered(listener, proc)
+    with pytest.raises(DeniedError, match="getenv"):
+        slave.getenv()
+    assert slave.stat(".") == "d"  # the connection stays up
+
+
+def test_getenv_under_root_alone_still_answers(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """With only --root (commands may run, and could print the environment anyway), getenv answers as before."""
+    slave, _ = _confined(tcp_listener, slave_procs, tmp_path, "getenv-root")
+    assert "PATH" in slave.getenv()

@@ -76,6 +76,13 @@ every mode a master asks for (``send``, ``chmod``, the records of
 ``send_tree`` and ``sync_tree``), so a confined master cannot plant a program
 that runs with someone else's rights, and ``chmod`` of the root itself is
 refused.
+
+Reading the environment
+-----------------------
+
+``getenv`` is refused unless commands may run freely
+(:meth:`Policy.check_getenv`): under ``execute=False`` or ``allow_commands``
+the slave's own variables (credentials, often) stay on the slave.
 """
 
 from __future__ import annotations
@@ -639,6 +646,19 @@ class Policy:
                 raise DeniedError(f"environment variable not allowed: {text[:80]} (matches no --allow-env "
                                   "pattern; with --allow-command a request may not change the environment "
                                   "otherwise)")
+
+    def check_getenv(self) -> None:
+        """Check that the master may read the slave's environment (``getenv``).
+
+        Refused (:class:`DeniedError`) under ``execute=False`` and under
+        ``allow_commands``: the environment of a slave often holds
+        credentials (cloud keys, tokens) that a master kept from running
+        arbitrary commands must not read.  With a root alone it is allowed:
+        any command may run, and ``env`` would print the same.
+        """
+        if not self.execute or self.allow_commands:
+            raise DeniedError("getenv refused: this slave does not let its master read its environment "
+                              "(--no-execute or --allow-command)")
 
     def is_root(self, st: os.stat_result) -> bool:
         """True when ``st`` (of something opened through this policy) is the

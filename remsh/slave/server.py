@@ -164,6 +164,7 @@ class SlaveServer:
         return {b"cwd": new}
 
     def op_getenv(self, args: Dict[str, Any]) -> Optional[Box]:
+        self.policy.check_getenv()
         reply: Box = {}
         size = 2
         for name, value in os.environb.items():
