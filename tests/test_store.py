@@ -283,3 +283,25 @@ def test_job_state_from_slaves() -> None:
     assert job_state_from([ok, ok]) == JOB_DONE
     assert job_state_from([ok, SlaveRecord("b", "failed")]) == "failed"
     assert job_state_from([ok], cancelled=True) == JOB_CANCELLED
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_jobs(path) -> None:
+    """A store written with schema 1 (no summary column) opens, keeps its jobs, and records a transfer's summary."""
+    from remsh.store.sqlite import MIGRATIONS
+
+    db = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO jobs (id, kind, spec, uid, state, started) VALUES ('0000000001-0', 'put', '{}', 0, "
+               "'running', 1.0)")
+    db.execute("INSERT INTO job_slaves (job_id, name, state) VALUES ('0000000001-0', 'a', 'queued')")
+    db.commit()
+    db.close()
+    with SqliteJobStore(path) as store:
+        assert store.get_job("0000000001-0").slaves["a"].summary is None
+        store.update_slave("0000000001-0", "a", state=SLAVE_OK, summary="sent to /srv/x")
+        assert store.get_job("0000000001-0").slaves["a"].summary == "sent to /srv/x"
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()

@@ -97,6 +97,8 @@ class SlaveRecord:
     truncated: bool = False
     progress_done: Optional[int] = None
     progress_total: Optional[int] = None
+    #: for a transfer: what was moved, in words
+    summary: Optional[str] = None
 
     def to_json(self) -> Dict[str, object]:
         """The record as the command line's and the web API's JSON give it."""
@@ -159,8 +161,8 @@ class JobStore(Protocol):
     def update_slave(self, job_id: str, name: str, *, state: Optional[str] = None,
                      exit_status: Optional[int] = None, error: Optional[str] = None,
                      errtag: Optional[str] = None, started: Optional[float] = None,
-                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None
-                     ) -> None:
+                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None,
+                     summary: Optional[str] = None) -> None:
         """Change what the record of ``name`` in ``job_id`` says (``None``: unchanged)."""
 
     def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes) -> int:

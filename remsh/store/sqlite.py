@@ -41,7 +41,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
 log = logging.getLogger(__name__)
 
 #: The schema this code writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: ``MIGRATIONS[n]`` turns a version ``n`` file into version ``n + 1``.
 MIGRATIONS: Dict[int, Sequence[str]] = {
@@ -85,10 +85,12 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
                FOREIGN KEY (job_id, name) REFERENCES job_slaves (job_id, name) ON DELETE CASCADE
            )""",
     ),
+    # what a transfer moved, in words ("sent to /srv/x", "synced: ...")
+    1: ("ALTER TABLE job_slaves ADD COLUMN summary TEXT",),
 }
 
 _SLAVE_COLUMNS = ("name", "state", "exit_status", "error", "errtag", "started", "finished",
-                  "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total")
+                  "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total", "summary")
 
 
 class SqliteJobStore:
@@ -253,13 +255,14 @@ class SqliteJobStore:
     def update_slave(self, job_id: str, name: str, *, state: Optional[str] = None,
                      exit_status: Optional[int] = None, error: Optional[str] = None,
                      errtag: Optional[str] = None, started: Optional[float] = None,
-                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None
-                     ) -> None:
+                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None,
+                     summary: Optional[str] = None) -> None:
         if state is not None and state not in SLAVE_STATES:
             raise ValueError(f"unknown slave state {state!r}")
         changes: Dict[str, object] = {}
         for column, value in (("state", state), ("exit_status", exit_status), ("error", error),
-                              ("errtag", errtag), ("started", started), ("finished", finished)):
+                              ("errtag", errtag), ("started", started), ("finished", finished),
+                              ("summary", summary)):
             if value is not None:
                 changes[column] = value
         if progress is not None:
