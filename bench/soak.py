@@ -35,7 +35,6 @@ import argparse
 import collections
 import datetime
 import gc
-import hashlib
 import logging
 import os
 import random
@@ -57,9 +56,11 @@ for p in (REPO, HERE):
         sys.path.insert(0, p)
 
 from fixtures import child_env, make_tls_files  # noqa: E402
+from soakutil import (EMIT, SLEEPER, emit_expected, fd_count, fd_table, file_sha, make_tree,  # noqa: E402
+                      rmtree, rss_bytes, sha, snapshot, tree_bytes)
 from sshd import keygen  # noqa: E402
 
-from remsh.errors import Disconnected, RemshError  # noqa: E402
+from remsh.errors import CommandTimeout, Disconnected, RemshError  # noqa: E402
 from remsh.files import TEMP_SUFFIX  # noqa: E402
 from remsh.master.slave import Slave  # noqa: E402
 from remsh.master.slavecollection.simple import SimpleSlaveCollection  # noqa: E402
@@ -69,8 +70,11 @@ from tests.relay import Relay  # noqa: E402
 
 log = logging.getLogger("soak")
 MiB = 1 << 20
-#: How long a killed slave's session is waited for (its restart replaces it sooner).
-RESUME_TIMEOUT = 15.0
+#: How long a dropped connection is waited for.  A killed slave's restart
+#: replaces its session within seconds; a freeze costs the slave three
+#: silent link checks, then a redial that may meet the freeze still and
+#: wait out its handshake time limit (10 s): under this bound.
+RESUME_TIMEOUT = 20.0
 #: Bound on each reply (a frozen link is noticed by the slave's link check long before).
 IO_TIMEOUT = 30.0
 #: The slaves' link check: a frozen link is redialed after three silent intervals.
@@ -79,159 +83,6 @@ HEARTBEAT = 1.0
 OP_BOUND = 120.0
 #: Bound on a slave (re)registering, and on the end of the run settling.
 WAIT = 60.0
-
-# numbered lines on stdout, the digest of stdin in the middle, more lines
-EMIT = """\
-import hashlib, sys
-n, width, tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
-w = sys.stdout.buffer.write
-pad = b"x" * width
-for i in range(n // 2):
-    w(b"%s %08d %s\\n" % (tag, i, pad))
-sys.stdout.flush()
-w(b"stdin %s\\n" % hashlib.sha256(sys.stdin.buffer.read()).hexdigest().encode())
-for i in range(n // 2, n):
-    w(b"%s %08d %s\\n" % (tag, i, pad))
-"""
-
-
-def emit_expected(n: int, width: int, tag: bytes, stdin: bytes) -> bytes:
-    pad = b"x" * width
-    head = b"".join(b"%s %08d %s\n" % (tag, i, pad) for i in range(n // 2))
-    tail = b"".join(b"%s %08d %s\n" % (tag, i, pad) for i in range(n // 2, n))
-    return head + b"stdin %s\n" % hashlib.sha256(stdin).hexdigest().encode() + tail
-
-
-def _malloc_trim() -> Callable[[], None]:
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL(None).malloc_trim
-        return lambda: None if trim(0) is None else None
-    except (OSError, AttributeError):  # not glibc
-        return lambda: None
-
-
-#: gives the allocator's free memory back to the system, so that RSS
-#: measures what is alive rather than how the heap was last fragmented
-malloc_trim = _malloc_trim()
-
-
-def rss_bytes(trim: bool = False) -> int:
-    if trim:
-        gc.collect()
-        malloc_trim()
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def fd_table() -> Dict[str, str]:
-    """fd -> what it is; sockets with their TCP addresses where known."""
-    sockets: Dict[str, str] = {}
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{table}") as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    local, remote, inode = parts[1], parts[2], parts[9]
-                    sockets[inode] = f"tcp {int(local.split(':')[1], 16)}->{int(remote.split(':')[1], 16)}"
-        except OSError:
-            pass
-    out: Dict[str, str] = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            target += " " + sockets.get(target[8:-1], "")
-        out[fd] = target
-    return out
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha(path: bytes) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            return sha(f.read())
-    except FileNotFoundError:
-        return None
-
-
-# -- trees ---------------------------------------------------------------------
-
-
-def make_tree(rng: random.Random, root: bytes, files: Optional[int] = None) -> int:
-    """A random tree at ``root`` (created): files, empty directories, links,
-    a name that is not UTF-8 now and then; returns the file bytes."""
-    os.mkdir(root)
-    dirs = [root]
-    total = 0
-    for i in range(files if files is not None else rng.randint(1, 25)):
-        parent = rng.choice(dirs)
-        kind = rng.random()
-        name = b"n%d" % i + (b"\xff" if rng.random() < 0.05 else b"")
-        path = os.path.join(parent, name)
-        if kind < 0.2 and len(dirs) < 8:
-            os.mkdir(path)
-            dirs.append(path)
-        elif kind < 0.27:
-            os.symlink(b"../target-%d" % rng.randrange(100), path)
-        else:
-            size = rng.choice((0, rng.randint(1, 2000), rng.randint(1, 256 * 1024)))
-            with open(path, "wb") as f:
-                f.write(rng.randbytes(size))
-            total += size
-    return total
-
-
-def snapshot(root: bytes) -> Dict[bytes, Tuple[str, str]]:
-    """relative path -> ("d", "") / ("f", sha256) / ("l", target); temporary
-    files are left out (the leftover scan counts them)."""
-    out: Dict[bytes, Tuple[str, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if name.endswith(TEMP_SUFFIX):
-                continue
-            if os.path.islink(path):
-                out[rel] = ("l", os.fsdecode(os.readlink(path)))
-            elif os.path.isdir(path):
-                out[rel] = ("d", "")
-            else:
-                out[rel] = ("f", file_sha(path) or "")
-    return out
-
-
-def tree_bytes(root: bytes) -> int:
-    n = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                n += os.path.getsize(path)
-    return n
-
-
-def rmtree(path: bytes) -> None:
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-
 
 # -- the slaves --------------------------------------------------------------------
 
@@ -392,8 +243,9 @@ class Soak:
                 f.write(f"[127.0.0.1]:{self.hosts[name].relay.port} {key_type} {key_data}\n")
         for host in self.hosts.values():
             host.start()
-        with open(os.path.join(self.work, "emit.py"), "w") as f:
-            f.write(EMIT)
+        for script, text in (("emit.py", EMIT), ("sleeper.py", SLEEPER)):
+            with open(os.path.join(self.work, script), "w") as f:
+                f.write(text)
 
     def slave(self, name: str) -> Slave:
         slave = self.collection.get_slave(True, lambda x: x.name == name, timeout=WAIT)
@@ -418,6 +270,21 @@ class Soak:
         if bytes(got) != expected:
             raise AssertionError(f"output differs ({len(got)} bytes, {len(expected)} expected)")
         return len(expected) + len(stdin)
+
+    def op_timeout(self, rng: random.Random, slave: Slave, host: SlaveHost, tag: str, outcome: Dict[str, Any]
+                   ) -> int:
+        """A command that outlives its ``timeout``: CommandTimeout, its
+        process group killed (a process left behind is found at the end)."""
+        got = bytearray()
+        try:
+            status = slave.execute([sys.executable, os.path.join(self.work, "sleeper.py"),
+                                    str(self.minutes * 60 + 900), tag], stdout_cb=got.extend,
+                                   timeout=rng.uniform(0.2, 1.5))
+        except CommandTimeout:
+            if bytes(got) not in (b"", b"up\n"):
+                raise AssertionError(f"output {bytes(got)[:40]!r}") from None
+            return len(got)
+        raise AssertionError(f"the command ended with status {status} before its timeout")
 
     def check_stream(self, tag: str, got: bytes, expected: bytes, outcome: Dict[str, Any]) -> None:
         """Lost and duplicated bytes of a command's output (a failed call may end early)."""
@@ -577,8 +444,9 @@ class Soak:
     def worker(self, index: int) -> None:
         rng = random.Random(self.rng.randrange(1 << 62))
         ops: List[Tuple[str, Callable[..., int]]] = [
-            ("execute", self.op_execute), ("send", self.op_send), ("fetch", self.op_fetch),
-            ("send_tree", self.op_send_tree), ("fetch_tree", self.op_fetch_tree), ("sync_tree", self.op_sync_tree)]
+            ("execute", self.op_execute), ("timeout", self.op_timeout), ("send", self.op_send),
+            ("fetch", self.op_fetch), ("send_tree", self.op_send_tree), ("fetch_tree", self.op_fetch_tree),
+            ("sync_tree", self.op_sync_tree)]
         while not self.stop_work.is_set():
             kind, fn = rng.choice(ops)
             host = self.hosts[rng.choice(sorted(self.hosts))]
@@ -635,7 +503,9 @@ class Soak:
         rng = random.Random(self.rng.randrange(1 << 62))
         last_kill = time.monotonic()
         while not self.stop_chaos.wait(rng.uniform(0.3, 2.5)):
-            host = self.hosts[rng.choice(sorted(self.hosts))]
+            # mostly a slave in the middle of an operation: that is where it hurts
+            busy = sorted({name for _, name, _ in list(self.inflight.values())})
+            host = self.hosts[rng.choice(busy if busy and rng.random() < 0.8 else sorted(self.hosts))]
             r = rng.random()
             try:
                 if r < 0.15 and time.monotonic() - last_kill > 5:
@@ -651,13 +521,13 @@ class Soak:
                 elif r < 0.8:
                     host.relay.silence()
                     self.stats.chaos["freezes"] += 1
-                    self.stop_chaos.wait(rng.uniform(0.5, 4.0))
+                    self.stop_chaos.wait(rng.uniform(0.5, 3.0))
                     host.relay.restore()
                 else:
                     host.relay.refuse()
                     host.relay.cut()
                     self.stats.chaos["refusals"] += 1
-                    self.stop_chaos.wait(rng.uniform(0.5, 4.0))
+                    self.stop_chaos.wait(rng.uniform(0.5, 3.0))
                     host.relay.restore()
             except Exception as e:  # noqa: BLE001 - the chaos must go on; reported
                 self.stats.finding(f"chaos on {host.name}: {type(e).__name__}: {e}")
@@ -690,24 +560,36 @@ class Soak:
                 for name in dirnames + filenames:
                     if not (name.endswith(TEMP_SUFFIX) or name.startswith(b".remsh-spool-")):
                         continue
-                    tag = name[1:].split(b".")[0].decode(errors="replace")
+                    # the operation's name: its destination, or the temporary name beside it
+                    first = os.path.relpath(os.path.join(dirpath, name), root).split(b"/")[0]
+                    tag = first.lstrip(b".").split(b".")[0].decode(errors="replace")
                     if tag in self.killed_ops and root != self.master_dir:
                         self.stats.excused_temps += 1
                     else:
                         self.stats.finding(f"left behind: {os.path.join(dirpath, name)!r}")
+        for pid, cmd in self.strays():
+            killed = [t for t in self.killed_ops if t.encode() in cmd.split()]
+            self.stats.finding(f"process left behind: {pid} {cmd!r}"
+                               + (f" (its slave was killed during {killed[0]})" if killed else ""))
+            try:
+                os.kill(pid, signal.SIGKILL)  # started by this run: ours to end
+            except OSError:
+                pass
+
+    def strays(self) -> List[Tuple[int, bytes]]:
+        """Processes running a file of the run's directory (but this one)."""
         mine = []
         for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+            if not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmd = f.read()
             except OSError:
                 continue
-            if self.work.encode() in cmd and int(pid) != os.getpid():
-                mine.append((pid, cmd.replace(b"\0", b" ")[:120]))
-        for pid, cmd in mine:
-            self.stats.finding(f"process left behind: {pid} {cmd!r}")
+            if self.work.encode() in cmd:
+                mine.append((int(pid), cmd.replace(b"\0", b" ")[:120]))
+        return mine
 
     def warm_up(self) -> None:
         """Each kind of operation once on every slave, before anything is
@@ -722,6 +604,25 @@ class Soak:
                 outcome["check"]()
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            # whatever happened (an exception, Ctrl-C): no slave, relay or
+            # listener outlives the run, and its directory goes
+            self.stop_chaos.set()
+            self.stop_work.set()
+            for listener in self.listeners:
+                listener.stop()
+            for host in self.hosts.values():
+                host.stop()
+            for pid, _ in self.strays():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> int:
         base_threads, base_fds = threading.active_count(), fd_count()
         self.killed_ops: Set[str] = set()
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -807,7 +708,6 @@ class Soak:
         elapsed = time.monotonic() - t_start
         self.report(started, elapsed, (rss0, rss1, rss_max), (threads0, threads1, threads2),
                     (fds0, fds1, fds2))
-        shutil.rmtree(self.work, ignore_errors=True)
         return 1 if self.stats.findings or self.stats.lost or self.stats.dup else 0
 
     def fd_list(self) -> List[str]:
@@ -827,7 +727,7 @@ class Soak:
         print()
         print("| operation | runs | succeeded | failed |")
         print("|---|---:|---:|---:|")
-        for kind in ("execute", "send", "fetch", "send_tree", "fetch_tree", "sync_tree"):
+        for kind in ("execute", "timeout", "send", "fetch", "send_tree", "fetch_tree", "sync_tree"):
             print(f"| {kind} | {s.ops[kind]} | {s.ok[kind]} | {s.ops[kind] - s.ok[kind]} |")
         print(f"| all | {sum(s.ops.values())} | {sum(s.ok.values())} | {sum(s.ops.values()) - sum(s.ok.values())} |")
         print()
