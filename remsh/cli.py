@@ -42,6 +42,7 @@ starts, so local slaves and the commands they run never see it.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -603,11 +604,22 @@ class PrintableFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def _exact_output() -> None:
+    """Let command output that is not UTF-8 reach stdout and stderr as the
+    bytes it was (:class:`~remsh.lineprinter.LinePrinter` decodes it with
+    ``surrogateescape`` for such a stream)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = str(getattr(stream, "encoding", "")).lower().replace("-", "")
+        if isinstance(stream, io.TextIOWrapper) and encoding == "utf8":
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``remsh`` program; returns the exit status."""
     # first of all: the secret leaves the environment, so that no local
     # slave and no command started from here inherits it
     env_secret = take_env_secret()
+    _exact_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "tls_key", None) and not args.tls_cert:

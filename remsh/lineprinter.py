@@ -237,7 +237,11 @@ class LinePrinter:
                 shown = printable(name)
                 prefix = self._label(shown) if self._label is not None else shown + " | "
             lock = self._lock_for(out)
-            buf = LineBuffer(lambda line: self._write(lock, out, prefix + line.decode("utf-8", "replace") + "\n"),
+            # a stream that writes lone surrogates back as the bytes they
+            # stand for gets the output's bytes exactly, UTF-8 or not
+            errors = "surrogateescape" if getattr(out, "errors", None) == "surrogateescape" and \
+                str(getattr(out, "encoding", "")).lower().replace("-", "") == "utf8" else "replace"
+            buf = LineBuffer(lambda line: self._write(lock, out, prefix + line.decode("utf-8", errors) + "\n"),
                              self.max_line)
             with self._table_lock:
                 buf = self._buffers.setdefault(key, buf)
