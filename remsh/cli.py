@@ -9,7 +9,11 @@ TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
   run a command on the chosen slaves, each output line prefixed with the
   slave's name;
 - ``remsh put [-t ...] LOCAL DEST`` / ``remsh get [-t ...] REMOTE LOCALDIR``:
-  copy files and trees, with a progress bar on a terminal.
+  copy files and trees, with a progress bar on a terminal;
+- ``remsh jobs``, ``remsh job ID [--follow]``, ``remsh cancel ID``: every
+  ``run``/``put``/``get`` given to a master is a *job*, recorded in the
+  master's job store (``--state-dir``); ``--detach`` prints its id and
+  leaves it running (:mod:`remsh.jobs`, :mod:`remsh.jobcli`).
 
 The master is found by ``--master PATH`` (before the subcommand), else
 ``$REMSH_MASTER``, else the default control path.  ``run``, ``put`` and
@@ -54,18 +58,24 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
-from remsh.control import ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row, result_of
+from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row,
+                           make_private_directory)
 from remsh.errors import RemshError, UsageError, WaitTimeout
 from remsh.fleet import (DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                          EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
+from remsh.jobcli import add_parsers as add_job_parsers
+from remsh.jobcli import cmd_cancel, cmd_jobs, render, renderer_for
+from remsh.jobcli import cmd_job as cmd_show_job
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 from remsh.master.slavelistener.base import SlaveListener
 from remsh.secretfile import read_secret_file, take_env_secret
+from remsh.store.base import DEFAULT_MAX_OUTPUT, StoreError, parse_duration, parse_size
+from remsh.store.sqlite import SqliteJobStore
 
 log = logging.getLogger("remsh")
 
@@ -144,6 +154,30 @@ def _choice_options(p: argparse.ArgumentParser, parallel: int) -> None:
     g.add_argument("--where", action="append", default=[], metavar="KEY=GLOB",
                    help="slaves whose registration fact matches (platform=Linux*, python=3.1*; all must hold)")
     g.add_argument("--max-parallel", type=int, default=parallel, metavar="N", help="slaves driven at once")
+    p.add_argument("--detach", action="store_true",
+                   help="with a master: print the job's id and leave it running (see remsh jobs, job, cancel)")
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def default_state_dir() -> str:
+    """``$XDG_STATE_HOME/remsh``, else ``~/.local/state/remsh``."""
+    state = os.environ.get("XDG_STATE_HOME")
+    if state and os.path.isabs(state):
+        return os.path.join(state, "remsh")
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "remsh")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("master", help="run a master: listeners, slaves and the control socket")
     _listener_options(m, waiting=False)
     m.add_argument("--control", metavar="PATH", help="control socket to serve (default: as --master)")
+    g = m.add_argument_group("jobs")
+    g.add_argument("--state-dir", metavar="DIR",
+                   help="where the job store lives, DIR/jobs.sqlite (default: $XDG_STATE_HOME/remsh, else "
+                        "~/.local/state/remsh; made 0700)")
+    g.add_argument("--keep-jobs", type=_duration_arg, default="7d", metavar="DURATION",
+                   help="keep ended jobs this long (e.g. 90s, 12h, 7d; default 7d); pruned at start and hourly")
+    g.add_argument("--max-job-output", type=_size_arg, default=DEFAULT_MAX_OUTPUT, metavar="SIZE",
+                   help="output kept per slave per job (e.g. 1M, 64M; default 64M); past it the record says "
+                        "truncated and the command goes on")
 
     ls = sub.add_parser("ls", help="list the master's connected slaves")
     ls.add_argument("--json", action="store_true", help="a JSON array")
@@ -187,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_options(get, DEFAULT_TRANSFER_PARALLEL)
     get.add_argument("remote", metavar="REMOTE")
     get.add_argument("localdir", metavar="LOCALDIR")
+
+    add_job_parsers(sub)
 
     hk = sub.add_parser("host-key", help="print an SSH host key's fingerprint and known_hosts line")
     hk.add_argument("--host-key", required=True, metavar="FILE")
@@ -329,11 +374,7 @@ def _pump_stdin(send: Callable[[bytes], Any], end: Callable[[], Any]) -> threadi
 
 
 def _renderer(args: argparse.Namespace) -> Renderer:
-    if args.command == "run":
-        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty()
-                                             and os.environ.get("NO_COLOR") is None)
-        return Renderer("json" if args.json else "lines", out=sys.stdout, err=sys.stderr, colour=colour)
-    return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
+    return renderer_for(args.command, args)
 
 
 def _check_job(args: argparse.Namespace) -> None:
@@ -382,6 +423,9 @@ def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         _error(str(e))
         return EXIT_USAGE
     if args.local is not None or args.listen or args.ssh_listen:
+        if args.detach:
+            _error("--detach needs a master (remsh master); --local and --listen jobs end with the command")
+            return EXIT_USAGE
         return _standalone_job(args, env_secret)
     path, _ = control_path(args.master)
     try:
@@ -445,17 +489,23 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
 
 
 def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
-    renderer = _renderer(args)
+    """The job given to the master, then followed (``--detach``: its id
+    printed, and left running)."""
     interrupted = threading.Event()
 
     def on_sigint(signum: int, frame: object) -> None:
         if interrupted.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: leave now (the master interrupts on the close)
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now (the master cancels on the close)
         interrupted.set()
         threading.Thread(target=_quietly(client.interrupt), name="remsh-interrupt", daemon=True).start()
 
+    def on_job(job_id: str) -> None:
+        if args.detach:
+            print(job_id, flush=True)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
-    common: Dict[str, Any] = {"targets": args.target, "where": args.where, "parallel": args.max_parallel}
+    common: Dict[str, Any] = {"targets": args.target, "where": args.where, "parallel": args.max_parallel,
+                              "detach": args.detach}
     try:
         if args.command == "run":
             client.request("run", args=args.argv, cwd=args.cwd, timeout=args.timeout, stdin=args.stdin, **common)
@@ -466,25 +516,19 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
                            checksum=args.checksum, **common)
         else:
             client.request("get", src=args.remote, dest=args.localdir, **common)
-        for box in client.events():
-            ev = box.get(b"ev")
-            name = box.get(b"slave", b"").decode("utf-8", "replace")
-            if ev == b"out":
-                renderer.output(name, box.get(b"stream", b"stdout").decode("ascii", "replace"), box.get(b"data", b""))
-            elif ev == b"progress":
-                total = box.get(b"total")
-                renderer.progress(name, int(box.get(b"done", b"0")), None if total is None else int(total))
-            elif ev == b"end":
-                renderer.end(result_of(box))
-            elif ev == b"begin":
-                renderer.begin([n.decode("utf-8", "replace") for n in box.get(b"names", b"").split(b"\0") if n])
-            elif ev == b"fail":
-                _error(box.get(b"message", b"").decode("utf-8", "replace"))
-                return int(box.get(b"exit", b"2"))
-            elif ev == b"done":
-                return renderer.finish(interrupted.is_set())
-        _error("lost the master before the end")
-        return EXIT_SLAVE_FAILED
+        if args.detach:
+            for ev in client.decoded():
+                if ev.kind == "job":
+                    on_job(ev.get("id", ""))
+                elif ev.kind == "fail":
+                    _error(ev.get("message", ""))
+                    return int(ev.get("exit", EXIT_USAGE))
+                elif ev.kind == "done":
+                    return EXIT_OK
+            _error("lost the master before the end")
+            return EXIT_SLAVE_FAILED
+        return render(client.decoded(), lambda kind: _renderer(args), kind=args.command,
+                      interrupted=interrupted.is_set)
     except ControlError as e:
         _error(str(e))
         return e.exit
@@ -509,12 +553,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         client = ControlClient(path)
         try:
             client.request("ls")
-            for box in client.events():
-                if box.get(b"ev") == b"slave":
-                    rows.append(ls_row(box, LS_FIELDS))
-                elif box.get(b"ev") == b"fail":
-                    _error(box.get(b"message", b"").decode("utf-8", "replace"))
-                    return int(box.get(b"exit", b"2"))
+            for ev in client.decoded():
+                if ev.kind == "slave":
+                    rows.append(ls_row(ev, LS_FIELDS))
+                elif ev.kind == "fail":
+                    _error(ev.get("message", ""))
+                    return int(ev.get("exit", EXIT_USAGE))
         finally:
             client.close()
     except ControlError as e:
@@ -538,13 +582,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     """Serve until SIGTERM or SIGINT."""
     path = args.control or control_path(args.master)[0]
+    state_dir = os.path.abspath(args.state_dir or default_state_dir())
     collection = FleetCollection()
-    server = ControlServer(path, collection)
+
+    def open_store() -> SqliteJobStore:
+        make_private_directory(state_dir, "state directory")
+        return SqliteJobStore(os.path.join(state_dir, "jobs.sqlite"), keep=args.keep_jobs,
+                              max_output=args.max_job_output)
+
+    server = ControlServer(path, collection, store=open_store)
     try:
         server.start()
     except ControlError as e:
         _error(str(e))
         return e.exit
+    except StoreError as e:
+        _error(str(e))
+        return EXIT_USAGE
     listeners: List[SlaveListener] = []
     # the signal handlers only write to a pipe; the main thread waits on it
     wake_r, wake_w = os.pipe()
@@ -595,6 +649,26 @@ def cmd_host_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _job_command(args: argparse.Namespace) -> int:
+    """``jobs``, ``job`` or ``cancel``: one line and an exit status for a
+    master that is not there or goes away."""
+    try:
+        commands: Dict[str, Callable[[argparse.Namespace], int]] = {"jobs": cmd_jobs, "job": cmd_show_job,
+                                                                     "cancel": cmd_cancel}
+        return commands[args.command](args)
+    except ControlError as e:
+        _error(str(e))
+        return e.exit
+    except (UsageError, ValueError) as e:
+        _error(str(e))
+        return EXIT_USAGE
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        _error(f"lost the master: {e.strerror or e}")
+        return EXIT_SLAVE_FAILED
+
+
 class PrintableFormatter(logging.Formatter):
     """Log lines with the message escaped by :func:`printable`: the master
     logs what slaves send (names they tried, their error texts) to the
@@ -635,6 +709,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_master(args, env_secret)
         if args.command == "ls":
             return cmd_ls(args)
+        if args.command in ("jobs", "job", "cancel"):
+            return _job_command(args)
         return cmd_host_key(args)
     except KeyboardInterrupt:
         _error("interrupted")

@@ -31,44 +31,60 @@ died is replaced.
 Protocol
 ========
 
-Boxes (:mod:`remsh.wire` framing) both ways.  The client sends one request
-box, then (for ``run``/``put``/``get``) control boxes; the master answers
-with event boxes and closes the connection after the last one.
+Boxes (:mod:`remsh.wire` framing) both ways; the vocabulary (every
+request with its keys, every event with its keys, and how each kind of
+value is written) is one table, :mod:`remsh.controlproto`.  The client
+sends one request box, then (for an attached ``run``) control boxes; the
+master answers with event boxes and closes the connection after the last
+one (``done`` or ``fail``).
 
 Requests (``op`` and ``version: 1``, then the operation's keys; lists are
 NUL-joined, :func:`~remsh.wire.encode_list`)::
 
     {op: ls}
     {op: run, args: LIST, targets: LIST, where: LIST, [cwd], [timeout],
-     [stdin: y], [parallel]}
+     [stdin: y], [parallel], [detach: y]}
     {op: put, src: ABSOLUTE LOCAL PATH, dest, targets, where, [sync: y],
-     [delete: y], [checksum: y], [parallel]}
+     [delete: y], [checksum: y], [parallel], [detach: y]}
     {op: get, src: REMOTE PATH, dest: ABSOLUTE LOCAL DIR, targets, where,
-     [parallel]}
+     [parallel], [detach: y]}
+    {op: jobs, [running: y], [limit: N]}
+    {op: job, id, [follow: y]}
+    {op: cancel, id}
 
-Control boxes from the client while a job runs: ``{stdin: DATA}``,
-``{stdin_eof: y}``, ``{interrupt: y}``.  A client that closes its end
-interrupts the job too.
+``run``, ``put`` and ``get`` make a *job* (:mod:`remsh.jobs`), recorded in
+the master's job store and run by the master's own threads; the first event
+is ``{ev: job, id}``.  With ``detach`` the master then says ``done`` and the
+job goes on; otherwise the client follows the job as ``job ID --follow``
+would, and may send control boxes: ``{stdin: DATA}``, ``{stdin_eof: y}``,
+``{interrupt: y}`` (cancels the job).  An attached client that closes its
+end cancels the job too; a follower of ``job`` that closes does not.
 
 Events from the master (``ev`` key)::
 
     {ev: slave, name, transport, peer, since, platform, python, remsh, state}
+    {ev: job, id}                    (a job was made)
+    {ev: jobrec, id, kind, state, uid, started, [finished], spec: JSON}
+    {ev: jobslave, job, name, state, [exit_status], [error], [errtag],
+     [started], [finished], stdout_bytes, stderr_bytes, [truncated: y]}
     {ev: begin, names: LIST}
     {ev: out, slave, stream: stdout|stderr, data}
     {ev: progress, slave, done, [total]}
-    {ev: end, slave, [status], [error], [errtag], duration_ms, [summary]}
+    {ev: end, slave, [status], [error], [errtag], duration_ms, [summary],
+     [truncated: y]}
     {ev: alive}                      (every few seconds while a job runs)
     {ev: fail, message, exit}        (the request was refused: one line, an
                                       exit status)
-    {ev: done, [interrupted: y]}     (the last box)
+    {ev: done, [interrupted: y], [state]}  (the last box)
+
+``jobs`` answers a ``jobrec`` and its ``jobslave`` events per job; ``job``
+answers the job's ``jobrec``, ``begin``, then its stored output, progress
+and ends in the order they were recorded (live until the job ends with
+``follow``) and ``done`` with the job's state.
 
 The local paths of ``put``/``get`` are read and written by the master
 process itself (same user, same machine), so file data never crosses the
 socket.
-
-Rejected: JSON lines.  Output chunks are bytes of any kind; boxes carry them
-as they are, with the limits and the decoder the slave connections already
-use and test.
 """
 
 from __future__ import annotations
@@ -77,40 +93,39 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import stat
-import struct
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_event,
+                                decode_request, encode_event, encode_request, out_events)
 from remsh.errors import RemshError, UsageError
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
-from remsh.peercred import PEER_CREDENTIALS, PeerCredential, PeerUnknown, peer_uid
-from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, StdinTee, get_job,
+from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, Sink, StdinTee, get_job,
                          parse_where, put_job, run_job, select_slaves)
+from remsh.jobs import JobEnded, JobRegistry, RunningJob, TooManyJobs, follow, record_events
 from remsh.master.fanout import Cancellation
+from remsh.peercred import PEER_CREDENTIALS, PeerCredential, PeerUnknown, peer_uid
+from remsh.store.base import JobStore, StoreError, UnknownJob
 from remsh.transports.base import cut_and_close
-from remsh.wire import (MAX_VALUE_LENGTH, Box, BoxDecoder, decode_int, decode_list, encode_box, encode_int,
-                        encode_list)
+from remsh.wire import Box, encode_box
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ControlServer", "ControlClient", "ControlError", "NoMaster", "Channel", "EventIterator", "VERSION",
+           "MAX_BOX", "SEND_TIMEOUT", "control_path", "default_control_path", "check_private_directory",
+           "check_control_directory", "make_private_directory", "result_of", "ls_row"]
+
 #: Environment variable naming the control socket.
 MASTER_ENV = "REMSH_MASTER"
-#: Version of the control protocol.
-VERSION = b"1"
 #: Bound on connecting to the control socket and on the request box.
 CONNECT_TIMEOUT = 10.0
 #: Seconds between ``alive`` boxes while a job runs.
 HEARTBEAT = 5.0
 #: A client hears nothing from its master for this long: the master is hung.
 CLIENT_SILENCE = 60.0
-#: Bound on one blocked send to a client that does not read (a paused pager).
-SEND_TIMEOUT = 600.0
-#: Largest box either side accepts.
-MAX_BOX = 256 * 1024
 #: Most concurrent client connections.
 MAX_CLIENTS = 64
 
@@ -150,75 +165,16 @@ def control_path(option: Optional[str]) -> Tuple[str, bool]:
     return default_control_path(), False
 
 
-# -- the wire of the control socket ------------------------------------------------------
-
-
-class Channel:
-    """Boxes over a connected UNIX socket: sends from any thread (one lock),
-    reads from one."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        # blocking, with the send bound in the kernel (SO_SNDTIMEO) and reads
-        # bounded by select: a socket timeout would bind both at once, and
-        # the reading thread's short waits would break a long send
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
-        self.sock = sock
-        self._decoder = BoxDecoder(max_box_bytes=MAX_BOX)
-        self._pending: List[Box] = []
-        self._send_lock = threading.Lock()
-        self.closed = False
-
-    def send(self, box: Dict[bytes, bytes]) -> None:
-        """Send one box.  :raises OSError: the peer is gone or stopped reading"""
-        data = encode_box(box)
-        if not self._send_lock.acquire(timeout=SEND_TIMEOUT):
-            raise TimeoutError("control socket: send lock not free")
-        try:
-            self.sock.sendall(data)
-        finally:
-            self._send_lock.release()
-
-    def read(self, timeout: Optional[float]) -> Optional[Box]:
-        """The next box, or ``None`` at the end of the stream.
-
-        :raises TimeoutError: nothing complete arrived within ``timeout``
-        :raises ProtocolError: the peer broke the framing
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._pending:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError("control socket: nothing received in time")
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if not ready:
-                raise TimeoutError("control socket: nothing received in time")
-            data = self.sock.recv(65536)
-            if not data:
-                if self._decoder.in_box:
-                    raise ConnectionResetError("control socket closed in the middle of a box")
-                return None
-            self._pending.extend(self._decoder.feed(data))
-        return self._pending.pop(0)
-
-    def close(self) -> None:
-        self.closed = True
-        cut_and_close(self.sock)
-
-
 def _text(value: Optional[bytes]) -> str:
     return "" if value is None else value.decode("utf-8", "replace")
-
-
-def _chunks(data: bytes) -> List[bytes]:
-    return [data[i:i + MAX_VALUE_LENGTH] for i in range(0, len(data), MAX_VALUE_LENGTH)] or [b""]
 
 
 # -- the master's side -----------------------------------------------------------------------
 
 
-def check_control_directory(directory: str) -> None:
-    """Refuse a control directory that someone else could write to.
+def check_private_directory(directory: str, what: str = "control directory") -> None:
+    """Refuse a directory (the control directory, the state directory) that
+    someone else could write to.
 
     :raises ControlError: ``directory`` is not a directory, belongs to
         another user, or is writable by group or others (one line, exit 2)
@@ -226,36 +182,63 @@ def check_control_directory(directory: str) -> None:
     try:
         st = os.stat(directory)
     except OSError as e:
-        raise ControlError(f"cannot use the control directory {directory}: {e.strerror or e}") from None
+        raise ControlError(f"cannot use the {what} {directory}: {e.strerror or e}") from None
     euid = os.geteuid()
     if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"the control directory {directory} is not a directory")
+        raise ControlError(f"the {what} {directory} is not a directory")
     if st.st_uid != euid:
-        raise ControlError(f"the control directory {directory} belongs to uid {st.st_uid}, not to this user "
+        raise ControlError(f"the {what} {directory} belongs to uid {st.st_uid}, not to this user "
                            f"(uid {euid}): not used")
     mode = stat.S_IMODE(st.st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ControlError(f"the control directory {directory} is writable by group or others "
+        raise ControlError(f"the {what} {directory} is writable by group or others "
                            f"(mode {mode:04o}): not used; make it 0700")
+
+
+def check_control_directory(directory: str) -> None:
+    """:func:`check_private_directory` of the control directory."""
+    check_private_directory(directory, "control directory")
+
+
+def make_private_directory(directory: str, what: str) -> None:
+    """Make ``directory`` (and its parents) mode 0700 when missing, then
+    :func:`check_private_directory` it.
+
+    :raises ControlError: it cannot be made, or is not safe
+    """
+    try:
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)  # whatever the umask
+    except OSError as e:
+        raise ControlError(f"cannot make the {what} {directory}: {e.strerror or e}") from e
+    check_private_directory(directory, what)
 
 
 class ControlServer:
     """The control socket of a ``remsh master``: accepts clients of the
     master's own user and runs their requests on ``collection``.
 
-    :meth:`start` takes the lock and binds the socket (raising
-    :class:`ControlError` when another master holds it); :meth:`stop`
-    closes it, removes the socket and ends running jobs.  Each client has a
-    thread of its own.
+    :meth:`start` takes the lock, opens the job store and binds the socket
+    (raising :class:`ControlError` when another master holds it);
+    :meth:`stop` closes it, removes the socket and cancels running jobs.
+    Each client has a thread of its own; jobs run in threads of the job
+    registry (:mod:`remsh.jobs`), not of the client that asked.
     """
 
     def __init__(self, path: str, collection: FleetCollection, *,
+                 store: Optional[Callable[[], JobStore]] = None,
                  credentials: Sequence[PeerCredential] = PEER_CREDENTIALS) -> None:
-        """``credentials``: how to read a client's uid (the system's ways by
+        """``store``: opens the job store, called once the socket's lock is
+        held (so that a second master is told about the socket first);
+        without it, jobs go to a private store removed at :meth:`stop`.
+        ``credentials``: how to read a client's uid (the system's ways by
         default; with none, every client is refused)."""
         self.path = os.path.abspath(path)
         self.collection = collection
         self.credentials = tuple(credentials)
+        self._open_store = store
+        self.jobs: Optional[JobRegistry] = None
         self._sock: Optional[socket.socket] = None
         self._lock_fd: Optional[int] = None
         self._ino: Optional[int] = None
@@ -273,6 +256,7 @@ class ControlServer:
             be made (the directory, a non-socket in the way), or the
             directory or the lock file is not safe (another user's, writable
             by others, a symbolic link)
+        :raises StoreError: the job store cannot be opened or used
         """
         directory = os.path.dirname(self.path)
         try:
@@ -296,7 +280,14 @@ class ControlServer:
             raise ControlError(f"cannot lock {self.path}.lock: {e.strerror or e}") from e
         self._lock_fd = fd
         try:
-            self._bind()
+            self.jobs = JobRegistry(None if self._open_store is None else self._open_store())
+            try:
+                self.jobs.start()
+                self._bind()
+            except BaseException:
+                self.jobs.stop()
+                self.jobs = None
+                raise
         except BaseException:
             self._release_lock()
             raise
@@ -348,11 +339,11 @@ class ControlServer:
                 pass
         if self._thread is not None:
             self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        if self.jobs is not None:
+            self.jobs.stop(timeout)
         with self._clients_lock:
             clients = list(self._clients.values())
-        for client in clients:
-            client.cancellation.cancel("the master is stopping")
-        deadline = time.monotonic() + timeout
         for client in clients:
             client.join(max(0.0, deadline - time.monotonic()))
             client.channel.close()
@@ -386,7 +377,7 @@ class ControlServer:
                 if len(self._clients) >= MAX_CLIENTS:
                     _refuse(conn, f"the master is serving {MAX_CLIENTS} clients; try again")
                     continue
-                client = _Client(self, Channel(conn))
+                client = _Client(self, Channel(conn), uid)
                 self._clients[id(client)] = client
             client.start()
 
@@ -454,57 +445,14 @@ def _refuse(conn: socket.socket, message: str) -> None:
         conn.close()
 
 
-class _ChannelSink:
-    """A job's :class:`~remsh.fleet.Sink` that sends events to the client.
-    A client that cannot be written to cancels the job."""
-
-    def __init__(self, channel: Channel, cancellation: Cancellation) -> None:
-        self.channel = channel
-        self.cancellation = cancellation
-
-    def _send(self, box: Dict[bytes, bytes]) -> None:
-        if self.channel.closed:
-            return
-        try:
-            self.channel.send(box)
-        except OSError:
-            self.cancellation.cancel("the client went away")
-
-    def begin(self, names: List[str]) -> None:
-        self._send({b"ev": b"begin", b"names": encode_list(n.encode() for n in names)})
-
-    def output(self, name: str, stream: str, data: bytes) -> None:
-        for chunk in _chunks(data):
-            self._send({b"ev": b"out", b"slave": name.encode(), b"stream": stream.encode(), b"data": chunk})
-
-    def progress(self, name: str, done: int, total: Optional[int]) -> None:
-        box = {b"ev": b"progress", b"slave": name.encode(), b"done": encode_int(done)}
-        if total is not None:
-            box[b"total"] = encode_int(total)
-        self._send(box)
-
-    def end(self, result: SlaveResult) -> None:
-        box = {b"ev": b"end", b"slave": result.name.encode(),
-               b"duration_ms": encode_int(int(result.duration_s * 1000))}
-        if result.status is not None:
-            box[b"status"] = encode_int(result.status)
-        if result.error is not None:
-            box[b"error"] = result.error.encode("utf-8", "replace")[:MAX_VALUE_LENGTH]
-        if result.errtag:
-            box[b"errtag"] = result.errtag.encode()
-        if result.summary:
-            box[b"summary"] = result.summary.encode("utf-8", "replace")[:MAX_VALUE_LENGTH]
-        self._send(box)
-
-
 class _Client:
-    """One connection to the control socket: its request, its job."""
+    """One connection to the control socket: its request, dispatched on
+    :data:`~remsh.controlproto.CONTROL_OPS` to the method ``op_NAME``."""
 
-    def __init__(self, server: ControlServer, channel: Channel) -> None:
+    def __init__(self, server: ControlServer, channel: Channel, uid: int) -> None:
         self.server = server
         self.channel = channel
-        self.cancellation = Cancellation()
-        self.tee: Optional[StdinTee] = None
+        self.uid = uid
         self._thread = threading.Thread(target=self._serve, name="remsh-control-client", daemon=True)
 
     def start(self) -> None:
@@ -512,6 +460,13 @@ class _Client:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    @property
+    def jobs(self) -> JobRegistry:
+        jobs = self.server.jobs
+        if jobs is None:
+            raise UsageError("the master is stopping")
+        return jobs
 
     def _serve(self) -> None:
         try:
@@ -524,10 +479,12 @@ class _Client:
 
     def _fail(self, message: str, code: int = EXIT_USAGE) -> None:
         try:
-            self.channel.send({b"ev": b"fail", b"message": message.encode("utf-8", "replace")[:MAX_VALUE_LENGTH],
-                               b"exit": encode_int(code)})
+            self.channel.send(encode_event("fail", message=message, exit=code))
         except OSError:
             pass
+
+    def _send(self, boxes: List[Dict[bytes, bytes]]) -> None:
+        self.channel.send_all(boxes)
 
     def _handle(self) -> None:
         try:
@@ -537,118 +494,130 @@ class _Client:
             return
         if request is None:
             return
-        if request.get(b"version", VERSION) != VERSION:
-            self._fail("the master speaks another version of the control protocol; upgrade remsh")
-            return
-        op = request.get(b"op", b"")
-        collection = self.server.collection
-        if op == b"ls":
-            for slave in sorted(collection.get_all_slaves(), key=lambda s: s.name):
-                row = collection.describe(slave)
-                self.channel.send({b"ev": b"slave",
-                                   **{k.encode(): ("" if v is None else str(v)).encode() for k, v in row.items()}})
-            self.channel.send({b"ev": b"done"})
-            return
-        if op not in (b"run", b"put", b"get"):
-            self._fail(f"unknown request {op[:40]!r}")
-            return
         try:
-            job = self._prepare(op, request)
+            op, values = decode_request(request)
+            handler: Callable[[ControlOp, Dict[str, Any]], None] = getattr(self, op.handler)
+            handler(op, values)
         except (UsageError, ValueError) as e:
             self._fail(str(e))
-            return
-        self._run(job)
+        except UnknownJob as e:
+            self._fail(str(e))
+        except (StoreError, TooManyJobs) as e:
+            self._fail(str(e), EXIT_SLAVE_FAILED)
+        except OSError as e:
+            log.info("control client gone: %s", e)
 
-    def _prepare(self, op: bytes, request: Box) -> Callable[[], List[SlaveResult]]:
-        """Check the request and choose the slaves; the job, ready to go.
+    # -- the operations ---------------------------------------------------------
+
+    def op_ls(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        collection = self.server.collection
+        boxes = [encode_event("slave", **{k: "" if v is None else str(v) for k, v in collection.describe(s).items()})
+                 for s in sorted(collection.get_all_slaves(), key=lambda s: s.name)]
+        self._send(boxes + [encode_event("done")])
+
+    def op_jobs(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        limit = values["limit"]
+        if limit is not None and limit < 1:
+            raise UsageError("-n must be at least 1")
+        for record in self.jobs.store.list_jobs(running=values["running"], limit=limit):
+            self._send(record_events(record))
+        self._send([encode_event("done")])
+
+    def op_job(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        follow(self.jobs.store, values["id"], self._send, live=values["follow"], alive_every=HEARTBEAT,
+               stopped=lambda: self.channel.closed)
+
+    def op_cancel(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        try:
+            self.jobs.cancel(values["id"])
+        except JobEnded as e:
+            raise UsageError(str(e)) from None
+        self._send([encode_event("done")])
+
+    def op_run(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        self._job(op, values)
+
+    def op_put(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        self._job(op, values)
+
+    def op_get(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        self._job(op, values)
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def _job(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        """Make the job, say its id, then follow it unless detached."""
+        names, spec, work, tee = self._prepare(op.name, values)
+        if tee is not None and values["detach"]:
+            raise UsageError("--stdin cannot be detached")
+        job = self.jobs.submit(op.name, spec, self.uid, names, work, tee)
+        self._send([encode_event("job", id=job.id)])
+        if values["detach"]:
+            self._send([encode_event("done")])
+            return
+        reader = threading.Thread(target=self._read_controls, args=(job,), name="remsh-control-read", daemon=True)
+        reader.start()
+        follow(self.jobs.store, job.id, self._send, live=True, alive_every=HEARTBEAT,
+               stopped=lambda: self.channel.closed)
+
+    def _prepare(self, kind: str, values: Dict[str, Any]
+                 ) -> Tuple[List[str], Dict[str, object], Callable[[Sink, Cancellation], List[SlaveResult]],
+                            Optional[StdinTee]]:
+        """Check the request and choose the slaves: their names, the job's
+        record of what was asked, its work and its stdin.
 
         :raises UsageError: a bad request, or no slave matches
         """
-        patterns = [p.decode("utf-8", "replace") for p in decode_list(request.get(b"targets", b""))]
-        wheres = [parse_where(w.decode("utf-8", "replace")) for w in decode_list(request.get(b"where", b""))]
+        patterns: List[str] = values["targets"]
+        wheres = [parse_where(w) for w in values["where"]]
         collection = self.server.collection
         slaves = select_slaves(collection.get_all_slaves(), patterns, wheres)
-        parallel = decode_int(request[b"parallel"]) if b"parallel" in request else None
+        names = [s.name for s in slaves]
+        parallel = values["parallel"]
         if parallel is not None and parallel < 1:
             raise UsageError("--max-parallel must be at least 1")
-        sink = _ChannelSink(self.channel, self.cancellation)
-        extra: Dict[str, Any] = {"cancellation": self.cancellation, "holder": collection}
+        extra: Dict[str, Any] = {"holder": collection}
         if parallel is not None:
             extra["max_parallel"] = parallel
-        if op == b"run":
-            args = [os.fsdecode(a) for a in decode_list(request.get(b"args", b""))]
+        spec: Dict[str, object] = {"targets": patterns, "where": values["where"], "max_parallel": parallel}
+        if kind == "run":
+            args: List[str] = values["args"]
             if not args:
                 raise UsageError("no command given")
-            timeout = float(request[b"timeout"]) if b"timeout" in request else None
-            cwd = os.fsdecode(request[b"cwd"]) if b"cwd" in request else None
-            if request.get(b"stdin") == b"y":
-                self.tee = StdinTee([s.name for s in slaves])
-            tee = self.tee
-            return lambda: run_job(slaves, args, sink, cwd=cwd, timeout=timeout, stdin=tee, **extra)
-        src = os.fsdecode(request.get(b"src", b""))
-        dest = os.fsdecode(request.get(b"dest", b""))
+            timeout, cwd = values["timeout"], values["cwd"]
+            if timeout is not None and not timeout > 0:
+                raise UsageError("--timeout must be positive")
+            tee = StdinTee(names) if values["stdin"] else None
+            spec.update(argv=args, cwd=cwd, timeout=timeout, stdin=tee is not None)
+            return names, spec, lambda sink, c: run_job(slaves, args, sink, cwd=cwd, timeout=timeout, stdin=tee,
+                                                        cancellation=c, **extra), tee
+        src: str = values["src"]
+        dest: str = values["dest"]
         if not src or not dest:
-            raise UsageError(f"{op.decode()}: source and destination are needed")
-        if op == b"put":
+            raise UsageError(f"{kind}: source and destination are needed")
+        spec["paths"] = [src, dest]
+        if kind == "put":
             if not os.path.isabs(src):
                 raise UsageError("put: the local path must be absolute")
-            sync, delete, checksum = (request.get(k) == b"y" for k in (b"sync", b"delete", b"checksum"))
+            sync, delete, checksum = values["sync"], values["delete"], values["checksum"]
             if not os.path.lexists(src):
                 raise UsageError(f"no such local file or directory: {src}")
-            return lambda: put_job(slaves, src, dest, sink, sync=sync, delete=delete, checksum=checksum, **extra)
+            if not os.path.isdir(src) and (sync or delete or checksum):
+                raise UsageError("--sync, --delete and --checksum are for directory trees")
+            spec.update(sync=sync, delete=delete, checksum=checksum)
+            return names, spec, lambda sink, c: put_job(slaves, src, dest, sink, sync=sync, delete=delete,
+                                                        checksum=checksum, cancellation=c, **extra), None
         if not os.path.isabs(dest):
             raise UsageError("get: the local directory must be absolute")
         if os.path.exists(dest) and not os.path.isdir(dest):
             raise UsageError(f"not a directory: {dest}")
-        return lambda: get_job(slaves, src, dest, sink, **extra)
+        return names, spec, lambda sink, c: get_job(slaves, src, dest, sink, cancellation=c, **extra), None
 
-    def _run(self, job: Callable[[], List[SlaveResult]]) -> None:
-        """Run the job in a thread; meanwhile read the client's control boxes
-        and keep the client told that the master lives."""
-        finished = threading.Event()
-        failure: List[BaseException] = []
-
-        def work() -> None:
-            try:
-                job()
-            except BaseException as e:  # noqa: BLE001 - reported to the client below
-                failure.append(e)
-            finally:
-                finished.set()
-
-        reader = threading.Thread(target=self._read_controls, args=(finished,), name="remsh-control-read",
-                                  daemon=True)
-        worker = threading.Thread(target=work, name="remsh-control-job", daemon=True)
-        worker.start()
-        reader.start()
-        while not finished.wait(HEARTBEAT):
-            try:
-                self.channel.send({b"ev": b"alive"})
-            except OSError:
-                self.cancellation.cancel("the client went away")
-        worker.join()
-        if self.tee is not None:
-            self.tee.end()
-        if failure:
-            e = failure[0]
-            if isinstance(e, UsageError):
-                self._fail(str(e))
-            else:
-                log.error("job failed: %r", e)
-                self._fail(f"the master failed: {e}", EXIT_SLAVE_FAILED)
-            return
-        done = {b"ev": b"done"}
-        if self.cancellation.cancelled:
-            done[b"interrupted"] = b"y"
-        try:
-            self.channel.send(done)
-        except OSError:
-            pass
-
-    def _read_controls(self, finished: threading.Event) -> None:
-        """stdin data and interrupts from the client, until the job ends or
-        the client goes (which interrupts the job)."""
-        while not finished.is_set():
+    def _read_controls(self, job: RunningJob) -> None:
+        """stdin data and interrupts from an attached client, until the job
+        ends or the client goes (which cancels the job)."""
+        tee = job.tee
+        while not job.finished.is_set():
             try:
                 box = self.channel.read(0.5)
             except TimeoutError:
@@ -656,20 +625,20 @@ class _Client:
             except (OSError, RemshError):
                 box = None
             if box is None:
-                if not finished.is_set():
-                    self.cancellation.cancel("the client went away")
-                if self.tee is not None:
-                    self.tee.end()
+                if not job.finished.is_set():
+                    job.cancel("the client went away")
+                if tee is not None:
+                    tee.end()
                 return
             if b"interrupt" in box:
-                self.cancellation.cancel("interrupted")
-            if b"stdin" in box and self.tee is not None:
+                job.cancel("interrupted")
+            if b"stdin" in box and tee is not None:
                 # waits while a command is far behind: flow control to the client
-                while not self.tee.feed(box[b"stdin"], 0.5):
-                    if finished.is_set():
+                while not tee.feed(box[b"stdin"], 0.5):
+                    if job.finished.is_set():
                         return
-            if b"stdin_eof" in box and self.tee is not None:
-                self.tee.end()
+            if b"stdin_eof" in box and tee is not None:
+                tee.end()
 
 
 # -- the client's side ------------------------------------------------------------------------
@@ -715,32 +684,32 @@ class ControlClient:
         self.channel = Channel(sock)
 
     def request(self, op: str, **values: Any) -> None:
-        """Send the request box (``None`` values are left out; lists of str
-        are NUL-joined)."""
-        box: Dict[bytes, bytes] = {b"op": op.encode(), b"version": VERSION}
-        for key, value in values.items():
-            if value is None or value is False:
-                continue
-            if value is True:
-                encoded = b"y"
-            elif isinstance(value, (list, tuple)):
-                encoded = encode_list(os.fsencode(v) for v in value)
-            elif isinstance(value, (int, float)):
-                encoded = repr(value).encode()
-            else:
-                encoded = os.fsencode(value)
-            if len(encoded) > MAX_VALUE_LENGTH:
-                raise UsageError(f"{key} is too long for the control protocol")
-            box[key.encode()] = encoded
-        self.channel.send(box)
+        """Send the request box of ``op`` (one of
+        :data:`~remsh.controlproto.CONTROL_OPS`; ``None`` values and false
+        flags are left out).
+
+        :raises UsageError: a value too long for the protocol
+        """
+        self.channel.send(encode_request(op, values))
 
     def events(self) -> "EventIterator":
         """The master's event boxes, until the connection ends."""
         return EventIterator(self.channel)
 
+    def decoded(self) -> "Iterator[Event]":
+        """The master's events, decoded (:func:`~remsh.controlproto.decode_event`).
+
+        :raises ControlError: the master went silent or away, or sent a
+            malformed value
+        """
+        for box in self.events():
+            try:
+                yield decode_event(box)
+            except ValueError as e:
+                raise ControlError(f"the master sent a malformed event: {e}", EXIT_SLAVE_FAILED) from None
+
     def send_stdin(self, data: bytes) -> None:
-        for chunk in _chunks(data):
-            self.channel.send({b"stdin": chunk})
+        self.channel.send_all({b"stdin": box[b"data"]} for box in out_events("", "stdin", data))
 
     def send_stdin_eof(self) -> None:
         self.channel.send({b"stdin_eof": b"y"})
@@ -775,19 +744,16 @@ class EventIterator:
         return box
 
 
-def result_of(box: Box) -> SlaveResult:
+def result_of(event: Event) -> SlaveResult:
     """The :class:`SlaveResult` an ``end`` event carries."""
-    return SlaveResult(_text(box.get(b"slave")),
-                       status=decode_int(box[b"status"]) if b"status" in box else None,
-                       error=_text(box[b"error"]) if b"error" in box else None,
-                       errtag=_text(box[b"errtag"]) if b"errtag" in box else None,
-                       duration_s=decode_int(box.get(b"duration_ms", b"0")) / 1000.0,
-                       summary=_text(box.get(b"summary")))
+    return SlaveResult(event.get("slave", ""), status=event.values["status"], error=event.values["error"],
+                       errtag=event.values["errtag"], duration_s=event.get("duration_ms", 0) / 1000.0,
+                       summary=event.get("summary", ""), truncated=event.values["truncated"])
 
 
-def ls_row(box: Box, fields: Sequence[str]) -> Dict[str, Optional[str]]:
+def ls_row(event: Event, fields: Sequence[str]) -> Dict[str, Optional[str]]:
     """A ``slave`` event as a dict of ``fields`` (empty ``since`` -> ``None``)."""
-    row: Dict[str, Optional[str]] = {f: _text(box.get(f.encode())) for f in fields}
+    row: Dict[str, Optional[str]] = {f: event.get(f, "") for f in fields}
     if not row.get("since"):
         row["since"] = None
     return row

@@ -196,10 +196,11 @@ class SlaveResult:
     """How one slave's part of a job ended: ``status`` (the command's exit
     status; 0 for a transfer) or ``error`` (why it could not be done)."""
 
-    __slots__ = ("name", "status", "error", "errtag", "duration_s", "summary")
+    __slots__ = ("name", "status", "error", "errtag", "duration_s", "summary", "truncated")
 
     def __init__(self, name: str, status: Optional[int] = None, error: Optional[str] = None,
-                 errtag: Optional[str] = None, duration_s: float = 0.0, summary: str = "") -> None:
+                 errtag: Optional[str] = None, duration_s: float = 0.0, summary: str = "",
+                 truncated: bool = False) -> None:
         self.name = name
         self.status = status
         self.error = error
@@ -207,6 +208,8 @@ class SlaveResult:
         self.duration_s = duration_s
         #: for a transfer: what was moved, in words
         self.summary = summary
+        #: output past the master's job store limit was not kept
+        self.truncated = truncated
 
 
 class Sink(Protocol):
@@ -214,6 +217,9 @@ class Sink(Protocol):
 
     def begin(self, names: List[str]) -> None:
         """The job starts on these slaves."""
+
+    def start(self, name: str) -> None:
+        """Slave ``name``'s part starts (a slave never started is not told)."""
 
     def output(self, name: str, stream: str, data: bytes) -> None:
         """A chunk of a command's ``stdout`` or ``stderr``."""
@@ -264,6 +270,7 @@ def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sin
 
     def op(slave: Slave) -> SlaveResult:
         start = time.monotonic()
+        sink.start(slave.name)
         try:
             if holder is not None:
                 with holder.holding(slave):
@@ -669,6 +676,9 @@ class Renderer:
         self.printer = LinePrinter(names, self.colour)
         self.bars.begin(names)
 
+    def start(self, name: str) -> None:
+        """Nothing to show."""
+
     def output(self, name: str, stream: str, data: bytes) -> None:
         if self.mode == "json":
             with self._lock:
@@ -695,7 +705,7 @@ class Renderer:
                                    "stdout": out.decode("utf-8", "replace"),
                                    "stderr": err.decode("utf-8", "replace"),
                                    "duration_s": round(result.duration_s, 3), "error": result.error}
-            if self._truncated.get(name):
+            if self._truncated.get(name) or result.truncated:
                 obj["truncated"] = True
             self.printer.write_line(self.out, json.dumps(obj))
             return
@@ -724,6 +734,9 @@ class Renderer:
             elif r.status != 0:
                 failed += 1
                 self.printer.write_line(self.err, printable(f"remsh: {r.name}: exit status {r.status}"))
+            if r.truncated and self.mode != "json":
+                self.printer.write_line(self.err, printable(f"remsh: {r.name}: output past the master's "
+                                                            f"--max-job-output was not kept"))
         if interrupted:
             self.printer.write_line(self.err, "remsh: interrupted")
         elif failed:

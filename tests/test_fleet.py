@@ -35,9 +35,14 @@ NAMES = ("web-1", "web-2", "db-1")
 LS_FIELDS = {"name", "transport", "peer", "since", "platform", "python", "remsh", "state"}
 
 
+#: The default state directory of the masters started here (never the user's own).
+STATE_HOME = tempfile.mkdtemp(prefix="remsh-test-state-")
+
+
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("REMSH_SECRET", "REMSH_MASTER", "PYTHONPATH")}
     env["PYTHONPATH"] = str(ROOT)
+    env["XDG_STATE_HOME"] = STATE_HOME
     env.update(extra)
     return env
 
@@ -51,10 +56,13 @@ def _free_port() -> int:
 class Master:
     """A ``remsh master`` process on its own control socket and TCP port."""
 
-    def __init__(self, workdir: Path, sock: Path, port: int = 0, secret_file: Optional[Path] = None) -> None:
+    def __init__(self, workdir: Path, sock: Path, port: int = 0, secret_file: Optional[Path] = None,
+                 extra: Sequence[str] = ()) -> None:
         self.sock = sock
         self.log = workdir / f"master-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "remsh", "master", "--control", str(sock), "--listen", f"{HOST}:{port}"]
+        self.state_dir = workdir / "state"
+        argv = [sys.executable, "-m", "remsh", "master", "--control", str(sock), "--listen", f"{HOST}:{port}",
+                "--state-dir", str(self.state_dir), *extra]
         argv += ["--secret-file", str(secret_file)] if secret_file else ["--insecure"]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, env=_env(), stdin=subprocess.DEVNULL, stdout=log,

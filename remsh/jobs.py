@@ -1,0 +1,363 @@
+"""The jobs of a ``remsh master``: run by the master, recorded in its job store.
+
+Every ``run``, ``put`` and ``get`` a client gives to the master becomes a
+job (:class:`JobRegistry.submit`): a record in the job store
+(:mod:`remsh.store`), and threads of the master's that do the work.  The
+client that asked does not own the job, it *follows* it, like any other
+client may (:func:`follow`): a client that detaches, or whose connection
+drops, leaves the job running (only an attached ``run`` that goes away
+cancels its job, as Ctrl-C does).
+
+What a job does goes into the store as it happens (:class:`StoreSink`):
+each slave's start and end, transfer progress, and every byte of output,
+appended by its position in its stream.  Followers read the store, never
+the job: a follower that attaches late, or after the master restarted, sees
+the same events from the start as one that was there all along.
+
+Rejected: feeding attached clients straight from the job and only
+recording for later ones.  Two paths would show two different histories
+(a slow client would see what the store capped, or the other way round).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+from remsh.controlproto import encode_event, out_events
+from remsh.errors import RemshError
+from remsh.fleet import SlaveResult, Sink, StdinTee
+from remsh.master.fanout import Cancellation
+from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
+                              SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
+                              SlaveRecord, StoreError, UnknownJob, job_state_from, now)
+
+log = logging.getLogger(__name__)
+
+#: How often the master deletes jobs past the retention.
+PRUNE_EVERY = 3600.0
+#: Most jobs running at once in one master.
+MAX_RUNNING_JOBS = 256
+#: Shortest interval between two progress records of one slave.
+PROGRESS_EVERY = 0.2
+#: Output chunks a follower reads from the store at a time.
+READ_BATCH = 256
+
+#: The work of a job: given where to report and what cancels it, the results.
+Work = Callable[[Sink, Cancellation], List[SlaveResult]]
+#: Sends events to a follower (raises OSError when it is gone).
+Send = Callable[[List[Dict[bytes, bytes]]], None]
+
+
+class JobEnded(RemshError):
+    """The job asked to be cancelled has already ended."""
+
+
+class TooManyJobs(RemshError):
+    """The master runs :data:`MAX_RUNNING_JOBS` jobs already."""
+
+
+class StoreSink:
+    """The :class:`~remsh.fleet.Sink` of a job: writes what happens to the
+    store.  A store that fails is logged; the job goes on."""
+
+    def __init__(self, store: JobStore, job_id: str, cancellation: Cancellation) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.cancellation = cancellation
+        self._lock = threading.Lock()
+        self._positions: Dict[Tuple[str, str], int] = {}
+        self._started: Set[str] = set()
+        self._progress_at: Dict[str, float] = {}
+        self._failed = False
+
+    def _store(self, what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except StoreError as e:
+            if not self._failed:
+                log.error("job %s: cannot record %s: %s", self.job_id, what, e)
+            self._failed = True
+
+    def begin(self, names: List[str]) -> None:
+        """The slaves are in the record already (queued)."""
+
+    def start(self, name: str) -> None:
+        with self._lock:
+            self._started.add(name)
+        self._store("a start", lambda: self.store.update_slave(self.job_id, name, state=SLAVE_RUNNING,
+                                                                 started=now()))
+
+    def output(self, name: str, stream: str, data: bytes) -> None:
+        with self._lock:  # one writer per stream at a time keeps the positions exact
+            offset = self._positions.get((name, stream), 0)
+            try:
+                self._positions[(name, stream)] = self.store.append_output(self.job_id, name, stream, offset, data)
+            except StoreError as e:
+                self._positions[(name, stream)] = offset + len(data)
+                if not self._failed:
+                    log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
+                self._failed = True
+
+    def progress(self, name: str, done: int, total: Optional[int]) -> None:
+        t = time.monotonic()
+        with self._lock:
+            if t - self._progress_at.get(name, 0.0) < PROGRESS_EVERY and done != total:
+                return
+            self._progress_at[name] = t
+        self._store("progress", lambda: self.store.update_slave(self.job_id, name, progress=(done, total)))
+
+    def end(self, result: SlaveResult) -> None:
+        with self._lock:
+            started = result.name in self._started
+        if result.error is None and result.status == 0:
+            state = SLAVE_OK
+        elif self.cancellation.cancelled:
+            state = SLAVE_CANCELLED if started else SLAVE_SKIPPED
+        else:
+            state = SLAVE_FAILED
+        self._store("an end", lambda: self.store.update_slave(
+            self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
+            errtag=result.errtag, finished=now(), summary=result.summary or None))
+
+
+class RunningJob:
+    """A job this master runs: its id, what cancels it, its stdin."""
+
+    def __init__(self, job_id: str, tee: Optional[StdinTee]) -> None:
+        self.id = job_id
+        self.cancellation = Cancellation()
+        self.tee = tee
+        self.finished = threading.Event()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.cancellation.cancel(reason)
+
+
+class JobRegistry:
+    """The jobs of one master, over its job store.
+
+    Without a store, a private one is made in a temporary directory and
+    removed by :meth:`stop` (for a master embedded in a program or a test).
+    """
+
+    def __init__(self, store: Optional[JobStore] = None, *, prune_every: float = PRUNE_EVERY) -> None:
+        self._tempdir: Optional[str] = None
+        if store is None:
+            from remsh.store.sqlite import SqliteJobStore
+
+            self._tempdir = tempfile.mkdtemp(prefix="remsh-jobs-")
+            store = SqliteJobStore(f"{self._tempdir}/jobs.sqlite")
+        self.store: JobStore = store
+        self.prune_every = prune_every
+        self._lock = threading.Lock()
+        self._jobs: Dict[str, RunningJob] = {}
+        self._stopping = threading.Event()
+        self._pruner: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Close the records of jobs a previous master left running, prune,
+        and prune again every :attr:`prune_every` seconds.
+
+        :raises StoreError: the store cannot be read or written
+        """
+        self._close_orphans()
+        self.store.prune()
+        self._pruner = threading.Thread(target=self._prune_loop, name="remsh-jobs-prune", daemon=True)
+        self._pruner.start()
+
+    def _close_orphans(self) -> None:
+        # a master that was killed left these; nothing runs them any more
+        for record in self.store.list_jobs(running=True):
+            with self._lock:
+                if record.id in self._jobs:
+                    continue
+            for name, rec in record.slaves.items():
+                if rec.state not in SLAVE_FINAL_STATES:
+                    self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
+                                            error="the master stopped before it ended")
+            self.store.finish_job(record.id, JOB_FAILED)
+            log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
+
+    def _prune_loop(self) -> None:
+        while not self._stopping.wait(self.prune_every):
+            try:
+                self.store.prune()
+            except StoreError as e:
+                log.error("cannot prune the job store: %s", e)
+
+    def submit(self, kind: str, spec: Dict[str, object], uid: int, names: List[str], work: Work,
+               tee: Optional[StdinTee] = None) -> RunningJob:
+        """Record a new job on ``names`` and start ``work`` in a thread of
+        the master's.
+
+        :raises TooManyJobs: the master runs :data:`MAX_RUNNING_JOBS` already
+        :raises StoreError: the job cannot be recorded
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                raise TooManyJobs("the master is stopping")
+            if len(self._jobs) >= MAX_RUNNING_JOBS:
+                raise TooManyJobs(f"the master runs {MAX_RUNNING_JOBS} jobs already; try again later")
+            record = self.store.create_job(kind, spec, uid, names)
+            job = RunningJob(record.id, tee)
+            self._jobs[job.id] = job
+        log.info("job %s: %s on %d slave(s)", job.id, kind, len(names))
+        threading.Thread(target=self._run, args=(job, work), name=f"remsh-job-{job.id}", daemon=True).start()
+        return job
+
+    def _run(self, job: RunningJob, work: Work) -> None:
+        sink = StoreSink(self.store, job.id, job.cancellation)
+        failure: Optional[BaseException] = None
+        try:
+            work(sink, job.cancellation)
+        except Exception as e:  # noqa: BLE001 - recorded as the slaves' error below
+            failure = e
+            if not isinstance(e, RemshError):
+                log.exception("job %s failed", job.id)
+        finally:
+            if job.tee is not None:
+                job.tee.end()
+        try:
+            record = self.store.get_job(job.id)
+            for name, rec in record.slaves.items():
+                if rec.state not in SLAVE_FINAL_STATES:
+                    state = SLAVE_CANCELLED if job.cancellation.cancelled else SLAVE_FAILED
+                    error = str(failure) if failure is not None else job.cancellation.reason
+                    self.store.update_slave(job.id, name, state=state, error=error, finished=now())
+            record = self.store.get_job(job.id)
+            state = job_state_from(record.slaves.values(), job.cancellation.cancelled)
+            if failure is not None and state != JOB_CANCELLED:
+                state = JOB_FAILED
+            self.store.finish_job(job.id, state)
+            log.info("job %s: %s", job.id, state)
+        except StoreError as e:
+            log.error("job %s: cannot record its end: %s", job.id, e)
+        finally:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            job.finished.set()
+
+    def running(self, job_id: str) -> Optional[RunningJob]:
+        """The job if this master runs it now."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> RunningJob:
+        """Cancel a running job: its commands are interrupted on every slave
+        (their process groups killed), its transfers abandoned.
+
+        :raises UnknownJob: no such job in the store
+        :raises JobEnded: it has ended already
+        """
+        job = self.running(job_id)
+        if job is None:
+            record = self.store.get_job(job_id)
+            raise JobEnded(f"job {job_id} has already ended ({record.state})")
+        log.info("job %s: %s", job_id, reason)
+        job.cancel(reason)
+        return job
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every running job and wait (bounded) for them to end; a
+        private store is closed and removed."""
+        self._stopping.set()
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel("the master is stopping")
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            job.finished.wait(max(0.0, deadline - time.monotonic()))
+        if self._tempdir is not None:
+            self.store.close()
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+
+
+# -- following ---------------------------------------------------------------------------
+
+
+def record_events(record: JobRecord) -> List[Dict[bytes, bytes]]:
+    """A ``jobrec`` event and one ``jobslave`` event per slave."""
+    boxes = [encode_event("jobrec", id=record.id, kind=record.kind, state=record.state, uid=record.uid,
+                          started=record.started, finished=record.finished, spec=record.spec)]
+    for name, rec in record.slaves.items():
+        boxes.append(encode_event("jobslave", job=record.id, name=name, state=rec.state,
+                                  exit_status=rec.exit_status, error=rec.error, errtag=rec.errtag,
+                                  started=rec.started, finished=rec.finished, stdout_bytes=rec.stdout_bytes,
+                                  stderr_bytes=rec.stderr_bytes, truncated=rec.truncated))
+    return boxes
+
+
+def end_event(rec: SlaveRecord) -> Dict[bytes, bytes]:
+    """The ``end`` event of a slave whose record is final."""
+    duration = 0.0
+    if rec.started is not None and rec.finished is not None:
+        duration = max(0.0, rec.finished - rec.started)
+    status = rec.exit_status
+    error = rec.error
+    if error is None and status is None and rec.state != SLAVE_OK:
+        error = rec.state
+    return encode_event("end", slave=rec.name, status=status, error=error, errtag=rec.errtag,
+                        duration_ms=int(duration * 1000), summary=rec.summary, truncated=rec.truncated)
+
+
+def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every: float,
+           stopped: Callable[[], bool] = lambda: False) -> JobRecord:
+    """Send a job's events to a follower, from the store: ``jobrec``,
+    ``begin``, then output, progress and ends in the order they were
+    recorded, then ``done`` -- once the job has ended when ``live``, at
+    once otherwise.  An ``alive`` event goes out every ``alive_every``
+    seconds of silence.  Returns the last record read.
+
+    :raises UnknownJob: no such job
+    :raises OSError: the follower is gone
+    """
+    record = store.get_job(job_id)
+    send(record_events(record)[:1] + [encode_event("begin", names=list(record.slaves))])
+    seq = -1
+    ended: Set[str] = set()
+    shown: Dict[str, Tuple[Optional[int], Optional[int]]] = {}
+    while True:
+        version = store.version()
+        # the record first, then every chunk stored so far: a slave's end
+        # is recorded after its last output, so it is sent after it too
+        record = store.get_job(job_id)
+        while True:
+            chunks = store.read_output(job_id, after=seq, limit=READ_BATCH)
+            if not chunks:
+                break
+            boxes: List[Dict[bytes, bytes]] = []
+            for name, chunk in chunks:
+                boxes.extend(out_events(name, chunk.stream, chunk.data))
+                seq = chunk.seq
+            send(boxes)
+        boxes = []
+        for name, rec in record.slaves.items():
+            if name in ended:
+                continue
+            progress = (rec.progress_done, rec.progress_total)
+            if rec.progress_done is not None and shown.get(name) != progress:
+                shown[name] = progress
+                boxes.append(encode_event("progress", slave=name, done=rec.progress_done,
+                                          total=rec.progress_total))
+            if rec.state in SLAVE_FINAL_STATES:
+                ended.add(name)
+                boxes.append(end_event(rec))
+        if boxes:
+            send(boxes)
+        if record.finished_state or not live:
+            send([encode_event("done", interrupted=record.state == JOB_CANCELLED, state=record.state)])
+            return record
+        if stopped():
+            return record
+        if store.wait_change(version, alive_every) == version:
+            send([encode_event("alive")])
+
+
+__all__ = ["JobRegistry", "RunningJob", "StoreSink", "JobEnded", "TooManyJobs", "UnknownJob", "follow",
+           "record_events", "end_event"]
