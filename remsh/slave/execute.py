@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
 from remsh.session import SessionWire
+from remsh.slave import pgroups
 from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box
 
 if TYPE_CHECKING:
@@ -225,6 +226,8 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
                 fn = e.filename
                 msg = f"{msg}: {os.fsdecode(fn) if isinstance(fn, bytes) else fn}"
             raise ExecFailedError(f"could not start {os.fsdecode(argv[0])}: {msg}") from None
+    # recorded while it runs: a successor kills it if this slave dies outright
+    pgroups.started(proc.pid)
     try:
         supervisor = _Supervisor(server, proc, timeout, bool(args["keep_processes"]))
         if want_stdin:
@@ -234,6 +237,7 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
         if proc.returncode is None:
             _kill_group(proc)
             proc.wait()
+        pgroups.ended(proc.pid)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 try:

@@ -31,6 +31,7 @@ from remsh.errors import AuthenticationError, Disconnected, LocalError, Protocol
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, default_name,
                              exchange_greeting, slave_handshake, valid_name)
 from remsh.secretfile import read_secret_file, take_env_secret
+from remsh.slave import pgroups
 from remsh.slave.policy import Policy
 from remsh.session import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
 from remsh.slave.keeper import SessionKeeper
@@ -321,6 +322,18 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
     except _Refused as e:
         log.error("%s", e)
         return e.status
+    # what a predecessor on this base directory left running dies now; this
+    # slave's own commands are recorded for its successor
+    pgroups.install(basedir, policy)
+    try:
+        return _serve(args, connect, name, secret, basedir, policy)
+    finally:
+        pgroups.uninstall()
+
+
+def _serve(args: argparse.Namespace, connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
+           basedir: str, policy: Optional[Policy]) -> int:
+    """Serve masters, reconnecting as the options say; the exit status."""
     attempt = 0
     keeper = SessionKeeper(basedir, policy, heartbeat=args.heartbeat, spool_limit=args.spool_limit)
 

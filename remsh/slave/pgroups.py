@@ -1,0 +1,303 @@
+"""The process groups a slave's commands run in, recorded so that a slave
+killed outright (``SIGKILL``, a crash, the OOM killer) does not leave them
+running for good.
+
+Every command runs in a session and process group of its own
+(:mod:`remsh.slave.execute`).  While it runs, its group is listed in a file
+of this slave's own, in a private directory (0700; the files 0600) tied to
+the slave's base directory: ``BASEDIR/.remsh/pgroups/``.  A slave holds an
+exclusive ``flock`` on its file for as long as it lives; the lock goes with
+the process, however it ends.  A slave starting on the same base directory
+looks at every file there whose lock it can take -- its writer is dead --
+and kills (``SIGKILL``) each group listed that is still there, then removes
+the file.  Slaves sharing a base directory do not touch each other's
+commands: a live slave's file stays locked.
+
+A group is killed only when it can be told apart from a stranger that was
+given the same number later: when its leader is alive, the leader's start
+time (``/proc/PID/stat``, clock ticks since boot) must be the one recorded;
+when the leader is gone but members remain (background processes), they
+must be in the session of that number and have started no earlier than the
+recorded leader.  (The number of a group cannot be given out again while
+the slave that recorded it lives: the leader is its child, a zombie at
+least, until reaped.)  An entry is dropped when its command ends; with
+``keep_processes`` what the command leaves behind is its own business.
+
+Where the base directory lies inside the slave's ``--root``, a master could
+write the directory itself, and so make a restarted slave kill what it
+likes; the record then lives outside, in ``$XDG_STATE_HOME/remsh-slave/``
+(else ``~/.local/state/remsh-slave/``) under a name derived from the base
+directory, and is not kept at all when that too is inside the root.
+
+Linux only (``/proc``); elsewhere nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import stat as stat_mod
+import threading
+from typing import Dict, List, Optional, Tuple
+
+from remsh.files import O_CLOEXEC, O_NOFOLLOW
+from remsh.slave.policy import Policy
+
+log = logging.getLogger(__name__)
+
+#: Where a slave's record directory lives below its base directory.
+RECORD_DIR = os.path.join(".remsh", "pgroups")
+#: Most bytes of a record file read back (a slave runs one command at a time:
+#: a few entries at most).
+MAX_RECORD_BYTES = 4096
+#: Most entries of one record file acted upon.
+MAX_ENTRIES = 64
+#: Most record files of dead slaves handled at one start.
+MAX_FILES = 256
+PROC = "/proc"
+
+
+def proc_stat(pid: int) -> Optional[Tuple[int, int, int]]:
+    """``(pgid, sid, starttime)`` of process ``pid`` from ``/proc``, or
+    ``None`` when there is no such process (or no ``/proc``)."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            data = f.read(4096)
+    except OSError:
+        return None
+    # the command name (field 2) may hold anything: fields follow its last ')'
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(rest[2]), int(rest[3]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _members(pgid: int) -> List[Tuple[int, int, int]]:
+    """``(pid, sid, starttime)`` of every process in group ``pgid``."""
+    found = []
+    try:
+        names = os.listdir(PROC)
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        st = proc_stat(int(name))
+        if st is not None and st[0] == pgid:
+            found.append((int(name), st[1], st[2]))
+    return found
+
+
+def is_ours(pgid: int, start: int) -> bool:
+    """True when group ``pgid`` still exists and is the one whose leader
+    started at ``start`` (see the module docstring)."""
+    leader = proc_stat(pgid)
+    if leader is not None:
+        return leader[0] == pgid and leader[2] == start
+    return any(sid == pgid and began >= start for _, sid, began in _members(pgid))
+
+
+def kill_leftovers(pairs: List[Tuple[int, int]]) -> int:
+    """SIGKILL each group of ``(pgid, leader start time)`` that is still
+    ours; the number of groups killed."""
+    killed = 0
+    for pgid, start in pairs[:MAX_ENTRIES]:
+        if pgid <= 1 or not is_ours(pgid, start):
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+        log.warning("killed process group %d, left running by a slave that ended abruptly", pgid)
+        killed += 1
+    return killed
+
+
+def _parse(data: bytes) -> List[Tuple[int, int]]:
+    pairs = []
+    for line in data[:MAX_RECORD_BYTES].splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            pairs.append((int(fields[0]), int(fields[1])))
+    return pairs
+
+
+def _inside(root: bytes, path: str) -> bool:
+    real = os.path.realpath(os.fsencode(path))
+    return real == root or real.startswith(root.rstrip(b"/") + b"/")
+
+
+def record_dir(basedir: str, policy: Optional[Policy]) -> Optional[str]:
+    """The directory of the record for ``basedir`` (see the module docstring),
+    or ``None`` when none may be kept."""
+    inside = os.path.join(os.path.abspath(basedir), RECORD_DIR)
+    root = policy.root if policy is not None else None
+    if root is None or not _inside(root, inside):
+        return inside
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    key = hashlib.sha256(os.fsencode(os.path.realpath(basedir))).hexdigest()[:32]
+    outside = os.path.join(state, "remsh-slave", key)
+    if not os.path.isabs(outside) or _inside(root, outside):
+        return None
+    return outside
+
+
+def _private_dirs(path: str) -> None:
+    """Make ``path`` (and missing parents) and check that it is a directory
+    of this user that nobody else may write (else ``OSError``)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(errno.EPERM, "not a private directory of this user", path)
+
+
+class GroupRecord:
+    """This slave's record file (see the module docstring); thread-safe.
+
+    :meth:`open` makes the file and locks it, :meth:`started` and
+    :meth:`ended` keep it current.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.fd = -1
+        self.path = ""
+        self._groups: Dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Make the directory and this slave's locked file in it.
+
+        :raises OSError: the directory is not private or cannot be made
+        """
+        _private_dirs(self.directory)
+        name = f"slave-{os.getpid()}-{secrets.token_hex(4)}"
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.path = fd, path
+
+    def reap_predecessors(self) -> int:
+        """Kill what dead slaves on this directory left running and remove
+        their files; the number of groups killed."""
+        killed = 0
+        try:
+            names = sorted(os.listdir(self.directory))[:MAX_FILES]
+        except OSError as e:
+            log.warning("cannot read the record of process groups %s: %s", self.directory, e)
+            return 0
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if path == self.path or not name.startswith("slave-"):
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its slave is alive
+                st = os.fstat(fd)
+                if not stat_mod.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                    continue
+                killed += kill_leftovers(_parse(os.pread(fd, MAX_RECORD_BYTES, 0)))
+                os.unlink(path)
+            except OSError as e:
+                log.warning("cannot handle the record %s: %s", path, e)
+            finally:
+                os.close(fd)
+        return killed
+
+    def _write(self) -> None:
+        data = b"".join(b"%d %d\n" % item for item in self._groups.items())
+        try:
+            os.ftruncate(self.fd, 0)
+            if data:
+                os.pwrite(self.fd, data, 0)
+        except OSError as e:
+            log.warning("cannot update the record of process groups %s: %s", self.path, e)
+
+    def started(self, pgid: int) -> None:
+        """Record the group of a command that just started (its leader ``pgid``)."""
+        st = proc_stat(pgid)
+        if st is None or self.fd < 0:
+            return
+        with self._lock:
+            self._groups[pgid] = st[2]
+            self._write()
+
+    def ended(self, pgid: int) -> None:
+        """Forget the group of a command that has ended."""
+        with self._lock:
+            if self._groups.pop(pgid, None) is not None and self.fd >= 0:
+                self._write()
+
+    def close(self) -> None:
+        """Remove the file (a clean end: nothing of ours is left to kill)."""
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+#: The record of this process, once :func:`install` has made it.
+_current: Optional[GroupRecord] = None
+
+
+def install(basedir: str, policy: Optional[Policy] = None) -> Optional[GroupRecord]:
+    """Open this slave's record for ``basedir``, kill what dead slaves on
+    the same base directory left running, and make :func:`started` and
+    :func:`ended` use it.  ``None`` (and a logged warning) when no record
+    can be kept."""
+    global _current
+    if not os.path.isdir(PROC):
+        return None
+    directory = record_dir(basedir, policy)
+    if directory is None:
+        log.warning("the record of running commands cannot be kept outside the root; a slave killed "
+                    "outright leaves its commands' background processes running")
+        return None
+    record = GroupRecord(directory)
+    try:
+        record.open()
+    except OSError as e:
+        log.warning("cannot keep a record of running commands in %s: %s", directory, e)
+        return None
+    record.reap_predecessors()
+    _current = record
+    return record
+
+
+def uninstall() -> None:
+    """Close and remove this process's record (a clean end)."""
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None
+
+
+def started(pgid: int) -> None:
+    """Record a command's process group, when this process keeps a record."""
+    if _current is not None:
+        _current.started(pgid)
+
+
+def ended(pgid: int) -> None:
+    """Forget a command's process group."""
+    if _current is not None:
+        _current.ended(pgid)

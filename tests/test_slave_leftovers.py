@@ -1,0 +1,169 @@
+"""Commands of a slave killed outright (SIGKILL) do not run on for good: a
+slave restarted on the same base directory kills the process groups its
+predecessor recorded (remsh.slave.pgroups), background grandchildren
+included, and never a group that is not the recorded one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from remsh.slave import pgroups
+from tests.slaveproc import slave_procs, tcp_listener, wait_registered  # noqa: F401
+from tests.util import WAIT, process_alive, wait_until
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not os.path.isdir("/proc"), reason="the record needs /proc")]
+
+
+def _pids(path: Path, count: int) -> List[int]:
+    """The ``count`` pids a command wrote to ``path`` (waiting for them, bounded)."""
+    def ready() -> bool:
+        return path.exists() and len(path.read_text().split()) >= count
+    wait_until(ready, what=f"{count} pids in {path}")
+    return [int(p) for p in path.read_text().split()[:count]]
+
+
+def _run_in_background(slave, argv) -> threading.Thread:
+    """Start ``slave.execute(argv)`` in a thread (it ends with an error once the slave dies)."""
+    def run() -> None:
+        try:
+            slave.execute(argv)
+        except Exception:  # noqa: BLE001 - the slave is killed under it
+            pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _spawn_group() -> "subprocess.Popen[bytes]":
+    """A real process group of its own (a session leader running sleep)."""
+    return subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+
+@pytest.fixture
+def reap():
+    """Processes to kill at teardown, whatever the test did."""
+    pids: List[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_restarted_slave_kills_what_its_killed_predecessor_left(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
+    """SIGKILL a slave running `sh -c 'sleep & ...'`; a slave started on the same basedir kills the shell and its background grandchild."""
+    base = tmp_path / "base"
+    base.mkdir()
+    pidfile = tmp_path / "pids"
+    listener = tcp_listener()
+    first = slave_procs.start(listener.port, "first", basedir=base)
+    slave = wait_registered(listener, first)
+    _run_in_background(slave, ["sh", "-c", f'sleep 300 & echo $! > {pidfile}; echo $$ >> {pidfile}; wait'])
+    pids = _pids(pidfile, 2)
+    reap.extend(pids)
+    record = base / ".remsh" / "pgroups"
+    assert (os.stat(record).st_mode & 0o777) == 0o700
+    first.signal(signal.SIGKILL)
+    first.wait()
+    assert all(process_alive(p) for p in pids)  # nothing else kills them
+    second = slave_procs.start(listener.port, "second", basedir=base)
+    wait_until(lambda: not any(process_alive(p) for p in pids), timeout=WAIT,
+               what="the commands left by the killed slave to die")
+    wait_registered(listener, second)
+    assert [n for n in os.listdir(record)] and all(n.startswith("slave-") for n in os.listdir(record))
+    assert len(os.listdir(record)) == 1  # the dead slave's file is gone, the new one's is there
+
+
+def test_a_live_slave_on_the_same_basedir_keeps_its_commands(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
+    """A second slave started on a basedir whose first slave is alive leaves the first one's command running."""
+    base = tmp_path / "base"
+    base.mkdir()
+    pidfile = tmp_path / "pids"
+    listener = tcp_listener()
+    first = slave_procs.start(listener.port, "first", basedir=base)
+    slave = wait_registered(listener, first)
+    _run_in_background(slave, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"])
+    (pid,) = _pids(pidfile, 1)
+    reap.append(pid)
+    wait_registered(listener, slave_procs.start(listener.port, "second", basedir=base))
+    assert process_alive(pid)
+
+
+def _dead_slave_record(directory: Path, entries: List[tuple]) -> None:
+    """A record file as a slave that died would have left it (unlocked)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (directory / "slave-1-dead").write_bytes(b"".join(b"%d %d\n" % e for e in entries))
+
+
+def test_a_group_whose_leader_started_at_another_time_is_spared(tmp_path, reap):
+    """A recorded group number now held by a stranger (the leader's start time differs) is not killed; the right one is."""
+    stranger = _spawn_group()
+    reap.append(stranger.pid)
+    stat = pgroups.proc_stat(stranger.pid)
+    assert stat is not None and stat[0] == stranger.pid
+    directory = tmp_path / "rec"
+    _dead_slave_record(directory, [(stranger.pid, stat[2] + 1)])
+    record = pgroups.GroupRecord(str(directory))
+    record.open()
+    try:
+        assert record.reap_predecessors() == 0
+        assert stranger.poll() is None
+        _dead_slave_record(directory, [(stranger.pid, stat[2])])
+        assert record.reap_predecessors() == 1
+        assert stranger.wait(WAIT) == -signal.SIGKILL
+    finally:
+        record.close()
+
+
+def test_a_locked_record_is_left_alone(tmp_path, reap):
+    """A record whose slave is alive (its file locked) is neither acted on nor removed."""
+    victim = _spawn_group()
+    reap.append(victim.pid)
+    stat = pgroups.proc_stat(victim.pid)
+    assert stat is not None
+    directory = tmp_path / "rec"
+    live = pgroups.GroupRecord(str(directory))
+    live.open()
+    other = pgroups.GroupRecord(str(directory))
+    try:
+        live.started(victim.pid)
+        other.open()
+        assert other.reap_predecessors() == 0
+        assert victim.poll() is None and os.path.exists(live.path)
+    finally:
+        live.close()
+        other.close()
+
+
+def test_record_goes_outside_a_root_that_holds_the_basedir(tmp_path, monkeypatch):
+    """With --root holding the basedir, the record lives in $XDG_STATE_HOME (the master cannot write it), never in the root."""
+    from remsh.slave.policy import Policy
+
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    where = pgroups.record_dir(str(root), Policy(root=str(root)))
+    assert where is not None and where.startswith(str(tmp_path / "state"))
+    assert pgroups.record_dir(str(root), None) == str(root / ".remsh" / "pgroups")
+    monkeypatch.setenv("XDG_STATE_HOME", str(root / "state"))
+    assert pgroups.record_dir(str(root), Policy(root=str(root))) is None
+
+
+def test_a_record_directory_open_to_others_is_refused(tmp_path):
+    """A record directory that others may write is not used (they could plant records)."""
+    directory = tmp_path / "rec"
+    directory.mkdir(mode=0o777)
+    os.chmod(directory, 0o777)
+    with pytest.raises(OSError):
+        pgroups.GroupRecord(str(directory)).open()
+
