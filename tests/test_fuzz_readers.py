@@ -30,10 +30,13 @@ from hypothesis import strategies as st
 from remsh.control import Channel, ControlClient, ControlError, ControlServer, EventIterator
 from remsh.errors import ProtocolError
 from remsh.fleet import FleetCollection
+from remsh.handshake import slave_handshake
 from remsh.master.tree import FETCHED_FILE_MODES
 from remsh.slave.tree import remove_dir_at
+from remsh.transports.base import SocketStream
 from remsh.treestream import DigestError, ManifestReader, StreamError, TargetError, Writer
-from remsh.wire import encode_box
+from remsh.wire import Wire, encode_box
+from tests.slaveproc import HOST, SECRET, WAIT, tcp_listener  # noqa: F401 - a fixture
 from tests.test_fuzz import EXAMPLES, fuzz
 
 pytestmark = pytest.mark.timeout(None if EXAMPLES > 1000 else 120)
@@ -205,6 +208,41 @@ def test_tree_time_out_of_range_is_a_stream_error(mode: str, record: Dict[bytes,
         writer.close()
         os.close(top)
         shutil.rmtree(root)
+
+
+@pytest.mark.xfail(raises=OverflowError, strict=True,
+                   reason="remsh bug: a tree record's 'mt' is not range-checked; os.utime's OverflowError escapes")
+def test_fetch_tree_with_a_time_out_of_range_raises_protocol_error(tcp_listener, tmp_path):  # noqa: F811
+    """A slave whose fetch_tree stream carries a time no file system can
+    take makes the call raise ProtocolError (not a bare OverflowError), and
+    nothing is left beside the destination."""
+    listener = tcp_listener()
+    sock = socket.create_connection((HOST, listener.port), timeout=WAIT)
+    wire = Wire(SocketStream(sock), label="master")
+    slave_handshake(wire, "liar", secret=SECRET, basedir="/nonexistent", timeout=WAIT)
+    slave = listener.slave_collection.get_slave(True, lambda s: s.name == "liar", timeout=WAIT)
+    assert slave is not None
+    outcome: List[BaseException] = []
+
+    def call() -> None:
+        try:
+            slave.fetch_tree("t", str(tmp_path / "copy"))
+        except BaseException as e:  # noqa: BLE001 - examined below
+            outcome.append(e)
+    caller = threading.Thread(target=call)
+    caller.start()
+    with sock:
+        assert wire.read_box(WAIT)[b"meth"] == b"fetch_tree"
+        for box in [{b"files": b"0", b"size": b"0"}, {b"t": b"d", b"m": b"493", b"mt": b"0"},
+                    {b"t": b"l", b"n": b"a", b"l": b"x", b"mt": b"99999999999999999999999999999"},
+                    {b"t": b"u"}, {b"end": b"y"}]:
+            wire.send_box(box)
+        caller.join(WAIT)
+    assert not caller.is_alive()
+    assert os.listdir(tmp_path) == []
+    assert len(outcome) == 1
+    if not isinstance(outcome[0], ProtocolError):
+        raise outcome[0]
 
 
 @fuzz(2)
