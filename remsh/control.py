@@ -99,8 +99,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_event,
-                                decode_request, encode_event, encode_request, out_events)
+from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_control,
+                                decode_event, decode_request, encode_control, encode_event, encode_request, out_events)
 from remsh.errors import RemshError, UsageError
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, Sink, StdinTee, get_job,
@@ -630,14 +630,15 @@ class _Client:
                 if tee is not None:
                     tee.end()
                 return
-            if b"interrupt" in box:
+            controls = decode_control(box)
+            if controls["interrupt"]:
                 job.cancel("interrupted")
-            if b"stdin" in box and tee is not None:
+            if controls["stdin"] is not None and tee is not None:
                 # waits while a command is far behind: flow control to the client
-                while not tee.feed(box[b"stdin"], 0.5):
+                while not tee.feed(controls["stdin"], 0.5):
                     if job.finished.is_set():
                         return
-            if b"stdin_eof" in box and tee is not None:
+            if controls["stdin_eof"] and tee is not None:
                 tee.end()
 
 
@@ -709,13 +710,13 @@ class ControlClient:
                 raise ControlError(f"the master sent a malformed event: {e}", EXIT_SLAVE_FAILED) from None
 
     def send_stdin(self, data: bytes) -> None:
-        self.channel.send_all({b"stdin": box[b"data"]} for box in out_events("", "stdin", data))
+        self.channel.send_all(encode_control(stdin=box[b"data"]) for box in out_events("", "stdin", data))
 
     def send_stdin_eof(self) -> None:
-        self.channel.send({b"stdin_eof": b"y"})
+        self.channel.send(encode_control(stdin_eof=True))
 
     def interrupt(self) -> None:
-        self.channel.send({b"interrupt": b"y"})
+        self.channel.send(encode_control(interrupt=True))
 
     def close(self) -> None:
         self.channel.close()

@@ -11,7 +11,10 @@ what travels on it, in one place and both ways:
   operation, ``ControlOp.handler``);
 - :data:`EVENTS`: every event box the master sends, with its keys and their
   kinds; :func:`encode_event` and :func:`decode_event` are driven by that
-  table.
+  table;
+- :data:`CONTROLS`: the keys of the control boxes a client sends while its
+  job runs (stdin, its end, an interrupt): :func:`encode_control`,
+  :func:`decode_control`.
 
 A key's kind says how its value is written: ``text`` (UTF-8), ``path``
 (the file system's encoding, any bytes), ``bytes`` (as they are), ``list``
@@ -121,6 +124,10 @@ EVENTS: Dict[str, Tuple[Key, ...]] = {
                  Key("started", "float"), Key("finished", "float"), Key("stdout_bytes", "int"),
                  Key("stderr_bytes", "int"), Key("truncated", "flag")),
 }
+
+
+#: The control boxes a client may send while its attached job runs.
+CONTROLS: Tuple[Key, ...] = (Key("stdin", "bytes"), Key("stdin_eof", "flag"), Key("interrupt", "flag"))
 
 
 # -- values ------------------------------------------------------------------------------
@@ -275,6 +282,29 @@ def decode_event(box: Box) -> Event:
         data = box.get(key.name.encode())
         values[key.name] = _empty(key) if data is None else _decode_value(key, data)
     return Event(kind, values)
+
+
+def encode_control(**values: Any) -> Dict[bytes, bytes]:
+    """A control box (:data:`CONTROLS`).  :raises ValueError: an unknown key"""
+    keys = {k.name: k for k in CONTROLS}
+    box: Dict[bytes, bytes] = {}
+    for name, value in values.items():
+        if name not in keys:
+            raise ValueError(f"no control box key {name!r}")
+        encoded = _encode_value(keys[name], value)
+        if encoded is not None:
+            box[name.encode()] = encoded
+    return box
+
+
+def decode_control(box: Box) -> Dict[str, Any]:
+    """A control box's values (every key of :data:`CONTROLS`; absent flags
+    false, absent data ``None``)."""
+    values: Dict[str, Any] = {}
+    for key in CONTROLS:
+        data = box.get(key.name.encode())
+        values[key.name] = _empty(key) if data is None else _decode_value(key, data)
+    return values
 
 
 # -- the channel -------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from remsh.controlproto import CONTROL_OPS, EVENTS, decode_event, decode_request, encode_event, encode_request
+from remsh.controlproto import (CONTROL_OPS, EVENTS, decode_control, decode_event, decode_request, encode_control,
+                                encode_event, encode_request)
 from remsh.errors import UsageError
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import Fleet, Master, _env, _free_port, remsh, wait_names
@@ -365,3 +366,34 @@ def test_every_event_round_trips_through_its_table() -> None:
         values = {k.name: samples[k.kind] for k in keys}
         event = decode_event(encode_event(kind, **values))
         assert (event.kind, event.values) == (kind, values)
+
+
+def test_control_boxes_round_trip_through_their_table() -> None:
+    """stdin data, its end and an interrupt decode to what was encoded; an absent key is empty."""
+    assert decode_control(encode_control(stdin=b"\x00\xff", stdin_eof=True, interrupt=True)) == \
+        {"stdin": b"\x00\xff", "stdin_eof": True, "interrupt": True}
+    assert decode_control(encode_control(interrupt=True)) == {"stdin": None, "stdin_eof": False, "interrupt": True}
+    with pytest.raises(ValueError):
+        encode_control(reboot=True)
+
+
+def test_a_job_left_by_a_killed_master_is_recorded_failed_by_the_next(one: Tuple[Path, SlaveProcesses, int]) -> None:
+    """A master SIGKILLed mid-job: the next master on the same state dir records that job failed, its slave lost, its output so far kept."""
+    tmp_path, slaves, port = one
+    master = _start(tmp_path, port)
+    slaves.start(port, "s-1", secret=None, insecure=True, max_backoff=0.5)
+    wait_names(master.sock, ["s-1"])
+    job_id = detach(Fleet(tmp_path, master, slaves), "run", "--", "sh", "-c", "echo before; exec sleep 30")
+    wait_until(lambda: record(master.sock, job_id)["slaves"]["s-1"]["stdout_bytes"] == 7, WAIT, "the output")
+    master.stop(signal.SIGKILL)
+    second = _start(tmp_path, port)
+    try:
+        rec = record(second.sock, job_id)
+        assert rec["state"] == "failed" and rec["finished"] is not None
+        assert rec["slaves"]["s-1"]["state"] == "lost"
+        assert "the master stopped" in rec["slaves"]["s-1"]["error"]
+        r = remsh(second.sock, "job", job_id, "--follow")
+        assert r.returncode == 3 and r.stdout == b"s-1 | before\n", r.stderr
+        assert remsh(second.sock, "jobs", "--running", "--json").stdout.strip() == b"[]"
+    finally:
+        second.stop()
