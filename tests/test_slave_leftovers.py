@@ -60,21 +60,58 @@ def reap():
             pass
 
 
-def test_restarted_slave_kills_what_its_killed_predecessor_left(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
-    """SIGKILL a slave running `sh -c 'sleep & ...'`; a slave started on the same basedir kills the shell and its background grandchild."""
-    base = tmp_path / "base"
-    base.mkdir()
-    pidfile = tmp_path / "pids"
+def _guardian_of(pid: int) -> int:
+    """The guardian process of slave ``pid``: its child in its own process group."""
+    own = pgroups.proc_stat(pid)
+    assert own is not None
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and int(fields[2]) == own[0]:
+                return int(name)
+    pytest.fail(f"slave {pid} has no guardian process")
+
+
+def _start_command(tcp_listener, slave_procs, base: Path, pidfile: Path):  # noqa: F811
+    """A slave on ``base`` running `sh -c 'sleep 300 & ...; wait'`; (slave process, [grandchild, shell])."""
     listener = tcp_listener()
     first = slave_procs.start(listener.port, "first", basedir=base)
     slave = wait_registered(listener, first)
     _run_in_background(slave, ["sh", "-c", f'sleep 300 & echo $! > {pidfile}; echo $$ >> {pidfile}; wait'])
-    pids = _pids(pidfile, 2)
+    return listener, first, _pids(pidfile, 2)
+
+
+def test_commands_die_with_a_slave_killed_outright(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
+    """SIGKILL a slave running `sh -c 'sleep & ...'`: its guardian kills the shell and the background grandchild at once."""
+    base = tmp_path / "base"
+    base.mkdir()
+    _, first, pids = _start_command(tcp_listener, slave_procs, base, tmp_path / "pids")
+    reap.extend(pids)
+    guardian = _guardian_of(first.pid)
+    first.signal(signal.SIGKILL)
+    first.wait()
+    wait_until(lambda: not any(process_alive(p) for p in pids), timeout=WAIT,
+               what="the commands of the killed slave to die")
+    wait_until(lambda: not process_alive(guardian), timeout=WAIT, what="the guardian to end")
+
+
+def test_restarted_slave_kills_what_its_killed_predecessor_left(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
+    """SIGKILL a slave and its guardian: a slave started on the same basedir kills the shell and its background grandchild."""
+    base = tmp_path / "base"
+    base.mkdir()
+    listener, first, pids = _start_command(tcp_listener, slave_procs, base, tmp_path / "pids")
     reap.extend(pids)
     record = base / ".remsh" / "pgroups"
     assert (os.stat(record).st_mode & 0o777) == 0o700
+    guardian = _guardian_of(first.pid)
+    os.kill(guardian, signal.SIGKILL)  # (killed with the slave's whole process group, say)
     first.signal(signal.SIGKILL)
     first.wait()
+    wait_until(lambda: not process_alive(guardian), timeout=WAIT, what="the guardian to die")
     assert all(process_alive(p) for p in pids)  # nothing else kills them
     second = slave_procs.start(listener.port, "second", basedir=base)
     wait_until(lambda: not any(process_alive(p) for p in pids), timeout=WAIT,
