@@ -286,6 +286,7 @@ class ControlServer:
                 self._bind()
             except BaseException:
                 self.jobs.stop()
+                self.jobs.close()
                 self.jobs = None
                 raise
         except BaseException:
@@ -347,6 +348,8 @@ class ControlServer:
         for client in clients:
             client.join(max(0.0, deadline - time.monotonic()))
             client.channel.close()
+        if self.jobs is not None:
+            self.jobs.close()
         self._release_lock()
 
     # -- clients ------------------------------------------------------------------------

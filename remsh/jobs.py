@@ -263,8 +263,7 @@ class JobRegistry:
         return job
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every running job and wait (bounded) for them to end; a
-        private store is closed and removed."""
+        """Cancel every running job and wait (bounded) for them to end."""
         self._stopping.set()
         with self._lock:
             jobs = list(self._jobs.values())
@@ -273,9 +272,17 @@ class JobRegistry:
         deadline = time.monotonic() + timeout
         for job in jobs:
             job.finished.wait(max(0.0, deadline - time.monotonic()))
-        if self._tempdir is not None:
+
+    def close(self) -> None:
+        """Close the store (after :meth:`stop`, once no one follows); a
+        private store is removed.  Idempotent."""
+        try:
             self.store.close()
+        except StoreError as e:
+            log.error("cannot close the job store: %s", e)
+        if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
+            self._tempdir = None
 
 
 # -- following ---------------------------------------------------------------------------

@@ -397,3 +397,17 @@ def test_a_job_left_by_a_killed_master_is_recorded_failed_by_the_next(one: Tuple
         assert remsh(second.sock, "jobs", "--running", "--json").stdout.strip() == b"[]"
     finally:
         second.stop()
+
+
+def test_a_stopped_control_server_releases_its_job_store(tmp_path: Path) -> None:
+    """ControlServer.stop closes the job store it opened: the same store can be opened again in the same process."""
+    from remsh.control import ControlServer
+    from remsh.fleet import FleetCollection
+    from remsh.store.sqlite import SqliteJobStore
+
+    os.chmod(tmp_path, 0o700)
+    path = str(tmp_path / "jobs.sqlite")
+    server = ControlServer(str(tmp_path / "ctl" / "m.sock"), FleetCollection(), store=lambda: SqliteJobStore(path))
+    server.start()
+    server.stop()
+    SqliteJobStore(path).close()
