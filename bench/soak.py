@@ -567,6 +567,11 @@ class Soak:
                         self.stats.excused_temps += 1
                     else:
                         self.stats.finding(f"left behind: {os.path.join(dirpath, name)!r}")
+        # a slave's helpers end with it, its commands' groups are killed as
+        # it goes: a moment for that, then whatever runs is left behind
+        deadline = time.monotonic() + 10
+        while self.strays() and time.monotonic() < deadline:
+            time.sleep(0.2)
         for pid, cmd in self.strays():
             killed = [t for t in self.killed_ops if t.encode() in cmd.split()]
             self.stats.finding(f"process left behind: {pid} {cmd!r}"
