@@ -107,6 +107,8 @@ class SlaveProcesses:
         argv = [sys.executable, "-m", "remsh.slave.main", "--name", name, "--basedir", str(basedir)]
         child_env = {k: v for k, v in os.environ.items() if k not in ("REMSH_SECRET", "PYTHONPATH")}
         child_env["PYTHONPATH"] = str(ROOT)
+        # the slave's record of running commands (remsh.slave.pgroups): not in the tester's home
+        child_env["XDG_STATE_HOME"] = str(self.workdir / "state")
         if secret is not None:
             if secret_env:
                 child_env["REMSH_SECRET"] = secret.decode("utf-8")

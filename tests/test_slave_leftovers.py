@@ -11,13 +11,13 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import pytest
 
 from remsh.slave import pgroups
 from tests.slaveproc import slave_procs, tcp_listener, wait_registered  # noqa: F401
-from tests.util import WAIT, process_alive, wait_until
+from tests.util import WAIT, environment, process_alive, wait_until
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not os.path.isdir("/proc"), reason="the record needs /proc")]
@@ -76,10 +76,22 @@ def _guardian_of(pid: int) -> int:
     pytest.fail(f"slave {pid} has no guardian process")
 
 
+def _state(tmp_path: Path) -> Dict[str, Optional[str]]:
+    """The environment giving a slave a state directory of the test's own."""
+    return {"XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def _record_of(tmp_path: Path, base: Path) -> str:
+    with environment({b"XDG_STATE_HOME": os.fsencode(tmp_path / "state")}):
+        where = pgroups.record_dir(str(base), None)
+    assert where is not None
+    return where
+
+
 def _start_command(tcp_listener, slave_procs, base: Path, pidfile: Path):  # noqa: F811
     """A slave on ``base`` running `sh -c 'sleep 300 & ...; wait'`; (slave process, [grandchild, shell])."""
     listener = tcp_listener()
-    first = slave_procs.start(listener.port, "first", basedir=base)
+    first = slave_procs.start(listener.port, "first", basedir=base, env=_state(pidfile.parent))
     slave = wait_registered(listener, first)
     _run_in_background(slave, ["sh", "-c", f'sleep 300 & echo $! > {pidfile}; echo $$ >> {pidfile}; wait'])
     return listener, first, _pids(pidfile, 2)
@@ -105,15 +117,16 @@ def test_restarted_slave_kills_what_its_killed_predecessor_left(tcp_listener, sl
     base.mkdir()
     listener, first, pids = _start_command(tcp_listener, slave_procs, base, tmp_path / "pids")
     reap.extend(pids)
-    record = base / ".remsh" / "pgroups"
-    assert (os.stat(record).st_mode & 0o777) == 0o700
+    record = Path(_record_of(tmp_path, base))
+    assert (os.stat(record).st_mode & 0o777) == 0o700 and len(os.listdir(record)) == 1
+    assert os.listdir(base) == []  # nothing of the slave's own in the master's directory
     guardian = _guardian_of(first.pid)
     os.kill(guardian, signal.SIGKILL)  # (killed with the slave's whole process group, say)
     first.signal(signal.SIGKILL)
     first.wait()
     wait_until(lambda: not process_alive(guardian), timeout=WAIT, what="the guardian to die")
     assert all(process_alive(p) for p in pids)  # nothing else kills them
-    second = slave_procs.start(listener.port, "second", basedir=base)
+    second = slave_procs.start(listener.port, "second", basedir=base, env=_state(tmp_path))
     wait_until(lambda: not any(process_alive(p) for p in pids), timeout=WAIT,
                what="the commands left by the killed slave to die")
     wait_registered(listener, second)
@@ -127,13 +140,14 @@ def test_a_live_slave_on_the_same_basedir_keeps_its_commands(tcp_listener, slave
     base.mkdir()
     pidfile = tmp_path / "pids"
     listener = tcp_listener()
-    first = slave_procs.start(listener.port, "first", basedir=base)
+    first = slave_procs.start(listener.port, "first", basedir=base, env=_state(tmp_path))
     slave = wait_registered(listener, first)
     _run_in_background(slave, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"])
     (pid,) = _pids(pidfile, 1)
     reap.append(pid)
-    wait_registered(listener, slave_procs.start(listener.port, "second", basedir=base))
+    wait_registered(listener, slave_procs.start(listener.port, "second", basedir=base, env=_state(tmp_path)))
     assert process_alive(pid)
+    assert len(os.listdir(_record_of(tmp_path, base))) == 2  # each slave its own file
 
 
 def _dead_slave_record(directory: Path, entries: List[tuple]) -> None:
@@ -182,25 +196,26 @@ def test_a_locked_record_is_left_alone(tmp_path, reap):
         other.close()
 
 
-def test_record_goes_outside_a_root_that_holds_the_basedir(tmp_path, monkeypatch):
-    """With --root holding the basedir, the record lives in $XDG_STATE_HOME (the master cannot write it), never in the root."""
+def test_record_lives_in_the_state_directory_never_in_the_root(tmp_path, monkeypatch):
+    """The record is in $XDG_STATE_HOME/remsh-slave/KEY (KEY from the basedir); none when that is inside --root."""
     from remsh.slave.policy import Policy
 
     root = tmp_path / "root"
     root.mkdir()
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     where = pgroups.record_dir(str(root), Policy(root=str(root)))
-    assert where is not None and where.startswith(str(tmp_path / "state"))
-    assert pgroups.record_dir(str(root), None) == str(root / ".remsh" / "pgroups")
+    assert where is not None and os.path.dirname(where) == str(tmp_path / "state" / "remsh-slave")
+    assert where == pgroups.record_dir(str(root / "."), None) != pgroups.record_dir(str(tmp_path), None)
     monkeypatch.setenv("XDG_STATE_HOME", str(root / "state"))
     assert pgroups.record_dir(str(root), Policy(root=str(root))) is None
 
 
 def test_a_record_directory_open_to_others_is_refused(tmp_path):
-    """A record directory that others may write is not used (they could plant records)."""
-    directory = tmp_path / "rec"
-    directory.mkdir(mode=0o777)
-    os.chmod(directory, 0o777)
-    with pytest.raises(OSError):
-        pgroups.GroupRecord(str(directory)).open()
+    """A record directory (or its parent) that others may write is not used (they could plant records)."""
+    for opened in ("parent", "rec"):
+        top = tmp_path / opened
+        (top / "parent" / "rec").mkdir(parents=True, mode=0o700)
+        os.chmod(top / "parent" / "rec" if opened == "rec" else top / "parent", 0o777)
+        with pytest.raises(OSError):
+            pgroups.GroupRecord(str(top / "parent" / "rec")).open()
 

@@ -14,8 +14,11 @@ For a guardian killed along with its slave there is the record.
 
 Every command runs in a session and process group of its own
 (:mod:`remsh.slave.execute`).  While it runs, its group is listed in a file
-of this slave's own, in a private directory (0700; the files 0600) tied to
-the slave's base directory: ``BASEDIR/.remsh/pgroups/``.  A slave holds an
+of this slave's own, in a private directory (0700; the files 0600) named
+after the slave's base directory (a digest of its real path) in the user's
+state directory: ``$XDG_STATE_HOME/remsh-slave/KEY/`` (else
+``~/.local/state/remsh-slave/KEY/``), out of the base directory the master
+works in.  A slave holds an
 exclusive ``flock`` on its file for as long as it lives; the lock goes with
 the process, however it ends.  A slave starting on the same base directory
 looks at every file there whose lock it can take -- its writer is dead --
@@ -33,11 +36,9 @@ the slave that recorded it lives: the leader is its child, a zombie at
 least, until reaped.)  An entry is dropped when its command ends; with
 ``keep_processes`` what the command leaves behind is its own business.
 
-Where the base directory lies inside the slave's ``--root``, a master could
-write the directory itself, and so make a restarted slave kill what it
-likes; the record then lives outside, in ``$XDG_STATE_HOME/remsh-slave/``
-(else ``~/.local/state/remsh-slave/``) under a name derived from the base
-directory, and is not kept at all when that too is inside the root.
+A master that could write the record could make a restarted slave kill
+what it likes: when the state directory lies inside the slave's ``--root``
+no record is kept (the guardian still is).
 
 Linux only (``/proc``); elsewhere nothing is recorded.
 """
@@ -60,8 +61,6 @@ from remsh.slave.policy import Policy
 
 log = logging.getLogger(__name__)
 
-#: Where a slave's record directory lives below its base directory.
-RECORD_DIR = os.path.join(".remsh", "pgroups")
 #: Most bytes of a record file read back (a slave runs one command at a time:
 #: a few entries at most).
 MAX_RECORD_BYTES = 4096
@@ -143,28 +142,40 @@ def _inside(root: bytes, path: str) -> bool:
     return real == root or real.startswith(root.rstrip(b"/") + b"/")
 
 
+def state_dir() -> str:
+    """Where slaves of this user keep their records: ``$XDG_STATE_HOME/remsh-slave``,
+    else ``~/.local/state/remsh-slave``."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "remsh-slave")
+
+
 def record_dir(basedir: str, policy: Optional[Policy]) -> Optional[str]:
     """The directory of the record for ``basedir`` (see the module docstring),
-    or ``None`` when none may be kept."""
-    inside = os.path.join(os.path.abspath(basedir), RECORD_DIR)
-    root = policy.root if policy is not None else None
-    if root is None or not _inside(root, inside):
-        return inside
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    or ``None`` when none may be kept (no absolute state directory, or one
+    inside the root, where the master could write records)."""
     key = hashlib.sha256(os.fsencode(os.path.realpath(basedir))).hexdigest()[:32]
-    outside = os.path.join(state, "remsh-slave", key)
-    if not os.path.isabs(outside) or _inside(root, outside):
+    directory = os.path.join(state_dir(), key)
+    if not os.path.isabs(directory):
         return None
-    return outside
+    root = policy.root if policy is not None else None
+    if root is not None and _inside(root, directory):
+        return None
+    return directory
 
 
 def _private_dirs(path: str) -> None:
-    """Make ``path`` (and missing parents) and check that it is a directory
-    of this user that nobody else may write (else ``OSError``)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise OSError(errno.EPERM, "not a private directory of this user", path)
+    """Make ``path`` and its parent (and missing ancestors) and check that
+    both are directories of this user that nobody else may use (else
+    ``OSError``)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    for directory in (os.path.dirname(path), path):
+        st = os.lstat(directory)
+        if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise OSError(errno.EPERM, "not a private directory of this user", directory)
 
 
 class GroupRecord:
@@ -388,8 +399,8 @@ def install(basedir: str, policy: Optional[Policy] = None) -> Optional[GroupReco
     except OSError as e:
         log.warning("cannot start the guardian of running commands: %s", e)
     if record.directory is None:
-        log.warning("the record of running commands cannot be kept outside the root; the commands of a "
-                    "slave killed outright are left to its guardian process alone")
+        log.warning("the record of running commands cannot be kept outside the root (%s): the commands of "
+                    "a slave killed outright are left to its guardian process alone", state_dir())
     else:
         try:
             record.open()
