@@ -35,7 +35,8 @@ an unknown one.
 
 Besides :data:`INFO_KEYS`, the master keeps the register box's keys starting
 with :data:`POLICY_PREFIX` (the slave's own policy: ``policy_root``,
-``policy_execute``, ``policy_allow_command``) in ``Slave.info``, within
+``policy_execute``, ``policy_allow_command``, ``policy_allow_env``) in
+``Slave.info``, within
 :data:`MAX_POLICY_KEYS`, :data:`MAX_POLICY_VALUE_LENGTH` and
 :data:`MAX_POLICY_BYTES`; a register box beyond them is refused.
 

@@ -470,3 +470,16 @@ def test_check_getenv():
     for pol in (Policy(execute=False), Policy(allow_commands=["/bin/true"])):
         with pytest.raises(DeniedError, match="getenv"):
             pol.check_getenv()
+
+
+def test_a_policy_the_master_would_refuse_is_a_usage_error():
+    """Patterns past what a master accepts in a register box (one value, or all policy keys together) fail at once."""
+    from remsh.handshake import MAX_POLICY_BYTES, MAX_POLICY_VALUE_LENGTH
+
+    with pytest.raises(UsageError):
+        Policy(allow_commands=["/x/" + "a" * MAX_POLICY_VALUE_LENGTH])
+    each = "/" + "b" * (MAX_POLICY_VALUE_LENGTH - 5)  # each value fits, both together do not
+    assert 2 * len(each) < MAX_POLICY_BYTES < 2 * len(each) + 64
+    with pytest.raises(UsageError, match="too long"):
+        Policy(allow_commands=[each], allow_env=[each])
+    Policy(allow_commands=["/usr/bin/*"] * 100, allow_env=["CI_*"] * 100)

@@ -97,6 +97,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from remsh.errors import DeniedError, InvalidRequestError, NotFoundError, UsageError
 from remsh.files import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_PATH
+from remsh.handshake import MAX_POLICY_BYTES, MAX_POLICY_VALUE_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ MAX_SYMLINKS = 40
 #: How often a resolution is retried when openat2 answers EAGAIN (a rename
 #: elsewhere on the system raced with it).
 OPENAT2_RETRIES = 16
-#: Longest ``policy_allow_command`` or ``policy_allow_env`` value (one box value).
-MAX_INFO_VALUE = 65535
+#: Longest ``policy_allow_command`` or ``policy_allow_env`` value: what the
+#: master accepts in a register box (a longer one would be refused there).
+MAX_INFO_VALUE = MAX_POLICY_VALUE_LENGTH
 #: The set-user-ID and set-group-ID bits, dropped by a restricting policy.
 SETID_BITS = stat_mod.S_ISUID | stat_mod.S_ISGID
 
@@ -335,6 +337,10 @@ class Policy:
         if env_patterns and not patterns:
             raise UsageError("environment patterns (--allow-env) apply only with command patterns "
                              "(--allow-command)")
+        if sum(len(os.fsencode(k)) + len(os.fsencode(v)) for k, v in self._info(root_b, execute, patterns,
+                                                                                 env_patterns).items()) \
+                > MAX_POLICY_BYTES:
+            raise UsageError(f"the policy is too long to report to the master (over {MAX_POLICY_BYTES} bytes)")
         object.__setattr__(self, "root", root_b)
         object.__setattr__(self, "execute", bool(execute))
         object.__setattr__(self, "allow_commands", patterns)
@@ -382,13 +388,18 @@ class Policy:
         always, ``policy_root`` with a root, ``policy_allow_command`` (the
         patterns joined with NUL) with command patterns, ``policy_allow_env``
         (likewise) with environment patterns."""
-        out = {"policy_execute": "y" if self.execute else "n"}
-        if self.root is not None:
-            out["policy_root"] = os.fsdecode(self.root)
-        if self.allow_commands:
-            out["policy_allow_command"] = "\0".join(self.allow_commands)
-        if self.allow_env:
-            out["policy_allow_env"] = "\0".join(self.allow_env)
+        return self._info(self.root, self.execute, self.allow_commands, self.allow_env)
+
+    @staticmethod
+    def _info(root: Optional[bytes], execute: bool, allow_commands: Tuple[str, ...],
+              allow_env: Tuple[str, ...]) -> Dict[str, str]:
+        out = {"policy_execute": "y" if execute else "n"}
+        if root is not None:
+            out["policy_root"] = os.fsdecode(root)
+        if allow_commands:
+            out["policy_allow_command"] = "\0".join(allow_commands)
+        if allow_env:
+            out["policy_allow_env"] = "\0".join(allow_env)
         return out
 
     # -- paths -------------------------------------------------------------------
