@@ -48,7 +48,7 @@ NUL-joined, :func:`~remsh.wire.encode_list`)::
      [delete: y], [checksum: y], [parallel], [detach: y]}
     {op: get, src: REMOTE PATH, dest: ABSOLUTE LOCAL DIR, targets, where,
      [parallel], [detach: y]}
-    {op: jobs, [running: y], [limit: N]}
+    {op: jobs, [running: y], [limit: N], [id]}
     {op: job, id, [follow: y]}
     {op: cancel, id}
 
@@ -73,11 +73,13 @@ Events from the master (``ev`` key)::
     {ev: end, slave, [status], [error], [errtag], duration_ms, [summary],
      [truncated: y]}
     {ev: alive}                      (every few seconds while a job runs)
-    {ev: fail, message, exit}        (the request was refused: one line, an
-                                      exit status)
+    {ev: fail, message, exit, [errtag]}  (the request was refused: one line,
+                                      an exit status; errtag unknown-job or
+                                      job-ended when that is why)
     {ev: done, [interrupted: y], [state]}  (the last box)
 
-``jobs`` answers a ``jobrec`` and its ``jobslave`` events per job; ``job``
+``jobs`` answers a ``jobrec`` and its ``jobslave`` events per job (with
+``id``: that job's alone); ``job``
 answers the job's ``jobrec``, ``begin``, then its stored output, progress
 and ends in the order they were recorded (live until the job ends with
 ``follow``) and ``done`` with the job's state.
@@ -108,7 +110,7 @@ from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveRe
 from remsh.jobs import JobEnded, JobRegistry, RunningJob, TooManyJobs, follow, record_events
 from remsh.master.fanout import Cancellation
 from remsh.peercred import PEER_CREDENTIALS, PeerCredential, PeerUnknown, peer_uid
-from remsh.store.base import JobStore, StoreError, UnknownJob
+from remsh.store.base import JobStore, StoreError, UnknownJob, check_job_id
 from remsh.transports.base import cut_and_close
 from remsh.wire import Box, encode_box
 
@@ -128,6 +130,10 @@ HEARTBEAT = 5.0
 CLIENT_SILENCE = 60.0
 #: Most concurrent client connections.
 MAX_CLIENTS = 64
+#: The ``errtag`` of a ``fail`` event: no job with that id.
+ERRTAG_UNKNOWN_JOB = "unknown-job"
+#: The ``errtag`` of a ``fail`` event: the job to cancel has ended already.
+ERRTAG_JOB_ENDED = "job-ended"
 
 
 class ControlError(RemshError):
@@ -480,9 +486,9 @@ class _Client:
             self.server._forget(self)
             self.channel.close()
 
-    def _fail(self, message: str, code: int = EXIT_USAGE) -> None:
+    def _fail(self, message: str, code: int = EXIT_USAGE, errtag: Optional[str] = None) -> None:
         try:
-            self.channel.send(encode_event("fail", message=message, exit=code))
+            self.channel.send(encode_event("fail", message=message, exit=code, errtag=errtag))
         except OSError:
             pass
 
@@ -504,7 +510,9 @@ class _Client:
         except (UsageError, ValueError) as e:
             self._fail(str(e))
         except UnknownJob as e:
-            self._fail(str(e))
+            self._fail(str(e), errtag=ERRTAG_UNKNOWN_JOB)
+        except JobEnded as e:
+            self._fail(str(e), errtag=ERRTAG_JOB_ENDED)
         except (StoreError, TooManyJobs) as e:
             self._fail(str(e), EXIT_SLAVE_FAILED)
         except OSError as e:
@@ -522,7 +530,11 @@ class _Client:
         limit = values["limit"]
         if limit is not None and limit < 1:
             raise UsageError("-n must be at least 1")
-        for record in self.jobs.store.list_jobs(running=values["running"], limit=limit):
+        if values["id"]:
+            records = [self.jobs.store.get_job(check_job_id(values["id"]))]
+        else:
+            records = self.jobs.store.list_jobs(running=values["running"], limit=limit)
+        for record in records:
             self._send(record_events(record))
         self._send([encode_event("done")])
 
@@ -531,10 +543,7 @@ class _Client:
                stopped=lambda: self.channel.closed)
 
     def op_cancel(self, op: ControlOp, values: Dict[str, Any]) -> None:
-        try:
-            self.jobs.cancel(values["id"])
-        except JobEnded as e:
-            raise UsageError(str(e)) from None
+        self.jobs.cancel(values["id"])
         self._send([encode_event("done")])
 
     def op_run(self, op: ControlOp, values: Dict[str, Any]) -> None:

@@ -16,15 +16,15 @@ import os
 import shlex
 import sys
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, Optional
 
+from remsh.client import Client
 from remsh.control import ControlClient, ControlError, control_path, result_of
 from remsh.controlproto import Event
 from remsh.errors import UsageError
 from remsh.fleet import EXIT_OK, EXIT_SLAVE_FAILED, EXIT_USAGE, Renderer
 from remsh.lineprinter import printable
-from remsh.store.base import (JOB_CANCELLED, JOB_RUNNING, SLAVE_FAILED, SLAVE_LOST, SLAVE_OK, JobRecord,
-                              SlaveRecord, check_job_id)
+from remsh.store.base import JOB_CANCELLED, JOB_RUNNING, SLAVE_FAILED, SLAVE_LOST, SLAVE_OK, JobRecord, check_job_id
 
 
 def error(text: str) -> None:
@@ -91,24 +91,9 @@ def _client(args: argparse.Namespace) -> ControlClient:
     return ControlClient(control_path(args.master)[0])
 
 
-def _records(events: Iterable[Event]) -> List[JobRecord]:
-    """The records of ``jobrec``/``jobslave`` events.
-
-    :raises ControlError: the master refused (``fail``)
-    """
-    records: List[JobRecord] = []
-    for ev in events:
-        v = ev.values
-        if ev.kind == "jobrec":
-            records.append(JobRecord(v["id"] or "", v["kind"] or "", dict(v["spec"] or {}), v["uid"] or 0,
-                                     v["state"] or "", v["started"] or 0.0, v["finished"]))
-        elif ev.kind == "jobslave" and records:
-            records[-1].slaves[v["name"] or ""] = SlaveRecord(
-                v["name"] or "", v["state"] or "", v["exit_status"], v["error"], v["errtag"], v["started"],
-                v["finished"], v["stdout_bytes"] or 0, v["stderr_bytes"] or 0, bool(v["truncated"]))
-        elif ev.kind == "fail":
-            raise ControlError(ev.get("message", ""), int(ev.get("exit", EXIT_USAGE)))
-    return records
+def _master(args: argparse.Namespace) -> Client:
+    """The client of the master ``--master`` (or the default) names."""
+    return Client(control_path(args.master)[0])
 
 
 def what_of(record: JobRecord) -> str:
@@ -137,12 +122,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         error("-n must be at least 1")
         return EXIT_USAGE
-    client = _client(args)
-    try:
-        client.request("jobs", running=args.running, limit=args.n)
-        records = _records(client.decoded())
-    finally:
-        client.close()
+    records = [job.record for job in _master(args).jobs(running=args.running, limit=args.n)]
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=1))
         return EXIT_OK
@@ -182,19 +162,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     except UsageError as e:
         error(str(e))
         return EXIT_USAGE
-    client = _client(args)
     try:
-        client.request("cancel", id=job_id)
-        for ev in client.decoded():
-            if ev.kind == "fail":
-                error(ev.get("message", ""))
-                return int(ev.get("exit", EXIT_USAGE))
-            if ev.kind == "done":
-                return EXIT_OK
-    finally:
-        client.close()
-    error("lost the master before the end")
-    return EXIT_SLAVE_FAILED
+        _master(args).cancel(job_id)
+    except ControlError as e:  # unknown or ended: one line, exit 2
+        error(str(e))
+        return e.exit
+    return EXIT_OK
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
