@@ -219,3 +219,18 @@ def test_a_record_directory_open_to_others_is_refused(tmp_path):
         with pytest.raises(OSError):
             pgroups.GroupRecord(str(top / "parent" / "rec")).open()
 
+
+
+def test_a_clean_exit_leaves_no_record_and_no_guardian(tcp_listener, slave_procs, tmp_path):  # noqa: F811
+    """A slave ended by SIGTERM removes its record (and the emptied directories) and its guardian ends with it."""
+    base = tmp_path / "base"
+    base.mkdir()
+    listener = tcp_listener()
+    proc = slave_procs.start(listener.port, "clean", basedir=base, env=_state(tmp_path))
+    wait_registered(listener, proc)
+    guardian = _guardian_of(proc.pid)
+    assert os.listdir(_record_of(tmp_path, base))
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+    assert not (tmp_path / "state" / "remsh-slave").exists()
+    wait_until(lambda: not process_alive(guardian), timeout=WAIT, what="the guardian to end")

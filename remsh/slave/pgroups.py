@@ -54,6 +54,7 @@ import secrets
 import signal
 import stat as stat_mod
 import threading
+import time
 from typing import Dict, List, Optional, Tuple
 
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
@@ -69,6 +70,8 @@ MAX_ENTRIES = 64
 #: Most record files of dead slaves handled at one start.
 MAX_FILES = 256
 PROC = "/proc"
+#: Longest wait for the guardian to end after a clean exit (seconds).
+GUARDIAN_EXIT_WAIT = 5.0
 
 
 def proc_stat(pid: int) -> Optional[Tuple[int, int, int]]:
@@ -311,8 +314,15 @@ class GroupRecord:
             os.close(self._guardian_fd)
             self._guardian_fd = -1
         if self.guardian_pid > 0:
+            # it ends as soon as it has seen the pipe end (and killed what
+            # was still listed); waited for, within a bound
+            deadline = time.monotonic() + GUARDIAN_EXIT_WAIT
             try:
-                os.waitpid(self.guardian_pid, 0)  # it ends as soon as it sees the pipe end
+                while os.waitpid(self.guardian_pid, os.WNOHANG) == (0, 0):
+                    if time.monotonic() >= deadline:
+                        log.warning("the guardian process %d has not ended; leaving it", self.guardian_pid)
+                        break
+                    time.sleep(0.01)
             except ChildProcessError:
                 pass
             self.guardian_pid = -1
