@@ -21,9 +21,8 @@ Control boxes (one key each, never counted, never re-sent):
   received, so the sender can forget them.  A sender whose unacknowledged
   boxes would pass :data:`WINDOW_BYTES` bytes or :data:`WINDOW_BOXES`
   boxes waits for an acknowledgement (flow control, and a bound on what it
-  keeps); only a single write, when nothing is unacknowledged, may pass
-  the window alone.  After a resume the boxes sent again are paced the
-  same way.
+  keeps); a bigger write goes out in pieces.  After a resume the boxes
+  sent again are paced the same way.
 - ``{hb: ping}`` / ``{hb: pong}`` -- the slave's link check: sent when it
   has sent nothing for a while; the master answers at once.  A slave that
   hears nothing for three intervals takes the link for dead and redials
@@ -57,8 +56,8 @@ import time
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
-from remsh.spool import SpoolFile
-from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes
+from remsh.spool import SpoolFile, WakePipe
+from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes, split_boxes
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +73,11 @@ WINDOW_BYTES = 8 << 20
 #: window alone would let a peer send 8 MiB of 2-byte boxes, each a Python
 #: dict on the receiving side.
 WINDOW_BOXES = 4096
+#: A write of more boxes or bytes goes out in pieces, each within the window.
+PIECE_BOXES = WINDOW_BOXES // 4
+PIECE_BYTES = 2 << 20
 #: Most boxes (and bytes, as encoded) a receiver holds read ahead of its
-#: reader (see the module docstring): the window, plus one write that may
-#: pass it alone.
+#: reader (see the module docstring): twice the window.
 HELD_BOXES = 2 * WINDOW_BOXES
 HELD_BYTES = 2 * WINDOW_BYTES
 #: Longest a connected sender with a full window waits for the peer's next
@@ -178,10 +179,7 @@ class SessionWire:
         self.last_sent = self.last_received = time.monotonic()
         self.closed = False
         self._timer: Optional[threading.Timer] = None
-        # a pipe that becomes readable at every change (attach, failure), for
-        # callers that wait with select (the slave's execute); made on first
-        # use, so that a master's sessions cost no descriptor but the socket
-        self._wake_r = self._wake_w = -1
+        self._wakepipe = WakePipe()  # readable at every change (attach, failure)
 
     # -- state -------------------------------------------------------------------
 
@@ -200,28 +198,13 @@ class SessionWire:
         """A descriptor that turns readable when the connection changes or
         the session fails (drain it with :meth:`clear_wake`)."""
         with self._cond:
-            if self._wake_r < 0:
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                os.set_blocking(self._wake_w, False)
-            return self._wake_r
+            return self._wakepipe.fd()
 
     def clear_wake(self) -> None:
-        if self._wake_r < 0:
-            return
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        self._wakepipe.clear()
 
     def _wake(self) -> None:
-        if self._wake_w < 0:
-            return
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        self._wakepipe.wake()
 
     def connection_lost(self, conn: Optional[Wire] = None, why: str = "connection lost") -> None:
         """The connection ``conn`` (default: the current one) broke: keep
@@ -412,13 +395,7 @@ class SessionWire:
             return
         self.closed = True
         self.end()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
+        self._wakepipe.close()
 
     def _ack_to(self, count: int) -> None:
         """The peer has our first ``count`` boxes: forget them (under _cond)."""
@@ -489,10 +466,15 @@ class SessionWire:
         return True
 
     def _send_locked(self, data: Data) -> None:
-        if not data:
-            return
         chunk = bytes(data)
         n = count_boxes(chunk)
+        if n > PIECE_BOXES or len(chunk) > PIECE_BYTES:  # each piece waits for room in the window
+            for piece, k in split_boxes(chunk, PIECE_BOXES, PIECE_BYTES):
+                self._send_piece(piece, k)
+        elif chunk:
+            self._send_piece(chunk, n)
+
+    def _send_piece(self, chunk: bytes, n: int) -> None:
         self._make_room(len(chunk), n)
         with self._cond:
             if self.failed is not None:

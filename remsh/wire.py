@@ -608,3 +608,28 @@ def skip_boxes(data: bytes, boxes: int) -> int:
 def box_size(box: Box) -> int:
     """The encoded size of ``box`` (bytes on the wire)."""
     return sum(len(k) + len(v) + 4 for k, v in box.items()) + 2
+
+
+def split_boxes(data: bytes, max_boxes: int, max_bytes: int) -> List[Tuple[bytes, int]]:
+    """``data`` (a sequence of encoded boxes) cut between boxes into pieces
+    of at most ``max_boxes`` boxes and, unless one box is bigger, at most
+    ``max_bytes`` bytes; each with its count of boxes."""
+    pieces: List[Tuple[bytes, int]] = []
+    n = len(data)
+    start = pos = count = 0
+    while pos < n:
+        box_start = pos
+        while True:
+            length = data[pos] << 8 | data[pos + 1]
+            pos += 2
+            if length == 0:
+                break
+            pos += length
+            pos += 2 + (data[pos] << 8 | data[pos + 1])
+        if count and (count == max_boxes or pos - start > max_bytes):
+            pieces.append((data[start:box_start], count))
+            start, count = box_start, 0
+        count += 1
+    if count:
+        pieces.append((data[start:], count))
+    return pieces

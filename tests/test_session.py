@@ -15,7 +15,7 @@ import pytest
 from remsh.errors import Disconnected, ProtocolError
 from remsh.session import HELD_BOXES, SPOOL_MEMORY, WINDOW_BOXES, SessionWire, count_boxes
 from remsh.transports.base import SocketStream
-from remsh.wire import Wire, encode_box, encode_data_boxes
+from remsh.wire import Wire, encode_box, encode_data_boxes, split_boxes
 from tests.util import WAIT, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -182,3 +182,24 @@ def _drain(wire: Wire, into: Optional[list] = None) -> None:
                 into.append(box)
     except (Disconnected, ProtocolError):
         pass
+
+
+def test_a_write_of_more_boxes_than_the_window_goes_out_in_pieces():
+    """Writes of many more tiny boxes than WINDOW_BOXES reach a peer that acknowledges every 64 boxes (no wait for an ack that never comes)."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s7", resume_timeout=30)
+    peer = SessionWire(theirs, "s7", resume_timeout=30)
+    count = 3 * WINDOW_BOXES + 5
+
+    def write_twice() -> None:
+        for _ in range(2):
+            session.send_bytes(encode_box({}) * count)
+
+    writer = threading.Thread(target=write_twice, daemon=True)
+    writer.start()
+    got = [peer.read_box(WAIT) for _ in range(2 * count)]
+    writer.join(WAIT)
+    assert got == [{}] * (2 * count) and not writer.is_alive()
+    assert count_boxes(b"".join(p for p, _ in split_boxes(encode_box({}) * count, 1024, 1 << 20))) == count
+    session.close()
+    peer.close()
