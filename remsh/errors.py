@@ -6,6 +6,9 @@ the slave" from "the connection broke" from "the peer spoke nonsense":
 - :class:`UsageError` -- the caller misused the API.
 - :class:`LocalError` -- a file or resource on the master's own side failed
   (the ``OSError`` is chained); nothing went wrong with the slave.
+- :class:`LimitExceeded` -- a transfer passed a bound the caller set
+  (``max_bytes``, ``max_entries``): it was stopped, nothing partial is
+  kept, and the slave stays connected.
 - :class:`WaitTimeout` -- a wait for something the caller asked for (slaves
   to register, the right to send) ran past its time limit; the connection is
   not known to be broken.
@@ -41,6 +44,13 @@ class LocalError(RemshError):
 
     The ``OSError`` is chained as ``__cause__``; the slave stays connected.
     """
+
+
+class LimitExceeded(RemshError):
+    """A transfer passed a bound the caller set (``fetch(max_bytes=)``,
+    ``fetch_tree(max_bytes=, max_entries=)``): it was stopped in the
+    protocol, nothing partial is left at the destination, and the slave
+    stays connected for the next operation."""
 
 
 class WaitTimeout(RemshError):

@@ -523,10 +523,13 @@ class Writer:
     allowed; otherwise the top directory is new and empty and every name is
     created once (``O_EXCL``).  ``remove_dir(parent_fd, name)`` removes a
     whole directory (sync mode).  ``on_data(n)`` counts file data written.
-    ``file_mode_mask`` narrows the permission bits given to files (the
-    master passes one without the set-ID bits for ``fetch_tree``, so that a
-    slave cannot plant a program that runs as the master's user).
-    Directories nested past :data:`MAX_TREE_PATH` bytes are refused.
+    ``file_mode_mask`` and ``dir_mode_mask`` narrow the permission bits
+    given to files and directories (the master passes its umask without
+    the set-ID and sticky bits for ``fetch_tree``, so that a slave cannot
+    plant a program that runs as the master's user, nor open a directory
+    to everyone).  Directories nested past :data:`MAX_TREE_PATH` bytes, or
+    more than ``max_depth`` levels below the top, are refused (each level
+    holds a descriptor open).
 
     :meth:`feed` raises :class:`StreamError` (bad records),
     :class:`DigestError` (a file's data does not match its digest) and
@@ -534,10 +537,13 @@ class Writer:
     """
 
     def __init__(self, top_fd: int, *, sync: bool = False, remove_dir: Optional[RemoveTree] = None,
-                 on_data: Callable[[int], None] = lambda n: None, file_mode_mask: int = 0o7777) -> None:
+                 on_data: Callable[[int], None] = lambda n: None, file_mode_mask: int = 0o7777,
+                 dir_mode_mask: int = 0o7777, max_depth: Optional[int] = None) -> None:
         self.top_fd = top_fd
         self.sync = sync
         self.file_mode_mask = file_mode_mask
+        self.dir_mode_mask = dir_mode_mask
+        self.max_depth = max_depth
         self.remove_dir = remove_dir
         self.on_data = on_data
         self.stack: List[_Dir] = []
@@ -596,7 +602,7 @@ class Writer:
             if t != DIR or N in box:
                 raise StreamError("a tree stream must start with its top directory")
             self.started = True
-            self.stack.append(_Dir(self.top_fd, mode_of(box), mtime_of(box), b""))
+            self.stack.append(_Dir(self.top_fd, mode_of(box) & self.dir_mode_mask, mtime_of(box), b""))
             if self.sync:
                 try:
                     mode = stat_mod.S_IMODE(os.fstat(self.top_fd).st_mode)
@@ -629,9 +635,12 @@ class Writer:
 
     def _enter(self, cur: int, box: Box) -> None:
         name = check_name(box.get(N))
-        mode, mtime = mode_of(box), mtime_of(box)
+        mode, mtime = mode_of(box) & self.dir_mode_mask, mtime_of(box)
         if len(self._where(name)) > MAX_TREE_PATH:
             raise StreamError(f"directories nested past {MAX_TREE_PATH} bytes of path: "
+                              f"{show(self._where())[:80]}...")
+        if self.max_depth is not None and len(self.stack) > self.max_depth:
+            raise StreamError(f"directories nested more than {self.max_depth} levels deep: "
                               f"{show(self._where())[:80]}...")
         try:
             if self.sync:

@@ -23,6 +23,7 @@ import pytest
 from remsh.errors import (DeniedError, FailedError, LocalError, NotFoundError, OpenFailedError,
                           RemoteFileExistsError)
 from remsh.master.slave import Slave
+from remsh.master.tree import current_umask
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
 from remsh.master.slavelistener.local import LocalSlaveListener
 from remsh.slave.policy import Policy
@@ -70,12 +71,13 @@ def snapshot(top: Any) -> Dict[bytes, Tuple[Any, ...]]:
 
 
 def as_fetched(want: Dict[bytes, Tuple[Any, ...]]) -> Dict[bytes, Tuple[Any, ...]]:
-    """``want`` as fetch_tree reproduces it on the master: files without
-    their set-user-ID and set-group-ID bits."""
+    """``want`` as fetch_tree reproduces it on the master: files and
+    directories without set-ID and sticky bits, and the master's umask applied."""
     out = dict(want)
+    keep = 0o777 & ~current_umask()
     for rel, entry in want.items():
-        if entry[0] == "f":
-            out[rel] = (entry[0], oct(int(entry[1], 8) & ~(stat.S_ISUID | stat.S_ISGID))) + entry[2:]
+        if entry[0] in ("f", "d"):
+            out[rel] = (entry[0], oct(int(entry[1], 8) & keep)) + entry[2:]
     return out
 
 

@@ -510,6 +510,11 @@ TRANSCRIPTS: Dict[str, List[T]] = {
         T("notfound", "missing file", [req("fetch", ("src", "missing")), S]),
         T("openfailed", "a directory", [req("fetch", ("src", "d")), S], setup=[{"mkdir": "d"}]),
         T("missing-key", "no src key", [req("fetch"), S]),
+        T("interrupt", "the master stops the transfer (its max_bytes): an interrupt already there when "
+          "the slave starts stops it before any data", [req("fetch", ("src", "f")), M(("interrupt", "y")), S],
+          setup=[W("f", BIG)]),
+        T("late-interrupt", "an interrupt that crosses the end box gets no answer",
+          [req("fetch", ("src", "f")), S, S, M(("interrupt", "y"))], setup=[W("f", b"hello\n")]),
     ],
     "execute": [
         T("stdout", "output, then the exit status", [req("execute", args("sh", "-c", "printf hi"),

@@ -23,16 +23,18 @@ from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, 
 
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
+from remsh.errors import (Disconnected, LimitExceeded, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
                           WaitTimeout, remote_error)
 from remsh.files import PartialFile
 from remsh.bulk import OverlongRead, Sink, reader_for, send_blocks, writer_for_fd
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
+from remsh.master.tree import DRAIN_LIMIT
+from remsh.master.stdinfeeder import INTERRUPT_SEND_TIMEOUT, StdinFeeder
 from remsh.session import SessionWire
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
-from remsh.wire import MAX_VALUE_LENGTH, Box, Wire
+from remsh.wire import Box, Wire
 
 if TYPE_CHECKING:
     from remsh.master.slavelistener.base import SlaveListener
@@ -42,10 +44,6 @@ log = logging.getLogger(__name__)
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 OutputCallback = Callable[[bytes], Any]
 
-#: How long :meth:`Slave.interrupt` waits for the connection before giving up
-#: on a polite interrupt and dropping the connection.
-INTERRUPT_SEND_TIMEOUT = 5.0
-CHUNK = MAX_VALUE_LENGTH
 
 __all__ = ["Slave", "DEFAULT_IO_TIMEOUT", "IdleWatcher", "ProgressCallback"]
 
@@ -455,7 +453,7 @@ class Slave:
                      ) -> Tuple[Union[Exited, Failed], Optional[BaseException]]:
         """Drive ``call`` until its final box; return the final event and the
         exception (if any) to raise once the operation is over."""
-        feeder: Optional[_StdinFeeder] = None
+        feeder: Optional[StdinFeeder] = None
         callback_error: Optional[BaseException] = None
         wire = self.wire
         try:
@@ -477,7 +475,9 @@ class Slave:
                             self._interrupt_call(call)
                 elif isinstance(event, Started):
                     if stdin is not None:
-                        feeder = _StdinFeeder(self, call, stdin)
+                        feeder = StdinFeeder(self.wire, self.name, call, stdin,
+                                             interrupt=functools.partial(self._interrupt_call, call),
+                                             drop=self.drop)
                         feeder.start()
                     # the command may be silent for as long as it runs: only
                     # its own time limit (plus slack for the kill) bounds the wait
@@ -601,9 +601,11 @@ class Slave:
 
         For a path, data goes to a temporary file beside it that is moved
         into place only when complete and verified.  ``max_bytes`` bounds
-        what the slave may make the master write: past it the transfer is
-        abandoned, nothing is left at ``dest`` and the slave is dropped (it
-        is still sending).  ``progress(done_bytes, None)`` is called as data
+        what the slave may make the master write: past it the master stops
+        the transfer (``{interrupt: y}``; what is already on its way is read
+        and dropped), nothing is left at a path ``dest`` (a file object has
+        what came before the bound) and the slave stays usable.
+        ``progress(done_bytes, None)`` is called as data
         arrives, at most ten times a second, and once at the end with the
         total.
 
@@ -612,8 +614,10 @@ class Slave:
         :raises FailedError: reading failed on the slave
         :raises LocalError: ``dest`` exists, or cannot be created, written or
             put in place (nothing is left)
+        :raises LimitExceeded: the file passed ``max_bytes``
         :raises ProtocolError: the data does not match the slave's digest, or
-            passed ``max_bytes`` (the slave is dropped)
+            the slave went on sending :data:`DRAIN_LIMIT` bytes after it was
+            stopped (the slave is dropped)
         """
         part: Optional[PartialFile] = None
         if hasattr(dest, "write"):
@@ -638,6 +642,7 @@ class Slave:
                 read_box = self.wire.read_box
                 add = sink.add
                 received = 0
+                stopped = False
                 while True:
                     box = read_box(self.io_timeout)
                     if box is None:
@@ -647,10 +652,19 @@ class Slave:
                         break
                     received += len(data)
                     if max_bytes is not None and received > max_bytes:
-                        raise ProtocolError(f"the file passed max_bytes ({max_bytes}); transfer abandoned")
+                        # stop the slave; what is already on its way is read and dropped
+                        if not stopped:
+                            stopped = True
+                            self.wire.send_box({b"interrupt": b"y"})
+                        elif received > max_bytes + DRAIN_LIMIT:
+                            raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
+                        continue
                     add(data)
                     counter.add(len(data))
                 digest = sink.finish()
+            if stopped:  # whatever the final box says: ours is the cause
+                raise LimitExceeded(f"{self.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
+                                    f"the transfer was stopped and nothing was kept")
             self._raise_if_error("fetch", box)
             local_error = sink.error
             if local_error is not None:
@@ -703,10 +717,14 @@ class Slave:
         """Copy the directory ``src`` on the slave to the new local directory
         ``dest_dir`` (which must not exist), with the guarantees of
         :meth:`send_tree` on the master's side: built beside ``dest_dir``,
-        renamed into place last, nothing left on failure.  ``max_bytes``
+        renamed into place last, nothing left on failure.  Files and
+        directories get the slave's permission bits less the set-ID and
+        sticky bits and the master's umask; directories may nest at most
+        :data:`~remsh.master.tree.MAX_FETCH_DEPTH` levels.  ``max_bytes``
         (file data) and ``max_entries`` (files, directories and links)
-        bound what the slave may make the master write: past either the
-        transfer is abandoned, nothing is left and the slave is dropped.
+        bound what the slave may make the master write: past either (or
+        when the slave's announced totals pass them) the master stops the
+        transfer, nothing is left and the slave stays usable.
 
         :raises NotFoundError: ``src`` does not exist
         :raises OpenFailedError: ``src`` is not a directory or cannot be opened
@@ -716,8 +734,10 @@ class Slave:
         :raises LocalError: ``dest_dir`` exists, its directory does not, or
             writing the local tree failed
         :raises UsageError: ``dest_dir`` does not end in a name
-        :raises ProtocolError: the data does not match its digest, or passed
-            ``max_bytes`` or ``max_entries`` (the slave is dropped)
+        :raises LimitExceeded: the tree passed ``max_bytes`` or ``max_entries``
+        :raises ProtocolError: the data does not match its digest, the slave
+            sent more than it announced or nested too deep (the slave is
+            dropped)
         """
         _tree.fetch_tree(self, src, dest_dir, progress, max_bytes, max_entries)
 
@@ -747,58 +767,3 @@ class Slave:
 def _encoded(op: Operation) -> bytes:
     """The encoded request of an operation without arguments."""
     return op.encode()
-
-
-class _StdinFeeder:
-    """Sends a command's stdin from its own thread, so that reading output
-    and writing input can never wait on each other."""
-
-    def __init__(self, slave: Slave, call: ExecuteCall, source: Union[bytes, BinaryIO]) -> None:
-        self.slave = slave
-        self.call = call
-        self.source: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        self.error: Optional[OSError] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"remsh-stdin-{self.slave.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        wire = self.slave.wire
-        try:
-            while True:
-                try:
-                    chunk = self.source.read(CHUNK)
-                except OSError as e:
-                    self.error = e
-                    self.slave._interrupt_call(self.call)
-                    chunk = b""
-                # nothing may go out once the command has ended: a late box
-                # would land in the middle of the next operation
-                if not wire.send_bytes_unless(self.call.stdin_box(chunk), self._stop):
-                    return
-                if not chunk:
-                    return
-        except RemshError:
-            pass  # the reading side sees the broken connection
-
-    def stop(self) -> None:
-        """Stop sending; if the thread cannot be stopped in time (blocked
-        reading the source), the conversation can no longer be trusted.
-
-        A source with a ``cancel()`` method is told first, so that a
-        ``read()`` blocked waiting for input can return at once."""
-        self._stop.set()
-        cancel = getattr(self.source, "cancel", None)
-        if callable(cancel):
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001 - the join below bounds the wait anyway
-                log.exception("slave %s: cancelling the stdin source failed", self.slave.name)
-        if self._thread is not None:
-            self._thread.join(INTERRUPT_SEND_TIMEOUT + 1.0)
-            if self._thread.is_alive():
-                self.slave.drop(Disconnected(
-                    f"{self.slave.name}: execute: the stdin source did not return; connection dropped"))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.errors import LocalError, ProtocolError, UsageError
+from remsh.errors import LimitExceeded, LocalError, ProtocolError, UsageError
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.slave.fsops import remove_dir_at
@@ -44,12 +44,42 @@ if TYPE_CHECKING:
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
+#: What a transfer stopped at its bound (``max_bytes``, ``max_entries``)
+#: still reads and drops -- the data already on its way when the slave got
+#: the interrupt -- before it takes the slave for broken and drops it.
+DRAIN_LIMIT = 64 << 20
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
-#: The permission bits ``fetch_tree`` keeps of a slave's file: all but the
-#: set-user-ID and set-group-ID bits -- a slave must not be able to leave a
-#: program on the master that runs as the master's user (root, often).
-FETCHED_FILE_MODES = 0o7777 & ~(stat_mod.S_ISUID | stat_mod.S_ISGID)
+#: The permission bits ``fetch_tree`` keeps of a slave's files and
+#: directories, before the master's umask narrows them: all but the
+#: set-user-ID, set-group-ID and sticky bits -- a slave must not be able to
+#: leave a program on the master that runs as the master's user (root,
+#: often), nor a directory more open than the master's own would be.
+FETCHED_FILE_MODES = 0o777
+#: Most levels of directories below the top that ``fetch_tree`` makes: each
+#: level holds a descriptor open while the stream is inside it.
+MAX_FETCH_DEPTH = 256
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where the system
+    tells (Linux's ``/proc/self/status``); else set and restored at once."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def fetched_modes() -> int:
+    """The permission bits ``fetch_tree`` gives at most: the slave's, less
+    the set-ID and sticky bits and the master's umask."""
+    return FETCHED_FILE_MODES & ~current_umask()
 
 
 @dataclass
@@ -182,57 +212,83 @@ def _local_parent(slave: "Slave", meth: str, path: Path) -> Tuple[int, bytes]:
         raise LocalError(f"{slave.name}: {meth}: cannot open the local destination's directory: {e}") from e
 
 
+class _Bound(Exception):
+    """A bound the caller set was passed (its name and value in the message)."""
+
+
 def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
                max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
     meth = "fetch_tree"
-    entries = 0
+    entries = files = drained = 0
     parent, name = _local_parent(slave, meth, dest_dir)
     tmp: Optional[bytes] = None
     top = -1
     writer: Optional[Writer] = None
     local_error: Optional[Exception] = None
+    stopped: Optional[_Bound] = None  # the bound that stopped the transfer
     try:
         with slave._operation(meth):
             wire = slave.wire
             wire.send_bytes(FETCH_TREE.encode(src=os.fsencode(src), progress=slave._progress_interval()))
             box = _read(slave, meth)
             if b"errtag" not in box:
-                try:
-                    total: Optional[int] = int(box[b"size"])
-                except (KeyError, ValueError):
-                    total = None
+                total, announced = _announced(box, b"size"), _announced(box, b"files")
                 counter = Progress(progress, total)
 
                 def on_data(n: int) -> None:
                     counter.add(n)
+                    if total is not None and counter.done > total:
+                        raise ProtocolError(f"more file data than the {total} bytes announced")
                     if max_bytes is not None and counter.done > max_bytes:
-                        raise ProtocolError(f"the tree passed max_bytes ({max_bytes}); transfer abandoned")
+                        raise _Bound(f"max_bytes ({max_bytes})")
 
-                try:
-                    tmp = make_temp_dir(parent, name)
-                    top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
-                    writer = Writer(top, on_data=on_data, file_mode_mask=FETCHED_FILE_MODES)
-                except OSError as e:
-                    local_error = e
+                if max_bytes is not None and total is not None and total > max_bytes:
+                    stopped = _Bound(f"max_bytes ({max_bytes}; {total} bytes announced)")
+                elif max_entries is not None and announced is not None and announced > max_entries:
+                    stopped = _Bound(f"max_entries ({max_entries}; {announced} files announced)")
+                else:
+                    try:
+                        tmp = make_temp_dir(parent, name)
+                        top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
+                        modes = fetched_modes()
+                        writer = Writer(top, on_data=on_data, file_mode_mask=modes, dir_mode_mask=modes,
+                                        max_depth=MAX_FETCH_DEPTH)
+                    except OSError as e:
+                        local_error = e
+                if stopped is not None or local_error is not None:
                     wire.send_box({b"interrupt": b"y"})
                 while True:
                     box = _read(slave, meth)
                     if b"errtag" in box or END in box:
                         break
-                    if writer is None or local_error is not None:
+                    if writer is None or local_error is not None or stopped is not None:
+                        # stopped: read and drop what is already on its way
+                        drained += sum(len(v) for v in box.values())
+                        if drained > DRAIN_LIMIT:
+                            raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
                         continue
-                    if box.get(T) in (DIR, FILE, LINK):
+                    t = box.get(T)
+                    if t in (DIR, FILE, LINK):
                         entries += 1
-                    if max_entries is not None and entries > max_entries:
-                        raise ProtocolError(f"the tree passed max_entries ({max_entries}); transfer abandoned")
+                        files += t == FILE
+                        if announced is not None and files > announced:
+                            raise ProtocolError(f"more files than the {announced} announced")
                     try:
+                        if max_entries is not None and entries > max_entries:
+                            raise _Bound(f"max_entries ({max_entries})")
                         writer.feed(box)
+                    except _Bound as e:
+                        stopped = e
+                        wire.send_box({b"interrupt": b"y"})
                     except TargetError as e:
                         local_error = e
                         wire.send_box({b"interrupt": b"y"})
                     except (StreamError, DigestError) as e:
                         raise ProtocolError(str(e)) from None
+        if stopped is not None:  # whatever the final box says: ours is the cause
+            raise LimitExceeded(f"{slave.name}: {meth}: {os.fsdecode(src)} passed {stopped}; the transfer "
+                                f"was stopped and nothing was kept")
         if b"errtag" in box:
             slave._raise_if_error(meth, box)
         if local_error is not None:
@@ -264,6 +320,14 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
             except OSError:
                 pass
         os.close(parent)
+
+
+def _announced(box: Box, key: bytes) -> Optional[int]:
+    """A total the slave announced in its first ``fetch_tree`` box (``None``: none)."""
+    try:
+        return int(box[key])
+    except (KeyError, ValueError):
+        return None
 
 
 # -- sync_tree -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from remsh.session import SessionWire
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
+from remsh.slave.watch import InterruptWatch
 from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
                         MAX_VALUE_LENGTH, Box, Wire)
 
@@ -254,8 +255,13 @@ class SlaveServer:
         f = fsops.open_regular(self._resolve(args["src"]), self.policy)
         with f:
             # read in place into pre-framed data boxes, hashed in a helper
-            # thread while the next block is read and sent (remsh.bulk)
-            digest, error = send_blocks(reader_for(f), self.wire.send_bytes, stream=self.wire.stream)
+            # thread while the next block is read and sent (remsh.bulk);
+            # the master may stop it with {interrupt: y} (its max_bytes)
+            fill, stop = reader_for(f), InterruptWatch(self.wire)
+            digest, error = send_blocks(lambda block: 0 if stop() else fill(block), self.wire.send_bytes,
+                                        stream=self.wire.stream)
+            if stop.seen:
+                raise FailedError("stopped at the master's request")
             if error is not None:
                 raise FailedError(os_message(error)) from None
             send_end = {b"sha256": digest.encode("ascii")}
