@@ -61,7 +61,8 @@ import remsh
 from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row,
                            make_private_directory)
 from remsh.errors import RemshError, UsageError, WaitTimeout
-from remsh.fleet import (DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
+from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL,
+                         EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                          EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     get = sub.add_parser("get", help="copy a file or tree from slaves into LOCALDIR/NAME/")
     _listener_options(get, waiting=True)
     _choice_options(get, DEFAULT_TRANSFER_PARALLEL)
+    get.add_argument("--max-bytes", type=_size_arg, default=DEFAULT_GET_MAX_BYTES, metavar="SIZE",
+                     help="most file data taken from each slave (default 64G)")
+    get.add_argument("--max-files", type=int, default=DEFAULT_GET_MAX_FILES, metavar="N",
+                     help="most files, directories and links in each slave's tree (default 1000000)")
     get.add_argument("remote", metavar="REMOTE")
     get.add_argument("localdir", metavar="LOCALDIR")
 
@@ -412,7 +417,7 @@ def _do_job(args: argparse.Namespace, slaves: List[Slave], renderer: Renderer, c
         return put_job(slaves, args.local_path, args.dest, renderer, sync=args.sync, delete=args.delete,
                        checksum=args.checksum, max_parallel=args.max_parallel, cancellation=cancellation)
     return get_job(slaves, args.remote, args.localdir, renderer, max_parallel=args.max_parallel,
-                   cancellation=cancellation)
+                   cancellation=cancellation, max_bytes=args.max_bytes, max_files=args.max_files)
 
 
 def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
@@ -515,7 +520,8 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
             client.request("put", src=args.local_path, dest=args.dest, sync=args.sync, delete=args.delete,
                            checksum=args.checksum, **common)
         else:
-            client.request("get", src=args.remote, dest=args.localdir, **common)
+            client.request("get", src=args.remote, dest=args.localdir, max_bytes=args.max_bytes,
+                           max_files=args.max_files, **common)
         if args.detach:
             for ev in client.decoded():
                 if ev.kind == "job":

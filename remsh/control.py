@@ -563,7 +563,16 @@ class _Client:
         if tee is not None and values["detach"]:
             raise UsageError("--stdin cannot be detached")
         job = self.jobs.submit(op.name, spec, self.uid, names, work, tee)
-        self._send([encode_event("job", id=job.id)])
+        try:
+            self._send([encode_event("job", id=job.id)])
+        except OSError:
+            # an attached client gone before it heard of its job: no reader
+            # will see it close, so the job it would have cancelled is cancelled here
+            if not values["detach"]:
+                job.cancel("the client went away")
+            if tee is not None:
+                tee.end()
+            raise
         if values["detach"]:
             self._send([encode_event("done")])
             return
@@ -623,6 +632,11 @@ class _Client:
             raise UsageError("get: the local directory must be absolute")
         if os.path.exists(dest) and not os.path.isdir(dest):
             raise UsageError(f"not a directory: {dest}")
+        for key in ("max_bytes", "max_files"):
+            if values.get(key) is not None:
+                if values[key] < 0:
+                    raise UsageError(f"get: {key} must not be negative")
+                extra[key] = values[key]
         return names, spec, lambda sink, c: get_job(slaves, src, dest, sink, cancellation=c, **extra), None
 
     def _read_controls(self, job: RunningJob) -> None:

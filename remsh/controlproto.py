@@ -96,7 +96,8 @@ CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
     ControlOp("put", (Key("src", "path", True), Key("dest", "path", True), Key("sync", "flag"),
                       Key("delete", "flag"), Key("checksum", "flag")) + _CHOICE,
               "copy a local file or tree to the chosen slaves as a job", job=True),
-    ControlOp("get", (Key("src", "path", True), Key("dest", "path", True)) + _CHOICE,
+    ControlOp("get", (Key("src", "path", True), Key("dest", "path", True), Key("max_bytes", "int"),
+                      Key("max_files", "int")) + _CHOICE,
               "copy a file or tree from the chosen slaves into DEST/NAME/ as a job", job=True),
     ControlOp("jobs", (Key("running", "flag"), Key("limit", "int"), Key("id", "text")),
               "the stored jobs, newest first (with id: that job alone): a jobrec and its jobslave events "

@@ -57,6 +57,10 @@ STDIN_POLL = 0.1
 DEFAULT_PARALLEL = 64
 #: Default number of slaves transferring files at once.
 DEFAULT_TRANSFER_PARALLEL = 8
+#: Default bounds of what ``remsh get`` takes from each slave: bytes of file
+#: data, and entries (files, directories, links) of a tree.
+DEFAULT_GET_MAX_BYTES = 64 << 30
+DEFAULT_GET_MAX_FILES = 1_000_000
 
 
 # -- facts and selection ------------------------------------------------------
@@ -496,9 +500,11 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
 
 def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
             max_parallel: int = DEFAULT_TRANSFER_PARALLEL, cancellation: Optional[Cancellation] = None,
-            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
+            holder: Optional[FleetCollection] = None, max_bytes: int = DEFAULT_GET_MAX_BYTES,
+            max_files: int = DEFAULT_GET_MAX_FILES) -> List[SlaveResult]:
     """Copy ``remote`` (a file or tree) from every slave to
-    ``localdir/NAME/BASENAME``.
+    ``localdir/NAME/BASENAME``, each at most ``max_bytes`` of file data and
+    ``max_files`` entries (a slave past either fails with ``LimitExceeded``).
 
     :raises UsageError: ``localdir`` exists and is not a directory
     """
@@ -522,9 +528,10 @@ def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
 
         kind = slave.stat(remote)
         if kind == "d":
-            result = _tree_method(slave, "fetch_tree")(remote, target, progress=progress)
+            result = _tree_method(slave, "fetch_tree")(remote, target, progress=progress, max_bytes=max_bytes,
+                                                       max_entries=max_files)
             return SlaveResult(name, status=0, summary=_sizes(f"tree into {target}", result))
-        slave.fetch(remote, target, progress=progress)
+        slave.fetch(remote, target, progress=progress, max_bytes=max_bytes)
         return SlaveResult(name, status=0, summary=f"into {target}")
 
     return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder)
