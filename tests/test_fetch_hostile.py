@@ -116,3 +116,27 @@ def test_fetch_tree_deeper_than_the_cap_is_refused(tcp_listener, tmp_path):
         assert isinstance(outcome[0], ProtocolError) and "levels" in str(outcome[0]), outcome
     assert os.listdir(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+@pytest.mark.parametrize("limit", [{"max_bytes": 15}, {"max_entries": 2}])
+def test_fetch_tree_stopped_in_the_stream_drains_and_keeps_the_slave(tcp_listener, tmp_path, limit):
+    """A tree stream that passes a bound (no totals announced) gets an interrupt; what follows is drained, LimitExceeded is raised, nothing is left, the slave still answers."""
+    listener = tcp_listener()
+    sock, wire, slave = _fake_slave(listener, "quiet")
+    with sock:
+        thread, outcome = _in_thread(lambda: slave.fetch_tree("t", str(tmp_path / "copy"), **limit))
+        assert wire.read_box(WAIT)[b"meth"] == b"fetch_tree"
+        wire.send_box({})  # a header without totals
+        records = encode(T, DIR, M, b"493", MT, b"0") + b"".join(_file_record(b"f%d" % i, b"0123456789")
+                                                                 for i in range(5))
+        wire.send_bytes(records)
+        assert wire.read_box(WAIT) == {b"interrupt": b"y"}
+        wire.send_bytes(_file_record(b"late", b"in flight"))
+        wire.send_box({b"errtag": b"failed", b"error": b"stopped at the master's request"})
+        thread.join(WAIT)
+        assert isinstance(outcome[0], LimitExceeded) and next(iter(limit)) in str(outcome[0]), outcome
+        assert os.listdir(tmp_path) == []
+        thread, outcome = _in_thread(slave.ping)
+        _answer_ping(wire)
+        thread.join(WAIT)
+        assert outcome == [None] and slave.connected

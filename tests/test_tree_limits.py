@@ -66,3 +66,17 @@ def test_fetch_tree_applies_the_umask_and_drops_set_id_and_sticky_bits(listener,
     copy = tmp_path / "copy"
     modes = {p: stat.S_IMODE(os.lstat(copy / p).st_mode) for p in ("", "d", "d/f")}
     assert modes == {"": 0o750, "d": 0o750, "d/f": 0o750}
+
+
+def test_fetch_tree_past_max_entries_in_directories_keeps_the_slave(listener, basedir, tmp_path):
+    """A tree whose announced files are within max_entries but whose directories pass it is stopped mid-stream: LimitExceeded, nothing left, the slave usable."""
+    top = os.path.join(basedir, "t")
+    for i in range(20):
+        os.makedirs(os.path.join(top, f"d{i}", "sub"))
+    slave = listener.start_slave(str(basedir))
+    with pytest.raises(LimitExceeded, match="max_entries"):
+        slave.fetch_tree("t", str(tmp_path / "copy"), max_entries=10)
+    assert not (tmp_path / "copy").exists() and os.listdir(tmp_path) == ["base"]
+    slave.ping()
+    slave.fetch_tree("t", str(tmp_path / "copy"))
+    assert len(os.listdir(tmp_path / "copy")) == 20
