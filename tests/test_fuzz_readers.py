@@ -24,13 +24,15 @@ import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from remsh.control import Channel, ControlClient, ControlError, ControlServer, EventIterator
-from remsh.errors import ProtocolError
+from remsh.errors import Disconnected, LocalError, ProtocolError, RemoteError
 from remsh.fleet import FleetCollection
 from remsh.handshake import slave_handshake
+from remsh.master.slavecollection.simple import SimpleSlaveCollection
+from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.master.tree import FETCHED_FILE_MODES
 from remsh.slave.tree import remove_dir_at
 from remsh.transports.base import SocketStream
@@ -85,7 +87,47 @@ def records(draw: st.DrawFn) -> Dict[bytes, bytes]:
 
 
 @st.composite
+def valid_streams(draw: st.DrawFn) -> List[Dict[bytes, bytes]]:
+    """A well-formed stream: directories, files (with their digests) and links."""
+    out: List[Dict[bytes, bytes]] = [{b"t": b"d", b"m": b"493", b"mt": b"0"}]
+    depth = 1
+    for i in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["file", "dir", "up", "link"]))
+        name = b"e%d" % i
+        if kind == "file":
+            data = draw(st.binary(max_size=100))
+            out.append({b"t": b"f", b"n": name, b"m": draw(st.sampled_from([b"420", b"3565", b"493"])),
+                        b"mt": b"1700000000000000000", b"d": data, b"h": hashlib.sha256(data).hexdigest().encode()})
+        elif kind == "dir":
+            out.append({b"t": b"d", b"n": name, b"m": b"493", b"mt": b"0"})
+            depth += 1
+        elif kind == "up" and depth > 1:
+            out.append({b"t": b"u"})
+            depth -= 1
+        elif kind == "link":
+            out.append({b"t": b"l", b"n": name, b"l": b"../../outside", b"mt": b"0"})
+    return out + [{b"t": b"u"}] * depth
+
+
+@st.composite
+def mutated_streams(draw: st.DrawFn) -> List[Dict[bytes, bytes]]:
+    """A well-formed stream with one record replaced, inserted or dropped."""
+    boxes = draw(valid_streams())
+    i = draw(st.integers(0, len(boxes) - 1))
+    how = draw(st.sampled_from(["replace", "insert", "drop"]))
+    if how == "drop":
+        return boxes[:i] + boxes[i + 1:]
+    return boxes[:i] + [draw(records())] + boxes[i + (how == "replace"):]
+
+
+@st.composite
 def tree_streams(draw: st.DrawFn) -> List[Dict[bytes, bytes]]:
+    """Any stream: well-formed, one record off, or records at random."""
+    return draw(st.one_of(valid_streams(), mutated_streams(), random_streams()))
+
+
+@st.composite
+def random_streams(draw: st.DrawFn) -> List[Dict[bytes, bytes]]:
     """Mostly a top directory first (so the stream gets past it), then records."""
     first: List[Dict[bytes, bytes]] = []
     if draw(st.integers(0, 7)):
@@ -243,6 +285,72 @@ def test_fetch_tree_with_a_time_out_of_range_raises_protocol_error(tcp_listener,
     assert len(outcome) == 1
     if not isinstance(outcome[0], ProtocolError):
         raise outcome[0]
+
+
+@pytest.fixture(scope="module")
+def master() -> Iterator[TcpSlaveListener]:
+    """A master's TCP listener, shared by the examples (each registers anew)."""
+    listener = TcpSlaveListener(port=0, host=HOST, secret=SECRET, slave_collection=SimpleSlaveCollection(),
+                                io_timeout=10.0)
+    listener.start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
+
+
+@fuzz(1)
+@given(boxes=tree_streams(), end=st.sampled_from(["end", "error", "close"]))
+def test_master_fetch_tree_from_any_stream(master: TcpSlaveListener, boxes: List[Dict[bytes, bytes]],
+                                           end: str) -> None:
+    """Whatever record stream a registered slave answers fetch_tree with,
+    the call succeeds with the tree in place or raises a documented error
+    (ProtocolError, LocalError, Disconnected, the slave's RemoteError), and
+    nothing is left beside the destination when it fails."""
+    sock = socket.create_connection((HOST, master.port), timeout=WAIT)
+    wire = Wire(SocketStream(sock), label="master")
+    slave_handshake(wire, "fuzzed", secret=SECRET, basedir="/nonexistent", timeout=WAIT)
+    slave = master.slave_collection.get_slave(True, lambda s: s.name == "fuzzed" and s.connected, timeout=WAIT)
+    assert slave is not None
+    out = tempfile.mkdtemp(prefix="remsh-fuzz-out-")
+    outcome: List[BaseException] = []
+
+    def call() -> None:
+        try:
+            slave.fetch_tree("t", os.path.join(out, "copy"))
+        except BaseException as e:  # noqa: BLE001 - examined below
+            outcome.append(e)
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        with sock:
+            assert wire.read_box(WAIT)[b"meth"] == b"fetch_tree"
+            try:
+                # what the stream holds, announced as a slave does
+                files = sum(1 for b in boxes if b.get(b"t") == b"f")
+                size = sum(len(b.get(b"d", b"")) for b in boxes)
+                wire.send_box({b"files": b"%d" % files, b"size": b"%d" % size})
+                for box in boxes:
+                    wire.send_box(box)
+                if end == "end":
+                    wire.send_box({b"end": b"y"})
+                elif end == "error":
+                    wire.send_box({b"error": b"no", b"errtag": b"failed"})
+                else:
+                    sock.shutdown(socket.SHUT_RDWR)  # the slave goes away mid-stream
+            except (Disconnected, OSError):
+                pass  # the master dropped us (a protocol error): fine
+            caller.join(WAIT)
+        assert not caller.is_alive()
+        event(type(outcome[0]).__name__ if outcome else "tree in place")
+        if outcome:
+            assert isinstance(outcome[0], (ProtocolError, LocalError, Disconnected, RemoteError)), outcome[0]
+            assert os.listdir(out) == []
+        else:
+            assert os.listdir(out) == ["copy"]
+    finally:
+        slave.close()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @fuzz(2)
