@@ -85,10 +85,11 @@ def _decode(pieces: List[object], max_keys: int, max_box_bytes: int
        max_box_bytes=st.integers(2, 700))
 def test_decoder_result_does_not_depend_on_chunking(data: bytes, cuts: List[int], kinds: List[int],
                                                      max_keys: int, max_box_bytes: int) -> None:
-    """Any bytes in any chunking (bytes, bytearray, memoryview) decode to the
-    same boxes (up to a failure) and fail or not alike; only WireError is raised, and it sticks;
-    every box honours the limits and re-encodes to exactly the input it came
-    from; in_box says whether bytes of an unfinished box are held."""
+    """Any bytes in any chunking decode alike (up to a failure), raise only WireError and keep limits and in_box right."""
+    # Any bytes in any chunking (bytes, bytearray, memoryview) decode to the
+    # same boxes (up to a failure) and fail or not alike; only WireError is raised, and it sticks;
+    # every box honours the limits and re-encodes to exactly the input it came
+    # from; in_box says whether bytes of an unfinished box are held.
     # the reference: one byte at a time yields every box before a failure
     # (a call that fails returns nothing, so a bigger chunk may yield fewer)
     each, each_error, _ = _decode([data[i:i + 1] for i in range(len(data))], max_keys, max_box_bytes)
@@ -124,8 +125,9 @@ def test_decoder_result_does_not_depend_on_chunking(data: bytes, cuts: List[int]
        junk=st.binary(min_size=1, max_size=50))
 def test_decoded_values_do_not_alias_the_callers_buffers(boxes: List[Dict[bytes, bytes]], cuts: List[int],
                                                          junk: bytes) -> None:
-    """Boxes decoded from bytearrays the caller then overwrites keep their
-    values: the decoder never hands out views of the caller's buffer."""
+    """Decoded boxes keep their values when the caller overwrites the buffers it fed."""
+    # Boxes decoded from bytearrays the caller then overwrites keep their
+    # values: the decoder never hands out views of the caller's buffer.
     data = b"".join(encode_box(b) for b in boxes)
     decoder = BoxDecoder()
     got: List[Dict[bytes, bytes]] = []
@@ -178,10 +180,11 @@ def register_boxes(draw: st.DrawFn, nonce_m: bytes) -> Dict[bytes, bytes]:
 @fuzz(4)
 @given(data=st.data())
 def test_master_handshake_registers_only_a_proved_slave(data: st.DataObject) -> None:
-    """Whatever register box a peer sends, the master's machine never raises:
-    it registers only a well-formed box whose name the rule allows and whose
-    proof (when the name has a secret) is right, answering with its own
-    proof; anything else gets the one refusal box and the failed state."""
+    """The master's machine registers only a well-formed, allowed, proved register box; else the refusal box."""
+    # Whatever register box a peer sends, the master's machine never raises:
+    # it registers only a well-formed box whose name the rule allows and whose
+    # proof (when the name has a secret) is right, answering with its own
+    # proof; anything else gets the one refusal box and the failed state.
     nonce_m = os.urandom(NONCE_LENGTH)
     m = MasterHandshake(_rule, greeted=True, nonce=nonce_m)
     m.start()
@@ -211,8 +214,9 @@ def test_master_handshake_registers_only_a_proved_slave(data: st.DataObject) -> 
 @given(greeting=st.binary(max_size=12) | st.sampled_from([MASTER_GREETING, SLAVE_GREETING]),
        side=st.sampled_from(["master", "slave"]))
 def test_greeting_check_accepts_exactly_the_peers_greeting(greeting: bytes, side: str) -> None:
-    """A greeting is accepted only when it is exactly the peer's; anything
-    else is a ProtocolError and leaves the machine failed."""
+    """A greeting is accepted only when it is exactly the peer's; anything else is a ProtocolError."""
+    # A greeting is accepted only when it is exactly the peer's; anything
+    # else is a ProtocolError and leaves the machine failed.
     machine = (MasterHandshake(_rule) if side == "master"
                else SlaveHandshake("good", secret=SECRET, info={}))
     expected = SLAVE_GREETING if side == "master" else MASTER_GREETING
@@ -246,10 +250,11 @@ def master_answers(draw: st.DrawFn, nonce_s: bytes, nonce_m: bytes) -> Dict[byte
 @fuzz(4)
 @given(data=st.data())
 def test_slave_handshake_accepts_only_a_proved_master(data: st.DataObject) -> None:
-    """Whatever hello and answer a peer sends, the slave's machine raises
-    only ProtocolError or AuthenticationError (then it is failed), and takes
-    itself for registered only when the answer names it and carries the
-    master's right proof."""
+    """The slave's machine raises only ProtocolError or AuthenticationError and trusts only the master's right proof."""
+    # Whatever hello and answer a peer sends, the slave's machine raises
+    # only ProtocolError or AuthenticationError (then it is failed), and takes
+    # itself for registered only when the answer names it and carries the
+    # master's right proof.
     nonce_s = os.urandom(NONCE_LENGTH)
     s = SlaveHandshake("good", secret=SECRET, info={"hostname": "h"}, greeted=True, nonce=nonce_s)
     nonce_m = os.urandom(NONCE_LENGTH)
@@ -309,12 +314,13 @@ def _read_all(sock: socket.socket) -> bytes:
 @fuzz(3)
 @given(steps=session_steps)
 def test_session_counters_follow_what_the_peer_sends(steps: List[Tuple[str, object]]) -> None:
-    """Whatever acknowledgements, link checks and boxes the peer sends: an
-    acknowledgement of boxes never sent, or not a decimal count, is a
-    ProtocolError (and the only exception); otherwise ``sent`` counts our
-    boxes, ``peer_acked`` is the highest acknowledgement (never above
-    ``sent``, never going down), every session box is delivered once and
-    in order, and the acknowledgements we send count what was delivered."""
+    """Acks, link checks and boxes from the peer keep the session's counters right; a bad ack is a ProtocolError."""
+    # Whatever acknowledgements, link checks and boxes the peer sends: an
+    # acknowledgement of boxes never sent, or not a decimal count, is a
+    # ProtocolError (and the only exception); otherwise ``sent`` counts our
+    # boxes, ``peer_acked`` is the highest acknowledgement (never above
+    # ``sent``, never going down), every session box is delivered once and
+    # in order, and the acknowledgements we send count what was delivered.
     a, b = socket.socketpair()
     session = SessionWire(Wire(SocketStream(a), label="fuzz"), "fuzz", resume_timeout=30)
     peer = Wire(SocketStream(b), label="peer")
@@ -381,8 +387,9 @@ def test_session_counters_follow_what_the_peer_sends(steps: List[Tuple[str, obje
 @fuzz(1)
 @given(data=st.binary(min_size=1, max_size=40))
 def test_session_box_digest_is_what_arrived(data: bytes) -> None:
-    """A session box's bytes reach the reader as sent (sanity of the property
-    above: the peer's boxes are compared by content, here with a digest)."""
+    """A session box's bytes reach the reader as sent."""
+    # A session box's bytes reach the reader as sent (sanity of the property
+    # above: the peer's boxes are compared by content, here with a digest).
     a, b = socket.socketpair()
     session = SessionWire(Wire(SocketStream(a), label="fuzz"), "fuzz2", resume_timeout=30)
     peer = Wire(SocketStream(b), label="peer")

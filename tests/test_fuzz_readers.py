@@ -218,11 +218,12 @@ def _feed_tree(boxes: List[Dict[bytes, bytes]], mode: str) -> None:
 @fuzz(3)
 @given(boxes=tree_streams(), mode=st.sampled_from(["master-fetch", "slave-send", "slave-sync"]))
 def test_tree_stream_reader_stays_in_its_destination(boxes: List[Dict[bytes, bytes]], mode: str) -> None:
-    """Any record stream, fed to the reader as the master uses it for
-    fetch_tree or the slave for send_tree and sync_tree, raises only the
-    tree stream's errors, creates and changes nothing outside the
-    destination (not through the links planted in it either), closes every
-    descriptor it opened, and on the master gives no file a set-ID bit."""
+    """Any record stream stays in its destination: only tree stream errors, no descriptor left, no set-ID file fetched."""
+    # Any record stream, fed to the reader as the master uses it for
+    # fetch_tree or the slave for send_tree and sync_tree, raises only the
+    # tree stream's errors, creates and changes nothing outside the
+    # destination (not through the links planted in it either), closes every
+    # descriptor it opened, and on the master gives no file a set-ID bit.
     _feed_tree(boxes, mode)
 
 
@@ -236,9 +237,10 @@ def test_tree_stream_reader_stays_in_its_destination(boxes: List[Dict[bytes, byt
     {b"t": b"d", b"n": b"a", b"m": b"493", b"mt": b"99999999999999999999999999999"},
 ], ids=["link", "file", "dir"])
 def test_tree_time_out_of_range_is_a_stream_error(mode: str, record: Dict[bytes, bytes]) -> None:
-    """A record whose time no file system can take is refused with a
-    StreamError like any other bad record (the master's fetch_tree then
-    raises ProtocolError; today the OverflowError of os.utime escapes)."""
+    """A record time no file system can take is a StreamError like any other bad record."""
+    # A record whose time no file system can take is refused with a
+    # StreamError like any other bad record (the master's fetch_tree then
+    # raises ProtocolError; today the OverflowError of os.utime escapes).
     root, dest = _sandbox(mode == "slave-sync")
     top = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     writer = Writer(top, sync=mode == "slave-sync", remove_dir=remove_dir_at)
@@ -255,9 +257,10 @@ def test_tree_time_out_of_range_is_a_stream_error(mode: str, record: Dict[bytes,
 @pytest.mark.xfail(raises=OverflowError, strict=True,
                    reason="remsh bug: a tree record's 'mt' is not range-checked; os.utime's OverflowError escapes")
 def test_fetch_tree_with_a_time_out_of_range_raises_protocol_error(tcp_listener, tmp_path):  # noqa: F811
-    """A slave whose fetch_tree stream carries a time no file system can
-    take makes the call raise ProtocolError (not a bare OverflowError), and
-    nothing is left beside the destination."""
+    """fetch_tree with a record time out of range raises ProtocolError and leaves nothing."""
+    # A slave whose fetch_tree stream carries a time no file system can
+    # take makes the call raise ProtocolError (not a bare OverflowError), and
+    # nothing is left beside the destination.
     listener = tcp_listener()
     sock = socket.create_connection((HOST, listener.port), timeout=WAIT)
     wire = Wire(SocketStream(sock), label="master")
@@ -303,10 +306,11 @@ def master() -> Iterator[TcpSlaveListener]:
 @given(boxes=tree_streams(), end=st.sampled_from(["end", "error", "close"]))
 def test_master_fetch_tree_from_any_stream(master: TcpSlaveListener, boxes: List[Dict[bytes, bytes]],
                                            end: str) -> None:
-    """Whatever record stream a registered slave answers fetch_tree with,
-    the call succeeds with the tree in place or raises a documented error
-    (ProtocolError, LocalError, Disconnected, the slave's RemoteError), and
-    nothing is left beside the destination when it fails."""
+    """fetch_tree from any record stream: the tree in place, or a documented error and nothing left."""
+    # Whatever record stream a registered slave answers fetch_tree with,
+    # the call succeeds with the tree in place or raises a documented error
+    # (ProtocolError, LocalError, Disconnected, the slave's RemoteError), and
+    # nothing is left beside the destination when it fails.
     sock = socket.create_connection((HOST, master.port), timeout=WAIT)
     wire = Wire(SocketStream(sock), label="master")
     slave_handshake(wire, "fuzzed", secret=SECRET, basedir="/nonexistent", timeout=WAIT)
@@ -356,9 +360,10 @@ def test_master_fetch_tree_from_any_stream(master: TcpSlaveListener, boxes: List
 @fuzz(2)
 @given(boxes=tree_streams())
 def test_manifest_reader_raises_only_stream_errors(boxes: List[Dict[bytes, bytes]]) -> None:
-    """Any manifest a slave sends for sync_tree is read or refused with a
-    StreamError (turned into ProtocolError by the master); every entry it
-    keeps has a path made of valid names."""
+    """Any sync_tree manifest is read or refused with a StreamError; every kept path is made of valid names."""
+    # Any manifest a slave sends for sync_tree is read or refused with a
+    # StreamError (turned into ProtocolError by the master); every entry it
+    # keeps has a path made of valid names.
     reader = ManifestReader()
     try:
         for box in boxes:
@@ -446,10 +451,11 @@ requests = st.fixed_dictionaries(
 @given(request=requests, tail=st.binary(max_size=30), raw=st.binary(max_size=60), use_raw=st.booleans())
 def test_control_socket_answers_any_input_and_lives_on(control: Tuple[str, _Errors], request: Dict[bytes, bytes],
                                                        tail: bytes, raw: bytes, use_raw: bool) -> None:
-    """Whatever a client of the master's own user sends (framing garbage, a
-    request with any keys and values), the master answers with well-formed
-    boxes ending in 'fail' or 'done' (or closes at a framing error), logs no
-    error of its own, and serves the next client."""
+    """The control socket answers any input with well-formed boxes, logs no error and serves the next client."""
+    # Whatever a client of the master's own user sends (framing garbage, a
+    # request with any keys and values), the master answers with well-formed
+    # boxes ending in 'fail' or 'done' (or closes at a framing error), logs no
+    # error of its own, and serves the next client.
     path, errors = control
     before = len(errors.records)
     data = raw if use_raw else encode_box(request) + tail
@@ -474,8 +480,9 @@ def test_control_socket_answers_any_input_and_lives_on(control: Tuple[str, _Erro
        .map(lambda bs: b"".join(encode_box(b) for b in bs)),
        cut=st.integers(0, 300))
 def test_control_client_reader_raises_only_control_errors(data: bytes, cut: int) -> None:
-    """A client reading the events of whatever a peer at the control socket
-    sends gets boxes, then the end or a ControlError: nothing else."""
+    """A control client reading anything at all raises only ControlError."""
+    # A client reading the events of whatever a peer at the control socket
+    # sends gets boxes, then the end or a ControlError: nothing else.
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         done = threading.Event()
