@@ -48,8 +48,8 @@ from remsh.store.base import JOB_FINAL_STATES, JobRecord, SlaveRecord, check_job
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connect", "Client", "Job", "Result", "NoSuchJob", "JobAlreadyEnded", "ControlError", "NoMaster",
-           "WaitTimeout", "records_of", "fail_error"]
+__all__ = ["connect", "Client", "Job", "Result", "Transcript", "NoSuchJob", "JobAlreadyEnded", "ControlError",
+           "NoMaster", "WaitTimeout", "records_of", "fail_error"]
 
 #: Exit status of a refusal without one (the command line's usage error).
 _EXIT_USAGE = 2
@@ -478,15 +478,18 @@ class Client:
                                     "checksum": checksum}, targets, where, parallel, detach, None)
 
     def get(self, src: str, dest_dir: str, targets: Optional[Sequence[str]] = None,
-            where: Optional[Sequence[str]] = None, *, parallel: Optional[int] = None, detach: bool = False) -> Job:
+            where: Optional[Sequence[str]] = None, *, max_bytes: Optional[int] = None,
+            max_files: Optional[int] = None, parallel: Optional[int] = None, detach: bool = False) -> Job:
         """Copy ``src`` from every chosen slave into ``dest_dir/NAME/``
         (``remsh get``; ``dest_dir`` relative to this process's directory,
-        written by the master).
+        written by the master); ``max_bytes``/``max_files`` bound what each
+        slave may make the master write (``--max-bytes``, ``--max-files``;
+        the master's defaults when ``None``).
 
         :raises ControlError: the master refused
         """
-        return self._submit("get", {"src": src, "dest": os.path.abspath(dest_dir)}, targets, where, parallel,
-                            detach, None)
+        return self._submit("get", {"src": src, "dest": os.path.abspath(dest_dir), "max_bytes": max_bytes,
+                                    "max_files": max_files}, targets, where, parallel, detach, None)
 
     def _submit(self, op: str, values: Dict[str, object], targets: Optional[Sequence[str]],
                 where: Optional[Sequence[str]], parallel: Optional[int], detach: bool,

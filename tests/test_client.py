@@ -200,7 +200,7 @@ def test_the_command_line_sees_the_clients_jobs(fleet: Fleet, client: Client) ->
 
 
 def test_put_then_get_round_trip(fleet: Fleet, client: Client, tmp_path: Path) -> None:
-    """put() copies a local file to the chosen slaves, get() brings it back into DEST/NAME/; both are ended jobs."""
+    """put() copies a local file to the chosen slaves, get() brings it back into DEST/NAME/ (bounded by max_bytes); both are ended jobs."""
     src = tmp_path / "payload.bin"
     src.write_bytes(b"\x00payload\xff")
     job = client.put(str(src), "payload.bin", targets=["web-1"])
@@ -209,6 +209,10 @@ def test_put_then_get_round_trip(fleet: Fleet, client: Client, tmp_path: Path) -
     job = client.get("payload.bin", str(tmp_path / "back"), targets=["web-1"])
     assert job.kind == "get" and job.state == "done"
     assert (tmp_path / "back" / "web-1" / "payload.bin").read_bytes() == b"\x00payload\xff"
+    job = client.get("payload.bin", str(tmp_path / "small"), targets=["web-1"], max_bytes=4)
+    assert job.state == "failed" and job.results["web-1"].state == "failed"
+    assert "max_bytes" in (job.results["web-1"].error or "")
+    assert os.listdir(tmp_path / "small" / "web-1") == []
     with pytest.raises(ControlError) as e:
         client.put(str(tmp_path / "missing"), "x", targets=["web-1"])
     assert "missing" in str(e.value)
