@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -303,3 +304,13 @@ def test_a_client_gone_before_it_hears_the_job_id_leaves_no_job_running(fleet: F
     job.wait(WAIT)
     assert job.state == "cancelled"
     _all_back(fleet)
+
+
+def test_run_timeout_bounds_the_command(client: Client) -> None:
+    """run(timeout=) interrupts a command past it: the slave's part failed with a timeout error, the call returns well before the command would."""
+    started = time.monotonic()
+    job = client.run(["sleep", "30"], targets=["db-1"], timeout=1.0)
+    assert time.monotonic() - started < 15
+    result = job.results["db-1"]
+    assert job.state == "failed" and result.state == "failed" and result.exit_status is None
+    assert "timeout" in (result.error or "") + (result.errtag or ""), result
