@@ -781,6 +781,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # the library's warnings about cut connections are the point of the run, not news
     logging.getLogger("remsh").setLevel(logging.ERROR)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    logging.getLogger("remsh.transports.ssh.paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("tests.relay").setLevel(logging.ERROR)
     return Soak(args).run()
 
