@@ -289,7 +289,9 @@ class Job:
         :raises WaitTimeout: still running after ``timeout`` seconds
         :raises ControlError: the master went away or refused
         """
-        if self.done and self._outputs_final:
+        with self._lock:
+            ended = self._record.finished_state and self._outputs_final
+        if ended:
             return self
         transcript = self.client.transcript(self.id, follow=True, timeout=timeout)
         self._finish(transcript)
@@ -309,7 +311,7 @@ class Job:
             self._outputs_final = record.finished_state
 
 
-def connect(path: Optional[str] = None) -> "Client":
+def connect(path: Union[str, "os.PathLike[str]", None] = None) -> "Client":
     """A client of the master whose control socket is ``path``; ``None``
     means what the command line uses: ``$REMSH_MASTER``, else the default
     path (:func:`~remsh.control.default_control_path`).
@@ -317,7 +319,7 @@ def connect(path: Optional[str] = None) -> "Client":
     :raises NoMaster: no master runs there
     :raises ControlError: the socket cannot be used (another user's master...)
     """
-    client = Client(control_path(path)[0])
+    client = Client(control_path(None if path is None else os.fspath(path))[0])
     client.ping()
     return client
 

@@ -48,7 +48,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 @pytest.fixture
 def client(fleet: Fleet) -> Client:
-    return connect(str(fleet.sock))
+    return connect(fleet.sock)
 
 
 def _gate(tmp_path: Path, then: str = "echo bye") -> "tuple[Path, List[str]]":
