@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from remsh.errors import FailedError, OpenFailedError, ProtocolError
+from remsh.errors import FailedError, LimitExceeded, OpenFailedError, ProtocolError
 from remsh.master.slave import Slave
 from remsh.ops import is_progress
 from remsh.transports.base import SocketStream
@@ -66,16 +66,16 @@ def test_no_liveness_boxes_unless_asked(raw_slave):
 
 
 def test_fetch_max_bytes_bounds_what_the_master_writes(slave, basedir, tmp_path):
-    """fetch(max_bytes=N) of a bigger file fails with ProtocolError, leaves
-    nothing at the destination and drops the slave (it was still sending)."""
+    """fetch(max_bytes=N) of a bigger file fails with LimitExceeded, leaves
+    nothing at the destination and keeps the slave (the transfer was stopped)."""
     with open(os.path.join(basedir, "big"), "wb") as f:
         f.write(os.urandom(1 << 20))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(ProtocolError, match="max_bytes"):
+    with pytest.raises(LimitExceeded, match="max_bytes"):
         slave.fetch("big", str(out / "f"), max_bytes=1000)
     assert os.listdir(out) == []
-    assert not slave.connected
+    assert slave.connected
 
 
 def test_fetch_within_max_bytes(slave, basedir, tmp_path):

@@ -47,7 +47,7 @@ Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 #: What a transfer stopped at its bound (``max_bytes``, ``max_entries``)
 #: still reads and drops -- the data already on its way when the slave got
 #: the interrupt -- before it takes the slave for broken and drops it.
-DRAIN_LIMIT = 64 << 20
+DRAIN_LIMIT = 256 << 20
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
 #: The permission bits ``fetch_tree`` keeps of a slave's files and

@@ -224,7 +224,7 @@ class _InterruptWatch:
 
     def __init__(self, server: "SlaveServer") -> None:
         self.wire = server.wire
-        self.next = time.monotonic() + POLL_EVERY
+        self.next = time.monotonic()  # the first look at once: an early interrupt stops the first file
         self.seen = False
 
     def __call__(self) -> bool:
