@@ -98,7 +98,8 @@ soak: $(STAMP_TEST)
 
 FUZZ_EXAMPLES ?= 5000
 fuzz: $(STAMP_TEST)
-	REMSH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_fuzz_readers.py
+	REMSH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider -o faulthandler_timeout=0 \
+	  tests/test_fuzz.py tests/test_fuzz_readers.py
 
 clean:
 	rm -rf $(VENV) docs/_build build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
