@@ -71,7 +71,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 from remsh.errors import PeerTimeout
 from remsh.files import (O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK, O_PATH, TEMP_SUFFIX,
                          rename_dir_noreplace_at)
-from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box
+from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box, decode_int
 
 
 #: Flags of a directory opened for listing, never through a symbolic link.
@@ -150,7 +150,7 @@ def check_name(name: Optional[bytes]) -> bytes:
 
 def mode_of(box: Box) -> int:
     try:
-        mode = int(box[M])
+        mode = decode_int(box[M])
     except (KeyError, ValueError):
         raise StreamError("a tree record without valid 'm'") from None
     if not 0 <= mode <= 0o7777:
@@ -158,11 +158,20 @@ def mode_of(box: Box) -> int:
     return mode
 
 
+#: The range of a record's ``mt`` (nanoseconds since the epoch): what a
+#: signed 64-bit ``time_t`` of nanoseconds holds, about the years 1678 to 2262.
+MIN_MTIME = -(1 << 63)
+MAX_MTIME = (1 << 63) - 1
+
+
 def mtime_of(box: Box) -> int:
     try:
-        return int(box[MT])
+        mtime = decode_int(box[MT])
     except (KeyError, ValueError):
         raise StreamError("a tree record without valid 'mt'") from None
+    if not MIN_MTIME <= mtime <= MAX_MTIME:
+        raise StreamError(f"modification time out of range: {mtime}")
+    return mtime
 
 
 def received_boxes(wire: Any) -> Iterator[Box]:
