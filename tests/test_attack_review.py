@@ -83,7 +83,8 @@ def serve_fetch_tree(fake: FakeSlave, records: List[bytes]) -> None:
     request = fake.wire.read_box(WAIT)
     assert request is not None and request.get(b"meth") == b"fetch_tree", request
     try:
-        fake.wire.send_bytes(encode_box({b"files": b"1", b"size": b"1"}))
+        # totals that cover every stream here: only what the records do is under test
+        fake.wire.send_bytes(encode_box({b"files": b"100", b"size": b"1048576"}))
         for chunk in records:
             fake.wire.send_bytes(chunk)
         fake.wire.send_bytes(encode_box({END: b"y"}))

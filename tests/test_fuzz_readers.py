@@ -36,7 +36,9 @@ from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.master.tree import FETCHED_FILE_MODES
 from remsh.slave.tree import remove_dir_at
 from remsh.transports.base import SocketStream
-from remsh.treestream import DigestError, ManifestReader, StreamError, TargetError, Writer
+from remsh.treemanifest import ManifestReader
+from remsh.treestream import DigestError, StreamError, TargetError
+from remsh.treewriter import Writer
 from remsh.wire import Wire, encode_box
 from tests.slaveproc import HOST, SECRET, WAIT, tcp_listener  # noqa: F401 - a fixture
 from tests.test_fuzz import EXAMPLES, fuzz

@@ -33,10 +33,11 @@ from remsh.errors import LimitExceeded, LocalError, ProtocolError, UsageError
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.slave.fsops import remove_dir_at
-from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError,
-                              ManifestReader, Sender, SourceError, StreamError, T, TargetError, Writer, encode,
-                              file_digest, make_temp_dir, others_message, place_dir, received_boxes, scan,
+from remsh.treemanifest import ManifestReader, file_digest
+from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError, Sender,
+                              SourceError, StreamError, T, TargetError, encode, others_message, received_boxes, scan,
                               walk)
+from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import Box
 
 if TYPE_CHECKING:

@@ -41,9 +41,10 @@ from remsh.files import O_DIRECTORY, O_NONBLOCK
 from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
+from remsh.treemanifest import manifest_records
 from remsh.treestream import (ABORT, DIR_OPEN, END, M, DigestError, Sender, SourceError, StreamError, TargetError,
-                              Writer, make_temp_dir, manifest_records, others_message, place_dir, received_boxes,
-                              scan)
+                              others_message, received_boxes, scan)
+from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import END_OF_BOX, Box
 
 if TYPE_CHECKING:
