@@ -84,6 +84,9 @@ __all__ = ["main", "build_parser", "describe_error", "exit_status", "EXIT_OK", "
            "EXIT_SLAVE_FAILED", "EXIT_INTERRUPTED"]
 
 #: The fields of ``remsh ls``, in order.
+#: After Ctrl-C, how long ``run``/``put``/``get`` waits for the master to
+#: say the job ended before it leaves anyway (the master goes on cancelling).
+INTERRUPT_ANSWER = 0.8
 LS_FIELDS = ("name", "transport", "peer", "since", "platform", "python", "remsh", "state")
 
 
@@ -159,6 +162,16 @@ def _choice_options(p: argparse.ArgumentParser, parallel: int) -> None:
                    help="with a master: print the job's id and leave it running (see remsh jobs, job, cancel)")
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
 def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
@@ -193,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("master", help="run a master: listeners, slaves and the control socket")
     _listener_options(m, waiting=False)
     m.add_argument("--control", metavar="PATH", help="control socket to serve (default: as --master)")
+    m.add_argument("--resume-timeout", type=_seconds_arg, default=300.0, metavar="SECONDS",
+                   help="how long the work of a TCP/TLS/SSH slave whose connection dropped waits for it to "
+                        "come back (default 300; 0: not at all, its calls fail at once)")
     g = m.add_argument_group("jobs")
     g.add_argument("--state-dir", metavar="DIR",
                    help="where the job store lives, DIR/jobs.sqlite (default: $XDG_STATE_HOME/remsh, else "
@@ -210,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _listener_options(run, waiting=True)
     _choice_options(run, DEFAULT_PARALLEL)
     g = run.add_argument_group("the command")
-    g.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the command after this long")
+    g.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="bound the run by the wall clock, time a slave is away included: past it the command "
+                        "is killed (now, or when its slave is back) and that slave fails (exit 3)")
     g.add_argument("--cwd", help="directory to run in, relative to each slave's base directory")
     g.add_argument("--stdin", action="store_true", help="forward this program's stdin to every command")
     g.add_argument("--json", action="store_true", help="one JSON object per slave as it ends")
@@ -266,6 +284,12 @@ def _tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
     return ctx
 
 
+def _resume(args: argparse.Namespace) -> Dict[str, Any]:
+    """The listeners' ``resume_timeout`` (``remsh master --resume-timeout``)."""
+    seconds = getattr(args, "resume_timeout", None)
+    return {} if seconds is None else {"resume_timeout": seconds}
+
+
 def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection,
                      env_secret: Optional[bytes], listeners: List[SlaveListener],
                      announce: Optional[Callable[[str], None]] = None) -> None:
@@ -282,7 +306,7 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         host, port = args.listen
         try:
             tcp = TcpSlaveListener(port=port, host=host, secret=secret, allow_insecure=args.insecure,
-                                   ssl_context=ctx, slave_collection=collection)
+                                   ssl_context=ctx, slave_collection=collection, **_resume(args))
             tcp.start()
         except OSError as e:
             raise ConfigError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
@@ -301,7 +325,7 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         try:
             sshl = SshSlaveListener(port=port, host=host, host_key=args.host_key,
                                     authorized_keys=args.authorized_keys, secret=secret,
-                                    slave_collection=collection)
+                                    slave_collection=collection, **_resume(args))
             sshl.start()
         except OSError as e:
             raise ConfigError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
@@ -503,6 +527,10 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
             raise KeyboardInterrupt  # a second Ctrl-C: leave now (the master cancels on the close)
         interrupted.set()
         threading.Thread(target=_quietly(client.interrupt), name="remsh-interrupt", daemon=True).start()
+        # the master's wind-down normally ends within the second; if not, we
+        # leave then (the master goes on cancelling: the close cancels too)
+        signal.signal(signal.SIGALRM, on_sigint)
+        signal.setitimer(signal.ITIMER_REAL, INTERRUPT_ANSWER)
 
     def on_job(job_id: str) -> None:
         if args.detach:
@@ -548,6 +576,7 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
         _error("interrupted")
         return EXIT_INTERRUPTED
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGINT, previous)
         client.close()
 

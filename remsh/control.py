@@ -290,6 +290,8 @@ class ControlServer:
             try:
                 self.jobs.start()
                 self._bind()
+                # away/back/lost of a slave go into the records of the jobs it runs
+                self.collection.state_watchers.append(self.jobs.slave_state)
             except BaseException:
                 self.jobs.stop()
                 self.jobs.close()

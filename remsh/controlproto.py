@@ -117,6 +117,7 @@ EVENTS: Dict[str, Tuple[Key, ...]] = {
     "progress": (Key("slave"), Key("done", "int"), Key("total", "int")),
     "end": (Key("slave"), Key("status", "int"), Key("error"), Key("errtag"), Key("duration_ms", "int"),
             Key("summary"), Key("truncated", "flag")),
+    "state": (Key("slave"), Key("state"), Key("detail")),
     "alive": (),
     "fail": (Key("message"), Key("exit", "int"), Key("errtag")),
     "done": (Key("interrupted", "flag"), Key("state")),

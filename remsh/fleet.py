@@ -146,6 +146,15 @@ class FleetCollection(SimpleSlaveCollection):
         self._since: Dict[int, float] = {}
         self._busy: Dict[int, int] = {}
         self._facts_lock = threading.Lock()
+        #: called as ``watcher(slave_name, state, detail)`` for each
+        #: ``away``/``back``/``lost`` (the master's job registry records it)
+        self.state_watchers: List[Callable[[str, str, str], Any]] = []
+
+    def slave_state(self, slave: Slave, state: str, detail: str) -> None:
+        """A listener's report that ``slave`` went away, is back or is lost
+        (:meth:`SlaveListener.slave_state`): passed to the watchers."""
+        for watcher in list(self.state_watchers):
+            watcher(slave.name, state, detail)
 
     def add_slave(self, slave: Slave, listener: Any = None) -> None:
         """As :meth:`SimpleSlaveCollection.add_slave`, noting the time."""
@@ -189,7 +198,7 @@ class FleetCollection(SimpleSlaveCollection):
             "platform": slave.info.get("platform", ""),
             "python": slave.info.get("python", ""),
             "remsh": slave.info.get("remsh", ""),
-            "state": "resuming" if not slave.connected else "busy" if busy else "idle",
+            "state": "away" if not slave.connected else "busy" if busy else "idle",
         }
 
 
@@ -423,7 +432,8 @@ def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Op
         try:
             code = slave.execute(list(argv), stdout_cb=lambda d: sink.output(name, "stdout", d),
                                  stderr_cb=lambda d: sink.output(name, "stderr", d), cwd=cwd, timeout=timeout,
-                                 stdin=None if stdin is None else stdin.reader(slave))  # type: ignore[arg-type]
+                                 stdin=None if stdin is None else stdin.reader(slave),  # type: ignore[arg-type]
+                                 interrupted=lambda: cancellation.cancelled)
         finally:
             if stdin is not None:
                 stdin.done(name)

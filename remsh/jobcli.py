@@ -45,6 +45,15 @@ def renderer_for(kind: str, args: argparse.Namespace) -> Renderer:
     return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
 
 
+def state_line(name: str, state: str, detail: str) -> str:
+    """The line ``run`` prints when a slave goes away, is back or is lost:
+    ``web-2: away (connection lost); waiting up to 300 s``."""
+    if state == "away":
+        why, _, wait = detail.partition("; ")
+        return f"{name}: away ({why or 'connection lost'})" + (f"; {wait}" if wait else "")
+    return f"{name}: {state}" + (f" ({detail})" if detail and state != "back" else "")
+
+
 def render(events: Iterable[Event], make: Callable[[str], Renderer], *, kind: Optional[str] = None,
            on_job: Optional[Callable[[str], None]] = None, interrupted: Callable[[], bool] = lambda: False,
            live: bool = True) -> int:
@@ -74,6 +83,8 @@ def render(events: Iterable[Event], make: Callable[[str], Renderer], *, kind: Op
             renderer.end(result_of(ev))
         elif ev.kind == "begin":
             renderer.begin(ev.get("names", []))
+        elif ev.kind == "state":
+            renderer.message(state_line(ev.get("slave", ""), ev.get("state", ""), ev.get("detail", "")))
         elif ev.kind == "done":
             state = ev.get("state", "")
             cancelled = bool(ev.values["interrupted"]) or interrupted()

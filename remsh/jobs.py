@@ -32,7 +32,7 @@ from remsh.controlproto import encode_event, out_events
 from remsh.errors import RemshError
 from remsh.fleet import SlaveResult, Sink, StdinTee
 from remsh.master.fanout import Cancellation
-from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
+from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
                               SlaveRecord, StoreError, UnknownJob, job_state_from, now)
 
@@ -74,6 +74,10 @@ class StoreSink:
         self._started: Set[str] = set()
         self._progress_at: Dict[str, float] = {}
         self._failed = False
+        self._ended: Set[str] = set()
+        self._lost: Set[str] = set()
+        self._away: Set[str] = set()
+        self._noted: Set[str] = set()  # slaves whose record's summary says why they were away
 
     def _store(self, what: str, fn: Callable[[], object]) -> None:
         try:
@@ -111,18 +115,43 @@ class StoreSink:
             self._progress_at[name] = t
         self._store("progress", lambda: self.store.update_slave(self.job_id, name, progress=(done, total)))
 
+    def slave_state(self, name: str, state: str, detail: str) -> None:
+        """Slave ``name`` went ``away`` (recorded as such, ``detail`` in the
+        summary until it ends), is ``back`` (``running`` again) or is
+        ``lost``; only while its part of this job runs."""
+        new = {"away": SLAVE_AWAY, "back": SLAVE_RUNNING, "lost": SLAVE_LOST}.get(state)
+        with self._lock:
+            if new is None or name not in self._started or name in self._ended:
+                return
+            if new == SLAVE_LOST:
+                self._lost.add(name)
+            if new == SLAVE_AWAY:
+                self._away.add(name)
+            else:
+                self._away.discard(name)
+            self._noted.add(name)
+        self._store("a state", lambda: self.store.update_slave(
+            self.job_id, name, state=new, summary=detail if new == SLAVE_AWAY else "",
+            error=detail if new == SLAVE_LOST else None))
+
     def end(self, result: SlaveResult) -> None:
         with self._lock:
             started = result.name in self._started
+            # away when it failed: lost (its session may end before the report does)
+            lost = result.name in self._lost or (result.name in self._away and result.errtag != "timeout")
+            noted = result.name in self._noted
+            self._ended.add(result.name)
         if result.error is None and result.status == 0:
             state = SLAVE_OK
+        elif lost and not self.cancellation.cancelled:
+            state = SLAVE_LOST
         elif self.cancellation.cancelled:
             state = SLAVE_CANCELLED if started else SLAVE_SKIPPED
         else:
             state = SLAVE_FAILED
         self._store("an end", lambda: self.store.update_slave(
             self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
-            errtag=result.errtag, finished=now(), summary=result.summary or None))
+            errtag=result.errtag, finished=now(), summary=result.summary or ("" if noted else None)))
 
 
 class RunningJob:
@@ -133,6 +162,8 @@ class RunningJob:
         self.cancellation = Cancellation()
         self.tee = tee
         self.finished = threading.Event()
+        #: where the job reports (set when it starts)
+        self.sink: Optional[StoreSink] = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.cancellation.cancel(reason)
@@ -210,8 +241,16 @@ class JobRegistry:
         threading.Thread(target=self._run, args=(job, work), name=f"remsh-job-{job.id}", daemon=True).start()
         return job
 
+    def slave_state(self, name: str, state: str, detail: str) -> None:
+        """Slave ``name`` went away, is back or is lost (see
+        :meth:`StoreSink.slave_state`): recorded in every running job."""
+        with self._lock:
+            sinks = [job.sink for job in self._jobs.values() if job.sink is not None]
+        for sink in sinks:
+            sink.slave_state(name, state, detail)
+
     def _run(self, job: RunningJob, work: Work) -> None:
-        sink = StoreSink(self.store, job.id, job.cancellation)
+        sink = job.sink = StoreSink(self.store, job.id, job.cancellation)
         failure: Optional[BaseException] = None
         try:
             work(sink, job.cancellation)
@@ -313,11 +352,25 @@ def end_event(rec: SlaveRecord) -> Dict[bytes, bytes]:
                         duration_ms=int(duration * 1000), summary=rec.summary, truncated=rec.truncated)
 
 
+def _state_events(name: str, rec: SlaveRecord, before: Optional[str]) -> List[Dict[bytes, bytes]]:
+    """A ``state`` event when slave ``name`` went away, came back or was
+    lost since the record a follower saw before (state ``before``)."""
+    if rec.state == before:
+        return []
+    if rec.state == SLAVE_AWAY:
+        return [encode_event("state", slave=name, state="away", detail=rec.summary)]
+    if rec.state == SLAVE_RUNNING and before == SLAVE_AWAY:
+        return [encode_event("state", slave=name, state="back")]
+    if rec.state == SLAVE_LOST:
+        return [encode_event("state", slave=name, state="lost", detail=rec.error)]
+    return []
+
+
 def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every: float,
            stopped: Callable[[], bool] = lambda: False) -> JobRecord:
     """Send a job's events to a follower, from the store: ``jobrec``,
-    ``begin``, then output, progress and ends in the order they were
-    recorded, then ``done`` -- once the job has ended when ``live``, at
+    ``begin``, then output, progress, ``state`` (a slave away, back or
+    lost) and ends in the order they were recorded, then ``done`` -- once the job has ended when ``live``, at
     once otherwise.  An ``alive`` event goes out every ``alive_every``
     seconds of silence.  Returns the last record read.
 
@@ -329,6 +382,7 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
     seq = -1
     ended: Set[str] = set()
     shown: Dict[str, Tuple[Optional[int], Optional[int]]] = {}
+    states: Dict[str, str] = {}
     while True:
         version = store.version()
         # the record first, then every chunk stored so far: a slave's end
@@ -352,6 +406,8 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
                 shown[name] = progress
                 boxes.append(encode_event("progress", slave=name, done=rec.progress_done,
                                           total=rec.progress_total))
+            boxes.extend(_state_events(name, rec, states.get(name)))
+            states[name] = rec.state
             if rec.state in SLAVE_FINAL_STATES:
                 ended.add(name)
                 boxes.append(end_event(rec))

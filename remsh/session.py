@@ -28,7 +28,8 @@ Control boxes (one key each, never counted, never re-sent):
   hears nothing for three intervals takes the link for dead and redials
   (a half-open link never ends by itself).
 - ``{bye: y}`` -- the peer ends the session on purpose (a master closing a
-  slave): no resume is waited for.
+  slave, a slave stopping on SIGTERM): no resume is waited for, every waiter
+  fails at once; one that arrived just before the connection broke counts.
 
 The window also bounds what a receiver reads ahead while it waits for room
 to send (acknowledgements count the boxes *handed to the caller*): at most
@@ -109,8 +110,7 @@ def new_session_id() -> str:
 
 
 def _cut_short(conn: Wire, error: ProtocolError) -> bool:
-    """Whether ``error`` only says the stream ended inside a box: a lost
-    connection (the box is sent again whole), not a broken peer."""
+    """Whether ``error`` only says the stream ended inside a box (a lost connection)."""
     return bool(getattr(conn, "_eof", False))
 
 
@@ -153,9 +153,7 @@ class SessionWire:
         self._idle_window = 0.0
         self._idle_pings = 0
         self.generation = 0
-        self.sent = 0
-        self.peer_acked = 0
-        self.received = 0
+        self.sent = self.peer_acked = self.received = 0
         #: session boxes handed to the caller (received may be ahead: _held)
         self.delivered = 0
         self._held: Deque[Tuple[Box, int]] = collections.deque()
@@ -175,6 +173,7 @@ class SessionWire:
         self._spool: Optional[SpoolFile] = None
         self.lost_at: Optional[float] = None
         self.failed: Optional[RemshError] = None
+        self.expired = False  #: failed because the connection did not come back in time
         self.peer_ended = False
         self.last_sent = self.last_received = time.monotonic()
         self.closed = False
@@ -203,37 +202,56 @@ class SessionWire:
     def clear_wake(self) -> None:
         self._wakepipe.clear()
 
-    def _wake(self) -> None:
-        self._wakepipe.wake()
-
     def connection_lost(self, conn: Optional[Wire] = None, why: str = "connection lost") -> None:
         """The connection ``conn`` (default: the current one) broke: keep
         the session and wait for the next one."""
         with self._cond:
             if self.conn is None or (conn is not None and conn is not self.conn) or self.failed:
                 return
-            self._last_conn = self.conn
+            old = self._last_conn = self.conn
             self.conn = None
             self.generation += 1
             self.lost_at = time.monotonic()
-            old = self._last_conn
             self._cond.notify_all()
-        log.info("%s: %s; waiting up to %g s for it to come back", self.label, why, self.resume_timeout)
+        if self._reader.acquire(blocking=False):  # else the reader reads what is left itself
+            try:
+                self._drain(old)
+            finally:
+                self._reader.release()
         try:
-            abort = getattr(old.stream, "abort", None)
-            if abort is not None:
-                abort()
+            getattr(old.stream, "abort", lambda: None)()
         except OSError:
             pass
         old.close()
-        self._wake()
+        self._wakepipe.wake()
+        if self.failed is not None:
+            return  # the peer said goodbye before the connection went
+        log.info("%s: %s; waiting up to %g s for it to come back", self.label, why, self.resume_timeout)
         if self._timer is None and self.resume_timeout > 0:
-            timer = threading.Timer(self.resume_timeout + 0.05, self._expire)
-            timer.daemon = True
-            self._timer = timer
-            timer.start()
+            self._arm(self.resume_timeout)
         if self.on_lost is not None:
             self.on_lost()
+
+    def _drain(self, conn: Wire) -> None:
+        """Take in what the peer sent before ``conn`` went (no waiting): a
+        goodbye in it ends the session now, not after the resume time limit
+        (a slave stopped by SIGTERM while the master only sends: ``put``)."""
+        try:
+            for _ in range(HELD_BOXES):
+                conn.feed_available()
+                if not conn.has_buffered_box():
+                    return
+                while self.failed is None and conn.has_buffered_box():
+                    box = conn.poll_box()
+                    if box is not None and self._take(box, conn) is not None:
+                        self._hold(box)
+        except RemshError:
+            pass  # what could not be read is sent again on a resume
+
+    def _arm(self, seconds: float) -> None:
+        self._timer = timer = threading.Timer(seconds + 0.05, self._expire)
+        timer.daemon = True
+        timer.start()
 
     def _expire(self) -> None:
         with self._cond:
@@ -242,11 +260,9 @@ class SessionWire:
                 return
             waited = time.monotonic() - self.lost_at
             if waited < self.resume_timeout:
-                timer = threading.Timer(self.resume_timeout - waited + 0.05, self._expire)
-                timer.daemon = True
-                self._timer = timer
-                timer.start()
+                self._arm(self.resume_timeout - waited)
                 return
+            self.expired = True
         self.fail(SessionFailed(f"{self.label}: the connection did not come back within "
                                 f"{self.resume_timeout:g} s (waited {waited:.1f} s)"))
 
@@ -270,7 +286,7 @@ class SessionWire:
             timer.cancel()
         if conn is not None:
             conn.close()
-        self._wake()
+        self._wakepipe.wake()
         if self.on_failed is not None:
             self.on_failed(error)
 
@@ -352,7 +368,7 @@ class SessionWire:
         except Disconnected as e:
             self.connection_lost(conn, f"connection lost while resuming: {e}")
             return
-        self._wake()
+        self._wakepipe.wake()
         log.info("%s: session resumed (%d boxes sent again)", self.label, next_box - peer_received)
 
     def _pace(self, conn: Wire, sent_to: int, upto: int, acked_bytes: int, resent: int, size: int) -> bool:
@@ -416,14 +432,15 @@ class SessionWire:
             self._spool.clear()
         self._cond.notify_all()
 
-    def wait_attached(self) -> None:
+    def wait_attached(self, timeout: Optional[float] = None) -> None:
         """Wait while away: until a connection carries the session again.
 
         :raises Disconnected: the session failed (its resume time limit ran
             out, or it was ended)
+        :raises PeerTimeout: still away after ``timeout`` seconds
         """
         with self._cond:
-            self._wait_connected(None)
+            self._wait_connected(None if timeout is None else time.monotonic() + timeout)
 
     def _wait_connected(self, deadline: Optional[float]) -> Wire:
         """The current connection, waiting for one while away (under _cond)."""
@@ -658,8 +675,9 @@ class SessionWire:
                 self._ack_to(count)
         elif box.get(b"hb") == b"ping":
             self._send_control(conn, _PONG)
-        elif b"bye" in box:
+        elif b"bye" in box:  # the peer ends the session: no resume, every waiter is told at once
             self.peer_ended = True
+            self.fail(SessionFailed(f"{self.label}: the peer ended the session (it is stopping)"))
         return None
 
     def _deliver(self, box: Box, conn: Optional[Wire]) -> Box:

@@ -4,9 +4,11 @@ A bounded pool of worker threads takes the slaves in order.  Each slave's
 result or exception is kept separately, so one failure never hides another.
 An overall ``timeout`` or a :class:`Cancellation` stops the fan-out: slaves
 not yet started get :class:`~remsh.errors.Cancelled`, running commands are
-interrupted, and a slave whose operation still has not returned after
-``grace`` seconds has its connection dropped, so the call always returns in
-bounded time.
+interrupted (again every :data:`REINTERRUPT` seconds, for an operation that
+reached its command only after the first interrupt), a slave that is away
+has its session ended at once, and a slave whose operation still has not
+returned after ``grace`` seconds has its connection dropped, so the call
+always returns in bounded time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_GRACE = 10.0
+#: How often a cancelled fan-out interrupts what still runs during the grace.
+REINTERRUPT = 0.25
 
 
 class Outcome(Generic[T]):
@@ -169,14 +173,27 @@ def fan_out(slaves: Sequence[Slave], operation: Callable[[Slave], T], *,
 def _stop_running(running: "set[Outcome[T]]", lock: threading.Lock, all_done: threading.Event,
                   grace: float) -> None:
     """Interrupt what runs (an interrupt that comes before a command starts is
-    delivered with its request), wait ``grace``, then drop the connections of
-    the slaves still busy and wait ``grace`` again at most."""
-    with lock:
-        busy = [o.slave for o in running]
-    for slave in busy:
-        slave.interrupt()
-    if all_done.wait(grace):
-        return
+    delivered with its request), and again every :data:`REINTERRUPT` seconds
+    for an operation that registered its command only after the first one;
+    a slave that is away has its session ended at once (nothing can reach
+    it now; its command is killed when it comes back).  After ``grace``,
+    drop the connections of the slaves still busy and wait ``grace`` again
+    at most."""
+    end = time.monotonic() + grace
+    while True:
+        with lock:
+            busy = [o.slave for o in running]
+        for slave in busy:
+            if slave.resumable and not slave.connected:
+                log.info("slave %s is away: ending its session to stop its work", slave.name)
+                slave.close()
+            else:
+                slave.interrupt()
+        left = end - time.monotonic()
+        if all_done.wait(max(0.0, min(REINTERRUPT, left))):
+            return
+        if left <= REINTERRUPT:
+            break
     with lock:
         stuck = [o.slave for o in running]
     for slave in stuck:

@@ -17,22 +17,22 @@ import io
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
-from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
+from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.errors import (Disconnected, LimitExceeded, LocalError, ProtocolError, RemoteError, RemshError, UsageError,
-                          WaitTimeout, remote_error)
-from remsh.files import PartialFile
-from remsh.bulk import OverlongRead, Sink, reader_for, send_blocks, writer_for_fd
+from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
+                          RemshError, UsageError, WaitTimeout, remote_error)
+from remsh.bulk import OverlongRead, reader_for, send_blocks
+from remsh.master import fetchfile as _fetchfile
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
-from remsh.master.tree import DRAIN_LIMIT
 from remsh.master.stdinfeeder import INTERRUPT_SEND_TIMEOUT, StdinFeeder
 from remsh.session import SessionWire
-from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, FETCH, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
+from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
                        SET_CWD, STAT, UNLINK, Operation, is_progress)
 from remsh.wire import Box, Wire
 
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 OutputCallback = Callable[[bytes], Any]
 
+
+#: How long a command interrupted at the master's ``timeout`` may take to end
+#: before the master gives up on the conversation (and ends the session).
+KILL_GRACE = 5.0
 
 __all__ = ["Slave", "DEFAULT_IO_TIMEOUT", "IdleWatcher", "ProgressCallback"]
 
@@ -105,6 +109,8 @@ class Slave:
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Optional[IdleWatcher] = None
         self._session = isinstance(wire, SessionWire)
+        self._away = False  # the connection dropped and has not come back (as reported)
+        self._report_lock = threading.Lock()  # away/back/lost reported one at a time, in order
         if isinstance(wire, SessionWire):
             wire.on_lost = self._connection_lost
             wire.on_failed = self._session_failed
@@ -137,17 +143,38 @@ class Slave:
     def _connection_lost(self) -> None:
         """The connection of a resumable slave dropped: it is away until it
         comes back (or its resume time limit runs out)."""
-        log.info("slave %s is away; its work waits up to %g s for it", self.name, self.wire.resume_timeout)
         watcher = self.idle_watcher
         if watcher is not None:
             watcher.forget(self)
+        with self._report_lock:
+            if self.wire.failed is not None or self._away:
+                return
+            self._tell("away", f"connection lost; waiting up to {self.wire.resume_timeout:g} s")
+            if self.wire.attached:
+                self._tell("back", "")  # a resume overtook this report
+            else:
+                self._away = True
 
     def _session_failed(self, error: RemshError) -> None:
+        with self._report_lock:
+            if self._away and self.wire.expired:
+                self._tell("lost", str(error))
         self.drop(Disconnected(f"{self.name}: {error}"))
 
     def attached(self) -> None:
         """The resumable slave is back (called by its listener)."""
-        log.info("slave %s is back", self.name)
+        with self._report_lock:
+            if self._away:
+                self._away = False
+                self._tell("back", "")
+
+    def _tell(self, state: str, detail: str) -> None:
+        """Report ``away``/``back``/``lost`` to the listener (it logs and
+        calls its ``on_state`` hook), or log it without one."""
+        if self.listener is not None:
+            self.listener.slave_state(self, state, detail)
+        else:
+            log.warning("slave %s: %s%s", self.name, state, f" ({detail})" if detail else "")
 
     def on_disconnect(self, callback: Callable[["Slave"], Any]) -> None:
         """Call ``callback(slave)`` once when the connection goes (at once if
@@ -195,12 +222,17 @@ class Slave:
 
     # -- the operation frame -----------------------------------------------
 
-    def _begin(self, meth: str) -> None:
-        """Take the slave for one operation (in call order)."""
-        self._lock.acquire()
+    def _begin(self, meth: str, deadline: Optional[float] = None) -> None:
+        """Take the slave for one operation (in call order); past
+        ``deadline`` (``time.monotonic()``), raise :class:`_Overdue`."""
+        if not self._lock.acquire(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise _Overdue()
         if self._disconnected is None and isinstance(self.wire, SessionWire) and not self.wire.attached:
-            try:
-                self.wire.wait_attached()  # while away: wait, within its resume time limit
+            try:  # while away: wait, within its resume time limit
+                self.wire.wait_attached(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except PeerTimeout:
+                self._lock.release()
+                raise _Overdue() from None
             except RemshError:
                 pass  # failed: _disconnected is set by then
         if self._disconnected is not None:
@@ -255,10 +287,10 @@ class Slave:
         return error
 
     @contextmanager
-    def _operation(self, meth: str) -> Iterator[None]:
+    def _operation(self, meth: str, deadline: Optional[float] = None) -> Iterator[None]:
         """Hold the slave for one operation; turn transport failures into a
         disconnect, and name slave and operation in every error."""
-        self._begin(meth)
+        self._begin(meth, deadline)
         try:
             yield
         except BaseException as e:  # noqa: BLE001 - re-raised as _failure decides
@@ -395,14 +427,19 @@ class Slave:
                 stderr_cb: Optional[OutputCallback] = None,
                 env: Optional[EnvArg] = None,
                 cwd: Optional[Path] = None, timeout: Optional[float] = None,
-                stdin: Union[bytes, BinaryIO, None] = None, *, keep_processes: bool = False) -> int:
+                stdin: Union[bytes, BinaryIO, None] = None, *, keep_processes: bool = False,
+                interrupted: Optional[Callable[[], bool]] = None) -> int:
         """Run a command on the slave and return its exit code.
 
         Output is passed, as it arrives, to ``stdout_cb`` / ``stderr_cb``
         (bytes); a stream with no callback is discarded on the slave.  ``env``
         overrides variables (``None`` removes one); ``cwd`` is relative to the
-        slave's current directory; ``timeout`` (seconds) kills the command's
-        process group; ``stdin`` is bytes or a binary file object fed to the
+        slave's current directory; ``timeout`` (seconds) bounds the whole
+        call by the wall clock, waiting for its turn and time away included:
+        the slave kills the command's process group when it runs that long,
+        and the master interrupts it when the slave has not said so in time
+        (a slave that is away then has its session ended: the command dies
+        when it comes back); ``stdin`` is bytes or a binary file object fed to the
         command (if it has a ``cancel()`` method, that is called when the
         command ends, so that a ``read()`` waiting for more input returns).
 
@@ -415,10 +452,17 @@ class Slave:
         is killed, so no stray process outlives the call; ``keep_processes``
         leaves them running.
 
+        ``interrupted`` is asked once the call is registered: when it says
+        true, the call is interrupted before its command starts (so that a
+        canceller who saw no call in progress in :meth:`interrupt` loses
+        nothing; :func:`remsh.master.fanout.fan_out` cancels with it).
+
         :raises UsageError: ``args`` empty, ``timeout`` not positive and
             finite, arguments too long for one box
         :raises ExecFailedError: the command cannot start
-        :raises CommandTimeout: ``timeout`` ran out and the command was killed
+        :raises CommandTimeout: ``timeout`` ran out: the command was killed
+            (or, while the slave is away, its session ended, see above); raised
+            within about ``timeout`` seconds whatever the connection does
         :raises LocalError: reading ``stdin`` failed (the command was interrupted)
         """
         try:
@@ -427,14 +471,22 @@ class Slave:
                                keep_processes=keep_processes)
         except UsageError as e:
             raise UsageError(f"{self.name}: execute: {e}") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._exec_lock:
             self._executions.add(call)
+        if interrupted is not None and interrupted():
+            self._interrupt_call(call)  # idle: kept, and sent right behind the request
         try:
-            with self._operation("execute"):
+            with self._operation("execute", deadline):
                 # under the lock: an interrupt must not overtake its request
                 with self._exec_lock:
                     self.wire.send_bytes(call.request())
-                final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin)
+                final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin, deadline)
+        except _Overdue:
+            if call.state is not State.IDLE:  # mid-conversation: out of step, and maybe away
+                self.close()
+            raise CommandTimeout(f"command timed out after {timeout:g} s (the slave did not end it in "
+                                 f"time: away or unresponsive)", slave=self.name, operation="execute") from None
         finally:
             with self._exec_lock:
                 self._executions.discard(call)
@@ -449,20 +501,39 @@ class Slave:
 
     def _run_command(self, call: ExecuteCall, stdout_cb: Optional[OutputCallback],
                      stderr_cb: Optional[OutputCallback], timeout: Optional[float],
-                     stdin: Union[bytes, BinaryIO, None]
+                     stdin: Union[bytes, BinaryIO, None], deadline: Optional[float]
                      ) -> Tuple[Union[Exited, Failed], Optional[BaseException]]:
         """Drive ``call`` until its final box; return the final event and the
-        exception (if any) to raise once the operation is over."""
+        exception (if any) to raise once the operation is over.  At
+        ``deadline`` the command is interrupted and given
+        :data:`KILL_GRACE` seconds to end (:class:`_Overdue` past that, or
+        at once while the slave is away)."""
         feeder: Optional[StdinFeeder] = None
         callback_error: Optional[BaseException] = None
         wire = self.wire
+        overdue = False
         try:
             # until the start reply: the usual reply deadline
             wait: Optional[float] = self.io_timeout
             while True:
-                box = wire.read_box(wait)
+                limit = wait
+                if deadline is not None:
+                    left = max(0.0, deadline - time.monotonic())
+                    limit = left if wait is None else min(wait, left)
+                try:
+                    box = wire.read_box(limit)
+                except PeerTimeout:
+                    if deadline is None or time.monotonic() < deadline:
+                        raise
+                    if overdue or not self.connected:
+                        raise _Overdue() from None
+                    overdue = True  # the master's bound: interrupt, and wait a little for the end
+                    self._interrupt_call(call)
+                    deadline = time.monotonic() + min(self.io_timeout, KILL_GRACE)
+                    continue
                 if box is None:
-                    raise Disconnected("slave closed the connection during execute")
+                    raise Disconnected("slave closed the connection during execute" if not wire.at_eof
+                                       else "the slave ended its session during execute (it is stopping)")
                 with self._exec_lock:
                     event = call.receive(box)
                 if isinstance(event, Output):
@@ -484,6 +555,8 @@ class Slave:
                     wait = None if timeout is None else timeout + self.io_timeout
                 elif isinstance(event, (Exited, Failed)):
                     final = event
+                    if overdue and isinstance(event, Exited):
+                        final = Failed(CommandTimeout(f"command timed out after {timeout:g} s and was killed"))
                     break
         finally:
             if feeder is not None:
@@ -619,73 +692,7 @@ class Slave:
             the slave went on sending :data:`DRAIN_LIMIT` bytes after it was
             stopped (the slave is dropped)
         """
-        part: Optional[PartialFile] = None
-        if hasattr(dest, "write"):
-            out: Any = dest
-        else:
-            dest_b = _b(dest)
-            if os.path.lexists(dest_b):
-                raise LocalError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
-            try:
-                part = PartialFile(dest_b)
-            except OSError as e:
-                raise LocalError(f"{self.name}: fetch: cannot create local file: {e}") from e
-            out = part
-        counter = Progress(progress, None)
-        # hashed and written in a helper thread while the next boxes arrive
-        # (remsh.bulk); a caller's file object is written from this thread
-        sink = Sink(writer_for_fd(part.fd), stream=self.wire.stream) if part is not None else \
-            Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
-        try:
-            with self._operation("fetch"):
-                self.wire.send_bytes(FETCH.encode(src=_b(src)))
-                read_box = self.wire.read_box
-                add = sink.add
-                received = 0
-                stopped = False
-                while True:
-                    box = read_box(self.io_timeout)
-                    if box is None:
-                        raise Disconnected("slave closed the connection during fetch")
-                    data = box.get(b"data")
-                    if data is None:
-                        break
-                    received += len(data)
-                    if max_bytes is not None and received > max_bytes:
-                        # stop the slave; what is already on its way is read and dropped
-                        if not stopped:
-                            stopped = True
-                            self.wire.send_box({b"interrupt": b"y"})
-                        elif received > max_bytes + DRAIN_LIMIT:
-                            raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
-                        continue
-                    add(data)
-                    counter.add(len(data))
-                digest = sink.finish()
-            if stopped:  # whatever the final box says: ours is the cause
-                raise LimitExceeded(f"{self.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
-                                    f"the transfer was stopped and nothing was kept")
-            self._raise_if_error("fetch", box)
-            local_error = sink.error
-            if local_error is not None:
-                if not isinstance(local_error, OSError):
-                    raise local_error
-                raise LocalError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
-            expected = box.get(b"sha256")
-            if expected is not None and expected.lower() != digest.encode("ascii"):
-                raise self._protocol_error("fetch", "data does not match the slave's sha256 digest")
-            if part is not None:
-                try:
-                    part.commit()
-                except FileExistsError:
-                    raise LocalError(f"{self.name}: fetch: local destination appeared meanwhile") from None
-                except OSError as e:
-                    raise LocalError(f"{self.name}: fetch: cannot place local file: {e}") from e
-            counter.finish()
-        finally:
-            sink.close()
-            if part is not None:
-                part.discard()
+        _fetchfile.fetch(self, src, dest, max_bytes, progress)
 
     # -- directory trees ---------------------------------------------------------
 
@@ -761,6 +768,10 @@ class Slave:
         :raises FailedError: ``dest`` is not a directory, or writing failed
         """
         return _tree.sync_tree(self, src_dir, dest, delete, checksum, progress)
+
+
+class _Overdue(Exception):
+    """An ``execute`` with a ``timeout`` passed it (raised inside the call)."""
 
 
 @functools.lru_cache(maxsize=None)

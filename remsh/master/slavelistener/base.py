@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: ``authenticator(name) -> secret``: that slave's secret, or ``None`` if unknown.
 Authenticator = Callable[[str], Optional[Secret]]
+#: ``on_state(slave, state, detail)``: a resumable slave went ``away``, came
+#: ``back`` or was ``lost`` (see :meth:`SlaveListener.slave_state`).
+StateCallback = Callable[[Slave, str, str], Any]
 
 
 class SlaveListener:
@@ -59,6 +62,9 @@ class SlaveListener:
         :class:`~remsh.master.slavecollection.simple.SimpleSlaveCollection`)
     :param handshake_timeout: bound on the whole handshake, in seconds
     :param io_timeout: passed to each slave (bound on each wait for a reply)
+    :param on_state: called as ``on_state(slave, state, detail)`` when a
+        slave whose work survives a dropped connection goes ``away``, is
+        ``back`` or is ``lost`` (see :meth:`slave_state`)
     """
 
 
@@ -69,7 +75,7 @@ class SlaveListener:
     def __init__(self, slave_class: Optional[Type[Slave]] = None, slave_collection: Any = None, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  io_timeout: float = DEFAULT_IO_TIMEOUT,
-                 resume_timeout: Optional[float] = None) -> None:
+                 resume_timeout: Optional[float] = None, on_state: Optional[StateCallback] = None) -> None:
         self.slave_class: Type[Slave] = slave_class or Slave
         self.slave_collection = slave_collection if slave_collection is not None else SimpleSlaveCollection()
         self.handshake_timeout = handshake_timeout
@@ -86,6 +92,26 @@ class SlaveListener:
         if not 0 <= self.resume_timeout < float("inf"):
             raise UsageError("resume_timeout must be a finite number of seconds, 0 or more")
         self._sessions: Dict[str, Slave] = {}
+        #: the hook :meth:`slave_state` calls (may be set after construction)
+        self.on_state = on_state
+
+    def slave_state(self, slave: Slave, state: str, detail: str = "") -> None:
+        """A slave of this listener went ``away`` (its connection dropped;
+        ``detail`` says how long its work waits), is ``back`` (it resumed)
+        or is ``lost`` (it did not come back in time; its calls fail).
+
+        Logs one line (a warning for ``away`` and ``lost``), then calls the
+        ``on_state`` hook and the collection's ``slave_state`` (if it has
+        one).  Called from the thread that noticed; never raises."""
+        level = logging.INFO if state == "back" else logging.WARNING
+        log.log(level, "slave %s: %s%s", slave.name, state, f" ({detail})" if detail else "")
+        for hook in (self.on_state, getattr(self.slave_collection, "slave_state", None)):
+            if hook is None:
+                continue
+            try:
+                hook(slave, state, detail)
+            except Exception:  # noqa: BLE001 - a failing hook must not break the session
+                log.exception("slave state hook failed for %s", slave.name)
 
     # -- life cycle --------------------------------------------------------
 
