@@ -67,7 +67,7 @@ from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_P
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
 from remsh.jobcli import add_parsers as add_job_parsers
-from remsh.jobcli import cmd_cancel, cmd_jobs, render, renderer_for
+from remsh.jobcli import cmd_cancel, cmd_jobs, render, renderer_for, state_line
 from remsh.jobcli import cmd_job as cmd_show_job
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
@@ -490,6 +490,8 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
     renderer = _renderer(args)
     try:
         _start_listeners(args, collection, env_secret, listeners)
+        for listener in listeners:  # a slave away, back or lost: said as with a master
+            listener.on_state = lambda slave, state, detail: renderer.message(state_line(slave.name, state, detail))
         slaves = select_slaves(_choose_slaves(args, collection), args.target, args.wheres)
         tee: Optional[StdinTee] = None
         if args.command == "run" and args.stdin:

@@ -30,7 +30,7 @@ from remsh.master.slave import Slave
 from remsh.master.slavelistener.tcp import TcpSlaveListener
 from tests.relay import Relay
 from tests.slaveproc import SECRET, SlaveProcesses, wait_registered
-from tests.test_fleet import Master, _env, wait_names
+from tests.test_fleet import Master, _env, _free_port, wait_names
 from tests.util import WAIT, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,6 +161,59 @@ def test_slave_whose_link_is_cut_is_away_then_back(make_fleet) -> None:
     assert "web-1: away (connection lost); waiting up to 300 s" in text
     assert "web-1: back" in text and text.index("web-1: away") < text.index("web-1: back")
     assert fleet.slave_row("web-1")[0] == "ok"
+
+
+def test_resume_timeout_zero_fails_a_dropped_slave_at_once(make_fleet) -> None:
+    """--resume-timeout 0: a slave SIGKILLed mid-run fails at once (exit 3), nothing is waited for or said away."""
+    fleet = make_fleet(resume_timeout=0)
+    fleet.start("web-1")
+    proc = fleet.popen("run", "--", "sh", "-c", "echo started; sleep 60")
+    _wait_output(fleet, "web-1")
+    fleet.procs["web-1"].signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 3, err.decode()
+    assert time.monotonic() - killed < 3
+    assert "away" not in err.decode()
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "soon"])
+def test_resume_timeout_must_be_seconds(tmp_path: Path, value: str) -> None:
+    """remsh master --resume-timeout refuses a negative, infinite or non-numeric value (exit 2)."""
+    r = subprocess.run([sys.executable, "-m", "remsh", "master", "--control", str(tmp_path / "m.sock"),
+                        "--listen", "127.0.0.1:0", "--insecure", "--resume-timeout", value], env=_env(),
+                       capture_output=True, timeout=WAIT)
+    assert r.returncode == 2
+    assert b"--resume-timeout" in r.stderr
+
+
+def test_standalone_run_says_away_and_back(tmp_path: Path) -> None:
+    """remsh run --listen (no master) says on stderr when its slave goes away and comes back, and the run ends well."""
+    procs = SlaveProcesses(tmp_path / "slaves")
+    port = _free_port()
+    started, go = tmp_path / "started", tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "run", "--listen", f"127.0.0.1:{port}",
+                             "--secret-file", str(procs.secret_file(SECRET)), "--wait", "1", "--", "sh", "-c",
+                             f"touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; echo b"],
+                            env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay = Relay("127.0.0.1", port, lifetime=120)
+    try:
+        procs.start(relay.port, "solo-1", max_backoff=0.3)
+        wait_until(started.exists, WAIT + 5, "the command to start")
+        relay.refuse()
+        relay.cut()
+        relay.restore()  # noticed by the run or not by then, the resume says away before back
+        go.touch()
+        out, err = proc.communicate(timeout=WAIT + 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        relay.close()
+        procs.close()
+    assert proc.returncode == 0, err.decode()
+    assert out == b"solo-1 | b\n"
+    text = err.decode()
+    assert "solo-1: away (connection lost); waiting up to 300 s" in text and "solo-1: back" in text
 
 
 # -- --timeout -------------------------------------------------------------------------------

@@ -555,7 +555,7 @@ class Slave:
                     wait = None if timeout is None else timeout + self.io_timeout
                 elif isinstance(event, (Exited, Failed)):
                     final = event
-                    if overdue and isinstance(event, Exited):
+                    if overdue and isinstance(event, Exited) and event.code < 0:  # killed by our interrupt
                         final = Failed(CommandTimeout(f"command timed out after {timeout:g} s and was killed"))
                     break
         finally:
