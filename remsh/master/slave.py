@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
-from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
+from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
                           RemshError, UsageError, WaitTimeout, remote_error)
@@ -483,8 +483,6 @@ class Slave:
                     self.wire.send_bytes(call.request())
                 final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin, deadline)
         except _Overdue:
-            if call.state is not State.IDLE:  # mid-conversation: out of step, and maybe away
-                self.close()
             raise CommandTimeout(f"command timed out after {timeout:g} s (the slave did not end it in "
                                  f"time: away or unresponsive)", slave=self.name, operation="execute") from None
         finally:
@@ -525,7 +523,9 @@ class Slave:
                 except PeerTimeout:
                     if deadline is None or time.monotonic() < deadline:
                         raise
-                    if overdue or not self.connected:
+                    if overdue or not self.connected:  # out of step, maybe away: end the session
+                        self.drop(Disconnected(f"{self.name}: execute: the command's timeout ({timeout:g} s) "
+                                               f"passed while the slave was away or unresponsive"))
                         raise _Overdue() from None
                     overdue = True  # the master's bound: interrupt, and wait a little for the end
                     self._interrupt_call(call)
