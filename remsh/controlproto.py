@@ -103,7 +103,7 @@ CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
               "the stored jobs, newest first (with id: that job alone): a jobrec and its jobslave events "
               "each, then done"),
     ControlOp("job", (Key("id", "text", True), Key("follow", "flag")),
-              "a job's stored events (jobrec, begin, out, progress, end), live until it ends with follow"),
+              "a job's stored events (jobrec, begin, out, progress, state, end), live until it ends with follow"),
     ControlOp("cancel", (Key("id", "text", True),), "cancel a running job; done, or fail (exit 2)"),
 )}
 

@@ -336,6 +336,23 @@ def test_ctrl_c_answers_within_a_second_while_a_slave_is_away(make_fleet) -> Non
     wait_until(lambda: fleet.slave_row("web-1")[0] == "cancelled", 3.0, "the job to end cancelled")
 
 
+def test_ctrl_c_answers_within_a_second_during_a_put(make_fleet) -> None:
+    """SIGINT to a put moving a large file: exit 130 within a second (the master winds the transfer down on its own)."""
+    fleet = make_fleet()
+    fleet.start("web-1", direct=True)
+    big = fleet.workdir / "big"
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)
+    proc = fleet.popen("put", str(big), "big")
+    wait_until(lambda: _progress(fleet, "web-1") > 0, WAIT, "the put to move data")
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    proc.communicate(timeout=WAIT)
+    assert time.monotonic() - sent < 1.5
+    assert proc.returncode == 130
+    wait_until(lambda: fleet.slave_row("web-1")[0] == "cancelled", 2 * WAIT + 5, "the job to end cancelled")
+
+
 # -- a cancel as the command starts ---------------------------------------------------------------
 
 
