@@ -42,6 +42,9 @@ Buffer = Union[bytes, bytearray, memoryview]
 #: the CPU's L2 cache when it is hashed and then written (1 MiB batches cost
 #: the receiving master of a fetch about 10 % more CPU).
 SINK_BATCH = 256 << 10
+#: ... or this many chunks, whichever comes first (a peer sending tiny data
+#: boxes must not make a batch hold a list entry per byte).
+SINK_BATCH_CHUNKS = 4096
 #: Batches the sink's helper may have queued before the receiver waits
 #: (bounds the memory of a transfer whose disk is slower than its network).
 SINK_QUEUE = 16
@@ -404,10 +407,15 @@ class Sink:
         self._tokens: "queue.SimpleQueue[bool]" = queue.SimpleQueue()
 
     def add(self, data: Buffer) -> None:
-        """Take one received chunk (kept until hashed and written: it must not change)."""
+        """Take one received chunk (kept until hashed and written: it must not change).
+
+        An empty chunk carries nothing and is not kept: a peer sending empty
+        data boxes must not grow a batch that its byte count never flushes."""
+        if not len(data):
+            return
         self._batch.append(data)
         self._batch_bytes += len(data)
-        if self._batch_bytes >= SINK_BATCH:
+        if self._batch_bytes >= SINK_BATCH or len(self._batch) >= SINK_BATCH_CHUNKS:
             self._flush()
 
     def _flush(self) -> None:

@@ -327,3 +327,21 @@ def test_send_and_fetch_with_the_helper_threads_round_trip(slave, basedir, tmp_p
         assert f.read() == data
     assert started.count("remsh-sha256") == 2  # one for the send, one for the fetch
     assert not [t for t in threading.enumerate() if t.name == "remsh-sha256"]
+
+
+def test_sink_holds_no_empty_chunks_and_flushes_many_tiny_ones():
+    """A peer's empty data boxes are not kept, and tiny ones are written every SINK_BATCH_CHUNKS chunks: what a sink holds is bounded by count as well as bytes."""
+    from remsh.bulk import SINK_BATCH_CHUNKS
+    written = []
+    sink = Sink(lambda batch: written.append(b"".join(batch)), threaded=False)
+    try:
+        for _ in range(100_000):
+            sink.add(b"")
+        assert written == [] and len(sink._batch) == 0
+        for _ in range(SINK_BATCH_CHUNKS * 3 + 5):
+            sink.add(b"x")
+        assert [len(w) for w in written] == [SINK_BATCH_CHUNKS] * 3
+        assert len(sink._batch) == 5
+        assert sink.finish() == hashlib.sha256(b"x" * (SINK_BATCH_CHUNKS * 3 + 5)).hexdigest()
+    finally:
+        sink.close()

@@ -210,6 +210,20 @@ def test_record_lives_in_the_state_directory_never_in_the_root(tmp_path, monkeyp
     assert pgroups.record_dir(str(root), Policy(root=str(root))) is None
 
 
+def test_no_record_under_a_policy_without_a_root(tmp_path, monkeypatch):
+    """A master confined by --no-execute or --allow-command alone can write files anywhere the user can: no record it could plant for a restarted slave to act on."""
+    from remsh.slave.policy import Policy
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    base = str(tmp_path)
+    assert pgroups.record_dir(base, Policy(execute=False)) is None
+    assert pgroups.record_dir(base, Policy(allow_commands=["/bin/true"])) is None
+    assert pgroups.record_dir(base, None) is not None
+    outside = tmp_path / "root"
+    outside.mkdir()
+    assert pgroups.record_dir(base, Policy(root=str(outside), execute=False)) is not None
+
+
 def test_a_record_directory_open_to_others_is_refused(tmp_path):
     """A record directory (or its parent) that others may write is not used (they could plant records)."""
     for opened in ("parent", "rec"):

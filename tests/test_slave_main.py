@@ -244,3 +244,17 @@ def test_root_that_is_not_a_directory_is_a_usage_error(slave_procs, tmp_path):
     assert proc.wait() == 2
     assert "policy: the root is not a directory" in proc.log_text()
 
+
+
+def test_python_m_remsh_slave_is_the_slave_program():
+    """python -m remsh.slave runs remsh-slave (its --version and its usage error for a missing master)."""
+    import subprocess
+    import sys
+
+    import remsh
+
+    r = subprocess.run([sys.executable, "-m", "remsh.slave", "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"remsh-slave {remsh.__version__}", r
+    r = subprocess.run([sys.executable, "-m", "remsh.slave"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r

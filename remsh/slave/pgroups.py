@@ -37,8 +37,11 @@ least, until reaped.)  An entry is dropped when its command ends; with
 ``keep_processes`` what the command leaves behind is its own business.
 
 A master that could write the record could make a restarted slave kill
-what it likes: when the state directory lies inside the slave's ``--root``
-no record is kept (the guardian still is).
+what it likes.  A slave without a policy trusts its master with everything
+its user can do anyway; a slave with one (``--no-execute``,
+``--allow-command``, ``--root``) keeps a record only when it has a root and
+the state directory lies outside it -- otherwise the master could write
+there (the guardian still watches the commands).
 
 Linux only (``/proc``); elsewhere nothing is recorded.
 """
@@ -154,15 +157,18 @@ def state_dir() -> str:
 
 def record_dir(basedir: str, policy: Optional[Policy]) -> Optional[str]:
     """The directory of the record for ``basedir`` (see the module docstring),
-    or ``None`` when none may be kept (no absolute state directory, or one
-    inside the root, where the master could write records)."""
+    or ``None`` when none may be kept: no absolute state directory, or a
+    restricting policy under which the master could write a record (no
+    ``--root``, or a root the state directory lies in)."""
     key = hashlib.sha256(os.fsencode(os.path.realpath(basedir))).hexdigest()[:32]
     directory = os.path.join(state_dir(), key)
     if not os.path.isabs(directory):
         return None
-    root = policy.root if policy is not None else None
-    if root is not None and _inside(root, directory):
-        return None
+    if policy is not None and policy.restricted:
+        # a confined master may write files wherever the policy lets it: only
+        # a root that leaves the state directory out keeps the record its own
+        if policy.root is None or _inside(policy.root, directory):
+            return None
     return directory
 
 
