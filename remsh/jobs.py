@@ -130,9 +130,10 @@ class StoreSink:
             else:
                 self._away.discard(name)
             self._noted.add(name)
-        self._store("a state", lambda: self.store.update_slave(
-            self.job_id, name, state=new, summary=detail if new == SLAVE_AWAY else "",
-            error=detail if new == SLAVE_LOST else None))
+            # under the lock: an end recorded meanwhile is never overwritten
+            self._store("a state", lambda: self.store.update_slave(
+                self.job_id, name, state=new, summary=detail if new == SLAVE_AWAY else "",
+                error=detail if new == SLAVE_LOST else None))
 
     def end(self, result: SlaveResult) -> None:
         with self._lock:
@@ -370,8 +371,8 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
            stopped: Callable[[], bool] = lambda: False) -> JobRecord:
     """Send a job's events to a follower, from the store: ``jobrec``,
     ``begin``, then output, progress, ``state`` (a slave away, back or
-    lost) and ends in the order they were recorded, then ``done`` -- once the job has ended when ``live``, at
-    once otherwise.  An ``alive`` event goes out every ``alive_every``
+    lost) and ends in the order they were recorded, then ``done`` -- once
+    the job has ended when ``live``, at once otherwise.  An ``alive`` event goes out every ``alive_every``
     seconds of silence.  Returns the last record read.
 
     :raises UnknownJob: no such job
