@@ -31,7 +31,7 @@ from remsh.master.slavelistener.tcp import TcpSlaveListener
 from tests.relay import Relay
 from tests.slaveproc import SECRET, SlaveProcesses, wait_registered
 from tests.test_fleet import Master, _env, _free_port, wait_names
-from tests.util import WAIT, run_in_thread, wait_until
+from tests.util import WAIT, process_alive, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -473,6 +473,26 @@ def test_execute_timeout_includes_time_away(api) -> None:
     assert "api-1" in str(outcome.error) and "execute" in str(outcome.error)
     assert outcome.finished_at is not None and outcome.finished_at - t0 < 2.5
     assert ("api-1", "away", "connection lost; waiting up to 300 s") in api.events
+
+
+def test_execute_past_its_timeout_while_away_keeps_the_slave(api) -> None:
+    """After execute(timeout=) ran out while the slave was away, the slave comes back as the same object: the command was killed, the next operations answer in step."""
+    listener, relay, slave, _ = api(300.0)
+    started = threading.Event()
+    pid: List[int] = []
+    outcome = run_in_thread(lambda: slave.execute(["sh", "-c", "echo $$; sleep 60"], timeout=1,
+                                                  stdout_cb=lambda d: (pid.append(int(d)), started.set())))
+    assert started.wait(WAIT)
+    relay.refuse()
+    relay.cut()
+    outcome.wait(WAIT)
+    assert isinstance(outcome.error, CommandTimeout), outcome.error
+    relay.restore()
+    assert slave.execute(["echo", "next"], stdout_cb=lambda d: None) == 0  # waits for the killed one's end
+    assert slave.connected and listener.slave_collection.get_slave(False, lambda s: s.name == "api-1") is slave
+    assert not process_alive(pid[0])
+    out: List[bytes] = []
+    assert slave.execute(["echo", "in step"], stdout_cb=out.append) == 0 and b"".join(out) == b"in step\n"
 
 
 def test_listener_reports_away_back_and_lost(api) -> None:

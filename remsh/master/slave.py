@@ -13,27 +13,26 @@ every later call raises :class:`~remsh.errors.Disconnected` at once.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
+from typing import (TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
-from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started
-from remsh.master.progress import Progress, ProgressCallback
+from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
+from remsh.master.progress import ProgressCallback
 from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
                           RemshError, UsageError, WaitTimeout, remote_error)
-from remsh.bulk import OverlongRead, reader_for, send_blocks
 from remsh.master import fetchfile as _fetchfile
+from remsh.master import sendfile as _sendfile
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
 from remsh.master.stdinfeeder import INTERRUPT_SEND_TIMEOUT, StdinFeeder
 from remsh.session import SessionWire
-from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SEND,
-                       SET_CWD, STAT, UNLINK, Operation, is_progress)
+from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SET_CWD, STAT, UNLINK,
+                       Operation, is_progress)
 from remsh.wire import Box, Wire
 
 if TYPE_CHECKING:
@@ -106,6 +105,8 @@ class Slave:
         # the command it was meant for (so it can never hit the next one)
         self._exec_lock = threading.Lock()
         self._executions: Set[ExecuteCall] = set()
+        #: an execute past its timeout is still being read (see _settle_later)
+        self._settling = False
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Optional[IdleWatcher] = None
         self._session = isinstance(wire, SessionWire)
@@ -243,6 +244,8 @@ class Slave:
             watcher.busy(self)
 
     def _end(self) -> None:
+        if self._settling:
+            return  # the slave is handed to _settle_later, which ends the operation
         watcher = self.idle_watcher
         try:
             if watcher is not None and self._disconnected is None:
@@ -276,6 +279,8 @@ class Slave:
         if isinstance(e, (Disconnected, ProtocolError)):
             self.drop(e)
             return self._named(meth, e)
+        if isinstance(e, _Overdue) and self._settling:
+            return e  # the rest of the conversation is read by _settle_later
         # interrupted mid-conversation: where the peer stands is unknown
         self.drop(Disconnected(f"{self.name}: {meth}: abandoned: {e!r}"))
         return e
@@ -438,8 +443,9 @@ class Slave:
         call by the wall clock, waiting for its turn and time away included:
         the slave kills the command's process group when it runs that long,
         and the master interrupts it when the slave has not said so in time
-        (a slave that is away then has its session ended: the command dies
-        when it comes back); ``stdin`` is bytes or a binary file object fed to the
+        (a slave that is away gets the interrupt when it comes back; the
+        slave stays, and its next operation waits until the killed command's
+        end has been read); ``stdin`` is bytes or a binary file object fed to the
         command (if it has a ``cancel()`` method, that is called when the
         command ends, so that a ``read()`` waiting for more input returns).
 
@@ -461,7 +467,7 @@ class Slave:
             finite, arguments too long for one box
         :raises ExecFailedError: the command cannot start
         :raises CommandTimeout: ``timeout`` ran out: the command was killed
-            (or, while the slave is away, its session ended, see above); raised
+            (or, while the slave is away, will be when it is back); raised
             within about ``timeout`` seconds whatever the connection does
         :raises LocalError: reading ``stdin`` failed (the command was interrupted)
         """
@@ -481,7 +487,12 @@ class Slave:
                 # under the lock: an interrupt must not overtake its request
                 with self._exec_lock:
                     self.wire.send_bytes(call.request())
-                final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin, deadline)
+                try:
+                    final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin, deadline)
+                except _Overdue:
+                    if call.state is not State.IDLE and self._disconnected is None:
+                        self._settle_later(call)
+                    raise
         except _Overdue:
             raise CommandTimeout(f"command timed out after {timeout:g} s (the slave did not end it in "
                                  f"time: away or unresponsive)", slave=self.name, operation="execute") from None
@@ -523,9 +534,8 @@ class Slave:
                 except PeerTimeout:
                     if deadline is None or time.monotonic() < deadline:
                         raise
-                    if overdue or not self.connected:  # out of step, maybe away: end the session
-                        self.drop(Disconnected(f"{self.name}: execute: the command's timeout ({timeout:g} s) "
-                                               f"passed while the slave was away or unresponsive"))
+                    if overdue or not self.connected:  # away or unresponsive: the caller goes now
+                        self._interrupt_call(call)  # kept by the session while away
                         raise _Overdue() from None
                     overdue = True  # the master's bound: interrupt, and wait a little for the end
                     self._interrupt_call(call)
@@ -568,6 +578,34 @@ class Slave:
             err.__cause__ = feeder.error
             return final, err
         return final, None
+
+    def _settle_later(self, call: ExecuteCall) -> None:
+        """Keep holding the slave after ``call`` ran past its timeout (its
+        caller has gone with :class:`CommandTimeout`): a thread of its own
+        reads the rest of the conversation -- the slave, back or answering at
+        last, sends the final box of the command the interrupt killed -- so
+        that the slave is in step again for the next operation, which waits
+        its turn meanwhile.  Bounded by the resume time limit and the reply
+        time limit; past them the slave is dropped."""
+        limit = getattr(self.wire, "resume_timeout", 0.0) + min(self.io_timeout, KILL_GRACE) + self.io_timeout
+        self._settling = True
+
+        def settle() -> None:
+            deadline = time.monotonic() + limit
+            try:
+                while call.state is not State.DONE:
+                    box = self.wire.read_box(max(0.0, deadline - time.monotonic()))
+                    if box is None:
+                        raise Disconnected("slave closed the connection")
+                    with self._exec_lock:
+                        call.receive(box)  # what the command wrote past its timeout is not wanted
+            except Exception as e:  # noqa: BLE001 - out of step whatever it was: drop
+                self.drop(Disconnected(f"{self.name}: execute: the command past its timeout did not end: {e}"))
+            finally:
+                self._settling = False
+                self._end()
+
+        threading.Thread(target=settle, name=f"remsh-settle-{self.name}", daemon=True).start()
 
     def _interrupt_call(self, call: ExecuteCall) -> None:
         """Ask for ``call``'s command to be killed (now, or with its request)."""
@@ -625,48 +663,7 @@ class Slave:
         :raises UsageError: ``src.read(n)`` returned more than ``n`` bytes
             (nothing is left on the slave; it stays usable)
         """
-        request = SEND.encode(dest=_b(dest), mode=mode)
-        if hasattr(src, "read"):
-            f: IO[bytes] = src  # type: ignore[assignment]
-            own = False
-        else:
-            try:
-                f = open(src, "rb", buffering=0)
-            except OSError as e:
-                raise LocalError(f"{self.name}: send: cannot open local file: {e}") from e
-            own = True
-        try:
-            total: Optional[int] = None
-            if progress is not None:
-                try:
-                    total = os.fstat(f.fileno()).st_size
-                except (OSError, AttributeError, io.UnsupportedOperation):
-                    total = None
-            with self._operation("send"):
-                self.wire.send_bytes(request)
-                self._raise_if_error("send", self._read("send"))
-                local_error = self._send_data(f, Progress(progress, total))
-                reply = self._read("send")
-            # the slave's error for an aborted transfer only echoes the local cause
-            if isinstance(local_error, OverlongRead):
-                raise UsageError(f"{self.name}: send: the source is not a file-like object: {local_error}")
-            if local_error is not None:
-                raise LocalError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
-            self._raise_if_error("send", reply)
-        finally:
-            if own:
-                f.close()
-
-    def _send_data(self, f: IO[bytes], progress: Progress) -> Optional[OSError]:
-        # file data read in place into pre-framed data boxes, hashed in a
-        # helper thread while the next block is read and sent (remsh.bulk)
-        digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add, stream=self.wire.stream)
-        if error is not None:
-            self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
-            return error
-        self.wire.send_box({b"sha256": digest.encode("ascii")})
-        progress.finish()
-        return None
+        _sendfile.send(self, src, dest, mode, progress)
 
     def fetch(self, src: Path, dest: Union[Path, BinaryIO], *, max_bytes: Optional[int] = None,
               progress: Optional[ProgressCallback] = None) -> None:
