@@ -44,6 +44,11 @@ PRUNE_EVERY = 3600.0
 MAX_RUNNING_JOBS = 256
 #: Shortest interval between two progress records of one slave.
 PROGRESS_EVERY = 0.2
+#: Output of one slave's stream written to the store at a time ...
+OUTPUT_BATCH = 64 << 10
+#: ... or once the first byte held is this old (seconds): what a follower
+#: of a slowly writing command waits at most, beyond the store itself.
+OUTPUT_DELAY = 0.05
 #: Output chunks a follower reads from the store at a time.
 READ_BATCH = 256
 
@@ -78,6 +83,10 @@ class StoreSink:
         self._lost: Set[str] = set()
         self._away: Set[str] = set()
         self._noted: Set[str] = set()  # slaves whose record's summary says why they were away
+        #: output not yet written, per slave: (stream, bytes, when the first came)
+        self._held: Dict[str, Tuple[str, bytearray, float]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._flusher: Optional[threading.Thread] = None
 
     def _store(self, what: str, fn: Callable[[], object]) -> None:
         try:
@@ -97,15 +106,64 @@ class StoreSink:
                                                                  started=now()))
 
     def output(self, name: str, stream: str, data: bytes) -> None:
-        with self._lock:  # one writer per stream at a time keeps the positions exact
-            offset = self._positions.get((name, stream), 0)
-            try:
-                self._positions[(name, stream)] = self.store.append_output(self.job_id, name, stream, offset, data)
-            except StoreError as e:
-                self._positions[(name, stream)] = offset + len(data)
-                if not self._failed:
-                    log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
-                self._failed = True
+        """Keep ``data`` for the store: consecutive chunks of one slave's
+        stream are written together, at :data:`OUTPUT_BATCH` bytes or
+        :data:`OUTPUT_DELAY` seconds after the first, whichever comes first
+        (a command writing a byte at a time must not cost a transaction and
+        a stored row per byte); a chunk of the slave's other stream writes
+        what is held first, so the order of the two streams is kept."""
+        with self._lock:
+            held = self._held.get(name)
+            if held is not None and held[0] != stream:
+                self._write_held(name)
+                held = None
+            if held is None:
+                self._held[name] = (stream, bytearray(data), time.monotonic())
+                self._wake.notify()
+            else:
+                held[1].extend(data)
+            if len(self._held[name][1]) >= OUTPUT_BATCH:
+                self._write_held(name)
+            if self._flusher is None and self._held:
+                self._flusher = threading.Thread(target=self._flush_later, name=f"remsh-output-{self.job_id}",
+                                                 daemon=True)
+                self._flusher.start()
+
+    def _write_held(self, name: str) -> None:
+        """Write what is held of ``name``'s output (under the lock: one
+        writer per stream at a time keeps the positions exact)."""
+        stream, data, _ = self._held.pop(name)
+        offset = self._positions.get((name, stream), 0)
+        try:
+            self._positions[(name, stream)] = self.store.append_output(self.job_id, name, stream, offset,
+                                                                       bytes(data))
+        except StoreError as e:
+            self._positions[(name, stream)] = offset + len(data)
+            if not self._failed:
+                log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
+            self._failed = True
+
+    def _flush_later(self) -> None:
+        """Write held output once it is :data:`OUTPUT_DELAY` old; ends when
+        nothing is held."""
+        with self._lock:
+            while self._held:
+                due = min(since for _, _, since in self._held.values()) + OUTPUT_DELAY
+                left = due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                t = time.monotonic()
+                for name in [n for n, (_, _, since) in self._held.items() if t - since >= OUTPUT_DELAY]:
+                    self._write_held(name)
+            self._flusher = None
+
+    def flush(self, name: Optional[str] = None) -> None:
+        """Write what is held now (of ``name``, or of every slave)."""
+        with self._lock:
+            for held in ([name] if name is not None else list(self._held)):
+                if held in self._held:
+                    self._write_held(held)
 
     def progress(self, name: str, done: int, total: Optional[int]) -> None:
         t = time.monotonic()
@@ -137,6 +195,8 @@ class StoreSink:
 
     def end(self, result: SlaveResult) -> None:
         with self._lock:
+            if result.name in self._held:
+                self._write_held(result.name)  # its output before its end
             started = result.name in self._started
             # away when it failed: lost (its session may end before the report does)
             lost = result.name in self._lost or (result.name in self._away and result.errtag != "timeout")
@@ -262,6 +322,7 @@ class JobRegistry:
         finally:
             if job.tee is not None:
                 job.tee.end()
+            sink.flush()
         try:
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():

@@ -15,7 +15,7 @@ from remsh.errors import LocalError, UsageError
 from remsh.store.base import (JOB_CANCELLED, JOB_DONE, JOB_RUNNING, SLAVE_OK, SLAVE_QUEUED, SLAVE_RUNNING,
                               OutputGap, SlaveRecord, StoreError, UnknownJob, check_job_id, job_state_from,
                               make_job_id, parse_duration, parse_size)
-from remsh.store.sqlite import SCHEMA_VERSION, SqliteJobStore
+from remsh.store.sqlite import CHUNK_COST, SCHEMA_VERSION, SqliteJobStore
 from tests.util import run_in_thread
 
 
@@ -76,7 +76,7 @@ def test_output_keeps_exact_bytes(store) -> None:
 
 def test_output_past_the_cap_is_counted_not_kept(path) -> None:
     """Past max_output the stream's position still moves (exactly once holds) and the record says truncated."""
-    with SqliteJobStore(path, max_output=10) as store:
+    with SqliteJobStore(path, max_output=10 + 2 * CHUNK_COST) as store:
         job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
         store.append_output(job.id, "a", "stdout", 0, b"0123456")
         assert store.append_output(job.id, "a", "stderr", 0, b"abcdef") == 6
@@ -305,3 +305,34 @@ def test_a_version_1_store_is_migrated_and_keeps_its_jobs(path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     db.close()
+
+
+def test_tiny_chunks_count_their_rows_against_the_cap(path) -> None:
+    """Output that comes a byte at a time is capped by its rows too: the store keeps far fewer than max_output one-byte chunks."""
+    with SqliteJobStore(path, max_output=100 * (1 + CHUNK_COST)) as store:
+        job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
+        for i in range(1000):
+            store.append_output(job.id, "a", "stdout", i, b"x")
+        rec = store.get_job(job.id).slaves["a"]
+        assert len(store.read_output(job.id, limit=10_000)) == 100
+        assert rec.truncated and rec.stdout_bytes == 1000
+
+
+def test_job_output_is_written_in_chunks_in_order(path) -> None:
+    """A job's sink writes a stream's consecutive small chunks as one row, keeps the order of the two streams, and writes held output within its delay."""
+    from remsh.jobs import OUTPUT_DELAY, StoreSink
+    from remsh.master.fanout import Cancellation
+    from tests.util import wait_until
+
+    with SqliteJobStore(path) as store:
+        job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
+        sink = StoreSink(store, job.id, Cancellation())
+        for _ in range(2000):
+            sink.output("a", "stdout", b"x")
+        sink.output("a", "stderr", b"E")
+        sink.output("a", "stdout", b"y")
+        wait_until(lambda: store.output_position(job.id, "a") == (2001, 1), 10 * OUTPUT_DELAY + 5,
+                   "the held output to be written")
+        chunks = store.read_output(job.id)
+        assert [(c.stream, c.data) for _, c in chunks] == [("stdout", b"x" * 2000), ("stderr", b"E"),
+                                                          ("stdout", b"y")]

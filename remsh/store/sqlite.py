@@ -17,7 +17,8 @@ when an older file is opened.  A file from a newer remsh is refused rather
 than guessed at.
 
 Output is kept per chunk (a row per chunk as it was appended, with its
-stream and offset), up to ``max_output`` bytes per slave per job; past it
+stream and offset), up to ``max_output`` bytes per slave per job, each
+chunk counting :data:`CHUNK_COST` bytes more; past it
 the chunk is counted (the stream's position moves on, so exactly-once still
 holds) but not kept, and the record says ``truncated``.
 """
@@ -88,6 +89,11 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     # what a transfer moved, in words ("sent to /srv/x", "synced: ...")
     1: ("ALTER TABLE job_slaves ADD COLUMN summary TEXT",),
 }
+
+#: What a stored chunk counts against ``max_output`` beyond its bytes (its
+#: row and index entry take about this much): output that comes a byte at a
+#: time cannot make the store many times larger than the cap.
+CHUNK_COST = 64
 
 _SLAVE_COLUMNS = ("name", "state", "exit_status", "error", "errtag", "started", "finished",
                   "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total", "summary")
@@ -296,7 +302,7 @@ class SqliteJobStore:
             fresh = data[position - offset:]
             if not fresh:
                 return int(position)
-            room = max(0, self.max_output - kept)
+            room = max(0, self.max_output - kept - CHUNK_COST)
             keep = fresh[:room]
             if keep:
                 seq = db.execute("SELECT coalesce(max(seq), -1) + 1 FROM output WHERE job_id = ?",
@@ -306,7 +312,8 @@ class SqliteJobStore:
             truncated = len(keep) < len(fresh)
             db.execute(f"UPDATE job_slaves SET {column} = ?, kept_bytes = ?, truncated = truncated OR ? "
                        f"WHERE job_id = ? AND name = ?",
-                       (position + len(fresh), kept + len(keep), int(truncated), job_id, name))
+                       (position + len(fresh), kept + (len(keep) + CHUNK_COST if keep else 0),
+                        int(truncated), job_id, name))
             return int(position + len(fresh))
 
         result: int = self._write(append)
