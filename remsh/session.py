@@ -56,6 +56,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
+from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
 from remsh.spool import SpoolFile, WakePipe
 from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes, split_boxes
@@ -128,17 +129,18 @@ class SessionWire:
 
     Sending is thread-safe; reading is for one thread at a time, as with
     ``Wire``.  ``resume_timeout`` bounds how long the session waits for a
-    lost connection to come back (it starts counting at the loss);
-    ``on_lost``/``on_attached``/``on_failed`` are called (from the thread
-    that noticed) so the owner can follow the state.
-    """
+    lost connection to come back (counted from the loss, on ``deadlines``
+    when given: one thread for a listener's sessions); ``on_lost``/
+    ``on_failed`` are called (from the thread that noticed) so the owner can
+    follow the state."""
 
     def __init__(self, conn: Wire, session_id: str, *, resume_timeout: float,
                  label: Optional[str] = None, spool_limit: int = DEFAULT_SPOOL_LIMIT,
-                 spool_dir: Optional[str] = None,
-                 on_lost: Optional[Callable[[], Any]] = None,
-                 on_failed: Optional[Callable[[RemshError], Any]] = None) -> None:
+                 spool_dir: Optional[str] = None, on_lost: Optional[Callable[[], Any]] = None,
+                 on_failed: Optional[Callable[[RemshError], Any]] = None,
+                 deadlines: Optional[Deadlines] = None) -> None:
         self.session_id = session_id
+        self._deadlines = deadlines
         self.resume_timeout = resume_timeout
         self.label = label or conn.label
         self.spool_limit = spool_limit
@@ -177,7 +179,7 @@ class SessionWire:
         self.peer_ended = False
         self.last_sent = self.last_received = time.monotonic()
         self.closed = False
-        self._timer: Optional[threading.Timer] = None
+        self._timer: Optional[Cancellable] = None
         self._wakepipe = WakePipe()  # readable at every change (attach, failure)
 
     # -- state -------------------------------------------------------------------
@@ -249,9 +251,7 @@ class SessionWire:
             pass  # what could not be read is sent again on a resume
 
     def _arm(self, seconds: float) -> None:
-        self._timer = timer = threading.Timer(seconds + 0.05, self._expire)
-        timer.daemon = True
-        timer.start()
+        self._timer = call_later(self._deadlines, seconds + 0.05, self._expire)
 
     def _expire(self) -> None:
         with self._cond:

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
+from remsh.deadlines import Deadlines
 from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
                              as_secret, exchange_greeting, master_handshake)
@@ -92,6 +93,8 @@ class SlaveListener:
         if not 0 <= self.resume_timeout < float("inf"):
             raise UsageError("resume_timeout must be a finite number of seconds, 0 or more")
         self._sessions: Dict[str, Slave] = {}
+        #: the resume time limits of every away session, on one thread
+        self.deadlines = Deadlines("remsh-resume-deadlines")
         #: the hook :meth:`slave_state` calls (may be set after construction)
         self.on_state = on_state
 
@@ -139,6 +142,7 @@ class SlaveListener:
             for slave in self.slaves:
                 slave.close()
             self.monitor.stop()
+            self.deadlines.stop()
             detach = getattr(self.slave_collection, "detach_listener", None)
             if detach is not None:
                 detach(self)
@@ -264,7 +268,7 @@ class SlaveListener:
             if new_session:
                 # the master's senders wait for an away slave rather than keep much
                 conn = SessionWire(wire, new_session[0], resume_timeout=self.resume_timeout,
-                                   spool_limit=WINDOW_BYTES)
+                                   spool_limit=WINDOW_BYTES, deadlines=self.deadlines)
             slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
             slave.setup()
         except AuthenticationError as e:
