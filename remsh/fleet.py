@@ -742,6 +742,7 @@ class Renderer:
 
     def finish(self, interrupted: bool = False) -> int:
         """Print the summary lines and return the exit status."""
+        self.printer.flush_all()
         self.bars.finish()
         failed = 0
         for r in sorted(self.results, key=lambda r: r.name):

@@ -23,24 +23,40 @@ Three limits keep one slave's output from hurting the others:
   written: each byte is copied a bounded number of times, however the
   output is chunked.  (Re-joining the partial line on every chunk is
   quadratic: 49 MiB in 4 KiB chunks took 20 s.)
-- All the cutting and decoding happens outside any lock.  The only lock
+- All the cutting and prefixing happens outside any lock.  The only lock
   shared between slaves is the one of an output stream, first come first
-  served (:class:`~remsh.master.fairlock.FairLock`), held for the write of
-  one line of at most :data:`MAX_LINE` bytes: a slave with a huge output
-  delays another slave's line by at most one line, and a stream that blocks
-  (a full pipe to stdout) does not hold up lines bound for another stream.
+  served (:class:`~remsh.master.fairlock.FairLock`), held to gather lines
+  and for the write of one block of about :data:`BLOCK` bytes: a slave with
+  a huge output delays another slave's line by at most one block, and a
+  stream that blocks (a full pipe to stdout) does not hold up lines bound
+  for another stream.
+
+Lines are written in blocks, not one write per line (see
+:class:`LinePrinter`): printing a million prefixed lines costs about what
+printing them without prefixes does.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Callable, Dict, List, Optional, TextIO, Tuple
+import time
+from typing import BinaryIO, Callable, Dict, List, Optional, TextIO, Tuple
 
 from remsh.master.fairlock import FairLock
 
 #: Longest line written in one piece, in bytes; a longer (or unfinished)
 #: line is cut into pieces of this size.
 MAX_LINE = 64 * 1024
+
+#: Bytes gathered for a stream before they are written at once.
+BLOCK = 64 * 1024
+
+#: Longest a line waits to be written, in seconds (a slow command's line
+#: shows within this time).
+LATENCY = 0.05
+
+log = logging.getLogger(__name__)
 
 #: Colours (ANSI SGR codes) of the slave names, in turn.
 COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
@@ -171,6 +187,97 @@ class LineBuffer:
                 self._held = len(rest)
 
 
+class _Stream:
+    """One output stream: the lock its writes take and the block waiting to
+    be written to it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.lock = FairLock()
+        self.pending: List[bytes] = []
+        self.size = 0
+        binary = getattr(out, "buffer", None)
+        #: the binary layer under a text stream: written bytes are exact
+        self.binary: Optional[BinaryIO] = binary if hasattr(binary, "write") else None
+        # a text-only stream that writes lone surrogates back as the bytes
+        # they stand for gets the output's bytes exactly, UTF-8 or not
+        self.errors = "surrogateescape" if getattr(out, "errors", None) == "surrogateescape" and \
+            str(getattr(out, "encoding", "")).lower().replace("-", "") == "utf8" else "replace"
+        #: write calls made on the stream
+        self.writes = 0
+        #: a timer will write what waits (guarded by the printer's timer lock)
+        self.armed = False
+
+    def write_locked(self) -> None:
+        """Write the pending block (the caller holds :attr:`lock`)."""
+        if not self.pending:
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending = []
+        self.size = 0
+        self.writes += 1
+        if self.binary is not None:
+            self.out.flush()  # what was written as text comes first
+            self.binary.write(data)
+            self.binary.flush()
+        else:
+            self.out.write(data.decode("utf-8", self.errors))
+            self.out.flush()
+
+
+class _Source:
+    """One source's output bound for one stream: its prefix and its
+    unfinished line."""
+
+    def __init__(self, prefix: bytes, stream: _Stream, max_line: int) -> None:
+        self.prefix = prefix
+        self.joint = b"\n" + prefix
+        self.stream = stream
+        self.max_line = max_line
+        self.parts: List[bytes] = []
+        self.buffer = LineBuffer(self._emit, max_line)
+
+    def _emit(self, line: bytes) -> None:
+        self.parts.append(self.prefix + line + b"\n")
+
+    def cut(self, data: bytes) -> Tuple[List[bytes], int]:
+        """The prefixed lines ``data`` completes, in blocks, and how many
+        lines they are.  Whole lines of at most ``max_line`` bytes are
+        prefixed all at once (``bytes.replace``), not line by line."""
+        self.parts = []
+        lines = 0
+        start = 0
+        last = data.rfind(b"\n")
+        if last >= 0 and self.buffer.held:  # the unfinished line ends first
+            first = data.find(b"\n")
+            self.buffer.feed(data[:first + 1])
+            lines += len(self.parts)
+            start = first + 1
+        if last >= start:
+            segment = data[start:last]
+            if len(segment) <= self.max_line or max(map(len, segment.split(b"\n"))) <= self.max_line:
+                self.parts.append(self.prefix + segment.replace(b"\n", self.joint) + b"\n")
+                lines += segment.count(b"\n") + 1
+            else:  # a line to cut: line by line
+                before = len(self.parts)
+                self.buffer.feed(data[start:last + 1])
+                lines += len(self.parts) - before
+            start = last + 1
+        if start < len(data):
+            before = len(self.parts)
+            self.buffer.feed(data[start:] if start else data)
+            lines += len(self.parts) - before
+        parts, self.parts = self.parts, []
+        return parts, lines
+
+    def end(self) -> List[bytes]:
+        """The unfinished line, prefixed (or nothing)."""
+        self.parts = []
+        self.buffer.flush()
+        parts, self.parts = self.parts, []
+        return parts
+
+
 class LinePrinter:
     """Writes the output of many sources (slaves) to shared text streams as
     whole lines, each prefixed with its source's label.
@@ -179,6 +286,15 @@ class LinePrinter:
     :meth:`flush` ends that output (writes its unfinished line).  Lines of
     one source to one stream keep their order; lines of different sources
     never mix.  Thread-safe: each source may write from its own thread.
+
+    Lines are gathered into blocks: a stream is written when
+    :data:`BLOCK` bytes wait for it, when a source ends or the program
+    writes a line of its own, and otherwise :data:`LATENCY` seconds after
+    the first waiting line (a timer thread, started while anything waits).
+    A million short lines cost a few dozen writes, and a line of a slow
+    command is still shown within :data:`LATENCY`.  The output's bytes are
+    written as they came, through the binary layer of a text stream that has
+    one.
     """
 
     def __init__(self, names: List[str], colour: bool = False, *,
@@ -203,57 +319,119 @@ class LinePrinter:
         self.max_line = max_line
         #: lines written so far
         self.lines = 0
-        self._buffers: Dict[Tuple[str, int], LineBuffer] = {}
-        self._out_locks: Dict[int, FairLock] = {}
+        self._sources: Dict[Tuple[str, int], _Source] = {}
+        self._streams: Dict[int, _Stream] = {}
         self._table_lock = threading.Lock()  # only for the two dicts above
+        self._timer_lock = threading.Lock()  # only for the streams' ``armed``
 
     def write(self, name: str, out: TextIO, data: bytes) -> None:
         """Add a chunk of ``name``'s output bound for ``out``."""
-        self._buffer(name, out).feed(data)
+        source = self._source(name, out)
+        parts, lines = source.cut(data)
+        for part in parts:
+            self._put(source.stream, part, lines)
+            lines = 0
+
+    def write_raw(self, out: TextIO, data: bytes) -> None:
+        """Add output bytes to write to ``out`` as they are (no prefix, no
+        cutting into lines), in the same blocks as the lines."""
+        if data:
+            self._put(self._stream(out), data, 0)
 
     def flush(self, name: str, out: TextIO) -> None:
-        """Write ``name``'s unfinished line to ``out``, if any."""
+        """Write ``name``'s unfinished line to ``out``, if any, and what
+        waits for ``out``."""
         with self._table_lock:
-            buf = self._buffers.pop((name, id(out)), None)
-        if buf is not None:
-            buf.flush()
+            source = self._sources.pop((name, id(out)), None)
+        stream = self._stream(out)
+        if source is not None:
+            for part in source.end():
+                self._put(stream, part, 1)
+        with stream.lock:
+            stream.write_locked()
+
+    def flush_all(self) -> None:
+        """Write what waits for every stream now."""
+        with self._table_lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            with stream.lock:
+                stream.write_locked()
+
+    def writes(self, out: TextIO) -> int:
+        """Write calls made on ``out`` so far."""
+        return self._stream(out).writes
 
     def write_line(self, out: TextIO, text: str) -> None:
         """Write one line of the program's own (``text`` without its line
-        break) to ``out``, never in the middle of a source's line."""
-        self._write(self._lock_for(out), out, text + "\n")
+        break) to ``out`` now, never in the middle of a source's line, after
+        what waits for ``out``."""
+        try:
+            data = (text + "\n").encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = (text + "\n").encode("utf-8", "replace")
+        stream = self._stream(out)
+        with stream.lock:
+            self.lines += 1
+            stream.pending.append(data)
+            stream.write_locked()
 
     def sink(self, name: str, out: TextIO) -> Callable[[bytes], None]:
         """An output callback (``stdout_cb``/``stderr_cb``) for ``name`` to ``out``."""
         return lambda data: self.write(name, out, data)
 
-    def _buffer(self, name: str, out: TextIO) -> LineBuffer:
+    def _source(self, name: str, out: TextIO) -> _Source:
         key = (name, id(out))
         with self._table_lock:
-            buf = self._buffers.get(key)
-        if buf is None:
+            source = self._sources.get(key)
+        if source is None:
             prefix = self.prefix.get(name)
             if prefix is None:
                 shown = printable(name)
                 prefix = self._label(shown) if self._label is not None else shown + " | "
-            lock = self._lock_for(out)
-            # a stream that writes lone surrogates back as the bytes they
-            # stand for gets the output's bytes exactly, UTF-8 or not
-            errors = "surrogateescape" if getattr(out, "errors", None) == "surrogateescape" and \
-                str(getattr(out, "encoding", "")).lower().replace("-", "") == "utf8" else "replace"
-            buf = LineBuffer(lambda line: self._write(lock, out, prefix + line.decode("utf-8", errors) + "\n"),
-                             self.max_line)
+            source = _Source(prefix.encode("utf-8"), self._stream(out), self.max_line)
             with self._table_lock:
-                buf = self._buffers.setdefault(key, buf)
-        return buf
+                source = self._sources.setdefault(key, source)
+        return source
 
-    def _lock_for(self, out: TextIO) -> FairLock:
+    def _stream(self, out: TextIO) -> _Stream:
         with self._table_lock:
-            return self._out_locks.setdefault(id(out), FairLock())
+            stream = self._streams.get(id(out))
+            if stream is None:
+                stream = self._streams[id(out)] = _Stream(out)
+            return stream
 
-    def _write(self, lock: FairLock, out: TextIO, text: str) -> None:
-        # ``text`` was formatted outside the lock; only the write is inside
-        with lock:
-            self.lines += 1
-            out.write(text)
-            out.flush()
+    def _put(self, stream: _Stream, data: bytes, lines: int) -> None:
+        # ``data`` was formatted outside the lock; only the gathering and
+        # the write are inside.  A big piece is written on its own, so that
+        # the lines of others waiting behind it are not held up by more
+        with stream.lock:
+            self.lines += lines
+            if stream.pending and stream.size + len(data) >= BLOCK:
+                stream.write_locked()
+            stream.pending.append(data)
+            stream.size += len(data)
+            if stream.size >= BLOCK:
+                stream.write_locked()
+            waiting = bool(stream.pending)
+        if waiting:
+            self._arm(stream)
+
+    def _arm(self, stream: _Stream) -> None:
+        """Have what waits for ``stream`` written within :data:`LATENCY`
+        (one timer thread per stream: a blocked stream holds up no other)."""
+        with self._timer_lock:
+            if stream.armed:
+                return
+            stream.armed = True
+        threading.Thread(target=self._timer, args=(stream,), name="remsh-lineprinter", daemon=True).start()
+
+    def _timer(self, stream: _Stream) -> None:
+        time.sleep(LATENCY)
+        with self._timer_lock:
+            stream.armed = False  # what comes from now on arms a timer again
+        try:
+            with stream.lock:
+                stream.write_locked()
+        except (OSError, ValueError) as e:  # a closed stream: the writer sees it on its next write
+            log.debug("writing output on the timer: %s", e)

@@ -82,6 +82,7 @@ def test_printer_prefixes_each_line_and_keeps_streams_apart():
     p.write("a", out, b"ld\n")
     p.write("bbb", out, b"tail")
     p.flush("bbb", out)
+    p.flush_all()
     assert out.getvalue().splitlines() == ["a   | hello", "a   | world", "bbb | tail"]
     assert err.getvalue().splitlines() == ["bbb | oops"]
 
@@ -103,6 +104,7 @@ def test_lines_of_many_slaves_never_mix():
         t.start()
     for t in workers:
         t.join(WAIT)
+    p.flush_all()
     lines = out.getvalue().splitlines()
     assert len(lines) == 8 * 20
     for line in lines:
@@ -157,7 +159,7 @@ def test_a_blocked_stream_does_not_hold_up_another_stream():
     other = run_in_thread(lambda: p.write("b", err, b"still here\n"))
     try:
         assert other.done.wait(WAIT), "b's stderr line waited for a's stdout"
-        assert err.getvalue() == "b | still here\n"
+        wait_until(lambda: err.getvalue() == "b | still here\n", what="b's line on its own stream")
     finally:
         stuck.gate.set()
         writer.done.wait(WAIT)
@@ -199,4 +201,66 @@ def test_a_hostile_name_is_escaped_in_the_prefix_and_the_line_stays_exact():
     printer = LinePrinter(["ok", evil])
     printer.write(evil, out, b"\x1b[1mbold\x1b[0m\n")
     printer.write("stranger\x07", out, b"x\n")
+    printer.flush_all()
     assert out.getvalue() == "e\\x1b[2Jvil\\x9b | \x1b[1mbold\x1b[0m\nstranger\\x07 | x\n"
+
+
+# -- blocks, not a write per line ---------------------------------------------------
+
+
+def test_many_lines_are_written_in_a_few_blocks():
+    """20,000 lines arriving in 64 KiB chunks cost a handful of writes, not one per line, and come out exact."""
+    out = io.StringIO()
+    p = LinePrinter(["a"])
+    data = b"".join(b"%d\n" % i for i in range(20000))
+    for i in range(0, len(data), 65536):
+        p.write("a", out, data[i:i + 65536])
+    p.flush("a", out)
+    assert out.getvalue() == "".join(f"a | {i}\n" for i in range(20000))
+    assert p.lines == 20000
+    assert p.writes(out) <= 6, p.writes(out)
+
+
+def test_a_slow_commands_line_is_shown_without_waiting_for_more():
+    """A lone line with nothing after it reaches the stream on the timer, well within the latency bound."""
+    out = io.StringIO()
+    p = LinePrinter(["a"])
+    p.write("a", out, b"first\n")
+    wait_until(lambda: out.getvalue() == "a | first\n", what="the line on the timer")
+    assert p.writes(out) == 1
+
+
+def test_prefixed_lines_carry_the_commands_bytes_unchanged():
+    """Bytes that are not UTF-8 reach a text stream's binary layer as they were, prefix in front."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")
+    p = LinePrinter(["a"])
+    p.write("a", out, b"caf\xe9\n\xff\xfe\n")
+    p.write_line(out, "remsh: done")
+    assert raw.getvalue() == b"a | caf\xe9\na | \xff\xfe\nremsh: done\n"
+
+
+def test_long_and_short_lines_mixed_in_any_chunking_come_out_as_line_by_line():
+    """Lines over max_line among short ones, held parts, empty lines: the same lines as cutting one by one."""
+    data = b"ab\n" + b"x" * 20 + b"\n\ncd" + b"y" * 9 + b"\nlast"
+    expected: List[bytes] = []
+    LineBuffer(expected.append, max_line=8).feed(data + b"\n")
+    want = "".join(f"s | {line.decode()}\n" for line in expected)
+    for size in (1, 2, 3, 7, 8, 9, 13, len(data)):
+        out = io.StringIO()
+        p = LinePrinter(["s"], max_line=8)
+        for i in range(0, len(data), size):
+            p.write("s", out, data[i:i + size])
+        p.flush("s", out)
+        assert out.getvalue() == want, size
+
+
+def test_raw_output_is_written_as_it_came():
+    """write_raw passes bytes through without prefix or cutting, in order with the lines of the stream."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")
+    p = LinePrinter(["a"])
+    p.write_raw(out, b"no newline \xe9")
+    p.write_raw(out, b" more\n")
+    p.flush_all()
+    assert raw.getvalue() == b"no newline \xe9 more\n"
