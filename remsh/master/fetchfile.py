@@ -4,20 +4,18 @@ slave to the master), kept apart so that the slave's module stays short."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
 from remsh.bulk import Sink, writer_for_fd
 from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError
 from remsh.files import PartialFile
+from remsh.master.operation import OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.master.tree import DRAIN_LIMIT
 from remsh.ops import FETCH
 
-if TYPE_CHECKING:
-    from remsh.master.slave import Path, Slave
 
-
-def fetch(self: "Slave", src: "Path", dest: "Union[Path, BinaryIO]", max_bytes: Optional[int],
+def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],
           progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch`."""
     part: Optional[PartialFile] = None
@@ -26,26 +24,27 @@ def fetch(self: "Slave", src: "Path", dest: "Union[Path, BinaryIO]", max_bytes: 
     else:
         dest_b = os.fsencode(dest)
         if os.path.lexists(dest_b):
-            raise LocalError(f"{self.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
+            raise LocalError(f"{slave.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
         try:
             part = PartialFile(dest_b)
         except OSError as e:
-            raise LocalError(f"{self.name}: fetch: cannot create local file: {e}") from e
+            raise LocalError(f"{slave.name}: fetch: cannot create local file: {e}") from e
         out = part
     counter = Progress(progress, None)
     # hashed and written in a helper thread while the next boxes arrive
     # (remsh.bulk); a caller's file object is written from this thread
-    sink = Sink(writer_for_fd(part.fd), stream=self.wire.stream) if part is not None else \
-        Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
+    sink: Optional[Sink] = None
     try:
-        with self._operation("fetch"):
-            self.wire.send_bytes(FETCH.encode(src=os.fsencode(src)))
-            read_box = self.wire.read_box
+        with slave.operation("fetch") as op:
+            sink = Sink(writer_for_fd(part.fd), stream=op.stream) if part is not None else \
+                Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
+            op.send_bytes(FETCH.encode(src=os.fsencode(src)))
+            read_box = op.read_box
             add = sink.add
             received = 0
             stopped = False
             while True:
-                box = read_box(self.io_timeout)
+                box = read_box(op.io_timeout)
                 if box is None:
                     raise Disconnected("slave closed the connection during fetch")
                 data = box.get(b"data")
@@ -56,7 +55,7 @@ def fetch(self: "Slave", src: "Path", dest: "Union[Path, BinaryIO]", max_bytes: 
                     # stop the slave; what is already on its way is read and dropped
                     if not stopped:
                         stopped = True
-                        self.wire.send_box({b"interrupt": b"y"})
+                        op.send_box({b"interrupt": b"y"})
                     elif received > max_bytes + DRAIN_LIMIT:
                         raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
                     continue
@@ -64,26 +63,28 @@ def fetch(self: "Slave", src: "Path", dest: "Union[Path, BinaryIO]", max_bytes: 
                 counter.add(len(data))
             digest = sink.finish()
         if stopped:  # whatever the final box says: ours is the cause
-            raise LimitExceeded(f"{self.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
+            raise LimitExceeded(f"{slave.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
                                 f"the transfer was stopped and nothing was kept")
-        self._raise_if_error("fetch", box)
+        op.raise_if_error(box)
+        assert sink is not None
         local_error = sink.error
         if local_error is not None:
             if not isinstance(local_error, OSError):
                 raise local_error
-            raise LocalError(f"{self.name}: fetch: writing local file failed: {local_error}") from local_error
+            raise LocalError(f"{slave.name}: fetch: writing local file failed: {local_error}") from local_error
         expected = box.get(b"sha256")
         if expected is not None and expected.lower() != digest.encode("ascii"):
-            raise self._protocol_error("fetch", "data does not match the slave's sha256 digest")
+            raise op.protocol_error("data does not match the slave's sha256 digest")
         if part is not None:
             try:
                 part.commit()
             except FileExistsError:
-                raise LocalError(f"{self.name}: fetch: local destination appeared meanwhile") from None
+                raise LocalError(f"{slave.name}: fetch: local destination appeared meanwhile") from None
             except OSError as e:
-                raise LocalError(f"{self.name}: fetch: cannot place local file: {e}") from e
+                raise LocalError(f"{slave.name}: fetch: cannot place local file: {e}") from e
         counter.finish()
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
         if part is not None:
             part.discard()

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import io
 import os
-from typing import IO, TYPE_CHECKING, BinaryIO, Optional, Union
+from typing import IO, BinaryIO, Optional, Union
 
 from remsh.bulk import OverlongRead, reader_for, send_blocks
 from remsh.errors import LocalError, UsageError
+from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.ops import SEND
 
-if TYPE_CHECKING:
-    from remsh.master.slave import Path, Slave
-
-
-def send(self: "Slave", src: "Union[Path, BinaryIO]", dest: "Path", mode: Optional[int],
+def send(slave: OperationHost, src: Union[Path, BinaryIO], dest: Path, mode: Optional[int],
          progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.send`."""
     request = SEND.encode(dest=os.fsencode(dest), mode=mode)
@@ -27,7 +24,7 @@ def send(self: "Slave", src: "Union[Path, BinaryIO]", dest: "Path", mode: Option
         try:
             f = open(src, "rb", buffering=0)
         except OSError as e:
-            raise LocalError(f"{self.name}: send: cannot open local file: {e}") from e
+            raise LocalError(f"{slave.name}: send: cannot open local file: {e}") from e
         own = True
     try:
         total: Optional[int] = None
@@ -36,29 +33,29 @@ def send(self: "Slave", src: "Union[Path, BinaryIO]", dest: "Path", mode: Option
                 total = os.fstat(f.fileno()).st_size
             except (OSError, AttributeError, io.UnsupportedOperation):
                 total = None
-        with self._operation("send"):
-            self.wire.send_bytes(request)
-            self._raise_if_error("send", self._read("send"))
-            local_error = _send_data(self, f, Progress(progress, total))
-            reply = self._read("send")
+        with slave.operation("send") as op:
+            op.send_bytes(request)
+            op.raise_if_error(op.read())
+            local_error = _send_data(op, f, Progress(progress, total))
+            reply = op.read()
         # the slave's error for an aborted transfer only echoes the local cause
         if isinstance(local_error, OverlongRead):
-            raise UsageError(f"{self.name}: send: the source is not a file-like object: {local_error}")
+            raise UsageError(f"{slave.name}: send: the source is not a file-like object: {local_error}")
         if local_error is not None:
-            raise LocalError(f"{self.name}: send: reading local file failed: {local_error}") from local_error
-        self._raise_if_error("send", reply)
+            raise LocalError(f"{slave.name}: send: reading local file failed: {local_error}") from local_error
+        op.raise_if_error(reply)
     finally:
         if own:
             f.close()
 
 
-def _send_data(self: "Slave", f: IO[bytes], progress: Progress) -> Optional[OSError]:
+def _send_data(op: OperationFrame, f: IO[bytes], progress: Progress) -> Optional[OSError]:
     # file data read in place into pre-framed data boxes, hashed in a
     # helper thread while the next block is read and sent (remsh.bulk)
-    digest, error = send_blocks(reader_for(f), self.wire.send_bytes, progress.add, stream=self.wire.stream)
+    digest, error = send_blocks(reader_for(f), op.send_bytes, progress.add, stream=op.stream)
     if error is not None:
-        self.wire.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
+        op.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
         return error
-    self.wire.send_box({b"sha256": digest.encode("ascii")})
+    op.send_box({b"sha256": digest.encode("ascii")})
     progress.finish()
     return None

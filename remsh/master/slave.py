@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import (TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
+from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
@@ -29,14 +29,12 @@ from remsh.master import fetchfile as _fetchfile
 from remsh.master import sendfile as _sendfile
 from remsh.master import tree as _tree
 from remsh.master.fairlock import FairLock
+from remsh.master.operation import OperationFrame, progress_interval
 from remsh.master.stdinfeeder import INTERRUPT_SEND_TIMEOUT, StdinFeeder
 from remsh.session import SessionWire
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SET_CWD, STAT, UNLINK,
                        Operation, is_progress)
 from remsh.wire import Box, Wire
-
-if TYPE_CHECKING:
-    from remsh.master.slavelistener.base import SlaveListener
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,13 @@ __all__ = ["Slave", "DEFAULT_IO_TIMEOUT", "IdleWatcher", "ProgressCallback"]
 def _b(path: Path) -> bytes:
     """A path or argument as bytes, without losing undecodable bytes."""
     return os.fsencode(path)
+
+
+class StateListener(Protocol):
+    """Where a slave reports ``away``/``back``/``lost`` (its listener:
+    :class:`~remsh.master.slavelistener.base.SlaveListener`)."""
+
+    def slave_state(self, slave: "Slave", state: str, detail: str = "") -> None: ...
 
 
 class IdleWatcher(Protocol):
@@ -89,7 +94,7 @@ class Slave:
     """
 
     def __init__(self, wire: Union[Wire, SessionWire], name: str, info: Optional[Dict[str, str]] = None,
-                 listener: Optional["SlaveListener"] = None, *,
+                 listener: Optional[StateListener] = None, *,
                  io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
         self.wire: Any = wire
         self.name = name
@@ -292,22 +297,19 @@ class Slave:
         return error
 
     @contextmanager
-    def _operation(self, meth: str, deadline: Optional[float] = None) -> Iterator[None]:
-        """Hold the slave for one operation; turn transport failures into a
-        disconnect, and name slave and operation in every error."""
+    def operation(self, meth: str, deadline: Optional[float] = None) -> Iterator[OperationFrame]:
+        """Hold the slave for one operation ``meth`` (in call order) and
+        yield its :class:`~remsh.master.operation.OperationFrame`; turn
+        transport failures into a disconnect, and name slave and operation
+        in every error.  For the bodies of the longer operations
+        (:mod:`remsh.master.tree` and the file transfers)."""
         self._begin(meth, deadline)
         try:
-            yield
+            yield OperationFrame(self.wire, self.name, meth, self.io_timeout, self.drop)
         except BaseException as e:  # noqa: BLE001 - re-raised as _failure decides
             raise self._failure(meth, e)  # noqa: B904 - cause set by _failure
         finally:
             self._end()
-
-    def _read(self, meth: str) -> Box:
-        box: Optional[Box] = self.wire.read_box(self.io_timeout)
-        if box is None:
-            raise Disconnected(f"slave closed the connection during {meth}")
-        return box
 
     def _raise_if_error(self, meth: str, box: Box) -> Box:
         if b"errtag" in box:
@@ -339,9 +341,8 @@ class Slave:
         return reply
 
     def _progress_interval(self) -> float:
-        """How often a long operation should show it is alive: a quarter of
-        the reply deadline, so a slow link cannot make a busy slave look dead."""
-        return max(0.05, self.io_timeout / 4)
+        """How often a long operation should show it is alive."""
+        return progress_interval(self.io_timeout)
 
     # -- simple operations ---------------------------------------------------
 
@@ -483,7 +484,7 @@ class Slave:
         if interrupted is not None and interrupted():
             self._interrupt_call(call)  # idle: kept, and sent right behind the request
         try:
-            with self._operation("execute", deadline):
+            with self.operation("execute", deadline):
                 # under the lock: an interrupt must not overtake its request
                 with self._exec_lock:
                     self.wire.send_bytes(call.request())

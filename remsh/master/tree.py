@@ -26,24 +26,21 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
+from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
+from remsh.dirremove import remove_dir_at
 from remsh.errors import LimitExceeded, LocalError, ProtocolError, UsageError
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
-from remsh.slave.fsops import remove_dir_at
 from remsh.treemanifest import ManifestReader, file_digest
 from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError, Sender,
-                              SourceError, StreamError, T, TargetError, encode, others_message, received_boxes, scan,
+                              SourceError, StreamError, T, TargetError, encode, others_message, scan,
                               walk)
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import Box
 
-if TYPE_CHECKING:
-    from remsh.master.slave import Slave
-
-Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 #: What a transfer stopped at its bound (``max_bytes``, ``max_entries``)
 #: still reads and drops -- the data already on its way when the slave got
@@ -101,7 +98,7 @@ class SyncResult:
     unchanged: int = 0
 
 
-def _open_local_dir(slave: "Slave", meth: str, path: Path) -> int:
+def _open_local_dir(slave: OperationHost, meth: str, path: Path) -> int:
     p = os.fsencode(path)
     try:
         return os.open(p, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -111,10 +108,10 @@ def _open_local_dir(slave: "Slave", meth: str, path: Path) -> int:
         raise LocalError(f"{slave.name}: {meth}: cannot open local directory: {e}") from e
 
 
-def _read(slave: "Slave", meth: str) -> Box:
+def _read(op: OperationFrame) -> Box:
     """The slave's next box that is not a liveness box."""
     while True:
-        box = slave._read(meth)
+        box = op.read()
         if not is_progress(box):
             return box
 
@@ -124,8 +121,8 @@ class _Peek:
     still sending); looks at most every :data:`PEEK_EVERY` seconds and never
     blocks.  The answer is kept in :attr:`final`."""
 
-    def __init__(self, slave: "Slave") -> None:
-        self.wire = slave.wire
+    def __init__(self, op: OperationFrame) -> None:
+        self.op = op
         self.final: Optional[Box] = None
         self._next = time.monotonic() + PEEK_EVERY
 
@@ -136,33 +133,32 @@ class _Peek:
         if now < self._next:
             return False
         self._next = now + PEEK_EVERY
-        for box in received_boxes(self.wire):
+        for box in self.op.received():
             if not is_progress(box):
                 self.final = box
                 return True
         return False
 
 
-def _finish_stream(slave: "Slave", meth: str, sender: Sender, peek: _Peek,
+def _finish_stream(op: OperationFrame, sender: Sender, peek: _Peek,
                    local_error: Optional[Exception]) -> Box:
     """Send the end box (``abort`` after a local failure or an early answer)
     and return the slave's final box."""
-    wire = slave.wire
     if local_error is not None:
         sender.flush()
-        wire.send_box({ABORT: f"master could not read its tree: {local_error}".encode("utf-8", "replace")})
+        op.send_box({ABORT: f"master could not read its tree: {local_error}".encode("utf-8", "replace")})
     elif peek.final is not None or sender.stopped:
-        wire.send_box({ABORT: b"the slave answered before the end"})
+        op.send_box({ABORT: b"the slave answered before the end"})
     else:
         sender.flush()
-        wire.send_box({END: b"y"})
-    return peek.final if peek.final is not None else _read(slave, meth)
+        op.send_box({END: b"y"})
+    return peek.final if peek.final is not None else _read(op)
 
 
 # -- send_tree -----------------------------------------------------------------------------
 
 
-def send_tree(slave: "Slave", src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
+def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.send_tree`."""
     meth = "send_tree"
     top = _open_local_dir(slave, meth, src_dir)
@@ -176,18 +172,18 @@ def send_tree(slave: "Slave", src_dir: Path, dest: Path, progress: Optional[Prog
         counter = Progress(progress, found.size)
         request = SEND_TREE.encode(dest=os.fsencode(dest))
         local_error: Optional[Exception] = None
-        with slave._operation(meth):
-            slave.wire.send_bytes(request)
-            peek = _Peek(slave)
-            sender = Sender(slave.wire.send_bytes, counter.add, peek)
+        with slave.operation(meth) as op:
+            op.send_bytes(request)
+            peek = _Peek(op)
+            sender = Sender(op.send_bytes, counter.add, peek)
             try:
                 sender.tree(top)
             except SourceError as e:
                 local_error = e
-            final = _finish_stream(slave, meth, sender, peek, local_error)
+            final = _finish_stream(op, sender, peek, local_error)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: {local_error}; nothing was kept on the slave")
-        slave._raise_if_error(meth, final)
+        op.raise_if_error(final)
         counter.finish()
     finally:
         os.close(top)
@@ -196,7 +192,7 @@ def send_tree(slave: "Slave", src_dir: Path, dest: Path, progress: Optional[Prog
 # -- fetch_tree ----------------------------------------------------------------------------
 
 
-def _local_parent(slave: "Slave", meth: str, path: Path) -> Tuple[int, bytes]:
+def _local_parent(slave: OperationHost, meth: str, path: Path) -> Tuple[int, bytes]:
     """A descriptor of the local directory that will hold ``path`` and its
     last component; ``path`` must not exist."""
     p = os.fsencode(path).rstrip(b"/")
@@ -217,7 +213,7 @@ class _Bound(Exception):
     """A bound the caller set was passed (its name and value in the message)."""
 
 
-def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
+def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
                max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
     meth = "fetch_tree"
@@ -229,10 +225,9 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
     local_error: Optional[Exception] = None
     stopped: Optional[_Bound] = None  # the bound that stopped the transfer
     try:
-        with slave._operation(meth):
-            wire = slave.wire
-            wire.send_bytes(FETCH_TREE.encode(src=os.fsencode(src), progress=slave._progress_interval()))
-            box = _read(slave, meth)
+        with slave.operation(meth) as op:
+            op.send_bytes(FETCH_TREE.encode(src=os.fsencode(src), progress=op.progress_interval))
+            box = _read(op)
             if b"errtag" not in box:
                 total, announced = _announced(box, b"size"), _announced(box, b"files")
                 counter = Progress(progress, total)
@@ -258,9 +253,9 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                     except OSError as e:
                         local_error = e
                 if stopped is not None or local_error is not None:
-                    wire.send_box({b"interrupt": b"y"})
+                    op.send_box({b"interrupt": b"y"})
                 while True:
-                    box = _read(slave, meth)
+                    box = _read(op)
                     if b"errtag" in box or END in box:
                         break
                     if writer is None or local_error is not None or stopped is not None:
@@ -281,23 +276,23 @@ def fetch_tree(slave: "Slave", src: Path, dest_dir: Path, progress: Optional[Pro
                         writer.feed(box)
                     except _Bound as e:
                         stopped = e
-                        wire.send_box({b"interrupt": b"y"})
+                        op.send_box({b"interrupt": b"y"})
                     except TargetError as e:
                         local_error = e
-                        wire.send_box({b"interrupt": b"y"})
+                        op.send_box({b"interrupt": b"y"})
                     except (StreamError, DigestError) as e:
                         raise ProtocolError(str(e)) from None
         if stopped is not None:  # whatever the final box says: ours is the cause
             raise LimitExceeded(f"{slave.name}: {meth}: {os.fsdecode(src)} passed {stopped}; the transfer "
                                 f"was stopped and nothing was kept")
         if b"errtag" in box:
-            slave._raise_if_error(meth, box)
+            op.raise_if_error(box)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: writing the local tree failed: {local_error}; "
                              f"nothing was kept") from local_error
         assert writer is not None and tmp is not None
         if not writer.done:
-            raise slave._protocol_error(meth, "the tree stream ended before its top directory was left")
+            raise op.protocol_error("the tree stream ended before its top directory was left")
         writer.close()
         os.close(top)
         top = -1
@@ -373,7 +368,7 @@ def _plan(top: int, manifest: ManifestReader, checksum: bool) -> Tuple[Dict[byte
     return plan, total, others
 
 
-def sync_tree(slave: "Slave", src_dir: Path, dest: Path, delete: bool, checksum: bool,
+def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, checksum: bool,
               progress: Optional[ProgressCallback]) -> SyncResult:
     """See :meth:`remsh.master.slave.Slave.sync_tree`."""
     meth = "sync_tree"
@@ -381,13 +376,12 @@ def sync_tree(slave: "Slave", src_dir: Path, dest: Path, delete: bool, checksum:
     result = SyncResult()
     local_error: Optional[Exception] = None
     try:
-        request = SYNC_TREE.encode(dest=os.fsencode(dest), checksum=checksum, progress=slave._progress_interval())
-        with slave._operation(meth):
-            wire = slave.wire
-            wire.send_bytes(request)
+        with slave.operation(meth) as op:
+            op.send_bytes(SYNC_TREE.encode(dest=os.fsencode(dest), checksum=checksum,
+                                             progress=op.progress_interval))
             manifest = ManifestReader()
             while True:
-                final = _read(slave, meth)
+                final = _read(op)
                 if b"errtag" in final or END in final:
                     break
                 try:
@@ -403,17 +397,17 @@ def sync_tree(slave: "Slave", src_dir: Path, dest: Path, delete: bool, checksum:
                     counter = Progress(progress, total)
                 except SourceError as e:
                     local_error = e
-                peek = _Peek(slave)
-                sender = Sender(wire.send_bytes, counter.add if counter else (lambda n: None), peek)
+                peek = _Peek(op)
+                sender = Sender(op.send_bytes, counter.add if counter else (lambda n: None), peek)
                 if local_error is None:
                     try:
                         _send_changes(sender, top, manifest, plan, delete, result)
                     except SourceError as e:
                         local_error = e
-                final = _finish_stream(slave, meth, sender, peek, local_error)
+                final = _finish_stream(op, sender, peek, local_error)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: {local_error}")
-        slave._raise_if_error(meth, final)
+        op.raise_if_error(final)
         if counter is not None:
             counter.finish()
         return result
