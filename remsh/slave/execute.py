@@ -26,16 +26,15 @@ import subprocess
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
 from remsh.session import SessionWire
 from remsh.slave import pgroups
+from remsh.slave.request import Request
 from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box
 
-if TYPE_CHECKING:
-    from remsh.slave.server import SlaveServer
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def _kill_group_only(proc: "subprocess.Popen[bytes]") -> None:
         pass
 
 
-def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
+def run_execute(request: Request, args: Dict[str, Any]) -> None:
     """Perform one ``execute`` request (arguments parsed by the table of
     operations), from start reply to final box."""
     argv: List[bytes] = args["args"]
@@ -191,10 +190,10 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     want_stderr = args["want_stderr"] is not False
     want_stdin = bool(args["want_stdin"])
     timeout: Optional[float] = args["timeout"]
-    cwd = server.cwd
+    cwd = request.cwd
     if args["cwd"]:
-        cwd = os.path.join(server.cwd, args["cwd"])
-    policy = server.policy
+        cwd = request.path(args["cwd"])
+    policy = request.policy
     program: Optional[bytes] = None
     if not policy.execute or policy.allow_commands:
         # before anything else: the environment can turn an allowed program
@@ -205,7 +204,7 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     if not policy.execute or policy.allow_commands:
         env_path = (env if env is not None else os.environb).get(b"PATH")
         program = policy.check_execute(argv, env_path, cwd=policy.check_cwd(cwd))
-    devnull = server.devnull()
+    devnull = request.devnull()
     with policy.exec_cwd(cwd) as start_dir:
         try:
             proc = subprocess.Popen(
@@ -229,7 +228,7 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
     # recorded while it runs: a successor kills it if this slave dies outright
     pgroups.started(proc.pid)
     try:
-        supervisor = _Supervisor(server, proc, timeout, bool(args["keep_processes"]))
+        supervisor = _Supervisor(request, proc, timeout, bool(args["keep_processes"]))
         if want_stdin:
             supervisor.send_start()  # the master may wait for it before sending stdin
         supervisor.run()
@@ -247,11 +246,10 @@ def run_execute(server: "SlaveServer", args: Dict[str, Any]) -> None:
 
 
 class _Supervisor:
-    def __init__(self, server: "SlaveServer", proc: "subprocess.Popen[bytes]", timeout: Optional[float],
+    def __init__(self, request: Request, proc: "subprocess.Popen[bytes]", timeout: Optional[float],
                  keep_processes: bool = False) -> None:
-        self.server = server
         self.keep_processes = keep_processes
-        self.wire: Any = server.wire
+        self.wire: Any = request.wire
         self.proc = proc
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout

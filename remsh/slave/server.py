@@ -27,6 +27,7 @@ from remsh.session import SessionWire
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
+from remsh.slave.request import Request
 from remsh.slave.watch import InterruptWatch
 from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, END_OF_BOX, MAX_KEY_LENGTH,
                         MAX_VALUE_LENGTH, Box, Wire)
@@ -268,20 +269,24 @@ class SlaveServer:
         self._reply(send_end)
         return None
 
+    def request(self) -> Request:
+        """What a handler of a longer conversation gets of this server."""
+        return Request(self.wire, self.cwd, self.policy, self.io_timeout, self.devnull)
+
     def op_execute(self, args: Dict[str, Any]) -> Optional[Box]:
-        run_execute(self, args)
+        run_execute(self.request(), args)
         return None
 
     def op_send_tree(self, args: Dict[str, Any]) -> Optional[Box]:
-        tree.receive_tree(self, args)
+        tree.receive_tree(self.request(), args)
         return None
 
     def op_fetch_tree(self, args: Dict[str, Any]) -> Optional[Box]:
-        tree.send_tree_to_master(self, args)
+        tree.send_tree_to_master(self.request(), args)
         return None
 
     def op_sync_tree(self, args: Dict[str, Any]) -> Optional[Box]:
-        tree.sync_tree(self, args)
+        tree.sync_tree(self.request(), args)
         return None
 
 

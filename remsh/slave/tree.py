@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from remsh.errors import (Disconnected, FailedError, InvalidRequestError, NotFoundError, OpenFailedError,
                           RemoteError, RemoteFileExistsError, UnexpectedError)
@@ -41,14 +41,13 @@ from remsh.files import O_DIRECTORY, O_NONBLOCK
 from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
+from remsh.slave.request import Request
 from remsh.treemanifest import manifest_records
 from remsh.treestream import (ABORT, DIR_OPEN, END, M, DigestError, Sender, SourceError, StreamError, TargetError,
                               others_message, received_boxes, scan)
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import END_OF_BOX, Box
 
-if TYPE_CHECKING:
-    from remsh.slave.server import SlaveServer
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +116,9 @@ def _as_remote(e: BaseException) -> RemoteError:
 class _Receiver:
     """Reads the master's record stream up to its end box."""
 
-    def __init__(self, server: "SlaveServer") -> None:
-        self.wire = server.wire
-        self.timeout = server.io_timeout
+    def __init__(self, request: Request) -> None:
+        self.wire = request.wire
+        self.timeout = request.io_timeout
         self.ended = False
 
     def next(self) -> Optional[Box]:
@@ -146,25 +145,25 @@ class _Receiver:
             raise FailedError(f"master aborted the transfer: {reason}; nothing was kept")
 
 
-def _fail(server: "SlaveServer", receiver: _Receiver, error: BaseException) -> None:
+def _fail(request: Request, receiver: _Receiver, error: BaseException) -> None:
     """Send the final error box now, then read what the master still sends."""
-    server.wire.send_box(error_box(_as_remote(error)))
+    request.wire.send_box(error_box(_as_remote(error)))
     receiver.drain()
 
 
 # -- send_tree -----------------------------------------------------------------------
 
 
-def receive_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
+def receive_tree(request: Request, args: Dict[str, Any]) -> None:
     """``send_tree``: build the master's tree at ``dest``, atomically."""
-    dest = os.path.join(server.cwd, args["dest"])
-    receiver = _Receiver(server)
+    dest = request.path(args["dest"])
+    receiver = _Receiver(request)
     parent = top = -1
     tmp: Optional[bytes] = None
     writer: Optional[Writer] = None
     failure: Optional[BaseException] = None
     try:
-        parent, name = open_parent(server.policy, dest)
+        parent, name = open_parent(request.policy, dest)
         fsops.refuse_existing(parent, name, dest)
         try:
             tmp = make_temp_dir(parent, name)
@@ -176,7 +175,7 @@ def receive_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
             box = receiver.next()
             if box is None:
                 break
-            writer.feed(_policed(server.policy, box))
+            writer.feed(_policed(request.policy, box))
         receiver.aborted()
         if not writer.done:
             raise InvalidRequestError("the tree stream ended before its top directory was left")
@@ -197,9 +196,9 @@ def receive_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
     finally:
         _cleanup(writer, top, parent, tmp)
     if failure is not None:
-        _fail(server, receiver, failure)
+        _fail(request, receiver, failure)
     else:
-        server.wire.send_bytes(END_OF_BOX)
+        request.wire.send_bytes(END_OF_BOX)
 
 
 def _cleanup(writer: Optional[Writer], top: int, parent: int, tmp: Optional[bytes]) -> None:
@@ -223,8 +222,8 @@ class _InterruptWatch:
     """Looks, at most every :data:`POLL_EVERY` seconds, whether the master
     sent ``{interrupt: y}``."""
 
-    def __init__(self, server: "SlaveServer") -> None:
-        self.wire = server.wire
+    def __init__(self, request: Request) -> None:
+        self.wire = request.wire
         self.next = time.monotonic()  # the first look at once: an early interrupt stops the first file
         self.seen = False
 
@@ -239,14 +238,14 @@ class _InterruptWatch:
         return self.seen
 
 
-def send_tree_to_master(server: "SlaveServer", args: Dict[str, Any]) -> None:
+def send_tree_to_master(request: Request, args: Dict[str, Any]) -> None:
     """``fetch_tree``: send the tree at ``src``."""
-    src = os.path.join(server.cwd, args["src"])
-    wire = server.wire
+    src = request.path(args["src"])
+    wire = request.wire
     try:
-        fd = server.policy.open(src, os.O_RDONLY | O_DIRECTORY | O_NONBLOCK)
+        fd = request.policy.open(src, os.O_RDONLY | O_DIRECTORY | O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError) as e:
-        if isinstance(e, NotADirectoryError) and fsops.stat_kind(src, server.policy):
+        if isinstance(e, NotADirectoryError) and fsops.stat_kind(src, request.policy):
             raise OpenFailedError(f"not a directory: {os.fsdecode(src)}") from None
         raise NotFoundError(f"no such directory: {os.fsdecode(src)}") from None
     except OSError as e:
@@ -259,7 +258,7 @@ def send_tree_to_master(server: "SlaveServer", args: Dict[str, Any]) -> None:
         if found.others:
             raise FailedError(others_message(found.others, fd))
         wire.send_box({b"files": b"%d" % found.files, b"size": b"%d" % found.size})
-        watch = _InterruptWatch(server)
+        watch = _InterruptWatch(request)
         sender = Sender(wire.send_bytes, poll=watch)
         try:
             complete = sender.tree(fd)
@@ -276,15 +275,15 @@ def send_tree_to_master(server: "SlaveServer", args: Dict[str, Any]) -> None:
 # -- sync_tree -------------------------------------------------------------------------------
 
 
-def sync_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
+def sync_tree(request: Request, args: Dict[str, Any]) -> None:
     """``sync_tree``: report ``dest``, then apply the master's changes."""
-    dest = os.path.join(server.cwd, args["dest"])
-    wire = server.wire
-    parent, name = open_parent(server.policy, dest)
+    dest = request.path(args["dest"])
+    wire = request.wire
+    parent, name = open_parent(request.policy, dest)
     top = -1
     try:
         try:
-            top = server.policy.open(dest, os.O_RDONLY | O_DIRECTORY | O_NONBLOCK)
+            top = request.policy.open(dest, os.O_RDONLY | O_DIRECTORY | O_NONBLOCK)
         except FileNotFoundError:
             pass
         except NotADirectoryError:
@@ -300,16 +299,16 @@ def sync_tree(server: "SlaveServer", args: Dict[str, Any]) -> None:
                 raise FailedError(str(e)) from None
             sender.flush()
         wire.send_box({END: b"y"})
-        _apply(server, parent, name, top, dest)
+        _apply(request, parent, name, top, dest)
     finally:
         if top >= 0:
             os.close(top)
         os.close(parent)
 
 
-def _apply(server: "SlaveServer", parent: int, name: bytes, top: int, dest: bytes) -> None:
+def _apply(request: Request, parent: int, name: bytes, top: int, dest: bytes) -> None:
     """Phase two of ``sync_tree``: apply the master's records to ``dest``."""
-    receiver = _Receiver(server)
+    receiver = _Receiver(request)
     writer: Optional[Writer] = None
     made = -1
     failure: Optional[BaseException] = None
@@ -328,7 +327,7 @@ def _apply(server: "SlaveServer", parent: int, name: bytes, top: int, dest: byte
                 raise FailedError(f"cannot open the destination: {e.strerror}: {os.fsdecode(dest)}") from None
         writer = Writer(top, sync=True, remove_dir=remove_dir_at)
         while box is not None:
-            writer.feed(_policed(server.policy, box))
+            writer.feed(_policed(request.policy, box))
             box = receiver.next()
         receiver.aborted()
         if not writer.done:
@@ -343,6 +342,6 @@ def _apply(server: "SlaveServer", parent: int, name: bytes, top: int, dest: byte
         if made >= 0:
             os.close(made)
     if failure is not None:
-        _fail(server, receiver, failure)
+        _fail(request, receiver, failure)
     else:
-        server.wire.send_bytes(END_OF_BOX)
+        request.wire.send_bytes(END_OF_BOX)
