@@ -1,8 +1,10 @@
 """Fail when a module of a package imports, directly or through others, a
 module that imports it back.
 
-Imports are read from the AST, at any depth (a function-level import is still
-a dependency), except inside ``if TYPE_CHECKING:`` blocks, which never run.
+Imports are read from the AST, at any depth: a function-level import is still
+a dependency, and so is one inside ``if TYPE_CHECKING:`` (it never runs, but
+the module still depends on the other's shape: a cycle there is a cycle in
+the design, to be broken with a Protocol in the lower module).
 ``from pkg import name`` counts as importing ``pkg.name`` when that is a
 module, else ``pkg``.
 
@@ -32,19 +34,10 @@ def _modules(package_dir: str) -> Dict[str, str]:
     return found
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _imports(tree: ast.AST, module: str, is_package: bool, modules: Dict[str, str]) -> Iterator[str]:
     """Every module of ``modules`` that ``tree`` imports."""
 
     def visit(node: ast.AST) -> Iterator[str]:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.orelse:
-                yield from visit(child)
-            return
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name
