@@ -392,7 +392,8 @@ class ControlServer:
                 self._clients[id(client)] = client
             client.start()
 
-    def _forget(self, client: "_Client") -> None:
+    def forget(self, client: "_Client") -> None:
+        """Drop a client that has gone (called by the client itself)."""
         with self._clients_lock:
             self._clients.pop(id(client), None)
 
@@ -485,7 +486,7 @@ class _Client:
         except Exception:  # noqa: BLE001 - one client must never take the master down
             log.exception("control client failed")
         finally:
-            self.server._forget(self)
+            self.server.forget(self)
             self.channel.close()
 
     def _fail(self, message: str, code: int = EXIT_USAGE, errtag: Optional[str] = None) -> None:

@@ -432,6 +432,19 @@ class SessionWire:
             self._spool.clear()
         self._cond.notify_all()
 
+    def wait_change(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the session to change (its
+        connection lost, its failure, :meth:`wake`), unless it already has
+        no connection or has failed."""
+        with self._cond:
+            if self.conn is not None and self.failed is None:
+                self._cond.wait(timeout)
+
+    def wake(self) -> None:
+        """End every :meth:`wait_change` now (its caller looks again)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def wait_attached(self, timeout: Optional[float] = None) -> None:
         """Wait while away: until a connection carries the session again.
 
@@ -740,8 +753,10 @@ class SessionWire:
             conn = self.conn
             if self._held:
                 return self._deliver(self._unhold(), conn)
-            while conn is not None and conn._ready:
-                box = conn._ready.popleft()
+            while conn is not None:
+                box = conn.poll_box()
+                if box is None:
+                    break
                 if self._take(box, conn) is not None:
                     return self._count(box, conn)
         return None
@@ -787,7 +802,7 @@ class SessionWire:
         if now - self._idle_window >= 1.0:
             self._idle_window, self._idle_pings = now, 0
         with self._reader:
-            for box in conn._feed(data):
+            for box in conn.decode(data):
                 if box.get(b"hb") == b"ping":
                     self._idle_pings += 1
                     if self._idle_pings > MAX_IDLE_PINGS:

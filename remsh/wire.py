@@ -544,6 +544,12 @@ class Wire:
             self._raw.clear()
         self._ready.extend(self._feed(data))
 
+    def decode(self, data: Union[bytes, memoryview]) -> List[Box]:
+        """The boxes completed by ``data``, bytes of this wire's stream that
+        the caller read itself (a monitor that watches many idle streams);
+        a broken stream raises :class:`WireError` as :meth:`read_box` would."""
+        return self._feed(data)
+
     def _feed(self, data: Union[bytes, memoryview]) -> List[Box]:
         try:
             return self._decoder.feed(data)

@@ -114,8 +114,7 @@ class SessionKeeper:
         except BaseException as e:  # noqa: BLE001 - reported by the keeping thread
             self._error = e
         finally:
-            with session._cond:
-                session._cond.notify_all()
+            session.wake()
 
     def _keep_link(self, session: SessionWire) -> None:
         thread = self._thread
@@ -130,9 +129,7 @@ class SessionKeeper:
                 if isinstance(error, RemshError):
                     raise error
                 raise Disconnected(f"the operation server failed: {error!r}")
-            with session._cond:
-                if session.conn is not None and session.failed is None:
-                    session._cond.wait(min(hb, 1.0))
+            session.wait_change(min(hb, 1.0))
             if session.failed is not None or session.peer_ended:
                 thread.join(_JOIN_TIMEOUT)
                 continue

@@ -358,16 +358,17 @@ class Policy:
         return (f"Policy(root={self.root!r}, execute={self.execute!r}, "
                 f"allow_commands={self.allow_commands!r}, allow_env={self.allow_env!r})")
 
-    def _key(self) -> Tuple[Optional[bytes], bool, Tuple[str, ...], Tuple[str, ...]]:
+    def key(self) -> Tuple[Optional[bytes], bool, Tuple[str, ...], Tuple[str, ...]]:
+        """What decides equality: root, execute, allowed commands and environment."""
         return (self.root, self.execute, self.allow_commands, self.allow_env)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented
-        return self._key() == other._key()
+        return self.key() == other.key()
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return hash(self.key())
 
     @property
     def confined(self) -> bool:
