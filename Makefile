@@ -68,13 +68,14 @@ test: $(STAMP_TEST)
 	if [ $$status -ne 0 ]; then echo "make test: FAILED (see the lint and test output above)" >&2; fi; \
 	exit $$status
 
-# ruff, mypy --strict and the import-cycle check; each runs, so one report
+# ruff, mypy --strict, the import-cycle and private-access checks; each runs, so one report
 # shows every problem.
 lint: $(STAMP_TEST)
 	@status=0; \
 	echo "$(BIN)/ruff check remsh tests"; $(BIN)/ruff check remsh tests || status=1; \
 	echo "$(BIN)/mypy --strict remsh"; $(BIN)/mypy --strict remsh || status=1; \
 	echo "$(BIN)/python tests/check_import_cycles.py remsh"; $(BIN)/python tests/check_import_cycles.py remsh || status=1; \
+	echo "$(BIN)/python tests/check_private_access.py remsh"; $(BIN)/python tests/check_private_access.py remsh || status=1; \
 	exit $$status
 
 # pytest exits 5 when it collected no test: that is a failure here, loudly.

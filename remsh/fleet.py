@@ -378,7 +378,9 @@ class StdinTee:
             self._sizes.pop(name, None)
             self._cond.notify_all()
 
-    def _read(self, name: str, n: int, finished: Callable[[], bool]) -> bytes:
+    def read_for(self, name: str, n: int, finished: Callable[[], bool]) -> bytes:
+        """Up to ``n`` bytes of slave ``name``'s input (waiting for some);
+        ``b""`` at its end, once it is dropped, or once ``finished()``."""
         with self._cond:
             while True:
                 queue = self._queues.get(name)
@@ -408,7 +410,7 @@ class TeeReader:
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes; ``b""`` at the end of the input or once the
         command has ended (:meth:`cancel`)."""
-        return self._tee._read(self._slave.name, n if n > 0 else MAX_STDIN_BACKLOG,
+        return self._tee.read_for(self._slave.name, n if n > 0 else MAX_STDIN_BACKLOG,
                                lambda: self._cancelled or not self._slave.connected)
 
     def cancel(self) -> None:
