@@ -67,7 +67,8 @@ from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_P
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
 from remsh.jobcli import add_parsers as add_job_parsers
-from remsh.jobcli import cmd_cancel, cmd_jobs, render, renderer_for, state_line
+from remsh.jobcli import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
+                          state_line)
 from remsh.jobcli import cmd_job as cmd_show_job
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
@@ -231,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is killed (now, or when its slave is back) and that slave fails (exit 3)")
     g.add_argument("--cwd", help="directory to run in, relative to each slave's base directory")
     g.add_argument("--stdin", action="store_true", help="forward this program's stdin to every command")
-    g.add_argument("--json", action="store_true", help="one JSON object per slave as it ends")
-    g.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    add_output_options(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]")
 
     put = sub.add_parser("put", help="copy a local file or tree to slaves")
@@ -420,6 +420,7 @@ def _check_job(args: argparse.Namespace) -> None:
             raise UsageError("run: no command given (remsh run -- COMMAND [ARG ...])")
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError("--timeout must be positive")
+        check_output_options(args)
     elif args.command == "put":
         args.local_path = os.path.abspath(args.local_path)
         if not os.path.lexists(args.local_path):

@@ -35,6 +35,7 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protoc
 
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
 from remsh.lineprinter import LinePrinter, printable
+from remsh.outputs import OutputFiles
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -672,15 +673,21 @@ class Renderer:
     ``mode`` is ``"lines"`` (output lines prefixed with the slave's name, as
     ``remsh run`` always printed), ``"json"`` (one JSON object per slave as
     it ends) or ``"transfer"`` (progress bars on a terminal, a plain line per
-    slave otherwise).
+    slave otherwise).  For ``"lines"``: ``prefix`` false writes the output
+    as it comes (``--no-prefix``), ``outdir``/``errdir`` take stdout/stderr
+    into ``DIR/NAME`` instead of the terminal (``-o``/``-e``).
     """
 
     def __init__(self, mode: str = "lines", *, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-                 colour: bool = False, progress_tty: bool = False) -> None:
+                 colour: bool = False, progress_tty: bool = False, prefix: bool = True,
+                 outdir: Optional[str] = None, errdir: Optional[str] = None) -> None:
         self.mode = mode
         self.out = out
         self.err = err
         self.colour = colour
+        self.prefix = prefix
+        self.files = {"stdout": OutputFiles(outdir, "--outdir") if outdir else None,
+                      "stderr": OutputFiles(errdir, "--errdir") if errdir else None}
         self.results: List[SlaveResult] = []
         self.printer = LinePrinter([], colour)
         self.bars = ProgressBars(err, progress_tty)
@@ -707,15 +714,25 @@ class Renderer:
                     self._truncated[name] = True
                 buf += data[:max(0, room)]
             return
-        self.printer.write(name, self._stream(stream), data)
+        files = self.files.get(stream)
+        if files is not None:
+            files.write(name, data)
+        elif self.prefix:
+            self.printer.write(name, self._stream(stream), data)
+        else:
+            self.printer.write_raw(self._stream(stream), data)
 
     def progress(self, name: str, done: int, total: Optional[int]) -> None:
         self.bars.update(name, done, total)
 
     def end(self, result: SlaveResult) -> None:
+        name = result.name
+        for files in self.files.values():
+            why = None if files is None else files.end(name, result.status is not None)
+            if why is not None and result.error is None:
+                result.error, result.errtag = why, "local"
         with self._lock:
             self.results.append(result)
-        name = result.name
         if self.mode == "json":
             with self._lock:
                 out = bytes(self._buffers.pop((name, "stdout"), b""))

@@ -24,6 +24,7 @@ from remsh.controlproto import Event
 from remsh.errors import UsageError
 from remsh.fleet import EXIT_OK, EXIT_SLAVE_FAILED, EXIT_USAGE, Renderer
 from remsh.lineprinter import printable
+from remsh.outputs import prepare_dir
 from remsh.store.base import JOB_CANCELLED, JOB_RUNNING, SLAVE_FAILED, SLAVE_LOST, SLAVE_OK, JobRecord, check_job_id
 
 
@@ -33,15 +34,48 @@ def error(text: str) -> None:
     print(f"remsh: {printable(text)}", file=sys.stderr)
 
 
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """The options of how ``run`` and ``job`` show a command's output."""
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="one JSON object per slave as it ends")
+    g.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the slave names (default: auto, on a terminal unless NO_COLOR is set)")
+    g.add_argument("--no-prefix", action="store_true",
+                   help="print the output as it comes, without the slave names (the exact bytes)")
+    g.add_argument("-o", "--outdir", metavar="DIR",
+                   help="each slave's stdout into DIR/NAME (exact bytes; DIR made if missing) instead of the "
+                        "terminal")
+    g.add_argument("-e", "--errdir", metavar="DIR",
+                   help="each slave's stderr into DIR/NAME (exact bytes; DIR made if missing) instead of the "
+                        "terminal")
+
+
+def check_output_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together; make the ``-o``/``-e``
+    directories.
+
+    :raises UsageError: a bad combination, or a directory that cannot be made
+    """
+    if args.json and args.no_prefix:
+        raise UsageError("--json prints its own objects: no --no-prefix with it")
+    if args.outdir:
+        args.outdir = prepare_dir(args.outdir, "--outdir")
+    if args.errdir:
+        args.errdir = prepare_dir(args.errdir, "--errdir")
+
+
 def renderer_for(kind: str, args: argparse.Namespace) -> Renderer:
     """How a job of ``kind`` is shown: lines (``run``), progress
-    (``put``/``get``), or one JSON object per slave with ``--json``."""
+    (``put``/``get``), or one JSON object per slave with ``--json``; the
+    output options of ``run`` and ``job`` (:func:`add_output_options`)."""
     colour = getattr(args, "color", "never") == "always" or (
         getattr(args, "color", "never") == "auto" and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None)
     if getattr(args, "json", False):
         return Renderer("json", out=sys.stdout, err=sys.stderr)
     if kind == "run":
-        return Renderer("lines", out=sys.stdout, err=sys.stderr, colour=colour)
+        return Renderer("lines", out=sys.stdout, err=sys.stderr, colour=colour,
+                        prefix=not getattr(args, "no_prefix", False), outdir=getattr(args, "outdir", None),
+                        errdir=getattr(args, "errdir", None))
     return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
 
 
@@ -155,6 +189,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     printed it, and its exit status."""
     try:
         job_id = check_job_id(args.id)
+        check_output_options(args)
     except UsageError as e:
         error(str(e))
         return EXIT_USAGE
@@ -196,8 +231,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                                      "the one run would have had; 2 for an unknown id.")
     job.add_argument("id", metavar="ID")
     job.add_argument("--follow", "-f", action="store_true", help="go on until the job ends")
-    job.add_argument("--json", action="store_true", help="one JSON object per slave, as run --json")
-    job.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    add_output_options(job)
     cancel = sub.add_parser("cancel", help="cancel a running job on every slave",
                             description="Interrupt a running job on every slave (commands' process groups "
                                         "killed, transfers abandoned); its state becomes cancelled.  Exit 0, "
