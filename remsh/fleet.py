@@ -35,7 +35,7 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protoc
 
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
 from remsh.lineprinter import LinePrinter, printable
-from remsh.outputs import OutputFiles
+from remsh.outputs import Folder, OutputFiles, outcome_words
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -675,12 +675,14 @@ class Renderer:
     it ends) or ``"transfer"`` (progress bars on a terminal, a plain line per
     slave otherwise).  For ``"lines"``: ``prefix`` false writes the output
     as it comes (``--no-prefix``), ``outdir``/``errdir`` take stdout/stderr
-    into ``DIR/NAME`` instead of the terminal (``-o``/``-e``).
+    into ``DIR/NAME`` instead of the terminal (``-o``/``-e``), ``fold``
+    prints the output at the end, once per group of identical slaves
+    (``--fold``).
     """
 
     def __init__(self, mode: str = "lines", *, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
                  colour: bool = False, progress_tty: bool = False, prefix: bool = True,
-                 outdir: Optional[str] = None, errdir: Optional[str] = None) -> None:
+                 outdir: Optional[str] = None, errdir: Optional[str] = None, fold: bool = False) -> None:
         self.mode = mode
         self.out = out
         self.err = err
@@ -688,6 +690,7 @@ class Renderer:
         self.prefix = prefix
         self.files = {"stdout": OutputFiles(outdir, "--outdir") if outdir else None,
                       "stderr": OutputFiles(errdir, "--errdir") if errdir else None}
+        self.folder = Folder() if fold else None
         self.results: List[SlaveResult] = []
         self.printer = LinePrinter([], colour)
         self.bars = ProgressBars(err, progress_tty)
@@ -717,6 +720,8 @@ class Renderer:
         files = self.files.get(stream)
         if files is not None:
             files.write(name, data)
+        elif self.folder is not None:
+            self.folder.output(name, stream, data)
         elif self.prefix:
             self.printer.write(name, self._stream(stream), data)
         else:
@@ -763,6 +768,9 @@ class Renderer:
         """Print the summary lines and return the exit status."""
         self.printer.flush_all()
         self.bars.finish()
+        if self.folder is not None:
+            outcomes = {r.name: outcome_words(r.status, r.error, r.errtag) for r in self.results}
+            self.folder.print_groups(self.printer, self.out, self.err, outcomes)
         failed = 0
         for r in sorted(self.results, key=lambda r: r.name):
             if r.error is not None:

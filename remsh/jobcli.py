@@ -48,6 +48,9 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-e", "--errdir", metavar="DIR",
                    help="each slave's stderr into DIR/NAME (exact bytes; DIR made if missing) instead of the "
                         "terminal")
+    g.add_argument("--fold", action="store_true",
+                   help="print the output when every slave has ended, slaves with the same stdout, stderr and "
+                        "status once under one header naming them (web-[1-2], db-1)")
 
 
 def check_output_options(args: argparse.Namespace) -> None:
@@ -56,8 +59,10 @@ def check_output_options(args: argparse.Namespace) -> None:
 
     :raises UsageError: a bad combination, or a directory that cannot be made
     """
-    if args.json and args.no_prefix:
-        raise UsageError("--json prints its own objects: no --no-prefix with it")
+    if args.json and (args.no_prefix or args.fold):
+        raise UsageError("--json prints its own objects: no --no-prefix or --fold with it")
+    if args.fold and args.no_prefix:
+        raise UsageError("--fold and --no-prefix do not go together")
     if args.outdir:
         args.outdir = prepare_dir(args.outdir, "--outdir")
     if args.errdir:
@@ -75,7 +80,7 @@ def renderer_for(kind: str, args: argparse.Namespace) -> Renderer:
     if kind == "run":
         return Renderer("lines", out=sys.stdout, err=sys.stderr, colour=colour,
                         prefix=not getattr(args, "no_prefix", False), outdir=getattr(args, "outdir", None),
-                        errdir=getattr(args, "errdir", None))
+                        errdir=getattr(args, "errdir", None), fold=getattr(args, "fold", False))
     return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
 
 

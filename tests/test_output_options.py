@@ -1,8 +1,8 @@
 """How ``remsh run`` and ``remsh job ID`` show output: ``-o``/``-e``
-directories, ``--no-prefix``, and lines shown promptly while a command is
-slow; with a real master and real slave processes (web-1, web-2, db-1, and
-for one test one whose name is not a file name), output bytes compared
-exactly."""
+directories, ``--no-prefix``, ``--fold``, and lines shown promptly while a
+command is slow; with a real master and real slave processes (web-1, web-2,
+db-1, and for one test one whose name is not a file name), output bytes
+compared exactly."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from remsh.outputs import OutputFiles
+from remsh.outputs import OutputFiles, compress_names
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import ROOT, Fleet, Master, _env, wait_names
 from tests.test_jobs import detach, wait_state
@@ -134,9 +134,40 @@ def test_prefixed_lines_carry_the_bytes_unchanged(fleet: Fleet) -> None:
     assert r.stdout == b"db-1 | caf\xe9 db-1\0\ndb-1 | \xff\n"
 
 
+# -- --fold ---------------------------------------------------------------------------
+
+
+def test_fold_prints_identical_slaves_once_under_one_header(fleet: Fleet) -> None:
+    """--fold: the web slaves agree and print once under web-[1-2]; db-1 differs and has its own header."""
+    script = "case $(basename \"$PWD\") in db-*) echo db; exit 1;; *) printf 'web\\n\\351';; esac"
+    r = fleet.run("run", *FLEET, "--fold", "--", "sh", "-c", script)
+    assert r.returncode == 1, r.stderr
+    db_header = "db-1 (failed: exit status 1)"
+    assert r.stdout == (f"{'-' * 28}\n{db_header}\n{'-' * 28}\ndb\n"
+                        f"{'-' * 16}\nweb-[1-2]\n{'-' * 16}\nweb\n\xe9\n").encode("latin-1")
+    assert r.stderr.decode() == "remsh: db-1: exit status 1\nremsh: failed on 1 of 3 slaves\n"
+
+
+def test_fold_of_all_alike_is_one_group_with_stderr_under_the_same_header(fleet: Fleet) -> None:
+    """All three alike: one header naming db-1, web-[1-2]; their common stderr once under it on stderr."""
+    r = fleet.run("run", *FLEET, "--fold", "--", "sh", "-c", "echo same; echo warn >&2")
+    assert r.returncode == 0, r.stderr
+    block = f"{'-' * 16}\ndb-1, web-[1-2]\n{'-' * 16}\n"
+    assert r.stdout.decode() == block + "same\n"
+    assert r.stderr.decode() == block + "warn\n"
+
+
+def test_names_are_compressed_into_numeric_ranges() -> None:
+    """Consecutive numbers of a stem become ranges; lone names stay as they are; zero padding is kept."""
+    assert compress_names(["web-1", "web-2", "db-1"]) == "db-1, web-[1-2]"
+    assert compress_names(["n1", "n2", "n3", "n5", "n10", "x"]) == "n[1-3,5,10], x"
+    assert compress_names(["n08", "n09", "n10"]) == "n[08-10]"
+    assert compress_names(["a\x1b"]) == "a\\x1b"
+
+
 def test_usage_errors_of_output_options(fleet: Fleet) -> None:
-    """--no-prefix with --json is a usage error (exit 2) for run and job."""
-    for extra in (["--json", "--no-prefix"],):
+    """--fold or --no-prefix with --json, and --fold with --no-prefix, are usage errors (exit 2) for run and job."""
+    for extra in (["--json", "--fold"], ["--json", "--no-prefix"], ["--fold", "--no-prefix"]):
         r = fleet.run("run", *FLEET, *extra, "--", "true")
         assert r.returncode == 2 and r.stdout == b"", (extra, r.stderr)
         r = fleet.run("job", "0" * 8, *extra)
@@ -165,13 +196,17 @@ def test_a_slow_commands_line_shows_before_the_command_ends(fleet: Fleet, tmp_pa
 
 
 def test_job_replays_with_the_output_options(fleet: Fleet, tmp_path: Path) -> None:
-    """remsh job ID takes --no-prefix and -o/-e like run, from the stored output."""
+    """remsh job ID takes --fold, --no-prefix and -o like run, from the stored output."""
     job_id = detach(fleet, "run", *FLEET, "--", "sh", "-c", EXACT)
     wait_state(fleet.sock, job_id, "done")
     r = fleet.run("job", job_id, "-o", str(tmp_path / "o"), "-e", str(tmp_path / "e"))
     assert r.returncode == 0 and r.stdout == b"" and r.stderr == b"", r.stderr
     for name in NAMES:
         assert (tmp_path / "o" / name).read_bytes() == exact(name)
+    folded = fleet.run("job", job_id, "--fold")
+    assert folded.returncode == 0
+    for name in NAMES:
+        assert exact(name) + b"\n" in folded.stdout
     raw = fleet.run("job", job_id, "--no-prefix")
     assert raw.returncode == 0 and sorted(raw.stdout.split(b"\xff")) == sorted(
         [b""] + [exact(name)[:-1] for name in NAMES])
