@@ -32,7 +32,7 @@ def one_run(extra: List[str], lines: int, workdir: str) -> float:
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("REMSH_SECRET", None)
     argv = [sys.executable, "-m", "remsh", "run", "--local", "1", "--basedir", workdir, "--color", "never",
-            *extra, "--", "seq", "1", str(lines)]
+            "--no-summary", *extra, "--", "seq", "1", str(lines)]
     with open(os.path.join(workdir, "out"), "wb") as out:
         start = time.perf_counter()
         done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, env=env, timeout=600)

@@ -35,7 +35,7 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protoc
 
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
 from remsh.lineprinter import LinePrinter, printable
-from remsh.outputs import Folder, OutputFiles, outcome_words
+from remsh.outputs import Folder, OutputFiles, outcome_words, summary_lines
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -677,17 +677,20 @@ class Renderer:
     as it comes (``--no-prefix``), ``outdir``/``errdir`` take stdout/stderr
     into ``DIR/NAME`` instead of the terminal (``-o``/``-e``), ``fold``
     prints the output at the end, once per group of identical slaves
-    (``--fold``).
+    (``--fold``).  ``summary``: one line per slave and the totals at the
+    end, instead of a line per failure.
     """
 
     def __init__(self, mode: str = "lines", *, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
                  colour: bool = False, progress_tty: bool = False, prefix: bool = True,
-                 outdir: Optional[str] = None, errdir: Optional[str] = None, fold: bool = False) -> None:
+                 outdir: Optional[str] = None, errdir: Optional[str] = None, fold: bool = False,
+                 summary: bool = False) -> None:
         self.mode = mode
         self.out = out
         self.err = err
         self.colour = colour
         self.prefix = prefix
+        self.summary = summary
         self.files = {"stdout": OutputFiles(outdir, "--outdir") if outdir else None,
                       "stderr": OutputFiles(errdir, "--errdir") if errdir else None}
         self.folder = Folder() if fold else None
@@ -754,9 +757,8 @@ class Renderer:
         self.printer.flush(name, self.err)
         if self.mode == "transfer":
             self.bars.ended(name)
-            if not self.bars.tty:
-                text = f"{name}: {result.summary or 'done'} ({result.duration_s:.1f} s)" if result.error is None \
-                    else f"{name}: failed: {result.error}"
+            if not self.bars.tty and result.error is None:  # a failure is told once, at the end
+                text = f"{name}: {result.summary or 'done'} ({result.duration_s:.1f} s)"
                 self.printer.write_line(self.out, printable(text))
 
     def message(self, text: str) -> None:
@@ -773,17 +775,20 @@ class Renderer:
             self.folder.print_groups(self.printer, self.out, self.err, outcomes)
         failed = 0
         for r in sorted(self.results, key=lambda r: r.name):
-            if r.error is not None:
+            if r.error is not None or r.status != 0:
                 failed += 1
-                self.printer.write_line(self.err, printable(f"remsh: {r.name}: {r.error}"))
-            elif r.status != 0:
-                failed += 1
-                self.printer.write_line(self.err, printable(f"remsh: {r.name}: exit status {r.status}"))
+                if not self.summary:
+                    what = r.error if r.error is not None else f"exit status {r.status}"
+                    self.printer.write_line(self.err, printable(f"remsh: {r.name}: {what}"))
             if r.truncated and self.mode != "json":
                 self.printer.write_line(self.err, printable(f"remsh: {r.name}: output past the master's "
                                                             f"--max-job-output was not kept"))
+        if self.summary:
+            for line in summary_lines([(r.name, r.status, r.error, r.errtag, r.duration_s) for r in self.results]):
+                self.printer.write_line(self.err, line)
         if interrupted:
             self.printer.write_line(self.err, "remsh: interrupted")
-        elif failed:
-            self.printer.write_line(self.err, f"remsh: failed on {failed} of {len(self.results)} slaves")
+        elif failed and not self.summary:
+            n = len(self.results)
+            self.printer.write_line(self.err, f"remsh: failed on {failed} of {n} slave{'' if n == 1 else 's'}")
         return exit_status(self.results, interrupted)

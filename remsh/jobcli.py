@@ -51,6 +51,9 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold", action="store_true",
                    help="print the output when every slave has ended, slaves with the same stdout, stderr and "
                         "status once under one header naming them (web-[1-2], db-1)")
+    g.add_argument("--summary", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with one line per slave (ok, failed, error, away, skipped; its duration) and the "
+                        "totals (default: when stderr is a terminal)")
 
 
 def check_output_options(args: argparse.Namespace) -> None:
@@ -75,12 +78,15 @@ def renderer_for(kind: str, args: argparse.Namespace) -> Renderer:
     output options of ``run`` and ``job`` (:func:`add_output_options`)."""
     colour = getattr(args, "color", "never") == "always" or (
         getattr(args, "color", "never") == "auto" and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None)
+    summary = getattr(args, "summary", False)
+    if summary is None:
+        summary = kind == "run" and not getattr(args, "json", False) and sys.stderr.isatty()
     if getattr(args, "json", False):
-        return Renderer("json", out=sys.stdout, err=sys.stderr)
+        return Renderer("json", out=sys.stdout, err=sys.stderr, summary=summary)
     if kind == "run":
         return Renderer("lines", out=sys.stdout, err=sys.stderr, colour=colour,
                         prefix=not getattr(args, "no_prefix", False), outdir=getattr(args, "outdir", None),
-                        errdir=getattr(args, "errdir", None), fold=getattr(args, "fold", False))
+                        errdir=getattr(args, "errdir", None), fold=getattr(args, "fold", False), summary=summary)
     return Renderer("transfer", out=sys.stdout, err=sys.stderr, progress_tty=sys.stderr.isatty())
 
 

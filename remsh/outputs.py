@@ -10,6 +10,8 @@ run ends on the terminal.
   :data:`MAX_FOLD_OUTPUT` a stream) until all have ended, then slaves with
   the same stdout, stderr and status printed once under one header naming
   them all, numeric ranges compressed (:func:`compress_names`).
+- :func:`summary_lines`: the closing summary (one line a slave, then the
+  totals), like Ansible's recap.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Dict, Iterable, List, Optional, TextIO, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 from remsh.errors import UsageError
 from remsh.lineprinter import LinePrinter, printable
@@ -168,6 +170,27 @@ def outcome_words(status: Optional[int], error: Optional[str], errtag: Optional[
     if status == 0:
         return "ok", ""
     return "failed", f"exit status {status}"
+
+
+def summary_lines(results: Sequence[Tuple[str, Optional[int], Optional[str], Optional[str], float]]) -> List[str]:
+    """The closing summary: one line a slave (name, state, detail,
+    duration), then the totals (``3 slaves: 2 ok, 1 failed``).  ``results``
+    are (name, status, error, errtag, duration in seconds)."""
+    rows = []
+    counts: Dict[str, int] = {}
+    for name, status, error, errtag, duration in sorted(results):
+        state, detail = outcome_words(status, error, errtag)
+        counts[state] = counts.get(state, 0) + 1
+        rows.append((printable(name), state, printable(detail), f"{duration:.2f} s"))
+    width = max((len(r[0]) for r in rows), default=0)
+    lines = []
+    for shown, state, detail, took in rows:
+        lines.append(f"{shown.ljust(width)}  {state.ljust(7)} {took.rjust(8)}" + (f"  {detail}" if detail else ""))
+    n = len(rows)
+    order = ("ok", "failed", "error", "away", "skipped")
+    totals = ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+    lines.append(f"{n} slave{'' if n == 1 else 's'}" + (f": {totals}" if totals else ""))
+    return lines
 
 
 class Folder:

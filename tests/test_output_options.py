@@ -1,21 +1,23 @@
 """How ``remsh run`` and ``remsh job ID`` show output: ``-o``/``-e``
-directories, ``--no-prefix``, ``--fold``, and lines shown promptly while a
-command is slow; with a real master and real slave processes (web-1, web-2,
-db-1, and for one test one whose name is not a file name), output bytes
-compared exactly."""
+directories, ``--no-prefix``, ``--fold``, the closing summary, each failure
+told once, and lines shown promptly while a command is slow; with a real
+master and real slave processes (web-1, web-2, db-1, and for one test one
+whose name is not a file name), output bytes compared exactly."""
 
 from __future__ import annotations
 
 import os
+import pty
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 
-from remsh.outputs import OutputFiles, compress_names
+from remsh.outputs import OutputFiles, compress_names, summary_lines
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import ROOT, Fleet, Master, _env, wait_names
 from tests.test_jobs import detach, wait_state
@@ -140,7 +142,7 @@ def test_prefixed_lines_carry_the_bytes_unchanged(fleet: Fleet) -> None:
 def test_fold_prints_identical_slaves_once_under_one_header(fleet: Fleet) -> None:
     """--fold: the web slaves agree and print once under web-[1-2]; db-1 differs and has its own header."""
     script = "case $(basename \"$PWD\") in db-*) echo db; exit 1;; *) printf 'web\\n\\351';; esac"
-    r = fleet.run("run", *FLEET, "--fold", "--", "sh", "-c", script)
+    r = fleet.run("run", *FLEET, "--fold", "--no-summary", "--", "sh", "-c", script)
     assert r.returncode == 1, r.stderr
     db_header = "db-1 (failed: exit status 1)"
     assert r.stdout == (f"{'-' * 28}\n{db_header}\n{'-' * 28}\ndb\n"
@@ -172,6 +174,92 @@ def test_usage_errors_of_output_options(fleet: Fleet) -> None:
         assert r.returncode == 2 and r.stdout == b"", (extra, r.stderr)
         r = fleet.run("job", "0" * 8, *extra)
         assert r.returncode == 2, (extra, r.stderr)
+
+
+# -- the summary, each failure once ----------------------------------------------------------
+
+
+def _on_pty(fleet: Fleet, *args: str) -> bytes:
+    """What ``remsh ARGS`` writes to stdout and stderr, both a pseudo-terminal."""
+    master_fd, slave_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(fleet.sock), *args], env=_env(),
+                            stdin=subprocess.DEVNULL, stdout=slave_fd, stderr=slave_fd, close_fds=True)
+    os.close(slave_fd)
+    chunks: List[bytes] = []
+    deadline = time.monotonic() + WAIT
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master_fd], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master_fd, 65536)
+                except OSError:  # EIO: every writer has gone
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        assert proc.wait(WAIT) is not None
+    finally:
+        os.close(master_fd)
+        if proc.poll() is None:
+            proc.kill()
+    return b"".join(chunks).replace(b"\r\n", b"\n")
+
+
+def test_summary_on_a_terminal_tells_each_slave_once(fleet: Fleet) -> None:
+    """On a terminal run ends with one line per slave (state, duration) and the totals; a failure is not told twice."""
+    out = _on_pty(fleet, "run", *FLEET, "--color", "never", "--", "sh", "-c",
+                  "case $(basename \"$PWD\") in db-*) exit 4;; esac; echo fine").decode()
+    lines = out.splitlines()
+    assert lines[-1] == "3 slaves: 2 ok, 1 failed", out
+    summary = lines[-4:-1]
+    assert [s.split()[:2] for s in summary] == [["db-1", "failed"], ["web-1", "ok"], ["web-2", "ok"]], out
+    assert summary[0].endswith("exit status 4") and summary[0].split()[3] == "s", out
+    assert out.count("exit status 4") == 1 and "failed on" not in out, out
+    assert sorted(line for line in lines if " | " in line) == ["web-1 | fine", "web-2 | fine"]
+
+
+def test_summary_when_asked_and_one_slave_is_one_slave(fleet: Fleet) -> None:
+    """--summary prints the recap when not on a terminal too, and says '1 slave'."""
+    r = fleet.run("run", "-t", "web-1", "--summary", "--", "true")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.decode().splitlines()
+    assert lines[-1] == "1 slave: 1 ok" and lines[0].split()[:2] == ["web-1", "ok"], lines
+
+
+def test_one_failed_slave_of_one_is_one_slave(fleet: Fleet) -> None:
+    """Without the summary, one failing slave of one is told once and counted as '1 slave'."""
+    r = fleet.run("run", "-t", "web-1", "--", "sh", "-c", "exit 5")
+    assert r.returncode == 5
+    assert r.stderr.decode() == "remsh: web-1: exit status 5\nremsh: failed on 1 of 1 slave\n"
+
+
+def test_no_summary_when_not_on_a_terminal(fleet: Fleet) -> None:
+    """Piped, without --summary, a run that succeeds prints nothing but the output."""
+    r = fleet.run("run", "-t", "web-1", "--", "echo", "x")
+    assert r.returncode == 0 and r.stdout == b"web-1 | x\n" and r.stderr == b""
+
+
+def test_summary_lines_state_every_outcome() -> None:
+    """ok, failed with its status, error, away and skipped, each counted in the totals."""
+    lines = summary_lines([("a", 0, None, None, 1.0), ("b", 2, None, None, 0.5),
+                           ("c", None, "timed out", "error", 2.0), ("d", None, "lost", "disconnected", 0.0),
+                           ("e", None, "cancelled", "cancelled", 0.0)])
+    assert [line.split()[1] for line in lines[:-1]] == ["ok", "failed", "error", "away", "skipped"]
+    assert lines[1].endswith("exit status 2") and lines[0].split()[2:] == ["1.00", "s"]
+    assert lines[-1] == "5 slaves: 1 ok, 1 failed, 1 error, 1 away, 1 skipped"
+
+
+def test_a_failed_put_is_reported_once(fleet: Fleet, tmp_path: Path) -> None:
+    """put to a missing directory: each slave's failure once on stderr, nothing about it on stdout."""
+    src = tmp_path / "f"
+    src.write_text("x")
+    r = fleet.run("put", *FLEET, str(src), "/nonexistent/dir/f")
+    assert r.returncode == 3, r.stderr
+    assert b"failed" not in r.stdout and b"nonexistent" not in r.stdout, r.stdout
+    err = r.stderr.decode()
+    for name in NAMES:
+        assert err.count(f"remsh: {name}: ") == 1, err
 
 
 # -- slow output, and the replay of a job ---------------------------------------------------------
