@@ -92,6 +92,7 @@ docs: $(STAMP_DOCS)
 bench: $(STAMP_BENCH)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/resume.py $(if $(QUICK),--resumes 10 --cut-every 0.5 --min-cuts 3)
+	$(BIN)/python bench/cliprint.py $(if $(QUICK),--quick)
 
 # the soak uses the test suite's relay and the test tools (cryptography for TLS)
 soak: $(STAMP_TEST)
