@@ -38,9 +38,11 @@ printing them without prefixes does.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from typing import BinaryIO, Callable, Dict, List, Optional, TextIO, Tuple
 
 from remsh.master.fairlock import FairLock
@@ -57,6 +59,19 @@ BLOCK = 64 * 1024
 LATENCY = 0.05
 
 log = logging.getLogger(__name__)
+
+#: printers that may hold lines not yet written: written at exit whatever
+#: path the program leaves by (their timer threads do not outlive it)
+_LIVE: "weakref.WeakSet[LinePrinter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for printer in list(_LIVE):
+        try:
+            printer.flush_all()
+        except (OSError, ValueError):  # a stream already closed: nothing more can be said on it
+            pass
 
 #: Colours (ANSI SGR codes) of the slave names, in turn.
 COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
@@ -323,6 +338,7 @@ class LinePrinter:
         self._streams: Dict[int, _Stream] = {}
         self._table_lock = threading.Lock()  # only for the two dicts above
         self._timer_lock = threading.Lock()  # only for the streams' ``armed``
+        _LIVE.add(self)
 
     def write(self, name: str, out: TextIO, data: bytes) -> None:
         """Add a chunk of ``name``'s output bound for ``out``."""

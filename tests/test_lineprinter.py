@@ -4,6 +4,8 @@ stream held by one slave's output."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
 import threading
 from typing import List
@@ -16,6 +18,7 @@ from tests.util import WAIT, run_in_thread, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1024 * 1024
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_49_mib_without_newline_is_held_in_bounded_memory_with_linear_work():
@@ -264,3 +267,13 @@ def test_raw_output_is_written_as_it_came():
     p.write_raw(out, b" more\n")
     p.flush_all()
     assert raw.getvalue() == b"no newline \xe9 more\n"
+
+
+def test_lines_waiting_for_the_timer_are_written_when_the_program_exits():
+    """A program that writes a line and exits at once (no flush, no finish) still prints it."""
+    code = ("import sys; from remsh.lineprinter import LinePrinter; p = LinePrinter(['a']); "
+            "p.write('a', sys.stdout, b'last words\\n'); p.write('a', sys.stderr, b'and these\\n')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=WAIT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"a | last words\n" and r.stderr == b"a | and these\n"
