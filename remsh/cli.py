@@ -517,6 +517,7 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
         signal.signal(signal.SIGINT, previous)
         for listener in listeners:
             listener.stop()
+        renderer.close()
     return renderer.finish(cancellation.cancelled)
 
 

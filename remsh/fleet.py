@@ -766,6 +766,10 @@ class Renderer:
         self.bars.clear()
         self.printer.write_line(self.err, printable(text))
 
+    def close(self) -> None:
+        """Write every line still held (on any way out; see LinePrinter.close)."""
+        self.printer.close()
+
     def finish(self, interrupted: bool = False) -> int:
         """Print the summary lines and return the exit status."""
         self.printer.flush_all()

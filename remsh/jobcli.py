@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional
 
 from remsh.client import Client
 from remsh.control import ControlClient, ControlError, control_path, result_of
@@ -104,7 +104,23 @@ def render(events: Iterable[Event], make: Callable[[str], Renderer], *, kind: Op
            live: bool = True) -> int:
     """Show a job's events as ``run`` always did and return its exit
     status; ``kind`` is known already (``run``/``put``/``get``) or comes in
-    the ``jobrec`` event (``job``).  ``on_job`` gets the job's id."""
+    the ``jobrec`` event (``job``).  ``on_job`` gets the job's id.  Every
+    line received is written, whatever way this returns or raises."""
+    made: List[Renderer] = []
+
+    def making(what: str) -> Renderer:
+        made.append(make(what))
+        return made[-1]
+
+    try:
+        return _render(events, making, kind, on_job, interrupted, live)
+    finally:
+        for renderer in made:
+            renderer.close()
+
+
+def _render(events: Iterable[Event], make: Callable[[str], Renderer], kind: Optional[str],
+            on_job: Optional[Callable[[str], None]], interrupted: Callable[[], bool], live: bool) -> int:
     renderer = make(kind) if kind is not None else None
     job_id = ""
     for ev in events:

@@ -38,11 +38,9 @@ printing them without prefixes does.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
-import weakref
 from typing import BinaryIO, Callable, Dict, List, Optional, TextIO, Tuple
 
 from remsh.master.fairlock import FairLock
@@ -60,18 +58,6 @@ LATENCY = 0.05
 
 log = logging.getLogger(__name__)
 
-#: printers that may hold lines not yet written: written at exit whatever
-#: path the program leaves by (their timer threads do not outlive it)
-_LIVE: "weakref.WeakSet[LinePrinter]" = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    for printer in list(_LIVE):
-        try:
-            printer.flush_all()
-        except (OSError, ValueError):  # a stream already closed: nothing more can be said on it
-            pass
 
 #: Colours (ANSI SGR codes) of the slave names, in turn.
 COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
@@ -338,7 +324,6 @@ class LinePrinter:
         self._streams: Dict[int, _Stream] = {}
         self._table_lock = threading.Lock()  # only for the two dicts above
         self._timer_lock = threading.Lock()  # only for the streams' ``armed``
-        _LIVE.add(self)
 
     def write(self, name: str, out: TextIO, data: bytes) -> None:
         """Add a chunk of ``name``'s output bound for ``out``."""
@@ -373,6 +358,22 @@ class LinePrinter:
         for stream in streams:
             with stream.lock:
                 stream.write_locked()
+
+    def close(self) -> None:
+        """Write what waits, whatever path the program leaves by (a stream
+        already closed takes nothing more); idempotent.  Lines held for the
+        timer are lost to a program that ends without it: its owner calls
+        this in a ``finally`` (or uses the printer with ``with``)."""
+        try:
+            self.flush_all()
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> "LinePrinter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def writes(self, out: TextIO) -> int:
         """Write calls made on ``out`` so far."""

@@ -269,10 +269,15 @@ def test_raw_output_is_written_as_it_came():
     assert raw.getvalue() == b"no newline \xe9 more\n"
 
 
-def test_lines_waiting_for_the_timer_are_written_when_the_program_exits():
-    """A program that writes a line and exits at once (no flush, no finish) still prints it."""
-    code = ("import sys; from remsh.lineprinter import LinePrinter; p = LinePrinter(['a']); "
-            "p.write('a', sys.stdout, b'last words\\n'); p.write('a', sys.stderr, b'and these\\n')")
+def test_lines_waiting_for_the_timer_are_written_when_the_printer_closes():
+    """A program that writes a line and leaves at once, by an exception, still prints it: the printer's with block writes what waits."""
+    code = ("import sys; from remsh.lineprinter import LinePrinter\n"
+            "try:\n"
+            "    with LinePrinter(['a']) as p:\n"
+            "        p.write('a', sys.stdout, b'last words\\n'); p.write('a', sys.stderr, b'and these\\n')\n"
+            "        raise KeyboardInterrupt\n"
+            "except KeyboardInterrupt:\n"
+            "    pass\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=WAIT,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
