@@ -264,7 +264,7 @@ def exit_status(results: Sequence[SlaveResult], interrupted: bool = False) -> in
     """The exit status for a job's results (see the module docstring)."""
     if interrupted:
         return EXIT_INTERRUPTED
-    if any(r.error is not None for r in results):
+    if any(r.error is not None or r.truncated for r in results):  # incomplete output is no success
         return EXIT_SLAVE_FAILED
     statuses = [r.status for r in results if r.status != 0]
     if not statuses:
@@ -785,8 +785,8 @@ class Renderer:
                     what = r.error if r.error is not None else f"exit status {r.status}"
                     self.printer.write_line(self.err, printable(f"remsh: {r.name}: {what}"))
             if r.truncated and self.mode != "json":
-                self.printer.write_line(self.err, printable(f"remsh: {r.name}: output past the master's "
-                                                            f"--max-job-output was not kept"))
+                self.printer.write_line(self.err, printable(f"remsh: {r.name}: incomplete: output past the "
+                                                            f"master's --max-job-output was not kept"))
         if self.summary:
             for line in summary_lines([(r.name, r.status, r.error, r.errtag, r.duration_s) for r in self.results]):
                 self.printer.write_line(self.err, line)
