@@ -110,9 +110,12 @@ def parse_hostport(spec: str) -> Tuple[Optional[str], int]:
     elif ":" in spec:
         host, _, port = spec.rpartition(":")
     try:
-        return host or None, int(port)
+        number = int(port)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected [HOST:]PORT, got {spec!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0 to 65535, got {number}")
+    return host or None, number
 
 
 def positive_int(text: str) -> int:
@@ -304,6 +307,9 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
 
         ctx = _tls_context(args)
         host, port = args.listen
+        if secret is None and not args.insecure:
+            raise ConfigError("--listen needs a secret: --secret-file FILE or $REMSH_SECRET "
+                              "(or --insecure to accept anyone who can connect)")
         try:
             tcp = TcpSlaveListener(port=port, host=host, secret=secret, allow_insecure=args.insecure,
                                    ssl_context=ctx, slave_collection=collection, **_resume(args))
@@ -320,7 +326,7 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         try:
             from remsh.master.slavelistener.ssh import SshSlaveListener
         except ImportError as e:
-            raise ConfigError(f"--ssh-listen needs paramiko: {e}") from None
+            raise ConfigError(f"--ssh-listen needs paramiko (pip install 'remsh[ssh]'): {e}") from None
         host, port = args.ssh_listen
         try:
             sshl = SshSlaveListener(port=port, host=host, host_key=args.host_key,

@@ -386,3 +386,22 @@ def test_log_lines_escape_what_they_quote_and_keep_the_traceback():
     first, *rest = text.split("\n")
     assert first == "remsh WARNING remsh.master: refused slave evil\\x1b]0;owned\\x07: text\\x1b[2J\\x0aforged"
     assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
+
+
+def test_listen_without_a_secret_names_the_options(tmp_path):
+    """remsh master --listen with no secret says, in the command line's words, what to give: one line, exit 2."""
+    env = _env()
+    env.pop("REMSH_SECRET", None)
+    r = remsh("--master", str(tmp_path / "m.sock"), "master", "--listen", "127.0.0.1:0",
+              "--state-dir", str(tmp_path / "state"), env=env)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.decode().splitlines()
+    assert "--secret-file" in line and "--insecure" in line and "TcpSlaveListener" not in line
+
+
+@pytest.mark.parametrize("spec", ["99999", "127.0.0.1:65536", "-5"])
+def test_listen_port_out_of_range_is_a_usage_error(tmp_path, spec):
+    """A port outside 0-65535 is refused when the option is read: exit 2, no traceback."""
+    r = remsh("run", "--listen", spec, "--insecure", "--wait", "1", "--", "true")
+    assert r.returncode == 2, r.stderr
+    assert b"Traceback" not in r.stderr and b"port must be 0 to 65535" in r.stderr

@@ -258,3 +258,20 @@ def test_python_m_remsh_slave_is_the_slave_program():
     assert r.returncode == 0 and r.stdout.strip() == f"remsh-slave {remsh.__version__}", r
     r = subprocess.run([sys.executable, "-m", "remsh.slave"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r
+
+
+def test_ssh_without_paramiko_is_one_line(tmp_path):
+    """remsh-slave --ssh with the paramiko client where paramiko is missing: one line naming the extra, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    for name in ("k", "kh"):
+        (tmp_path / name).write_text("")
+    code = ("import sys; sys.modules['paramiko'] = None\n"
+            "from remsh.slave.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "--no-reconnect", "--ssh-client", "paramiko",
+                        "--ssh", "me@127.0.0.1:1", "--identity", str(tmp_path / "k"),
+                        "--known-hosts", str(tmp_path / "kh")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert "Traceback" not in r.stderr and "remsh[ssh]" in r.stderr, r.stderr

@@ -201,7 +201,11 @@ def make_connector(args: argparse.Namespace) -> Callable[[], StreamLike]:
             raise _Refused(EXIT_AUTH, "-F applies to the OpenSSH client only (--ssh-client openssh)")
         if not args.identity or not args.known_hosts:
             raise _Refused(EXIT_AUTH, "--ssh/--via-ssh with paramiko need --identity and --known-hosts")
-        from remsh.transports import ssh  # paramiko only where SSH is used
+        try:
+            from remsh.transports import ssh  # paramiko only where SSH is used
+        except ImportError as e:
+            raise _Refused(EXIT_AUTH, f"--ssh/--via-ssh with the paramiko client need paramiko "
+                                      f"(pip install 'remsh[ssh]'): {e}") from None
 
         port = 22 if port is None else port
         if args.ssh:
