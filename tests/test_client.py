@@ -17,8 +17,8 @@ import pytest
 from remsh.client import Client, Job, JobAlreadyEnded, NoSuchJob, connect
 from remsh.control import ControlClient, ControlError, NoMaster
 from remsh.errors import RemshError, UsageError, WaitTimeout
-from tests.slaveproc import SECRET, WAIT, SlaveProcesses
-from tests.test_fleet import Fleet, Master, ls, wait_names
+from tests.slaveproc import WAIT
+from tests.test_fleet import Fleet, ls, running_fleet, wait_names
 from tests.test_fleet import remsh as remsh_command
 from tests.util import process_alive, wait_until
 
@@ -32,18 +32,8 @@ NO_SUCH_ID = "0000000000-0"
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """One master and three slaves (web-1, web-2, db-1) for the module."""
-    workdir = tmp_path_factory.mktemp("client")
-    slaves = SlaveProcesses(workdir / "slaves")
-    master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
-    try:
-        master.wait_ready()
-        for name in NAMES:
-            slaves.start(master.port, name, max_backoff=0.5)
-        wait_names(master.sock, NAMES)
-        yield Fleet(workdir, master, slaves)
-    finally:
-        master.stop()
-        slaves.close()
+    with running_fleet(tmp_path_factory.mktemp("client"), NAMES) as f:
+        yield f
 
 
 @pytest.fixture

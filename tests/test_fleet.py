@@ -4,6 +4,7 @@ socket's protection, one master per socket, and a master restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -124,21 +125,28 @@ class Fleet:
         return remsh(self.sock, *args, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """One master and three slaves (web-1, web-2, db-1) for the whole module."""
-    workdir = tmp_path_factory.mktemp("fleet")
+@contextlib.contextmanager
+def running_fleet(workdir: Path, names: Sequence[str]) -> Iterator[Fleet]:
+    """A master in ``workdir`` and a slave process for each of ``names``,
+    all registered; stopped at the end."""
     slaves = SlaveProcesses(workdir / "slaves")
     master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
     try:
         master.wait_ready()
-        for name in NAMES:
+        for name in names:
             slaves.start(master.port, name, max_backoff=0.5)
-        wait_names(master.sock, NAMES)
+        wait_names(master.sock, names)
         yield Fleet(workdir, master, slaves)
     finally:
         master.stop()
         slaves.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One master and three slaves (web-1, web-2, db-1) for the whole module."""
+    with running_fleet(tmp_path_factory.mktemp("fleet"), NAMES) as f:
+        yield f
 
 
 # -- ls -----------------------------------------------------------------------------------

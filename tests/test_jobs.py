@@ -20,8 +20,8 @@ from remsh.controlproto import (CONTROL_OPS, EVENTS, decode_control, decode_even
                                 encode_event, encode_request)
 from remsh.errors import UsageError
 from remsh.store.sqlite import CHUNK_COST
-from tests.slaveproc import SECRET, WAIT, SlaveProcesses
-from tests.test_fleet import Fleet, Master, _env, _free_port, remsh, wait_names
+from tests.slaveproc import WAIT, SlaveProcesses
+from tests.test_fleet import Fleet, Master, _env, _free_port, remsh, running_fleet, wait_names
 from tests.util import interrupt_after, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,18 +32,8 @@ NAMES = ("web-1", "web-2")
 @pytest.fixture(scope="module")
 def jobs_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """One master and two slaves (web-1, web-2) for the module."""
-    workdir = tmp_path_factory.mktemp("jobs")
-    slaves = SlaveProcesses(workdir / "slaves")
-    master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
-    try:
-        master.wait_ready()
-        for name in NAMES:
-            slaves.start(master.port, name, max_backoff=0.5)
-        wait_names(master.sock, NAMES)
-        yield Fleet(workdir, master, slaves)
-    finally:
-        master.stop()
-        slaves.close()
+    with running_fleet(tmp_path_factory.mktemp("jobs"), NAMES) as f:
+        yield f
 
 
 def detach(fleet: Fleet, *args: str) -> str:

@@ -18,8 +18,8 @@ from typing import Iterator, List
 import pytest
 
 from remsh.outputs import OutputFiles, compress_names, summary_lines
-from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
-from tests.test_fleet import ROOT, Fleet, Master, _env, wait_names
+from tests.slaveproc import HOST, SECRET, WAIT
+from tests.test_fleet import ROOT, Fleet, _env, running_fleet, wait_names
 from tests.test_jobs import detach, wait_state
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,18 +35,8 @@ EXACT = "n=$(basename \"$PWD\"); printf 'caf\\351 %s\\000\\n\\377' \"$n\"; print
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """One master and three slaves (web-1, web-2, db-1) for the module."""
-    workdir = tmp_path_factory.mktemp("output")
-    slaves = SlaveProcesses(workdir / "slaves")
-    master = Master(workdir, workdir / "ctl" / "master.sock", secret_file=slaves.secret_file(SECRET))
-    try:
-        master.wait_ready()
-        for name in NAMES:
-            slaves.start(master.port, name, max_backoff=0.5)
-        wait_names(master.sock, NAMES)
-        yield Fleet(workdir, master, slaves)
-    finally:
-        master.stop()
-        slaves.close()
+    with running_fleet(tmp_path_factory.mktemp("output"), NAMES) as f:
+        yield f
 
 
 def exact(name: str) -> bytes:
