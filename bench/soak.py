@@ -372,10 +372,9 @@ class Soak:
                 self.stats.finding(f"{tag}: {rel!r} is neither the old nor the new version after a failure")
                 self.lost_bytes(1)
 
-    def op_send_tree(self, rng: random.Random, slave: Slave, host: SlaveHost, tag: str,
-                     outcome: Dict[str, Any]) -> int:
-        src = os.path.join(self.master_dir, tag.encode())
-        dest = os.path.join(host.basedir.encode(), tag.encode())
+    def _copy_tree(self, rng: random.Random, src: bytes, dest: bytes, copy: Callable[[bytes, bytes], object],
+                   tag: str, outcome: Dict[str, Any]) -> int:
+        """A random tree made at ``src``, ``copy(src, dest)``, checked and removed afterwards."""
         make_tree(rng, src)
         want = snapshot(src)
 
@@ -384,23 +383,18 @@ class Soak:
             rmtree(src)
             rmtree(dest)
         outcome["check"] = check
-        slave.send_tree(src, dest)
+        copy(src, dest)
         return tree_bytes(src)
+
+    def op_send_tree(self, rng: random.Random, slave: Slave, host: SlaveHost, tag: str,
+                     outcome: Dict[str, Any]) -> int:
+        return self._copy_tree(rng, os.path.join(self.master_dir, tag.encode()),
+                               os.path.join(host.basedir.encode(), tag.encode()), slave.send_tree, tag, outcome)
 
     def op_fetch_tree(self, rng: random.Random, slave: Slave, host: SlaveHost, tag: str,
                       outcome: Dict[str, Any]) -> int:
-        src = os.path.join(host.basedir.encode(), tag.encode())
-        dest = os.path.join(self.master_dir, tag.encode())
-        make_tree(rng, src)
-        want = snapshot(src)
-
-        def check() -> None:
-            self.tree_check(tag, want, dest, outcome)
-            rmtree(src)
-            rmtree(dest)
-        outcome["check"] = check
-        slave.fetch_tree(src, dest)
-        return tree_bytes(src)
+        return self._copy_tree(rng, os.path.join(host.basedir.encode(), tag.encode()),
+                               os.path.join(self.master_dir, tag.encode()), slave.fetch_tree, tag, outcome)
 
     def op_sync_tree(self, rng: random.Random, slave: Slave, host: SlaveHost, tag: str,
                      outcome: Dict[str, Any]) -> int:
