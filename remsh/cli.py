@@ -360,6 +360,10 @@ def _choose_slaves(args: argparse.Namespace, collection: SimpleSlaveCollection) 
         if args.slave:
             return collection.wait_for_slaves(names=args.slave, timeout=args.wait_timeout)
         if args.wait:
+            if not (args.listen or args.ssh_listen) and args.wait > len(collection.get_all_slaves()):
+                # only local slaves, all started: no more can come
+                raise UsageError(f"--wait {args.wait} with {args.local or 0} local slave(s) and no --listen: "
+                                 f"no more slaves can come")
             collection.wait_for_slaves(count=args.wait, timeout=args.wait_timeout)
     except WaitTimeout as e:
         raise SlavesUnavailable(str(e)) from None

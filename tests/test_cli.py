@@ -405,3 +405,11 @@ def test_listen_port_out_of_range_is_a_usage_error(tmp_path, spec):
     r = remsh("run", "--listen", spec, "--insecure", "--wait", "1", "--", "true")
     assert r.returncode == 2, r.stderr
     assert b"Traceback" not in r.stderr and b"port must be 0 to 65535" in r.stderr
+
+
+def test_wait_for_more_local_slaves_than_started_fails_at_once(tmp_path):
+    """--wait N with fewer local slaves and no listener can never be met: a usage error at once, not a minute's wait."""
+    t0 = time.monotonic()
+    r = remsh("run", "--local", "1", "--wait", "2", "--basedir", str(tmp_path), "--", "true")
+    assert r.returncode == 2, r.stderr
+    assert b"no more slaves can come" in r.stderr and time.monotonic() - t0 < 30
