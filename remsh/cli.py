@@ -762,7 +762,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _job_command(args)
         return cmd_host_key(args)
     except KeyboardInterrupt:
-        _error("interrupted")
+        if args.command == "job" and getattr(args, "follow", False):
+            _error(f"stopped following; job {args.id} goes on")
+        else:
+            _error("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # our own output was closed (``remsh ls | head``): stop quietly, and

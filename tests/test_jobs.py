@@ -405,3 +405,18 @@ def test_a_stopped_control_server_releases_its_job_store(tmp_path: Path) -> None
     server.start()
     server.stop()
     SqliteJobStore(path).close()
+
+
+def test_ctrl_c_on_job_follow_leaves_the_job_running_and_says_so(jobs_fleet: Fleet) -> None:
+    """Ctrl-C on job ID --follow stops following only: the message says the job goes on, and it does."""
+    job_id = detach(jobs_fleet, "run", "-t", "web-1", "--", "sh", "-c", "echo started; exec sleep 60")
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(jobs_fleet.sock), "job", job_id,
+                             "--follow"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = interrupt_after(proc, lambda: proc.stdout.readline())  # type: ignore[union-attr]
+        assert proc.returncode == 130, err
+        assert err.decode().splitlines()[-1] == f"remsh: stopped following; job {job_id} goes on"
+        assert record(jobs_fleet.sock, job_id)["state"] == "running"
+    finally:
+        remsh(jobs_fleet.sock, "cancel", job_id)
+        wait_until(lambda: record(jobs_fleet.sock, job_id)["state"] == "cancelled", WAIT, "the job's end")
