@@ -618,11 +618,10 @@ class Slave:
                 self.wire.send_bytes(data, lock_timeout=INTERRUPT_SEND_TIMEOUT)
             except WaitTimeout:
                 log.warning("slave %s: cannot deliver interrupt; dropping the connection", self.name)
+                # reset, not shut down: a FIN would queue behind the unsent stdin
+                getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
                 if isinstance(self.wire, SessionWire):
                     self.wire.end()  # no resume: the slave kills the command when it learns
-                else:
-                    # reset, not shut down: a FIN would queue behind the unsent stdin
-                    getattr(self.wire.stream, "abort", self.wire.stream.shutdown)()
             except (Disconnected, ProtocolError):
                 pass
 
