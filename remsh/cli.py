@@ -13,7 +13,7 @@ TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
 - ``remsh jobs``, ``remsh job ID [--follow]``, ``remsh cancel ID``: every
   ``run``/``put``/``get`` given to a master is a *job*, recorded in the
   master's job store (``--state-dir``); ``--detach`` prints its id and
-  leaves it running (:mod:`remsh.jobs`, :mod:`remsh.jobcli`).
+  leaves it running (:mod:`remsh.jobs`, :mod:`remsh.clijobs`).
 
 The master is found by ``--master PATH`` (before the subcommand), else
 ``$REMSH_MASTER``, else the default control path.  ``run``, ``put`` and
@@ -66,10 +66,10 @@ from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_P
                          EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
                          describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
 from remsh.handshake import as_secret
-from remsh.jobcli import add_parsers as add_job_parsers
-from remsh.jobcli import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
+from remsh.clijobs import add_parsers as add_job_parsers
+from remsh.clijobs import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
                           state_line)
-from remsh.jobcli import cmd_job as cmd_show_job
+from remsh.clijobs import cmd_job as cmd_show_job
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError
-from remsh.session import HELD_BOXES, HELD_BYTES, WINDOW_BYTES
+from remsh.sessionlimits import HELD_BOXES, HELD_BYTES, WINDOW_BYTES
 from remsh.handshake import AUTH_FAILED, MASTER_GREETING, SLAVE_GREETING, slave_handshake
 from remsh.transports.base import SocketStream
 from remsh.wire import (DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, MAX_VALUE_LENGTH, BoxDecoder, Wire,

@@ -13,7 +13,8 @@ from typing import Optional
 import pytest
 
 from remsh.errors import Disconnected, ProtocolError
-from remsh.session import HELD_BOXES, SPOOL_MEMORY, WINDOW_BOXES, SessionWire, count_boxes
+from remsh.session import SessionWire, count_boxes
+from remsh.sessionlimits import HELD_BOXES, SPOOL_MEMORY, WINDOW_BOXES
 from remsh.transports.base import SocketStream
 from remsh.wire import Wire, encode_box, encode_data_boxes, split_boxes
 from tests.util import WAIT, wait_until

@@ -24,7 +24,8 @@ from typing import Any, Dict, Optional
 
 from remsh.errors import Disconnected, ProtocolError, RemshError
 from remsh.handshake import Registered
-from remsh.session import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT, SessionFailed, SessionWire
+from remsh.session import SessionFailed, SessionWire
+from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
 from remsh.slave.policy import PLAIN, Policy
 from remsh.slave.server import SlaveServer
 from remsh.wire import Wire

@@ -33,7 +33,7 @@ from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING,
 from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.slave import pgroups
 from remsh.slave.policy import Policy
-from remsh.session import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
+from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
 from remsh.slave.keeper import SessionKeeper
 from remsh.slave.server import SlaveServer
 from remsh.slave.sigterm import sigterm_unwinds

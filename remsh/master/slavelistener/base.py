@@ -38,7 +38,8 @@ from remsh.master.limits import prepare_descriptors
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
-from remsh.session import WINDOW_BYTES, SessionWire, new_session_id
+from remsh.session import SessionWire, new_session_id
+from remsh.sessionlimits import WINDOW_BYTES
 from remsh.wire import Box, Wire
 
 log = logging.getLogger(__name__)
