@@ -257,14 +257,8 @@ def encode_event(kind: str, /, **values: Any) -> Dict[bytes, bytes]:
 
     :raises ValueError: an unknown event or key, or bytes too long (a bug)
     """
-    keys = {k.name: k for k in EVENTS[kind]}
     box: Dict[bytes, bytes] = {b"ev": kind.encode()}
-    for name, value in values.items():
-        if name not in keys:
-            raise ValueError(f"event {kind} has no key {name!r}")
-        encoded = _encode_value(keys[name], value)
-        if encoded is not None:
-            box[name.encode()] = encoded
+    box.update(_encode_keys(EVENTS[kind], values, f"event {kind} has no key"))
     return box
 
 
@@ -289,11 +283,17 @@ def decode_event(box: Box) -> Event:
 
 def encode_control(**values: Any) -> Dict[bytes, bytes]:
     """A control box (:data:`CONTROLS`).  :raises ValueError: an unknown key"""
-    keys = {k.name: k for k in CONTROLS}
+    return _encode_keys(CONTROLS, values, "no control box key")
+
+
+def _encode_keys(declared: Tuple[Key, ...], values: Dict[str, Any], unknown: str) -> Dict[bytes, bytes]:
+    """``values`` encoded by the keys ``declared`` (a value of ``None``: left
+    out); :class:`ValueError` ``"UNKNOWN 'name'"`` for a key not declared."""
+    keys = {k.name: k for k in declared}
     box: Dict[bytes, bytes] = {}
     for name, value in values.items():
         if name not in keys:
-            raise ValueError(f"no control box key {name!r}")
+            raise ValueError(f"{unknown} {name!r}")
         encoded = _encode_value(keys[name], value)
         if encoded is not None:
             box[name.encode()] = encoded
