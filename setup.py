@@ -2,7 +2,9 @@
 
 The slave side needs only the Python standard library, so there are no
 install requirements; the SSH transport needs paramiko (``pip install
-remsh[ssh]``).
+remsh[ssh]``), the master's web dashboard Starlette and uvicorn
+(``remsh[web]``), a master on a PostgreSQL job store psycopg
+(``remsh[postgres]``).
 """
 
 import os
@@ -38,7 +40,13 @@ setup(
     zip_safe=False,
     python_requires=">=3.9",
     install_requires=[],
-    extras_require={"ssh": ["paramiko>=2.10"]},
+    extras_require={
+        "ssh": ["paramiko>=2.10"],
+        # the master's web dashboard (remsh master --http)
+        "web": ["starlette>=0.37", "uvicorn>=0.29"],
+        # several masters on one PostgreSQL job store (remsh master --store postgresql://...)
+        "postgres": ["psycopg[binary]>=3.1"],
+    },
     entry_points={
         "console_scripts": [
             "remsh=remsh.cli:main",
