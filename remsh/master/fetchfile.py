@@ -1,5 +1,9 @@
 """The body of :meth:`remsh.master.slave.Slave.fetch` (one file from the
-slave to the master), kept apart so that the slave's module stays short."""
+slave to the master), kept apart so that the slave's module stays short.
+
+The conversation is :class:`remsh.protocol.transfer.FetchCall`'s; this
+module puts it on a thread, with the data hashed and written by a
+:class:`remsh.bulk.Sink`."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from remsh.files import PartialFile
 from remsh.master.operation import OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.master.tree import DRAIN_LIMIT
-from remsh.ops import FETCH
+from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, Stop
 
 
 def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],
@@ -31,6 +35,7 @@ def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_byte
             raise LocalError(f"{slave.name}: fetch: cannot create local file: {e}") from e
         out = part
     counter = Progress(progress, None)
+    call = FetchCall(src, max_bytes, drain_limit=DRAIN_LIMIT)
     # hashed and written in a helper thread while the next boxes arrive
     # (remsh.bulk); a caller's file object is written from this thread
     sink: Optional[Sink] = None
@@ -38,43 +43,40 @@ def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_byte
         with slave.operation("fetch") as op:
             sink = Sink(writer_for_fd(part.fd), stream=op.stream) if part is not None else \
                 Sink(lambda batch: [out.write(d) for d in batch], threaded=False)
-            op.send_bytes(FETCH.encode(src=os.fsencode(src)))
+            op.send_bytes(call.request())
             read_box = op.read_box
+            receive = call.receive
             add = sink.add
-            received = 0
-            stopped = False
             while True:
                 box = read_box(op.io_timeout)
                 if box is None:
                     raise Disconnected("slave closed the connection during fetch")
-                data = box.get(b"data")
-                if data is None:
-                    break
-                received += len(data)
-                if max_bytes is not None and received > max_bytes:
+                event = receive(box)
+                if type(event) is Data:
+                    add(event.data)
+                    counter.add(len(event.data))
+                elif type(event) is Stop:
                     # stop the slave; what is already on its way is read and dropped
-                    if not stopped:
-                        stopped = True
-                        op.send_box({b"interrupt": b"y"})
-                    elif received > max_bytes + DRAIN_LIMIT:
-                        raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
-                    continue
-                add(data)
-                counter.add(len(data))
+                    op.send_bytes(event.send)
+                elif event is not None:
+                    break
             digest = sink.finish()
-        if stopped:  # whatever the final box says: ours is the cause
+        if not isinstance(event, (Finished, Failed)):  # stopped: whatever the final box said, ours is the cause
             raise LimitExceeded(f"{slave.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
                                 f"the transfer was stopped and nothing was kept")
-        op.raise_if_error(box)
+        if isinstance(event, Failed):
+            error = event.error
+            raise type(error)(error.remote_message, slave=op.name, operation=op.meth, errtag=error.errtag)
         assert sink is not None
         local_error = sink.error
         if local_error is not None:
             if not isinstance(local_error, OSError):
                 raise local_error
             raise LocalError(f"{slave.name}: fetch: writing local file failed: {local_error}") from local_error
-        expected = box.get(b"sha256")
-        if expected is not None and expected.lower() != digest.encode("ascii"):
-            raise op.protocol_error("data does not match the slave's sha256 digest")
+        try:
+            call.check_digest(digest)
+        except ProtocolError as e:
+            raise op.protocol_error(str(e)) from None
         if part is not None:
             try:
                 part.commit()

@@ -1,5 +1,11 @@
 """The body of :meth:`remsh.master.slave.Slave.send` (one file from the
-master to the slave), kept apart so that the slave's module stays short."""
+master to the slave), kept apart so that the slave's module stays short.
+
+The conversation is :class:`remsh.protocol.transfer.SendCall`'s; this module
+puts it on a thread: the data boxes are framed and hashed by
+:func:`remsh.bulk.send_blocks` (the same ``{data: ...}`` boxes
+:meth:`SendCall.data <remsh.protocol.transfer.SendCall.data>` makes, read in
+place into pre-framed buffers)."""
 
 from __future__ import annotations
 
@@ -11,12 +17,12 @@ from remsh.bulk import OverlongRead, reader_for, send_blocks
 from remsh.errors import LocalError, UsageError
 from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.ops import SEND
+from remsh.protocol.transfer import Failed, SendCall
 
 def send(slave: OperationHost, src: Union[Path, BinaryIO], dest: Path, mode: Optional[int],
          progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.send`."""
-    request = SEND.encode(dest=os.fsencode(dest), mode=mode)
+    call = SendCall(dest, mode)
     if hasattr(src, "read"):
         f: IO[bytes] = src  # type: ignore[assignment]
         own = False
@@ -34,28 +40,36 @@ def send(slave: OperationHost, src: Union[Path, BinaryIO], dest: Path, mode: Opt
             except (OSError, AttributeError, io.UnsupportedOperation):
                 total = None
         with slave.operation("send") as op:
-            op.send_bytes(request)
-            op.raise_if_error(op.read())
-            local_error = _send_data(op, f, Progress(progress, total))
-            reply = op.read()
+            op.send_bytes(call.request())
+            event = call.receive(op.read())
+            if isinstance(event, Failed):
+                _raise(op, event)
+            local_error = _send_data(op, call, f, Progress(progress, total))
+            event = call.receive(op.read())
         # the slave's error for an aborted transfer only echoes the local cause
         if isinstance(local_error, OverlongRead):
             raise UsageError(f"{slave.name}: send: the source is not a file-like object: {local_error}")
         if local_error is not None:
             raise LocalError(f"{slave.name}: send: reading local file failed: {local_error}") from local_error
-        op.raise_if_error(reply)
+        if isinstance(event, Failed):
+            _raise(op, event)
     finally:
         if own:
             f.close()
 
 
-def _send_data(op: OperationFrame, f: IO[bytes], progress: Progress) -> Optional[OSError]:
+def _raise(op: OperationFrame, event: Failed) -> None:
+    error = event.error
+    raise type(error)(error.remote_message, slave=op.name, operation=op.meth, errtag=error.errtag)
+
+
+def _send_data(op: OperationFrame, call: SendCall, f: IO[bytes], progress: Progress) -> Optional[OSError]:
     # file data read in place into pre-framed data boxes, hashed in a
     # helper thread while the next block is read and sent (remsh.bulk)
     digest, error = send_blocks(reader_for(f), op.send_bytes, progress.add, stream=op.stream)
     if error is not None:
-        op.send_box({b"sha256": b"-", b"abort": b"master could not read the source"})
+        op.send_bytes(call.abort("master could not read the source"))
         return error
-    op.send_box({b"sha256": digest.encode("ascii")})
+    op.send_bytes(call.finish(digest))
     progress.finish()
     return None
