@@ -150,6 +150,8 @@ class Key:
     #: a family of keys sharing this prefix (``env_`` + variable name)
     prefix: bool = False
     doc: str = ""
+    #: the only values the key may hold (empty: any value of its kind)
+    choices: Tuple[bytes, ...] = ()
 
     @property
     def wire(self) -> bytes:
@@ -212,6 +214,37 @@ class Operation:
             args[key.name] = decode(key.name, value)
         return args
 
+    def parse_reply(self, box: Box) -> Dict[str, Any]:
+        """The final reply box's values by key name, decoded as :attr:`reply`
+        declares them (prefix families as dicts of suffix -> value): the
+        master reads replies only through this.
+
+        :raises ValueError: a declared key is missing, malformed or not one
+            of its ``choices`` (the caller reports it as a protocol error
+            naming slave and operation)
+        """
+        values: Dict[str, Any] = {}
+        for key in self.reply:
+            decode = _DECODERS[key.kind]
+            try:
+                if key.prefix:
+                    wire = key.wire
+                    values[key.name] = {k[len(wire):]: decode(key.name, v) for k, v in box.items()
+                                        if k.startswith(wire) and len(k) > len(wire)}
+                    continue
+                raw = box.get(key.wire)
+                if raw is None:
+                    if key.optional:
+                        values[key.name] = None
+                        continue
+                    raise ValueError(f"reply has no {key.name!r}")
+                if key.choices and raw not in key.choices:
+                    raise ValueError(f"bad {key.name} {raw[:20]!r}")
+                values[key.name] = decode(key.name, raw)
+            except InvalidRequestError as e:
+                raise ValueError(f"reply: {e.remote_message}") from None
+        return values
+
     def encode(self, **values: Any) -> bytes:
         """The request box, encoded; ``None`` values are left out, a prefix
         family is given as a mapping of suffix -> value.
@@ -235,8 +268,9 @@ class Operation:
         return encode_box(box)
 
 
-def _k(name: str, kind: str = "path", optional: bool = False, prefix: bool = False, doc: str = "") -> Key:
-    return Key(name, kind, optional, prefix, doc)
+def _k(name: str, kind: str = "path", optional: bool = False, prefix: bool = False, doc: str = "",
+       choices: Tuple[bytes, ...] = ()) -> Key:
+    return Key(name, kind, optional, prefix, doc, choices)
 
 
 #: the optional request key with which a master asks for liveness boxes: the
@@ -282,7 +316,9 @@ COPY = Operation(
     (RemoteFileExistsError, NotFoundError, FailedError), long=True,
     summary="copy a file's data")
 STAT = Operation(
-    "stat", (_k("path"),), (_k("result", "bytes"),), (FailedError,), idempotent=True,
+    "stat", (_k("path"),), (_k("result", "bytes", choices=(b"", b"d", b"f"),
+                                doc="d: a directory, f: anything else, empty: nothing there"),),
+    (FailedError,), idempotent=True,
     summary="d, f or nothing")
 PING = Operation("ping", idempotent=True, summary="liveness check")
 CHMOD = Operation(

@@ -265,6 +265,26 @@ def test_registered_slave_answering_garbage_fails_the_call_only(reply, tcp_liste
     wait_registered(listener, good).ping()
 
 
+@pytest.mark.parametrize("call,request_box,reply", [
+    (lambda s: s.stat("p"), {b"meth": b"stat", b"version": b"1", b"path": b"p"}, {b"result": b"x"}),
+    (lambda s: s.stat("p"), {b"meth": b"stat", b"version": b"1", b"path": b"p"}, {}),
+    (lambda s: s.set_cwd("d"), {b"meth": b"set_cwd", b"version": b"1", b"cwd": b"d"}, {b"cwd": b""}),
+], ids=["stat-result-outside-its-choices", "stat-without-result", "set_cwd-empty-cwd"])
+def test_reply_outside_the_table_is_a_protocol_error(call, request_box, reply, tcp_listener):
+    """A reply whose values are not what the operation table declares raises
+    ProtocolError naming slave and operation, never a wrong answer."""
+    listener = tcp_listener()
+    sock, wire, slave = _registered_fake_slave(listener, "liar")
+    meth = request_box[b"meth"].decode()
+    with sock:
+        done, outcome = _call_in_thread(lambda: call(slave))
+        assert wire.read_box(WAIT) == request_box
+        sock.sendall(encode_box(reply))
+        assert done.wait(WAIT)
+        assert isinstance(outcome[0], ProtocolError), outcome
+        assert str(outcome[0]).startswith(f"liar: {meth}"), outcome
+
+
 def test_registered_slave_that_never_answers_times_out(tcp_listener):
     """A slave that reads a request and never answers makes the call raise PeerTimeout after io_timeout, and it is dropped."""
     listener = tcp_listener(io_timeout=1.0)

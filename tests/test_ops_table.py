@@ -61,37 +61,82 @@ def test_master_has_a_method_per_operation():
         assert callable(getattr(Slave, meth, None)), meth
 
 
-def _summary_rows() -> Dict[str, str]:
-    """meth -> the text of its last column (its own error tags), from the
-    simple table under the "Summary" heading of docs/protocol.rst."""
-    with open(os.path.join(ROOT, "docs", "protocol.rst"), encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    start = lines.index("Summary")
-    border = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("="))
-    last_col = lines[border].rindex(" ") + 1
-    rows: Dict[str, str] = {}
-    last = ""
-    for line in lines[border + 3:]:
-        if line.startswith("="):
-            break
-        m = re.match(r"``([a-z_]+)``\s", line)
-        if m:
-            last = m.group(1)
-            rows[last] = ""
-        if last:
-            rows[last] += " " + line[last_col:]
-    return rows
+def _page(name: str) -> str:
+    with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
+        return f.read()
 
 
-def test_protocol_summary_matches_the_table():
-    """docs/protocol.rst's summary lists every operation once, with the error
-    tags the table declares for it."""
-    rows = _summary_rows()
+def test_protocol_summary_is_made_from_the_table():
+    """docs/protocol.rst shows the summary that remsh.opsdoc makes from the
+    table: every operation once, its keys and its own error tags."""
+    from remsh import opsdoc
+
+    assert ".. remsh-operation-summary::" in _page("protocol.rst")
+    rows = {re.sub("`", "", r[0]): r for r in opsdoc.summary_rows()}
     assert sorted(rows) == OPS
-    for meth, tags in rows.items():
-        declared = set(ops.OPERATIONS[meth].errtags)
-        documented = set(re.findall(r"``([a-z-]+)``", tags))
-        assert documented == declared, (meth, documented, declared)
+    for meth, (_, request, reply, tags) in rows.items():
+        op = ops.OPERATIONS[meth]
+        assert set(re.findall(r"``([a-z-]+)``", tags)) == set(op.errtags), meth
+        for key in op.request:
+            assert f"``{key.name}" in request, (meth, key.name)
+        if not op.conversation:
+            for key in op.reply:
+                assert key.name in reply, (meth, key.name)
+    table = "\n".join(opsdoc.summary_table())
+    assert table.count("   * - ``") == len(OPS)
+
+
+def test_master_methods_are_documented_with_their_signatures():
+    """docs/using.rst documents every operation's master method through the
+    directive that reads its signature from the code, once, and every
+    ``:param X:`` it describes is a parameter the method has."""
+    import inspect
+
+    page = _page("using.rst")
+    documented = re.findall(r"^    \.\. remsh-method:: (\w+)$", page, re.M)
+    assert sorted(documented) == OPS
+    hand_written = re.findall(r"^    \.\. method:: (\w+)\(", page, re.M)
+    assert not set(hand_written) & set(OPS), "an operation's signature is written by hand"
+    blocks = re.split(r"^    \.\. (?:remsh-)?method:: ", page, flags=re.M)[1:]
+    for block in blocks:
+        name = re.match(r"\w+", block).group(0)
+        if name not in ops.OPERATIONS:
+            continue
+        body_lines = []
+        for line in block.splitlines()[1:]:
+            if line.strip() and not line.startswith(" " * 8):
+                break
+            body_lines.append(line)
+        body = "\n".join(body_lines)
+        params = set(inspect.signature(getattr(Slave, name)).parameters) - {"self"}
+        described = set(re.findall(r":param (\w+):", body))
+        assert described <= params, (name, described - params)
+
+
+def test_method_signatures_read_from_the_code():
+    """The generated signature is the method's own: parameters in order,
+    defaults, the keyword-only marker."""
+    from remsh import opsdoc
+
+    assert opsdoc.method_signature(Slave, "fetch") == "fetch(src, dest, *, max_bytes=None, progress=None)"
+    assert opsdoc.method_signature(Slave, "ping") == "ping()"
+    assert opsdoc.method_signature(Slave, "execute").startswith("execute(args=[], stdout_cb=None")
+
+
+def test_the_documentation_builds_without_warnings(tmp_path):
+    """Sphinx builds docs/ with warnings as errors (the directives that write
+    from the code included)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("sphinx")
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-q", "-E", "-W", "--keep-going", "-b", "html",
+                           os.path.join(ROOT, "docs"), str(tmp_path / "html")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "html" / "protocol.html", encoding="utf-8") as f:
+        html = f.read()
+    assert all(f">{meth}<" in html for meth in OPS)
 
 
 def test_declared_errors_are_in_the_tag_table():
@@ -183,3 +228,85 @@ def test_malformed_values_are_invalid_over_the_wire(meth, raw_slave):
             reply = raw_slave.request(box)
             assert reply is not None and reply.get(b"errtag") == b"invalid", (key.name, reply)
     assert raw_slave.ping() == {}
+
+
+# -- the table drives both ends ------------------------------------------------
+
+def _keys_read(func: Callable[..., Any], seen: set) -> set:
+    """The string keys ``func`` reads from its ``args`` parameter
+    (``args["k"]``, ``args.get("k")``), following calls that pass ``args``
+    on to a function of the same module or of a module it imports."""
+    import ast
+    import inspect
+    import textwrap
+
+    if func in seen:
+        return set()
+    seen.add(func)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    keys: set = set()
+    module_globals = getattr(func, "__globals__", {})
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                and node.value.id == "args" and isinstance(node.slice, ast.Constant)):
+            keys.add(node.slice.value)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Attribute) and f.attr == "get" and isinstance(f.value, ast.Name)
+                    and f.value.id == "args" and node.args and isinstance(node.args[0], ast.Constant)):
+                keys.add(node.args[0].value)
+            elif any(isinstance(a, ast.Name) and a.id == "args" for a in node.args):
+                callee: Any = None
+                if isinstance(f, ast.Name):
+                    callee = module_globals.get(f.id)
+                elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                    callee = getattr(module_globals.get(f.value.id), f.attr, None)
+                if callable(callee):
+                    keys |= _keys_read(callee, seen)
+    return keys
+
+
+@pytest.mark.parametrize("meth", OPS)
+def test_handlers_read_exactly_the_declared_keys(meth):
+    """The slave's handler (and what it passes the request on to) reads every
+    request key the table declares and no other; ``progress`` is read by the
+    dispatch for every long operation."""
+    op = ops.OPERATIONS[meth]
+    handler = getattr(SlaveServer, "op_" + meth)
+    read = _keys_read(handler, set())
+    declared = {k.name for k in op.request} - {"progress"}
+    assert read == declared, (meth, sorted(read), sorted(declared))
+    assert op.long == any(k.name == "progress" for k in op.request), meth
+
+
+@pytest.mark.parametrize("meth", OPS)
+def test_every_operation_has_vectors(meth):
+    """Every operation of the table has its transcript file in
+    docs/vectors/operations, so a second implementation can be checked
+    against it."""
+    import json
+
+    path = os.path.join(ROOT, "docs", "vectors", "operations", meth + ".json")
+    assert os.path.isfile(path), path
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["meth"] == meth and data["transcripts"], meth
+
+
+def test_replies_are_decoded_from_the_table():
+    """The master decodes a reply through the operation's declared reply keys:
+    values come back typed, a missing or malformed key or a value outside its
+    choices is refused."""
+    assert ops.STAT.parse_reply({b"result": b"d"}) == {"result": b"d"}
+    assert ops.STAT.parse_reply({b"result": b""}) == {"result": b""}
+    with pytest.raises(ValueError, match="bad result"):
+        ops.STAT.parse_reply({b"result": b"x"})
+    with pytest.raises(ValueError, match="no 'result'"):
+        ops.STAT.parse_reply({})
+    assert ops.SET_CWD.parse_reply({b"cwd": b"/b/d"}) == {"cwd": b"/b/d"}
+    with pytest.raises(ValueError, match="cwd"):
+        ops.SET_CWD.parse_reply({b"cwd": b"a\0b"})
+    env = ops.GETENV.parse_reply({b"env_A": b"1", b"env_": b"x", b"other": b"y"})
+    assert env == {"env_": {b"A": b"1"}}
+    assert ops.PING.parse_reply({}) == {}
+

@@ -395,21 +395,12 @@ def test_page_transcript_examples_match_vectors() -> None:
 
 
 def _summary_table() -> Dict[str, List[str]]:
-    """meth -> its own error tags (the last column), from the page's summary table."""
-    text = _page()
-    lines = text[text.index("\nSummary\n"):].splitlines()
-    rulers = [i for i, line in enumerate(lines) if re.match(r"=+  =", line)]
-    last_column = lines[rulers[0]].rindex("  ") + 2
-    tags: Dict[str, List[str]] = {}
-    meth = None
-    for line in lines[rulers[1] + 1:rulers[2]]:
-        m = re.match(r"``(\w+)``\s", line)
-        if m:
-            meth = m.group(1)
-            tags[meth] = []
-        assert meth is not None
-        tags[meth] += re.findall(r"``([a-z-]+)``", line[last_column:])
-    return tags
+    """meth -> its own error tags, from the summary the page shows (written
+    by remsh.opsdoc from the operation table)."""
+    assert ".. remsh-operation-summary::" in _page()
+    from remsh import opsdoc
+    return {re.sub(r"`", "", meth): re.findall(r"``([a-z-]+)``", tags)
+            for meth, _, _, tags in opsdoc.summary_rows()}
 
 
 def _tags_of(meth: str) -> Tuple[Set[str], Set[str]]:

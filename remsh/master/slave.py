@@ -340,6 +340,15 @@ class Slave:
             self._raise_if_error(meth, reply)
         return reply
 
+    def _reply_values(self, op: Operation, **values: Any) -> Dict[str, Any]:
+        """One call of a simple operation whose reply carries values, decoded
+        as the table declares them."""
+        reply = self._call(op, **values)
+        try:
+            return op.parse_reply(reply)
+        except ValueError as e:
+            raise self._protocol_error(op.meth, str(e)) from None
+
     def _progress_interval(self) -> float:
         """How often a long operation should show it is alive."""
         return progress_interval(self.io_timeout)
@@ -358,13 +367,13 @@ class Slave:
 
         :raises NotFoundError: it is not a directory
         """
-        reply = self._call(SET_CWD, cwd=None if cwd is None else _b(cwd))
-        return os.fsdecode(reply.get(b"cwd", b""))
+        reply = self._reply_values(SET_CWD, cwd=None if cwd is None else _b(cwd))
+        return os.fsdecode(reply["cwd"])
 
     def getenv(self) -> Dict[str, str]:
         """The slave's environment (str -> str, undecodable bytes escaped)."""
-        reply = self._call(GETENV)
-        return {os.fsdecode(k[4:]): os.fsdecode(v) for k, v in reply.items() if k.startswith(b"env_")}
+        reply = self._reply_values(GETENV)
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in reply["env_"].items()}
 
     def mkdir(self, dir: Path) -> None:
         """Make a directory and its parents (``mkdir -p``).
@@ -421,10 +430,7 @@ class Slave:
 
         :raises FailedError: it cannot be looked at (e.g. permission denied)
         """
-        reply = self._call(STAT, path=_b(pathname))
-        result = reply.get(b"result", b"")
-        if result not in (b"", b"d", b"f"):
-            raise self._protocol_error("stat", f"bad result {result[:20]!r}")
+        result: bytes = self._reply_values(STAT, path=_b(pathname))["result"]
         return result.decode("ascii") or None
 
     # -- execute -----------------------------------------------------------
