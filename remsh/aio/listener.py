@@ -1,0 +1,271 @@
+"""Listeners of the asyncio master: :class:`TcpSlaveListener` and :class:`LocalSlaveListener`.
+
+Both are ``async with`` context managers.  Each connection is served by the
+event loop alone (asyncio streams; no thread per slave, none at all): the
+handshake is :class:`remsh.handshake.MasterHandshake`, driven by
+:func:`remsh.aio.connection.master_handshake` within ``handshake_timeout``;
+a registered slave becomes an :class:`~remsh.aio.slave.AsyncSlave` in
+:attr:`slave_collection`.
+
+Sessions (a slave's work surviving a dropped connection,
+``resume_timeout``) are not offered by this front end yet:
+``resume_timeout`` must be 0 (the default), else :class:`UsageError`.
+A slave that asks for a session simply gets none and works as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import subprocess
+from typing import Any, Dict, List, Optional, Set, Tuple, Type
+
+from remsh.aio.collection import AsyncSlaveCollection
+from remsh.aio.connection import Connection, master_handshake
+from remsh.aio.slave import AsyncSlave
+from remsh.errors import AuthenticationError, RemshError, UsageError
+from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret
+from remsh.master.slavelistener.base import Authenticator, secret_authorizer
+from remsh.ops import DEFAULT_IO_TIMEOUT
+from remsh.transports.local import spawn_local_slave
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TcpSlaveListener", "LocalSlaveListener", "MAX_PENDING"]
+
+#: Most connections in their handshake at once; newcomers beyond it are
+#: closed at once (each handshake is bounded by ``handshake_timeout``).
+MAX_PENDING = 1024
+#: How long a local child has to exit after SIGTERM before SIGKILL.
+CHILD_GRACE = 2.0
+
+
+class _Listener:
+    """What both listeners share: registration, the slaves, the life cycle."""
+
+    def __init__(self, *, slave_class: Optional[Type[AsyncSlave]] = None,
+                 slave_collection: Optional[AsyncSlaveCollection] = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, io_timeout: float = DEFAULT_IO_TIMEOUT,
+                 resume_timeout: float = 0.0) -> None:
+        if resume_timeout != 0:
+            raise UsageError("remsh.aio offers no resumable sessions yet: resume_timeout must be 0 "
+                             "(use the threaded remsh.master listeners for sessions)")
+        self.slave_class: Type[AsyncSlave] = slave_class or AsyncSlave
+        self.slave_collection = slave_collection if slave_collection is not None else AsyncSlaveCollection()
+        self.handshake_timeout = handshake_timeout
+        self.io_timeout = io_timeout
+        self.resume_timeout = 0.0
+        self._slaves: Dict[int, AsyncSlave] = {}
+        self._started = False
+
+    @property
+    def slaves(self) -> List[AsyncSlave]:
+        """The connected slaves this listener registered."""
+        return list(self._slaves.values())
+
+    async def _register(self, conn: Connection, rule: NameRule, timeout: float) -> AsyncSlave:
+        """Handshake, slave object, ``setup()``, collection.  On failure the
+        connection is closed and the error raised."""
+        try:
+            reg = await master_handshake(conn, rule, timeout=timeout)
+            slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
+            await slave.setup()
+        except BaseException:
+            conn.close()
+            raise
+        self._slaves[id(slave)] = slave
+        slave.on_disconnect(self._forget)
+        self.slave_collection.add_slave(slave)
+        log.info("slave %s registered from %s", slave.name, conn.peer)
+        return slave
+
+    def _forget(self, slave: AsyncSlave) -> None:
+        self._slaves.pop(id(slave), None)
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def stop(self) -> None:
+        """Close the slaves this listener registered (idempotent)."""
+        self._started = False
+        for slave in self.slaves:
+            slave.close()
+
+    async def __aenter__(self) -> Any:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class TcpSlaveListener(_Listener):
+    """Accepts slaves (``remsh-slave HOST PORT``) on a TCP port, optionally with TLS.
+
+    :param port: port to listen on (0: any free port; :attr:`port` holds
+        the bound one once started)
+    :param host: address to bind (default: all interfaces)
+    :param secret: one shared secret for every slave (bytes or str)
+    :param authenticator: ``callable(name) -> secret or None``, per-slave secrets
+    :param allow_insecure: must be true to listen with neither
+    :param ssl_context: a server-side ``ssl.SSLContext``: connections are TLS
+    :param resume_timeout: must be 0 (no sessions yet)
+    :raises UsageError: no credentials without ``allow_insecure``, or
+        ``resume_timeout`` other than 0
+    """
+
+    def __init__(self, port: int = 0, host: Optional[str] = None, *, secret: Optional[Secret] = None,
+                 authenticator: Optional[Authenticator] = None, allow_insecure: bool = False,
+                 ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = MAX_PENDING,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if secret is None and authenticator is None and not allow_insecure:
+            raise UsageError("TcpSlaveListener needs a secret or an authenticator "
+                             "(or allow_insecure=True to accept anyone who can connect)")
+        self.port = port
+        self.host = host
+        self.ssl_context = ssl_context
+        self.max_pending = max_pending
+        self._rule = secret_authorizer(secret, authenticator)
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._pending: Set["asyncio.Task[Any]"] = set()
+
+    def authorize(self, name: str) -> Tuple[bool, Optional[bytes]]:
+        """Any valid name, with the proof of the shared secret or of the
+        authenticator's secret for that name."""
+        return self._rule(name)
+
+    async def start(self) -> None:
+        """Open the port and accept slaves (idempotent)."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(
+            self._on_connection, host=self.host, port=self.port, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context is not None else None,
+            limit=Connection.RECV_SIZE)
+        self.port = self._server.sockets[0].getsockname()[1]
+        await super().start()
+
+    async def stop(self) -> None:
+        """Close the port, unfinished handshakes and this listener's slaves (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._pending):
+            task.cancel()
+        await super().stop()
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), self.handshake_timeout)
+            except asyncio.TimeoutError:  # pragma: no cover - every connection was closed above
+                log.warning("listener on port %s: connections still open at stop", self.port)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        conn = Connection(reader, writer, label=f"slave at {peer}")
+        if len(self._pending) >= self.max_pending or not self._started:
+            log.warning("dropped connection from %s: %d handshakes pending", peer, len(self._pending))
+            conn.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._pending.add(task)
+        try:
+            await self._register(conn, self.authorize, self.handshake_timeout)
+        except AuthenticationError as e:
+            log.warning("refused slave from %s: %s", peer, e)
+        except RemshError as e:
+            log.warning("dropped connection from %s during handshake: %s", peer, e)
+        except asyncio.CancelledError:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a bad connection must never stop the listener
+            log.exception("unexpected failure handling connection from %s", peer)
+            conn.close()
+        finally:
+            self._pending.discard(task)
+
+
+class LocalSlaveListener(_Listener):
+    """Spawns slaves as child processes of the master (trusted: no secret).
+
+    ``async with`` ends every child it started.
+    """
+
+    def __init__(self, *, python: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.python = python
+        self._procs: Dict[int, "subprocess.Popen[bytes]"] = {}
+
+    async def start_slave(self, basedir: str, name: Optional[str] = None) -> AsyncSlave:
+        """Start a slave rooted at ``basedir`` and return it, registered.
+
+        :raises UsageError: ``basedir`` is not a directory
+        :raises RemshError: the child fails its handshake
+        """
+        if not os.path.isdir(basedir):
+            raise UsageError(f"base directory does not exist: {basedir}")
+        await self.start()
+        proc, stream = spawn_local_slave(basedir, name, python=self.python)
+        sock = stream.sock
+        sock.setblocking(False)
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=Connection.RECV_SIZE)
+            conn = Connection(reader, writer, label=f"local slave (pid {proc.pid})")
+            slave = await self._register(conn, lambda _name: (True, None), self.handshake_timeout)
+        except BaseException:
+            sock.close()
+            await _end_children([proc])
+            raise
+        self._procs[id(slave)] = proc
+        slave.on_disconnect(self._reap)
+        return slave
+
+    def _reap(self, slave: AsyncSlave) -> None:
+        proc = self._procs.pop(id(slave), None)
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)  # it kills its running command and exits
+            except ProcessLookupError:
+                pass
+            asyncio.get_running_loop().create_task(_end_children([proc]))
+
+    async def kill_slave(self, slave: AsyncSlave) -> None:
+        """Kill the slave's process (a running operation raises ``Disconnected``)."""
+        proc = self._procs.get(id(slave))
+        if proc is None:
+            if not slave.connected:
+                return
+            raise UsageError(f"{slave.name} was not started by this listener")
+        slave.close()
+        await _end_children([proc])
+
+    async def stop(self) -> None:
+        """Kill every slave this listener started (idempotent)."""
+        procs = list(self._procs.values())
+        await super().stop()
+        await _end_children(procs + list(self._procs.values()))
+        self._procs.clear()
+
+
+async def _end_children(procs: List["subprocess.Popen[bytes]"], grace: float = CHILD_GRACE) -> None:
+    """SIGTERM, then SIGKILL the process group after ``grace`` seconds; reap."""
+    living = [p for p in procs if p.poll() is None]
+    for p in living:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    loop = asyncio.get_running_loop()
+    end = loop.time() + grace
+    while living and loop.time() < end:
+        await asyncio.sleep(0.02)
+        living = [p for p in living if p.poll() is None]
+    for p in living:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            p.kill()
+        p.wait()

@@ -1,0 +1,182 @@
+"""The bodies of :meth:`AsyncSlave.send <remsh.aio.slave.AsyncSlave.send>`
+and :meth:`AsyncSlave.fetch <remsh.aio.slave.AsyncSlave.fetch>`: the
+protocol layer's :class:`~remsh.protocol.transfer.SendCall` and
+:class:`~remsh.protocol.transfer.FetchCall` driven over asyncio.
+
+Local files are read, written and hashed in the event loop, one block
+(:data:`~remsh.wire.DATA_BLOCK`, 1 MiB) at a time between waits for the
+peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import IO, Any, Awaitable, BinaryIO, Optional, Protocol, Union
+
+from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError, UsageError
+from remsh.files import PartialFile
+from remsh.master.progress import Progress, ProgressCallback
+from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, SendCall, Stop
+from remsh.aio.connection import Connection
+from remsh.conversation import PathArg as Path
+from remsh.errors import RemoteError
+from remsh.wire import DATA_BLOCK, Box
+
+
+class TransferHost(Protocol):
+    """What the transfer bodies need of a slave
+    (:class:`~remsh.aio.slave.AsyncSlave` is one)."""
+
+    name: str
+    conn: Connection
+    io_timeout: float
+
+    async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any: ...
+
+    async def read_reply(self, meth: str) -> Box: ...
+
+    def remote_error(self, meth: str, event: Failed) -> RemoteError: ...
+
+    def protocol_error(self, meth: str, message: str) -> ProtocolError: ...
+
+
+async def send(slave: TransferHost, src: Union[Path, BinaryIO], dest: Path, mode: Optional[int],
+               progress: Optional[ProgressCallback]) -> None:
+    """See :meth:`remsh.aio.slave.AsyncSlave.send`."""
+    call = SendCall(dest, mode)
+    if hasattr(src, "read"):
+        f: IO[bytes] = src  # type: ignore[assignment]
+        own = False
+    else:
+        try:
+            f = open(src, "rb", buffering=0)
+        except OSError as e:
+            raise LocalError(f"{slave.name}: send: cannot open local file: {e}") from e
+        own = True
+    try:
+        total: Optional[int] = None
+        if progress is not None:
+            try:
+                total = os.fstat(f.fileno()).st_size
+            except (OSError, AttributeError, io.UnsupportedOperation):
+                total = None
+        counter = Progress(progress, total)
+        conn = slave.conn
+
+        async def body() -> Any:
+            await conn.send(call.request(), slave.io_timeout)
+            event = call.receive(await slave.read_reply("send"))
+            if isinstance(event, Failed):
+                raise slave.remote_error("send", event)
+            digest = hashlib.sha256()
+            local_error: Optional[BaseException] = None
+            while True:
+                try:
+                    block = f.read(DATA_BLOCK)
+                except OSError as e:
+                    local_error = e
+                    break
+                if not block:
+                    break
+                if len(block) > DATA_BLOCK:
+                    local_error = UsageError(f"{slave.name}: send: the source is not a file-like object: "
+                                             f"{f!r} returned {len(block)} bytes when asked for at most "
+                                             f"{DATA_BLOCK}")
+                    break
+                digest.update(block)
+                await conn.send(call.data(block), slave.io_timeout)
+                counter.add(len(block))
+            if local_error is not None:
+                await conn.send(call.abort("master could not read the source"), slave.io_timeout)
+            else:
+                await conn.send(call.finish(digest.hexdigest()), slave.io_timeout)
+            return local_error, call.receive(await slave.read_reply("send"))
+
+        local_error, event = await slave.run_conversation("send", call, body())
+        # the slave's error for an aborted transfer only echoes the local cause
+        if isinstance(local_error, UsageError):
+            raise local_error
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: send: reading local file failed: {local_error}") from local_error
+        if isinstance(event, Failed):
+            raise slave.remote_error("send", event)
+        counter.finish()
+    finally:
+        if own:
+            f.close()
+
+
+async def fetch(slave: TransferHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],
+                progress: Optional[ProgressCallback]) -> None:
+    """See :meth:`remsh.aio.slave.AsyncSlave.fetch`."""
+    part: Optional[PartialFile] = None
+    if hasattr(dest, "write"):
+        out: Any = dest
+    else:
+        dest_b = os.fsencode(dest)
+        if os.path.lexists(dest_b):
+            raise LocalError(f"{slave.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
+        try:
+            part = PartialFile(dest_b)
+        except OSError as e:
+            raise LocalError(f"{slave.name}: fetch: cannot create local file: {e}") from e
+        out = part
+    call = FetchCall(src, max_bytes)
+    counter = Progress(progress, None)
+    conn = slave.conn
+    digest = hashlib.sha256()
+    write_error: Optional[BaseException] = None
+
+    def write(data: bytes) -> None:
+        nonlocal write_error
+        if write_error is not None:
+            return
+        try:
+            out.write(data)
+        except Exception as e:  # noqa: BLE001 - reported once the conversation is over
+            write_error = e
+
+    async def body() -> Any:
+        await conn.send(call.request(), slave.io_timeout)
+        while True:
+            box = await conn.read_box(slave.io_timeout)
+            if box is None:
+                raise Disconnected("slave closed the connection during fetch")
+            event = call.receive(box)
+            if type(event) is Data:
+                digest.update(event.data)
+                write(event.data)
+                counter.add(len(event.data))
+            elif type(event) is Stop:
+                await conn.send(event.send, slave.io_timeout)
+            elif event is not None:
+                return event
+
+    try:
+        event = await slave.run_conversation("fetch", call, body())
+        if not isinstance(event, (Finished, Failed)):
+            raise LimitExceeded(f"{slave.name}: fetch: {os.fsdecode(src)} passed max_bytes ({max_bytes}); "
+                                f"the transfer was stopped and nothing was kept")
+        if isinstance(event, Failed):
+            raise slave.remote_error("fetch", event)
+        if write_error is not None:
+            if not isinstance(write_error, OSError):
+                raise write_error
+            raise LocalError(f"{slave.name}: fetch: writing local file failed: {write_error}") from write_error
+        try:
+            call.check_digest(digest.hexdigest())
+        except ProtocolError as e:
+            raise slave.protocol_error("fetch", str(e)) from None
+        if part is not None:
+            try:
+                part.commit()
+            except FileExistsError:
+                raise LocalError(f"{slave.name}: fetch: local destination appeared meanwhile") from None
+            except OSError as e:
+                raise LocalError(f"{slave.name}: fetch: cannot place local file: {e}") from e
+        counter.finish()
+    finally:
+        if part is not None:
+            part.discard()
