@@ -23,6 +23,14 @@ the slave" from "the connection broke" from "the peer spoke nonsense":
 - :class:`RemoteError` -- the slave performed the operation and reported a
   failure; the subclass is chosen by the error box's ``errtag`` through
   :data:`ERRTAG_CLASSES`, the one table used in both directions.
+- :class:`TreeError` -- inside a tree operation, a record stream or a file
+  of the tree failed; each end turns it into one of the errors above before
+  it reaches a caller.
+
+Every class carries a short ``tag`` (a remote error's is its ``errtag``):
+the word :func:`error_tag` gives the command line's ``--json``, the control
+protocol and the job store for a failure, and :data:`TAG_CLASSES` turns back
+into the class.
 """
 
 from __future__ import annotations
@@ -33,9 +41,14 @@ from typing import Dict, Optional, Type
 class RemshError(Exception):
     """Root of every exception raised by remsh."""
 
+    #: the word for this kind of failure (see :func:`error_tag`)
+    tag = "error"
+
 
 class UsageError(RemshError):
     """The caller used the API wrongly (bad argument, wrong state)."""
+
+    tag = "usage"
 
 
 class LocalError(RemshError):
@@ -45,6 +58,8 @@ class LocalError(RemshError):
     The ``OSError`` is chained as ``__cause__``; the slave stays connected.
     """
 
+    tag = "local"
+
 
 class LimitExceeded(RemshError):
     """A transfer passed a bound the caller set (``fetch(max_bytes=)``,
@@ -52,19 +67,27 @@ class LimitExceeded(RemshError):
     protocol, nothing partial is left at the destination, and the slave
     stays connected for the next operation."""
 
+    tag = "limit"
+
 
 class WaitTimeout(RemshError):
     """A wait ran past its time limit (for slaves to register, for the right
     to send on a congested connection); the connection itself is not known to
     be broken."""
 
+    tag = "wait-timeout"
+
 
 class ProtocolError(RemshError):
     """The peer sent something the protocol does not allow."""
 
+    tag = "protocol"
+
 
 class Disconnected(RemshError):
     """The connection to the peer closed or broke."""
+
+    tag = "disconnected"
 
 
 class PeerTimeout(Disconnected):
@@ -75,9 +98,13 @@ class Cancelled(RemshError):
     """The work was cancelled (or its overall time limit ran out) before it
     finished on this slave."""
 
+    tag = "cancelled"
+
 
 class AuthenticationError(RemshError):
     """The peer could not prove its identity, or refused ours."""
+
+    tag = "auth"
 
 
 class RemoteError(RemshError):
@@ -89,6 +116,7 @@ class RemoteError(RemshError):
     """
 
     errtag = "unexpected"
+    tag = "unexpected"
 
     def __init__(
         self,
@@ -100,6 +128,7 @@ class RemoteError(RemshError):
     ) -> None:
         if errtag is not None:
             self.errtag = errtag
+        self.tag = self.errtag
         self.remote_message = message
         self.slave = slave
         self.operation = operation
@@ -207,3 +236,53 @@ def remote_error(
     """Build the exception for an error box; unknown tags become ``unexpected``."""
     cls = ERRTAG_CLASSES.get(errtag, UnexpectedError)
     return cls(message, slave=slave, operation=operation, errtag=cls.errtag)
+
+
+class TreeError(RemshError):
+    """A tree operation's stream or one of its files failed; the end that
+    sees it turns it into a :class:`LocalError`, :class:`FailedError` or
+    :class:`ProtocolError` naming slave and operation."""
+
+    tag = "tree"
+
+
+class TreeSourceError(TreeError):
+    """The sending side cannot read its tree (a file unreadable, changed
+    midway, a special file); the message names the path."""
+
+
+class TreeTargetError(TreeError):
+    """The receiving side cannot write the tree; the message names the path."""
+
+
+class TreeStreamError(TreeError):
+    """The records received break the tree stream's format."""
+
+
+class TreeDigestError(TreeError):
+    """A file's data does not match the digest its sender sent."""
+
+
+#: tag -> class for the failures that happen on the master's side (a remote
+#: error's tag is its ``errtag``: see :data:`ERRTAG_CLASSES`)
+TAG_CLASSES: Dict[str, Type[RemshError]] = {
+    cls.tag: cls
+    for cls in (RemshError, UsageError, LocalError, LimitExceeded, WaitTimeout, ProtocolError,
+                Disconnected, Cancelled, AuthenticationError, TreeError)
+}
+
+
+def error_tag(error: BaseException) -> str:
+    """The short word for ``error``: a remote error's ``errtag``, a remsh
+    error's class ``tag``, ``error`` for anything else."""
+    if isinstance(error, RemoteError):
+        return error.errtag
+    if isinstance(error, RemshError):
+        return error.tag
+    return "error"
+
+
+def error_class(tag: str) -> Type[RemshError]:
+    """The class a tag names (either table); :class:`RemshError` for a tag
+    neither knows."""
+    return ERRTAG_CLASSES.get(tag) or TAG_CLASSES.get(tag, RemshError)

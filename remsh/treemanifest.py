@@ -9,8 +9,9 @@ import os
 import stat as stat_mod
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from remsh.treestream import (DIR, FILE, FILE_OPEN, H, L, LINK, M, MAX_TREE_PATH, MT, N, OTHER, READ_BLOCK, S,
-                              StreamError, T, UP, check_name, encode, mode_of, mtime_of, walk)
+from remsh.errors import TreeStreamError
+from remsh.treestream import (DIR, FILE, FILE_OPEN, LINK, MAX_TREE_PATH, MT, OTHER, READ_BLOCK, UP, H, L, M, N, S, T,
+                              check_name, encode, mode_of, mtime_of, walk)
 from remsh.wire import Box
 
 
@@ -92,10 +93,10 @@ class ManifestReader:
     def feed(self, box: Box) -> None:
         t = box.get(T)
         if self.done:
-            raise StreamError("a manifest record after the end of the tree")
+            raise TreeStreamError("a manifest record after the end of the tree")
         if t == UP:
             if not self._stack:
-                raise StreamError("'u' with no directory open")
+                raise TreeStreamError("'u' with no directory open")
             rel, before = self._stack.pop()
             k = self.entries[rel]
             self.entries[rel] = k._replace(entries=self._seen - before)
@@ -103,7 +104,7 @@ class ManifestReader:
             return
         if not self._stack:
             if t != DIR or N in box:
-                raise StreamError("a manifest must start with its top directory")
+                raise TreeStreamError("a manifest must start with its top directory")
             name = b""
             rel = b""
         else:
@@ -111,7 +112,7 @@ class ManifestReader:
             base = self._stack[-1][0]
             rel = base + b"/" + name if base else name
             if t == DIR and len(rel) > MAX_TREE_PATH:
-                raise StreamError(f"directories nested past {MAX_TREE_PATH} bytes of path")
+                raise TreeStreamError(f"directories nested past {MAX_TREE_PATH} bytes of path")
             self.children[base].append(name)
         self._seen += 1
         if t == DIR:
@@ -122,11 +123,11 @@ class ManifestReader:
             try:
                 size = int(box[S])
             except (KeyError, ValueError):
-                raise StreamError("a manifest file without valid 's'") from None
+                raise TreeStreamError("a manifest file without valid 's'") from None
             self.entries[rel] = Known(FILE, mode_of(box), mtime_of(box), size, box.get(H), None, 1)
         elif t == LINK:
             self.entries[rel] = Known(LINK, 0, 0, 0, None, box.get(L, b""), 1)
         elif t == OTHER:
             self.entries[rel] = Known(OTHER, 0, 0, 0, None, None, 1)
         else:
-            raise StreamError(f"unknown manifest record {t!r:.20}")
+            raise TreeStreamError(f"unknown manifest record {t!r:.20}")

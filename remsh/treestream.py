@@ -69,10 +69,9 @@ import stat as stat_mod
 import struct
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from remsh.errors import PeerTimeout
-from remsh.files import (O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK)
+from remsh.errors import PeerTimeout, TreeSourceError, TreeStreamError
+from remsh.files import O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK
 from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box, decode_int
-
 
 #: Flags of a directory opened for listing, never through a symbolic link.
 DIR_OPEN = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
@@ -101,23 +100,6 @@ _pack = struct.Struct(">H").pack
 ZEROS = bytes(MAX_VALUE_LENGTH)
 
 
-class SourceError(Exception):
-    """The sending side cannot read its tree (a file unreadable, changed
-    midway, a special file); the message names the path."""
-
-
-class TargetError(Exception):
-    """The receiving side cannot write the tree; the message names the path."""
-
-
-class StreamError(Exception):
-    """The records received break the format."""
-
-
-class DigestError(Exception):
-    """A file's data does not match the digest its sender sent."""
-
-
 def encode(*pairs: bytes) -> bytes:
     """A box from alternating keys and values (short values only)."""
     parts: List[bytes] = []
@@ -142,9 +124,9 @@ def kind_of(mode: int) -> str:
 
 
 def check_name(name: Optional[bytes]) -> bytes:
-    """``name`` if it is one path component, else :class:`StreamError`."""
+    """``name`` if it is one path component, else :class:`TreeStreamError`."""
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise StreamError(f"bad name in tree stream: {name!r:.80}")
+        raise TreeStreamError(f"bad name in tree stream: {name!r:.80}")
     return name
 
 
@@ -152,9 +134,9 @@ def mode_of(box: Box) -> int:
     try:
         mode = decode_int(box[M])
     except (KeyError, ValueError):
-        raise StreamError("a tree record without valid 'm'") from None
+        raise TreeStreamError("a tree record without valid 'm'") from None
     if not 0 <= mode <= 0o7777:
-        raise StreamError(f"mode out of range: {mode}")
+        raise TreeStreamError(f"mode out of range: {mode}")
     return mode
 
 
@@ -168,9 +150,9 @@ def mtime_of(box: Box) -> int:
     try:
         mtime = decode_int(box[MT])
     except (KeyError, ValueError):
-        raise StreamError("a tree record without valid 'mt'") from None
+        raise TreeStreamError("a tree record without valid 'mt'") from None
     if not MIN_MTIME <= mtime <= MAX_MTIME:
-        raise StreamError(f"modification time out of range: {mtime}")
+        raise TreeStreamError(f"modification time out of range: {mtime}")
     return mtime
 
 
@@ -214,7 +196,7 @@ def _listing(fd: int, rel: bytes) -> Tuple[bytes, ...]:
     try:
         return tuple(sorted(os.fsencode(n) for n in os.listdir(fd)))
     except OSError as e:
-        raise SourceError(f"cannot list directory: {e.strerror}: {show(rel)}") from None
+        raise TreeSourceError(f"cannot list directory: {e.strerror}: {show(rel)}") from None
 
 
 class _Frame:
@@ -234,7 +216,7 @@ def walk(top_fd: int) -> Iterator[Entry]:
 
     ``top_fd`` stays the caller's; the descriptors of the directories below
     are closed as the walk leaves them (or when the generator is closed).
-    Raises :class:`SourceError` for a directory that cannot be listed or
+    Raises :class:`TreeSourceError` for a directory that cannot be listed or
     entered, or an entry that vanishes meanwhile.
     """
     names = _listing(top_fd, b"")
@@ -256,15 +238,15 @@ def walk(top_fd: int) -> Iterator[Entry]:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                raise SourceError(f"vanished while being read: {show(rel)}") from None
+                raise TreeSourceError(f"vanished while being read: {show(rel)}") from None
             except OSError as e:
-                raise SourceError(f"{e.strerror}: {show(rel)}") from None
+                raise TreeSourceError(f"{e.strerror}: {show(rel)}") from None
             fmt = stat_mod.S_IFMT(st.st_mode)
             if fmt == stat_mod.S_IFDIR:
                 try:
                     child = os.open(name, DIR_OPEN, dir_fd=fd)
                 except OSError as e:
-                    raise SourceError(f"cannot open directory: {e.strerror}: {show(rel)}") from None
+                    raise TreeSourceError(f"cannot open directory: {e.strerror}: {show(rel)}") from None
                 try:
                     st = os.fstat(child)
                     sub = _listing(child, rel)
@@ -295,7 +277,7 @@ class Scan(NamedTuple):
 
 def scan(top_fd: int) -> Scan:
     """Count the regular files and their bytes under ``top_fd`` and list
-    what cannot be copied.  Raises :class:`SourceError` (see :func:`walk`)."""
+    what cannot be copied.  Raises :class:`TreeSourceError` (see :func:`walk`)."""
     files = size = 0
     others: List[bytes] = []
     for e in walk(top_fd):
@@ -369,7 +351,7 @@ class Sender:
         try:
             target = os.readlink(e.name, dir_fd=e.dir_fd)
         except OSError as e2:
-            raise SourceError(f"cannot read symbolic link: {e2.strerror}: {show(e.rel)}") from None
+            raise TreeSourceError(f"cannot read symbolic link: {e2.strerror}: {show(e.rel)}") from None
         self.add(encode(T, LINK, N, e.name, L, target, MT, b"%d" % e.st.st_mtime_ns))
 
     def file(self, e: Entry) -> int:
@@ -377,11 +359,11 @@ class Sender:
         try:
             fd = os.open(e.name, FILE_OPEN, dir_fd=e.dir_fd)
         except OSError as err:
-            raise SourceError(f"cannot open: {err.strerror}: {show(e.rel)}") from None
+            raise TreeSourceError(f"cannot open: {err.strerror}: {show(e.rel)}") from None
         try:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
-                raise SourceError(f"changed while being read (now {kind_of(st.st_mode)}): {show(e.rel)}")
+                raise TreeSourceError(f"changed while being read (now {kind_of(st.st_mode)}): {show(e.rel)}")
             os.set_blocking(fd, True)
             return self._file_data(fd, e, st)
         finally:
@@ -399,12 +381,12 @@ class Sender:
             try:
                 block = os.read(fd, READ_BLOCK)
             except OSError as err:
-                raise SourceError(f"read failed: {err.strerror}: {show(e.rel)}") from None
+                raise TreeSourceError(f"read failed: {err.strerror}: {show(e.rel)}") from None
             if not block:
                 break
             total += len(block)
             if total > expected:
-                raise SourceError(f"changed size while being sent (grew past {expected} bytes): {show(e.rel)}")
+                raise TreeSourceError(f"changed size while being sent (grew past {expected} bytes): {show(e.rel)}")
             digest.update(block)
             view = memoryview(block)
             last = (len(view) - 1) // MAX_VALUE_LENGTH * MAX_VALUE_LENGTH  # start of the last piece
@@ -425,7 +407,7 @@ class Sender:
                 self.stopped = True
                 return total
         if total != expected:
-            raise SourceError(f"changed size while being sent ({expected} bytes, then {total}): {show(e.rel)}")
+            raise TreeSourceError(f"changed size while being sent ({expected} bytes, then {total}): {show(e.rel)}")
         self._piece(head, pending or b"", digest.hexdigest().encode("ascii"))
         return total
 
@@ -464,5 +446,5 @@ class Sender:
                 self.link(e)
             else:
                 assert e.st is not None
-                raise SourceError(f"cannot be copied ({kind_of(e.st.st_mode)}): {show(e.rel)}")
+                raise TreeSourceError(f"cannot be copied ({kind_of(e.st.st_mode)}): {show(e.rel)}")
         return True

@@ -11,9 +11,10 @@ import os
 import stat as stat_mod
 from typing import Callable, List, Optional
 
+from remsh.errors import TreeDigestError, TreeStreamError, TreeTargetError
 from remsh.files import O_CLOEXEC, O_NOFOLLOW, O_PATH, TEMP_SUFFIX, rename_dir_noreplace_at
-from remsh.treestream import (ATTRS, D, DIR, DIR_OPEN, DigestError, FILE, H, L, LINK, MAX_TREE_PATH, N, REMOVE,
-                              StreamError, T, TargetError, UP, ZEROS, check_name, mode_of, mtime_of, show)
+from remsh.treestream import (ATTRS, DIR, DIR_OPEN, FILE, LINK, MAX_TREE_PATH, REMOVE, UP, ZEROS, D, H, L, N, T,
+                              check_name, mode_of, mtime_of, show)
 from remsh.wire import MAX_VALUE_LENGTH, Box
 
 
@@ -86,9 +87,9 @@ class Writer:
     more than ``max_depth`` levels below the top, are refused (each level
     holds a descriptor open).
 
-    :meth:`feed` raises :class:`StreamError` (bad records),
-    :class:`DigestError` (a file's data does not match its digest) and
-    :class:`TargetError` (a write failed; the message names the path).
+    :meth:`feed` raises :class:`TreeStreamError` (bad records),
+    :class:`TreeDigestError` (a file's data does not match its digest) and
+    :class:`TreeTargetError` (a write failed; the message names the path).
     """
 
     def __init__(self, top_fd: int, *, sync: bool = False, remove_dir: Optional[RemoveTree] = None,
@@ -121,8 +122,8 @@ class Writer:
         base = self.stack[-1].rel if self.stack else b""
         return (base + b"/" + name if base else name) if name else base
 
-    def _fail(self, what: str, e: OSError, name: bytes = b"") -> TargetError:
-        return TargetError(f"{what}: {e.strerror or e}: {show(self._where(name))}")
+    def _fail(self, what: str, e: OSError, name: bytes = b"") -> TreeTargetError:
+        return TreeTargetError(f"{what}: {e.strerror or e}: {show(self._where(name))}")
 
     def close(self) -> None:
         """Release every descriptor (after a failure; nothing is removed)."""
@@ -151,11 +152,11 @@ class Writer:
             self._file_box(box)
             return
         if self.done:
-            raise StreamError("a record after the end of the tree")
+            raise TreeStreamError("a record after the end of the tree")
         t = box.get(T)
         if not self.started:
             if t != DIR or N in box:
-                raise StreamError("a tree stream must start with its top directory")
+                raise TreeStreamError("a tree stream must start with its top directory")
             self.started = True
             self.stack.append(_Dir(self.top_fd, mode_of(box) & self.dir_mode_mask, mtime_of(box), b""))
             if self.sync:
@@ -164,7 +165,7 @@ class Writer:
                     if mode & 0o700 != 0o700:
                         os.fchmod(self.top_fd, mode | 0o700)  # to fill it; set at the end
                 except OSError as e:
-                    raise TargetError(f"cannot make the top directory writable: {e.strerror}") from None
+                    raise TreeTargetError(f"cannot make the top directory writable: {e.strerror}") from None
             return
         cur = self.stack[-1].fd
         if t == FILE:
@@ -186,16 +187,16 @@ class Writer:
         elif t == ATTRS and self.sync:
             self._attrs(cur, box)
         else:
-            raise StreamError(f"unknown tree record {t!r:.20}")
+            raise TreeStreamError(f"unknown tree record {t!r:.20}")
 
     def _enter(self, cur: int, box: Box) -> None:
         name = check_name(box.get(N))
         mode, mtime = mode_of(box) & self.dir_mode_mask, mtime_of(box)
         if len(self._where(name)) > MAX_TREE_PATH:
-            raise StreamError(f"directories nested past {MAX_TREE_PATH} bytes of path: "
+            raise TreeStreamError(f"directories nested past {MAX_TREE_PATH} bytes of path: "
                               f"{show(self._where())[:80]}...")
         if self.max_depth is not None and len(self.stack) > self.max_depth:
-            raise StreamError(f"directories nested more than {self.max_depth} levels deep: "
+            raise TreeStreamError(f"directories nested more than {self.max_depth} levels deep: "
                               f"{show(self._where())[:80]}...")
         try:
             if self.sync:
@@ -228,7 +229,7 @@ class Writer:
             os.fchmod(d.fd, d.mode)
             os.utime(d.fd, ns=(d.mtime, d.mtime))
         except OSError as e:
-            raise TargetError(f"cannot set mode or time: {e.strerror}: {show(d.rel)}") from None
+            raise TreeTargetError(f"cannot set mode or time: {e.strerror}: {show(d.rel)}") from None
         finally:
             if d.fd != self.top_fd:
                 os.close(d.fd)
@@ -239,7 +240,7 @@ class Writer:
         name = check_name(box.get(N))
         target = box.get(L)
         if not target or b"\0" in target:
-            raise StreamError(f"bad link target for {show(self._where(name))}")
+            raise TreeStreamError(f"bad link target for {show(self._where(name))}")
         mtime = mtime_of(box)
         try:
             if self.sync:
@@ -309,7 +310,7 @@ class Writer:
 
     def _file_box(self, box: Box, first: bool = False) -> None:
         if not first and T in box:
-            raise StreamError(f"a record inside file {show(self._rel)}")
+            raise TreeStreamError(f"a record inside file {show(self._rel)}")
         data = box.get(D)
         if data:
             assert self._digest is not None
@@ -326,12 +327,12 @@ class Writer:
                         view = view[os.write(self._fd, view):]
                     self._hole = False
             except OSError as e:
-                raise TargetError(f"write failed: {e.strerror}: {show(self._rel)}") from None
+                raise TreeTargetError(f"write failed: {e.strerror}: {show(self._rel)}") from None
             self.on_data(n)
         if H in box:
             self._end_file(box[H])
         elif not first and D not in box:
-            raise StreamError(f"a box that is neither data nor the end of file {show(self._rel)}")
+            raise TreeStreamError(f"a box that is neither data nor the end of file {show(self._rel)}")
 
     def _end_file(self, digest: bytes) -> None:
         assert self._digest is not None
@@ -341,14 +342,14 @@ class Writer:
         cur = self.stack[-1].fd
         try:
             if not ok:
-                raise DigestError(f"data does not match its sha256 digest: {show(self._rel)}")
+                raise TreeDigestError(f"data does not match its sha256 digest: {show(self._rel)}")
             try:
                 if self._hole:
                     os.ftruncate(fd, self._size)
                 os.fchmod(fd, self._mode)
                 os.utime(fd, ns=(self._mtime, self._mtime))
             except OSError as e:
-                raise TargetError(f"write failed: {e.strerror}: {show(self._rel)}") from None
+                raise TreeTargetError(f"write failed: {e.strerror}: {show(self._rel)}") from None
         except BaseException:
             os.close(fd)
             if self._tmp is not None:
@@ -367,4 +368,4 @@ class Writer:
                     os.unlink(tmp, dir_fd=cur)
                 except OSError:
                     pass
-                raise TargetError(f"cannot put in place: {e.strerror}: {show(self._rel)}") from None
+                raise TreeTargetError(f"cannot put in place: {e.strerror}: {show(self._rel)}") from None

@@ -4,7 +4,7 @@ master's reader of a ``sync_tree`` manifest) and of the control socket's
 readers (the master's, a client's).
 
 Properties: a hostile peer gets only the documented errors (the tree
-stream's StreamError, DigestError and TargetError, which the callers turn
+stream's TreeStreamError, TreeDigestError and TreeTargetError, which the callers turn
 into ProtocolError, LocalError or an error box; ProtocolError and the
 connection's own errors on the control socket), never creates or changes
 anything outside the destination directory, and leaves no descriptor open.
@@ -28,7 +28,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from remsh.control import Channel, ControlClient, ControlError, ControlServer, EventIterator
-from remsh.errors import Disconnected, LocalError, ProtocolError, RemoteError
+from remsh.errors import (Disconnected, LocalError, ProtocolError, RemoteError, TreeDigestError, TreeStreamError, TreeTargetError)
 from remsh.fleet import FleetCollection
 from remsh.handshake import slave_handshake
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
@@ -37,7 +37,7 @@ from remsh.master.tree import FETCHED_FILE_MODES
 from remsh.slave.tree import remove_dir_at
 from remsh.transports.base import SocketStream
 from remsh.treemanifest import ManifestReader
-from remsh.treestream import DigestError, StreamError, TargetError
+
 from remsh.treewriter import Writer
 from remsh.wire import Wire, encode_box
 from tests.slaveproc import HOST, SECRET, WAIT, tcp_listener  # noqa: F401 - a fixture
@@ -46,7 +46,7 @@ from tests.test_fuzz import EXAMPLES, fuzz
 pytestmark = pytest.mark.timeout(None if EXAMPLES > 1000 else 120)
 
 #: What a tree stream reader may raise (the callers map each to a documented error).
-TREE_ERRORS = (StreamError, DigestError, TargetError)
+TREE_ERRORS = (TreeStreamError, TreeDigestError, TreeTargetError)
 
 NAMES = [b"a", b"b", b"esc", b"escf", b"old", b"sub", b"..", b".", b"", b"x/y", b"\0", b"a" * 300,
          b"n\xff", b".a.0123456789ab.remsh-part"]
@@ -237,15 +237,15 @@ def test_tree_stream_reader_stays_in_its_destination(boxes: List[Dict[bytes, byt
     {b"t": b"d", b"n": b"a", b"m": b"493", b"mt": b"99999999999999999999999999999"},
 ], ids=["link", "file", "dir"])
 def test_tree_time_out_of_range_is_a_stream_error(mode: str, record: Dict[bytes, bytes]) -> None:
-    """A record time no file system can take is a StreamError like any other bad record."""
+    """A record time no file system can take is a TreeStreamError like any other bad record."""
     # A record whose time no file system can take is refused with a
-    # StreamError like any other bad record (the master's fetch_tree then
+    # TreeStreamError like any other bad record (the master's fetch_tree then
     # raises ProtocolError, not the OverflowError of os.utime).
     root, dest = _sandbox(mode == "slave-sync")
     top = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     writer = Writer(top, sync=mode == "slave-sync", remove_dir=remove_dir_at)
     try:
-        with pytest.raises(StreamError):
+        with pytest.raises(TreeStreamError):
             for box in [{b"t": b"d", b"m": b"493", b"mt": b"0"}, record, {b"t": b"u"}, {b"t": b"u"}]:
                 writer.feed(box)
     finally:
@@ -358,15 +358,15 @@ def test_master_fetch_tree_from_any_stream(master: TcpSlaveListener, boxes: List
 @fuzz(2)
 @given(boxes=tree_streams())
 def test_manifest_reader_raises_only_stream_errors(boxes: List[Dict[bytes, bytes]]) -> None:
-    """Any sync_tree manifest is read or refused with a StreamError; every kept path is made of valid names."""
+    """Any sync_tree manifest is read or refused with a TreeStreamError; every kept path is made of valid names."""
     # Any manifest a slave sends for sync_tree is read or refused with a
-    # StreamError (turned into ProtocolError by the master); every entry it
+    # TreeStreamError (turned into ProtocolError by the master); every entry it
     # keeps has a path made of valid names.
     reader = ManifestReader()
     try:
         for box in boxes:
             reader.feed(box)
-    except StreamError:
+    except TreeStreamError:
         return
     for rel in reader.entries:
         parts = rel.split(b"/") if rel else []

@@ -310,3 +310,22 @@ def test_replies_are_decoded_from_the_table():
     assert env == {"env_": {b"A": b"1"}}
     assert ops.PING.parse_reply({}) == {}
 
+
+
+def test_one_error_table_both_ways():
+    """Every remsh exception has a tag, and the tag turns back into the class
+    (or the ancestor that shares it): the words the command line, the control
+    protocol and the job store use come from errors.py alone."""
+    classes = {obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.RemshError)}
+    for cls in classes:
+        if issubclass(cls, RemoteError):
+            if cls is not RemoteError:
+                assert errors.error_class(cls.errtag) is cls
+            continue
+        back = errors.error_class(cls.tag)
+        assert issubclass(cls, back), (cls, back)
+    assert errors.error_tag(errors.PeerTimeout("x")) == "disconnected"
+    assert errors.error_tag(errors.NotFoundError("x")) == "notfound"
+    assert errors.error_tag(errors.TreeStreamError("x")) == "tree"
+    assert errors.error_tag(ValueError("x")) == "error"
+    assert errors.error_class("no-such-tag") is errors.RemshError

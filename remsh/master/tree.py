@@ -28,16 +28,16 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from remsh.dirremove import remove_dir_at
+from remsh.errors import (LimitExceeded, LocalError, ProtocolError, TreeDigestError, TreeSourceError, TreeStreamError,
+                          TreeTargetError, UsageError)
+from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.dirremove import remove_dir_at
-from remsh.errors import LimitExceeded, LocalError, ProtocolError, UsageError
-from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
 from remsh.treemanifest import ManifestReader, file_digest
-from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, M, MT, N, OTHER, REMOVE, UP, DigestError, Sender,
-                              SourceError, StreamError, T, TargetError, encode, others_message, scan,
-                              walk)
+from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, MT, OTHER, REMOVE, UP, M, N, Sender, T, encode,
+                              others_message, scan, walk)
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import Box
 
@@ -165,7 +165,7 @@ def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optiona
     try:
         try:
             found = scan(top)
-        except SourceError as e:
+        except TreeSourceError as e:
             raise LocalError(f"{slave.name}: {meth}: {e}") from None
         if found.others:
             raise LocalError(f"{slave.name}: {meth}: {others_message(found.others, top)}")
@@ -178,7 +178,7 @@ def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optiona
             sender = Sender(op.send_bytes, counter.add, peek)
             try:
                 sender.tree(top)
-            except SourceError as e:
+            except TreeSourceError as e:
                 local_error = e
             final = _finish_stream(op, sender, peek, local_error)
         if local_error is not None:
@@ -277,10 +277,10 @@ def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Option
                     except _Bound as e:
                         stopped = e
                         op.send_box({b"interrupt": b"y"})
-                    except TargetError as e:
+                    except TreeTargetError as e:
                         local_error = e
                         op.send_box({b"interrupt": b"y"})
-                    except (StreamError, DigestError) as e:
+                    except (TreeStreamError, TreeDigestError) as e:
                         raise ProtocolError(str(e)) from None
         if stopped is not None:  # whatever the final box says: ours is the cause
             raise LimitExceeded(f"{slave.name}: {meth}: {os.fsdecode(src)} passed {stopped}; the transfer "
@@ -386,23 +386,23 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
                     break
                 try:
                     manifest.feed(final)
-                except StreamError as e:
+                except TreeStreamError as e:
                     raise ProtocolError(f"bad manifest: {e}") from None
             if b"errtag" not in final:
                 counter: Optional[Progress] = None
                 try:
                     plan, total, others = _plan(top, manifest, checksum)
                     if others:
-                        local_error = SourceError(others_message(others, top))
+                        local_error = TreeSourceError(others_message(others, top))
                     counter = Progress(progress, total)
-                except SourceError as e:
+                except TreeSourceError as e:
                     local_error = e
                 peek = _Peek(op)
                 sender = Sender(op.send_bytes, counter.add if counter else (lambda n: None), peek)
                 if local_error is None:
                     try:
                         _send_changes(sender, top, manifest, plan, delete, result)
-                    except SourceError as e:
+                    except TreeSourceError as e:
                         local_error = e
                 final = _finish_stream(op, sender, peek, local_error)
         if local_error is not None:
@@ -457,7 +457,7 @@ def _send_changes(sender: Sender, top: int, manifest: ManifestReader, plan: Dict
             else:
                 result.unchanged += 1
         else:
-            raise SourceError(f"appeared while being sent and cannot be copied: {e.rel!r}")
+            raise TreeSourceError(f"appeared while being sent and cannot be copied: {e.rel!r}")
         if sender.stopped or sender.poll():
             sender.stopped = True
             return

@@ -35,19 +35,18 @@ import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from remsh.errors import (Disconnected, FailedError, InvalidRequestError, NotFoundError, OpenFailedError,
-                          RemoteError, RemoteFileExistsError, UnexpectedError)
+from remsh.errors import (Disconnected, FailedError, InvalidRequestError, NotFoundError, OpenFailedError, RemoteError,
+                          RemoteFileExistsError, TreeDigestError, TreeSourceError, TreeStreamError, TreeTargetError,
+                          UnexpectedError)
 from remsh.files import O_DIRECTORY, O_NONBLOCK
 from remsh.ops import error_box
 from remsh.slave import fsops
 from remsh.slave.policy import DIR_FLAGS, Policy
 from remsh.slave.request import Request
 from remsh.treemanifest import manifest_records
-from remsh.treestream import (ABORT, DIR_OPEN, END, M, DigestError, Sender, SourceError, StreamError, TargetError,
-                              others_message, received_boxes, scan)
+from remsh.treestream import ABORT, DIR_OPEN, END, M, Sender, others_message, received_boxes, scan
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import END_OF_BOX, Box
-
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,9 @@ def _as_remote(e: BaseException) -> RemoteError:
     """The error box class for a failure while a tree moves."""
     if isinstance(e, RemoteError):
         return e
-    if isinstance(e, StreamError):
+    if isinstance(e, TreeStreamError):
         return InvalidRequestError(str(e))
-    if isinstance(e, (TargetError, DigestError, SourceError)):
+    if isinstance(e, (TreeTargetError, TreeDigestError, TreeSourceError)):
         return FailedError(str(e))
     log.error("unexpected failure in a tree operation", exc_info=e)
     return UnexpectedError("unexpected error on the slave (details in its log)")
@@ -253,7 +252,7 @@ def send_tree_to_master(request: Request, args: Dict[str, Any]) -> None:
     try:
         try:
             found = scan(fd)
-        except SourceError as e:
+        except TreeSourceError as e:
             raise FailedError(str(e)) from None
         if found.others:
             raise FailedError(others_message(found.others, fd))
@@ -262,7 +261,7 @@ def send_tree_to_master(request: Request, args: Dict[str, Any]) -> None:
         sender = Sender(wire.send_bytes, poll=watch)
         try:
             complete = sender.tree(fd)
-        except SourceError as e:
+        except TreeSourceError as e:
             raise FailedError(str(e)) from None
         if not complete:
             raise FailedError("stopped at the master's request")
@@ -295,7 +294,7 @@ def sync_tree(request: Request, args: Dict[str, Any]) -> None:
             try:
                 for record in manifest_records(top, bool(args.get("checksum"))):
                     sender.add(record)
-            except SourceError as e:
+            except TreeSourceError as e:
                 raise FailedError(str(e)) from None
             sender.flush()
         wire.send_box({END: b"y"})
