@@ -35,7 +35,7 @@ setup(
     long_description=read_long_description(),
     long_description_content_type="text/x-rst",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*", "docs", "docs.*"]),
-    package_data={"remsh": ["py.typed"]},
+    package_data={"remsh": ["py.typed", "web/static/*", "web/pages/*"]},
     include_package_data=False,
     zip_safe=False,
     python_requires=">=3.9",

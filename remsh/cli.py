@@ -70,6 +70,7 @@ from remsh.clijobs import add_parsers as add_job_parsers
 from remsh.clijobs import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
                           state_line)
 from remsh.clijobs import cmd_job as cmd_show_job
+from remsh.web.options import add_http_options, add_web_parser, cmd_web, start_dashboard
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-job-output", type=_size_arg, default=DEFAULT_MAX_OUTPUT, metavar="SIZE",
                    help="output kept per slave per job (e.g. 1M, 64M; default 64M); past it the record says "
                         "truncated and the command goes on")
+    add_http_options(m)
 
     ls = sub.add_parser("ls", help="list the master's connected slaves")
     ls.add_argument("--json", action="store_true", help="a JSON array")
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("localdir", metavar="LOCALDIR")
 
     add_job_parsers(sub)
+    add_web_parser(sub)
 
     hk = sub.add_parser("host-key", help="print an SSH host key's fingerprint and known_hosts line")
     hk.add_argument("--host-key", required=True, metavar="FILE")
@@ -660,21 +663,25 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
             pass
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop_web: Optional[Callable[[], None]] = None
     try:
         _start_listeners(args, collection, env_secret, listeners, announce=_announce)
         if not listeners:
             raise ConfigError("remsh master needs --listen, --ssh-listen or --local N")
+        stop_web = start_dashboard(args, server, state_dir, _announce)
         _announce(f"control socket {server.path}")
         _announce("ready")
         while not select.select([wake_r], [], [], 60.0)[0]:
             pass
         _announce("stopping")
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         _error(str(e))
         return EXIT_USAGE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stop_web is not None:
+            stop_web()
         server.stop()
         for listener in listeners:
             listener.stop()
@@ -760,6 +767,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_ls(args)
         if args.command in ("jobs", "job", "cancel"):
             return _job_command(args)
+        if args.command == "web":
+            return cmd_web(args.master)
         return cmd_host_key(args)
     except KeyboardInterrupt:
         if args.command == "job" and getattr(args, "follow", False):

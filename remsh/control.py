@@ -51,6 +51,7 @@ NUL-joined, :func:`~remsh.wire.encode_list`)::
     {op: jobs, [running: y], [limit: N], [id]}
     {op: job, id, [follow: y]}
     {op: cancel, id}
+    {op: web}                        (the dashboard's URL, token included)
 
 ``run``, ``put`` and ``get`` make a *job* (:mod:`remsh.jobs`), recorded in
 the master's job store and run by the master's own threads; the first event
@@ -252,6 +253,7 @@ class ControlServer:
         self._stopping = threading.Event()
         self._clients_lock = threading.Lock()
         self._clients: Dict[int, "_Client"] = {}
+        self.web_url: Optional[str] = None  # the dashboard's URL and token (remsh web)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -528,6 +530,11 @@ class _Client:
         boxes = [encode_event("slave", **{k: "" if v is None else str(v) for k, v in collection.describe(s).items()})
                  for s in sorted(collection.get_all_slaves(), key=lambda s: s.name)]
         self._send(boxes + [encode_event("done")])
+
+    def op_web(self, op: ControlOp, values: Dict[str, Any]) -> None:
+        if self.server.web_url is None:
+            raise UsageError("this master serves no web dashboard (start it with --http [HOST:]PORT)")
+        self._send([encode_event("web", url=self.server.web_url), encode_event("done")])
 
     def op_jobs(self, op: ControlOp, values: Dict[str, Any]) -> None:
         limit = values["limit"]

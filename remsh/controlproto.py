@@ -105,6 +105,8 @@ CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
     ControlOp("job", (Key("id", "text", True), Key("follow", "flag")),
               "a job's stored events (jobrec, begin, out, progress, state, end), live until it ends with follow"),
     ControlOp("cancel", (Key("id", "text", True),), "cancel a running job; done, or fail (exit 2)"),
+    ControlOp("web", (), "the web dashboard's URL with its token: a web event, then done; fail (exit 2) when "
+                         "the master serves none"),
 )}
 
 #: Every event the master sends (key ``ev``).
@@ -119,6 +121,7 @@ EVENTS: Dict[str, Tuple[Key, ...]] = {
             Key("summary"), Key("truncated", "flag")),
     "state": (Key("slave"), Key("state"), Key("detail")),
     "alive": (),
+    "web": (Key("url"),),
     "fail": (Key("message"), Key("exit", "int"), Key("errtag")),
     "done": (Key("interrupted", "flag"), Key("state")),
     "jobrec": (Key("id"), Key("kind"), Key("state"), Key("uid", "int"), Key("started", "float"),

@@ -1,0 +1,363 @@
+"""The dashboard's Starlette application: its guard, its pages, its API.
+
+Security (every rule is here, in :class:`Guard`, in front of every route):
+
+- every request but the static files (``/static/...``: the front end's own
+  code, the same for everyone) needs the token: ``?token=T`` on a page
+  sets an ``HttpOnly; SameSite=Strict`` cookie and redirects to the same
+  URL without it (so the token leaves the address bar, the history and any
+  ``Referer``); scripts send ``Authorization: Bearer T``.  Otherwise: 401,
+  an empty body, nothing else said.  Tokens are compared with
+  :func:`hmac.compare_digest`;
+- a request that changes something (``POST``) from a cookie session needs
+  the ``X-CSRF-Token`` header with the page's CSRF token (an HMAC of the
+  token, in the page's ``<meta name="csrf">``).  Another site can neither
+  read that token nor send the header (no CORS: no ``Access-Control-*``
+  header is ever sent, so the browser refuses the preflight); a request
+  with the Bearer header proves itself and needs none;
+- every response says ``Content-Security-Policy`` with scripts from this
+  origin only (no inline script, no ``eval``), ``frame-ancestors 'none'``,
+  ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``,
+  ``Cache-Control: no-store``;
+- the pages hold no slave or command text: their scripts fetch it as JSON
+  and write it with ``textContent``, never as HTML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+from typing import Any, Awaitable, Callable, Dict, List, MutableMapping, Optional, Protocol
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from remsh.errors import UsageError
+from remsh.jobs import JobEnded, JobRegistry
+from remsh.store.base import UnknownJob, check_job_id
+from remsh.web.live import FLEET_INTERVAL, JOBS_INTERVAL, Followers, Subscriber, Watch
+from remsh.fleet import FleetCollection
+from remsh.web.records import fleet_rows, job_rows, slave_rows
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STATIC = os.path.join(HERE, "static")
+PAGES = os.path.join(HERE, "pages")
+
+#: The cookie the token URL sets.
+COOKIE = "remsh_token"
+#: The header of the CSRF token.
+CSRF_HEADER = "x-csrf-token"
+#: Every response's security headers.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+     b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cache-control", b"no-store"),
+]
+#: Most bytes of a slave's output one ``/api/jobs/ID/output/NAME`` returns
+#: (the store keeps at most ``--max-job-output`` anyway).
+MAX_OUTPUT_READ = 256 << 20
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Master(Protocol):
+    """What the dashboard needs of the master: its fleet and its jobs."""
+
+    @property
+    def collection(self) -> FleetCollection: ...
+
+    @property
+    def jobs(self) -> Optional[JobRegistry]: ...
+
+
+def csrf_token(token: str) -> str:
+    """The CSRF token of a session on ``token``."""
+    return hmac.new(token.encode(), b"remsh-web-csrf", hashlib.sha256).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+
+
+class Guard:
+    """The ASGI middleware in front of everything (see the module
+    docstring): authentication, CSRF, security headers."""
+
+    def __init__(self, app: ASGIApp, token: str, secure: bool) -> None:
+        self.app = app
+        self.token = token
+        self.csrf = csrf_token(token)
+        self.secure = secure
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        path: str = scope["path"]
+        if path.startswith("/static/"):
+            await self.app(scope, receive, send_with_headers)
+            return
+        request = Request(scope)
+        method = scope["method"]
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        given = [v for k, v in query if k == "token"]
+        if given:
+            if method != "GET" or len(given) != 1 or not _same(given[0], self.token):
+                await _unauthorized(send_with_headers)
+                return
+            rest = urlencode([(k, v) for k, v in query if k != "token"])
+            response = RedirectResponse(path + ("?" + rest if rest else ""), status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", secure=self.secure, path="/")
+            await response(scope, receive, send_with_headers)
+            return
+        authorization = request.headers.get("authorization")
+        if authorization is not None:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not _same(value.strip(), self.token):
+                await _unauthorized(send_with_headers)
+                return
+            by_script = True
+        else:
+            cookie = request.cookies.get(COOKIE)
+            if cookie is None or not _same(cookie, self.token):
+                await _unauthorized(send_with_headers)
+                return
+            by_script = False
+        if method not in ("GET", "HEAD") and not by_script:
+            if not _same(request.headers.get(CSRF_HEADER, ""), self.csrf):
+                await Response(b"", status_code=403)(scope, receive, send_with_headers)
+                return
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _unauthorized(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-length", b"0"), (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+class Dashboard:
+    """The routes over one master; :meth:`app` is the ASGI application."""
+
+    def __init__(self, master: Master, token: str, *, secure: bool = False) -> None:
+        self.master = master
+        self.token = token
+        self.secure = secure
+        self.followers = Followers()
+        self.fleet_watch: Optional[Watch] = None
+        self.jobs_watch: Optional[Watch] = None
+        self._pages: Dict[str, str] = {}
+        for name in ("fleet", "jobs", "job"):
+            with open(os.path.join(PAGES, f"{name}.html"), encoding="utf-8") as f:
+                self._pages[name] = f.read().replace("{{csrf}}", csrf_token(token))
+
+    @property
+    def registry(self) -> JobRegistry:
+        jobs = self.master.jobs
+        if jobs is None:
+            raise UsageError("the master is stopping")
+        return jobs
+
+    def watches(self) -> List[Watch]:
+        """The watches made so far (their threads run only while pages look)."""
+        return [w for w in (self.fleet_watch, self.jobs_watch) if w is not None]
+
+    def _fleet_watch(self) -> Watch:
+        if self.fleet_watch is None:
+            self.fleet_watch = Watch("fleet", lambda: fleet_rows(self.master.collection), FLEET_INTERVAL)
+        return self.fleet_watch
+
+    def _jobs_watch(self) -> Watch:
+        if self.jobs_watch is None:
+            store = self.registry.store
+            state = {"version": store.version()}
+
+            def wait(timeout: float) -> None:
+                state["version"] = store.wait_change(state["version"], timeout)
+
+            self.jobs_watch = Watch("jobs", lambda: job_rows(store), JOBS_INTERVAL, wait)
+        return self.jobs_watch
+
+    def app(self) -> ASGIApp:
+        routes = [
+            Route("/", self.page_fleet),
+            Route("/jobs", self.page_jobs),
+            Route("/jobs/{id}", self.page_job),
+            Route("/api/slaves", self.api_slaves),
+            Route("/api/jobs", self.api_jobs),
+            Route("/api/jobs/{id}", self.api_job),
+            Route("/api/jobs/{id}/output/{name}", self.api_output),
+            Route("/api/jobs/{id}/cancel", self.api_cancel, methods=["POST"]),
+            Route("/api/live/fleet", self.live_fleet),
+            Route("/api/live/jobs", self.live_jobs),
+            Route("/api/live/jobs/{id}", self.live_job),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+        return Guard(Starlette(routes=routes), self.token, self.secure)
+
+    # -- pages ---------------------------------------------------------------------
+
+    def _page(self, name: str) -> Response:
+        return Response(self._pages[name], media_type="text/html; charset=utf-8")
+
+    async def page_fleet(self, request: Request) -> Response:
+        return self._page("fleet")
+
+    async def page_jobs(self, request: Request) -> Response:
+        return self._page("jobs")
+
+    async def page_job(self, request: Request) -> Response:
+        if _job_id(request) is None:
+            return _error(404, "not a job id")
+        return self._page("job")
+
+    # -- the JSON API --------------------------------------------------------------
+
+    def api_slaves(self, request: Request) -> Response:
+        return JSONResponse(slave_rows(self.master.collection))
+
+    def api_jobs(self, request: Request) -> Response:
+        limit: Optional[int] = None
+        if "n" in request.query_params:
+            try:
+                limit = int(request.query_params["n"])
+            except ValueError:
+                limit = 0
+            if limit < 1:
+                return _error(400, "n must be a positive integer")
+        running = request.query_params.get("running") in ("1", "true", "yes")
+        records = self.registry.store.list_jobs(running=running, limit=limit)
+        return JSONResponse([r.to_json() for r in records])
+
+    def api_job(self, request: Request) -> Response:
+        job_id = _job_id(request)
+        if job_id is None:
+            return _error(404, "not a job id")
+        try:
+            return JSONResponse(self.registry.store.get_job(job_id).to_json())
+        except UnknownJob as e:
+            return _error(404, str(e))
+
+    def api_output(self, request: Request) -> Response:
+        """A slave's stored output: ``{"stdout": TEXT, "stderr": TEXT}``
+        (UTF-8, bad bytes replaced) with the byte counts, or with
+        ``?stream=stdout|stderr`` that stream's exact bytes."""
+        job_id = _job_id(request)
+        name = request.path_params["name"]
+        if job_id is None:
+            return _error(404, "not a job id")
+        stream = request.query_params.get("stream")
+        if stream not in (None, "stdout", "stderr"):
+            return _error(400, "stream must be stdout or stderr")
+        store = self.registry.store
+        try:
+            record = store.get_job(job_id)
+        except UnknownJob as e:
+            return _error(404, str(e))
+        rec = record.slaves.get(name)
+        if rec is None:
+            return _error(404, f"job {job_id} did not run on {name!r}")
+        data: Dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        seq, total = -1, 0
+        while total < MAX_OUTPUT_READ:
+            chunks = store.read_output(job_id, name, after=seq)
+            if not chunks:
+                break
+            for _, chunk in chunks:
+                data[chunk.stream].extend(chunk.data)
+                total += len(chunk.data)
+                seq = chunk.seq
+        if stream is not None:
+            return Response(bytes(data[stream]), media_type="application/octet-stream",
+                            headers={"content-disposition": "attachment"})
+        return JSONResponse({"job": job_id, "name": name,
+                             "stdout": data["stdout"].decode("utf-8", "replace"),
+                             "stderr": data["stderr"].decode("utf-8", "replace"),
+                             "stdout_bytes": rec.stdout_bytes, "stderr_bytes": rec.stderr_bytes,
+                             "truncated": rec.truncated})
+
+    def api_cancel(self, request: Request) -> Response:
+        job_id = _job_id(request)
+        if job_id is None:
+            return _error(404, "not a job id")
+        try:
+            self.registry.cancel(job_id, "cancelled from the web dashboard")
+        except UnknownJob as e:
+            return _error(404, str(e))
+        except JobEnded as e:
+            return _error(409, str(e))
+        return JSONResponse({"id": job_id, "cancelled": True})
+
+    # -- live updates --------------------------------------------------------------
+
+    async def _watch_stream(self, watch: Watch) -> Response:
+        subscriber = Subscriber(asyncio.get_running_loop())
+        watch.subscribe(subscriber)
+
+        async def stream() -> Any:
+            try:
+                async for text in subscriber.messages():
+                    yield text
+            finally:
+                watch.unsubscribe(subscriber)
+
+        return _sse(stream())
+
+    async def live_fleet(self, request: Request) -> Response:
+        return await self._watch_stream(self._fleet_watch())
+
+    async def live_jobs(self, request: Request) -> Response:
+        return await self._watch_stream(self._jobs_watch())
+
+    async def live_job(self, request: Request) -> Response:
+        job_id = _job_id(request)
+        if job_id is None:
+            return _error(404, "not a job id")
+        subscriber = Subscriber(asyncio.get_running_loop())
+        if not self.followers.start(self.registry.store, job_id, subscriber):
+            return _error(503, "too many job pages are open; try again")
+
+        async def stream() -> Any:
+            try:
+                async for text in subscriber.messages():
+                    yield text
+            finally:
+                subscriber.closed = True
+
+        return _sse(stream())
+
+
+def _sse(stream: Any) -> Response:
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"x-accel-buffering": "no"})
+
+
+def _job_id(request: Request) -> Optional[str]:
+    try:
+        return check_job_id(request.path_params["id"])
+    except UsageError:
+        return None
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)

@@ -1,0 +1,41 @@
+"""What the dashboard shows, made by the functions the command line uses:
+a slave is the row of ``remsh ls --json`` (the master's ``ls`` answer,
+:func:`remsh.choice.ls_events`, read back by :func:`remsh.choice.ls_row`),
+a job the record of ``remsh jobs --json``
+(:meth:`remsh.store.base.JobRecord.to_json`).  Nothing here encodes a
+record a second way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from remsh.choice import ls_events, ls_row
+from remsh.controlproto import EVENTS, decode_event
+from remsh.fleet import FleetCollection
+from remsh.store.base import JobStore
+
+#: The fields of a slave (those of ``remsh ls --json``).
+SLAVE_FIELDS = tuple(key.name for key in EVENTS["slave"])
+#: Most jobs the jobs' page shows (the newest).
+JOBS_SHOWN = 200
+
+
+def slave_rows(fleet: FleetCollection) -> List[Dict[str, Optional[Any]]]:
+    """Every slave as ``remsh ls --json`` gives it, sorted by name."""
+    rows = []
+    for box in ls_events(fleet, {}):
+        event = decode_event(box)
+        if event.kind == "slave":
+            rows.append(ls_row(event.values, SLAVE_FIELDS))
+    return rows
+
+
+def fleet_rows(fleet: FleetCollection) -> Dict[str, Dict[str, Optional[Any]]]:
+    """The fleet page's rows (:func:`slave_rows`), by name."""
+    return {str(row["name"]): row for row in slave_rows(fleet)}
+
+
+def job_rows(store: JobStore, limit: int = JOBS_SHOWN) -> Dict[str, Dict[str, object]]:
+    """The newest jobs' records, by id."""
+    return {r.id: r.to_json() for r in store.list_jobs(limit=limit)}
