@@ -1,8 +1,9 @@
 """SSH for both ends (paramiko): the master's embedded server and the slave's
 two ways of dialling out.
 
-This is the only module in remsh that imports paramiko, so a slave that uses
-TCP or the local transport runs without it.
+With its key helpers (:mod:`remsh.transports.sshkeys`) this is the only
+module in remsh that imports paramiko, so a slave that uses TCP or the
+local transport runs without it.
 
 **Embedded server** (:class:`SshServer`, used by
 :class:`~remsh.master.slavelistener.ssh.SshSlaveListener`).  Connections are
