@@ -76,11 +76,10 @@ class Connection:
         peer is behind; ``timeout`` bounds that wait."""
         self.write(data)
         try:
-            if timeout is None:
+            # asyncio.timeout, not wait_for: wait_for may swallow a cancel (3.11)
+            async with asyncio.timeout(timeout):
                 await self.writer.drain()
-            else:
-                await asyncio.wait_for(self.writer.drain(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerTimeout(f"{self.label}: peer stopped reading (send timed out)") from None
         except (ConnectionError, OSError) as e:
             raise Disconnected(f"{self.label}: connection lost while sending: {e}") from e
@@ -95,8 +94,9 @@ class Connection:
         try:
             if timeout is None:
                 return await self.reader.read(n)
-            return await asyncio.wait_for(self.reader.read(n), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(n)
+        except TimeoutError:
             raise PeerTimeout(f"{self.label}: no answer for {timeout:g} s") from None
         except (ConnectionError, OSError) as e:
             raise Disconnected(f"{self.label}: connection lost: {e}") from e

@@ -175,8 +175,9 @@ class AsyncSlave:
             await self._lock.acquire()
         else:
             try:
-                await asyncio.wait_for(self._lock.acquire(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # not wait_for: it may swallow a cancel (3.11)
+                    await self._lock.acquire()
+            except TimeoutError:
                 raise _Overdue() from None
         if self._disconnected is not None:
             self._lock.release()

@@ -10,6 +10,7 @@ peer.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -88,6 +89,9 @@ async def send(slave: TransferHost, src: Union[Path, BinaryIO], dest: Path, mode
                 digest.update(block)
                 await conn.send(call.data(block), slave.io_timeout)
                 counter.add(len(block))
+                # a write the kernel takes at once does not wait: let the
+                # loop's other tasks run between blocks all the same
+                await asyncio.sleep(0)
             if local_error is not None:
                 await conn.send(call.abort("master could not read the source"), slave.io_timeout)
             else:

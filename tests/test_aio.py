@@ -1,0 +1,457 @@
+"""remsh.aio, the asyncio front end, with real slave processes over local, TCP and TLS.
+
+Each test runs its own event loop (``asyncio.run``).  The helpers here
+(:func:`aio_slave`, :class:`LoopThread`, :class:`SyncSlave`) are shared with
+``tests/test_aio_conformance.py`` and ``tests/test_aio_scale.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import io
+import itertools
+import os
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, List, Optional, Tuple, TypeVar
+
+import pytest
+
+import remsh.aio as aio
+from remsh.errors import (AuthenticationError, CommandTimeout, Disconnected, ExecFailedError, LimitExceeded,
+                          NotFoundError, RemoteFileExistsError, UsageError, WaitTimeout)
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses, slave_procs  # noqa: F401 - a fixture
+from tests.transports import Pki, client_context, make_pki, server_context
+from tests.util import wait_pid_exit
+
+pytestmark = pytest.mark.timeout(120)
+
+KINDS = ["local", "tcp", "tls"]
+T = TypeVar("T")
+_serial = itertools.count(1)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` in a fresh event loop, bounded by WAIT * 6."""
+    return asyncio.run(asyncio.wait_for(coro, WAIT * 6))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("aio-pki"))
+
+
+@contextlib.asynccontextmanager
+async def aio_listener(kind: str, pki: Optional[Pki] = None, **kwargs: Any) -> AsyncIterator[Any]:
+    """A started remsh.aio listener of ``kind`` (local, tcp, tls) on 127.0.0.1."""
+    if kind == "local":
+        listener: Any = aio.LocalSlaveListener(**kwargs)
+    else:
+        kwargs.setdefault("secret", SECRET)
+        listener = aio.TcpSlaveListener(port=0, host=HOST, ssl_context=server_context(pki) if kind == "tls" else None,
+                                        **kwargs)
+    async with listener:
+        yield listener
+
+
+async def start_slave(listener: Any, kind: str, procs: SlaveProcesses, basedir: Path,
+                      pki: Optional[Pki] = None, name: Optional[str] = None, **kw: Any) -> aio.AsyncSlave:
+    """One slave process registered through ``listener``."""
+    name = name or f"aio-{kind}-{next(_serial)}"
+    if kind == "local":
+        return await listener.start_slave(str(basedir), name)
+    proc = procs.start(listener.port, name, basedir=basedir, no_reconnect=True,
+                       tls_ca=pki.ca if kind == "tls" and pki is not None else None, **kw)
+    try:
+        return await listener.slave_collection.get_slave(filter=lambda s: s.name == name, timeout=WAIT)
+    except WaitTimeout:
+        pytest.fail(f"slave {name} did not register\n{proc.log_text()}")
+
+
+@contextlib.asynccontextmanager
+async def aio_slave(kind: str, procs: SlaveProcesses, basedir: Path, pki: Optional[Pki] = None
+                    ) -> AsyncIterator[Tuple[Any, aio.AsyncSlave]]:
+    """A listener of ``kind`` and one slave through it."""
+    async with aio_listener(kind, pki) as listener:
+        yield listener, await start_slave(listener, kind, procs, basedir, pki)
+
+
+# -- a synchronous facade, for the conformance tests --------------------------------------
+
+
+class LoopThread:
+    """One event loop running in one thread (for every slave of a test module)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="aio-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
+        async def wrap() -> T:
+            return await coro
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+class SyncSlave:
+    """The threaded ``Slave`` API over an ``AsyncSlave`` (each call runs in the loop thread)."""
+
+    def __init__(self, loop: LoopThread, slave: aio.AsyncSlave) -> None:
+        self.loop = loop
+        self.aslave = slave
+        self.name = slave.name
+        self.info = slave.info
+
+    def __getattr__(self, meth: str) -> Callable[..., Any]:
+        target = getattr(self.aslave, meth)
+        if not inspect.iscoroutinefunction(target):
+            raise AttributeError(meth)
+        return lambda *a, **kw: self.loop.run(target(*a, **kw))
+
+    @property
+    def connected(self) -> bool:
+        return self.aslave.connected
+
+    def interrupt(self) -> None:
+        self.loop.call(self.aslave.interrupt)
+
+    def close(self) -> None:
+        self.loop.call(self.aslave.close)
+
+
+# -- the operations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_operations_over_each_transport(kind: str, tmp_path: Path, slave_procs: SlaveProcesses, pki: Pki) -> None:
+    """Every simple operation, execute with both streams, send and fetch work over local, TCP and TLS."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+
+    async def main() -> None:
+        async with aio_slave(kind, slave_procs, basedir, pki) as (listener, slave):
+            assert slave.info["basedir"] == str(basedir)
+            assert listener.slave_collection.get_all_slaves() == [slave]
+            await slave.ping()
+            assert await slave.set_cwd("") == str(basedir)
+            assert "PATH" in await slave.getenv()
+            await slave.mkdir("a/b")
+            assert await slave.stat("a/b") == "d"
+            assert await slave.stat("nothing") is None
+            out: List[bytes] = []
+            err: List[bytes] = []
+            code = await slave.execute(["sh", "-c", "echo out; echo err >&2; exit 7"],
+                                       stdout_cb=out.append, stderr_cb=err.append)
+            assert (code, b"".join(out), b"".join(err)) == (7, b"out\n", b"err\n")
+            data = os.urandom(3 << 20)
+            src = tmp_path / "src"
+            src.write_bytes(data)
+            done: List[Tuple[int, Optional[int]]] = []
+            await slave.send(src, "a/f", mode=0o640, progress=lambda d, t: done.append((d, t)))
+            assert done[-1] == (len(data), len(data))
+            assert (basedir / "a" / "f").read_bytes() == data
+            assert (basedir / "a" / "f").stat().st_mode & 0o777 == 0o640
+            await slave.copy("a/f", "a/g")
+            await slave.chmod("a/g", 0o600)
+            await slave.rename("a/g", "a/h")
+            await slave.fetch("a/h", tmp_path / "back")
+            assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == hashlib.sha256(data).digest()
+            await slave.unlink("a/h")
+            with pytest.raises(NotFoundError) as e:
+                await slave.unlink("a/h")
+            assert slave.name in str(e.value) and "unlink" in str(e.value)
+            await slave.remove("a")
+            assert not (basedir / "a").exists()
+
+    run(main())
+
+
+def test_errors_are_the_threaded_masters(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """Remote errors keep the slave; UsageError, ExecFailedError, RemoteFileExistsError, LimitExceeded as Slave's."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    (basedir / "f").write_bytes(b"x" * 1000)
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            with pytest.raises(UsageError):
+                await slave.execute([])
+            with pytest.raises(ExecFailedError):
+                await slave.execute(["/no/such/program"])
+            with pytest.raises(RemoteFileExistsError):
+                await slave.send(io.BytesIO(b"y"), "f")
+            with pytest.raises(LimitExceeded):
+                await slave.fetch("f", tmp_path / "g", max_bytes=10)
+            assert not (tmp_path / "g").exists()
+            with pytest.raises(CommandTimeout):
+                await slave.execute(["sleep", "30"], timeout=0.5)
+            await slave.ping()
+            assert slave.connected
+
+    run(main())
+
+
+def test_coroutine_callbacks_and_async_stdin(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """Coroutine callbacks are awaited in order; stdin may be bytes, a file or an async iterable."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            got: List[bytes] = []
+
+            async def slow(data: bytes) -> None:
+                await asyncio.sleep(0)
+                got.append(data)
+
+            payload = os.urandom(1 << 20)
+            assert await slave.execute(["cat"], stdout_cb=slow, stdin=payload) == 0
+            assert b"".join(got) == payload
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for i in range(3):
+                    yield b"%d\n" % i
+
+            got.clear()
+            assert await slave.execute(["cat"], stdout_cb=got.append, stdin=chunks()) == 0
+            assert b"".join(got) == b"0\n1\n2\n"
+            got.clear()
+            assert await slave.execute(["cat"], stdout_cb=got.append, stdin=io.BytesIO(b"file")) == 0
+            assert b"".join(got) == b"file"
+
+    run(main())
+
+
+def test_calls_on_one_slave_run_in_call_order(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """Concurrent calls on one slave are served one at a time, in the order they were made."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            order: List[int] = []
+
+            async def one(i: int) -> None:
+                await slave.execute(["sh", "-c", f"echo {i}"], stdout_cb=lambda d: order.append(int(d)))
+
+            await asyncio.gather(*(one(i) for i in range(20)))
+            assert order == list(range(20))
+
+    run(main())
+
+
+# -- cancelling --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancel_kills_the_process_group(kind: str, tmp_path: Path, slave_procs: SlaveProcesses, pki: Pki) -> None:
+    """Cancelling the task awaiting execute kills the command's process group within a second; the slave stays."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+
+    async def main() -> None:
+        async with aio_slave(kind, slave_procs, basedir, pki) as (_, slave):
+            pids: List[int] = []
+            started = asyncio.Event()
+
+            def out(data: bytes) -> None:
+                pids.extend(int(x) for x in data.split())
+                started.set()
+
+            task = asyncio.create_task(slave.execute(["sh", "-c", "sleep 60 & echo $$ $!; wait"], stdout_cb=out))
+            await asyncio.wait_for(started.wait(), WAIT)
+            pidfds = [os.pidfd_open(p) for p in pids]
+            try:
+                t0 = time.monotonic()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                gone = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: all(wait_pid_exit(fd, 1.0) for fd in pidfds))
+                assert gone, "the command's process group outlived the cancel by a second"
+                assert time.monotonic() - t0 < 2.0
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+            assert slave.connected
+            await slave.ping()
+            assert await slave.execute(["true"]) == 0
+
+    run(main())
+
+
+def test_cancel_send_and_fetch_leave_nothing_and_keep_the_slave(tmp_path: Path,
+                                                                  slave_procs: SlaveProcesses) -> None:
+    """A cancelled send leaves no file on the slave, a cancelled fetch none locally; the slave stays usable."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    (basedir / "big").write_bytes(os.urandom(64 << 20))
+
+    class Endless(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            b[:] = b"z" * len(b)
+            return len(b)
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            moved: List[int] = []
+            task = asyncio.create_task(slave.send(Endless(), "out", progress=lambda d, t: moved.append(d)))
+            while sum(1 for _ in moved) < 2:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slave.ping()
+            assert await slave.stat("out") is None
+            assert [n for n in os.listdir(basedir) if n.endswith(".remsh-part")] == []
+
+            got: List[int] = []
+            task = asyncio.create_task(slave.fetch("big", tmp_path / "got", progress=lambda d, t: got.append(d)))
+            while not got:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slave.ping()
+            assert not (tmp_path / "got").exists()
+            assert [n for n in os.listdir(tmp_path) if n.endswith(".remsh-part")] == []
+            await slave.fetch("big", tmp_path / "again")
+            assert (tmp_path / "again").stat().st_size == 64 << 20
+
+    run(main())
+
+
+def test_cancel_while_waiting_for_the_turn(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """A call cancelled while it waits for its turn never reaches the slave; the others go on."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            first = asyncio.create_task(slave.execute(["sleep", "0.3"]))
+            second = asyncio.create_task(slave.mkdir("never"))
+            await asyncio.sleep(0.05)
+            second.cancel()
+            assert await first == 0
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert await slave.stat("never") is None
+
+    run(main())
+
+
+# -- listeners -----------------------------------------------------------------------------------
+
+
+def test_wrong_secret_is_refused_while_the_listener_serves(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """A slave with the wrong secret never registers (it exits refused); one with the right one then does."""
+
+    async def main() -> None:
+        async with aio_listener("tcp") as listener:
+            bad = slave_procs.start(listener.port, "intruder", secret=b"wrong secret", no_reconnect=True)
+            status = await asyncio.get_running_loop().run_in_executor(None, bad.wait)
+            assert status != 0
+            assert listener.slave_collection.get_all_slaves() == []
+            good = await start_slave(listener, "tcp", slave_procs, tmp_path / "g" if (tmp_path / "g").mkdir()
+                                     is None else tmp_path)
+            await good.ping()
+            assert [s.name for s in listener.slave_collection.get_all_slaves()] == [good.name]
+
+    run(main())
+
+
+def test_tls_listener_refuses_plain_tcp(tmp_path: Path, slave_procs: SlaveProcesses, pki: Pki) -> None:
+    """A slave speaking plain TCP to a TLS listener does not register; a TLS slave then does."""
+
+    async def main() -> None:
+        async with aio_listener("tls", pki) as listener:
+            plain = slave_procs.start(listener.port, "plain", no_reconnect=True)
+            await asyncio.get_running_loop().run_in_executor(None, plain.wait)
+            assert listener.slave_collection.get_all_slaves() == []
+            (tmp_path / "b").mkdir()
+            slave = await start_slave(listener, "tls", slave_procs, tmp_path / "b", pki)
+            await slave.ping()
+
+    assert isinstance(client_context(pki), ssl.SSLContext)
+    run(main())
+
+
+def test_resume_timeout_is_not_supported_yet() -> None:
+    """resume_timeout > 0 is a UsageError saying sessions are not offered; 0 is fine."""
+    with pytest.raises(UsageError, match="no resumable sessions"):
+        aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=5)
+    aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=0)
+
+
+def test_tcp_listener_needs_credentials() -> None:
+    """No secret, no authenticator, no allow_insecure: UsageError."""
+    with pytest.raises(UsageError):
+        aio.TcpSlaveListener(port=0)
+
+
+def test_get_slave_waits_and_times_out(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """get_slave waits for a match to connect, picks by cmp, and raises WaitTimeout (a RemshError) on timeout."""
+    async def main() -> None:
+        async with aio_listener("local") as listener:
+            coll = listener.slave_collection
+            with pytest.raises(WaitTimeout):
+                await coll.get_slave(timeout=0.1)
+            (tmp_path / "a").mkdir()
+            (tmp_path / "b").mkdir()
+            waiter = asyncio.create_task(coll.get_slave(filter=lambda s: s.name == "b", timeout=WAIT))
+            await listener.start_slave(str(tmp_path / "a"), "a")
+            assert not waiter.done()
+            b = await listener.start_slave(str(tmp_path / "b"), "b")
+            assert await waiter is b
+            first = await coll.get_slave(cmp=lambda x, y: (x.name > y.name) - (x.name < y.name))
+            assert first.name == "a"
+            assert sorted(s.name for s in await coll.wait_for_slaves(2, timeout=WAIT)) == ["a", "b"]
+            await listener.kill_slave(first)
+            assert [s.name for s in coll.get_all_slaves()] == ["b"]
+            with pytest.raises(Disconnected):
+                await first.ping()
+
+    run(main())
+
+
+def test_no_thread_is_started(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """Serving slaves over local and TCP starts no thread at all."""
+    before = set(threading.enumerate())
+
+    async def main() -> None:
+        async with aio_listener("tcp") as tcp, aio_listener("local") as local:
+            slaves = []
+            for i in range(3):
+                (tmp_path / str(i)).mkdir()
+                slaves.append(await start_slave(tcp if i else local, "tcp" if i else "local", slave_procs,
+                                                tmp_path / str(i)))
+            src = tmp_path / "f"
+            src.write_bytes(b"x" * 100000)
+            for slave in slaves:
+                await slave.execute(["echo"], stdout_cb=lambda d: None)
+                await slave.send(src, "f")
+                await slave.fetch("f", tmp_path / f"back-{slave.name}")
+            assert set(threading.enumerate()) - before == set()
+
+    run(main())
+
+
+def test_authentication_error_type_is_a_remsh_error() -> None:
+    """The refusal error the listener logs is an AuthenticationError (a RemshError subclass)."""
+    assert issubclass(AuthenticationError, Exception) and issubclass(WaitTimeout, Exception)
