@@ -79,6 +79,8 @@ from remsh.master.slavelistener.base import SlaveListener
 from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.store.base import DEFAULT_MAX_OUTPUT, StoreError, parse_duration, parse_size
 from remsh.store.sqlite import SqliteJobStore
+from remsh.masterstore import add_store_options, open_shared_store
+from remsh.store.base import JobStore
 
 log = logging.getLogger("remsh")
 
@@ -223,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-job-output", type=_size_arg, default=DEFAULT_MAX_OUTPUT, metavar="SIZE",
                    help="output kept per slave per job (e.g. 1M, 64M; default 64M); past it the record says "
                         "truncated and the command goes on")
+    add_store_options(g)
     add_http_options(m)
 
     ls = sub.add_parser("ls", help="list the master's connected slaves")
@@ -637,7 +640,9 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
     collection = FleetCollection()
 
-    def open_store() -> SqliteJobStore:
+    def open_store() -> JobStore:
+        if args.store is not None:
+            return open_shared_store(args)
         make_private_directory(state_dir, "state directory")
         return SqliteJobStore(os.path.join(state_dir, "jobs.sqlite"), keep=args.keep_jobs,
                               max_output=args.max_job_output)

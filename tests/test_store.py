@@ -1,5 +1,12 @@
-"""The job store on a real SQLite file: records, exactly-once output by
-position, truncation, retention, schema versions and refusals at start."""
+"""The job store: records, exactly-once output by position, truncation,
+retention, schema versions and refusals at start.
+
+The behaviour every store promises (:class:`~remsh.store.base.JobStore`) is
+tested on each store through ``make_store``: a real SQLite file, and a real
+PostgreSQL server (:mod:`tests.pgserver`; skipped without one, unless
+``$CI`` is set).  What only the SQLite file does (its lock, its file, its
+migrations) is tested on SQLite alone; the PostgreSQL store's own in
+``tests/test_store_postgres.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +23,11 @@ from remsh.store.base import (JOB_CANCELLED, JOB_DONE, JOB_RUNNING, SLAVE_OK, SL
                               OutputGap, SlaveRecord, StoreError, UnknownJob, check_job_id, job_state_from,
                               make_job_id, parse_duration, parse_size)
 from remsh.store.sqlite import CHUNK_COST, SCHEMA_VERSION, SqliteJobStore
+from tests.pgserver import pg_server, pg_uri  # noqa: F401 - the PostgreSQL server of the conformance tests
 from tests.util import run_in_thread
+
+#: The stores every conformance test runs on.
+STORES = ("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -24,11 +35,32 @@ def path(tmp_path) -> str:
     return str(tmp_path / "jobs.sqlite")
 
 
+@pytest.fixture(params=STORES)
+def make_store(request, path):
+    """Opens a store of the parameter's kind on one database (the same each
+    call: a reopened store sees what an earlier one wrote), with the given
+    ``keep``/``max_output``; every store opened is closed at the end."""
+    opened = []
+    if request.param == "sqlite":
+        def make(**kw):
+            opened.append(SqliteJobStore(path, **kw))
+            return opened[-1]
+    else:
+        from remsh.store.postgres import PostgresJobStore
+
+        uri = request.getfixturevalue("pg_uri")
+
+        def make(**kw):
+            opened.append(PostgresJobStore(uri, "test-master", poll_interval=0.5, **kw))
+            return opened[-1]
+    yield make
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(path):
-    s = SqliteJobStore(path)
-    yield s
-    s.close()
+def store(make_store):
+    return make_store()
 
 
 def test_job_record_round_trip(store) -> None:
@@ -74,9 +106,9 @@ def test_output_keeps_exact_bytes(store) -> None:
     assert b"".join(c.data for _, c in store.read_output(job.id, "a")) == data
 
 
-def test_output_past_the_cap_is_counted_not_kept(path) -> None:
+def test_output_past_the_cap_is_counted_not_kept(make_store) -> None:
     """Past max_output the stream's position still moves (exactly once holds) and the record says truncated."""
-    with SqliteJobStore(path, max_output=10 + 2 * CHUNK_COST) as store:
+    with make_store(max_output=10 + 2 * CHUNK_COST) as store:
         job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
         store.append_output(job.id, "a", "stdout", 0, b"0123456")
         assert store.append_output(job.id, "a", "stderr", 0, b"abcdef") == 6
@@ -132,9 +164,9 @@ def test_unknown_job_and_slave(store) -> None:
     assert issubclass(UnknownJob, StoreError) and issubclass(StoreError, LocalError)
 
 
-def test_prune_keeps_running_and_recent_jobs(path) -> None:
+def test_prune_keeps_running_and_recent_jobs(make_store) -> None:
     """Pruning removes jobs that ended before the retention, with their output; running jobs stay."""
-    with SqliteJobStore(path, keep=3600) as store:
+    with make_store(keep=3600) as store:
         old = store.create_job("run", {"argv": ["x"]}, 0, ["a"], now=0.0)
         store.append_output(old.id, "a", "stdout", 0, b"old output")
         store.finish_job(old.id, JOB_DONE, now=10.0)
@@ -146,12 +178,12 @@ def test_prune_keeps_running_and_recent_jobs(path) -> None:
         assert store.read_output(old.id) == []
 
 
-def test_history_survives_reopening(path) -> None:
+def test_history_survives_reopening(make_store) -> None:
     """What one store wrote, a store opened later on the same file reads."""
-    with SqliteJobStore(path) as store:
+    with make_store() as store:
         job = store.create_job("get", {"paths": ["/etc/hosts", "/tmp/x"]}, 7, ["a"])
         store.append_output(job.id, "a", "stderr", 0, b"warning\n")
-    with SqliteJobStore(path) as store:
+    with make_store() as store:
         back = store.get_job(job.id)
         assert back.spec["paths"] == ["/etc/hosts", "/tmp/x"]
         assert store.output_position(job.id, "a") == (0, 8)
@@ -307,9 +339,9 @@ def test_a_version_1_store_is_migrated_and_keeps_its_jobs(path) -> None:
     db.close()
 
 
-def test_tiny_chunks_count_their_rows_against_the_cap(path) -> None:
+def test_tiny_chunks_count_their_rows_against_the_cap(make_store) -> None:
     """Output that comes a byte at a time is capped by its rows too: the store keeps far fewer than max_output one-byte chunks."""
-    with SqliteJobStore(path, max_output=100 * (1 + CHUNK_COST)) as store:
+    with make_store(max_output=100 * (1 + CHUNK_COST)) as store:
         job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
         for i in range(1000):
             store.append_output(job.id, "a", "stdout", i, b"x")
@@ -318,13 +350,13 @@ def test_tiny_chunks_count_their_rows_against_the_cap(path) -> None:
         assert rec.truncated and rec.stdout_bytes == 1000
 
 
-def test_job_output_is_written_in_chunks_in_order(path) -> None:
+def test_job_output_is_written_in_chunks_in_order(make_store) -> None:
     """A job's sink writes a stream's consecutive small chunks as one row, keeps the order of the two streams, and writes held output within its delay."""
     from remsh.jobs import OUTPUT_DELAY, StoreSink
     from remsh.master.fanout import Cancellation
     from tests.util import wait_until
 
-    with SqliteJobStore(path) as store:
+    with make_store() as store:
         job = store.create_job("run", {"argv": ["x"]}, 0, ["a"])
         sink = StoreSink(store, job.id, Cancellation())
         for _ in range(2000):

@@ -1,0 +1,714 @@
+"""A job store in PostgreSQL, shared by several masters.
+
+The same calls and the same promises as :mod:`remsh.store.sqlite` (records,
+output appended exactly once by its position in its stream, the per-slave
+cap with :data:`~remsh.store.sqlite.CHUNK_COST` per chunk, retention,
+:meth:`~PostgresJobStore.wait_change`), over psycopg 3 (the extra
+``remsh[postgres]``; this module is the only one that imports psycopg).
+
+Several masters open one database, each under its own name (a row of
+``remsh_masters``: name, epoch, heartbeat).  Opening the store raises the
+name's epoch; a name whose holder's heartbeat is within the lease is
+refused (:class:`~remsh.store.fencing.MasterNameInUse`).  Every write runs
+in one transaction that first reads this master's row ``FOR SHARE`` and
+refuses to go on when the epoch there is not ours
+(:class:`~remsh.store.fencing.FencedOff`): the row lock makes an adopter's
+epoch change wait for our transaction, so no write of a fenced master lands
+after the fence.  A job belongs to the master that created it (``owner``,
+``owner_epoch``); another master's write to it is refused
+(:class:`~remsh.store.fencing.NotOwner`) until it adopts it
+(:meth:`PostgresJobStore.adopt_master`, a compare-and-set on the dead
+master's epoch: of two masters racing, one wins).
+
+Changes reach the other masters' :meth:`~PostgresJobStore.wait_change` by
+``NOTIFY`` on commit, heard by a thread of each store on its own
+connection; a sequence every write advances is polled every
+``poll_interval`` seconds as a safety net (a notification lost with a
+connection).  The same thread writes the heartbeat.
+
+The schema (tables prefixed ``remsh_``, so a database may be shared with
+other programs) is versioned in ``remsh_meta``; :data:`MIGRATIONS` are
+applied in one transaction under an advisory lock, so masters starting
+together migrate once.  A database of a newer remsh is refused.
+
+A broken connection (PostgreSQL restarted, the network) fails the call in
+progress with a :class:`~remsh.store.base.StoreError` and is opened again
+by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+
+import psycopg
+import psycopg.conninfo
+
+from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
+                              SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
+                              SlaveRecord, StoreError, UnknownJob, make_job_id, now)
+from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
+from remsh.store.sqlite import CHUNK_COST
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Tuple[Any, ...]]
+
+#: The schema this code writes.
+SCHEMA_VERSION = 1
+
+#: ``MIGRATIONS[n]`` turns a version ``n`` database into version ``n + 1``.
+MIGRATIONS: Dict[int, Sequence[str]] = {
+    0: (
+        "CREATE TABLE remsh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE remsh_masters (
+               name TEXT PRIMARY KEY,
+               epoch BIGINT NOT NULL,
+               heartbeat DOUBLE PRECISION NOT NULL,
+               started DOUBLE PRECISION NOT NULL,
+               stopped BOOLEAN NOT NULL DEFAULT false
+           )""",
+        """CREATE TABLE remsh_jobs (
+               id TEXT COLLATE "C" PRIMARY KEY,
+               kind TEXT NOT NULL,
+               spec TEXT NOT NULL,
+               uid BIGINT NOT NULL,
+               state TEXT NOT NULL,
+               started DOUBLE PRECISION NOT NULL,
+               finished DOUBLE PRECISION,
+               owner TEXT NOT NULL,
+               owner_epoch BIGINT NOT NULL
+           )""",
+        "CREATE INDEX remsh_jobs_state ON remsh_jobs (state)",
+        "CREATE INDEX remsh_jobs_finished ON remsh_jobs (finished)",
+        "CREATE INDEX remsh_jobs_owner ON remsh_jobs (owner) WHERE state = 'running'",
+        """CREATE TABLE remsh_job_slaves (
+               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
+               name TEXT NOT NULL,
+               ord INTEGER NOT NULL,
+               state TEXT NOT NULL,
+               exit_status INTEGER,
+               error TEXT,
+               errtag TEXT,
+               started DOUBLE PRECISION,
+               finished DOUBLE PRECISION,
+               stdout_bytes BIGINT NOT NULL DEFAULT 0,
+               stderr_bytes BIGINT NOT NULL DEFAULT 0,
+               kept_bytes BIGINT NOT NULL DEFAULT 0,
+               truncated BOOLEAN NOT NULL DEFAULT false,
+               progress_done BIGINT,
+               progress_total BIGINT,
+               summary TEXT,
+               PRIMARY KEY (job_id, name)
+           )""",
+        """CREATE TABLE remsh_output (
+               job_id TEXT COLLATE "C" NOT NULL,
+               seq BIGINT NOT NULL,
+               name TEXT NOT NULL,
+               stream TEXT NOT NULL,
+               pos BIGINT NOT NULL,
+               data BYTEA NOT NULL,
+               PRIMARY KEY (job_id, seq),
+               FOREIGN KEY (job_id, name) REFERENCES remsh_job_slaves (job_id, name) ON DELETE CASCADE
+           )""",
+        """CREATE TABLE remsh_sessions (
+               id TEXT PRIMARY KEY,
+               name TEXT NOT NULL,
+               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
+               op TEXT NOT NULL,
+               request_box BIGINT NOT NULL,
+               reply_base BIGINT NOT NULL,
+               received BIGINT NOT NULL,
+               opened DOUBLE PRECISION NOT NULL,
+               owner TEXT NOT NULL,
+               owner_epoch BIGINT NOT NULL
+           )""",
+        "CREATE INDEX remsh_sessions_job ON remsh_sessions (job_id)",
+        "CREATE INDEX remsh_sessions_owner ON remsh_sessions (owner)",
+        "CREATE SEQUENCE remsh_changes",
+    ),
+}
+
+#: The ``NOTIFY`` channel of every change.
+CHANNEL = "remsh_store"
+#: Serialises the masters' migrations (an advisory lock key: "remsh" in ASCII).
+MIGRATION_LOCK = 0x72656D7368
+#: Defaults: heartbeat every HEARTBEAT seconds; a master silent for LEASE is dead.
+HEARTBEAT = 3.0
+LEASE = 15.0
+POLL_INTERVAL = 2.0
+#: Bounds on the database: connecting, one statement, waiting for a row lock.
+CONNECT_TIMEOUT = 10
+STATEMENT_TIMEOUT_MS = 30_000
+LOCK_TIMEOUT_MS = 10_000
+
+_SLAVE_COLUMNS = ("name", "state", "exit_status", "error", "errtag", "started", "finished",
+                  "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total", "summary")
+_JOB_COLUMNS = "id, kind, spec, uid, state, started, finished"
+_DB_NOW = "extract(epoch from clock_timestamp())::double precision"
+
+
+def redacted(conninfo: str) -> str:
+    """``conninfo`` as it may be logged or shown: any password left out."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(an unparsable connection string)"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+
+
+class _Link:
+    """One connection to the database, its lock, and its reopening after it
+    broke: calls on one link run one at a time."""
+
+    def __init__(self, conninfo: str, label: str) -> None:
+        self.conninfo = conninfo
+        self.label = label
+        self.lock = threading.Lock()
+        self.conn: Optional[Conn] = None
+        self.closed = False
+
+    def connect(self) -> Conn:
+        try:
+            conn: Conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot reach the job store {self.label}: {_one_line(e)}") from e
+        try:
+            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
+        return conn
+
+    def run(self, fn: Callable[[Conn], T], *, retry: bool = False) -> T:
+        """``fn(conn)`` in one transaction (committed when it returns).
+        With ``retry`` (a read: doing it twice is harmless), a connection
+        found broken is opened again and ``fn`` run once more at once."""
+        with self.lock:
+            for attempt in (1, 2):
+                if self.closed:
+                    raise StoreError(f"the job store {self.label} is closed")
+                if self.conn is None or self.conn.closed or self.conn.broken:
+                    self.conn = self.connect()
+                conn = self.conn
+                try:
+                    with conn.transaction():
+                        return fn(conn)
+                except psycopg.Error as e:
+                    if not (conn.closed or conn.broken):
+                        raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
+                    log.warning("job store %s: connection lost (%s); connecting again", self.label, _one_line(e))
+                    conn.close()
+                    self.conn = None
+                    if not retry or attempt == 2:
+                        raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
+            raise AssertionError("not reached")
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+class PostgresJobStore:
+    """A :class:`~remsh.store.base.JobStore` in a PostgreSQL database, for
+    master ``name`` among the masters that share it.
+
+    ``conninfo`` is a libpq connection string or URI (a password comes best
+    from a password file: ``PGPASSFILE`` or ``passfile=``); ``keep`` and
+    ``max_output`` as for :class:`~remsh.store.sqlite.SqliteJobStore`;
+    ``heartbeat``/``lease`` the heartbeat interval and how long a silent
+    master counts as alive; ``poll_interval`` the safety net of
+    :meth:`wait_change`.
+
+    :raises StoreError: the database cannot be reached, is not a remsh store
+        or is of a newer remsh
+    :raises MasterNameInUse: a live master already uses ``name``
+    """
+
+    def __init__(self, conninfo: str, name: str, *, keep: float = DEFAULT_KEEP_SECONDS,
+                 max_output: int = DEFAULT_MAX_OUTPUT, heartbeat: float = HEARTBEAT, lease: float = LEASE,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        if not name:
+            raise ValueError("a master on a shared store needs a name")
+        self.label = redacted(conninfo)
+        self.name = name
+        self.keep = keep
+        self.max_output = max_output
+        self.heartbeat = heartbeat
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
+        self._writer = _Link(self._conninfo, self.label)
+        self._reader = _Link(self._conninfo, self.label)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._version = 0
+        self._closed = False
+        self._last_millis = 0
+        self._seq_in_millis = 0
+        self._stop = threading.Event()
+        self._seen = 0
+        listening: Optional[Conn] = None
+        try:
+            self._writer.run(self._migrate)
+            listening = self._start_listening()
+            self.epoch: int = self._writer.run(self._register)
+        except BaseException:
+            if listening is not None:
+                listening.close()
+            self._writer.close()
+            self._reader.close()
+            raise
+        log.info("job store %s: master %s, epoch %d", self.label, name, self.epoch)
+        self._watcher = threading.Thread(target=self._watch, args=(listening,), name="remsh-store-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    # -- opening ------------------------------------------------------------------
+
+    def _migrate(self, db: Conn) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        tables = db.execute("SELECT to_regclass('remsh_meta') IS NOT NULL, "
+                            "to_regclass('remsh_jobs') IS NOT NULL").fetchone()
+        assert tables is not None
+        if tables[0]:
+            row = db.execute("SELECT value FROM remsh_meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row is not None else 0
+        elif tables[1]:
+            raise StoreError(f"{self.label} has remsh_ tables but is not a remsh job store")
+        else:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the job store {self.label} has schema version {version}; this remsh "
+                             f"knows up to {SCHEMA_VERSION} (a newer remsh made it)")
+        while version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+            version += 1
+            log.info("job store %s: schema now version %d", self.label, version)
+            db.execute("INSERT INTO remsh_meta (key, value) VALUES ('schema_version', %s) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
+
+    def _register(self, db: Conn) -> int:
+        row = db.execute(f"SELECT epoch, {_DB_NOW} - heartbeat, stopped FROM remsh_masters "
+                         f"WHERE name = %s FOR UPDATE", (self.name,)).fetchone()
+        if row is None:
+            db.execute(f"INSERT INTO remsh_masters (name, epoch, heartbeat, started) "
+                       f"VALUES (%s, 1, {_DB_NOW}, {_DB_NOW})", (self.name,))
+            return 1
+        epoch, silent, stopped = row
+        if not stopped and silent < self.lease:
+            raise MasterNameInUse(f"a master named {self.name!r} is running on the job store {self.label} "
+                                  f"(heartbeat {silent:.0f}s ago): give this one another --name, or wait "
+                                  f"{self.lease:.0f}s if that master is dead")
+        db.execute(f"UPDATE remsh_masters SET epoch = %s, heartbeat = {_DB_NOW}, started = {_DB_NOW}, "
+                   f"stopped = false WHERE name = %s", (epoch + 1, self.name))
+        return int(epoch) + 1
+
+    # -- background: notifications, the safety-net poll, the heartbeat ---------------
+
+    def _bump(self) -> None:
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def _start_listening(self) -> Conn:
+        """A connection that listens for the masters' changes."""
+        conn = _Link(self._conninfo, self.label).connect()
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._seen = self._sequence(conn)
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreError(f"job store {self.label}: cannot listen for changes: {_one_line(e)}") from e
+        return conn
+
+    @staticmethod
+    def _sequence(conn: Conn) -> int:
+        row = conn.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM remsh_changes").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _watch(self, conn: Optional[Conn]) -> None:
+        next_beat = time.monotonic() + self.heartbeat
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = self._start_listening()
+                    self._bump()  # what changed while nobody listened
+            except StoreError as e:
+                log.warning("%s; listening again in %.0fs", e, self.poll_interval)
+                if self._stop.wait(self.poll_interval):
+                    return
+                next_beat = self._beat_if_due(next_beat)
+                continue
+            try:
+                next_beat = self._listen(conn, next_beat)
+            except psycopg.Error as e:
+                log.warning("job store %s: listening connection lost (%s)", self.label, _one_line(e))
+            finally:
+                conn.close()
+                conn = None
+
+    def _listen(self, conn: Conn, next_beat: float) -> float:
+        seen = [self._seen, self._seen]
+        while not self._stop.is_set():
+            wait = max(0.01, min(self.poll_interval, next_beat - time.monotonic()))
+            if list(conn.notifies(timeout=wait, stop_after=1)):
+                self._bump()
+            elif not self._stop.is_set():
+                # the sequence moves before its write commits: a change
+                # seen now is announced on this poll and the next
+                value = self._sequence(conn)
+                if value != seen[0] or value != seen[1]:
+                    self._bump()
+                seen = [seen[1], value]
+            next_beat = self._beat_if_due(next_beat)
+        return next_beat
+
+    def _beat_if_due(self, next_beat: float) -> float:
+        if time.monotonic() < next_beat or self._stop.is_set():
+            return next_beat
+        try:
+            self._writer.run(self._beat)
+        except FencedOff as e:
+            log.error("%s", e)
+        except StoreError as e:
+            log.warning("job store %s: no heartbeat written: %s", self.label, e)
+        return time.monotonic() + self.heartbeat
+
+    def _beat(self, db: Conn) -> None:
+        cur = db.execute(f"UPDATE remsh_masters SET heartbeat = {_DB_NOW} WHERE name = %s AND epoch = %s",
+                         (self.name, self.epoch))
+        if cur.rowcount == 0:
+            raise self._fenced(db)
+
+    # -- writing ------------------------------------------------------------------
+
+    def _fenced(self, db: Conn) -> FencedOff:
+        row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s", (self.name,)).fetchone()
+        current = "gone" if row is None else f"now {row[0]}"
+        return FencedOff(f"master {self.name} on the job store {self.label}: its epoch {self.epoch} is stale "
+                         f"({current}): another master has taken over its work; nothing it writes is kept")
+
+    def _write(self, fn: Callable[[Conn], T], payload: str = "") -> T:
+        """``fn(db)`` in one transaction fenced by this master's epoch, which
+        also announces the change; local waiters wake at once."""
+        if self._closed:
+            raise StoreError(f"the job store {self.label} is closed")
+
+        def fenced(db: Conn) -> T:
+            row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s FOR SHARE", (self.name,)).fetchone()
+            if row is None or int(row[0]) != self.epoch:
+                raise self._fenced(db)
+            result = fn(db)
+            db.execute("SELECT nextval('remsh_changes'), pg_notify(%s, %s)", (CHANNEL, payload))
+            return result
+
+        result = self._writer.run(fenced)
+        self._bump()
+        return result
+
+    def _read(self, fn: Callable[[Conn], T]) -> T:
+        if self._closed:
+            raise StoreError(f"the job store {self.label} is closed")
+        return self._reader.run(fn, retry=True)
+
+    def _own(self, db: Conn, job_id: str) -> None:
+        """Lock job ``job_id``'s row; :class:`NotOwner` unless it is ours."""
+        row = db.execute("SELECT owner FROM remsh_jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        if row[0] != self.name:
+            raise NotOwner(f"job {job_id} belongs to master {row[0]}, not {self.name}", owner=str(row[0]))
+
+    def _new_id(self, started: float) -> str:
+        millis = int(started * 1000)
+        if millis <= self._last_millis:
+            millis = self._last_millis
+            self._seq_in_millis += 1
+        else:
+            self._last_millis = millis
+            self._seq_in_millis = 0
+        return make_job_id(millis, self._seq_in_millis)
+
+    def create_job(self, kind: str, spec: Dict[str, object], uid: int, names: Sequence[str],
+                   *, now: Optional[float] = None) -> JobRecord:
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        started = _now(now)
+        spec_text = json.dumps(spec, sort_keys=True)
+
+        def create(db: Conn) -> JobRecord:
+            while True:  # another master may have taken the id in the same millisecond
+                with self._lock:
+                    job_id = self._new_id(started)
+                row = db.execute("INSERT INTO remsh_jobs (id, kind, spec, uid, state, started, owner, owner_epoch) "
+                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                                 (job_id, kind, spec_text, uid, JOB_RUNNING, started, self.name,
+                                  self.epoch)).fetchone()
+                if row is not None:
+                    break
+            with db.cursor() as cur:
+                cur.executemany("INSERT INTO remsh_job_slaves (job_id, name, ord, state) VALUES (%s, %s, %s, %s)",
+                                [(job_id, name, i, SLAVE_QUEUED) for i, name in enumerate(names)])
+            return JobRecord(job_id, kind, dict(spec), uid, JOB_RUNNING, started,
+                             slaves={name: SlaveRecord(name) for name in names})
+
+        return self._write(create)
+
+    def update_slave(self, job_id: str, name: str, *, state: Optional[str] = None,
+                     exit_status: Optional[int] = None, error: Optional[str] = None,
+                     errtag: Optional[str] = None, started: Optional[float] = None,
+                     finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None,
+                     summary: Optional[str] = None) -> None:
+        if state is not None and state not in SLAVE_STATES:
+            raise ValueError(f"unknown slave state {state!r}")
+        changes: Dict[str, object] = {}
+        for column, value in (("state", state), ("exit_status", exit_status), ("error", error),
+                              ("errtag", errtag), ("started", started), ("finished", finished),
+                              ("summary", summary)):
+            if value is not None:
+                changes[column] = value
+        if progress is not None:
+            changes["progress_done"], changes["progress_total"] = progress
+        if not changes:
+            return
+        assignments = ", ".join(f"{column} = %s" for column in changes)
+
+        def update(db: Conn) -> None:
+            self._own(db, job_id)
+            cur = db.execute(f"UPDATE remsh_job_slaves SET {assignments} "
+                             f"WHERE job_id = %s AND name = %s", (*changes.values(), job_id, name))
+            if cur.rowcount == 0:
+                raise UnknownJob(f"no slave {name!r} in job {job_id}")
+
+        self._write(update, job_id)
+
+    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes, *,
+                      session: Optional[Tuple[str, int]] = None) -> int:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        column = f"{stream}_bytes"
+
+        def append(db: Conn) -> int:
+            self._own(db, job_id)  # the job's row lock also orders its chunks' seq
+            row = db.execute(f"SELECT {column}, kept_bytes FROM remsh_job_slaves "
+                             f"WHERE job_id = %s AND name = %s", (job_id, name)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no slave {name!r} in job {job_id}")
+            if session is not None:  # committed with the output it covers
+                db.execute("UPDATE remsh_sessions SET received = %s WHERE id = %s AND job_id = %s",
+                           (session[1], session[0], job_id))
+            position, kept = int(row[0]), int(row[1])
+            if offset > position:
+                raise OutputGap(f"job {job_id}, {name}: {stream} chunk at offset {offset}, "
+                                f"but only {position} bytes are stored")
+            fresh = data[position - offset:]
+            if not fresh:
+                return position
+            room = max(0, self.max_output - kept - CHUNK_COST)
+            keep = fresh[:room]
+            if keep:
+                db.execute("INSERT INTO remsh_output (job_id, seq, name, stream, pos, data) "
+                           "SELECT %s, coalesce(max(seq), -1) + 1, %s, %s, %s, %s FROM remsh_output "
+                           "WHERE job_id = %s", (job_id, name, stream, position, keep, job_id))
+            truncated = len(keep) < len(fresh)
+            db.execute(f"UPDATE remsh_job_slaves SET {column} = %s, kept_bytes = %s, "
+                       f"truncated = truncated OR %s WHERE job_id = %s AND name = %s",
+                       (position + len(fresh), kept + (len(keep) + CHUNK_COST if keep else 0), truncated,
+                        job_id, name))
+            return position + len(fresh)
+
+        return self._write(append, job_id)
+
+    def output_position(self, job_id: str, name: str) -> Tuple[int, int]:
+        def read(db: Conn) -> Tuple[int, int]:
+            row = db.execute("SELECT stdout_bytes, stderr_bytes FROM remsh_job_slaves "
+                             "WHERE job_id = %s AND name = %s", (job_id, name)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no slave {name!r} in job {job_id}")
+            return int(row[0]), int(row[1])
+
+        return self._read(read)
+
+    def finish_job(self, job_id: str, state: str, *, now: Optional[float] = None) -> None:
+        if state not in JOB_FINAL_STATES:
+            raise ValueError(f"not a final job state: {state!r}")
+        finished = _now(now)
+
+        def finish(db: Conn) -> None:
+            self._own(db, job_id)
+            db.execute("UPDATE remsh_jobs SET state = %s, finished = %s WHERE id = %s", (state, finished, job_id))
+
+        self._write(finish, job_id)
+
+    # -- reading ------------------------------------------------------------------
+
+    @staticmethod
+    def _slaves_of(db: Conn, job_ids: Sequence[str]) -> Dict[str, Dict[str, SlaveRecord]]:
+        by_job: Dict[str, Dict[str, SlaveRecord]] = {job_id: {} for job_id in job_ids}
+        if not job_ids:
+            return by_job
+        rows = db.execute(f"SELECT job_id, {', '.join(_SLAVE_COLUMNS)} FROM remsh_job_slaves "
+                          f"WHERE job_id = ANY(%s) ORDER BY job_id, ord", (list(job_ids),))
+        for row in rows:
+            values = dict(zip(_SLAVE_COLUMNS, row[1:]))
+            for column in ("stdout_bytes", "stderr_bytes", "progress_done", "progress_total"):
+                if values[column] is not None:
+                    values[column] = int(values[column])
+            values["truncated"] = bool(values["truncated"])
+            by_job[row[0]][values["name"]] = SlaveRecord(**values)
+        return by_job
+
+    @staticmethod
+    def _job_of(row: Tuple[Any, ...], slaves: Dict[str, SlaveRecord]) -> JobRecord:
+        job_id, kind, spec, uid, state, started, finished = row
+        return JobRecord(job_id, kind, json.loads(spec), int(uid), state, started, finished, slaves)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        def read(db: Conn) -> JobRecord:
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM remsh_jobs WHERE id = %s", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            return self._job_of(row, self._slaves_of(db, [job_id])[job_id])
+
+        return self._read(read)
+
+    def list_jobs(self, *, running: bool = False, limit: Optional[int] = None) -> List[JobRecord]:
+        def read(db: Conn) -> List[JobRecord]:
+            query = f"SELECT {_JOB_COLUMNS} FROM remsh_jobs"
+            params: List[object] = []
+            if running:
+                query += " WHERE state = %s"
+                params.append(JOB_RUNNING)
+            query += " ORDER BY id DESC"
+            if limit is not None:
+                query += " LIMIT %s"
+                params.append(limit)
+            rows = db.execute(query, params).fetchall()
+            slaves = self._slaves_of(db, [row[0] for row in rows])
+            return [self._job_of(row, slaves[row[0]]) for row in rows]
+
+        return self._read(read)
+
+    def read_output(self, job_id: str, name: Optional[str] = None, *, after: int = -1,
+                    limit: int = 1000) -> List[Tuple[str, OutputChunk]]:
+        def read(db: Conn) -> List[Tuple[str, OutputChunk]]:
+            query = "SELECT name, seq, stream, pos, data FROM remsh_output WHERE job_id = %s AND seq > %s"
+            params: List[object] = [job_id, after]
+            if name is not None:
+                query += " AND name = %s"
+                params.append(name)
+            query += " ORDER BY seq LIMIT %s"
+            params.append(limit)
+            return [(row[0], OutputChunk(int(row[1]), row[2], int(row[3]), bytes(row[4])))
+                    for row in db.execute(query, params)]
+
+        return self._read(read)
+
+    def prune(self, *, now: Optional[float] = None) -> int:
+        before = _now(now) - self.keep
+
+        def prune(db: Conn) -> int:
+            cur = db.execute("DELETE FROM remsh_jobs WHERE finished IS NOT NULL AND finished < %s", (before,))
+            return int(cur.rowcount)
+
+        count = self._write(prune)
+        if count:
+            log.info("job store %s: %d job(s) past the retention removed", self.label, count)
+        return count
+
+    # -- the masters ----------------------------------------------------------------
+
+    def masters(self) -> List[MasterRow]:
+        """Every master the store has known, by name."""
+        def read(db: Conn) -> List[MasterRow]:
+            rows = db.execute(f"SELECT name, epoch, {_DB_NOW} - heartbeat, stopped FROM remsh_masters "
+                              f"ORDER BY name").fetchall()
+            return [MasterRow(r[0], int(r[1]), float(r[2]), bool(r[3]), not r[3] and r[2] < self.lease)
+                    for r in rows]
+
+        return self._read(read)
+
+    def adopt_master(self, name: str, epoch: int) -> Optional[List[str]]:
+        """Take over the running jobs of master ``name`` if it is still at
+        ``epoch`` (as :meth:`masters` showed it) and dead (stopped, or
+        silent past the lease): its epoch is raised, which fences it off,
+        and its running jobs and their sessions become this master's.  The ids adopted; ``None``
+        when the compare-and-set failed (it is alive, or another master
+        adopted it first)."""
+        if name == self.name:
+            raise ValueError("a master does not adopt itself")
+
+        def adopt(db: Conn) -> Optional[List[str]]:
+            cur = db.execute(f"UPDATE remsh_masters SET epoch = epoch + 1, stopped = true "
+                             f"WHERE name = %s AND epoch = %s AND (stopped OR {_DB_NOW} - heartbeat >= %s)",
+                             (name, epoch, self.lease))
+            if cur.rowcount != 1:
+                return None
+            rows = db.execute("UPDATE remsh_jobs SET owner = %s, owner_epoch = %s WHERE owner = %s AND state = %s "
+                              "RETURNING id", (self.name, self.epoch, name, JOB_RUNNING)).fetchall()
+            db.execute("UPDATE remsh_sessions SET owner = %s, owner_epoch = %s WHERE owner = %s",
+                       (self.name, self.epoch, name))
+            return sorted(str(r[0]) for r in rows)
+
+        adopted = self._write(adopt)
+        if adopted is not None:
+            log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
+                        self.label, name, epoch, len(adopted), self.name)
+        return adopted
+
+    # -- change notification ----------------------------------------------------------
+
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._version <= version and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self._version
+
+    def close(self) -> None:
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._changed.notify_all()
+        self._stop.set()
+        try:
+            self._writer.run(lambda db: db.execute("UPDATE remsh_masters SET stopped = true "
+                                                   "WHERE name = %s AND epoch = %s", (self.name, self.epoch)))
+        except StoreError as e:
+            log.warning("job store %s: could not record this master's stop: %s", self.label, e)
+        self._writer.close()
+        self._reader.close()
+        self._watcher.join(self.poll_interval + CONNECT_TIMEOUT)
+
+    def __enter__(self) -> "PostgresJobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _now(value: Optional[float]) -> float:
+    return now() if value is None else value
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,262 @@
+"""The PostgreSQL job store's own behaviour, on a real server
+(:mod:`tests.pgserver`): several masters on one database, change
+notification between them, names, epochs and fencing, adoption of a dead
+master's jobs, schema versions, a server restart.  What every store
+promises is tested in tests/test_store.py on both stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from remsh.store.base import JOB_DONE, SLAVE_OK, StoreError
+from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
+from remsh.store.postgres import SCHEMA_VERSION, PostgresJobStore, redacted
+from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
+from tests.util import WAIT, run_in_thread, wait_until
+
+
+@pytest.fixture
+def open_store(pg_uri):
+    """Opens stores on the test's database; all closed at the end."""
+    opened = []
+
+    def make(name: str, **kw) -> PostgresJobStore:
+        kw.setdefault("poll_interval", 0.5)
+        opened.append(PostgresJobStore(pg_uri, name, **kw))
+        return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+def _sql(uri: str, statement: str, params=()):
+    with psycopg.connect(uri, autocommit=True) as conn:
+        cur = conn.execute(statement.encode(), params)
+        return cur.fetchall() if cur.description else None
+
+
+def test_two_masters_see_each_others_jobs_and_output(open_store) -> None:
+    """A job and its output written through one master's store are read through another's."""
+    a, b = open_store("a"), open_store("b")
+    job = a.create_job("run", {"argv": ["echo"]}, 0, ["s1"])
+    a.append_output(job.id, "s1", "stdout", 0, b"from a\n")
+    assert [j.id for j in b.list_jobs(running=True)] == [job.id]
+    assert b.read_output(job.id)[0][1].data == b"from a\n"
+    assert b.output_position(job.id, "s1") == (7, 0)
+
+
+def test_another_masters_write_wakes_a_waiter_by_notify(open_store) -> None:
+    """wait_change on one master wakes on another master's commit at once (NOTIFY), not at the next poll."""
+    a = open_store("a")
+    b = open_store("b", poll_interval=60.0)
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    v = b.version()
+    waiter = run_in_thread(lambda: b.wait_change(v, 30.0))
+    started = time.monotonic()
+    a.append_output(job.id, "s1", "stdout", 0, b"x")
+    assert waiter.done.wait(WAIT) and waiter.result > v
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_change_without_notification_is_found_by_the_poll(open_store, pg_uri) -> None:
+    """A change whose notification never came (only the change sequence moved) still wakes waiters within the poll."""
+    b = open_store("b", poll_interval=0.3)
+    v = b.version()
+    assert b.wait_change(v, 0.8) == v  # nothing changed: no spurious wake
+    _sql(pg_uri, "SELECT nextval('remsh_changes')")
+    assert b.wait_change(v, WAIT) > v
+
+
+def test_a_live_masters_name_is_refused_and_free_after_close(open_store, pg_uri) -> None:
+    """A second store under a live master's name is refused; after a clean close the name is taken with a higher epoch."""
+    a = open_store("a")
+    with pytest.raises(MasterNameInUse, match="another --name"):
+        PostgresJobStore(pg_uri, "a")
+    first = a.epoch
+    a.close()
+    again = open_store("a")
+    assert again.epoch == first + 1
+
+
+def test_a_job_is_written_only_by_its_owner(open_store) -> None:
+    """Another master's update, output or end of a job is refused with NotOwner naming the owner; nothing changes."""
+    a, b = open_store("a"), open_store("b")
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    for write in (lambda: b.update_slave(job.id, "s1", state=SLAVE_OK),
+                  lambda: b.append_output(job.id, "s1", "stdout", 0, b"x"),
+                  lambda: b.finish_job(job.id, JOB_DONE)):
+        with pytest.raises(NotOwner) as info:
+            write()
+        assert info.value.owner == "a"
+    back = a.get_job(job.id)
+    assert back.state == "running" and back.slaves["s1"].state == "queued" and back.slaves["s1"].stdout_bytes == 0
+
+
+def test_heartbeat_keeps_a_master_alive_and_silence_kills_it(open_store) -> None:
+    """A master that beats stays alive past its lease; one that stops beating (paused) is seen dead after the lease."""
+    alive = open_store("alive", heartbeat=0.1, lease=1.0)
+    paused = open_store("paused", heartbeat=3600.0, lease=1.0)  # never beats again: as if SIGSTOPped
+    time.sleep(1.5)  # past the lease, on purpose: the two sides of it are what is tested
+    rows = {m.name: m for m in alive.masters()}
+    assert rows["alive"].alive and rows["alive"].silent_for < 1.0
+    assert not rows["paused"].alive and rows["paused"].silent_for >= 1.0
+    assert paused.masters()  # the paused one can still read
+
+
+def test_a_killed_master_process_is_noticed_dead(open_store, pg_uri) -> None:
+    """A master process SIGKILLed stops beating: another master sees it alive, then dead past the lease."""
+    watcher = open_store("watcher", heartbeat=0.1, lease=1.0)
+    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+            "s = PostgresJobStore(sys.argv[1], 'doomed', heartbeat=0.1, lease=1.0)\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert {m.name: m.alive for m in watcher.masters()}["doomed"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        wait_until(lambda: not {m.name: m.alive for m in watcher.masters()}["doomed"], WAIT,
+                   "the killed master to be seen dead")
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+
+
+def test_a_paused_master_adopted_is_fenced_off(open_store) -> None:
+    """A master silent past its lease is adopted: its running jobs become the adopter's, and every write it tries after is refused (FencedOff)."""
+    old = open_store("old", heartbeat=3600.0, lease=0.5)
+    new = open_store("new", heartbeat=0.1, lease=0.5)
+    job = old.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    old.append_output(job.id, "s1", "stdout", 0, b"before\n")
+    ended = old.create_job("run", {"argv": ["y"]}, 0, ["s1"])
+    old.finish_job(ended.id, JOB_DONE)
+    wait_until(lambda: not {m.name: m.alive for m in new.masters()}["old"], WAIT, "the paused master's lease")
+    row = {m.name: m for m in new.masters()}["old"]
+    assert new.adopt_master("old", row.epoch) == [job.id]
+    # the paused master comes back: nothing it writes is taken
+    for write in (lambda: old.append_output(job.id, "s1", "stdout", 7, b"after\n"),
+                  lambda: old.update_slave(job.id, "s1", state=SLAVE_OK),
+                  lambda: old.create_job("run", {"argv": ["z"]}, 0, ["s1"]),
+                  lambda: old.finish_job(job.id, JOB_DONE)):
+        with pytest.raises(FencedOff, match="stale"):
+            write()
+    # the adopter goes on from what is committed
+    assert new.append_output(job.id, "s1", "stdout", 7, b"after\n") == 13
+    new.finish_job(job.id, JOB_DONE)
+    assert b"".join(c.data for _, c in new.read_output(job.id)) == b"before\nafter\n"
+    assert len(new.list_jobs()) == 2
+
+
+def test_a_live_master_is_not_adopted(open_store) -> None:
+    """adopt_master refuses (None) while the master beats within its lease, and leaves its jobs alone."""
+    a = open_store("a", heartbeat=0.1, lease=5.0)
+    b = open_store("b")
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    assert b.adopt_master("a", a.epoch) is None
+    a.update_slave(job.id, "s1", state=SLAVE_OK)  # still a's
+
+
+def test_two_masters_racing_to_adopt_one_winner(open_store, pg_uri) -> None:
+    """Several masters adopting one dead master at once: exactly one wins and holds its jobs."""
+    dead = open_store("dead", heartbeat=3600.0, lease=0.3)
+    jobs = [dead.create_job("run", {"argv": ["x"]}, 0, ["s1"]).id for _ in range(3)]
+    racers = [open_store(f"r{i}", lease=0.3) for i in range(4)]
+    wait_until(lambda: not {m.name: m.alive for m in racers[0].masters()}["dead"], WAIT, "the dead master's lease")
+    epoch = dead.epoch
+    barrier = threading.Barrier(len(racers))
+    results = {}
+
+    def race(store: PostgresJobStore) -> None:
+        barrier.wait(WAIT)
+        results[store.name] = store.adopt_master("dead", epoch)
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    winners = [name for name, got in results.items() if got is not None]
+    assert len(results) == 4 and len(winners) == 1
+    assert results[winners[0]] == sorted(jobs)
+    assert _sql(pg_uri, "SELECT DISTINCT owner FROM remsh_jobs") == [(winners[0],)]
+
+
+def test_schema_is_versioned_and_a_newer_one_refused(open_store, pg_uri) -> None:
+    """A new database gets the current schema version; one marked newer is refused, not guessed at."""
+    open_store("a").close()
+    assert _sql(pg_uri, "SELECT value FROM remsh_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    _sql(pg_uri, "UPDATE remsh_meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match="newer remsh"):
+        PostgresJobStore(pg_uri, "b")
+
+
+def test_masters_starting_together_migrate_once(pg_uri) -> None:
+    """Several masters opening a new database at the same moment: one migrates, all open."""
+    barrier = threading.Barrier(4)
+    stores, errors = [], []
+
+    def start(i: int) -> None:
+        barrier.wait(WAIT)
+        try:
+            stores.append(PostgresJobStore(pg_uri, f"m{i}"))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 3)
+    try:
+        assert errors == [] and len(stores) == 4
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_foreign_tables_are_refused(pg_uri) -> None:
+    """A database with remsh_ tables but no remsh schema record is not taken over."""
+    _sql(pg_uri, "CREATE TABLE remsh_jobs (x int)")
+    with pytest.raises(StoreError, match="not a remsh job store"):
+        PostgresJobStore(pg_uri, "a")
+
+
+def test_unreachable_server_is_one_line_without_password(tmp_path) -> None:
+    """A store that cannot connect fails with one StoreError line that shows no password."""
+    uri = f"postgresql://u:sekrit@/db?host={tmp_path}&port=1"
+    with pytest.raises(StoreError) as info:
+        PostgresJobStore(uri, "a")
+    assert "sekrit" not in str(info.value) and "\n" not in str(info.value)
+    assert "sekrit" not in redacted(uri) and "password" not in redacted(uri)
+
+
+def test_server_restart_fails_one_call_then_reconnects(open_store, pg_server) -> None:
+    """pg_ctl restart: a call in the gap fails with StoreError, later calls reconnect, and waiters hear changes again."""
+    a = open_store("a", heartbeat=0.2, lease=30.0)
+    b = open_store("b", poll_interval=0.3, heartbeat=0.2, lease=30.0)
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    pg_server.restart()
+
+    def append_works() -> bool:
+        try:
+            a.append_output(job.id, "s1", "stdout", 0, b"x")
+            return True
+        except StoreError:
+            return False
+
+    wait_until(append_works, WAIT, "the store to reconnect after the restart")
+    assert b.output_position(job.id, "s1") == (1, 0)  # a read reconnects by itself
+    v = b.version()
+    a.append_output(job.id, "s1", "stdout", 1, b"y")
+    assert b.wait_change(v, WAIT) > v
+    assert {m.name: m.alive for m in b.masters()} == {"a": True, "b": True}
