@@ -260,3 +260,13 @@ def test_server_restart_fails_one_call_then_reconnects(open_store, pg_server) ->
     a.append_output(job.id, "s1", "stdout", 1, b"y")
     assert b.wait_change(v, WAIT) > v
     assert {m.name: m.alive for m in b.masters()} == {"a": True, "b": True}
+
+
+def test_a_master_notices_another_going_silent_and_coming_back(open_store, caplog) -> None:
+    """A master's watcher logs a warning naming another master whose heartbeat passes the lease, and when it is back."""
+    caplog.set_level("INFO", logger="remsh.store.postgres")
+    open_store("watcher", heartbeat=0.1, lease=0.6)
+    other = open_store("other", heartbeat=3600.0, lease=0.6)  # beats at open only: then as if paused
+    wait_until(lambda: "master other is dead" in caplog.text, WAIT, "the watcher to notice the silence")
+    other.beat()  # it beats again
+    wait_until(lambda: "master other is back" in caplog.text, WAIT, "the watcher to notice it back")

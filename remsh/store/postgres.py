@@ -257,6 +257,8 @@ class PostgresJobStore:
         self._seq_in_millis = 0
         self._stop = threading.Event()
         self._seen = 0
+        #: what the watcher last saw of the other masters: alive or not
+        self._alive: Dict[str, bool] = {}
         listening: Optional[Conn] = None
         try:
             self._writer.run(self._migrate)
@@ -379,11 +381,37 @@ class PostgresJobStore:
             return next_beat
         try:
             self._writer.run(self._beat)
+            self._notice_masters(self.masters())
         except FencedOff as e:
             log.error("%s", e)
         except StoreError as e:
             log.warning("job store %s: no heartbeat written: %s", self.label, e)
         return time.monotonic() + self.heartbeat
+
+    def _notice_masters(self, rows: List[MasterRow]) -> None:
+        """Say when another master goes silent past its lease, or comes back."""
+        for row in rows:
+            if row.name == self.name:
+                continue
+            before = self._alive.get(row.name)
+            self._alive[row.name] = row.alive
+            if before is None or before == row.alive:
+                continue
+            if row.alive:
+                log.warning("master %s is back (epoch %d)", row.name, row.epoch)
+            elif row.stopped:
+                log.info("master %s stopped", row.name)
+            else:
+                log.warning("master %s is dead: no heartbeat for %.0fs (lease %.0fs); its running jobs can be "
+                            "adopted", row.name, row.silent_for, self.lease)
+
+    def beat(self) -> None:
+        """Write this master's heartbeat now (the store's thread does every
+        ``heartbeat`` seconds).
+
+        :raises FencedOff: this master's epoch is stale
+        """
+        self._writer.run(self._beat)
 
     def _beat(self, db: Conn) -> None:
         cur = db.execute(f"UPDATE remsh_masters SET heartbeat = {_DB_NOW} WHERE name = %s AND epoch = %s",
