@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Union
 
-from remsh.errors import Disconnected, ProtocolError, RemshError, remote_error
+from remsh.errors import Disconnected, ProtocolError, RemoteError, RemshError, remote_error
 from remsh.treestream import received_boxes
 from remsh.wire import Box
 
@@ -99,6 +99,11 @@ class OperationFrame:
                                box.get(b"error", b"").decode("utf-8", "replace"),
                                slave=self.name, operation=self.meth)
         return box
+
+    def named(self, error: RemoteError) -> RemoteError:
+        """``error`` (a slave's error as a conversation object decoded it)
+        again, naming this slave and operation."""
+        return type(error)(error.remote_message, slave=self.name, operation=self.meth, errtag=error.errtag)
 
     def protocol_error(self, message: str) -> ProtocolError:
         """The slave broke the protocol after its final box: drop it, and

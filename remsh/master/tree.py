@@ -26,7 +26,7 @@ import os
 import stat as stat_mod
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from remsh.dirremove import remove_dir_at
 from remsh.errors import (LimitExceeded, LocalError, ProtocolError, TreeDigestError, TreeSourceError, TreeStreamError,
@@ -34,18 +34,16 @@ from remsh.errors import (LimitExceeded, LocalError, ProtocolError, TreeDigestEr
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.ops import FETCH_TREE, SEND_TREE, SYNC_TREE, is_progress
+from remsh.protocol.trees import (Alive, Announced, Answered, Completed, Failed, FetchTreeCall, Manifest, Record,
+                                  SendTreeCall, Stop, SyncTreeCall)
+# the bound on what is still read after an interrupt, shared with fetch (remsh.master.fetchfile)
+from remsh.protocol.trees import DRAIN_LIMIT as DRAIN_LIMIT
 from remsh.treemanifest import ManifestReader, file_digest
-from remsh.treestream import (ABORT, ATTRS, DIR, END, FILE, LINK, MT, OTHER, REMOVE, UP, M, N, Sender, T, encode,
+from remsh.treestream import (ATTRS, DIR, FILE, LINK, MT, OTHER, REMOVE, UP, M, N, Sender, T, encode,
                               others_message, scan, walk)
 from remsh.treewriter import Writer, make_temp_dir, place_dir
-from remsh.wire import Box
 
 
-#: What a transfer stopped at its bound (``max_bytes``, ``max_entries``)
-#: still reads and drops -- the data already on its way when the slave got
-#: the interrupt -- before it takes the slave for broken and drops it.
-DRAIN_LIMIT = 256 << 20
 #: Least time between two looks for an early answer from the slave.
 PEEK_EVERY = 0.05
 #: The permission bits ``fetch_tree`` keeps of a slave's files and
@@ -108,51 +106,46 @@ def _open_local_dir(slave: OperationHost, meth: str, path: Path) -> int:
         raise LocalError(f"{slave.name}: {meth}: cannot open local directory: {e}") from e
 
 
-def _read(op: OperationFrame) -> Box:
-    """The slave's next box that is not a liveness box."""
-    while True:
-        box = op.read()
-        if not is_progress(box):
-            return box
-
-
 class _Peek:
     """Whether the slave has answered already (a failure while the master is
     still sending); looks at most every :data:`PEEK_EVERY` seconds and never
-    blocks.  The answer is kept in :attr:`final`."""
+    blocks.  What it finds goes to the conversation."""
 
-    def __init__(self, op: OperationFrame) -> None:
+    def __init__(self, op: OperationFrame, call: SendTreeCall) -> None:
         self.op = op
-        self.final: Optional[Box] = None
+        self.call = call
         self._next = time.monotonic() + PEEK_EVERY
 
     def __call__(self) -> bool:
-        if self.final is not None:
+        if self.call.answered is not None:
             return True
         now = time.monotonic()
         if now < self._next:
             return False
         self._next = now + PEEK_EVERY
         for box in self.op.received():
-            if not is_progress(box):
-                self.final = box
+            if isinstance(self.call.receive(box), Answered):
                 return True
         return False
 
 
-def _finish_stream(op: OperationFrame, sender: Sender, peek: _Peek,
-                   local_error: Optional[Exception]) -> Box:
-    """Send the end box (``abort`` after a local failure or an early answer)
-    and return the slave's final box."""
-    if local_error is not None:
+def _finish_stream(op: OperationFrame, call: SendTreeCall, sender: Sender,
+                   local_error: Optional[Exception]) -> Union[Completed, Failed, None]:
+    """Send the end of the master's stream and return the slave's final
+    answer (``None`` when the master's own tree failed: the slave's answer
+    only echoes that)."""
+    if call.answered is None and (local_error is not None or not sender.stopped):
         sender.flush()
-        op.send_box({ABORT: f"master could not read its tree: {local_error}".encode("utf-8", "replace")})
-    elif peek.final is not None or sender.stopped:
-        op.send_box({ABORT: b"the slave answered before the end"})
-    else:
-        sender.flush()
-        op.send_box({END: b"y"})
-    return peek.final if peek.final is not None else _read(op)
+    op.send_bytes(call.finish(None if local_error is None else str(local_error)))
+    while not call.done:
+        call.receive(op.read())
+    return call.outcome
+
+
+def _check(op: OperationFrame, outcome: object) -> None:
+    """Raise the slave's error when the conversation ended with one."""
+    if isinstance(outcome, Failed):
+        raise op.named(outcome.error)
 
 
 # -- send_tree -----------------------------------------------------------------------------
@@ -170,20 +163,19 @@ def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optiona
         if found.others:
             raise LocalError(f"{slave.name}: {meth}: {others_message(found.others, top)}")
         counter = Progress(progress, found.size)
-        request = SEND_TREE.encode(dest=os.fsencode(dest))
+        call = SendTreeCall(dest)
         local_error: Optional[Exception] = None
         with slave.operation(meth) as op:
-            op.send_bytes(request)
-            peek = _Peek(op)
-            sender = Sender(op.send_bytes, counter.add, peek)
+            op.send_bytes(call.request())
+            sender = Sender(op.send_bytes, counter.add, _Peek(op, call))
             try:
                 sender.tree(top)
             except TreeSourceError as e:
                 local_error = e
-            final = _finish_stream(op, sender, peek, local_error)
+            outcome = _finish_stream(op, call, sender, local_error)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: {local_error}; nothing was kept on the slave")
-        op.raise_if_error(final)
+        _check(op, outcome)
         counter.finish()
     finally:
         os.close(top)
@@ -210,40 +202,49 @@ def _local_parent(slave: OperationHost, meth: str, path: Path) -> Tuple[int, byt
 
 
 class _Bound(Exception):
-    """A bound the caller set was passed (its name and value in the message)."""
+    """The file data passed ``max_bytes`` (raised out of the writer)."""
 
 
 def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
                max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
     meth = "fetch_tree"
-    entries = files = drained = 0
     parent, name = _local_parent(slave, meth, dest_dir)
     tmp: Optional[bytes] = None
     top = -1
     writer: Optional[Writer] = None
     local_error: Optional[Exception] = None
-    stopped: Optional[_Bound] = None  # the bound that stopped the transfer
+    counter = Progress(progress, None)
     try:
         with slave.operation(meth) as op:
-            op.send_bytes(FETCH_TREE.encode(src=os.fsencode(src), progress=op.progress_interval))
-            box = _read(op)
-            if b"errtag" not in box:
-                total, announced = _announced(box, b"size"), _announced(box, b"files")
-                counter = Progress(progress, total)
+            call = FetchTreeCall(src, op.progress_interval, max_bytes=max_bytes, max_entries=max_entries)
 
-                def on_data(n: int) -> None:
-                    counter.add(n)
-                    if total is not None and counter.done > total:
-                        raise ProtocolError(f"more file data than the {total} bytes announced")
-                    if max_bytes is not None and counter.done > max_bytes:
-                        raise _Bound(f"max_bytes ({max_bytes})")
+            def on_data(n: int) -> None:
+                counter.add(n)
+                if not call.file_data(n):
+                    raise _Bound()
 
-                if max_bytes is not None and total is not None and total > max_bytes:
-                    stopped = _Bound(f"max_bytes ({max_bytes}; {total} bytes announced)")
-                elif max_entries is not None and announced is not None and announced > max_entries:
-                    stopped = _Bound(f"max_entries ({max_entries}; {announced} files announced)")
-                else:
+            op.send_bytes(call.request())
+            while True:
+                event = call.receive(op.read())
+                if event is None or isinstance(event, Alive):
+                    continue
+                if isinstance(event, Record):
+                    assert writer is not None
+                    try:
+                        writer.feed(event.box)
+                    except _Bound:
+                        op.send_bytes(call.stop_for_limit())
+                    except TreeTargetError as e:
+                        local_error = e
+                        op.send_bytes(call.stop() or b"")
+                    except (TreeStreamError, TreeDigestError) as e:
+                        raise ProtocolError(str(e)) from None
+                elif isinstance(event, Announced):
+                    if event.stop is not None:
+                        op.send_bytes(event.stop)
+                        continue
+                    counter = Progress(progress, event.size)
                     try:
                         tmp = make_temp_dir(parent, name)
                         top = os.open(tmp, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC, dir_fd=parent)
@@ -252,44 +253,18 @@ def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Option
                                         max_depth=MAX_FETCH_DEPTH)
                     except OSError as e:
                         local_error = e
-                if stopped is not None or local_error is not None:
-                    op.send_box({b"interrupt": b"y"})
-                while True:
-                    box = _read(op)
-                    if b"errtag" in box or END in box:
-                        break
-                    if writer is None or local_error is not None or stopped is not None:
-                        # stopped: read and drop what is already on its way
-                        drained += sum(len(v) for v in box.values())
-                        if drained > DRAIN_LIMIT:
-                            raise ProtocolError(f"still sending {DRAIN_LIMIT} bytes after the interrupt")
-                        continue
-                    t = box.get(T)
-                    if t in (DIR, FILE, LINK):
-                        entries += 1
-                        files += t == FILE
-                        if announced is not None and files > announced:
-                            raise ProtocolError(f"more files than the {announced} announced")
-                    try:
-                        if max_entries is not None and entries > max_entries:
-                            raise _Bound(f"max_entries ({max_entries})")
-                        writer.feed(box)
-                    except _Bound as e:
-                        stopped = e
-                        op.send_box({b"interrupt": b"y"})
-                    except TreeTargetError as e:
-                        local_error = e
-                        op.send_box({b"interrupt": b"y"})
-                    except (TreeStreamError, TreeDigestError) as e:
-                        raise ProtocolError(str(e)) from None
-        if stopped is not None:  # whatever the final box says: ours is the cause
-            raise LimitExceeded(f"{slave.name}: {meth}: {os.fsdecode(src)} passed {stopped}; the transfer "
+                        op.send_bytes(call.stop() or b"")
+                elif isinstance(event, Stop):
+                    op.send_bytes(event.send)
+                else:  # Ended, Stopped, Failed: the last box
+                    break
+        if call.limit is not None:  # whatever the final box says: ours is the cause
+            raise LimitExceeded(f"{slave.name}: {meth}: {os.fsdecode(src)} passed {call.limit}; the transfer "
                                 f"was stopped and nothing was kept")
-        if b"errtag" in box:
-            op.raise_if_error(box)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: writing the local tree failed: {local_error}; "
                              f"nothing was kept") from local_error
+        _check(op, event)
         assert writer is not None and tmp is not None
         if not writer.done:
             raise op.protocol_error("the tree stream ended before its top directory was left")
@@ -316,14 +291,6 @@ def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Option
             except OSError:
                 pass
         os.close(parent)
-
-
-def _announced(box: Box, key: bytes) -> Optional[int]:
-    """A total the slave announced in its first ``fetch_tree`` box (``None``: none)."""
-    try:
-        return int(box[key])
-    except (KeyError, ValueError):
-        return None
 
 
 # -- sync_tree -------------------------------------------------------------------------------
@@ -375,21 +342,16 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
     top = _open_local_dir(slave, meth, src_dir)
     result = SyncResult()
     local_error: Optional[Exception] = None
+    counter: Optional[Progress] = None
     try:
         with slave.operation(meth) as op:
-            op.send_bytes(SYNC_TREE.encode(dest=os.fsencode(dest), checksum=checksum,
-                                             progress=op.progress_interval))
-            manifest = ManifestReader()
-            while True:
-                final = _read(op)
-                if b"errtag" in final or END in final:
-                    break
-                try:
-                    manifest.feed(final)
-                except TreeStreamError as e:
-                    raise ProtocolError(f"bad manifest: {e}") from None
-            if b"errtag" not in final:
-                counter: Optional[Progress] = None
+            call = SyncTreeCall(dest, checksum, op.progress_interval)
+            op.send_bytes(call.request())
+            event = None
+            while not call.done and not isinstance(event, Manifest):
+                event = call.receive(op.read())
+            if isinstance(event, Manifest):
+                manifest = event.manifest
                 try:
                     plan, total, others = _plan(top, manifest, checksum)
                     if others:
@@ -397,17 +359,16 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
                     counter = Progress(progress, total)
                 except TreeSourceError as e:
                     local_error = e
-                peek = _Peek(op)
-                sender = Sender(op.send_bytes, counter.add if counter else (lambda n: None), peek)
+                sender = Sender(op.send_bytes, counter.add if counter else (lambda n: None), _Peek(op, call))
                 if local_error is None:
                     try:
                         _send_changes(sender, top, manifest, plan, delete, result)
                     except TreeSourceError as e:
                         local_error = e
-                final = _finish_stream(op, sender, peek, local_error)
+                _finish_stream(op, call, sender, local_error)
         if local_error is not None:
             raise LocalError(f"{slave.name}: {meth}: {local_error}")
-        op.raise_if_error(final)
+        _check(op, call.outcome)
         if counter is not None:
             counter.finish()
         return result
