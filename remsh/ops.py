@@ -18,9 +18,12 @@ same declaration:
   iterate over :data:`OPERATIONS`, so an operation left out of one place
   fails a test.
 
-``execute``, ``send`` and ``fetch`` are declared here like the others (their
-request keys and errors), but their multi-box conversations are written by
-hand on both ends.
+The operations of more than one box (``conversation``: execute, send,
+fetch and the three tree operations) are declared here like the others
+(their request keys and errors); their conversations are objects of their
+own on the master's side (:mod:`remsh.conversation`,
+:mod:`remsh.protocol.transfer`, :mod:`remsh.protocol.trees`) and handlers of
+the slave's.
 
 This module does no I/O.
 """
@@ -172,7 +175,7 @@ class Operation:
     idempotent: bool = False
     #: may take long enough that the slave sends liveness boxes while it runs
     long: bool = False
-    #: a multi-box conversation written by hand on both ends
+    #: more than one box each way (a conversation object drives it)
     conversation: bool = False
     summary: str = field(default="", compare=False)
 
