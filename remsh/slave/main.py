@@ -34,6 +34,7 @@ from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.slave import pgroups
 from remsh.slave.policy import Policy
 from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
+from remsh.slave.failover import Rotation, add_failover_option, masters
 from remsh.slave.keeper import SessionKeeper
 from remsh.slave.server import SlaveServer
 from remsh.slave.sigterm import sigterm_unwinds
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "commands wait on their writes (default %(default)d)")
     p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
                    help="longest wait between reconnection attempts")
+    add_failover_option(p)
     g = p.add_argument_group("policy: what this slave agrees to do")
     g.add_argument("--root", metavar="DIR",
                    help="every path and working directory must resolve inside DIR (else: denied)")
@@ -322,7 +324,7 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
             raise _Refused(EXIT_AUTH, "no secret: give --secret-file or set REMSH_SECRET "
                                       "(or --insecure for a master that allows it)")
         policy = build_policy(args)
-        connect = make_connector(args)
+        connect = masters(args, make_connector)
     except _Refused as e:
         log.error("%s", e)
         return e.status
@@ -335,19 +337,24 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
         pgroups.uninstall()
 
 
-def _serve(args: argparse.Namespace, connect: Callable[[], StreamLike], name: str, secret: Optional[bytes],
-           basedir: str, policy: Optional[Policy]) -> int:
-    """Serve masters, reconnecting as the options say; the exit status."""
+def _serve(args: argparse.Namespace, connect: List[Tuple[str, Callable[[], StreamLike]]], name: str,
+           secret: Optional[bytes], basedir: str, policy: Optional[Policy]) -> int:
+    """Serve masters (the first of ``connect`` reachable, see
+    :mod:`remsh.slave.failover`), reconnecting as the options say; the exit status."""
     attempt = 0
+    rotation = Rotation(len(connect))
+    reached = False
     keeper = SessionKeeper(basedir, policy, heartbeat=args.heartbeat, spool_limit=args.spool_limit)
 
     def registered() -> None:
-        nonlocal attempt
+        nonlocal attempt, reached
         attempt = 0
+        reached = True
 
     while True:
+        reached = False
         try:
-            serve_once(connect, name, secret, basedir, registered, policy, keeper)
+            serve_once(connect[rotation.index][1], name, secret, basedir, registered, policy, keeper)
             status, message = EXIT_OK, "master closed the connection"
         except _Refused as e:
             status, message = e.status, str(e)
@@ -361,6 +368,9 @@ def _serve(args: argparse.Namespace, connect: Callable[[], StreamLike], name: st
             else:
                 log.info("%s", message)
             return status
+        if not rotation.ended(reached):
+            log.warning("%s; trying the next master, %s", message, rotation.label(connect))
+            continue
         delay = min(args.max_backoff, BACKOFF_INITIAL * (2 ** min(attempt, 20)))
         delay *= random.uniform(0.5, 1.0)
         attempt += 1
