@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
-import select
 import signal
 import ssl
 import sys
@@ -58,13 +56,19 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
-from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path, ls_row,
+from remsh.choice import choose
+from remsh.clils import add_ls_parser, cmd_ls
+from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path,
                            make_private_directory)
 from remsh.errors import RemshError, UsageError, WaitTimeout
 from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL,
                          EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                          EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, Renderer, SlaveResult, StdinTee,
-                         describe_error, exit_status, get_job, parse_where, put_job, run_job, select_slaves)
+                         describe_error, exit_status, get_job, parse_where, put_job, run_job)
+from remsh.groups import Groups, GroupsError, serve_until_stopped
+from remsh.masterlog import PrintableFormatter, add_log_options, announce
+from remsh.masterlog import configure as configure_master_log
+from remsh.pacing import Pacing, check_batch, check_max_fail
 from remsh.handshake import as_secret
 from remsh.clijobs import add_parsers as add_job_parsers
 from remsh.clijobs import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
@@ -87,11 +91,9 @@ log = logging.getLogger("remsh")
 __all__ = ["main", "build_parser", "describe_error", "exit_status", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE",
            "EXIT_SLAVE_FAILED", "EXIT_INTERRUPTED"]
 
-#: The fields of ``remsh ls``, in order.
 #: After Ctrl-C, how long ``run``/``put``/``get`` waits for the master to
 #: say the job ended before it leaves anyway (the master goes on cancelling).
 INTERRUPT_ANSWER = 0.8
-LS_FIELDS = ("name", "transport", "peer", "since", "platform", "python", "remsh", "state")
 
 
 class ConfigError(Exception):
@@ -164,7 +166,10 @@ def _choice_options(p: argparse.ArgumentParser, parallel: int) -> None:
                    help="slaves whose name matches this glob (repeatable: any of them; default: all)")
     g.add_argument("--where", action="append", default=[], metavar="KEY=GLOB",
                    help="slaves whose registration fact matches (platform=Linux*, python=3.1*; all must hold)")
-    g.add_argument("--max-parallel", type=int, default=parallel, metavar="N", help="slaves driven at once")
+    g.add_argument("--max-parallel", type=int, default=parallel, metavar="N",
+                   help=f"slaves driven at once (default: {parallel})")
+    g.add_argument("--batch", metavar="N|N%", help="at most N slaves (or N%% of them) at a time, rolling")
+    g.add_argument("--max-fail", type=int, metavar="K", help="after K slaves failed, start no more (the rest: skipped)")
     p.add_argument("--detach", action="store_true",
                    help="with a master: print the job's id and leave it running (see remsh jobs, job, cancel)")
 
@@ -227,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "truncated and the command goes on")
     add_store_options(g)
     add_http_options(m)
+    m.add_argument("--groups", metavar="FILE", help="named groups of slaves for -t @NAME (TOML; reread on SIGHUP)")
+    add_log_options(m)
 
-    ls = sub.add_parser("ls", help="list the master's connected slaves")
-    ls.add_argument("--json", action="store_true", help="a JSON array")
+    add_ls_parser(sub)
 
     run = sub.add_parser("run", help="run a command on slaves")
     _listener_options(run, waiting=True)
@@ -249,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--sync", action="store_true", help="send only what changed (trees)")
     put.add_argument("--delete", action="store_true", help="with --sync: delete what the source lacks")
     put.add_argument("--checksum", action="store_true", help="with --sync: compare contents, not size and time")
+    put.add_argument("--force", action="store_true", help="replace an existing DEST (built beside it, then swapped)")
+    put.add_argument("--parents", action="store_true", help="make the missing directories above DEST")
     put.add_argument("local_path", metavar="LOCAL")
     put.add_argument("dest", metavar="DEST")
 
@@ -259,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most file data taken from each slave (default 64G)")
     get.add_argument("--max-files", type=int, default=DEFAULT_GET_MAX_FILES, metavar="N",
                      help="most files, directories and links in each slave's tree (default 1000000)")
+    get.add_argument("--force", action="store_true", help="replace what an earlier get put in LOCALDIR/NAME/")
     get.add_argument("remote", metavar="REMOTE")
     get.add_argument("localdir", metavar="LOCALDIR")
 
@@ -267,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     hk = sub.add_parser("host-key", help="print an SSH host key's fingerprint and known_hosts line")
     hk.add_argument("--host-key", required=True, metavar="FILE")
-    hk.add_argument("--host", default="127.0.0.1", help="host name slaves dial (for known_hosts)")
-    hk.add_argument("--port", type=int, default=22, help="port slaves dial (for known_hosts)")
+    hk.add_argument("--host", default="127.0.0.1", help="host name slaves dial (for known_hosts; default: 127.0.0.1)")
+    hk.add_argument("--port", type=int, default=22, help="port slaves dial (for known_hosts; default: 22)")
+    for each in sub.choices.values():  # -v after the subcommand too (counted with the one before)
+        each.add_argument("-v", "--verbose", action="count", dest="verbose_after", default=0, help="more logging")
     return p
 
 
@@ -383,7 +394,7 @@ def _error(text: str) -> None:
 
 
 def _announce(text: str) -> None:
-    print(f"remsh master: {text}", file=sys.stderr, flush=True)
+    announce(text)
 
 
 def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -430,6 +441,10 @@ def _check_job(args: argparse.Namespace) -> None:
     args.wheres = [parse_where(w) for w in args.where]
     if args.max_parallel < 1:
         raise UsageError("--max-parallel must be at least 1")
+    check_batch(args.batch)
+    check_max_fail(args.max_fail)
+    if getattr(args, "force", False) and getattr(args, "sync", False):
+        raise UsageError("put: --force replaces, --sync updates in place: not both")
     if args.command == "run":
         args.argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not args.argv:
@@ -450,15 +465,17 @@ def _check_job(args: argparse.Namespace) -> None:
 
 
 def _do_job(args: argparse.Namespace, slaves: List[Slave], renderer: Renderer, cancellation: Cancellation,
-            tee: Optional[StdinTee]) -> List[SlaveResult]:
+            tee: Optional[StdinTee], pacing: Pacing) -> List[SlaveResult]:
     if args.command == "run":
         return run_job(slaves, args.argv, renderer, cwd=args.cwd, timeout=args.timeout, stdin=tee,
-                       max_parallel=args.max_parallel, cancellation=cancellation)
+                       max_parallel=args.max_parallel, cancellation=cancellation, pacing=pacing)
     if args.command == "put":
         return put_job(slaves, args.local_path, args.dest, renderer, sync=args.sync, delete=args.delete,
-                       checksum=args.checksum, max_parallel=args.max_parallel, cancellation=cancellation)
+                       checksum=args.checksum, max_parallel=args.max_parallel, cancellation=cancellation,
+                       pacing=pacing, force=args.force, parents=args.parents)
     return get_job(slaves, args.remote, args.localdir, renderer, max_parallel=args.max_parallel,
-                   cancellation=cancellation, max_bytes=args.max_bytes, max_files=args.max_files)
+                   cancellation=cancellation, max_bytes=args.max_bytes, max_files=args.max_files, pacing=pacing,
+                   force=args.force)
 
 
 def cmd_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
@@ -509,13 +526,13 @@ def _standalone_job(args: argparse.Namespace, env_secret: Optional[bytes]) -> in
         _start_listeners(args, collection, env_secret, listeners)
         for listener in listeners:  # a slave away, back or lost: said as with a master
             listener.on_state = lambda slave, state, detail: renderer.message(state_line(slave.name, state, detail))
-        slaves = select_slaves(_choose_slaves(args, collection), args.target, args.wheres)
+        slaves, away = choose(_choose_slaves(args, collection), args.target, args.wheres)
         tee: Optional[StdinTee] = None
         if args.command == "run" and args.stdin:
             tee = StdinTee([s.name for s in slaves])
             _pump_stdin(tee.feed, tee.end)
         fanning_out = True
-        _do_job(args, slaves, renderer, cancellation, tee)
+        _do_job(args, slaves, renderer, cancellation, tee, Pacing(args.batch, args.max_fail, away))
         fanning_out = False
     except (ConfigError, UsageError) as e:
         _error(str(e))
@@ -558,7 +575,7 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     common: Dict[str, Any] = {"targets": args.target, "where": args.where, "parallel": args.max_parallel,
-                              "detach": args.detach}
+                              "detach": args.detach, "batch": args.batch, "max_fail": args.max_fail}
     try:
         if args.command == "run":
             client.request("run", args=args.argv, cwd=args.cwd, timeout=args.timeout, stdin=args.stdin, **common)
@@ -566,10 +583,10 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
                 _pump_stdin(client.send_stdin, client.send_stdin_eof)
         elif args.command == "put":
             client.request("put", src=args.local_path, dest=args.dest, sync=args.sync, delete=args.delete,
-                           checksum=args.checksum, **common)
+                           checksum=args.checksum, force=args.force, parents=args.parents, **common)
         else:
             client.request("get", src=args.remote, dest=args.localdir, max_bytes=args.max_bytes,
-                           max_files=args.max_files, **common)
+                           max_files=args.max_files, force=args.force, **common)
         if args.detach:
             for ev in client.decoded():
                 if ev.kind == "job":
@@ -601,44 +618,19 @@ def _through_master(args: argparse.Namespace, client: ControlClient) -> int:
         client.close()
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    path, _ = control_path(args.master)
-    rows: List[Dict[str, Optional[str]]] = []
-    try:
-        client = ControlClient(path)
-        try:
-            client.request("ls")
-            for ev in client.decoded():
-                if ev.kind == "slave":
-                    rows.append(ls_row(ev, LS_FIELDS))
-                elif ev.kind == "fail":
-                    _error(ev.get("message", ""))
-                    return int(ev.get("exit", EXIT_USAGE))
-        finally:
-            client.close()
-    except ControlError as e:
-        _error(str(e))
-        return e.exit
-    except OSError as e:
-        _error(f"lost the master: {e.strerror or e}")
-        return EXIT_SLAVE_FAILED
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return EXIT_OK
-    # every cell is the slave's word: escaped, so that a platform string
-    # cannot retitle or clear the operator's terminal
-    table = [list(LS_FIELDS)] + [[printable(row.get(f) or "-") for f in LS_FIELDS] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(LS_FIELDS))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    return EXIT_OK
-
-
 def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
     """Serve until SIGTERM or SIGINT."""
     path = args.control or control_path(args.master)[0]
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
     collection = FleetCollection()
+    problem = configure_master_log(args)
+    try:
+        if problem is not None:
+            raise ConfigError(problem)
+        collection.groups = Groups(args.groups)
+    except (ConfigError, GroupsError) as e:
+        _error(str(e))
+        return EXIT_USAGE
 
     def open_store() -> JobStore:
         if args.store is not None:
@@ -663,11 +655,11 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
 
     def on_signal(signum: int, frame: object) -> None:
         try:
-            os.write(wake_w, b"x")
+            os.write(wake_w, b"h" if signum == signal.SIGHUP else b"x")
         except OSError:
             pass
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     stop_web: Optional[Callable[[], None]] = None
     try:
         _start_listeners(args, collection, env_secret, listeners, announce=_announce)
@@ -676,8 +668,7 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         stop_web = start_dashboard(args, server, state_dir, _announce)
         _announce(f"control socket {server.path}")
         _announce("ready")
-        while not select.select([wake_r], [], [], 60.0)[0]:
-            pass
+        serve_until_stopped(wake_r, collection.groups)  # SIGHUP rereads the groups
         _announce("stopping")
     except (ConfigError, UsageError) as e:
         _error(str(e))
@@ -696,7 +687,7 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
 
 def cmd_host_key(args: argparse.Namespace) -> int:
     try:
-        from remsh.transports import ssh
+        from remsh.transports import sshkeys as ssh
 
         key = ssh.load_private_key(args.host_key)
     except ImportError as e:
@@ -730,15 +721,6 @@ def _job_command(args: argparse.Namespace) -> int:
         return EXIT_SLAVE_FAILED
 
 
-class PrintableFormatter(logging.Formatter):
-    """Log lines with the message escaped by :func:`printable`: the master
-    logs what slaves send (names they tried, their error texts) to the
-    operator's terminal.  A traceback after the line keeps its lines."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return printable(super().formatMessage(record))
-
-
 def _exact_output() -> None:
     """Let command output that is not UTF-8 reach stdout and stderr as the
     bytes it was (:class:`~remsh.lineprinter.LinePrinter` decodes it with
@@ -757,6 +739,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _exact_output()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     if getattr(args, "tls_key", None) and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG

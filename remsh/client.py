@@ -38,10 +38,11 @@ import logging
 import os
 import threading
 import time
-from typing import IO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from remsh.control import (CLIENT_SILENCE, ERRTAG_JOB_ENDED, ERRTAG_UNKNOWN_JOB, ControlClient, ControlError,
                            NoMaster, control_path)
+from remsh.choice import ls_row
 from remsh.controlproto import EVENTS, Event, decode_event
 from remsh.errors import RemshError, UsageError, WaitTimeout
 from remsh.store.base import JOB_FINAL_STATES, JobRecord, SlaveRecord, check_job_id
@@ -368,16 +369,16 @@ class Client:
 
     # -- the operations -----------------------------------------------------------------
 
-    def slaves(self) -> List[Dict[str, Optional[str]]]:
+    def slaves(self) -> List[Dict[str, Any]]:
         """The connected slaves, sorted by name, as ``remsh ls --json``
         gives them: ``name``, ``transport``, ``peer``, ``since`` (``None``
-        when unknown), ``platform``, ``python``, ``remsh``, ``state``."""
-        rows: List[Dict[str, Optional[str]]] = []
+        when unknown), ``platform``, ``python``, ``remsh``, ``state``,
+        ``hostname``, ``basedir``, ``root``, ``no_execute``,
+        ``allow_command``, ``job`` (:mod:`remsh.clils`)."""
+        rows: List[Dict[str, Any]] = []
         for ev in self._ask("ls"):
             if ev.kind == "slave":
-                row: Dict[str, Optional[str]] = {f: ev.get(f, "") for f in SLAVE_FIELDS}
-                row["since"] = row["since"] or None
-                rows.append(row)
+                rows.append(ls_row(ev.values, SLAVE_FIELDS))
             elif ev.kind == "fail":
                 raise fail_error(ev)
         return rows

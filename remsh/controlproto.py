@@ -85,19 +85,22 @@ class ControlOp:
         return f"op_{self.name}"
 
 
-_CHOICE = (Key("targets", "list"), Key("where", "list"), Key("parallel", "int"), Key("detach", "flag"))
+_CHOICE = (Key("targets", "list"), Key("where", "list"), Key("parallel", "int"), Key("detach", "flag"),
+           Key("batch"), Key("max_fail", "int"))
 
 #: Every request the master answers.
 CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
-    ControlOp("ls", (), "the connected slaves: a slave event each, then done"),
+    ControlOp("ls", (Key("targets", "list"), Key("where", "list")),
+              "the slaves (those targets and where choose): a slave event each, then done"),
     ControlOp("run", (Key("args", "list", True), Key("cwd", "path"), Key("timeout", "float"),
                       Key("stdin", "flag")) + _CHOICE,
               "run a command on the chosen slaves as a job; job, then (unless detach) its events", job=True),
     ControlOp("put", (Key("src", "path", True), Key("dest", "path", True), Key("sync", "flag"),
-                      Key("delete", "flag"), Key("checksum", "flag")) + _CHOICE,
+                      Key("delete", "flag"), Key("checksum", "flag"), Key("force", "flag"),
+                      Key("parents", "flag")) + _CHOICE,
               "copy a local file or tree to the chosen slaves as a job", job=True),
     ControlOp("get", (Key("src", "path", True), Key("dest", "path", True), Key("max_bytes", "int"),
-                      Key("max_files", "int")) + _CHOICE,
+                      Key("max_files", "int"), Key("force", "flag")) + _CHOICE,
               "copy a file or tree from the chosen slaves into DEST/NAME/ as a job", job=True),
     ControlOp("jobs", (Key("running", "flag"), Key("limit", "int"), Key("id", "text")),
               "the stored jobs, newest first (with id: that job alone): a jobrec and its jobslave events "
@@ -112,7 +115,8 @@ CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
 #: Every event the master sends (key ``ev``).
 EVENTS: Dict[str, Tuple[Key, ...]] = {
     "slave": tuple(Key(k) for k in ("name", "transport", "peer", "since", "platform", "python", "remsh",
-                                     "state")),
+                                     "state", "hostname", "basedir", "root")) + (
+        Key("no_execute", "flag"), Key("allow_command", "list"), Key("job")),
     "job": (Key("id", required=True),),
     "begin": (Key("names", "list"),),
     "out": (Key("slave"), Key("stream"), Key("data", "bytes")),
@@ -263,6 +267,14 @@ def encode_event(kind: str, /, **values: Any) -> Dict[bytes, bytes]:
     box: Dict[bytes, bytes] = {b"ev": kind.encode()}
     box.update(_encode_keys(EVENTS[kind], values, f"event {kind} has no key"))
     return box
+
+
+def slave_event(row: Mapping[str, Any]) -> Dict[bytes, bytes]:
+    """The ``slave`` event of a row of :meth:`FleetCollection.describe
+    <remsh.fleet.FleetCollection.describe>` (``None`` as empty): what
+    ``remsh ls`` and the dashboard's ``/api/slaves`` show."""
+    return encode_event("slave", **{k: v if isinstance(v, (bool, list)) else "" if v is None else str(v)
+                                    for k, v in row.items()})
 
 
 def out_events(name: str, stream: str, data: bytes) -> List[Dict[bytes, bytes]]:

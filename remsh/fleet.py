@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import json
+import logging
 import os
 import posixpath
 import sys
@@ -36,9 +37,14 @@ from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protoc
 from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
 from remsh.lineprinter import LinePrinter, printable
 from remsh.outputs import Folder, OutputFiles, outcome_words, summary_lines
+from remsh.pacing import AWAY_ERROR, ERRTAG_AWAY, ERRTAG_SKIPPED, SKIPPED_TAGS, Pacing
+from remsh.replace import get_replacing, make_parents, put_replacing
+from remsh.progressbars import ProgressBars, human_bytes  # noqa: F401 - human_bytes is part of this module's API
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
+
+log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -145,11 +151,13 @@ class FleetCollection(SimpleSlaveCollection):
     def __init__(self) -> None:
         super().__init__()
         self._since: Dict[int, float] = {}
-        self._busy: Dict[int, int] = {}
+        self._busy: Dict[int, List[str]] = {}
         self._facts_lock = threading.Lock()
         #: called as ``watcher(slave_name, state, detail)`` for each
         #: ``away``/``back``/``lost`` (the master's job registry records it)
         self.state_watchers: List[Callable[[str, str, str], Any]] = []
+        #: the master's ``--groups`` (a :class:`remsh.groups.Groups`), or ``None``
+        self.groups: Any = None
 
     def slave_state(self, slave: Slave, state: str, detail: str) -> None:
         """A listener's report that ``slave`` went away, is back or is lost
@@ -165,42 +173,66 @@ class FleetCollection(SimpleSlaveCollection):
         slave.on_disconnect(self._forget_facts)
 
     def _forget_facts(self, slave: Slave) -> None:
+        log.info("slave %s left", slave.name)
         with self._facts_lock:
             self._since.pop(id(slave), None)
             self._busy.pop(id(slave), None)
 
     @contextmanager
-    def holding(self, slave: Slave) -> Iterator[None]:
-        """Count ``slave`` as busy for the ``with`` block."""
+    def holding(self, slave: Slave, job: str = "") -> Iterator[None]:
+        """Count ``slave`` as busy with ``job`` (its id) for the ``with`` block."""
         with self._facts_lock:
-            self._busy[id(slave)] = self._busy.get(id(slave), 0) + 1
+            self._busy.setdefault(id(slave), []).append(job)
         try:
             yield
         finally:
             with self._facts_lock:
-                left = self._busy.get(id(slave), 0) - 1
-                if left > 0:
-                    self._busy[id(slave)] = left
-                else:
+                jobs = self._busy.get(id(slave), [])
+                if job in jobs:
+                    jobs.remove(job)
+                if not jobs:
                     self._busy.pop(id(slave), None)
+
+    def holders(self, slave: Slave) -> List[str]:
+        """The ids of the jobs holding ``slave`` now, first come first
+        (the first runs, the others wait for it; ``""``: a job without id)."""
+        with self._facts_lock:
+            return list(self._busy.get(id(slave), []))
 
     def describe(self, slave: Slave) -> Dict[str, Any]:
         """One row of ``remsh ls``: nothing secret, only what the slave
         announced and what the master saw."""
         with self._facts_lock:
             since = self._since.get(id(slave))
-            busy = self._busy.get(id(slave), 0)
+            busy = list(self._busy.get(id(slave), []))
         stream = getattr(slave.wire, "stream", None)
         return {
             "name": slave.name,
             "transport": transport_of(slave),
-            "peer": str(getattr(stream, "peer", "") or ""),
+            "peer": show_peer(str(getattr(stream, "peer", "") or "")),
             "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
             "platform": slave.info.get("platform", ""),
             "python": slave.info.get("python", ""),
             "remsh": slave.info.get("remsh", ""),
             "state": "away" if not slave.connected else "busy" if busy else "idle",
+            "hostname": slave.info.get("hostname", ""),
+            "basedir": slave.info.get("basedir", ""),
+            "root": slave.info.get("policy_root") or None,
+            "no_execute": slave.info.get("policy_execute") == "n",
+            "allow_command": [c for c in slave.info.get("policy_allow_command", "").split("\0") if c],
+            "job": busy[0] or None if busy else None,
         }
+
+
+def show_peer(peer: str) -> str:
+    """A peer address as people write it: an IPv4 address the kernel gave
+    as IPv4-mapped IPv6 (``[::ffff:127.0.0.1]:7711``) as plain
+    ``127.0.0.1:7711``."""
+    if peer.lower().startswith("[::ffff:") and "]" in peer:
+        host, _, rest = peer[len("[::ffff:"):].partition("]")
+        if host.count(".") == 3:
+            return host + rest
+    return peer
 
 
 # -- what a job reports ----------------------------------------------------------
@@ -261,33 +293,56 @@ def describe_error(error: BaseException, name: str) -> str:
 
 
 def exit_status(results: Sequence[SlaveResult], interrupted: bool = False) -> int:
-    """The exit status for a job's results (see the module docstring)."""
+    """The exit status for a job's results (see the module docstring).
+    Slaves that ``--max-fail`` kept from starting do not count: the
+    failures that stopped them do."""
     if interrupted:
         return EXIT_INTERRUPTED
+    everyone = len(results)
+    results = [r for r in results if r.errtag != ERRTAG_SKIPPED]
     if any(r.error is not None or r.truncated for r in results):  # incomplete output is no success
         return EXIT_SLAVE_FAILED
     statuses = [r.status for r in results if r.status != 0]
     if not statuses:
         return EXIT_OK
-    if len(results) == 1 and statuses[0] is not None and 1 <= statuses[0] <= 125:
+    if everyone == 1 and statuses[0] is not None and 1 <= statuses[0] <= 125:
         return statuses[0]
     return EXIT_FAILED
 
 
 def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sink, max_parallel: int,
-         cancellation: Cancellation, holder: Optional[FleetCollection]) -> List[SlaveResult]:
+         cancellation: Cancellation, holder: Optional[FleetCollection],
+         pacing: Optional[Pacing] = None) -> List[SlaveResult]:
     """Run ``one`` on every slave, reporting each end to ``sink`` as it comes;
-    slaves the fan-out cancelled are reported too."""
-    sink.begin([s.name for s in slaves])
+    slaves the fan-out cancelled are reported too, and so are those the
+    ``pacing`` (:mod:`remsh.pacing`) did not start: away, or past ``--max-fail``."""
+    pacing = pacing or Pacing()
+    names = {s.name for s in slaves}
+    away = [SlaveResult(name, error=AWAY_ERROR, errtag=ERRTAG_AWAY) for name in pacing.away if name not in names]
+    sink.begin([s.name for s in slaves] + [r.name for r in away])
+    for result in away:
+        sink.end(result)
     reported: Dict[str, SlaveResult] = {}
     lock = threading.Lock()
+    job = str(getattr(sink, "job_id", "") or "")
 
     def op(slave: Slave) -> SlaveResult:
+        why = pacing.skip_reason()
+        if why is not None:
+            result = SlaveResult(slave.name, error=why, errtag=ERRTAG_SKIPPED)
+            with lock:
+                reported[slave.name] = result
+            sink.end(result)
+            return result
+        ahead = holder.holders(slave) if holder is not None else []
+        note = getattr(sink, "slave_state", None)
+        if ahead and note is not None:  # it waits its turn: said, not silent
+            note(slave.name, "waiting", f"behind job {ahead[0]}" if ahead[0] else "behind another job")
         start = time.monotonic()
         sink.start(slave.name)
         try:
             if holder is not None:
-                with holder.holding(slave):
+                with holder.holding(slave, job):
                     result = one(slave)
             else:
                 result = one(slave)
@@ -295,22 +350,24 @@ def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sin
             result = SlaveResult(slave.name, error=describe_error(e, slave.name),
                                  errtag=getattr(e, "errtag", None) or _tag(e))
         result.duration_s = time.monotonic() - start
+        pacing.ended(result.error is not None or result.status != 0)
         with lock:
             reported[slave.name] = result
         sink.end(result)
         return result
 
-    outcomes = fan_out(slaves, op, max_workers=max_parallel, cancellation=cancellation)
-    results = []
+    outcomes = fan_out(slaves, op, max_workers=pacing.parallel(max_parallel, len(slaves)),
+                       cancellation=cancellation)
+    results = list(away)
     for o in outcomes:
         with lock:
-            result = reported.get(o.slave.name)
-        if result is None:
+            got = reported.get(o.slave.name)
+        if got is None:
             error = o.error if o.error is not None else RemshError("no result")
-            result = SlaveResult(o.slave.name, error=describe_error(error, o.slave.name), errtag=_tag(error),
-                                 duration_s=o.duration or 0.0)
-            sink.end(result)
-        results.append(result)
+            got = SlaveResult(o.slave.name, error=describe_error(error, o.slave.name), errtag=_tag(error),
+                              duration_s=o.duration or 0.0)
+            sink.end(got)
+        results.append(got)
     return results
 
 
@@ -424,10 +481,10 @@ class TeeReader:
 def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Optional[str] = None,
             timeout: Optional[float] = None, stdin: Optional[StdinTee] = None,
             max_parallel: int = DEFAULT_PARALLEL, cancellation: Optional[Cancellation] = None,
-            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
-    """Run ``argv`` on every slave at once (at most ``max_parallel``),
-    reporting output and ends to ``sink``; returns one result per slave.
-    ``cancellation`` interrupts the commands."""
+            holder: Optional[FleetCollection] = None, pacing: Optional[Pacing] = None) -> List[SlaveResult]:
+    """Run ``argv`` on every slave at once (at most ``max_parallel``, and as
+    ``pacing`` says), reporting output and ends to ``sink``; returns one
+    result per slave.  ``cancellation`` interrupts the commands."""
     cancellation = cancellation or Cancellation()
 
     def one(slave: Slave) -> SlaveResult:
@@ -443,7 +500,7 @@ def run_job(slaves: Sequence[Slave], argv: Sequence[str], sink: Sink, *, cwd: Op
         return SlaveResult(name, status=code)
 
     try:
-        return _fan(slaves, one, sink, max_parallel, cancellation, holder)
+        return _fan(slaves, one, sink, max_parallel, cancellation, holder, pacing)
     finally:
         if stdin is not None:
             for slave in slaves:  # those never started too: feeding must not wait for them
@@ -472,14 +529,16 @@ def _sizes(text: str, result: Any) -> str:
 
 def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync: bool = False,
             delete: bool = False, checksum: bool = False, max_parallel: int = DEFAULT_TRANSFER_PARALLEL,
-            cancellation: Optional[Cancellation] = None,
-            holder: Optional[FleetCollection] = None) -> List[SlaveResult]:
+            cancellation: Optional[Cancellation] = None, holder: Optional[FleetCollection] = None,
+            pacing: Optional[Pacing] = None, force: bool = False, parents: bool = False) -> List[SlaveResult]:
     """Copy the local file or tree ``local`` to ``dest`` on every slave.
 
     A file goes into ``dest`` when that is a directory on the slave, else
-    to ``dest`` itself (which must not exist).  A tree is sent with
-    ``Slave.send_tree``, or synchronised with ``Slave.sync_tree`` when
-    ``sync``.
+    to ``dest`` itself (which must not exist unless ``force``).  A tree is
+    sent with ``Slave.send_tree`` (to a ``dest`` that must not exist unless
+    ``force``), or synchronised with ``Slave.sync_tree`` when ``sync``.
+    ``force`` replaces what is there (:func:`remsh.replace.put_replacing`);
+    ``parents`` makes the missing directories above ``dest``.
 
     :raises UsageError: ``local`` does not exist
     """
@@ -495,29 +554,42 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
         def progress(done: int, total: Optional[int]) -> None:
             sink.progress(name, done, total)
 
+        if parents:
+            make_parents(slave, dest)
         if is_tree:
             if sync:
                 result = _tree_method(slave, "sync_tree")(local, dest, delete=delete, checksum=checksum,
                                                           progress=progress)
                 return SlaveResult(name, status=0, summary=_sizes("synced", result))
-            result = _tree_method(slave, "send_tree")(local, dest, progress=progress)
+            send_tree = _tree_method(slave, "send_tree")
+            if force:
+                replaced = put_replacing(slave, dest, lambda path: send_tree(local, path, progress=progress))
+                return SlaveResult(name, status=0, summary="replaced tree" if replaced else "sent tree")
+            result = send_tree(local, dest, progress=progress)
             return SlaveResult(name, status=0, summary=_sizes("sent tree", result))
         target = dest
         if slave.stat(dest) == "d":
             target = posixpath.join(dest, os.path.basename(local))
+        if force:
+            replaced = put_replacing(slave, target, lambda path: slave.send(local, path, progress=progress))
+            return SlaveResult(name, status=0, summary=f"{'replaced' if replaced else 'sent to'} {target}")
         slave.send(local, target, progress=progress)
         return SlaveResult(name, status=0, summary=f"sent to {target}")
 
-    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder)
+    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
 
 
 def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
             max_parallel: int = DEFAULT_TRANSFER_PARALLEL, cancellation: Optional[Cancellation] = None,
             holder: Optional[FleetCollection] = None, max_bytes: int = DEFAULT_GET_MAX_BYTES,
-            max_files: int = DEFAULT_GET_MAX_FILES) -> List[SlaveResult]:
+            max_files: int = DEFAULT_GET_MAX_FILES, pacing: Optional[Pacing] = None,
+            force: bool = False) -> List[SlaveResult]:
     """Copy ``remote`` (a file or tree) from every slave to
     ``localdir/NAME/BASENAME``, each at most ``max_bytes`` of file data and
     ``max_files`` entries (a slave past either fails with ``LimitExceeded``).
+    An earlier copy there is an error, or replaced with ``force``
+    (:func:`remsh.replace.get_replacing`).  A slave that fails leaves no
+    ``localdir/NAME/`` that this call made.
 
     :raises UsageError: ``localdir`` exists and is not a directory
     """
@@ -530,6 +602,7 @@ def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
         if name in (".", "..") or "/" in name or "\0" in name:
             raise LocalError(f"{name}: get: the slave's name cannot be a local directory name")
         mine = os.path.join(localdir, name)
+        made = not os.path.isdir(mine)
         try:
             os.makedirs(mine, exist_ok=True)
         except OSError as e:
@@ -539,131 +612,27 @@ def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
         def progress(done: int, total: Optional[int]) -> None:
             sink.progress(name, done, total)
 
-        kind = slave.stat(remote)
-        if kind == "d":
-            result = _tree_method(slave, "fetch_tree")(remote, target, progress=progress, max_bytes=max_bytes,
-                                                       max_entries=max_files)
-            return SlaveResult(name, status=0, summary=_sizes(f"tree into {target}", result))
-        slave.fetch(remote, target, progress=progress, max_bytes=max_bytes)
-        return SlaveResult(name, status=0, summary=f"into {target}")
+        try:
+            if slave.stat(remote) == "d":
+                fetch_tree = _tree_method(slave, "fetch_tree")
+                get_replacing(target, lambda path: fetch_tree(remote, path, progress=progress, max_bytes=max_bytes,
+                                                              max_entries=max_files), force)
+                return SlaveResult(name, status=0, summary=f"tree into {target}")
+            get_replacing(target, lambda path: slave.fetch(remote, path, progress=progress, max_bytes=max_bytes),
+                          force)
+            return SlaveResult(name, status=0, summary=f"into {target}")
+        except BaseException:
+            if made:  # what this call made for a copy that did not come: not left behind
+                try:
+                    os.rmdir(mine)
+                except OSError:
+                    pass
+            raise
 
-    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder)
+    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
 
 
 # -- the terminal side -------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """``1.5 MiB`` and the like."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - the loop returns
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(seconds + 0.5)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
-        else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class ProgressBars:
-    """Transfer progress per slave and in total.
-
-    On a terminal: one bar per slave and a total line, redrawn in place at
-    most ten times a second (bytes, rate, ETA when the size is known).
-    Otherwise (``tty`` false): nothing until a slave ends, then one plain
-    line (the caller's).
-    """
-
-    BAR = 24
-    EVERY = 0.1
-
-    def __init__(self, out: TextIO, tty: bool) -> None:
-        self.out = out
-        self.tty = tty
-        self._lock = threading.Lock()
-        self._names: List[str] = []
-        self._done: Dict[str, int] = {}
-        self._total: Dict[str, Optional[int]] = {}
-        self._ended: Dict[str, float] = {}
-        self._drawn = 0
-        self._last = 0.0
-        self._t0 = time.monotonic()
-
-    def begin(self, names: List[str]) -> None:
-        with self._lock:
-            self._names = list(names)
-            self._t0 = time.monotonic()
-
-    def update(self, name: str, done: int, total: Optional[int]) -> None:
-        with self._lock:
-            self._done[name] = done
-            self._total[name] = total
-            now = time.monotonic()
-            if self.tty and now - self._last >= self.EVERY:
-                self._last = now
-                self._draw()
-
-    def ended(self, name: str) -> None:
-        with self._lock:
-            self._ended[name] = time.monotonic()
-            if self.tty:
-                self._draw()
-
-    def clear(self) -> None:
-        """Take the bars off the screen (before other text is printed)."""
-        if self.tty and self._drawn:
-            self.out.write(f"\033[{self._drawn}F\033[J")
-            self._drawn = 0
-            self.out.flush()
-
-    def finish(self) -> None:
-        """Draw the final state and leave it on the screen."""
-        with self._lock:
-            if self.tty:
-                self._draw()
-                self._drawn = 0
-
-    def line(self, label: str, done: int, total: Optional[int], elapsed: float, finished: bool) -> str:
-        """One line: bar, bytes, rate, ETA."""
-        rate = done / elapsed if elapsed > 0 else 0.0
-        if total:
-            frac = min(1.0, done / total)
-            fill = int(frac * self.BAR)
-            bar = "#" * fill + "-" * (self.BAR - fill)
-            amount = f"{human_bytes(done)} / {human_bytes(total)} {frac * 100:3.0f}%"
-        else:
-            bar = ("#" if finished else "?") * self.BAR
-            amount = human_bytes(done)
-        text = f"{label} [{bar}] {amount} {human_bytes(rate)}/s"
-        if finished:
-            text += " done"
-        elif total and rate > 0 and done < total:
-            text += f" ETA {_eta((total - done) / rate)}"
-        return text
-
-    def _draw(self) -> None:
-        shown = {name: printable(name) for name in self._names}
-        width = max((len(n) for n in shown.values()), default=5)
-        width = max(width, 5)
-        now = time.monotonic()
-        lines = []
-        for name in self._names:
-            start = self._t0
-            end = self._ended.get(name, now)
-            lines.append(self.line(shown[name].ljust(width), self._done.get(name, 0), self._total.get(name),
-                                   end - start, name in self._ended))
-        totals = [self._total.get(n) for n in self._names]
-        total: Optional[int] = sum(t for t in totals if t is not None) if all(t is not None for t in totals) \
-            else None
-        finished = len(self._ended) >= len(self._names)
-        lines.append(self.line("total".ljust(width), sum(self._done.values()), total, now - self._t0, finished))
-        up = f"\033[{self._drawn}F" if self._drawn else ""
-        self.out.write(up + "".join(line + "\033[K\n" for line in lines))
-        self.out.flush()
-        self._drawn = len(lines)
 
 
 class Renderer:
@@ -777,9 +746,13 @@ class Renderer:
         if self.folder is not None:
             outcomes = {r.name: outcome_words(r.status, r.error, r.errtag) for r in self.results}
             self.folder.print_groups(self.printer, self.out, self.err, outcomes)
-        failed = 0
+        failed = skipped = 0
         for r in sorted(self.results, key=lambda r: r.name):
-            if r.error is not None or r.status != 0:
+            if r.errtag in SKIPPED_TAGS:  # never started: said, never silently left out
+                skipped += 1
+                if not self.summary:
+                    self.printer.write_line(self.err, printable(f"remsh: {r.name}: skipped: {r.error}"))
+            elif r.error is not None or r.status != 0:
                 failed += 1
                 if not self.summary:
                     what = r.error if r.error is not None else f"exit status {r.status}"
@@ -792,7 +765,10 @@ class Renderer:
                 self.printer.write_line(self.err, line)
         if interrupted:
             self.printer.write_line(self.err, "remsh: interrupted")
-        elif failed and not self.summary:
+        elif (failed or skipped) and not self.summary:
             n = len(self.results)
-            self.printer.write_line(self.err, f"remsh: failed on {failed} of {n} slave{'' if n == 1 else 's'}")
+            of = f"of {n} slave{'' if n == 1 else 's'}"
+            text = f"failed on {failed} {of}" + (f", {skipped} skipped" if skipped else "") if failed \
+                else f"{skipped} {of} skipped"
+            self.printer.write_line(self.err, f"remsh: {text}")
         return exit_status(self.results, interrupted)

@@ -162,7 +162,7 @@ def outcome_words(status: Optional[int], error: Optional[str], errtag: Optional[
     ``error``, ``away`` (its connection was lost) or ``skipped`` (never
     started: cancelled or interrupted first)."""
     if error is not None:
-        if errtag == "cancelled":
+        if errtag in ("cancelled", "skipped", "away"):  # never started (remsh.pacing's tags too)
             return "skipped", error
         if errtag == "disconnected":
             return "away", error

@@ -203,7 +203,7 @@ def test_put_then_get_round_trip(fleet: Fleet, client: Client, tmp_path: Path) -
     job = client.get("payload.bin", str(tmp_path / "small"), targets=["web-1"], max_bytes=4)
     assert job.state == "failed" and job.results["web-1"].state == "failed"
     assert "max_bytes" in (job.results["web-1"].error or "")
-    assert os.listdir(tmp_path / "small" / "web-1") == []
+    assert not (tmp_path / "small" / "web-1").exists()  # a failed get leaves no empty directory
     with pytest.raises(ControlError) as e:
         client.put(str(tmp_path / "missing"), "x", targets=["web-1"])
     assert "missing" in str(e.value)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("web-1", "web-2", "db-1")
-LS_FIELDS = {"name", "transport", "peer", "since", "platform", "python", "remsh", "state"}
+LS_FIELDS = {"name", "transport", "peer", "since", "platform", "python", "remsh", "state", "hostname", "basedir",
+             "root", "no_execute", "allow_command", "job"}
 
 
 #: The default state directory of the masters started here (never the user's own).
