@@ -28,6 +28,7 @@ from remsh.aio.connection import Connection, master_handshake
 from remsh.aio.slave import AsyncSlave
 from remsh.errors import AuthenticationError, RemshError, UsageError
 from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret
+from remsh.master.limits import prepare_descriptors
 from remsh.master.slavelistener.base import Authenticator, secret_authorizer
 from remsh.ops import DEFAULT_IO_TIMEOUT
 from remsh.transports.local import spawn_local_slave
@@ -60,6 +61,9 @@ class _Listener:
         self.resume_timeout = 0.0
         self._slaves: Dict[int, AsyncSlave] = {}
         self._started = False
+        #: how many slaves this listener is meant to hold (``None``: not
+        #: said); :meth:`start` fails when the open-file limit cannot hold them
+        self.expected_slaves: Optional[int] = None
 
     @property
     def slaves(self) -> List[AsyncSlave]:
@@ -86,6 +90,13 @@ class _Listener:
         self._slaves.pop(id(slave), None)
 
     async def start(self) -> None:
+        """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (once; see
+        :func:`remsh.master.limits.prepare_descriptors`) and start serving.
+
+        :raises LocalError: the limit cannot hold :attr:`expected_slaves`
+        """
+        if not self._started:
+            prepare_descriptors(self.expected_slaves, 0.0, label=type(self).__name__)
         self._started = True
 
     async def stop(self) -> None:
@@ -142,12 +153,12 @@ class TcpSlaveListener(_Listener):
         """Open the port and accept slaves (idempotent)."""
         if self._server is not None:
             return
+        await super().start()
         self._server = await asyncio.start_server(
             self._on_connection, host=self.host, port=self.port, ssl=self.ssl_context,
             ssl_handshake_timeout=self.handshake_timeout if self.ssl_context is not None else None,
             limit=Connection.RECV_SIZE)
         self.port = self._server.sockets[0].getsockname()[1]
-        await super().start()
 
     async def stop(self) -> None:
         """Close the port, unfinished handshakes and this listener's slaves (idempotent)."""
@@ -207,7 +218,8 @@ class LocalSlaveListener(_Listener):
         """
         if not os.path.isdir(basedir):
             raise UsageError(f"base directory does not exist: {basedir}")
-        await self.start()
+        if not self._started:
+            await self.start()
         proc, stream = spawn_local_slave(basedir, name, python=self.python)
         sock = stream.sock
         sock.setblocking(False)
