@@ -102,6 +102,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from remsh.adoption import set_adopter
 from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_control,
                                 decode_event, decode_request, encode_control, encode_event, encode_request, out_events)
 from remsh.errors import RemshError, UsageError
@@ -294,6 +295,8 @@ class ControlServer:
                 self._bind()
                 # away/back/lost of a slave go into the records of the jobs it runs
                 self.collection.state_watchers.append(self.jobs.slave_state)
+                # a slave resuming a session an earlier master recorded is taken back
+                set_adopter(self.collection, self.jobs.adoptions)
             except BaseException:
                 self.jobs.stop()
                 self.jobs.close()

@@ -108,6 +108,20 @@ class ExecuteCall:
         self.state = State.IDLE
         self.interrupt_wanted = False
         self._interrupt_sent = False
+        #: the command reads stdin from the master
+        self.want_stdin = want_stdin
+
+    @classmethod
+    def resumed(cls, state: State) -> "ExecuteCall":
+        """The master's side of a call whose request an earlier master made
+        (:mod:`remsh.jobadopt`): in ``state`` (``REQUESTED`` while its start
+        reply is still to come, else ``RUNNING``), with no request to make
+        and no stdin to send."""
+        if state not in (State.REQUESTED, State.RUNNING):
+            raise UsageError(f"execute: cannot resume a call in state {state.value}")
+        call = cls(["-"], want_stdout=True, want_stderr=True)
+        call.state = state
+        return call
 
     def request(self) -> bytes:
         """The request (followed by the interrupt, if one is already wanted)."""

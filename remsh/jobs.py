@@ -14,6 +14,14 @@ appended by its position in its stream.  Followers read the store, never
 the job: a follower that attaches late, or after the master restarted, sees
 the same events from the start as one that was there all along.
 
+The commands of a job survive a restart of the master (:mod:`remsh.jobadopt`):
+the sink records the session that carries each command
+(:meth:`StoreSink.requested`), commits output together with the count of
+the slave's boxes it covers and acknowledges only that
+(:meth:`StoreSink.output`); on SIGTERM the master hands its commands over
+(:meth:`JobRegistry.stop`) and the next master takes them back
+(:meth:`JobRegistry.start`).
+
 Rejected: feeding attached clients straight from the job and only
 recording for later ones.  Two paths would show two different histories
 (a slow client would see what the store capped, or the other way round).
@@ -21,20 +29,24 @@ recording for later ones.  Two paths would show two different histories
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from remsh.adoption import set_current
 from remsh.controlproto import encode_event, out_events
 from remsh.errors import RemshError
 from remsh.fleet import SlaveResult, Sink, StdinTee
+from remsh.jobadopt import Adoptions, Part
 from remsh.master.fanout import Cancellation
+from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
-                              SlaveRecord, StoreError, UnknownJob, job_state_from, now)
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now)
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +80,22 @@ class TooManyJobs(RemshError):
 
 class StoreSink:
     """The :class:`~remsh.fleet.Sink` of a job: writes what happens to the
-    store.  A store that fails is logged; the job goes on."""
+    store.  A store that fails is logged; the job goes on.
 
-    def __init__(self, store: JobStore, job_id: str, cancellation: Cancellation) -> None:
+    With ``keep_sessions`` (a store that outlives the master), a command
+    that runs over a session is recorded with it (:meth:`requested`) and
+    the slave's boxes are acknowledged after commit (:meth:`output`)."""
+
+    def __init__(self, store: JobStore, job_id: str, cancellation: Cancellation, *,
+                 keep_sessions: bool = False) -> None:
         self.store = store
         self.job_id = job_id
         self.cancellation = cancellation
+        self.keep_sessions = keep_sessions
+        #: the recorded sessions of this job's commands, by slave name
+        self._parts: Dict[str, Part] = {}
+        #: per slave: the session's count of delivered boxes after the last output held
+        self._marks: Dict[str, int] = {}
         self._lock = threading.Lock()
         self._positions: Dict[Tuple[str, str], int] = {}
         self._started: Set[str] = set()
@@ -102,8 +124,31 @@ class StoreSink:
     def start(self, name: str) -> None:
         with self._lock:
             self._started.add(name)
+        if self.keep_sessions:  # the slave's part runs in this thread (remsh.fleet)
+            set_current(functools.partial(self.requested, name))
         self._store("a start", lambda: self.store.update_slave(self.job_id, name, state=SLAVE_RUNNING,
                                                                  started=now()))
+
+    def requested(self, name: str, slave: Any, call: Any) -> None:
+        """``slave`` (holding it) is about to send the ``execute`` request
+        of ``call``: record the session that carries it and acknowledge the
+        slave's boxes only after commit from now on.  Not for a command
+        whose stdin the master forwards (that cannot survive a restart)."""
+        wire = slave.wire
+        if (not isinstance(wire, SessionWire) or wire.resume_timeout <= 0 or getattr(call, "want_stdin", True)
+                or wire.failed is not None):
+            return
+        record = SessionRecord(wire.session_id, name, self.job_id, "execute", request_box=wire.sent,
+                               reply_base=wire.delivered, received=wire.delivered)
+        try:
+            self.store.open_session(record)
+        except StoreError as e:
+            log.error("job %s: cannot record the session of %s (its command will not survive a restart "
+                      "of the master): %s", self.job_id, name, e)
+            return
+        with self._lock:
+            self._parts[name] = Part(record, wire)
+        wire.commit(record.received)
 
     def output(self, name: str, stream: str, data: bytes) -> None:
         """Keep ``data`` for the store: consecutive chunks of one slave's
@@ -113,10 +158,16 @@ class StoreSink:
         a stored row per byte); a chunk of the slave's other stream writes
         what is held first, so the order of the two streams is kept."""
         with self._lock:
+            part = self._parts.get(name)
+            if part is not None and part.frozen:
+                return  # handed over: the next master gets it again
             held = self._held.get(name)
             if held is not None and held[0] != stream:
                 self._write_held(name)
                 held = None
+            if part is not None and part.wire is not None:
+                # what is held covers the slave's boxes up to this one
+                self._marks[name] = part.wire.delivered
             if held is None:
                 self._held[name] = (stream, bytearray(data), time.monotonic())
                 self._wake.notify()
@@ -133,15 +184,25 @@ class StoreSink:
         """Write what is held of ``name``'s output (under the lock: one
         writer per stream at a time keeps the positions exact)."""
         stream, data, _ = self._held.pop(name)
+        part = self._parts.get(name)
+        mark = self._marks.pop(name, None)
+        if part is not None and part.frozen:
+            return
+        session = None if part is None or mark is None else (part.session_id, mark)
         offset = self._positions.get((name, stream), 0)
         try:
             self._positions[(name, stream)] = self.store.append_output(self.job_id, name, stream, offset,
-                                                                       bytes(data))
+                                                                       bytes(data), session=session)
         except StoreError as e:
             self._positions[(name, stream)] = offset + len(data)
             if not self._failed:
                 log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
             self._failed = True
+        if session is not None and part is not None and mark is not None:
+            # committed (or the store failed, logged: the command must not stall for it)
+            part.record.received = mark
+            if part.wire is not None:
+                part.wire.commit(mark)
 
     def _flush_later(self) -> None:
         """Write held output once it is :data:`OUTPUT_DELAY` old; ends when
@@ -181,6 +242,9 @@ class StoreSink:
         with self._lock:
             if new is None or name not in self._started or name in self._ended:
                 return
+            part = self._parts.get(name)
+            if part is not None and part.frozen:
+                return
             if new == SLAVE_LOST:
                 self._lost.add(name)
             if new == SLAVE_AWAY:
@@ -195,6 +259,9 @@ class StoreSink:
 
     def end(self, result: SlaveResult) -> None:
         with self._lock:
+            part = self._parts.get(result.name)
+            if part is not None and part.frozen:
+                return  # handed over: its end is the next master's to record
             if result.name in self._held:
                 self._write_held(result.name)  # its output before its end
             started = result.name in self._started
@@ -213,6 +280,71 @@ class StoreSink:
         self._store("an end", lambda: self.store.update_slave(
             self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
             errtag=result.errtag, finished=now(), summary=result.summary or ("" if noted else None)))
+        if part is not None:
+            # the end is recorded: the session no longer needs keeping, nor its boxes
+            with self._lock:
+                self._parts.pop(result.name, None)
+            self._store("the end of a session", lambda: self.store.close_session(part.session_id))
+            if part.wire is not None:
+                part.wire.commit(None)
+            part.done.set()
+
+    # -- a restart of the master (remsh.jobadopt) -----------------------------------------
+
+    def expect_part(self, part: Part, detail: str) -> None:
+        """A command of this job that an earlier master left running: its
+        slave is ``away`` until it comes back (:meth:`part_back`) or is
+        given up (:meth:`end_part`)."""
+        with self._lock:
+            self._parts[part.name] = part
+            self._started.add(part.name)
+            self._away.add(part.name)
+            self._noted.add(part.name)
+        self._store("a state", lambda: self.store.update_slave(self.job_id, part.name, state=SLAVE_AWAY,
+                                                               summary=detail))
+
+    def part_back(self, part: Part) -> None:
+        """The slave of ``part`` came back: its output goes on from what is stored."""
+        try:
+            positions = self.store.output_position(self.job_id, part.name)
+        except StoreError as e:
+            log.error("job %s: cannot read the output position of %s: %s", self.job_id, part.name, e)
+            positions = (0, 0)
+        with self._lock:
+            self._parts[part.name] = part
+            self._positions[(part.name, "stdout")], self._positions[(part.name, "stderr")] = positions
+        self.slave_state(part.name, "back", "")
+
+    def end_part(self, part: Part, result: SlaveResult) -> None:
+        """The taken-back command of ``part`` ended (or was given up)."""
+        with self._lock:
+            self._parts.setdefault(part.name, part)
+        self.end(result)
+        part.done.set()
+
+    def hand_over(self) -> List[str]:
+        """The master stops and keeps this job's recorded commands for the
+        next one: what is held is committed, nothing more is recorded for
+        them, and their sessions are dropped without a goodbye (the slaves
+        keep their commands and redial).  The names handed over."""
+        with self._lock:
+            parts = [p for p in self._parts.values() if not p.frozen]
+            for part in parts:
+                if part.name in self._held:
+                    self._write_held(part.name)
+                part.frozen = True
+        for part in parts:
+            wire = part.wire
+            if isinstance(wire, SessionWire):
+                wire.fail(SessionFailed(f"{part.name}: the master is stopping; the slave keeps its command "
+                                        f"for the next master"))
+            part.done.set()
+        return [p.name for p in parts]
+
+    def handed_over(self) -> Set[str]:
+        """The slaves whose commands were handed over (:meth:`hand_over`)."""
+        with self._lock:
+            return {name for name, part in self._parts.items() if part.frozen}
 
 
 class RunningJob:
@@ -245,6 +377,10 @@ class JobRegistry:
             self._tempdir = tempfile.mkdtemp(prefix="remsh-jobs-")
             store = SqliteJobStore(f"{self._tempdir}/jobs.sqlite")
         self.store: JobStore = store
+        #: a store that outlives this master: commands are kept across a restart
+        self.keep_work = self._tempdir is None
+        #: the commands an earlier master left, waiting for their slaves (remsh.jobadopt)
+        self.adoptions = Adoptions(self._sink_of, self._cancellation_of)
         self.prune_every = prune_every
         self._lock = threading.Lock()
         self._jobs: Dict[str, RunningJob] = {}
@@ -252,28 +388,77 @@ class JobRegistry:
         self._pruner: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Close the records of jobs a previous master left running, prune,
-        and prune again every :attr:`prune_every` seconds.
+        """Take back the jobs a previous master left running (their commands
+        whose sessions are recorded wait for their slaves; the rest is
+        recorded ``lost``), prune, and prune again every
+        :attr:`prune_every` seconds.
 
         :raises StoreError: the store cannot be read or written
         """
-        self._close_orphans()
+        self._take_back()
+        self.adoptions.start()
         self.store.prune()
         self._pruner = threading.Thread(target=self._prune_loop, name="remsh-jobs-prune", daemon=True)
         self._pruner.start()
 
-    def _close_orphans(self) -> None:
-        # a master that was killed left these; nothing runs them any more
+    def _take_back(self) -> None:
+        """The jobs a master that stopped left running (see :mod:`remsh.jobadopt`)."""
+        sessions: Dict[str, Dict[str, SessionRecord]] = {}
+        for session in self.store.open_sessions():
+            sessions.setdefault(session.job_id, {})[session.name] = session
+        closing = [s for by_name in sessions.values() for s in by_name.values()]
         for record in self.store.list_jobs(running=True):
             with self._lock:
                 if record.id in self._jobs:
                     continue
+            recorded = sessions.get(record.id, {}) if self.keep_work else {}
+            parts: List[Part] = []
             for name, rec in record.slaves.items():
-                if rec.state not in SLAVE_FINAL_STATES:
+                if rec.state in SLAVE_FINAL_STATES:
+                    continue
+                if name in recorded:
+                    parts.append(Part(recorded[name]))
+                else:  # nothing runs it any more
                     self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
                                             error="the master stopped before it ended")
-            self.store.finish_job(record.id, JOB_FAILED)
-            log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
+            if not parts:
+                self.store.finish_job(record.id, JOB_FAILED)
+                log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
+                continue
+            job = RunningJob(record.id, None)
+            job.sink = StoreSink(self.store, job.id, job.cancellation, keep_sessions=True)
+            for part in parts:
+                closing.remove(part.record)
+                job.sink.expect_part(part, "the master restarted; waiting for the slave to come back")
+                self.adoptions.expect(part)
+            with self._lock:
+                self._jobs[job.id] = job
+            log.warning("job %s: left running by a master that stopped; waiting for %d slave(s) to come back",
+                        job.id, len(parts))
+
+            def wait(sink: Sink, cancellation: Cancellation, parts: List[Part] = parts,
+                     job_sink: StoreSink = job.sink) -> List[SlaveResult]:
+                for part in parts:
+                    while not part.done.wait(0.5):
+                        if cancellation.cancelled and self.adoptions.withdraw(part):
+                            # cancelled while its slave is away: it will not be taken back
+                            job_sink.end_part(part, SlaveResult(part.name, error=cancellation.reason,
+                                                                errtag="cancelled"))
+                return []
+
+            threading.Thread(target=self._run, args=(job, wait), name=f"remsh-job-{job.id}", daemon=True).start()
+        for session in closing:  # their job or command has ended: nothing to take back
+            self.store.close_session(session.id)
+
+    def _sink_of(self, job_id: str) -> StoreSink:
+        with self._lock:
+            job = self._jobs[job_id]
+        assert job.sink is not None
+        return job.sink
+
+    def _cancellation_of(self, job_id: str) -> Cancellation:
+        with self._lock:
+            return self._jobs[job_id].cancellation
 
     def _prune_loop(self) -> None:
         while not self._stopping.wait(self.prune_every):
@@ -311,7 +496,7 @@ class JobRegistry:
             sink.slave_state(name, state, detail)
 
     def _run(self, job: RunningJob, work: Work) -> None:
-        sink = job.sink = StoreSink(self.store, job.id, job.cancellation)
+        sink = job.sink = job.sink or StoreSink(self.store, job.id, job.cancellation, keep_sessions=self.keep_work)
         failure: Optional[BaseException] = None
         try:
             work(sink, job.cancellation)
@@ -320,16 +505,21 @@ class JobRegistry:
             if not isinstance(e, RemshError):
                 log.exception("job %s failed", job.id)
         finally:
+            set_current(None)
             if job.tee is not None:
                 job.tee.end()
             sink.flush()
+        handed = sink.handed_over()
         try:
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():
-                if rec.state not in SLAVE_FINAL_STATES:
+                if rec.state not in SLAVE_FINAL_STATES and name not in handed:
                     state = SLAVE_CANCELLED if job.cancellation.cancelled else SLAVE_FAILED
                     error = str(failure) if failure is not None else job.cancellation.reason
                     self.store.update_slave(job.id, name, state=state, error=error, finished=now())
+            if handed:
+                log.info("job %s: its commands on %s are kept for the next master", job.id, ", ".join(sorted(handed)))
+                return
             record = self.store.get_job(job.id)
             state = job_state_from(record.slaves.values(), job.cancellation.cancelled)
             if failure is not None and state != JOB_CANCELLED:
@@ -364,11 +554,18 @@ class JobRegistry:
         return job
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every running job and wait (bounded) for them to end."""
+        """Stop: hand the recorded commands over to the next master (see
+        :meth:`StoreSink.hand_over`; the job records stay ``running``),
+        cancel what cannot be kept (commands without a recorded session,
+        transfers, slaves not started yet) and wait (bounded) for the
+        job threads to end."""
         self._stopping.set()
+        self.adoptions.stop()
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
+            if job.sink is not None and self.keep_work:
+                job.sink.hand_over()
             job.cancel("the master is stopping")
         deadline = time.monotonic() + timeout
         for job in jobs:

@@ -58,9 +58,9 @@ from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
-from remsh.sessionlimits import (ACK_EVERY_BOXES, ACK_EVERY_BYTES, WINDOW_BYTES, WINDOW_BOXES, PIECE_BOXES,
-                                 PIECE_BYTES, HELD_BOXES, HELD_BYTES, ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT,
-                                 MAX_IDLE_PINGS, SPOOL_MEMORY)
+from remsh.sessionacks import AckCounter
+from remsh.sessionlimits import (WINDOW_BYTES, WINDOW_BOXES, PIECE_BOXES, PIECE_BYTES, HELD_BOXES, HELD_BYTES,
+                                 ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, MAX_IDLE_PINGS, SPOOL_MEMORY)
 from remsh.spool import SpoolFile, WakePipe
 from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes, split_boxes
 
@@ -101,13 +101,15 @@ class SessionWire:
     lost connection to come back (counted from the loss, on ``deadlines``
     when given: one thread for a listener's sessions); ``on_lost``/
     ``on_failed`` are called (from the thread that noticed) so the owner can
-    follow the state."""
+    follow the state.  ``counts``, ``(sent, received)``: a session taken
+    back by a master started anew (:mod:`remsh.jobadopt`) goes on from
+    these counts, with nothing kept to send again."""
 
     def __init__(self, conn: Wire, session_id: str, *, resume_timeout: float,
                  label: Optional[str] = None, spool_limit: int = DEFAULT_SPOOL_LIMIT,
                  spool_dir: Optional[str] = None, on_lost: Optional[Callable[[], Any]] = None,
                  on_failed: Optional[Callable[[RemshError], Any]] = None,
-                 deadlines: Optional[Deadlines] = None) -> None:
+                 deadlines: Optional[Deadlines] = None, counts: Tuple[int, int] = (0, 0)) -> None:
         self.session_id = session_id
         self._deadlines = deadlines
         self.resume_timeout = resume_timeout
@@ -124,17 +126,17 @@ class SessionWire:
         self._idle_window = 0.0
         self._idle_pings = 0
         self.generation = 0
-        self.sent = self.peer_acked = self.received = 0
+        self.sent = self.peer_acked = counts[0]
+        self.received = counts[1]
         #: session boxes handed to the caller (received may be ahead: _held)
-        self.delivered = 0
+        self.delivered = counts[1]
         self._held: Deque[Tuple[Box, int]] = collections.deque()
         self._held_bytes = 0
         #: boxes (and bytes) held across a resume: the peer's new window is on top
         self._carried = (0, 0)
         self.held_peak = (0, 0)  # the most boxes and bytes ever held at once
         self._acked_bytes = 0
-        self._acked_to_peer = 0
-        self._bytes_since_ack = 0
+        self._acks = AckCounter(counts[1])
         # (first box, boxes, data): data is bytes, or (offset, length) in the
         # spool file for what was kept while away past SPOOL_MEMORY
         self._replay: Deque[Tuple[int, int, Union[bytes, Tuple[int, int]]]] = collections.deque()
@@ -294,7 +296,7 @@ class SessionWire:
             self.conn = conn
             self.generation += 1
             self.lost_at = None
-            self._bytes_since_ack = 0
+            self._acks.reset_bytes()
             self.last_received = time.monotonic()
             self._resending = True
             self._carried = (len(self._held), self._held_bytes)
@@ -666,20 +668,25 @@ class SessionWire:
         """Hand a session box to the caller; acknowledge when due.
 
         Acknowledgements count what was *delivered*, not what was read
-        ahead (:meth:`_pump`): the peer's window then bounds what is held."""
+        ahead (:meth:`_pump`): the peer's window then bounds what is held;
+        and never past the commit point (:meth:`commit`)."""
         with self._cond:
             self.delivered += 1
-            self._bytes_since_ack += box_size(box)
-            due = (self.delivered - self._acked_to_peer >= ACK_EVERY_BOXES
-                   or self._bytes_since_ack >= ACK_EVERY_BYTES)
-            if due:
-                self._acked_to_peer = self.delivered
-                self._bytes_since_ack = 0
-                ack = encode_box({b"ack": str(self.delivered).encode("ascii")})
+            ack = self._acks.delivered(self.delivered, box_size(box))
             conn = self.conn
-        if due and conn is not None:
+        if ack is not None and conn is not None:
             self._send_control(conn, ack)
         return box
+
+    def commit(self, count: Optional[int]) -> None:
+        """Acknowledge no more than ``count`` of the peer's boxes from now
+        on, and that many now (``None``: back to acknowledging what was
+        delivered): ack-after-commit, :mod:`remsh.sessionacks`."""
+        with self._cond:
+            ack = self._acks.commit(count, self.delivered)
+            conn = self.conn
+        if ack is not None and conn is not None:
+            self._send_control(conn, ack)
 
     def _count(self, box: Box, conn: Wire) -> Box:
         """A session box read from the connection and handed over at once."""

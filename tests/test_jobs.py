@@ -372,7 +372,7 @@ def test_control_boxes_round_trip_through_their_table() -> None:
 
 
 def test_a_job_left_by_a_killed_master_is_recorded_failed_by_the_next(one: Tuple[Path, SlaveProcesses, int]) -> None:
-    """A master SIGKILLed mid-job: the next master on the same state dir records that job failed, its slave lost, its output so far kept."""
+    """A master SIGKILLed mid-job: the next master on the same state dir, resuming off, records that job failed, its slave lost, its output so far kept."""
     tmp_path, slaves, port = one
     master = _start(tmp_path, port)
     slaves.start(port, "s-1", secret=None, insecure=True, max_backoff=0.5)
@@ -380,10 +380,10 @@ def test_a_job_left_by_a_killed_master_is_recorded_failed_by_the_next(one: Tuple
     job_id = detach(Fleet(tmp_path, master, slaves), "run", "--", "sh", "-c", "echo before; exec sleep 30")
     wait_until(lambda: record(master.sock, job_id)["slaves"]["s-1"]["stdout_bytes"] == 7, WAIT, "the output")
     master.stop(signal.SIGKILL)
-    second = _start(tmp_path, port)
+    second = _start(tmp_path, port, "--resume-timeout", "0")  # with resuming, tests/test_restart.py
     try:
-        rec = record(second.sock, job_id)
-        assert rec["state"] == "failed" and rec["finished"] is not None
+        rec = wait_state(second.sock, job_id, "failed")
+        assert rec["finished"] is not None
         assert rec["slaves"]["s-1"]["state"] == "lost"
         assert "the master stopped" in rec["slaves"]["s-1"]["error"]
         r = remsh(second.sock, "job", job_id, "--follow")

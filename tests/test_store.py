@@ -335,7 +335,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_jobs(path) -> None:
         store.update_slave("0000000001-0", "a", state=SLAVE_OK, summary="sent to /srv/x")
         assert store.get_job("0000000001-0").slaves["a"].summary == "sent to /srv/x"
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
 
 

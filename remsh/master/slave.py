@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Protocol,
                     Sequence, Set, Tuple, Union)
 
+from remsh.adoption import execute_requested
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
 from remsh.master.progress import ProgressCallback
 from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
@@ -493,7 +494,10 @@ class Slave:
             with self.operation("execute", deadline):
                 # under the lock: an interrupt must not overtake its request
                 with self._exec_lock:
-                    self.wire.send_bytes(call.request())
+                    request = call.request()
+                    # a job's store records the session first (remsh.adoption)
+                    execute_requested(self, call)
+                    self.wire.send_bytes(request)
                 try:
                     final, deferred = self._run_command(call, stdout_cb, stderr_cb, timeout, stdin, deadline)
                 except _Overdue:

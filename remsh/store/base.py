@@ -17,6 +17,14 @@ cursor or connection leaks through it) so that a server database can back
 several masters with the same calls; :mod:`remsh.store.sqlite` is the
 default, one master per store.
 
+The store also keeps the *sessions* that carry a job's command
+(:class:`SessionRecord`, :meth:`JobStore.open_session`): enough for a master
+started again on the same store to take the commands of the one that
+stopped back from their slaves (:mod:`remsh.jobadopt`).  A session's count
+of committed boxes moves in the same transaction as the output it covers
+(:meth:`JobStore.append_output` with ``session``), so that the slave,
+told that count, re-sends exactly what the store does not have.
+
 Job ids are short and sort by start time: the start time in milliseconds
 and a sequence number, both in Crockford's base 32, e.g. ``01jcz3v8qd-0``.
 """
@@ -147,6 +155,36 @@ class OutputChunk:
     data: bytes
 
 
+@dataclasses.dataclass
+class SessionRecord:
+    """A session (:mod:`remsh.session`) that carries one job's command on
+    one slave, as the store keeps it while the command runs.
+
+    The id is a bearer secret (whoever names it resumes the session): a
+    store keeps it where only the master's user can read it and never
+    shows it in a job's record; a master compares it in constant time.
+    """
+
+    #: the session id (32 hex digits)
+    id: str
+    #: the slave's name (a resume must come from the same name)
+    name: str
+    job_id: str
+    #: the operation in flight (``execute``)
+    op: str
+    #: the number of the request box among the master's session boxes: a
+    #: slave that received no more than this many never saw the request
+    request_box: int
+    #: how many of the slave's boxes the master had received when it sent
+    #: the request: the first box of the reply is this one
+    reply_base: int
+    #: how many of the slave's boxes are committed: their output is in the
+    #: store, the slave may forget them; a resume starts from here
+    received: int
+    #: when the session was recorded (seconds since the epoch)
+    opened: float = 0.0
+
+
 class JobStore(Protocol):
     """The calls a master makes on its job store.
 
@@ -165,16 +203,36 @@ class JobStore(Protocol):
                      summary: Optional[str] = None) -> None:
         """Change what the record of ``name`` in ``job_id`` says (``None``: unchanged)."""
 
-    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes) -> int:
+    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes, *,
+                      session: Optional[Tuple[str, int]] = None) -> int:
         """Store ``data``, whose first byte is at ``offset`` in ``stream``.
 
         Bytes already stored (a chunk sent again) are skipped; a chunk that
         starts past the end raises :class:`OutputGap`.  Returns the stream's
         length after the call: what may be acknowledged.
+
+        ``session``, ``(session id, count)``: in the same transaction, set
+        that session's ``received`` (:class:`SessionRecord`) to ``count``
+        (no session of that id: nothing to set, not an error).  The master
+        acknowledges the slave's boxes only up to a count so committed.
         """
 
     def output_position(self, job_id: str, name: str) -> Tuple[int, int]:
         """``(stdout_bytes, stderr_bytes)`` committed for ``name`` in ``job_id``."""
+
+    def open_session(self, record: SessionRecord) -> None:
+        """Record (or replace, by id) the session that now carries a command
+        of ``record.job_id`` on ``record.name``; ``record.opened`` is set to
+        now when 0.  Dropped with its job (pruning).  Called before the
+        request is sent, so a master that stops after sending it finds it."""
+
+    def close_session(self, session_id: str) -> None:
+        """Forget a session: its command ended and its end is recorded (or
+        it can no longer be resumed).  An unknown id is not an error."""
+
+    def open_sessions(self) -> List[SessionRecord]:
+        """Every recorded session, oldest first: what a master starting on
+        this store may take back (:mod:`remsh.jobadopt`)."""
 
     def finish_job(self, job_id: str, state: str, *, now: Optional[float] = None) -> None:
         """Mark the job ended in ``state`` (one of :data:`JOB_FINAL_STATES`)."""

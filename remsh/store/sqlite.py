@@ -37,12 +37,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
                               SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
-                              SlaveRecord, StoreError, UnknownJob, make_job_id, now)
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 
 log = logging.getLogger(__name__)
 
 #: The schema this code writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: ``MIGRATIONS[n]`` turns a version ``n`` file into version ``n + 1``.
 MIGRATIONS: Dict[int, Sequence[str]] = {
@@ -88,6 +88,20 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     ),
     # what a transfer moved, in words ("sent to /srv/x", "synced: ...")
     1: ("ALTER TABLE job_slaves ADD COLUMN summary TEXT",),
+    # the sessions that carry running commands (remsh.store.base.SessionRecord)
+    2: (
+        """CREATE TABLE sessions (
+               id TEXT PRIMARY KEY,
+               name TEXT NOT NULL,
+               job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+               op TEXT NOT NULL,
+               request_box INTEGER NOT NULL,
+               reply_base INTEGER NOT NULL,
+               received INTEGER NOT NULL,
+               opened REAL NOT NULL
+           )""",
+        "CREATE INDEX sessions_job ON sessions (job_id)",
+    ),
 }
 
 #: What a stored chunk counts against ``max_output`` beyond its bytes (its
@@ -285,7 +299,8 @@ class SqliteJobStore:
 
         self._write(update)
 
-    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes) -> int:
+    def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes, *,
+                      session: Optional[Tuple[str, int]] = None) -> int:
         if stream not in STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
         column = f"{stream}_bytes"
@@ -295,6 +310,8 @@ class SqliteJobStore:
                              (job_id, name)).fetchone()
             if row is None:
                 raise UnknownJob(f"no slave {name!r} in job {job_id}")
+            if session is not None:  # committed with the output it covers
+                db.execute("UPDATE sessions SET received = ? WHERE id = ?", (session[1], session[0]))
             position, kept = row
             if offset > position:
                 raise OutputGap(f"job {job_id}, {name}: {stream} chunk at offset {offset}, "
@@ -328,6 +345,29 @@ class SqliteJobStore:
             return int(row[0]), int(row[1])
 
         result: Tuple[int, int] = self._read(read)
+        return result
+
+    def open_session(self, record: SessionRecord) -> None:
+        opened = record.opened or _now(None)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO sessions (id, name, job_id, op, request_box, reply_base, received, "
+                       "opened) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.id, record.name, record.job_id, record.op, record.request_box,
+                        record.reply_base, record.received, opened))
+
+        self._write(write)
+
+    def close_session(self, session_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
+
+    def open_sessions(self) -> List[SessionRecord]:
+        def read(db: sqlite3.Connection) -> List[SessionRecord]:
+            rows = db.execute("SELECT id, name, job_id, op, request_box, reply_base, received, opened "
+                              "FROM sessions ORDER BY opened, rowid").fetchall()
+            return [SessionRecord(*row) for row in rows]
+
+        result: List[SessionRecord] = self._read(read)
         return result
 
     def finish_job(self, job_id: str, state: str, *, now: Optional[float] = None) -> None:

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
+from remsh.adoption import Claim, adopter_for
 from remsh.deadlines import Deadlines
 from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
@@ -134,6 +135,9 @@ class SlaveListener:
             attach = getattr(self.slave_collection, "attach_listener", None)
             if attach is not None:
                 attach(self)
+            adopter = adopter_for(self.slave_collection)
+            if adopter is not None:  # slaves of an earlier master may come back this long
+                adopter.offer(self.resume_timeout)
             self._started = True
 
     def stop(self) -> None:
@@ -223,6 +227,8 @@ class SlaveListener:
             raise Disconnected(f"{wire.label}: listener not started (or stopped)")
         resuming: List[Tuple[Slave, int]] = []
         new_session: List[str] = []
+        adopting: List[Tuple[Claim, int]] = []
+        adopter = adopter_for(self.slave_collection)
 
         def session_keys(name: str, box: Box) -> Dict[bytes, bytes]:
             """The registered box's session keys (remsh.session): a slave
@@ -232,6 +238,9 @@ class SlaveListener:
                 return {}
             timeout_b = repr(self.resume_timeout).encode("ascii")
             sid_b = box.get(b"resume")
+            if adopter is not None and adopter.handing_over:
+                # a session of a job being handed over must not be started afresh here
+                raise Disconnected(f"{wire.label}: the master is stopping")
             if sid_b is not None:
                 sid = sid_b.decode("ascii", "replace")
                 with self._slaves_lock:
@@ -247,6 +256,19 @@ class SlaveListener:
                     resuming.append((old, peer_received))
                     return {b"session": sid_b, b"resumed": b"y", b"resume_timeout": timeout_b,
                             b"received": str(received).encode("ascii")}
+                claim = adopter.claim(sid, name) if adopter is not None and old is None else None
+                if claim is not None:  # a session an earlier master recorded (remsh.jobadopt)
+                    try:
+                        peer_received = int(box.get(b"received", b""))
+                    except ValueError:
+                        assert adopter is not None
+                        adopter.release(claim)
+                        raise ProtocolError(f"{wire.label}: bad 'received' in register box") from None
+                    adopting.append((claim, peer_received))
+                    return {b"session": sid_b, b"resumed": b"y", b"resume_timeout": timeout_b,
+                            b"received": str(claim.committed).encode("ascii")}
+            if adopter is not None:
+                adopter.slave_restarted(name)  # a command it ran for an earlier master is gone
             sid = new_session_id()
             new_session.append(sid)
             return {b"session": sid.encode("ascii"), b"resume_timeout": timeout_b}
@@ -266,20 +288,33 @@ class SlaveListener:
                 log.info("slave %s resumed from %s", old.name, wire.stream.peer)
                 return old
             conn: Union[Wire, SessionWire] = wire
-            if new_session:
+            if adopting:
+                claim, peer_received = adopting[0]
+                new_session.append(claim.session_id)
+                # goes on from the counts both ends agree on: nothing of the old master's to send again
+                conn = SessionWire(wire, claim.session_id, resume_timeout=self.resume_timeout,
+                                   spool_limit=WINDOW_BYTES, deadlines=self.deadlines,
+                                   counts=(peer_received, claim.committed))
+            elif new_session:
                 # the master's senders wait for an away slave rather than keep much
                 conn = SessionWire(wire, new_session[0], resume_timeout=self.resume_timeout,
                                    spool_limit=WINDOW_BYTES, deadlines=self.deadlines)
             slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
+            if adopting and adopter is not None:
+                adopter.attach(adopting.pop()[0], slave, peer_received)  # holds the slave for its command first
             slave.setup()
         except AuthenticationError as e:
             log.warning("refused slave from %s: %s", wire.stream.peer, e)
             wire.close()
             if resuming:
                 resuming[0][0].wire.connection_lost(why="a resume failed")
+            if adopting and adopter is not None:
+                adopter.release(adopting[0][0])
             raise
         except BaseException:
             wire.close()
+            if adopting and adopter is not None:
+                adopter.release(adopting[0][0])
             raise
         with self._slaves_lock:
             self._slaves[id(slave)] = slave
