@@ -29,11 +29,10 @@ import ipaddress
 import os
 import queue
 import socket
-import struct
 import threading
 from typing import Any, Callable, List, Optional, Tuple, Union
 
-from remsh.wire import DATA_BOXES_PER_WRITE, END_OF_BOX, MAX_VALUE_LENGTH
+from remsh.wire import DATA_BOXES_PER_WRITE, END_OF_BOX, LENGTH, MAX_VALUE_LENGTH
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -51,7 +50,7 @@ SINK_QUEUE = 16
 #: How often a wait on a helper thread checks that it is still alive (s).
 _HELPER_CHECK = 1.0
 
-_U16 = struct.Struct(">H")
+_U16 = LENGTH
 
 
 class OverlongRead(OSError):

@@ -66,12 +66,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat as stat_mod
-import struct
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from remsh.errors import PeerTimeout, TreeSourceError, TreeStreamError
 from remsh.files import O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NOFOLLOW, O_NONBLOCK
-from remsh.wire import END_OF_BOX, MAX_VALUE_LENGTH, Box, decode_int
+from remsh.wire import END_OF_BOX, LENGTH, MAX_VALUE_LENGTH, Box, decode_int, encode_pairs, key_head
 
 #: Flags of a directory opened for listing, never through a symbolic link.
 DIR_OPEN = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
@@ -96,18 +95,15 @@ DIR, UP, FILE, LINK, REMOVE, ATTRS, OTHER = b"d", b"u", b"f", b"l", b"x", b"a", 
 END = b"end"
 ABORT = b"abort"
 
-_pack = struct.Struct(">H").pack
+_pack = LENGTH.pack
+#: the framed keys of a file's data and digest values
+_DATA_HEAD = key_head(b"d")
+_DIGEST_HEAD = key_head(b"h")
 ZEROS = bytes(MAX_VALUE_LENGTH)
 
 
-def encode(*pairs: bytes) -> bytes:
-    """A box from alternating keys and values (short values only)."""
-    parts: List[bytes] = []
-    for i in range(0, len(pairs), 2):
-        k, v = pairs[i], pairs[i + 1]
-        parts += (_pack(len(k)), k, _pack(len(v)), v)
-    parts.append(END_OF_BOX)
-    return b"".join(parts)
+#: A box from alternating keys and values (short values only).
+encode = encode_pairs
 
 
 def show(rel: bytes) -> str:
@@ -415,9 +411,9 @@ class Sender:
         """One box of a file: the record's keys (first box), data, digest (last box)."""
         parts = [head if head is not None else b""]
         if data:
-            parts += (b"\x00\x01d", _pack(len(data)), data)
+            parts += (_DATA_HEAD, _pack(len(data)), data)
         if digest is not None:
-            parts += (b"\x00\x01h", _pack(len(digest)), digest)
+            parts += (_DIGEST_HEAD, _pack(len(digest)), digest)
         parts.append(END_OF_BOX)
         self.add(b"".join(parts))
 
@@ -425,7 +421,7 @@ class Sender:
         parts: List[Union[bytes, memoryview]] = []
         for start in range(0, len(view), MAX_VALUE_LENGTH):
             piece = view[start:start + MAX_VALUE_LENGTH]
-            parts += (b"\x00\x01d", _pack(len(piece)), piece, END_OF_BOX)
+            parts += (_DATA_HEAD, _pack(len(piece)), piece, END_OF_BOX)
         self.flush()
         self._write(b"".join(parts))
 

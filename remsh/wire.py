@@ -66,7 +66,12 @@ Box = Dict[bytes, bytes]
 BoxLike = Union[Mapping[bytes, bytes], Mapping[str, bytes], Mapping[str, str],
                 Mapping[Union[bytes, str], Union[bytes, str]]]
 
-_U16 = struct.Struct(">H")
+#: The length before every key and every value: an unsigned 16-bit
+#: big-endian integer.  With :data:`END_OF_BOX` this is the whole framing;
+#: every module that frames boxes in place (bulk transfer, tree streams)
+#: takes it from here.
+LENGTH = struct.Struct(">H")
+_U16 = LENGTH
 _pack_u16 = _U16.pack
 _unpack_u16 = _U16.unpack_from
 
@@ -103,6 +108,25 @@ def encode_box(mapping: BoxLike) -> bytes:
                 raise ValueError(f"value of {k[:40]!r} is {vl} bytes, over {MAX_VALUE_LENGTH}")
             raise ValueError(f"box key length {kl} outside 1..{MAX_KEY_LENGTH}: {k[:40]!r}")
         extend((_pack_u16(kl), k, _pack_u16(vl), v))
+    parts.append(END_OF_BOX)
+    return b"".join(parts)
+
+
+def key_head(key: bytes) -> bytes:
+    """A key as it is framed (its length, then its bytes): the start of a
+    key/value pair whose value a caller appends with its own length."""
+    if not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise ValueError(f"box key length {len(key)} outside 1..{MAX_KEY_LENGTH}: {key[:40]!r}")
+    return _pack_u16(len(key)) + key
+
+
+def encode_pairs(*pairs: bytes) -> bytes:
+    """A box from alternating keys and values, all ``bytes`` and known to
+    fit (the short records of a tree stream, made by this code, unchecked)."""
+    parts: List[bytes] = []
+    for i in range(0, len(pairs), 2):
+        k, v = pairs[i], pairs[i + 1]
+        parts += (_pack_u16(len(k)), k, _pack_u16(len(v)), v)
     parts.append(END_OF_BOX)
     return b"".join(parts)
 

@@ -597,3 +597,17 @@ def test_wire_concurrent_senders_never_interleave(pair) -> None:
     for t in threads:
         t.join(10)
     assert {k: v for k, v in seen.items()} == {b"%d" % t: list(range(per_thread)) for t in range(4)}
+
+
+def test_box_framing_is_written_once():
+    """Only remsh/wire.py spells out the framing (16-bit lengths, the end of
+    a box): every other module frames boxes through its functions or its
+    LENGTH, so the format has one definition."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "remsh"
+    pattern = re.compile(r'">H"|\\x00\\x0[0-9a-f]|to_bytes\(2')
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "wire.py" and pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
