@@ -383,3 +383,30 @@ def test_a_watch_computes_nothing_without_a_page_and_stops_when_the_last_goes() 
     finally:
         watch.stop()
         loop.close()
+
+
+def test_a_watch_makes_its_rows_again_only_when_its_signature_changes() -> None:
+    """With an unchanged signature the rows are made once however many rounds pass; a new signature makes them again."""
+    signature = {"value": 1, "calls": 0}
+    rounds = threading.Semaphore(0)
+
+    def sign() -> object:
+        signature["calls"] += 1
+        rounds.release()
+        return signature["value"]
+
+    watch = Watch("test", lambda: {"a": {"name": "a", "v": signature["value"]}}, 0.001, signature=sign)
+    loop = asyncio.new_event_loop()
+    try:
+        subscriber = Subscriber(loop)
+        watch.subscribe(subscriber)
+        for _ in range(20):
+            assert rounds.acquire(timeout=WAIT)
+        assert watch.computed == 1
+        signature["value"] = 2
+        wait_until(lambda: watch.computed == 2, WAIT, "the rows to be made again")
+        messages = [loop.run_until_complete(asyncio.wait_for(subscriber.queue.get(), WAIT)) for _ in range(2)]
+        assert messages == ['{"reset": [{"name": "a", "v": 1}]}', '{"set": [{"name": "a", "v": 2}], "del": []}']
+    finally:
+        watch.stop()
+        loop.close()

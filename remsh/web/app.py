@@ -43,7 +43,7 @@ from remsh.jobs import JobEnded, JobRegistry
 from remsh.store.base import UnknownJob, check_job_id
 from remsh.web.live import FLEET_INTERVAL, JOBS_INTERVAL, Followers, Subscriber, Watch
 from remsh.fleet import FleetCollection
-from remsh.web.records import fleet_rows, job_rows, slave_rows
+from remsh.web.records import fleet_rows, fleet_signature, job_rows, slave_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
@@ -184,7 +184,9 @@ class Dashboard:
 
     def _fleet_watch(self) -> Watch:
         if self.fleet_watch is None:
-            self.fleet_watch = Watch("fleet", lambda: fleet_rows(self.master.collection), FLEET_INTERVAL)
+            fleet, store = self.master.collection, self.registry.store
+            self.fleet_watch = Watch("fleet", lambda: fleet_rows(fleet), FLEET_INTERVAL,
+                                     signature=lambda: fleet_signature(fleet, store))
         return self.fleet_watch
 
     def _jobs_watch(self) -> Watch:
@@ -195,7 +197,7 @@ class Dashboard:
             def wait(timeout: float) -> None:
                 state["version"] = store.wait_change(state["version"], timeout)
 
-            self.jobs_watch = Watch("jobs", lambda: job_rows(store), JOBS_INTERVAL, wait)
+            self.jobs_watch = Watch("jobs", lambda: job_rows(store), JOBS_INTERVAL, wait=wait)
         return self.jobs_watch
 
     def app(self) -> ASGIApp:

@@ -29,6 +29,7 @@ import codecs
 import json
 import logging
 import threading
+import time
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from remsh.controlproto import decode_event
@@ -125,15 +126,22 @@ class Subscriber:
 
 class Watch:
     """Rows computed again and again while someone subscribes; each
-    subscriber gets what changed.  :meth:`rows` is given as a callable."""
+    subscriber gets what changed.
 
-    def __init__(self, name: str, rows: Callable[[], Dict[str, Row]], interval: float,
+    ``rows()`` makes the rows by key; ``signature()`` (optional) is a cheap
+    value that changes whenever the rows may have: while it stays the same
+    the rows are not made again.  The thread waits ``interval`` seconds
+    between two rounds, or twice as long as the last computation took,
+    whichever is longer (a big fleet never takes more than a third of a
+    CPU), or with ``wait(seconds)`` (the jobs' watch waits for the store to
+    change)."""
+
+    def __init__(self, name: str, rows: Callable[[], Dict[str, Row]], interval: float, *,
+                 signature: Optional[Callable[[], object]] = None,
                  wait: Optional[Callable[[float], None]] = None) -> None:
-        """``wait(seconds)``: how the thread waits between two computations
-        (default: a plain bounded wait; the jobs' watch waits for the store
-        to change)."""
         self.name = name
         self.rows = rows
+        self.signature = signature
         self.interval = interval
         self._wait = wait
         self._lock = threading.Lock()
@@ -141,6 +149,8 @@ class Watch:
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
         self._kick = threading.Event()
+        #: rounds that made the rows (for tests and logs)
+        self.computed = 0
 
     @property
     def running(self) -> bool:
@@ -179,40 +189,58 @@ class Watch:
             thread.join(timeout)
 
     def _loop(self) -> None:
-        last: Dict[str, str] = {}
+        last: Dict[str, Row] = {}
+        encoded: Dict[str, str] = {}
+        full: Optional[str] = None
+        seen: object = _NOTHING
         while not self._stopping.is_set():
             with self._lock:
                 subscribers = [s for s in self._subscribers if not s.closed]
                 if not subscribers:
                     self._thread = None  # nobody looks: no more work until someone does
                     return
+            began = time.monotonic()
+            diff: Optional[str] = None
             try:
-                rows = self.rows()
+                signature = self.signature() if self.signature is not None else _NOTHING
+                if signature is _NOTHING or signature != seen:
+                    seen = signature
+                    rows = self.rows()
+                    self.computed += 1
+                    changed = [k for k, row in rows.items() if last.get(k) != row]
+                    gone = [k for k in last if k not in rows]
+                    for key in gone:
+                        del encoded[key]
+                    for key in changed:
+                        encoded[key] = _encode(rows[key])
+                    last = rows
+                    if changed or gone:
+                        full = None
+                        diff = '{"set": [' + ",".join(encoded[k] for k in changed) + '], "del": ' + \
+                            json.dumps(gone) + "}"
             except Exception:  # noqa: BLE001 - a failed computation is logged, the pages keep the last rows
                 log.exception("dashboard: cannot compute the %s", self.name)
-                rows = None
-            if rows is not None:
-                encoded = {key: json.dumps(row, sort_keys=True) for key, row in rows.items()}
-                changed = [v for k, v in encoded.items() if last.get(k) != v]
-                gone = [k for k in last if k not in encoded]
-                last = encoded
-                diff = None
-                if changed or gone:
-                    diff = '{"set": [' + ",".join(changed) + '], "del": ' + json.dumps(gone) + "}"
-                full = None
-                for s in subscribers:
-                    if s.fresh:
-                        s.fresh = False
-                        if full is None:
-                            full = '{"reset": [' + ",".join(encoded.values()) + "]}"
-                        s.offer(full)
-                    elif diff is not None:
-                        s.offer(diff)
+                seen = _NOTHING
+            for s in subscribers:
+                if s.fresh:
+                    s.fresh = False
+                    if full is None:
+                        full = '{"reset": [' + ",".join(encoded.values()) + "]}"
+                    s.offer(full)
+                elif diff is not None:
+                    s.offer(diff)
             self._kick.clear()
+            pause = max(self.interval, 2 * (time.monotonic() - began))
             if self._wait is not None:
-                self._wait(self.interval)
+                self._wait(pause)
             else:
-                self._kick.wait(self.interval)
+                self._kick.wait(pause)
+
+
+#: No signature yet.
+_NOTHING = object()
+#: One row as JSON (one encoder for all: ``json.dumps`` with options makes one per call).
+_encode = json.JSONEncoder(sort_keys=True).encode
 
 
 def job_messages(store: JobStore, job_id: str, subscriber: Subscriber, alive_every: float = 1.0) -> None:
