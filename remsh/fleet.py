@@ -34,9 +34,9 @@ from contextlib import contextmanager
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Set, TextIO,
                     Tuple)
 
-from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError
+from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError, error_tag
 from remsh.lineprinter import LinePrinter, printable
-from remsh.outputs import Folder, OutputFiles, outcome_words, summary_lines
+from remsh.outputs import Folder, OutputFiles, outcome_words, status_words, summary_lines
 from remsh.pacing import AWAY_ERROR, ERRTAG_AWAY, ERRTAG_SKIPPED, SKIPPED_TAGS, Pacing
 from remsh.replace import get_replacing, make_parents, put_replacing
 from remsh.progressbars import ProgressBars, human_bytes  # noqa: F401 - human_bytes is part of this module's API
@@ -348,7 +348,7 @@ def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sin
                 result = one(slave)
         except RemshError as e:
             result = SlaveResult(slave.name, error=describe_error(e, slave.name),
-                                 errtag=getattr(e, "errtag", None) or _tag(e))
+                                 errtag=error_tag(e))
         result.duration_s = time.monotonic() - start
         pacing.ended(result.error is not None or result.status != 0)
         with lock:
@@ -364,18 +364,11 @@ def _fan(slaves: Sequence[Slave], one: Callable[[Slave], SlaveResult], sink: Sin
             got = reported.get(o.slave.name)
         if got is None:
             error = o.error if o.error is not None else RemshError("no result")
-            got = SlaveResult(o.slave.name, error=describe_error(error, o.slave.name), errtag=_tag(error),
+            got = SlaveResult(o.slave.name, error=describe_error(error, o.slave.name), errtag=error_tag(error),
                               duration_s=o.duration or 0.0)
             sink.end(got)
         results.append(got)
     return results
-
-
-def _tag(error: BaseException) -> str:
-    """A short word for a local failure (``--json`` and the control protocol)."""
-    return {"Disconnected": "disconnected", "PeerTimeout": "disconnected", "Cancelled": "cancelled",
-            "LocalError": "local", "UsageError": "usage", "ProtocolError": "protocol",
-            "WaitTimeout": "timeout"}.get(type(error).__name__, "error")
 
 
 # -- run ----------------------------------------------------------------------------
@@ -755,7 +748,7 @@ class Renderer:
             elif r.error is not None or r.status != 0:
                 failed += 1
                 if not self.summary:
-                    what = r.error if r.error is not None else f"exit status {r.status}"
+                    what = r.error if r.error is not None else status_words(r.status, interrupted)
                     self.printer.write_line(self.err, printable(f"remsh: {r.name}: {what}"))
             if r.truncated and self.mode != "json":
                 self.printer.write_line(self.err, printable(f"remsh: {r.name}: incomplete: output past the "
