@@ -91,6 +91,14 @@ class PgServer:
         if not os.path.exists(self.data):
             self._run([os.path.join(PG_BIN, "initdb"), "-D", self.data, "-U", self.superuser, "--auth=trust",
                        "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            # the superuser and the Unix socket need no password; other roles
+            # over TCP do (scram-sha-256), for the tests of password files
+            hba = os.path.join(self.data, "pg_hba.conf")
+            with open(hba, "w") as f:
+                f.write(f"local all all trust\nhost all {self.superuser} 127.0.0.1/32 trust\n"
+                        f"host all all 127.0.0.1/32 scram-sha-256\n")
+            if self.user is not None:
+                os.chown(hba, self.user.pw_uid, self.user.pw_gid)
         opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
                 f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run([os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60",
@@ -118,9 +126,15 @@ class PgServer:
         with psycopg.connect(self.uri(dbname), autocommit=True) as conn:
             conn.execute(statement.encode())
 
-    def new_database(self) -> str:
+    def new_database(self, owner: Optional[str] = None) -> str:
         name = f"t{os.getpid()}_{next(_counter)}"
-        self.sql(f"CREATE DATABASE {name}")
+        self.sql(f"CREATE DATABASE {name}" + (f" OWNER {owner}" if owner else ""))
+        return name
+
+    def new_role(self, password: str) -> str:
+        """A login role with ``password`` (it must give it over TCP)."""
+        name = f"r{os.getpid()}_{next(_counter)}"
+        self.sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
         return name
 
     def drop_database(self, name: str) -> None:

@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from remsh.store.base import JOB_DONE, SLAVE_OK, StoreError
+from remsh.store.base import JOB_DONE, SLAVE_OK, SessionRecord, StoreError
 from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
 from remsh.store.postgres import SCHEMA_VERSION, PostgresJobStore, redacted
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
@@ -133,16 +133,18 @@ def test_a_killed_master_process_is_noticed_dead(open_store, pg_uri) -> None:
 
 
 def test_a_paused_master_adopted_is_fenced_off(open_store) -> None:
-    """A master silent past its lease is adopted: its running jobs become the adopter's, and every write it tries after is refused (FencedOff)."""
+    """A master silent past its lease is adopted: its running jobs and sessions become the adopter's, and every write it tries after is refused (FencedOff)."""
     old = open_store("old", heartbeat=3600.0, lease=0.5)
     new = open_store("new", heartbeat=0.1, lease=0.5)
     job = old.create_job("run", {"argv": ["x"]}, 0, ["s1"])
     old.append_output(job.id, "s1", "stdout", 0, b"before\n")
+    old.open_session(SessionRecord("ab" * 16, "s1", job.id, "execute", 1, 0, 0))
     ended = old.create_job("run", {"argv": ["y"]}, 0, ["s1"])
     old.finish_job(ended.id, JOB_DONE)
     wait_until(lambda: not {m.name: m.alive for m in new.masters()}["old"], WAIT, "the paused master's lease")
     row = {m.name: m for m in new.masters()}["old"]
     assert new.adopt_master("old", row.epoch) == [job.id]
+    assert [s.id for s in new.open_sessions()] == ["ab" * 16] and old.open_sessions() == []
     # the paused master comes back: nothing it writes is taken
     for write in (lambda: old.append_output(job.id, "s1", "stdout", 7, b"after\n"),
                   lambda: old.update_slave(job.id, "s1", state=SLAVE_OK),

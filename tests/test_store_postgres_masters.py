@@ -6,17 +6,18 @@ job started on one master is listed and followed on the other; the
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - fixture
-from tests.slaveproc import SECRET, WAIT, SlaveProcesses
-from tests.test_fleet import Master, remsh, wait_names
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
+from tests.test_fleet import Master, _env, remsh, wait_names
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,6 +30,21 @@ def _lines(out: bytes, name: str) -> List[str]:
     """The lines of ``out`` prefixed with slave ``name`` (``NAME: `` or ``NAME | ``), without the prefix."""
     pattern = re.compile(rf"^{re.escape(name)}\s*[:|] ?(.*)$")
     return [m.group(1) for m in map(pattern.match, out.decode().splitlines()) if m]
+
+
+class EnvMaster(Master):
+    """A :class:`Master` with variables added to its environment."""
+
+    def __init__(self, workdir: Path, sock: Path, extra: List[str], env: Dict[str, str]) -> None:
+        self.sock = sock
+        self.log = workdir / "master.log"
+        self.state_dir = workdir / "state"
+        argv = [sys.executable, "-m", "remsh", "master", "--control", str(sock), "--listen", f"{HOST}:0",
+                "--state-dir", str(self.state_dir), "--insecure", *extra]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, env=_env(**env), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.port = 0
 
 
 @pytest.fixture
@@ -155,3 +171,34 @@ def test_a_store_uri_naming_a_password_file_is_taken(tmp_path: Path, store_uri: 
         assert "notthepassword" not in master.text()
     finally:
         master.stop()
+
+
+def test_a_password_from_a_password_file_reaches_the_server_and_nowhere_else(tmp_path: Path,
+                                                                           pg_server: PgServer) -> None:
+    """A role that must give a password: the master started with ?passfile=FILE (or $PGPASSFILE) connects and records jobs, the password in neither its command line nor its log; without the file it exits 2 with one line."""
+    password = "pw-" + os.urandom(8).hex()
+    role = pg_server.new_role(password)
+    db = pg_server.new_database(owner=role)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{pg_server.port}:{db}:{role}:{password}\n")
+    passfile.chmod(0o600)
+    uri = f"postgresql://{role}@127.0.0.1:{pg_server.port}/{db}"
+    for label, store, env in (("file", f"{uri}?passfile={passfile}", {}),
+                              ("env", uri, {"PGPASSFILE": str(passfile)})):
+        (tmp_path / label).mkdir()
+        master = EnvMaster(tmp_path / label, tmp_path / label / "m.sock", ["--store", store, "--local", "1"], env)
+        try:
+            master.wait_ready()
+            with open(f"/proc/{master.proc.pid}/cmdline", "rb") as f:
+                assert password.encode() not in f.read()
+            r = remsh(master.sock, "run", "--", "echo", "ok")
+            assert r.returncode == 0, r.stderr.decode() + master.text()
+        finally:
+            master.stop()
+        assert password not in master.text()
+    (tmp_path / "none").mkdir()
+    master = EnvMaster(tmp_path / "none", tmp_path / "none" / "m.sock", ["--store", uri, "--local", "1"],
+                       {"HOME": str(tmp_path)})
+    assert master.proc.wait(WAIT) == 2
+    lines = [x for x in master.text().splitlines() if x.strip()]
+    assert len(lines) == 1 and "password" in lines[0], lines

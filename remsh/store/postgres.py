@@ -49,7 +49,7 @@ import psycopg.conninfo
 
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
                               SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
-                              SlaveRecord, StoreError, UnknownJob, make_job_id, now)
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.sqlite import CHUNK_COST
 
@@ -565,6 +565,38 @@ class PostgresJobStore:
             if row is None:
                 raise UnknownJob(f"no slave {name!r} in job {job_id}")
             return int(row[0]), int(row[1])
+
+        return self._read(read)
+
+    def open_session(self, record: SessionRecord) -> None:
+        opened = record.opened or _now(None)
+
+        def write(db: Conn) -> None:
+            self._own(db, record.job_id)
+            db.execute("INSERT INTO remsh_sessions (id, name, job_id, op, request_box, reply_base, received, opened, "
+                       "owner, owner_epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                       "ON CONFLICT (id) DO UPDATE SET name = excluded.name, job_id = excluded.job_id, "
+                       "op = excluded.op, request_box = excluded.request_box, reply_base = excluded.reply_base, "
+                       "received = excluded.received, opened = excluded.opened, owner = excluded.owner, "
+                       "owner_epoch = excluded.owner_epoch",
+                       (record.id, record.name, record.job_id, record.op, record.request_box, record.reply_base,
+                        record.received, opened, self.name, self.epoch))
+
+        self._write(write, record.job_id)
+
+    def close_session(self, session_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM remsh_sessions WHERE id = %s", (session_id,)))
+
+    def open_sessions(self) -> List[SessionRecord]:
+        """This master's recorded sessions, oldest first: those of the jobs
+        it owns (its own from before a restart under the same name, and
+        those of masters it adopted); another live master's are not ours to
+        take back."""
+        def read(db: Conn) -> List[SessionRecord]:
+            rows = db.execute("SELECT id, name, job_id, op, request_box, reply_base, received, opened "
+                              "FROM remsh_sessions WHERE owner = %s ORDER BY opened, id", (self.name,)).fetchall()
+            return [SessionRecord(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]))
+                    for r in rows]
 
         return self._read(read)
 
