@@ -57,6 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
 from remsh.choice import choose
+from remsh.clihelp import describe
 from remsh.clils import add_ls_parser, cmd_ls
 from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path,
                            make_private_directory)
@@ -154,10 +155,11 @@ def _listener_options(p: argparse.ArgumentParser, *, waiting: bool) -> None:
                    help="slave keys; each key's comment is the name it may register as")
     if waiting:
         g = p.add_argument_group("waiting for slaves (without a master)")
-        g.add_argument("--wait", type=int, metavar="N", help="wait for N slaves before starting")
+        g.add_argument("--wait", type=positive_int, metavar="N", help="wait for N slaves before starting")
         g.add_argument("--slave", action="append", default=[], metavar="NAME",
                        help="wait for and use this slave (repeatable)")
-        g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS")
+        g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="how long to wait for them (default: 60)")
 
 
 def _choice_options(p: argparse.ArgumentParser, parallel: int) -> None:
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the job store lives, DIR/jobs.sqlite (default: $XDG_STATE_HOME/remsh, else "
                         "~/.local/state/remsh; made 0700)")
     g.add_argument("--keep-jobs", type=_duration_arg, default="7d", metavar="DURATION",
-                   help="keep ended jobs this long (e.g. 90s, 12h, 7d; default 7d); pruned at start and hourly")
+                   help="keep ended jobs this long (e.g. 90 or 90s, 12h, 7d; default 7d); pruned at start and hourly")
     g.add_argument("--max-job-output", type=_size_arg, default=DEFAULT_MAX_OUTPUT, metavar="SIZE",
                    help="output kept per slave per job (e.g. 1M, 64M; default 64M); past it the record says "
                         "truncated and the command goes on")
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cwd", help="directory to run in, relative to each slave's base directory")
     g.add_argument("--stdin", action="store_true", help="forward this program's stdin to every command")
     add_output_options(run)
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]",
+                     help="the command and its arguments (no shell: sh -c '...' for one)")
 
     put = sub.add_parser("put", help="copy a local file or tree to slaves")
     _listener_options(put, waiting=True)
@@ -257,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--checksum", action="store_true", help="with --sync: compare contents, not size and time")
     put.add_argument("--force", action="store_true", help="replace an existing DEST (built beside it, then swapped)")
     put.add_argument("--parents", action="store_true", help="make the missing directories above DEST")
-    put.add_argument("local_path", metavar="LOCAL")
-    put.add_argument("dest", metavar="DEST")
+    put.add_argument("local_path", metavar="LOCAL", help="local file or directory")
+    put.add_argument("dest", metavar="DEST", help="path on each slave (relative: to its base directory)")
 
     get = sub.add_parser("get", help="copy a file or tree from slaves into LOCALDIR/NAME/")
     _listener_options(get, waiting=True)
@@ -268,16 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--max-files", type=int, default=DEFAULT_GET_MAX_FILES, metavar="N",
                      help="most files, directories and links in each slave's tree (default 1000000)")
     get.add_argument("--force", action="store_true", help="replace what an earlier get put in LOCALDIR/NAME/")
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("localdir", metavar="LOCALDIR")
+    get.add_argument("remote", metavar="REMOTE", help="file or directory on each slave")
+    get.add_argument("localdir", metavar="LOCALDIR", help="local directory; each slave's copy in LOCALDIR/NAME/")
 
     add_job_parsers(sub)
     add_web_parser(sub)
 
     hk = sub.add_parser("host-key", help="print an SSH host key's fingerprint and known_hosts line")
-    hk.add_argument("--host-key", required=True, metavar="FILE")
+    hk.add_argument("--host-key", required=True, metavar="FILE", help="the private key file of the host key")
     hk.add_argument("--host", default="127.0.0.1", help="host name slaves dial (for known_hosts; default: 127.0.0.1)")
     hk.add_argument("--port", type=int, default=22, help="port slaves dial (for known_hosts; default: 22)")
+    describe(sub)
     for each in sub.choices.values():  # -v after the subcommand too (counted with the one before)
         each.add_argument("-v", "--verbose", action="count", dest="verbose_after", default=0, help="more logging")
     return p
@@ -332,12 +336,12 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
                                    ssl_context=ctx, slave_collection=collection, **_resume(args))
             tcp.start()
         except OSError as e:
-            raise ConfigError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
+            raise ConfigError(f"cannot listen on {_where(host, port)}: {e.strerror or e}") from None
         except RemshError as e:
             raise ConfigError(str(e)) from None
         log.info("waiting for TCP slaves on port %d", tcp.port)
         if announce is not None:
-            announce(f"listening for TCP{'/TLS' if ctx else ''} slaves on {host or '*'}:{tcp.port}")
+            announce(f"listening for TCP{'/TLS' if ctx else ''} slaves on {_where(host, tcp.port)}")
         listeners.append(tcp)
     if args.ssh_listen:
         try:
@@ -351,12 +355,12 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
                                     slave_collection=collection, **_resume(args))
             sshl.start()
         except OSError as e:
-            raise ConfigError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
+            raise ConfigError(f"cannot listen on {_where(host, port)}: {e.strerror or e}") from None
         except RemshError as e:
             raise ConfigError(str(e)) from None
         log.info("waiting for SSH slaves on port %d", sshl.port)
         if announce is not None:
-            announce(f"listening for SSH slaves on {host or '*'}:{sshl.port}")
+            announce(f"listening for SSH slaves on {_where(host, sshl.port)}")
         listeners.append(sshl)
     local_count = args.local or 0
     if local_count:
@@ -370,6 +374,11 @@ def _start_listeners(args: argparse.Namespace, collection: SimpleSlaveCollection
         width = len(str(local_count))
         for i in range(local_count):
             local.start_slave(basedir, name=f"local{i + 1:0{width}d}")
+
+
+def _where(host: Optional[str], port: int) -> str:
+    """``HOST:PORT`` as written on the command line (``[::1]:7711``, ``*:7711``)."""
+    return f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
 
 
 def _choose_slaves(args: argparse.Namespace, collection: SimpleSlaveCollection) -> List[Slave]:

@@ -256,11 +256,11 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                          description="Print a job's stored output as run would have (prefixed lines, or "
                                      "--json), then with --follow go on live until it ends.  Exit status: "
                                      "the one run would have had; 2 for an unknown id.")
-    job.add_argument("id", metavar="ID")
+    job.add_argument("id", metavar="ID", help="the job's id (remsh jobs lists them)")
     job.add_argument("--follow", "-f", action="store_true", help="go on until the job ends")
     add_output_options(job)
     cancel = sub.add_parser("cancel", help="cancel a running job on every slave",
                             description="Interrupt a running job on every slave (commands' process groups "
                                         "killed, transfers abandoned); its state becomes cancelled.  Exit 0, "
                                         "or 2 for an unknown or already ended job.")
-    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("id", metavar="ID", help="the job's id (remsh jobs lists them)")

@@ -105,10 +105,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from remsh.adoption import set_adopter
 from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_control,
                                 decode_event, decode_request, encode_control, encode_event, encode_request, out_events)
+from remsh.choice import choose, job_options, job_spec, ls_events
 from remsh.errors import RemshError, UsageError
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, Sink, StdinTee, get_job,
-                         parse_where, put_job, run_job, select_slaves)
+                         parse_where, put_job, run_job)
 from remsh.jobs import JobEnded, JobRegistry, RunningJob, TooManyJobs, follow, record_events
 from remsh.master.fanout import Cancellation
 from remsh.peercred import PEER_CREDENTIALS, PeerCredential, PeerUnknown, peer_uid
@@ -530,9 +531,7 @@ class _Client:
 
     def op_ls(self, op: ControlOp, values: Dict[str, Any]) -> None:
         collection = self.server.collection
-        boxes = [encode_event("slave", **{k: "" if v is None else str(v) for k, v in collection.describe(s).items()})
-                 for s in sorted(collection.get_all_slaves(), key=lambda s: s.name)]
-        self._send(boxes + [encode_event("done")])
+        self._send(ls_events(collection, values))
 
     def op_web(self, op: ControlOp, values: Dict[str, Any]) -> None:
         if self.server.web_url is None:
@@ -605,15 +604,16 @@ class _Client:
         patterns: List[str] = values["targets"]
         wheres = [parse_where(w) for w in values["where"]]
         collection = self.server.collection
-        slaves = select_slaves(collection.get_all_slaves(), patterns, wheres)
-        names = [s.name for s in slaves]
+        slaves, away = choose(collection.get_all_slaves(), patterns, wheres, collection.groups)
+        names = [s.name for s in slaves] + away
         parallel = values["parallel"]
         if parallel is not None and parallel < 1:
             raise UsageError("--max-parallel must be at least 1")
-        extra: Dict[str, Any] = {"holder": collection}
+        extra: Dict[str, Any] = {"holder": collection, **job_options(kind, values, away)}
         if parallel is not None:
             extra["max_parallel"] = parallel
-        spec: Dict[str, object] = {"targets": patterns, "where": values["where"], "max_parallel": parallel}
+        spec: Dict[str, object] = {"targets": patterns, "where": values["where"], "max_parallel": parallel,
+                                   **job_spec(values)}
         if kind == "run":
             args: List[str] = values["args"]
             if not args:

@@ -245,6 +245,9 @@ class StoreSink:
             part = self._parts.get(name)
             if part is not None and part.frozen:
                 return
+            if state == "waiting":  # queued behind another job on that slave: said in the summary
+                self._noted.add(name)
+                self._store("a wait", lambda: self.store.update_slave(self.job_id, name, summary=detail))
             if new == SLAVE_LOST:
                 self._lost.add(name)
             if new == SLAVE_AWAY:
@@ -277,8 +280,10 @@ class StoreSink:
             state = SLAVE_CANCELLED if started else SLAVE_SKIPPED
         else:
             state = SLAVE_FAILED
+        elif result.errtag in ("skipped", "away"):  # never started (remsh.pacing)
+            state = SLAVE_SKIPPED
         self._store("an end", lambda: self.store.update_slave(
-            self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
+            self.job_id, result.name, state=state, exit_status=result.status, error=error,
             errtag=result.errtag, finished=now(), summary=result.summary or ("" if noted else None)))
         if part is not None:
             # the end is recorded: the session no longer needs keeping, nor its boxes
@@ -514,14 +519,14 @@ class JobRegistry:
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():
                 if rec.state not in SLAVE_FINAL_STATES and name not in handed:
-                    state = SLAVE_CANCELLED if job.cancellation.cancelled else SLAVE_FAILED
+                    state = SLAVE_CANCELLED if cancelled else SLAVE_FAILED
                     error = str(failure) if failure is not None else job.cancellation.reason
                     self.store.update_slave(job.id, name, state=state, error=error, finished=now())
             if handed:
                 log.info("job %s: its commands on %s are kept for the next master", job.id, ", ".join(sorted(handed)))
                 return
             record = self.store.get_job(job.id)
-            state = job_state_from(record.slaves.values(), job.cancellation.cancelled)
+            state = job_state_from(record.slaves.values(), cancelled)
             if failure is not None and state != JOB_CANCELLED:
                 state = JOB_FAILED
             self.store.finish_job(job.id, state)
@@ -653,6 +658,7 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
                 break
             boxes: List[Dict[bytes, bytes]] = []
             for name, chunk in chunks:
+    waiting: Set[str] = set()
                 boxes.extend(out_events(name, chunk.stream, chunk.data))
                 seq = chunk.seq
             send(boxes)
@@ -678,6 +684,9 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
         if stopped():
             return record
         if store.wait_change(version, alive_every) == version:
+            if (rec.summary or "").startswith("behind ") and name not in waiting:  # queued behind another job
+                waiting.add(name)
+                boxes.append(encode_event("state", slave=name, state="waiting", detail=rec.summary))
             send([encode_event("alive")])
 
 

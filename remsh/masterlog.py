@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional, TextIO
@@ -65,6 +66,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
+#: Hints added to the lines of a TLS mismatch: (what the line holds, the hint).
+HINTS = (
+    (("bad greeting b'\\x16\\x03",),
+     "; a slave started with --tls dialling a listener without TLS? give the master --tls-cert and --tls-key, "
+     "or start the slave without --tls"),
+    (("TLS handshake", "WRONG_VERSION_NUMBER"),
+     "; a slave without --tls dialling this TLS listener? start it with --tls --tls-ca FILE"),
+)
+
+
+#: An IPv4 address as a dual-stack socket gives it: ``[::ffff:127.0.0.1]``.
+MAPPED = re.compile(r"\[::ffff:(\d{1,3}(?:\.\d{1,3}){3})\]", re.IGNORECASE)
+
+
+def with_hint(message: str) -> str:
+    """``message`` with IPv4-mapped addresses shown plain, and the hint of
+    :data:`HINTS` it matches, if any."""
+    message = MAPPED.sub(r"\1", message)
+    for needles, hint in HINTS:
+        if all(n in message for n in needles):
+            return message + hint
+    return message
+
+
 class EventFilter(logging.Filter):
     """Lets through warnings and errors, the informational lines of
     :data:`EVENT_LOGGERS`, and everything at ``verbose`` 1 (informational)
@@ -77,12 +102,15 @@ class EventFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if any(record.name == n or record.name.startswith(n + ".") for n in PARAMIKO):
             return self.verbose >= 2
-        if record.levelno >= logging.WARNING or self.verbose >= 2:
-            return True
-        if record.levelno >= logging.INFO:
-            return self.verbose >= 1 or any(record.name == n or record.name.startswith(n + ".")
-                                            for n in EVENT_LOGGERS)
-        return False
+        shown = record.levelno >= logging.WARNING or self.verbose >= 2 or (
+            record.levelno >= logging.INFO and (self.verbose >= 1 or any(
+                record.name == n or record.name.startswith(n + ".") for n in EVENT_LOGGERS)))
+        if shown:
+            message = record.getMessage()
+            hinted = with_hint(message)
+            if hinted != message:
+                record.msg, record.args = hinted, ()
+        return shown
 
 
 def add_log_options(p: argparse.ArgumentParser) -> None:

@@ -169,7 +169,15 @@ def outcome_words(status: Optional[int], error: Optional[str], errtag: Optional[
         return "error", error
     if status == 0:
         return "ok", ""
-    return "failed", f"exit status {status}"
+    return "failed", status_words(status)
+
+
+def status_words(status: Optional[int], interrupted: bool = False) -> str:
+    """A command's exit status in words: ``exit status 4``; one a signal
+    ended, ``interrupted`` when the run was, else ``killed by signal 9``."""
+    if status is not None and status < 0:
+        return "interrupted" if interrupted else f"killed by signal {-status}"
+    return f"exit status {status}"
 
 
 def summary_lines(results: Sequence[Tuple[str, Optional[int], Optional[str], Optional[str], float]]) -> List[str]:

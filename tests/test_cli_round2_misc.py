@@ -1,0 +1,159 @@
+"""The small things of the fleet command line, round 2, with real
+processes: TLS-mismatch hints in the master's log, help texts (defaults,
+descriptions, every option), ``-v`` after the subcommand, ``--wait 0``,
+an interrupted command told as such, an IPv4 peer shown plain."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import pytest
+
+from remsh.cli import build_parser
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
+from tests.test_cli_round2 import fleet_with
+from tests.test_fleet import _env, ls
+from tests.transports import make_pki
+from tests.util import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _remsh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "remsh", *args], env=_env(), capture_output=True,
+                          timeout=timeout)
+
+
+def _master(tmp_path: Path, *extra: str) -> Tuple["subprocess.Popen[bytes]", Path, int]:
+    """A ``remsh master`` with ``extra`` options, ready; its log file and TCP port."""
+    log = tmp_path / "master.log"
+    argv = [sys.executable, "-m", "remsh", "master", "--control", str(tmp_path / "m.sock"), "--state-dir",
+            str(tmp_path / "state"), *extra]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    wait_until(lambda: "remsh master: ready" in log.read_text() or proc.poll() is not None, WAIT, "ready")
+    assert proc.poll() is None, log.read_text()
+    line = next(x for x in log.read_text().splitlines() if "slaves on" in x)
+    return proc, log, int(line.rsplit(":", 1)[1])
+
+
+def _stop(proc: "subprocess.Popen[bytes]") -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(WAIT)
+
+
+# -- TLS mismatch ----------------------------------------------------------------------------
+
+
+def test_a_tls_slave_dialling_a_plain_master_gets_a_hint_in_the_log(tmp_path: Path) -> None:
+    """A slave with --tls dialling a master without TLS: the master's line names --tls-cert and --tls."""
+    pki = make_pki(tmp_path / "pki")
+    with fleet_with(tmp_path, ()) as f:
+        slave = f.slaves.start(f.master.port, "tlsy", tls=True, tls_ca=pki.ca, no_reconnect=True)
+        slave.wait()
+        wait_until(lambda: "bad greeting" in f.master.text(), WAIT, "the refusal")
+        line = next(x for x in f.master.text().splitlines() if "bad greeting" in x)
+        assert "a slave started with --tls dialling a listener without TLS? give the master --tls-cert" in line
+
+
+def test_a_plain_slave_dialling_a_tls_master_gets_a_hint_in_the_log(tmp_path: Path) -> None:
+    """A slave without --tls dialling a TLS master: the master's line says to start it with --tls."""
+    pki = make_pki(tmp_path / "pki")
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    proc, log, port = _master(tmp_path, "--listen", f"{HOST}:0", "--tls-cert", str(pki.cert), "--tls-key",
+                              str(pki.key), "--secret-file", str(slaves.secret_file(SECRET)))
+    try:
+        slaves.start(port, "plain", no_reconnect=True).wait()
+        wait_until(lambda: "TLS handshake" in log.read_text(), WAIT, "the refusal")
+    finally:
+        _stop(proc)
+        slaves.close()
+    line = next(x for x in log.read_text().splitlines() if "TLS handshake" in x)
+    assert line.endswith("a slave without --tls dialling this TLS listener? start it with --tls --tls-ca FILE")
+
+
+# -- help ------------------------------------------------------------------------------------
+
+
+def _subparsers() -> List[Tuple[str, argparse.ArgumentParser]]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return sorted(sub.choices.items())
+
+
+def test_every_subcommand_has_a_description_and_every_option_help() -> None:
+    """Each subcommand says what it is for, and each of its options and arguments has a help text."""
+    for name, parser in _subparsers():
+        assert parser.description, name
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help]  # noqa: SLF001
+        assert missing == [], (name, missing)
+
+
+def test_help_shows_the_defaults() -> None:
+    """--help shows the defaults of --max-parallel, --wait-timeout, --keep-jobs and host-key's --host."""
+    text = _remsh("run", "--help").stdout.decode()
+    assert "(default: 64)" in " ".join(text.split()) and "(default: 60)" in " ".join(text.split())
+    assert "(default: 8)" in " ".join(_remsh("put", "--help").stdout.decode().split())
+    assert "default 7d" in " ".join(_remsh("master", "--help").stdout.decode().split())
+    assert "default: 127.0.0.1" in " ".join(_remsh("host-key", "--help").stdout.decode().split())
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_v_after_the_subcommand_is_accepted_and_counted(tmp_path: Path) -> None:
+    """-v after the subcommand is accepted, adds to one before it, and gives the same log as before it."""
+    assert build_parser().parse_args(["-v", "ls", "-v"]).verbose_after == 1
+    quiet = _remsh("run", "--local", "1", "--basedir", str(tmp_path), "--", "true")
+    after = _remsh("run", "--local", "1", "--basedir", str(tmp_path), "-v", "--", "true")
+    before = _remsh("-v", "run", "--local", "1", "--basedir", str(tmp_path), "--", "true")
+    assert quiet.returncode == after.returncode == before.returncode == 0, after.stderr
+    assert b"INFO" not in quiet.stderr
+    assert b"INFO" in after.stderr and b"INFO" in before.stderr
+
+
+@pytest.mark.parametrize("args", [("--wait", "0"), ("--local", "0"), ("--max-fail", "0"), ("--batch", "0")])
+def test_zero_where_it_means_nothing_is_a_usage_error(args: Sequence[str]) -> None:
+    """--wait 0, --local 0, --max-fail 0, --batch 0: exit 2 with a line naming the option."""
+    r = _remsh("run", "--listen", f"{HOST}:0", "--insecure", *args, "--", "true")
+    assert r.returncode == 2
+    assert args[0].encode() in r.stderr
+
+
+def test_an_interrupted_command_is_told_interrupted(tmp_path: Path) -> None:
+    """Ctrl-C on run: each killed command is reported 'interrupted', never 'exit status -9'."""
+    proc = subprocess.Popen([sys.executable, "-m", "remsh", "run", "--local", "2", "--basedir", str(tmp_path),
+                             "--no-summary", "--", "sh", "-c", "echo started; sleep 30"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"started" in proc.stdout.readline()  # type: ignore[union-attr]
+        assert b"started" in proc.stdout.readline()  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 130
+    text = err.decode()
+    assert "exit status -" not in text and "signal" not in text
+    assert "remsh: local1: interrupted" in text and "remsh: local2: interrupted" in text
+
+
+def test_an_ipv4_peer_of_a_dual_stack_listener_is_shown_plain(tmp_path: Path) -> None:
+    """A master listening on every address (dual stack): ls and the log show 127.0.0.1:PORT, not [::ffff:...]."""
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    proc, log, port = _master(tmp_path, "--listen", "0", "--secret-file", str(slaves.secret_file(SECRET)))
+    try:
+        slaves.start(port, "four", host="127.0.0.1", max_backoff=0.5)
+        wait_until(lambda: any(r["name"] == "four" for r in ls(tmp_path / "m.sock")), WAIT, "registered")
+        row = next(r for r in ls(tmp_path / "m.sock") if r["name"] == "four")
+        assert row["peer"].startswith("127.0.0.1:"), row
+        wait_until(lambda: "slave four registered" in log.read_text(), WAIT, "the log line")
+        assert "slave four registered from 127.0.0.1:" in log.read_text()
+        assert "::ffff:" not in log.read_text()
+    finally:
+        _stop(proc)
+        slaves.close()
