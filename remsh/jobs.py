@@ -240,14 +240,14 @@ class StoreSink:
         ``lost``; only while its part of this job runs."""
         new = {"away": SLAVE_AWAY, "back": SLAVE_RUNNING, "lost": SLAVE_LOST}.get(state)
         with self._lock:
+            if state == "waiting":  # queued behind another job on that slave: said in the summary
+                self._noted.add(name)
+                self._store("a wait", lambda: self.store.update_slave(self.job_id, name, summary=detail))
             if new is None or name not in self._started or name in self._ended:
                 return
             part = self._parts.get(name)
             if part is not None and part.frozen:
                 return
-            if state == "waiting":  # queued behind another job on that slave: said in the summary
-                self._noted.add(name)
-                self._store("a wait", lambda: self.store.update_slave(self.job_id, name, summary=detail))
             if new == SLAVE_LOST:
                 self._lost.add(name)
             if new == SLAVE_AWAY:
@@ -274,16 +274,16 @@ class StoreSink:
             self._ended.add(result.name)
         if result.error is None and result.status == 0:
             state = SLAVE_OK
+        elif result.errtag in ("skipped", "away"):  # never started (remsh.pacing)
+            state = SLAVE_SKIPPED
         elif lost and not self.cancellation.cancelled:
             state = SLAVE_LOST
         elif self.cancellation.cancelled:
             state = SLAVE_CANCELLED if started else SLAVE_SKIPPED
         else:
             state = SLAVE_FAILED
-        elif result.errtag in ("skipped", "away"):  # never started (remsh.pacing)
-            state = SLAVE_SKIPPED
         self._store("an end", lambda: self.store.update_slave(
-            self.job_id, result.name, state=state, exit_status=result.status, error=error,
+            self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
             errtag=result.errtag, finished=now(), summary=result.summary or ("" if noted else None)))
         if part is not None:
             # the end is recorded: the session no longer needs keeping, nor its boxes
@@ -519,14 +519,14 @@ class JobRegistry:
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():
                 if rec.state not in SLAVE_FINAL_STATES and name not in handed:
-                    state = SLAVE_CANCELLED if cancelled else SLAVE_FAILED
+                    state = SLAVE_CANCELLED if job.cancellation.cancelled else SLAVE_FAILED
                     error = str(failure) if failure is not None else job.cancellation.reason
                     self.store.update_slave(job.id, name, state=state, error=error, finished=now())
             if handed:
                 log.info("job %s: its commands on %s are kept for the next master", job.id, ", ".join(sorted(handed)))
                 return
             record = self.store.get_job(job.id)
-            state = job_state_from(record.slaves.values(), cancelled)
+            state = job_state_from(record.slaves.values(), job.cancellation.cancelled)
             if failure is not None and state != JOB_CANCELLED:
                 state = JOB_FAILED
             self.store.finish_job(job.id, state)
@@ -647,6 +647,7 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
     ended: Set[str] = set()
     shown: Dict[str, Tuple[Optional[int], Optional[int]]] = {}
     states: Dict[str, str] = {}
+    waiting: Set[str] = set()
     while True:
         version = store.version()
         # the record first, then every chunk stored so far: a slave's end
@@ -658,7 +659,6 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
                 break
             boxes: List[Dict[bytes, bytes]] = []
             for name, chunk in chunks:
-    waiting: Set[str] = set()
                 boxes.extend(out_events(name, chunk.stream, chunk.data))
                 seq = chunk.seq
             send(boxes)
@@ -673,6 +673,9 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
                                           total=rec.progress_total))
             boxes.extend(_state_events(name, rec, states.get(name)))
             states[name] = rec.state
+            if (rec.summary or "").startswith("behind ") and name not in waiting:  # queued behind another job
+                waiting.add(name)
+                boxes.append(encode_event("state", slave=name, state="waiting", detail=rec.summary))
             if rec.state in SLAVE_FINAL_STATES:
                 ended.add(name)
                 boxes.append(end_event(rec))
@@ -684,9 +687,6 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
         if stopped():
             return record
         if store.wait_change(version, alive_every) == version:
-            if (rec.summary or "").startswith("behind ") and name not in waiting:  # queued behind another job
-                waiting.add(name)
-                boxes.append(encode_event("state", slave=name, state="waiting", detail=rec.summary))
             send([encode_event("alive")])
 
 
