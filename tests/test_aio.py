@@ -455,3 +455,102 @@ def test_no_thread_is_started(tmp_path: Path, slave_procs: SlaveProcesses) -> No
 def test_authentication_error_type_is_a_remsh_error() -> None:
     """The refusal error the listener logs is an AuthenticationError (a RemshError subclass)."""
     assert issubclass(AuthenticationError, Exception) and issubclass(WaitTimeout, Exception)
+
+
+# -- hostile and silent peers ------------------------------------------------------------------
+
+
+async def fake_slave(port: int, name: str, secret: bytes = SECRET) -> aio.Connection:
+    """A peer that registers like a slave (the same handshake machine) and then does what the test says."""
+    from remsh.handshake import SlaveHandshake
+
+    reader, writer = await asyncio.open_connection(HOST, port)
+    conn = aio.Connection(reader, writer, label="master")
+    hs = SlaveHandshake(name, secret=secret, info={"basedir": "/nonexistent"})
+    await conn.send(hs.greeting)
+    hs.receive_greeting(await conn.read_exact(8, WAIT))
+    while True:
+        box = await conn.read_box(WAIT)
+        assert box is not None
+        step = hs.receive_box(box)
+        await conn.send_boxes(step.send)
+        if step.event is not None:
+            return conn
+
+
+def test_a_box_out_of_turn_drops_the_slave_and_the_listener_goes_on(tmp_path: Path,
+                                                                       slave_procs: SlaveProcesses) -> None:
+    """A slave answering execute with a box the conversation does not allow: ProtocolError naming it, slave dropped;
+    a liar's stat result too; the listener still registers others."""
+    from remsh.errors import ProtocolError
+    from remsh.wire import encode_box
+
+    async def main() -> None:
+        async with aio_listener("tcp") as listener:
+            coll = listener.slave_collection
+            liar = await fake_slave(listener.port, "liar")
+            slave = await coll.get_slave(filter=lambda s: s.name == "liar", timeout=WAIT)
+            call = asyncio.create_task(slave.execute(["true"]))
+            assert (await liar.read_box(WAIT) or {}).get(b"meth") == b"execute"
+            await liar.send(encode_box({b"result": b"0"}))  # the exit status before the start reply
+            with pytest.raises(ProtocolError, match="liar: execute"):
+                await call
+            assert not slave.connected and coll.get_all_slaves() == []
+            assert await liar.read_box(WAIT) is None  # the master closed the connection
+
+            other = await fake_slave(listener.port, "other")
+            slave = await coll.get_slave(filter=lambda s: s.name == "other", timeout=WAIT)
+            call2 = asyncio.create_task(slave.stat("x"))
+            assert (await other.read_box(WAIT) or {}).get(b"meth") == b"stat"
+            await other.send(encode_box({b"result": b"zzz"}))
+            with pytest.raises(ProtocolError):
+                await call2
+            assert not slave.connected
+            (tmp_path / "b").mkdir()
+            real = await start_slave(listener, "tcp", slave_procs, tmp_path / "b")
+            await real.ping()
+
+    run(main())
+
+
+def test_a_silent_slave_times_out_and_is_dropped() -> None:
+    """A registered slave that never answers makes the call raise PeerTimeout after io_timeout; it is dropped."""
+    from remsh.errors import PeerTimeout
+
+    async def main() -> None:
+        async with aio_listener("tcp", io_timeout=0.5) as listener:
+            mute = await fake_slave(listener.port, "mute")
+            slave = await listener.slave_collection.get_slave(timeout=WAIT)
+            t0 = time.monotonic()
+            with pytest.raises(PeerTimeout, match="mute: ping"):
+                await slave.ping()
+            assert time.monotonic() - t0 < 3
+            assert not slave.connected
+            mute.close()
+
+    run(main())
+
+
+def test_a_silent_connection_is_dropped_at_the_handshake_time_limit() -> None:
+    """A connection that never greets is closed at handshake_timeout; one that greets wrongly at once."""
+
+    async def main() -> None:
+        async with aio_listener("tcp", handshake_timeout=0.5) as listener:
+            reader, writer = await asyncio.open_connection(HOST, listener.port)
+            t0 = time.monotonic()
+            got = b""
+            async with asyncio.timeout(WAIT):
+                while chunk := await reader.read(100):
+                    got += chunk
+            assert time.monotonic() - t0 < 3
+            assert got == b"REMSH-M\n"
+            writer.close()
+            reader, writer = await asyncio.open_connection(HOST, listener.port)
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                while await reader.read(100):
+                    pass
+            writer.close()
+            assert listener.slave_collection.get_all_slaves() == []
+
+    run(main())
