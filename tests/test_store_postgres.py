@@ -18,7 +18,8 @@ import pytest
 
 from remsh.store.base import JOB_DONE, SLAVE_OK, SessionRecord, StoreError
 from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
-from remsh.store.postgres import SCHEMA_VERSION, PostgresJobStore, redacted
+from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
+from remsh.store.postgres import PostgresJobStore, redacted
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.util import WAIT, run_in_thread, wait_until
 
@@ -110,6 +111,44 @@ def test_heartbeat_keeps_a_master_alive_and_silence_kills_it(open_store) -> None
     assert rows["alive"].alive and rows["alive"].silent_for < 1.0
     assert not rows["paused"].alive and rows["paused"].silent_for >= 1.0
     assert paused.masters()  # the paused one can still read
+
+
+def test_a_master_killed_here_gets_its_name_back_at_once(open_store, pg_uri) -> None:
+    """A master process SIGKILLed on this machine: a master started again under its name takes it at once (its process is gone), with a higher epoch."""
+    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+            "s = PostgresJobStore(sys.argv[1], 'crashy', lease=60.0)\n"
+            "print(s.epoch, flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert proc.stdout is not None
+        epoch = int(proc.stdout.readline())
+        with pytest.raises(MasterNameInUse):  # alive: refused
+            PostgresJobStore(pg_uri, "crashy", lease=60.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        again = open_store("crashy", lease=60.0)  # well within the lease
+        assert again.epoch == epoch + 1
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_masters_and_jobs(pg_uri) -> None:
+    """A database of schema 1 opens, is migrated to the current version in place, and keeps its jobs and master rows."""
+    with psycopg.connect(pg_uri, autocommit=True) as conn:
+        with conn.transaction():
+            for statement in MIGRATIONS[0]:
+                conn.execute(statement.encode())
+            conn.execute(b"INSERT INTO remsh_meta VALUES ('schema_version', '1')")
+            conn.execute(b"INSERT INTO remsh_masters (name, epoch, heartbeat, started, stopped) "
+                         b"VALUES ('old', 4, 0, 0, true)")
+            conn.execute(b"INSERT INTO remsh_jobs VALUES ('0000000001-0', 'run', '{}', 0, 'done', 1, 2, 'old', 4)")
+    with PostgresJobStore(pg_uri, "old") as store:
+        assert store.epoch == 5 and store.get_job("0000000001-0").state == "done"
+    assert _sql(pg_uri, "SELECT value FROM remsh_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert SCHEMA_VERSION == 2
+    assert _sql(pg_uri, "SELECT host IS NOT NULL, pid IS NOT NULL FROM remsh_masters") == [(True, True)]
 
 
 def test_a_killed_master_process_is_noticed_dead(open_store, pg_uri) -> None:

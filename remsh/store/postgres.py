@@ -26,10 +26,11 @@ connection; a sequence every write advances is polled every
 ``poll_interval`` seconds as a safety net (a notification lost with a
 connection).  The same thread writes the heartbeat.
 
-The schema (tables prefixed ``remsh_``, so a database may be shared with
-other programs) is versioned in ``remsh_meta``; :data:`MIGRATIONS` are
-applied in one transaction under an advisory lock, so masters starting
-together migrate once.  A database of a newer remsh is refused.
+The schema (:mod:`remsh.store.pgschema`: tables prefixed ``remsh_``, so a
+database may be shared with other programs) is versioned in ``remsh_meta``;
+its migrations are applied in one transaction under an advisory lock, so
+masters starting together migrate once.  A database of a newer remsh is
+refused.
 
 A broken connection (PostgreSQL restarted, the network) fails the call in
 progress with a :class:`~remsh.store.base.StoreError` and is opened again
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -51,6 +54,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
+from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
 from remsh.store.sqlite import CHUNK_COST
 
 log = logging.getLogger(__name__)
@@ -58,80 +62,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Conn = psycopg.Connection[Tuple[Any, ...]]
 
-#: The schema this code writes.
-SCHEMA_VERSION = 1
-
-#: ``MIGRATIONS[n]`` turns a version ``n`` database into version ``n + 1``.
-MIGRATIONS: Dict[int, Sequence[str]] = {
-    0: (
-        "CREATE TABLE remsh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE remsh_masters (
-               name TEXT PRIMARY KEY,
-               epoch BIGINT NOT NULL,
-               heartbeat DOUBLE PRECISION NOT NULL,
-               started DOUBLE PRECISION NOT NULL,
-               stopped BOOLEAN NOT NULL DEFAULT false
-           )""",
-        """CREATE TABLE remsh_jobs (
-               id TEXT COLLATE "C" PRIMARY KEY,
-               kind TEXT NOT NULL,
-               spec TEXT NOT NULL,
-               uid BIGINT NOT NULL,
-               state TEXT NOT NULL,
-               started DOUBLE PRECISION NOT NULL,
-               finished DOUBLE PRECISION,
-               owner TEXT NOT NULL,
-               owner_epoch BIGINT NOT NULL
-           )""",
-        "CREATE INDEX remsh_jobs_state ON remsh_jobs (state)",
-        "CREATE INDEX remsh_jobs_finished ON remsh_jobs (finished)",
-        "CREATE INDEX remsh_jobs_owner ON remsh_jobs (owner) WHERE state = 'running'",
-        """CREATE TABLE remsh_job_slaves (
-               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
-               name TEXT NOT NULL,
-               ord INTEGER NOT NULL,
-               state TEXT NOT NULL,
-               exit_status INTEGER,
-               error TEXT,
-               errtag TEXT,
-               started DOUBLE PRECISION,
-               finished DOUBLE PRECISION,
-               stdout_bytes BIGINT NOT NULL DEFAULT 0,
-               stderr_bytes BIGINT NOT NULL DEFAULT 0,
-               kept_bytes BIGINT NOT NULL DEFAULT 0,
-               truncated BOOLEAN NOT NULL DEFAULT false,
-               progress_done BIGINT,
-               progress_total BIGINT,
-               summary TEXT,
-               PRIMARY KEY (job_id, name)
-           )""",
-        """CREATE TABLE remsh_output (
-               job_id TEXT COLLATE "C" NOT NULL,
-               seq BIGINT NOT NULL,
-               name TEXT NOT NULL,
-               stream TEXT NOT NULL,
-               pos BIGINT NOT NULL,
-               data BYTEA NOT NULL,
-               PRIMARY KEY (job_id, seq),
-               FOREIGN KEY (job_id, name) REFERENCES remsh_job_slaves (job_id, name) ON DELETE CASCADE
-           )""",
-        """CREATE TABLE remsh_sessions (
-               id TEXT PRIMARY KEY,
-               name TEXT NOT NULL,
-               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
-               op TEXT NOT NULL,
-               request_box BIGINT NOT NULL,
-               reply_base BIGINT NOT NULL,
-               received BIGINT NOT NULL,
-               opened DOUBLE PRECISION NOT NULL,
-               owner TEXT NOT NULL,
-               owner_epoch BIGINT NOT NULL
-           )""",
-        "CREATE INDEX remsh_sessions_job ON remsh_sessions (job_id)",
-        "CREATE INDEX remsh_sessions_owner ON remsh_sessions (owner)",
-        "CREATE SEQUENCE remsh_changes",
-    ),
-}
 
 #: The ``NOTIFY`` channel of every change.
 CHANNEL = "remsh_store"
@@ -301,19 +231,24 @@ class PostgresJobStore:
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(version),))
 
     def _register(self, db: Conn) -> int:
-        row = db.execute(f"SELECT epoch, {_DB_NOW} - heartbeat, stopped FROM remsh_masters "
+        """Take this master's name with a new epoch.  A live holder (its
+        heartbeat within the lease) keeps it, unless it ran on this machine
+        and its process is gone: a master restarted after a crash gets its
+        name back at once."""
+        host, pid = socket.gethostname(), os.getpid()
+        row = db.execute(f"SELECT epoch, {_DB_NOW} - heartbeat, stopped, host, pid FROM remsh_masters "
                          f"WHERE name = %s FOR UPDATE", (self.name,)).fetchone()
         if row is None:
-            db.execute(f"INSERT INTO remsh_masters (name, epoch, heartbeat, started) "
-                       f"VALUES (%s, 1, {_DB_NOW}, {_DB_NOW})", (self.name,))
+            db.execute(f"INSERT INTO remsh_masters (name, epoch, heartbeat, started, host, pid) "
+                       f"VALUES (%s, 1, {_DB_NOW}, {_DB_NOW}, %s, %s)", (self.name, host, pid))
             return 1
-        epoch, silent, stopped = row
-        if not stopped and silent < self.lease:
+        epoch, silent, stopped, old_host, old_pid = row
+        if not stopped and silent < self.lease and not (old_host == host and not _process_alive(old_pid)):
             raise MasterNameInUse(f"a master named {self.name!r} is running on the job store {self.label} "
-                                  f"(heartbeat {silent:.0f}s ago): give this one another --name, or wait "
-                                  f"{self.lease:.0f}s if that master is dead")
+                                  f"(on {old_host}, heartbeat {silent:.0f}s ago): give this one another --name, "
+                                  f"or wait {self.lease:.0f}s if that master is dead")
         db.execute(f"UPDATE remsh_masters SET epoch = %s, heartbeat = {_DB_NOW}, started = {_DB_NOW}, "
-                   f"stopped = false WHERE name = %s", (epoch + 1, self.name))
+                   f"stopped = false, host = %s, pid = %s WHERE name = %s", (epoch + 1, host, pid, self.name))
         return int(epoch) + 1
 
     # -- background: notifications, the safety-net poll, the heartbeat ---------------
@@ -768,6 +703,19 @@ class PostgresJobStore:
 
 def _now(value: Optional[float]) -> float:
     return now() if value is None else value
+
+
+def _process_alive(pid: Optional[int]) -> bool:
+    """Whether process ``pid`` of this machine exists (unknown: yes)."""
+    if not pid or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's
+    return True
 
 
 def _one_line(error: BaseException) -> str:
