@@ -410,3 +410,46 @@ def test_a_watch_makes_its_rows_again_only_when_its_signature_changes() -> None:
     finally:
         watch.stop()
         loop.close()
+
+
+def test_a_put_reports_its_progress_on_the_job_stream(web: WebFleet, tmp_path: Path) -> None:
+    """A put's stream carries progress events per slave, ending with done == total == the file's size."""
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(300_000))
+    r = remsh(web.sock, "put", "--detach", "-t", "web-*", str(src), "blob")
+    assert r.returncode == 0, r.stderr.decode()
+    job_id = r.stdout.decode().strip()
+    with web.browser() as c:
+        messages = sse_until(c, f"/api/live/jobs/{job_id}", lambda ms: any(e["ev"] == "done" for m in ms for e in m))
+    progress = [e for m in messages for e in m if e["ev"] == "progress"]
+    for name in ("web-1", "web-2"):
+        last = [e for e in progress if e["slave"] == name][-1]
+        assert last["done"] == last["total"] == 300_000, progress
+
+
+def test_the_master_stops_promptly_with_pages_open(tmp_path: Path) -> None:
+    """SIGTERM with a fleet stream and a job stream open: the master exits 0 within the bound, the streams end."""
+    with web_fleet(tmp_path, names=("s-1",)) as f:
+        job_id = detach(f, "sleep", "60", target="s-1")
+        connected: List[str] = []
+        ended: List[str] = []
+
+        def read(url: str) -> None:
+            with f.browser() as c:
+                with c.stream("GET", url, timeout=httpx.Timeout(WAIT)) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and url not in connected:
+                            connected.append(url)
+            ended.append(url)
+
+        readers = [threading.Thread(target=read, args=(u,), daemon=True)
+                   for u in ("/api/live/fleet", f"/api/live/jobs/{job_id}")]
+        for t in readers:
+            t.start()
+        wait_until(lambda: len(connected) == 2, WAIT, "both streams to send their first message")
+        started = time.monotonic()
+        assert f.master.stop() == 0
+        assert time.monotonic() - started < WAIT
+        for t in readers:
+            t.join(WAIT)
+        assert len(ended) == 2

@@ -198,6 +198,24 @@ def test_the_jobs_page_lists_jobs_newest_first_with_counts(web: WebFleet, browse
     screenshot(browser, "jobs", tmp_path)
 
 
+def test_a_put_shows_a_progress_bar_per_slave(web: WebFleet, browser: WebDriver, tmp_path: Path) -> None:
+    """A put's page has a progress bar per slave, full at the end, with the bytes in words."""
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(200_000))
+    r = remsh(web.sock, "put", "--detach", "-t", "web-*", str(src), "blob-ui")
+    assert r.returncode == 0, r.stderr.decode()
+    job_id = r.stdout.decode().strip()
+    login(browser, web, f"/jobs/{job_id}")
+    for name in ("web-1", "web-2"):
+        bar = f"section[data-slave='{name}'] progress"
+        until(browser, lambda d: d.find_element(By.CSS_SELECTOR, bar).get_attribute("value") == "200000",
+              f"{name}'s bar to be full")
+        assert browser.find_element(By.CSS_SELECTOR, bar).get_attribute("max") == "200000"
+        text = browser.find_element(By.CSS_SELECTOR, f"section[data-slave='{name}'] .progress-text").text
+        assert text == "200000 / 200000 bytes"
+    assert not browser.find_element(By.ID, "progress-note").is_displayed()
+
+
 def test_without_the_token_every_url_answers_401(web: WebFleet, browser: WebDriver) -> None:
     """With the cookie gone, every page and API URL is the browser's own 'HTTP ERROR 401' page, nothing of ours."""
     login(browser, web)

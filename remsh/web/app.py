@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import hmac
 import os
-from typing import Any, Awaitable, Callable, Dict, List, MutableMapping, Optional, Protocol
+from typing import Any, Awaitable, Callable, Dict, MutableMapping, Optional, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.applications import Starlette
@@ -178,9 +178,13 @@ class Dashboard:
             raise UsageError("the master is stopping")
         return jobs
 
-    def watches(self) -> List[Watch]:
-        """The watches made so far (their threads run only while pages look)."""
-        return [w for w in (self.fleet_watch, self.jobs_watch) if w is not None]
+    def close(self, timeout: float = 5.0) -> None:
+        """End every live stream (the server is stopping): the watches'
+        threads and the job followers stop, the pages' streams end."""
+        self.followers.stop()
+        for watch in (self.fleet_watch, self.jobs_watch):
+            if watch is not None:
+                watch.stop(timeout)
 
     def _fleet_watch(self) -> Watch:
         if self.fleet_watch is None:

@@ -101,6 +101,15 @@ class Subscriber:
         except RuntimeError:  # the loop is closed: the server stopped
             raise Closed("the server stopped") from None
 
+    def end(self) -> None:
+        """End the page's stream (from any thread): what is queued is sent,
+        then the stream ends; a follower stops at its next message."""
+        self.closed = True
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        except RuntimeError:  # the loop is closed already
+            pass
+
     def _drop(self) -> None:
         while not self.queue.empty():
             self.queue.get_nowait()
@@ -181,10 +190,7 @@ class Watch:
         with self._lock:
             thread, subscribers = self._thread, list(self._subscribers)
         for s in subscribers:
-            try:
-                s.loop.call_soon_threadsafe(s.queue.put_nowait, None)
-            except RuntimeError:
-                pass
+            s.end()
         if thread is not None:
             thread.join(timeout)
 
@@ -290,17 +296,32 @@ class Followers:
 
     def __init__(self, limit: int = MAX_FOLLOWERS) -> None:
         self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._subscribers: List[Subscriber] = []
+        self._stopping = False
+
+    def stop(self) -> None:
+        """End every follower's page stream (the followers then stop)."""
+        with self._lock:
+            self._stopping = True
+            subscribers, self._subscribers = self._subscribers, []
+        for s in subscribers:
+            s.end()
 
     def start(self, store: JobStore, job_id: str, subscriber: Subscriber) -> bool:
         """Start following ``job_id`` for ``subscriber``; false when too
         many pages follow jobs already."""
-        if not self._slots.acquire(blocking=False):
-            return False
+        with self._lock:
+            if self._stopping or not self._slots.acquire(blocking=False):
+                return False
+            self._subscribers.append(subscriber)
 
         def run() -> None:
             try:
                 job_messages(store, job_id, subscriber)
             finally:
+                with self._lock:
+                    self._subscribers = [s for s in self._subscribers if s is not subscriber]
                 self._slots.release()
 
         threading.Thread(target=run, name=f"remsh-web-job-{job_id}", daemon=True).start()

@@ -113,8 +113,7 @@ class WebServer:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop serving: the live streams end, the thread is joined (bounded)."""
-        for watch in self.dashboard.watches():
-            watch.stop(timeout)
+        self.dashboard.close(timeout)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
