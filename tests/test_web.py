@@ -386,7 +386,7 @@ def test_a_watch_computes_nothing_without_a_page_and_stops_when_the_last_goes() 
 
 
 def test_a_watch_makes_its_rows_again_only_when_its_signature_changes() -> None:
-    """With an unchanged signature the rows are made once however many rounds pass; a new signature makes them again."""
+    """With an unchanged signature the rows are made once in many rounds (within the refresh); a new signature makes them again."""
     signature = {"value": 1, "calls": 0}
     rounds = threading.Semaphore(0)
 
@@ -395,7 +395,7 @@ def test_a_watch_makes_its_rows_again_only_when_its_signature_changes() -> None:
         rounds.release()
         return signature["value"]
 
-    watch = Watch("test", lambda: {"a": {"name": "a", "v": signature["value"]}}, 0.001, signature=sign)
+    watch = Watch("test", lambda: {"a": {"name": "a", "v": signature["value"]}}, 0.001, signature=sign, refresh=60)
     loop = asyncio.new_event_loop()
     try:
         subscriber = Subscriber(loop)
@@ -453,3 +453,21 @@ def test_the_master_stops_promptly_with_pages_open(tmp_path: Path) -> None:
         for t in readers:
             t.join(WAIT)
         assert len(ended) == 2
+
+
+def test_a_watch_makes_its_rows_again_after_the_refresh_whatever_the_signature() -> None:
+    """An unchanged signature does not hide a change for longer than the refresh interval."""
+    state = {"v": 1}
+    watch = Watch("test", lambda: {"a": {"name": "a", "v": state["v"]}}, 0.001, signature=lambda: 0, refresh=0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        subscriber = Subscriber(loop)
+        watch.subscribe(subscriber)
+        assert loop.run_until_complete(asyncio.wait_for(subscriber.queue.get(), WAIT)) == \
+            '{"reset": [{"name": "a", "v": 1}]}'
+        state["v"] = 2
+        assert loop.run_until_complete(asyncio.wait_for(subscriber.queue.get(), WAIT)) == \
+            '{"set": [{"name": "a", "v": 2}], "del": []}'
+    finally:
+        watch.stop()
+        loop.close()

@@ -131,7 +131,16 @@ def test_fleet_lists_the_slaves_and_a_new_one_appears_without_a_reload(web: WebF
     until(browser, lambda d: fleet_names(d) == [], "the state filter")
     Select(browser.find_element(By.ID, "state")).select_by_visible_text("any")
     until(browser, lambda d: len(fleet_names(d)) == 4, "every slave again")
+    job_id = detach(web, "sleep", "60", target="web-2")
+    busy = "//div[@id='slaves']/div[div[@class='f-name' and text()='web-2']]"
+    until(browser, lambda d: d.find_element(By.XPATH, busy + "/div[@class='f-state']").text == "busy", "web-2 busy")
+    link = browser.find_element(By.XPATH, busy + "/div[@class='f-job']/a")
+    assert link.text == job_id and link.get_attribute("href") == f"{web.base}/jobs/{job_id}"
     screenshot(browser, "fleet", tmp_path)
+    with web.bearer() as c:
+        assert c.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    until(browser, lambda d: d.find_element(By.XPATH, busy + "/div[@class='f-state']").text == "idle", "web-2 idle")
+    assert browser.find_element(By.XPATH, busy + "/div[@class='f-job']").text == ""
 
 
 def test_a_jobs_output_appears_live(web: WebFleet, browser: WebDriver, tmp_path: Path) -> None:

@@ -138,19 +138,22 @@ class Watch:
     subscriber gets what changed.
 
     ``rows()`` makes the rows by key; ``signature()`` (optional) is a cheap
-    value that changes whenever the rows may have: while it stays the same
-    the rows are not made again.  The thread waits ``interval`` seconds
+    value that changes when the rows may have: while it stays the same the
+    rows are made again only every ``refresh`` seconds (for what the
+    signature cannot see, such as a slave released a moment after its
+    part of a job was recorded).  The thread waits ``interval`` seconds
     between two rounds, or twice as long as the last computation took,
     whichever is longer (a big fleet never takes more than a third of a
     CPU), or with ``wait(seconds)`` (the jobs' watch waits for the store to
     change)."""
 
     def __init__(self, name: str, rows: Callable[[], Dict[str, Row]], interval: float, *,
-                 signature: Optional[Callable[[], object]] = None,
+                 signature: Optional[Callable[[], object]] = None, refresh: float = 2.0,
                  wait: Optional[Callable[[float], None]] = None) -> None:
         self.name = name
         self.rows = rows
         self.signature = signature
+        self.refresh = refresh
         self.interval = interval
         self._wait = wait
         self._lock = threading.Lock()
@@ -199,6 +202,7 @@ class Watch:
         encoded: Dict[str, str] = {}
         full: Optional[str] = None
         seen: object = _NOTHING
+        made = 0.0
         while not self._stopping.is_set():
             with self._lock:
                 subscribers = [s for s in self._subscribers if not s.closed]
@@ -209,8 +213,8 @@ class Watch:
             diff: Optional[str] = None
             try:
                 signature = self.signature() if self.signature is not None else _NOTHING
-                if signature is _NOTHING or signature != seen:
-                    seen = signature
+                if signature is _NOTHING or signature != seen or began - made >= self.refresh:
+                    seen, made = signature, began
                     rows = self.rows()
                     self.computed += 1
                     changed = [k for k, row in rows.items() if last.get(k) != row]
