@@ -464,8 +464,7 @@ async def fake_slave(port: int, name: str, secret: bytes = SECRET) -> aio.Connec
     """A peer that registers like a slave (the same handshake machine) and then does what the test says."""
     from remsh.handshake import SlaveHandshake
 
-    reader, writer = await asyncio.open_connection(HOST, port)
-    conn = aio.Connection(reader, writer, label="master")
+    conn = await aio.Connection.open(HOST, port, label="master")
     hs = SlaveHandshake(name, secret=secret, info={"basedir": "/nonexistent"})
     await conn.send(hs.greeting)
     hs.receive_greeting(await conn.read_exact(8, WAIT))

@@ -1,8 +1,9 @@
-"""Boxes over asyncio streams, and the handshake driven over them.
+"""Boxes over an asyncio transport, and the handshake driven over them.
 
 :class:`Connection` is the asyncio counterpart of :class:`remsh.wire.Wire`:
 the same codec (:class:`~remsh.wire.BoxDecoder`, :func:`~remsh.wire.encode_box`)
-on an :class:`asyncio.StreamReader` / :class:`asyncio.StreamWriter` pair.
+as an :class:`asyncio.Protocol` (decoded in ``data_received``, so a box
+costs no stream-reader copy, and a wait costs one future and one timer).
 :func:`master_handshake` drives :class:`remsh.handshake.MasterHandshake`,
 the machine the threaded listeners use, over one.
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Deque, List, Optional, Union
+import ssl as ssl_module
+from typing import Callable, Deque, List, Optional, Union
 
-from remsh.errors import Disconnected, PeerTimeout, ProtocolError
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError, UsageError
 from remsh.handshake import GREETING_LENGTH, MasterHandshake, NameRule, Refused, Registered
-from remsh.wire import DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, Box, BoxDecoder, Wire, encode_box
+from remsh.wire import DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, Box, BoxDecoder, Wire, WireError, encode_box
 
 log = logging.getLogger(__name__)
 
@@ -29,60 +31,161 @@ __all__ = ["Connection", "master_handshake", "WRITE_BUFFER_HIGH"]
 #: The transport's write buffer above which :meth:`Connection.send` waits
 #: for the peer to take data (big enough for one bulk block of data boxes).
 WRITE_BUFFER_HIGH = 2 << 20
+#: Received boxes waiting to be read past which the connection stops
+#: reading from the peer (until half of them are read).
+MAX_QUEUED_BOXES = 64
 
 
-class Connection:
-    """Boxes over one asyncio stream pair, for one task at a time reading.
+class Connection(asyncio.Protocol):
+    """Boxes over one asyncio transport (an :class:`asyncio.Protocol`), for
+    one task at a time reading.
 
     Writes are whole (a box is never interleaved with another), so several
-    tasks may send.  ``label`` names the peer in error messages.
+    tasks may send.  Received boxes wait in a queue of at most
+    :data:`MAX_QUEUED_BOXES`; past it the connection stops reading from the
+    peer until the queue drains (flow control both ways, bounded memory).
+    ``label`` names the peer in error messages.
     """
 
     RECV_SIZE = Wire.RECV_SIZE
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, label: str = "peer",
-                 max_keys: int = DEFAULT_MAX_KEYS, max_box_bytes: int = DEFAULT_MAX_BOX_BYTES) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, *, label: str = "peer", max_keys: int = DEFAULT_MAX_KEYS,
+                 max_box_bytes: int = DEFAULT_MAX_BOX_BYTES,
+                 on_made: Optional[Callable[["Connection"], None]] = None) -> None:
         self.label = label
+        self.transport: Optional[asyncio.Transport] = None
         self._decoder = BoxDecoder(max_keys=max_keys, max_box_bytes=max_box_bytes)
         self._ready: Deque[Box] = collections.deque()
+        self._raw: Optional[bytearray] = bytearray()  # bytes before the first box (the greeting)
+        self._on_made = on_made
+        self._waiter: Optional["asyncio.Future[None]"] = None
+        self._drain_waiter: Optional["asyncio.Future[None]"] = None
+        self._write_paused = False
+        self._read_paused = False
+        self._lost: Optional[BaseException] = None  # why the transport went (None: not gone, or clean)
+        self._gone = False
+        self._bad_input: Optional[WireError] = None
         self.at_eof = False
         self.closed = False
-        transport = writer.transport
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, ssl: Optional["ssl_module.SSLContext"] = None,
+                   server_hostname: Optional[str] = None, label: Optional[str] = None) -> "Connection":
+        """Dial ``host:port`` (TLS with ``ssl``) and return the connection."""
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: cls(label=label or f"{host}:{port}"), host, port, ssl=ssl,
+                                               server_hostname=server_hostname)
+        return conn
+
+    # -- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         try:
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         except (AttributeError, NotImplementedError):  # pragma: no cover - every stream transport has it
             pass
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw += data
+        elif self._bad_input is None:
+            try:
+                self._ready.extend(self._decoder.feed(data))
+            except WireError as e:
+                self._bad_input = e
+        if len(self._ready) >= MAX_QUEUED_BOXES and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> Optional[bool]:
+        self.at_eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._gone = True
+        self.at_eof = True
+        self._lost = exc
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(Disconnected(f"{self.label}: connection lost while sending"
+                                              + (f": {exc}" if exc else "")))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def peer(self) -> str:
-        name = self.writer.get_extra_info("peername")
+        name = None if self.transport is None else self.transport.get_extra_info("peername")
         return str(name) if name else self.label
+
+    # -- waiting -----------------------------------------------------------
+
+    async def _wait(self, timeout: Optional[float], what: str) -> None:
+        """Wait for the next event on the connection, at most ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[None]" = loop.create_future()
+        handle = None
+        if timeout is not None:
+            handle = loop.call_later(timeout, _expire, fut,
+                                     lambda: PeerTimeout(f"{self.label}: no {what} for {timeout:g} s"))
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
 
     # -- sending -----------------------------------------------------------
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        """Queue bytes without waiting (for an interrupt from a plain function).
+        """Queue bytes without waiting (an interrupt from a plain function).
 
         :raises Disconnected: the connection is closed
         """
-        if self.closed or self.writer.is_closing():
+        transport = self.transport
+        if self.closed or self._gone or transport is None or transport.is_closing():
             raise Disconnected(f"{self.label}: connection already closed")
-        self.writer.write(data)
+        transport.write(data)
 
     async def send(self, data: Union[bytes, bytearray, memoryview], timeout: Optional[float] = None) -> None:
-        """Write bytes (encoded boxes, or the greeting) and wait while the
-        peer is behind; ``timeout`` bounds that wait."""
+        """Write bytes (encoded boxes, or the greeting) and, while the peer
+        is behind (more than :data:`WRITE_BUFFER_HIGH` unsent), wait for it;
+        ``timeout`` bounds that wait (:class:`PeerTimeout`)."""
         self.write(data)
+        if not self._write_paused:
+            return
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[None]" = loop.create_future()
+        handle = None
+        if timeout is not None:
+            handle = loop.call_later(timeout, _expire, fut,
+                                     lambda: PeerTimeout(f"{self.label}: peer stopped reading (send timed out)"))
+        self._drain_waiter = fut
         try:
-            # asyncio.timeout, not wait_for: wait_for may swallow a cancel (3.11)
-            async with asyncio.timeout(timeout):
-                await self.writer.drain()
-        except TimeoutError:
-            raise PeerTimeout(f"{self.label}: peer stopped reading (send timed out)") from None
-        except (ConnectionError, OSError) as e:
-            raise Disconnected(f"{self.label}: connection lost while sending: {e}") from e
+            await fut
+        finally:
+            self._drain_waiter = None
+            if handle is not None:
+                handle.cancel()
 
     async def send_boxes(self, boxes: List[Box], timeout: Optional[float] = None) -> None:
         """Encode boxes and send them in one write."""
@@ -90,32 +193,39 @@ class Connection:
 
     # -- reading -----------------------------------------------------------
 
-    async def _recv(self, timeout: Optional[float], n: int) -> bytes:
-        try:
-            if timeout is None:
-                return await self.reader.read(n)
-            async with asyncio.timeout(timeout):
-                return await self.reader.read(n)
-        except TimeoutError:
-            raise PeerTimeout(f"{self.label}: no answer for {timeout:g} s") from None
-        except (ConnectionError, OSError) as e:
-            raise Disconnected(f"{self.label}: connection lost: {e}") from e
+    def _check_gone(self) -> None:
+        if self._lost is not None:
+            raise Disconnected(f"{self.label}: connection lost: {self._lost}") from self._lost
 
     async def read_exact(self, n: int, timeout: Optional[float]) -> bytes:
-        """Exactly ``n`` raw bytes (the greeting), before any box."""
-        data = b""
+        """Exactly ``n`` raw bytes (the greeting), before any box; what
+        follows them is decoded as boxes from then on."""
+        raw = self._raw
+        if raw is None:
+            raise UsageError(f"{self.label}: raw bytes are read only before the first box")
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
-        while len(data) < n:
-            chunk = await self._recv(None if end is None else max(0.0, end - loop.time()), n - len(data))
-            if not chunk:
+        while len(raw) < n:
+            self._check_gone()
+            if self.at_eof:
                 raise Disconnected(f"{self.label}: connection closed during the greeting")
-            data += chunk
+            await self._wait(None if end is None else max(0.0, end - loop.time()), "greeting")
+        data = bytes(raw[:n])
+        self._raw = None
+        if len(raw) > n:
+            self.data_received(bytes(raw[n:]))
         return data
 
     def received(self) -> Optional[Box]:
         """A box already received, or ``None`` (without waiting)."""
-        return self._ready.popleft() if self._ready else None
+        return self._next() if self._ready else None
+
+    def _next(self) -> Box:
+        box = self._ready.popleft()
+        if self._read_paused and len(self._ready) < MAX_QUEUED_BOXES // 2 and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return box
 
     async def read_box(self, timeout: Optional[float]) -> Optional[Box]:
         """The next box; ``None`` when the peer closed the connection between
@@ -125,32 +235,38 @@ class Connection:
         :raises PeerTimeout: nothing arrived within ``timeout``
         :raises Disconnected: the connection broke
         """
-        ready = self._ready
-        while not ready:
+        if self._raw is not None:  # no greeting on this connection: its bytes are boxes
+            raw, self._raw = self._raw, None
+            if raw:
+                self.data_received(bytes(raw))
+        while not self._ready:
+            if self._bad_input is not None:
+                raise WireError(str(self._bad_input))
+            self._check_gone()
             if self.at_eof:
-                return None
-            data = await self._recv(timeout, self.RECV_SIZE)
-            if not data:
-                self.at_eof = True
                 self._decoder.close()  # a box cut short raises
                 return None
-            ready.extend(self._decoder.feed(data))
-        return ready.popleft()
+            await self._wait(timeout, "answer")
+        return self._next()
 
     def close(self) -> None:
-        """Close the connection (idempotent; does not wait)."""
+        """Close the connection (idempotent; what is queued is still sent)."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.writer.close()
-        except (ConnectionError, OSError, RuntimeError):  # pragma: no cover - closing a dead transport
-            pass
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
         """Reset the connection at once, dropping what is unsent."""
         self.closed = True
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(fut: "asyncio.Future[None]", error: Callable[[], BaseException]) -> None:
+    if not fut.done():
+        fut.set_exception(error())
 
 
 async def master_handshake(conn: Connection, rule: NameRule, *, timeout: float) -> Registered:

@@ -1,7 +1,7 @@
 """Listeners of the asyncio master: :class:`TcpSlaveListener` and :class:`LocalSlaveListener`.
 
 Both are ``async with`` context managers.  Each connection is served by the
-event loop alone (asyncio streams; no thread per slave, none at all): the
+event loop alone (an asyncio protocol; no thread per slave, none at all): the
 handshake is :class:`remsh.handshake.MasterHandshake`, driven by
 :func:`remsh.aio.connection.master_handshake` within ``handshake_timeout``;
 a registered slave becomes an :class:`~remsh.aio.slave.AsyncSlave` in
@@ -154,10 +154,11 @@ class TcpSlaveListener(_Listener):
         if self._server is not None:
             return
         await super().start()
-        self._server = await asyncio.start_server(
-            self._on_connection, host=self.host, port=self.port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context is not None else None,
-            limit=Connection.RECV_SIZE)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(label="slave", on_made=self._on_connection), host=self.host, port=self.port,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout if self.ssl_context is not None else None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -168,22 +169,20 @@ class TcpSlaveListener(_Listener):
         for task in list(self._pending):
             task.cancel()
         await super().stop()
-        if server is not None:
-            try:
-                await asyncio.wait_for(server.wait_closed(), self.handshake_timeout)
-            except asyncio.TimeoutError:  # pragma: no cover - every connection was closed above
-                log.warning("listener on port %s: connections still open at stop", self.port)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        conn = Connection(reader, writer, label=f"slave at {peer}")
+    def _on_connection(self, conn: Connection) -> None:
+        """A connection was accepted (TLS done): run its handshake in a task."""
+        conn.label = f"slave at {conn.peer}"
         if len(self._pending) >= self.max_pending or not self._started:
-            log.warning("dropped connection from %s: %d handshakes pending", peer, len(self._pending))
+            log.warning("dropped connection from %s: %d handshakes pending", conn.peer, len(self._pending))
             conn.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
+        task = asyncio.get_running_loop().create_task(self._handshake(conn))
         self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _handshake(self, conn: Connection) -> None:
+        peer = conn.peer
         try:
             await self._register(conn, self.authorize, self.handshake_timeout)
         except AuthenticationError as e:
@@ -195,8 +194,6 @@ class TcpSlaveListener(_Listener):
         except Exception:  # noqa: BLE001 - a bad connection must never stop the listener
             log.exception("unexpected failure handling connection from %s", peer)
             conn.close()
-        finally:
-            self._pending.discard(task)
 
 
 class LocalSlaveListener(_Listener):
@@ -224,8 +221,8 @@ class LocalSlaveListener(_Listener):
         sock = stream.sock
         sock.setblocking(False)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=Connection.RECV_SIZE)
-            conn = Connection(reader, writer, label=f"local slave (pid {proc.pid})")
+            _, conn = await asyncio.get_running_loop().create_connection(
+                lambda: Connection(label=f"local slave (pid {proc.pid})"), sock=sock)
             slave = await self._register(conn, lambda _name: (True, None), self.handshake_timeout)
         except BaseException:
             sock.close()
