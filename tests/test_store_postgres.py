@@ -311,3 +311,24 @@ def test_a_master_notices_another_going_silent_and_coming_back(open_store, caplo
     wait_until(lambda: "master other is dead" in caplog.text, WAIT, "the watcher to notice the silence")
     other.beat()  # it beats again
     wait_until(lambda: "master other is back" in caplog.text, WAIT, "the watcher to notice it back")
+
+
+def test_an_outage_is_waited_out_by_output_and_refused_to_new_jobs(open_store, pg_server) -> None:
+    """PostgreSQL stopped: appending output waits and completes once it is back (stored once), a new job fails at once with StoreError."""
+    a = open_store("a", outage_wait=60.0)
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    a.append_output(job.id, "s1", "stdout", 0, b"before ")
+    pg_server.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            a.create_job("run", {"argv": ["y"]}, 0, ["s1"])
+        assert time.monotonic() - started < 5.0
+        writer = run_in_thread(lambda: a.append_output(job.id, "s1", "stdout", 7, b"during\n"))
+        assert not writer.done.wait(1.0)  # waiting for the database, not failed
+    finally:
+        pg_server.start()
+    assert writer.done.wait(WAIT) and writer.error is None and writer.result == 14
+    a.update_slave(job.id, "s1", state=SLAVE_OK, exit_status=0)
+    assert b"".join(c.data for _, c in a.read_output(job.id)) == b"before during\n"
+    assert [j.id for j in a.list_jobs()] == [job.id]

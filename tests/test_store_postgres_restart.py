@@ -92,3 +92,41 @@ def test_a_killed_master_on_postgresql_restarted_takes_back_running_commands(tmp
             if m is not None:
                 m.stop()
         slaves.close()
+
+
+def test_a_postgresql_restart_mid_job_loses_no_output(tmp_path: Path, pg_server: PgServer, store_uri: str) -> None:
+    """pg_ctl restart while a job prints on two slaves: the job ends done, every line of both streams stored once and in order."""
+    port = _free_port()
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    master = Master(tmp_path, tmp_path / "ctl" / "m.sock", port, extra=["--store", store_uri, "--name", "m1"])
+    names = ("p-1", "p-2")
+    script = ('for i in $(seq 1 150); do echo "line $i"; echo "err $i" >&2; sleep 0.02; done; '
+              'for j in $(seq 1 20); do echo "after $j"; done')
+    try:
+        master.wait_ready()
+        for name in names:
+            slaves.start(port, name, secret=None, insecure=True, max_backoff=0.3)
+        wait_names(master.sock, names)
+        r = remsh(master.sock, "run", "--detach", "--", "sh", "-c", script)
+        assert r.returncode == 0, r.stderr.decode()
+        job_id = r.stdout.decode().strip()
+        wait_until(lambda: all(s["stdout_bytes"] > 50 for s in _record(master, job_id)["slaves"].values()), WAIT,
+                   "output from every slave")
+        pg_server.restart()
+
+        def ended() -> bool:
+            try:
+                return _record(master, job_id)["state"] != "running"
+            except AssertionError:  # the master could not read the store just then
+                return False
+
+        wait_until(ended, WAIT * 2, "the job to end")
+        rec = _record(master, job_id)
+        assert rec["state"] == "done", rec
+        stored = _stored(store_uri, job_id)
+        for name in names:
+            assert _check_complete(stored[name], name) == 150
+            assert rec["slaves"][name]["stdout_bytes"] == len(stored[name]["stdout"])
+    finally:
+        master.stop()
+        slaves.close()

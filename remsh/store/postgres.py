@@ -32,13 +32,18 @@ its migrations are applied in one transaction under an advisory lock, so
 masters starting together migrate once.  A database of a newer remsh is
 refused.
 
-A broken connection (PostgreSQL restarted, the network) fails the call in
-progress with a :class:`~remsh.store.base.StoreError` and is opened again
-by the next one.
+A broken connection (PostgreSQL restarted, the network) is opened again.
+A write that stores the same whether it ran once or twice (output by its
+position, a slave's record, a job's end, a session) is repeated once the
+database answers again, for up to ``outage_wait`` seconds: a restart of
+PostgreSQL under a running job loses none of its output.  A new job is not
+(a second try could make two): it fails while the database is away; a read
+is tried once more at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -71,6 +76,9 @@ MIGRATION_LOCK = 0x72656D7368
 HEARTBEAT = 3.0
 LEASE = 15.0
 POLL_INTERVAL = 2.0
+#: How long a write that is harmless to repeat (output, a slave's record, a
+#: job's end) waits for the database to come back before it fails.
+OUTAGE_WAIT = 30.0
 #: Bounds on the database: connecting, one statement, waiting for a row lock.
 CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 30_000
@@ -92,6 +100,14 @@ def redacted(conninfo: str) -> str:
     return psycopg.conninfo.make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
+class _Broken(StoreError):
+    """The connection broke under a call (whether it committed is unknown)."""
+
+
+class _Unreachable(StoreError):
+    """No connection to the database could be made."""
+
+
 class _Link:
     """One connection to the database, its lock, and its reopening after it
     broke: calls on one link run one at a time."""
@@ -102,12 +118,14 @@ class _Link:
         self.lock = threading.Lock()
         self.conn: Optional[Conn] = None
         self.closed = False
+        #: set first by :meth:`close`: a call waiting out an outage gives up
+        self.closing = threading.Event()
 
     def connect(self) -> Conn:
         try:
             conn: Conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as e:
-            raise StoreError(f"cannot reach the job store {self.label}: {_one_line(e)}") from e
+            raise _Unreachable(f"cannot reach the job store {self.label}: {_one_line(e)}") from e
         try:
             conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
             conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
@@ -116,31 +134,51 @@ class _Link:
             raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
         return conn
 
-    def run(self, fn: Callable[[Conn], T], *, retry: bool = False) -> T:
+    def run(self, fn: Callable[[Conn], T], *, retry: bool = False, patience: float = 0.0) -> T:
         """``fn(conn)`` in one transaction (committed when it returns).
-        With ``retry`` (a read: doing it twice is harmless), a connection
-        found broken is opened again and ``fn`` run once more at once."""
+
+        ``fn`` is run again on a new connection when the connection broke
+        under it: with ``retry`` (a read) once, at once; with ``patience``
+        (a write that is harmless to repeat: whether the broken attempt
+        committed or not, repeating it stores the same) until the database
+        answers again, for at most ``patience`` seconds.  Otherwise the
+        call fails and the next one connects again.
+        """
+        deadline = time.monotonic() + patience
+        delay = 0.1
         with self.lock:
-            for attempt in (1, 2):
-                if self.closed:
+            for attempt in itertools.count(1):
+                if self.closed or self.closing.is_set():
                     raise StoreError(f"the job store {self.label} is closed")
-                if self.conn is None or self.conn.closed or self.conn.broken:
-                    self.conn = self.connect()
-                conn = self.conn
                 try:
-                    with conn.transaction():
-                        return fn(conn)
-                except psycopg.Error as e:
-                    if not (conn.closed or conn.broken):
-                        raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
-                    log.warning("job store %s: connection lost (%s); connecting again", self.label, _one_line(e))
-                    conn.close()
-                    self.conn = None
-                    if not retry or attempt == 2:
-                        raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
+                    if self.conn is None or self.conn.closed or self.conn.broken:
+                        self.conn = self.connect()
+                    conn = self.conn
+                    try:
+                        with conn.transaction():
+                            return fn(conn)
+                    except psycopg.Error as e:
+                        if not (conn.closed or conn.broken):
+                            raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
+                        conn.close()
+                        self.conn = None
+                        raise _Broken(f"job store {self.label}: {_one_line(e)}") from e
+                except _Broken as e:
+                    log.warning("%s; connecting again", e)
+                    if retry and attempt == 1:
+                        continue
+                    failure: StoreError = e
+                except _Unreachable as e:
+                    failure = e
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(str(failure)) from failure.__cause__
+                if self.closing.wait(delay):
+                    raise StoreError(f"the job store {self.label} is closed")
+                delay = min(1.0, delay * 2)
             raise AssertionError("not reached")
 
     def close(self) -> None:
+        self.closing.set()
         with self.lock:
             self.closed = True
             if self.conn is not None:
@@ -157,7 +195,9 @@ class PostgresJobStore:
     ``max_output`` as for :class:`~remsh.store.sqlite.SqliteJobStore`;
     ``heartbeat``/``lease`` the heartbeat interval and how long a silent
     master counts as alive; ``poll_interval`` the safety net of
-    :meth:`wait_change`.
+    :meth:`wait_change`; ``outage_wait`` how long a write that is harmless
+    to repeat waits for the database to come back (a new job does not
+    wait: it is refused while the database is away).
 
     :raises StoreError: the database cannot be reached, is not a remsh store
         or is of a newer remsh
@@ -166,7 +206,7 @@ class PostgresJobStore:
 
     def __init__(self, conninfo: str, name: str, *, keep: float = DEFAULT_KEEP_SECONDS,
                  max_output: int = DEFAULT_MAX_OUTPUT, heartbeat: float = HEARTBEAT, lease: float = LEASE,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, outage_wait: float = OUTAGE_WAIT) -> None:
         if not name:
             raise ValueError("a master on a shared store needs a name")
         self.label = redacted(conninfo)
@@ -176,6 +216,7 @@ class PostgresJobStore:
         self.heartbeat = heartbeat
         self.lease = lease
         self.poll_interval = poll_interval
+        self.outage_wait = outage_wait
         self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
         self._writer = _Link(self._conninfo, self.label)
         self._reader = _Link(self._conninfo, self.label)
@@ -282,7 +323,7 @@ class PostgresJobStore:
                     conn = self._start_listening()
                     self._bump()  # what changed while nobody listened
             except StoreError as e:
-                log.warning("%s; listening again in %.0fs", e, self.poll_interval)
+                log.warning("%s; listening again in %.1fs", e, self.poll_interval)
                 if self._stop.wait(self.poll_interval):
                     return
                 next_beat = self._beat_if_due(next_beat)
@@ -362,9 +403,11 @@ class PostgresJobStore:
         return FencedOff(f"master {self.name} on the job store {self.label}: its epoch {self.epoch} is stale "
                          f"({current}): another master has taken over its work; nothing it writes is kept")
 
-    def _write(self, fn: Callable[[Conn], T], payload: str = "") -> T:
+    def _write(self, fn: Callable[[Conn], T], payload: str = "", *, repeatable: bool = True) -> T:
         """``fn(db)`` in one transaction fenced by this master's epoch, which
-        also announces the change; local waiters wake at once."""
+        also announces the change; local waiters wake at once.  A
+        ``repeatable`` write (storing the same whether it ran once or twice)
+        waits out a database outage of up to :attr:`outage_wait` seconds."""
         if self._closed:
             raise StoreError(f"the job store {self.label} is closed")
 
@@ -376,7 +419,7 @@ class PostgresJobStore:
             db.execute("SELECT nextval('remsh_changes'), pg_notify(%s, %s)", (CHANNEL, payload))
             return result
 
-        result = self._writer.run(fenced)
+        result = self._writer.run(fenced, patience=self.outage_wait if repeatable else 0.0)
         self._bump()
         return result
 
@@ -426,7 +469,7 @@ class PostgresJobStore:
             return JobRecord(job_id, kind, dict(spec), uid, JOB_RUNNING, started,
                              slaves={name: SlaveRecord(name) for name in names})
 
-        return self._write(create)
+        return self._write(create, repeatable=False)  # a second try could make a second job
 
     def update_slave(self, job_id: str, name: str, *, state: Optional[str] = None,
                      exit_status: Optional[int] = None, error: Optional[str] = None,
@@ -656,7 +699,7 @@ class PostgresJobStore:
                        (self.name, self.epoch, name))
             return sorted(str(r[0]) for r in rows)
 
-        adopted = self._write(adopt)
+        adopted = self._write(adopt, repeatable=False)  # a second try would lose the race it won
         if adopted is not None:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
