@@ -79,11 +79,14 @@ class Subscriber:
         blocks)."""
         if self.closed:
             return
-        if not self._room.acquire(blocking=False):
-            self.fresh = True
-            self.loop.call_soon_threadsafe(self._drop)
-            return
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+        try:
+            if not self._room.acquire(blocking=False):
+                self.fresh = True
+                self.loop.call_soon_threadsafe(self._drop)
+                return
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+        except RuntimeError:  # the loop is closed: the server stopped
+            self.closed = True
 
     def put(self, message: Optional[str], timeout: float = KEEPALIVE) -> None:
         """Queue ``message``, waiting while the page is ``limit`` behind (a

@@ -43,7 +43,7 @@ def add_http_options(p: argparse.ArgumentParser) -> None:
                    help="allow plain HTTP on an address other than the loopback interface")
 
 
-def add_web_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_web_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     """The ``remsh web`` subcommand."""
     sub.add_parser("web", help="print the master's web dashboard URL (with its access token)",
                    description="Print the URL of the running master's web dashboard, with its access token "
