@@ -61,6 +61,11 @@ OUTPUT_BATCH = 64 << 10
 #: ... or once the first byte held is this old (seconds): what a follower
 #: of a slowly writing command waits at most, beyond the store itself.
 OUTPUT_DELAY = 0.05
+#: Why the jobs of a stopping master end: they fail (nobody cancelled them),
+#: except the commands handed over to the next master.
+MASTER_STOPPING = "the master is stopping"
+#: The error of a transfer a master that stopped left unfinished.
+TRANSFER_CUT = "the master stopped during the transfer; it did not finish (run it again)"
 #: Output chunks a follower reads from the store at a time.
 READ_BATCH = 256
 
@@ -272,18 +277,20 @@ class StoreSink:
             lost = result.name in self._lost or (result.name in self._away and result.errtag != "timeout")
             noted = result.name in self._noted
             self._ended.add(result.name)
+        stopping = self.cancellation.cancelled and self.cancellation.reason == MASTER_STOPPING
         if result.error is None and result.status == 0:
             state = SLAVE_OK
         elif result.errtag in ("skipped", "away"):  # never started (remsh.pacing)
             state = SLAVE_SKIPPED
         elif lost and not self.cancellation.cancelled:
             state = SLAVE_LOST
-        elif self.cancellation.cancelled:
+        elif self.cancellation.cancelled and not stopping:
             state = SLAVE_CANCELLED if started else SLAVE_SKIPPED
         else:
             state = SLAVE_FAILED
+        error = result.error or (MASTER_STOPPING if stopping and state == SLAVE_FAILED else None)
         self._store("an end", lambda: self.store.update_slave(
-            self.job_id, result.name, state=state, exit_status=result.status, error=result.error,
+            self.job_id, result.name, state=state, exit_status=result.status, error=error,
             errtag=result.errtag, finished=now(), summary=result.summary or ("" if noted else None)))
         if part is not None:
             # the end is recorded: the session no longer needs keeping, nor its boxes
@@ -318,6 +325,8 @@ class StoreSink:
         with self._lock:
             self._parts[part.name] = part
             self._positions[(part.name, "stdout")], self._positions[(part.name, "stderr")] = positions
+        if part.wire is not None:  # acknowledged after commit again: a second restart loses nothing either
+            part.wire.commit(part.committed)
         self.slave_state(part.name, "back", "")
 
     def end_part(self, part: Part, result: SlaveResult) -> None:
@@ -423,6 +432,8 @@ class JobRegistry:
                     continue
                 if name in recorded:
                     parts.append(Part(recorded[name]))
+                elif record.kind != "run":  # a transfer is not taken back: it fails, cleanly
+                    self.store.update_slave(record.id, name, state=SLAVE_FAILED, finished=now(), error=TRANSFER_CUT)
                 else:  # nothing runs it any more
                     self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
                                             error="the master stopped before it ended")
@@ -515,18 +526,20 @@ class JobRegistry:
                 job.tee.end()
             sink.flush()
         handed = sink.handed_over()
+        # a master that stops fails what it cannot hand over; nobody cancelled it
+        cancelled = job.cancellation.cancelled and job.cancellation.reason != MASTER_STOPPING
         try:
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():
                 if rec.state not in SLAVE_FINAL_STATES and name not in handed:
-                    state = SLAVE_CANCELLED if job.cancellation.cancelled else SLAVE_FAILED
+                    state = SLAVE_CANCELLED if cancelled else SLAVE_FAILED
                     error = str(failure) if failure is not None else job.cancellation.reason
                     self.store.update_slave(job.id, name, state=state, error=error, finished=now())
             if handed:
                 log.info("job %s: its commands on %s are kept for the next master", job.id, ", ".join(sorted(handed)))
                 return
             record = self.store.get_job(job.id)
-            state = job_state_from(record.slaves.values(), job.cancellation.cancelled)
+            state = job_state_from(record.slaves.values(), cancelled)
             if failure is not None and state != JOB_CANCELLED:
                 state = JOB_FAILED
             self.store.finish_job(job.id, state)
@@ -571,7 +584,7 @@ class JobRegistry:
         for job in jobs:
             if job.sink is not None and self.keep_work:
                 job.sink.hand_over()
-            job.cancel("the master is stopping")
+            job.cancel(MASTER_STOPPING)
         deadline = time.monotonic() + timeout
         for job in jobs:
             job.finished.wait(max(0.0, deadline - time.monotonic()))

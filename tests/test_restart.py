@@ -107,12 +107,18 @@ def _check_complete(streams: Dict[str, bytes], name: str) -> int:
     return len(numbered)
 
 
-def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: int) -> None:
+def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: int, times: int = 1) -> None:
     master, job_id, go = _job_mid_run(tmp_path, slaves, port)
     before = {n: s["stdout_bytes"] for n, s in _record(master, job_id)["slaves"].items()}
-    master.stop(sig)
-    time.sleep(0.5)  # the commands go on printing while no master is there: kept by the slaves
-    second = _start(tmp_path, port)
+    for _ in range(times):
+        master.stop(sig)
+        time.sleep(0.5)  # the commands go on printing while no master is there: kept by the slaves
+        master = _start(tmp_path, port)
+        wait_names(master.sock, NAMES)
+        seen = {n: s["stdout_bytes"] for n, s in _record(master, job_id)["slaves"].items()}
+        wait_until(lambda: all(s["stdout_bytes"] > seen[n] for n, s in _record(master, job_id)["slaves"].items()),
+                   WAIT, "output stored by the new master")
+    second = master
     try:
         wait_names(second.sock, NAMES)
         follower = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(second.sock), "job", job_id,
@@ -143,8 +149,8 @@ def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: 
 
 
 def test_a_killed_master_restarted_takes_back_running_commands(fleet: Tuple[Path, SlaveProcesses, int]) -> None:
-    """SIGKILL mid-job, restart on the same state dir: every line stored once, exit statuses right, follow shows all, a new job works."""
-    _restart_and_finish(*fleet, signal.SIGKILL)
+    """SIGKILL mid-job, twice, restarts on the same state dir: every line stored once, exit statuses right, follow shows all, a new job works."""
+    _restart_and_finish(*fleet, signal.SIGKILL, times=2)
 
 
 def test_a_master_stopped_by_sigterm_hands_its_commands_to_the_next(fleet: Tuple[Path, SlaveProcesses, int]) -> None:
@@ -228,6 +234,7 @@ def test_output_is_acknowledged_only_once_committed_with_its_session_count(tmp_p
             assert box is not None
             sink.output("s", "stdout", box[b"data"])
             # nothing the store lacks is acknowledged: the slave still keeps it
+            slave_side.feed_available()
             slave_side.poll_box()
             assert slave_side.peer_acked <= store.open_sessions()[0].received
         sink.flush()
@@ -279,3 +286,139 @@ def test_a_version_2_store_is_migrated_to_keep_sessions(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
+
+
+# -- what a new master does with what the old one left, no processes -------------------------
+
+
+def test_a_new_master_fails_transfers_and_loses_commands_it_cannot_take_back(tmp_path: Path) -> None:
+    """At start: a put left running fails with the transfer error; a run without a recorded session is lost; both jobs end failed."""
+    from remsh.jobs import TRANSFER_CUT, JobRegistry
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    put = store.create_job("put", {"paths": ["/a", "/b"]}, 0, ["s"])
+    run = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+    for job in (put, run):
+        store.update_slave(job.id, "s", state="running")
+    registry = JobRegistry(store)
+    registry.start()
+    try:
+        assert store.get_job(put.id).slaves["s"].state == "failed"
+        assert store.get_job(put.id).slaves["s"].error == TRANSFER_CUT
+        assert store.get_job(run.id).slaves["s"].state == "lost"
+        assert store.get_job(put.id).state == store.get_job(run.id).state == "failed"
+    finally:
+        registry.stop()
+        registry.close()
+
+
+def test_a_recorded_command_waits_away_then_ends_lost_at_the_resume_timeout(tmp_path: Path) -> None:
+    """A run whose session is recorded waits 'away' for its slave; with no slave back within the listeners' time it ends lost and its session is forgotten."""
+    from remsh.jobs import JobRegistry
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    job = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+    store.update_slave(job.id, "s", state="running")
+    store.open_session(SessionRecord("e" * 32, "s", job.id, "execute", 4, 2, 2))
+    registry = JobRegistry(store)
+    registry.start()
+    try:
+        assert store.get_job(job.id).slaves["s"].state == "away"
+        assert registry.adoptions.claim("f" * 32, "s") is None  # another id: nothing
+        assert registry.adoptions.claim("e" * 32, "t") is None  # another slave's name: nothing
+        registry.adoptions.offer(1.0)
+        wait_until(lambda: store.get_job(job.id).state == "failed", WAIT, "the job to end")
+        rec = store.get_job(job.id).slaves["s"]
+        assert rec.state == "lost" and "did not come back within 1 s" in (rec.error or "")
+        assert store.open_sessions() == []
+    finally:
+        registry.stop()
+        registry.close()
+
+
+def test_jobs_a_stopping_master_cannot_hand_over_fail_rather_than_cancel(tmp_path: Path) -> None:
+    """A job with nothing to hand over (no session) is failed by a stopping master, its slave failed with 'the master is stopping'."""
+    import threading
+
+    from remsh.fleet import SlaveResult
+    from remsh.jobs import MASTER_STOPPING, JobRegistry
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    registry = JobRegistry(store)
+    registry.start()
+    started = threading.Event()
+
+    def work(sink, cancellation):
+        sink.start("s")
+        started.set()
+        while not cancellation.cancelled:
+            time.sleep(0.01)
+        result = SlaveResult("s", status=-9)
+        sink.end(result)
+        return [result]
+
+    job = registry.submit("run", {"argv": ["x"]}, 0, ["s"], work)
+    assert started.wait(WAIT)
+    registry.stop()
+    try:
+        record = store.get_job(job.id)
+        assert record.state == "failed", record
+        assert record.slaves["s"].state == "failed" and record.slaves["s"].error == MASTER_STOPPING
+    finally:
+        registry.close()
+
+
+class _SlaveOfSession:
+    """Only what taking a command back uses of a slave: its name, its session, its operation frame."""
+
+    def __init__(self, name: str, wire: SessionWire) -> None:
+        self.name = name
+        self.wire = wire
+
+    def operation(self, meth: str):
+        import contextlib
+        import types
+
+        @contextlib.contextmanager
+        def frame():
+            yield types.SimpleNamespace(wire=self.wire)
+
+        return frame()
+
+
+def test_a_command_taken_back_goes_on_into_its_record_acknowledged_after_commit(tmp_path: Path) -> None:
+    """A recorded session claimed and attached: the slave's boxes from the committed count go into the job exactly once, acknowledged only once stored, and the exit ends the job."""
+    from remsh.jobs import JobRegistry
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    job = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+    store.update_slave(job.id, "s", state="running")
+    store.append_output(job.id, "s", "stdout", 0, b"before\n")
+    store.open_session(SessionRecord("9" * 32, "s", job.id, "execute", 4, 2, 5))  # start reply and output committed
+    registry = JobRegistry(store)
+    registry.start()
+    try:
+        claim = registry.adoptions.claim("9" * 32, "s")
+        assert claim is not None and claim.committed == 5
+        assert registry.adoptions.claim("9" * 32, "s") is None  # claimed once
+        mine, theirs = _pair()
+        slave_side = SessionWire(theirs, "9" * 32, resume_timeout=30, counts=(5, 5))
+        master_side = SessionWire(mine, "9" * 32, resume_timeout=30, counts=(5, 5))
+        registry.adoptions.attach(claim, _SlaveOfSession("s", master_side), 5)
+        assert store.get_job(job.id).slaves["s"].state == "running"
+        for i in range(300):
+            slave_side.send_box({b"stream": b"stdout", b"data": b"%d\n" % i})
+            slave_side.feed_available()
+            slave_side.poll_box()
+            assert slave_side.peer_acked <= store.open_sessions()[0].received
+        slave_side.send_box({b"result": b"4"})
+        wait_until(lambda: store.get_job(job.id).state != "running", WAIT, "the job to end")
+        record = store.get_job(job.id)
+        assert record.state == "failed" and record.slaves["s"].exit_status == 4, record
+        out = b"".join(c.data for _, c in store.read_output(job.id, limit=10_000))
+        assert out == b"before\n" + b"".join(b"%d\n" % i for i in range(300))
+        assert store.open_sessions() == []
+        slave_side.close()
+    finally:
+        registry.stop()
+        registry.close()

@@ -13,6 +13,13 @@ output is kept (up to ``spool_limit`` bytes, past which the command waits
 on its writes) and delivered once.  If the connection does not come back
 within the master's ``resume_timeout`` the session fails: the server ends
 and the command's process group is killed.
+
+The master may also be a new process on the same job store (the old one
+was killed or stopped): it knows the session from its store and takes it
+back, answering with the count of our boxes it has committed; we send
+again everything from there (:mod:`remsh.jobadopt`).  A master that does
+not know the session at all answers with a new one: the old session ends
+and its command is killed (nobody would ever read its output).
 """
 
 from __future__ import annotations
