@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import ssl
 import stat
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from remsh.web.app import COOKIE, csrf_token  # noqa: E402
 from remsh.web.live import Subscriber, Watch  # noqa: E402
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses  # noqa: E402
 from tests.test_fleet import Master, _env, ls, remsh, wait_names  # noqa: E402
+from tests.transports import make_pki  # noqa: E402
 from tests.util import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -471,3 +473,35 @@ def test_a_watch_makes_its_rows_again_after_the_refresh_whatever_the_signature()
     finally:
         watch.stop()
         loop.close()
+
+
+def test_http_tls_serves_https_with_a_secure_cookie_and_refuses_a_bad_certificate(tmp_path: Path) -> None:
+    """--http 0.0.0.0:0 --http-tls CERT KEY: HTTPS verified against the CA, the cookie Secure; a bad certificate: exit 2."""
+    pki = make_pki(tmp_path / "pki")
+    master = Master(tmp_path, tmp_path / "m.sock",
+                    extra=["--http", "0.0.0.0:0", "--http-tls", str(pki.cert), str(pki.key)])
+    try:
+        master.wait_ready()
+        url = (master.state_dir / "web-url").read_text().strip()
+        assert url.startswith("https://")
+        port = int(url.split("/?token=")[0].rsplit(":", 1)[1])
+        token = url.split("/?token=")[1]
+        base = f"https://127.0.0.1:{port}"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=WAIT) as c:
+            r = c.get(f"{base}/", params={"token": token})
+            assert r.status_code == 303
+            assert {"secure", "httponly", "samesite=strict"} <= {a.strip().lower() for a in
+                                                                 r.headers["set-cookie"].split(";")[1:]}
+            assert c.get(f"{base}/api/slaves", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        with httpx.Client(timeout=WAIT) as plain:
+            with pytest.raises(httpx.HTTPError):
+                plain.get(f"http://127.0.0.1:{port}/api/slaves")
+    finally:
+        assert master.stop() == 0
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    r = subprocess.run([sys.executable, "-m", "remsh", "master", "--control", str(tmp_path / "m3.sock"), "--listen",
+                        "127.0.0.1:0", "--insecure", "--state-dir", str(tmp_path / "state3"), "--http", "127.0.0.1:0",
+                        "--http-tls", str(bad), str(pki.key)], env=_env(), capture_output=True, timeout=WAIT)
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines()[-1].startswith("remsh: cannot serve the dashboard on 127.0.0.1:")

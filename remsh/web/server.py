@@ -94,7 +94,8 @@ class WebServer:
                 asyncio.run(server.serve(sockets=[sock]))
             except BaseException as e:  # noqa: BLE001 - reported to start() or logged
                 self._failure = e
-                log.error("the web dashboard stopped: %s", e)
+                if server.started:
+                    log.error("the web dashboard stopped: %s", e)
             finally:
                 sock.close()
 
