@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import ssl as ssl_module
+import threading
 from typing import Callable, Deque, List, Optional, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, UsageError
@@ -36,8 +37,22 @@ WRITE_BUFFER_HIGH = 2 << 20
 MAX_QUEUED_BOXES = 64
 
 
-class Connection(asyncio.Protocol):
-    """Boxes over one asyncio transport (an :class:`asyncio.Protocol`), for
+_scratch = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's receive buffer (one per event loop thread): what is
+    received into it is decoded -- the decoder copies what it keeps --
+    before the loop receives again, so every connection shares it."""
+    buf: Optional[memoryview] = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = memoryview(bytearray(Wire.RECV_SIZE))
+    return buf
+
+
+class Connection(asyncio.BufferedProtocol):
+    """Boxes over one asyncio transport (an :class:`asyncio.BufferedProtocol`:
+    received into one buffer per loop thread, no allocation per receive), for
     one task at a time reading.
 
     Writes are whole (a box is never interleaved with another), so several
@@ -89,7 +104,13 @@ class Connection(asyncio.Protocol):
         if self._on_made is not None:
             self._on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_receive_buffer()[:nbytes])
+
+    def data_received(self, data: Union[bytes, memoryview]) -> None:
         if self._raw is not None:
             self._raw += data
         elif self._bad_input is None:

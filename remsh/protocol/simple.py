@@ -13,6 +13,7 @@ table declares ``long``; any other box after the request is the reply.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any, NamedTuple, Optional, Union
 
 from remsh.conversation import Failed
@@ -46,7 +47,7 @@ class SimpleCall:
         if op.conversation:
             raise UsageError(f"{op.meth} is a conversation of its own, not a simple call")
         self.op = op
-        self._request = op.encode(**values)
+        self._request = op.encode(**values) if values else _encoded(op)
         self.state = SimpleState.IDLE
 
     @property
@@ -83,3 +84,9 @@ class SimpleCall:
             return Failed(remote_error(box[b"errtag"].decode("ascii", "replace"),
                                        box.get(b"error", b"").decode("utf-8", "replace")))
         return Reply(box)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoded(op: Operation) -> bytes:
+    """The request of an operation without arguments, encoded once."""
+    return op.encode()
