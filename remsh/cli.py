@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
 from remsh.choice import choose
-from remsh.clihelp import describe
+from remsh.clihelp import OneLineParser, describe
 from remsh.clils import add_ls_parser, cmd_ls
 from remsh.control import (ControlClient, ControlError, ControlServer, NoMaster, control_path,
                            make_private_directory)
@@ -209,7 +209,7 @@ def default_state_dir() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="remsh", description="Run commands on many machines.")
+    p = OneLineParser(prog="remsh", description="Run commands on many machines.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--version", action="version", version=f"remsh {remsh.__version__}")
     p.add_argument("--master", metavar="PATH",

@@ -8,6 +8,7 @@ description keeps it.
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 #: Subcommand -> its description.
 DESCRIPTIONS = {
@@ -31,3 +32,12 @@ def describe(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     for name, parser in sub.choices.items():
         if not parser.description and name in DESCRIPTIONS:
             parser.description = DESCRIPTIONS[name]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An option argparse refuses is one line on stderr and exit 2, like
+    every other usage error of ``remsh`` (not the whole usage block, which
+    ``--help`` shows): ``remsh: MESSAGE (remsh run --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"remsh: {message} ({self.prog} --help)\n")

@@ -59,8 +59,9 @@ LATENCY = 0.05
 log = logging.getLogger(__name__)
 
 
-#: Colours (ANSI SGR codes) of the slave names, in turn.
-COLOURS = [31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96]
+#: Colours (ANSI SGR codes) of the slave names, in turn: no red (31, 91),
+#: which reads as an error on a terminal.
+COLOURS = [32, 33, 34, 35, 36, 92, 93, 94, 95, 96]
 
 
 def _escape(char: str) -> str:

@@ -157,3 +157,46 @@ def test_an_ipv4_peer_of_a_dual_stack_listener_is_shown_plain(tmp_path: Path) ->
     finally:
         _stop(proc)
         slaves.close()
+
+
+@pytest.mark.parametrize("args", [("run", "--batch"), ("run", "--nope", "--", "true"), (), ("frobnicate",),
+                                  ("run", "--max-fail", "x", "--", "true")])
+def test_an_option_argparse_refuses_is_one_line(args: Sequence[str]) -> None:
+    """What argparse refuses is one line naming where to read more, exit 2 (not the whole usage block)."""
+    r = _remsh(*args)
+    assert r.returncode == 2
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("remsh: ") and lines[0].endswith("--help)"), lines
+
+
+def test_the_groups_file_of_the_docs_is_a_groups_file() -> None:
+    """The [groups] example of docs/using.rst reads as the groups it shows."""
+    from remsh.groups import parse_groups
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "using.rst").read_text()
+    block = text.split("list of name globs or other groups (``@NAME``)::\n\n", 1)[1].split("\n\n", 1)[0]
+    groups = parse_groups("\n".join(line[4:] for line in block.splitlines()), "docs")
+    assert groups == {"web": ["web-*", "edge-1"], "db": ["db-[0-9]*"], "frontline": ["@web", "proxy-1"]}
+
+
+def test_no_slave_name_is_coloured_red(tmp_path: Path) -> None:
+    """--color always: the slaves' names take colours in turn, never red (31 or 91), which reads as an error."""
+    r = _remsh("run", "--local", "3", "--basedir", str(tmp_path), "--color", "always", "--", "echo", "x")
+    assert r.returncode == 0, r.stderr
+    colours = {line.split("m", 1)[0] for line in r.stdout.decode().splitlines()}
+    assert len(colours) == 3 and all(c.startswith("\x1b[") for c in colours), colours
+    assert not colours & {"\x1b[31", "\x1b[91"}, colours
+
+
+@pytest.mark.skipif(not Path("/bin").is_symlink(), reason="not a merged-/usr system")
+def test_allow_command_on_merged_usr_is_as_documented(tmp_path: Path) -> None:
+    """Merged /usr: --allow-command /usr/bin/echo allows /bin/echo; /bin/echo allows only a command naming /bin/echo."""
+    with fleet_with(tmp_path, ()) as f:
+        f.slaves.start(f.master.port, "usr", max_backoff=0.5, extra_args=["--allow-command", "/usr/bin/echo"])
+        f.slaves.start(f.master.port, "bin", max_backoff=0.5, extra_args=["--allow-command", "/bin/echo"])
+        wait_until(lambda: {r["name"] for r in ls(f.sock)} == {"usr", "bin"}, WAIT, "both registered")
+        assert f.run("run", "-t", "usr", "--", "/bin/echo", "hi").returncode == 0
+        assert f.run("run", "-t", "usr", "--", "echo", "hi").returncode == 0
+        assert f.run("run", "-t", "bin", "--", "/bin/echo", "hi").returncode == 0
+        denied = f.run("run", "-t", "bin", "--", "echo", "hi")
+        assert denied.returncode == 3 and b"denied" in denied.stderr
