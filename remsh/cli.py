@@ -209,7 +209,7 @@ def default_state_dir() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="remsh", description="Run commands on many machines.")
+    p: argparse.ArgumentParser = OneLineParser(prog="remsh", description="Run commands on many machines.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--version", action="version", version=f"remsh {remsh.__version__}")
     p.add_argument("--master", metavar="PATH",
