@@ -165,6 +165,8 @@ def test_the_token_url_sets_a_strict_httponly_cookie_and_redirects_to_the_clean_
         attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
         assert {"httponly", "samesite=strict", "path=/"} <= attributes
         assert web.token not in r.headers["location"]
+        r = c.get(f"{web.base}//evil.example/x", params={"token": web.token})
+        assert r.status_code == 303 and r.headers["location"] == "/evil.example/x"
         for url in ("/", "/jobs", "/api/slaves", "/api/jobs"):
             assert c.get(url).status_code == 200, url
         page = c.get("/").text

@@ -126,7 +126,8 @@ class Guard:
                 await _unauthorized(send_with_headers)
                 return
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            response = RedirectResponse(path + ("?" + rest if rest else ""), status_code=303)
+            clean = "/" + path.lstrip("/")  # never //host: a redirect stays on this server
+            response = RedirectResponse(clean + ("?" + rest if rest else ""), status_code=303)
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", secure=self.secure, path="/")
             await response(scope, receive, send_with_headers)
             return
