@@ -422,3 +422,26 @@ def test_a_command_taken_back_goes_on_into_its_record_acknowledged_after_commit(
     finally:
         registry.stop()
         registry.close()
+
+
+def test_a_slave_registering_afresh_ends_its_recorded_command_lost_at_once(tmp_path: Path) -> None:
+    """A slave that registers as a new process (no resume) while its recorded command waits: that command is lost at once, not after the resume time."""
+    from remsh.jobs import JobRegistry
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    job = store.create_job("run", {"argv": ["x"]}, 0, ["s", "t"])
+    for name in ("s", "t"):
+        store.update_slave(job.id, name, state="running")
+    store.open_session(SessionRecord("a1" * 16, "s", job.id, "execute", 4, 2, 2))
+    store.open_session(SessionRecord("b2" * 16, "t", job.id, "execute", 4, 2, 2))
+    registry = JobRegistry(store)
+    registry.start()
+    try:
+        registry.adoptions.slave_restarted("s")
+        rec = store.get_job(job.id).slaves
+        assert rec["s"].state == "lost" and "new process" in (rec["s"].error or "")
+        assert rec["t"].state == "away" and registry.adoptions.waiting() == 1
+        assert [s.name for s in store.open_sessions()] == ["t"]
+    finally:
+        registry.stop()
+        registry.close()
