@@ -499,7 +499,7 @@ class JobRegistry:
             record = self.store.create_job(kind, spec, uid, names)
             job = RunningJob(record.id, tee)
             self._jobs[job.id] = job
-        log.info("job %s: %s on %d slave(s)", job.id, kind, len(names))
+        log.info("job %s started: %s on %d slave%s", job.id, kind, len(names), "" if len(names) == 1 else "s")
         threading.Thread(target=self._run, args=(job, work), name=f"remsh-job-{job.id}", daemon=True).start()
         return job
 
@@ -543,7 +543,7 @@ class JobRegistry:
             if failure is not None and state != JOB_CANCELLED:
                 state = JOB_FAILED
             self.store.finish_job(job.id, state)
-            log.info("job %s: %s", job.id, state)
+            log.info("job %s ended: %s", job.id, state)
         except StoreError as e:
             log.error("job %s: cannot record its end: %s", job.id, e)
         finally:

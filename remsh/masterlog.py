@@ -73,6 +73,8 @@ HINTS = (
      "or start the slave without --tls"),
     (("TLS handshake", "WRONG_VERSION_NUMBER"),
      "; a slave without --tls dialling this TLS listener? start it with --tls --tls-ca FILE"),
+    (("refused slave", "failed authentication"),
+     " (a wrong proof: not the master's secret, or a name the master has no secret for)"),
 )
 
 

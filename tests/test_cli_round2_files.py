@@ -164,13 +164,13 @@ def test_the_master_logs_slaves_and_jobs_by_default(tmp_path: Path) -> None:
         assert "remsh master: slave log-1 registered from 127.0.0.1:" in text
         assert "listening for TCP slaves on" in text
         job = f.run("run", "--detach", "--", "true").stdout.decode().strip()
-        wait_until(lambda: f"job {job}: done" in f.master.text(), WAIT, "the job's end")
-        assert f"remsh master: job {job}: run on 1 slave(s)" in f.master.text()
+        wait_until(lambda: f"job {job} ended: done" in f.master.text(), WAIT, "the job's end")
+        assert f"remsh master: job {job} started: run on 1 slave\n" in f.master.text()
         bad = f.slaves.start(f.master.port, "intruder", secret=b"wrong secret", no_reconnect=True)
         bad.wait()
         wait_until(lambda: "refused slave from 127.0.0.1:" in f.master.text(), WAIT, "the refusal")
         line = next(x for x in f.master.text().splitlines() if "refused slave" in x)
-        assert "'intruder' failed authentication" in line
+        assert "'intruder' failed authentication (a wrong proof: not the master's secret" in line
         proc = f.slaves.procs[0]
         proc.signal(signal.SIGKILL)
         proc.wait()

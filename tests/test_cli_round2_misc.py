@@ -200,3 +200,12 @@ def test_allow_command_on_merged_usr_is_as_documented(tmp_path: Path) -> None:
         assert f.run("run", "-t", "bin", "--", "/bin/echo", "hi").returncode == 0
         denied = f.run("run", "-t", "bin", "--", "echo", "hi")
         assert denied.returncode == 3 and b"denied" in denied.stderr
+
+
+def test_batch_and_max_fail_without_a_master(tmp_path: Path) -> None:
+    """run --local with --batch 1 --max-fail 1: one slave runs and fails, the others are skipped; exit 1."""
+    r = _remsh("run", "--local", "3", "--basedir", str(tmp_path), "--batch", "1", "--max-fail", "1", "--no-summary",
+               "--", "sh", "-c", "echo ran; exit 5")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.decode().count("ran") == 1
+    assert r.stderr.decode().count("skipped: --max-fail 1 reached") == 2
