@@ -553,3 +553,84 @@ def test_a_silent_connection_is_dropped_at_the_handshake_time_limit() -> None:
             assert listener.slave_collection.get_all_slaves() == []
 
     run(main())
+
+
+# -- fetch_tree -------------------------------------------------------------------------------------
+
+
+def _make_tree(top: Path, files: int = 20, size: int = 50_000) -> None:
+    (top / "sub" / "deeper").mkdir(parents=True)
+    (top / "empty").mkdir()
+    for i in range(files):
+        (top / ("sub" if i % 2 else "sub/deeper") / f"f{i}").write_bytes(os.urandom(size + i))
+    (top / "link").symlink_to("sub/f1")
+    (top / "sub" / "f1").chmod(0o640)
+
+
+def _snapshot(top: Path) -> dict:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(top))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", p.read_bytes(), p.stat().st_mode & 0o777)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["local", "tls"])
+def test_fetch_tree_copies_files_directories_and_links(kind: str, tmp_path: Path, slave_procs: SlaveProcesses,
+                                                       pki: Pki) -> None:
+    """fetch_tree over aio copies every file, directory (empty too) and link, with progress to the total."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    _make_tree(basedir / "tree")
+
+    async def main() -> None:
+        async with aio_slave(kind, slave_procs, basedir, pki) as (_, slave):
+            seen: List[Tuple[int, Optional[int]]] = []
+            await slave.fetch_tree("tree", tmp_path / "copy", progress=lambda d, t: seen.append((d, t)))
+            assert _snapshot(tmp_path / "copy") == _snapshot(basedir / "tree")
+            assert seen[-1][0] == seen[-1][1] == sum(50_000 + i for i in range(20))
+            with pytest.raises(LocalError):
+                await slave.fetch_tree("tree", tmp_path / "copy")
+            with pytest.raises(NotFoundError):
+                await slave.fetch_tree("nothing", tmp_path / "copy2")
+            await slave.ping()
+
+    from remsh.errors import LocalError
+    run(main())
+
+
+def test_fetch_tree_bounds_and_cancel_leave_nothing(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """Past max_bytes or max_entries, or cancelled midway, fetch_tree leaves nothing locally; the slave stays."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    _make_tree(basedir / "tree", files=200, size=200_000)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            with pytest.raises(LimitExceeded):
+                await slave.fetch_tree("tree", out / "a", max_bytes=1000)
+            with pytest.raises(LimitExceeded):
+                await slave.fetch_tree("tree", out / "b", max_entries=3)
+            assert os.listdir(out) == []
+            got: List[int] = []
+            task = asyncio.create_task(slave.fetch_tree("tree", out / "c", progress=lambda d, t: got.append(d)))
+            while not got:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slave.ping()
+            assert os.listdir(out) == []
+            await slave.fetch_tree("tree", out / "d")
+            assert _snapshot(out / "d") == _snapshot(basedir / "tree")
+
+    run(main())

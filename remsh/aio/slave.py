@@ -26,7 +26,7 @@ import os
 from typing import (Any, AsyncIterable, Awaitable, BinaryIO, Callable, Dict, List, Optional, Protocol, Sequence,
                     Set, Union)
 
-from remsh.aio import transfers
+from remsh.aio import transfers, trees
 from remsh.aio.connection import Connection
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
 from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
@@ -36,6 +36,7 @@ from remsh.master.progress import ProgressCallback
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SET_CWD, STAT, UNLINK,
                        Operation)
 from remsh.protocol.simple import Reply, SimpleCall
+from remsh.protocol.trees import FetchTreeCall
 from remsh.wire import Box
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,11 @@ def _done(call: Any) -> bool:
 
 
 def _stop_bytes(call: Any) -> Optional[bytes]:
-    """What to send to stop ``call`` early (``None``: nothing)."""
+    """What to send to stop ``call`` early (``None``: nothing, or not yet)."""
     if isinstance(call, ExecuteCall):
         return call.interrupt()
+    if isinstance(call, FetchTreeCall):
+        return call.stop()
     data: Optional[bytes] = call.cancel()
     return data
 
@@ -488,7 +491,19 @@ class AsyncSlave:
         left at a path ``dest``."""
         await transfers.fetch(self, src, dest, max_bytes, progress)
 
-    # for remsh.aio.transfers: the frame of one conversation
+    # -- directory trees ---------------------------------------------------------
+
+    async def fetch_tree(self, src: Path, dest_dir: Path, *, progress: Optional[ProgressCallback] = None,
+                         max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
+        """Copy the directory ``src`` on the slave to the new local directory
+        ``dest_dir``, as :meth:`Slave.fetch_tree
+        <remsh.master.slave.Slave.fetch_tree>` does (built beside it, renamed
+        into place last, nothing left on failure; the same bounds and
+        errors).  Cancelling the awaiting task stops the transfer: nothing
+        is left and the slave stays usable."""
+        await trees.fetch_tree(self, src, dest_dir, progress, max_bytes, max_entries)
+
+    # for remsh.aio.transfers and remsh.aio.trees: the frame of one conversation
     async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any:
         """Run ``body``, the conversation of ``call``, holding the slave
         (see :meth:`_run`); for the bodies in :mod:`remsh.aio.transfers`."""
