@@ -32,6 +32,7 @@ import time
 from typing import Optional, TextIO
 
 from remsh.lineprinter import printable
+from remsh.tlshints import MASTER_HINTS
 
 #: The logger of the master's own lines (listening, ready, stopping).
 ANNOUNCE = "remsh.masterlog"
@@ -66,13 +67,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
-#: Hints added to the lines of a TLS mismatch: (what the line holds, the hint).
-HINTS = (
-    (("bad greeting b'\\x16\\x03",),
-     "; a slave started with --tls dialling a listener without TLS? give the master --tls-cert and --tls-key, "
-     "or start the slave without --tls"),
-    (("TLS handshake", "WRONG_VERSION_NUMBER"),
-     "; a slave without --tls dialling this TLS listener? start it with --tls --tls-ca FILE"),
+#: Hints added to the master's lines: (what the line holds, the hint).
+HINTS = MASTER_HINTS + (
     (("refused slave", "failed authentication"),
      " (a wrong proof: not the master's secret, or a name the master has no secret for)"),
 )

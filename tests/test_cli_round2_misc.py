@@ -51,7 +51,7 @@ def _stop(proc: "subprocess.Popen[bytes]") -> None:
 
 
 def test_a_tls_slave_dialling_a_plain_master_gets_a_hint_in_the_log(tmp_path: Path) -> None:
-    """A slave with --tls dialling a master without TLS: the master's line names --tls-cert and --tls."""
+    """A slave with --tls dialling a master without TLS: the master's line and the slave's name --tls-cert and --tls."""
     pki = make_pki(tmp_path / "pki")
     with fleet_with(tmp_path, ()) as f:
         slave = f.slaves.start(f.master.port, "tlsy", tls=True, tls_ca=pki.ca, no_reconnect=True)
@@ -59,16 +59,19 @@ def test_a_tls_slave_dialling_a_plain_master_gets_a_hint_in_the_log(tmp_path: Pa
         wait_until(lambda: "bad greeting" in f.master.text(), WAIT, "the refusal")
         line = next(x for x in f.master.text().splitlines() if "bad greeting" in x)
         assert "a slave started with --tls dialling a listener without TLS? give the master --tls-cert" in line
+        assert "the master's listener does not speak TLS? start this slave without --tls" in slave.log_text()
 
 
 def test_a_plain_slave_dialling_a_tls_master_gets_a_hint_in_the_log(tmp_path: Path) -> None:
-    """A slave without --tls dialling a TLS master: the master's line says to start it with --tls."""
+    """A slave without --tls dialling a TLS master: the master's line and the slave's say to start it with --tls."""
     pki = make_pki(tmp_path / "pki")
     slaves = SlaveProcesses(tmp_path / "slaves")
     proc, log, port = _master(tmp_path, "--listen", f"{HOST}:0", "--tls-cert", str(pki.cert), "--tls-key",
                               str(pki.key), "--secret-file", str(slaves.secret_file(SECRET)))
     try:
-        slaves.start(port, "plain", no_reconnect=True).wait()
+        plain = slaves.start(port, "plain", no_reconnect=True)
+        plain.wait()
+        assert "a TLS master? start this slave with --tls --tls-ca FILE" in plain.log_text()
         wait_until(lambda: "TLS handshake" in log.read_text(), WAIT, "the refusal")
     finally:
         _stop(proc)

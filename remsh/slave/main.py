@@ -31,6 +31,7 @@ from remsh.errors import AuthenticationError, Disconnected, LocalError, Protocol
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, default_name,
                              exchange_greeting, slave_handshake, valid_name)
 from remsh.secretfile import read_secret_file, take_env_secret
+from remsh.tlshints import slave_hint
 from remsh.slave import pgroups
 from remsh.slave.policy import Policy
 from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
@@ -357,7 +358,7 @@ def _serve(args: argparse.Namespace, connect: List[Tuple[str, Callable[[], Strea
             serve_once(connect[rotation.index][1], name, secret, basedir, registered, policy, keeper)
             status, message = EXIT_OK, "master closed the connection"
         except _Refused as e:
-            status, message = e.status, str(e)
+            status, message = e.status, str(e) if reached else slave_hint(str(e), bool(args.tls))
         except BaseException:
             keeper.close()
             raise
