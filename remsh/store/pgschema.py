@@ -13,7 +13,70 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 #: The schema this code writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+#: SQLSTATEs :data:`APPEND_FUNCTION` raises: the master's epoch is stale;
+#: the job is another master's (message: its owner); no such job; no such
+#: slave in it; the chunk starts past the end (message: the stored length).
+STALE_EPOCH, NOT_OWNER, NO_JOB, NO_SLAVE, GAP = "RM001", "RM002", "RM003", "RM004", "RM005"
+
+#: ``remsh_append(job, slave, stream, offset, data, master, epoch, max_output,
+#: chunk_cost, session, count)``: what
+#: :meth:`remsh.store.postgres.PostgresJobStore.append_output` does, fenced
+#: by the master's epoch, as one statement; returns the stream's length.
+#: The job's row lock orders its chunks' sequence numbers.
+APPEND_FUNCTION = """
+CREATE FUNCTION remsh_append(p_job TEXT, p_name TEXT, p_stream TEXT, p_offset BIGINT, p_data BYTEA,
+                             p_master TEXT, p_epoch BIGINT, p_max BIGINT, p_cost BIGINT,
+                             p_session TEXT, p_count BIGINT) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_epoch BIGINT; v_owner TEXT; v_pos BIGINT; v_kept BIGINT; v_fresh BYTEA; v_keep BYTEA; v_seq BIGINT;
+BEGIN
+    SELECT epoch INTO v_epoch FROM remsh_masters WHERE name = p_master FOR SHARE;
+    IF v_epoch IS DISTINCT FROM p_epoch THEN
+        RAISE EXCEPTION USING ERRCODE = 'RM001', MESSAGE = coalesce(v_epoch::text, 'gone');
+    END IF;
+    SELECT owner INTO v_owner FROM remsh_jobs WHERE id = p_job FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'RM003', MESSAGE = 'no job';
+    END IF;
+    IF v_owner <> p_master THEN
+        RAISE EXCEPTION USING ERRCODE = 'RM002', MESSAGE = v_owner;
+    END IF;
+    SELECT CASE WHEN p_stream = 'stdout' THEN stdout_bytes ELSE stderr_bytes END, kept_bytes INTO v_pos, v_kept
+        FROM remsh_job_slaves WHERE job_id = p_job AND name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'RM004', MESSAGE = 'no slave';
+    END IF;
+    IF p_session IS NOT NULL THEN
+        UPDATE remsh_sessions SET received = p_count WHERE id = p_session AND job_id = p_job;
+    END IF;
+    IF p_offset > v_pos THEN
+        RAISE EXCEPTION USING ERRCODE = 'RM005', MESSAGE = v_pos::text;
+    END IF;
+    v_fresh := substring(p_data FROM (v_pos - p_offset + 1)::int);
+    IF length(v_fresh) = 0 THEN
+        RETURN v_pos;
+    END IF;
+    v_keep := substring(v_fresh FROM 1 FOR greatest(0, least(p_max - v_kept - p_cost, length(v_fresh)))::int);
+    IF length(v_keep) > 0 THEN
+        SELECT coalesce(max(seq), -1) + 1 INTO v_seq FROM remsh_output WHERE job_id = p_job;
+        INSERT INTO remsh_output (job_id, seq, name, stream, pos, data)
+            VALUES (p_job, v_seq, p_name, p_stream, v_pos, v_keep);
+    END IF;
+    UPDATE remsh_job_slaves SET
+        stdout_bytes = CASE WHEN p_stream = 'stdout' THEN v_pos + length(v_fresh) ELSE stdout_bytes END,
+        stderr_bytes = CASE WHEN p_stream = 'stderr' THEN v_pos + length(v_fresh) ELSE stderr_bytes END,
+        kept_bytes = v_kept + CASE WHEN length(v_keep) > 0 THEN length(v_keep) + p_cost ELSE 0 END,
+        truncated = truncated OR length(v_keep) < length(v_fresh)
+        WHERE job_id = p_job AND name = p_name;
+    PERFORM nextval('remsh_changes');
+    PERFORM pg_notify('remsh_store', p_job);
+    RETURN v_pos + length(v_fresh);
+END
+$$
+"""
 
 #: ``MIGRATIONS[n]`` turns a version ``n`` database into version ``n + 1``.
 MIGRATIONS: Dict[int, Sequence[str]] = {
@@ -88,7 +151,10 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     # where each master runs: a master restarted on the same machine after
     # a crash takes its name back at once when its predecessor is gone
     1: ("ALTER TABLE remsh_masters ADD COLUMN host TEXT, ADD COLUMN pid INTEGER",),
+    # appending output in one statement (one round trip instead of eight)
+    2: (APPEND_FUNCTION,),
 }
 
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "APPEND_FUNCTION", "STALE_EPOCH", "NOT_OWNER", "NO_JOB", "NO_SLAVE",
+           "GAP"]

@@ -59,7 +59,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
-from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
+from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ class _Link:
             raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
         return conn
 
-    def run(self, fn: Callable[[Conn], T], *, retry: bool = False, patience: float = 0.0) -> T:
+    def run(self, fn: Callable[[Conn], T], *, retry: bool = False, patience: float = 0.0,
+            single: bool = False) -> T:
         """``fn(conn)`` in one transaction (committed when it returns).
 
         ``fn`` is run again on a new connection when the connection broke
@@ -142,7 +143,8 @@ class _Link:
         (a write that is harmless to repeat: whether the broken attempt
         committed or not, repeating it stores the same) until the database
         answers again, for at most ``patience`` seconds.  Otherwise the
-        call fails and the next one connects again.
+        call fails and the next one connects again.  ``single``: ``fn`` runs
+        one statement, its own transaction (no BEGIN and COMMIT around it).
         """
         deadline = time.monotonic() + patience
         delay = 0.1
@@ -155,6 +157,8 @@ class _Link:
                         self.conn = self.connect()
                     conn = self.conn
                     try:
+                        if single:
+                            return fn(conn)
                         with conn.transaction():
                             return fn(conn)
                     except psycopg.Error as e:
@@ -503,38 +507,45 @@ class PostgresJobStore:
                       session: Optional[Tuple[str, int]] = None) -> int:
         if stream not in STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
-        column = f"{stream}_bytes"
+        if self._closed:
+            raise StoreError(f"the job store {self.label} is closed")
+        session_id, count = session if session is not None else (None, None)
 
         def append(db: Conn) -> int:
-            self._own(db, job_id)  # the job's row lock also orders its chunks' seq
-            row = db.execute(f"SELECT {column}, kept_bytes FROM remsh_job_slaves "
-                             f"WHERE job_id = %s AND name = %s", (job_id, name)).fetchone()
-            if row is None:
-                raise UnknownJob(f"no slave {name!r} in job {job_id}")
-            if session is not None:  # committed with the output it covers
-                db.execute("UPDATE remsh_sessions SET received = %s WHERE id = %s AND job_id = %s",
-                           (session[1], session[0], job_id))
-            position, kept = int(row[0]), int(row[1])
-            if offset > position:
-                raise OutputGap(f"job {job_id}, {name}: {stream} chunk at offset {offset}, "
-                                f"but only {position} bytes are stored")
-            fresh = data[position - offset:]
-            if not fresh:
-                return position
-            room = max(0, self.max_output - kept - CHUNK_COST)
-            keep = fresh[:room]
-            if keep:
-                db.execute("INSERT INTO remsh_output (job_id, seq, name, stream, pos, data) "
-                           "SELECT %s, coalesce(max(seq), -1) + 1, %s, %s, %s, %s FROM remsh_output "
-                           "WHERE job_id = %s", (job_id, name, stream, position, keep, job_id))
-            truncated = len(keep) < len(fresh)
-            db.execute(f"UPDATE remsh_job_slaves SET {column} = %s, kept_bytes = %s, "
-                       f"truncated = truncated OR %s WHERE job_id = %s AND name = %s",
-                       (position + len(fresh), kept + (len(keep) + CHUNK_COST if keep else 0), truncated,
-                        job_id, name))
-            return position + len(fresh)
+            try:
+                row = db.execute("SELECT remsh_append(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                                 (job_id, name, stream, offset, data, self.name, self.epoch, self.max_output,
+                                  CHUNK_COST, session_id, count)).fetchone()
+            except psycopg.Error as e:
+                refusal = self._refusal(db, e, job_id, name, stream, offset)
+                if refusal is None:
+                    raise
+                raise refusal from None
+            assert row is not None
+            return int(row[0])
 
-        return self._write(append, job_id)
+        # one statement, its own transaction: fenced, announced and committed in one round trip
+        result = self._writer.run(append, patience=self.outage_wait, single=True)
+        self._bump()
+        return result
+
+    def _refusal(self, db: Conn, error: psycopg.Error, job_id: str, name: str, stream: str,
+                 offset: int) -> Optional[StoreError]:
+        """The store's refusal that ``remsh_append`` raised as ``error``."""
+        state = error.sqlstate
+        detail = error.diag.message_primary or ""
+        if state == STALE_EPOCH:
+            return self._fenced(db)
+        if state == NOT_OWNER:
+            return NotOwner(f"job {job_id} belongs to master {detail}, not {self.name}", owner=detail)
+        if state == NO_JOB:
+            return UnknownJob(f"no job {job_id}")
+        if state == NO_SLAVE:
+            return UnknownJob(f"no slave {name!r} in job {job_id}")
+        if state == GAP:
+            return OutputGap(f"job {job_id}, {name}: {stream} chunk at offset {offset}, "
+                             f"but only {detail} bytes are stored")
+        return None
 
     def output_position(self, job_id: str, name: str) -> Tuple[int, int]:
         def read(db: Conn) -> Tuple[int, int]:
