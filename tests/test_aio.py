@@ -634,3 +634,64 @@ def test_fetch_tree_bounds_and_cancel_leave_nothing(tmp_path: Path, slave_procs:
             assert _snapshot(out / "d") == _snapshot(basedir / "tree")
 
     run(main())
+
+
+# -- send_tree --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["local", "tcp"])
+def test_send_tree_round_trip(kind: str, tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """send_tree over aio copies a tree the slave then holds as it was; fetch_tree brings it back the same."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    _make_tree(tmp_path / "src", files=30, size=300_000)
+
+    async def main() -> None:
+        async with aio_slave(kind, slave_procs, basedir) as (_, slave):
+            seen: List[Tuple[int, Optional[int]]] = []
+            await slave.send_tree(tmp_path / "src", "dest", progress=lambda d, t: seen.append((d, t)))
+            assert _snapshot(basedir / "dest") == _snapshot(tmp_path / "src")
+            assert seen[-1][0] == seen[-1][1] == sum(300_000 + i for i in range(30))
+            with pytest.raises(RemoteFileExistsError):
+                await slave.send_tree(tmp_path / "src", "dest")
+            await slave.fetch_tree("dest", tmp_path / "back")
+            assert _snapshot(tmp_path / "back") == _snapshot(tmp_path / "src")
+            await slave.ping()
+
+    run(main())
+
+
+def test_send_tree_failures_and_cancel_keep_nothing_and_the_slave(tmp_path: Path,
+                                                                   slave_procs: SlaveProcesses) -> None:
+    """A missing source, a special file, an early answer or a cancel: nothing kept, the slave in step."""
+    from remsh.errors import LocalError
+
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    _make_tree(tmp_path / "src", files=200, size=500_000)
+    special = tmp_path / "special"
+    special.mkdir()
+    os.mkfifo(special / "fifo")
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            with pytest.raises(LocalError):
+                await slave.send_tree(tmp_path / "missing", "a")
+            with pytest.raises(LocalError, match="fifo"):
+                await slave.send_tree(special, "b")
+            with pytest.raises(NotFoundError):  # the slave answers before the stream ends
+                await slave.send_tree(tmp_path / "src", "nodir/b")
+            await slave.ping()
+            moved: List[int] = []
+            task = asyncio.create_task(slave.send_tree(tmp_path / "src", "c", progress=lambda d, t: moved.append(d)))
+            while not moved:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slave.ping()
+            assert sorted(os.listdir(basedir)) == []
+            await slave.send_tree(tmp_path / "src", "d")
+            assert _snapshot(basedir / "d") == _snapshot(tmp_path / "src")
+
+    run(main())

@@ -36,7 +36,7 @@ from remsh.master.progress import ProgressCallback
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SET_CWD, STAT, UNLINK,
                        Operation)
 from remsh.protocol.simple import Reply, SimpleCall
-from remsh.protocol.trees import FetchTreeCall
+from remsh.protocol.trees import FetchTreeCall, SendTreeCall, TreeState
 from remsh.wire import Box
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def _stop_bytes(call: Any) -> Optional[bytes]:
         return call.interrupt()
     if isinstance(call, FetchTreeCall):
         return call.stop()
+    if isinstance(call, SendTreeCall):  # the end of the master's stream: an abort
+        return call.finish("the master cancelled the transfer") if call.state is TreeState.STREAMING else None
     data: Optional[bytes] = call.cancel()
     return data
 
@@ -502,6 +504,15 @@ class AsyncSlave:
         errors).  Cancelling the awaiting task stops the transfer: nothing
         is left and the slave stays usable."""
         await trees.fetch_tree(self, src, dest_dir, progress, max_bytes, max_entries)
+
+    async def send_tree(self, src_dir: Path, dest: Path, *, progress: Optional[ProgressCallback] = None) -> None:
+        """Copy the local directory ``src_dir`` to ``dest`` on the slave, as
+        :meth:`Slave.send_tree <remsh.master.slave.Slave.send_tree>` does
+        (atomic: built beside ``dest``, renamed into place last).  The
+        local tree is read by a worker thread of the loop's default
+        executor while the call runs.  Cancelling the awaiting task aborts
+        the transfer: nothing is kept on the slave, which stays usable."""
+        await trees.send_tree(self, src_dir, dest, progress)
 
     # for remsh.aio.transfers and remsh.aio.trees: the frame of one conversation
     async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any:

@@ -1,35 +1,47 @@
-"""``fetch_tree`` over asyncio: :class:`~remsh.protocol.trees.FetchTreeCall`
-driven by :class:`~remsh.aio.slave.AsyncSlave`, the local tree written by
-:class:`~remsh.treewriter.Writer` (the threaded master's reader and writer,
-unchanged).
+"""``fetch_tree`` and ``send_tree`` over asyncio: the protocol layer's
+:class:`~remsh.protocol.trees.FetchTreeCall` and
+:class:`~remsh.protocol.trees.SendTreeCall` driven by
+:class:`~remsh.aio.slave.AsyncSlave`, the local tree written by
+:class:`~remsh.treewriter.Writer` and read by :class:`~remsh.treestream.Sender`
+(the threaded master's reader and writer, unchanged).
 
-The records are written in the event loop as they arrive, one box at a
-time (a box holds at most 64 KiB of file data), so the loop is never held
-for long.  The guarantees are :meth:`Slave.fetch_tree
-<remsh.master.slave.Slave.fetch_tree>`'s: the tree is built in a temporary
-directory beside ``dest_dir`` and renamed into place last; on any failure,
-a bound passed or a cancel, nothing is left.
+``fetch_tree`` runs in the event loop alone: records are written as they
+arrive, one box at a time (at most 64 KiB of file data), so the loop is
+never held for long.
+
+``send_tree`` reads the local tree in a worker thread of the loop's default
+executor, one per ``send_tree`` in progress (file reads and hashing would
+otherwise hold the loop for the length of a file): its writes go through
+the loop with the connection's flow control, while the loop watches for an
+early answer from the slave.  The conversation itself stays in the loop.
+
+The guarantees are :class:`~remsh.master.slave.Slave`'s: a tree appears
+complete or not at all; on any failure, a bound passed or a cancel,
+nothing is left, and the slave stays in step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Any, Awaitable, Optional, Protocol, Tuple
+import threading
+from typing import Any, Awaitable, Callable, List, Optional, Protocol, Tuple
 
 from remsh.aio.connection import Connection
 from remsh.dirremove import remove_dir_at
-from remsh.errors import (LimitExceeded, LocalError, ProtocolError, RemoteError, TreeDigestError, TreeStreamError,
-                          TreeTargetError, UsageError)
+from remsh.errors import (LimitExceeded, LocalError, ProtocolError, RemoteError, RemshError, TreeDigestError,
+                          TreeSourceError, TreeStreamError, TreeTargetError, UsageError)
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.master.operation import progress_interval
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.master.tree import MAX_FETCH_DEPTH, fetched_modes
 from remsh.conversation import PathArg as Path
-from remsh.protocol.trees import Alive, Announced, Failed, FetchTreeCall, Record, Stop
+from remsh.protocol.trees import Alive, Announced, Failed, FetchTreeCall, Record, SendTreeCall, Stop
+from remsh.treestream import Sender, others_message, scan
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import Box
 
-__all__ = ["fetch_tree"]
+__all__ = ["fetch_tree", "send_tree"]
 
 
 class TreeHost(Protocol):
@@ -168,3 +180,140 @@ async def fetch_tree(slave: TreeHost, src: Path, dest_dir: Path, progress: Optio
             except OSError:
                 pass
         os.close(parent)
+
+
+# -- send_tree -----------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """Raised in the worker thread at its next write once the loop said stop."""
+
+
+def _open_local_dir(name: str, meth: str, path: Path) -> int:
+    p = os.fsencode(path)
+    try:
+        return os.open(p, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    except NotADirectoryError:
+        raise LocalError(f"{name}: {meth}: not a directory: {os.fsdecode(p)}") from None
+    except OSError as e:
+        raise LocalError(f"{name}: {meth}: cannot open local directory: {e}") from e
+
+
+async def _stream(slave: TreeHost, call: SendTreeCall, work: Callable[[Sender], None],
+                  on_data: Callable[[int], None]) -> Optional[Exception]:
+    """Run ``work(sender)`` in a worker thread, its writes sent by the loop;
+    meanwhile read what the slave says (liveness, or an early answer, which
+    stops the sender).  Returns the local tree's failure, if any.  Never
+    returns before the thread ended: the conversation is the loop's again."""
+    loop = asyncio.get_running_loop()
+    conn = slave.conn
+    stop = threading.Event()
+    sent_error: List[BaseException] = []
+
+    def write(data: bytes) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        try:
+            asyncio.run_coroutine_threadsafe(conn.send(data, slave.io_timeout), loop).result()
+        except BaseException as e:  # noqa: BLE001 - the loop side raises it
+            sent_error.append(e)
+            stop.set()
+            raise _Stopped() from None
+
+    def poll() -> bool:
+        return stop.is_set() or call.answered is not None
+
+    def data_sent(n: int) -> None:
+        loop.call_soon_threadsafe(on_data, n)
+
+    sender = Sender(write, data_sent, poll)
+
+    def run() -> Optional[Exception]:
+        local_error: Optional[Exception] = None
+        try:
+            try:
+                work(sender)
+            except TreeSourceError as e:
+                local_error = e
+            if call.answered is None and (local_error is not None or not sender.stopped):
+                sender.flush()
+        except _Stopped:
+            pass
+        return local_error
+
+    async def watch() -> None:
+        while call.answered is None:
+            box = await conn.read_box(None)  # the sender's writes are bounded by io_timeout
+            if box is None:
+                raise ProtocolError("the slave closed the connection during the stream")
+            call.receive(box)
+
+    worker: "asyncio.Future[Optional[Exception]]" = loop.run_in_executor(None, run)
+    watcher: "asyncio.Future[None]" = loop.create_task(watch())
+    try:
+        both: List["asyncio.Future[Any]"] = [worker, watcher]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        failure = watcher.exception() if watcher.done() else None
+        if failure is not None:
+            stop.set()
+            await asyncio.wait([worker])
+            raise failure
+        local_error: Optional[Exception] = await worker
+    finally:
+        stop.set()
+        if not watcher.done():
+            watcher.cancel()
+        # the thread must be done before anyone else writes (a cancel waits for it)
+        while not worker.done():
+            try:
+                await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:  # noqa: BLE001 - its outcome is read below, or not wanted
+                break
+        if not watcher.cancelled():
+            try:
+                await watcher
+            except BaseException:  # noqa: BLE001 - raised above when it mattered
+                pass
+    if sent_error:
+        error = sent_error[0]
+        raise error if isinstance(error, RemshError) else ProtocolError(str(error))
+    return local_error
+
+
+async def send_tree(slave: TreeHost, src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
+    """See :meth:`remsh.aio.slave.AsyncSlave.send_tree`."""
+    meth = "send_tree"
+    top = _open_local_dir(slave.name, meth, src_dir)
+    loop = asyncio.get_running_loop()
+    try:
+        try:
+            found = await loop.run_in_executor(None, scan, top)
+        except TreeSourceError as e:
+            raise LocalError(f"{slave.name}: {meth}: {e}") from None
+        if found.others:
+            raise LocalError(f"{slave.name}: {meth}: {others_message(found.others, top)}")
+        counter = Progress(progress, found.size)
+        call = SendTreeCall(dest)
+        conn = slave.conn
+
+        async def body() -> Any:
+            await conn.send(call.request(), slave.io_timeout)
+            def work(sender: Sender) -> None:
+                sender.tree(top)
+
+            local_error = await _stream(slave, call, work, counter.add)
+            await conn.send(call.finish(None if local_error is None else str(local_error)), slave.io_timeout)
+            while not call.done:
+                call.receive(await slave.read_reply(meth))
+            return local_error, call.outcome
+
+        local_error, outcome = await slave.run_conversation(meth, call, body())
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: {meth}: {local_error}; nothing was kept on the slave")
+        if isinstance(outcome, Failed):
+            raise slave.remote_error(meth, outcome)
+        counter.finish()
+    finally:
+        os.close(top)
