@@ -695,3 +695,23 @@ def test_send_tree_failures_and_cancel_keep_nothing_and_the_slave(tmp_path: Path
             assert _snapshot(basedir / "d") == _snapshot(tmp_path / "src")
 
     run(main())
+
+
+def test_every_operation_of_the_table_is_a_coroutine_with_slaves_arguments() -> None:
+    """AsyncSlave has every operation of remsh.ops.OPERATIONS (but sync_tree, documented as not yet) as a
+    coroutine with the threaded Slave's parameters (less execute's `interrupted`: a cancel does that)."""
+    from remsh.master.slave import Slave
+    from remsh.ops import OPERATIONS
+
+    not_yet = {"sync_tree"}
+    for meth in OPERATIONS:
+        if meth in not_yet:
+            assert not hasattr(aio.AsyncSlave, meth)
+            continue
+        amethod = getattr(aio.AsyncSlave, meth)
+        assert inspect.iscoroutinefunction(amethod), meth
+        theirs = {n: p.default for n, p in inspect.signature(getattr(Slave, meth)).parameters.items()
+                  if n != "interrupted"}
+        ours = {n: p.default for n, p in inspect.signature(amethod).parameters.items()}
+        assert ours == theirs, meth
+    assert not inspect.iscoroutinefunction(aio.AsyncSlave.interrupt)
