@@ -212,3 +212,23 @@ def test_batch_and_max_fail_without_a_master(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert r.stdout.decode().count("ran") == 1
     assert r.stderr.decode().count("skipped: --max-fail 1 reached") == 2
+
+
+@pytest.mark.parametrize("args", [("--max-backoff", "0"), ("--connect-timeout", "0"), ("--heartbeat", "-1"),
+                                  ("--spool-limit", "0"), ("--max-backoff", "nan")])
+def test_slave_options_refuse_zero_where_it_means_nothing(args: Sequence[str]) -> None:
+    """remsh-slave --max-backoff 0 (a tight redial loop), --connect-timeout 0 ...: exit 2 naming the option."""
+    r = subprocess.run([sys.executable, "-m", "remsh.slave.main", "--insecure", *args, HOST, "1"], env=_env(),
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2
+    assert f"argument {args[0]}".encode() in r.stderr
+
+
+def test_slave_port_zero_is_a_usage_error_and_help_shows_defaults() -> None:
+    """remsh-slave HOST 0: exit 2; its --help shows the defaults of --connect-timeout and --max-backoff."""
+    r = subprocess.run([sys.executable, "-m", "remsh.slave.main", "--insecure", HOST, "0"], env=_env(),
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"a port is 1 to 65535" in r.stderr
+    text = " ".join(subprocess.run([sys.executable, "-m", "remsh.slave.main", "--help"], env=_env(),
+                                   capture_output=True, timeout=60).stdout.decode().split())
+    assert "attempt (default 10)" in text and "reconnection attempts (default 60)" in text

@@ -30,6 +30,7 @@ import remsh
 from remsh.errors import AuthenticationError, Disconnected, LocalError, ProtocolError, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, default_name,
                              exchange_greeting, slave_handshake, valid_name)
+from remsh.argtypes import port_number, positive_count, positive_seconds
 from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.tlshints import slave_hint
 from remsh.slave import pgroups
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remsh-slave",
         description="Connect to a remsh master and perform the operations it asks for.")
     p.add_argument("host", nargs="?", metavar="HOST", help="master host (TCP listener)")
-    p.add_argument("port", nargs="?", type=int, metavar="PORT", help="master port")
+    p.add_argument("port", nargs="?", type=port_number, metavar="PORT", help="master port")
     p.add_argument("--name", help="slave name (default: host name)")
     p.add_argument("--basedir", default=".", help="base directory (default: current directory)")
     p.add_argument("--secret-file", metavar="FILE",
@@ -115,15 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-F", dest="ssh_config", metavar="FILE",
                    help="OpenSSH client configuration file to use instead of ~/.ssh/config")
     p.add_argument("--no-reconnect", action="store_true", help="serve one connection and exit")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
+    p.add_argument("--connect-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="bound on reaching the master, each attempt (default %(default)g)")
+    p.add_argument("--heartbeat", type=positive_seconds, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
                    help="check the link when nothing was sent for this long; redial after "
                         "hearing nothing for three times as long (default %(default)g)")
-    p.add_argument("--spool-limit", type=int, default=DEFAULT_SPOOL_LIMIT, metavar="BYTES",
+    p.add_argument("--spool-limit", type=positive_count, default=DEFAULT_SPOOL_LIMIT, metavar="BYTES",
                    help="most output kept for the master while it is unreachable; past it "
                         "commands wait on their writes (default %(default)d)")
-    p.add_argument("--max-backoff", type=float, default=BACKOFF_CAP, metavar="SECONDS",
-                   help="longest wait between reconnection attempts")
+    p.add_argument("--max-backoff", type=positive_seconds, default=BACKOFF_CAP, metavar="SECONDS",
+                   help="longest wait between reconnection attempts (default %(default)g)")
     add_failover_option(p)
     g = p.add_argument_group("policy: what this slave agrees to do")
     g.add_argument("--root", metavar="DIR",
