@@ -40,6 +40,7 @@ import hmac
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from remsh.conversation import ExecuteCall, Exited, Failed, Output, State
@@ -59,6 +60,9 @@ CANCEL_POLL = 0.5
 DEFAULT_WAIT = 300.0
 #: After the first listener's offer, wait this long for the others'.
 OFFER_SETTLE = 0.5
+#: Longest a command's request waits for the end of the previous command on
+#: the same session to be recorded (see :func:`take_session`).
+OWNER_WAIT = 5.0
 
 
 def _key(session_id: str) -> bytes:
@@ -92,6 +96,43 @@ class Part:
     @property
     def name(self) -> str:
         return self.record.name
+
+
+_owners: "weakref.WeakKeyDictionary[SessionWire, Part]" = weakref.WeakKeyDictionary()
+_owners_lock = threading.Lock()
+
+
+def take_session(wire: SessionWire, part: Part) -> None:
+    """``part``'s command now runs over ``wire`` (the slave is held for
+    it).  The previous command on the same session (another job's) may
+    still be recording its end, in its own thread, after it gave the slave
+    up: wait for that (at most :data:`OWNER_WAIT`), so that its output and
+    end are committed before the session's record and commit point are
+    this command's.  Without it the previous job could lose its last
+    output, or overwrite the new command's count with its own."""
+    with _owners_lock:
+        previous = _owners.get(wire)
+    if previous is not None and previous is not part and not previous.done.wait(OWNER_WAIT):
+        log.warning("job %s: the previous command on %s did not record its end within %g s",
+                    previous.record.job_id, part.name, OWNER_WAIT)
+    with _owners_lock:
+        _owners[wire] = part
+
+
+def owns_session(wire: SessionWire, part: Part) -> bool:
+    """Whether ``part``'s command is the one ``wire``'s record and commit point are for."""
+    with _owners_lock:
+        return _owners.get(wire) is part
+
+
+def release_session(wire: SessionWire, part: Part) -> bool:
+    """``part``'s command ended; True if it still owned ``wire`` (its record
+    is then to be closed and the commit point dropped)."""
+    with _owners_lock:
+        if _owners.get(wire) is not part:
+            return False
+        del _owners[wire]
+        return True
 
 
 class Adoptions:

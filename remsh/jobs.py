@@ -41,7 +41,7 @@ from remsh.adoption import set_current
 from remsh.controlproto import encode_event, out_events
 from remsh.errors import RemshError
 from remsh.fleet import SlaveResult, Sink, StdinTee
-from remsh.jobadopt import Adoptions, Part
+from remsh.jobadopt import Adoptions, Part, owns_session, release_session, take_session
 from remsh.master.fanout import Cancellation
 from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
@@ -145,14 +145,17 @@ class StoreSink:
             return
         record = SessionRecord(wire.session_id, name, self.job_id, "execute", request_box=wire.sent,
                                reply_base=wire.delivered, received=wire.delivered)
+        part = Part(record, wire)
+        take_session(wire, part)  # after the previous command's end is recorded
         try:
             self.store.open_session(record)
         except StoreError as e:
             log.error("job %s: cannot record the session of %s (its command will not survive a restart "
                       "of the master): %s", self.job_id, name, e)
+            release_session(wire, part)
             return
         with self._lock:
-            self._parts[name] = Part(record, wire)
+            self._parts[name] = part
         wire.commit(record.received)
 
     def output(self, name: str, stream: str, data: bytes) -> None:
@@ -193,7 +196,9 @@ class StoreSink:
         mark = self._marks.pop(name, None)
         if part is not None and part.frozen:
             return
-        session = None if part is None or mark is None else (part.session_id, mark)
+        session = None
+        if part is not None and mark is not None and part.wire is not None and owns_session(part.wire, part):
+            session = (part.session_id, mark)
         offset = self._positions.get((name, stream), 0)
         try:
             self._positions[(name, stream)] = self.store.append_output(self.job_id, name, stream, offset,
@@ -203,11 +208,10 @@ class StoreSink:
             if not self._failed:
                 log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
             self._failed = True
-        if session is not None and part is not None and mark is not None:
+        if session is not None and part is not None and part.wire is not None and mark is not None:
             # committed (or the store failed, logged: the command must not stall for it)
             part.record.received = mark
-            if part.wire is not None:
-                part.wire.commit(mark)
+            part.wire.commit(mark)
 
     def _flush_later(self) -> None:
         """Write held output once it is :data:`OUTPUT_DELAY` old; ends when
@@ -296,9 +300,10 @@ class StoreSink:
             # the end is recorded: the session no longer needs keeping, nor its boxes
             with self._lock:
                 self._parts.pop(result.name, None)
-            self._store("the end of a session", lambda: self.store.close_session(part.session_id))
-            if part.wire is not None:
-                part.wire.commit(None)
+            if part.wire is None or release_session(part.wire, part):
+                self._store("the end of a session", lambda: self.store.close_session(part.session_id))
+                if part.wire is not None:
+                    part.wire.commit(None)
             part.done.set()
 
     # -- a restart of the master (remsh.jobadopt) -----------------------------------------
@@ -326,6 +331,7 @@ class StoreSink:
             self._parts[part.name] = part
             self._positions[(part.name, "stdout")], self._positions[(part.name, "stderr")] = positions
         if part.wire is not None:  # acknowledged after commit again: a second restart loses nothing either
+            take_session(part.wire, part)
             part.wire.commit(part.committed)
         self.slave_state(part.name, "back", "")
 

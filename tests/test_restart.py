@@ -445,3 +445,41 @@ def test_a_slave_registering_afresh_ends_its_recorded_command_lost_at_once(tmp_p
     finally:
         registry.stop()
         registry.close()
+
+
+def test_the_next_command_on_a_session_waits_for_the_previous_jobs_end_to_be_recorded(tmp_path: Path) -> None:
+    """Job B's request on a session whose previous command (job A) has not recorded its end yet waits for it; A's output and end are kept, and the session's record is then B's."""
+    import threading
+
+    from remsh.fleet import SlaveResult
+
+    mine, theirs = _pair()
+    slave_side = SessionWire(theirs, "c3" * 16, resume_timeout=30)
+    master_side = SessionWire(mine, "c3" * 16, resume_timeout=30)
+
+    class Call:
+        want_stdin = False
+
+    with SqliteJobStore(str(tmp_path / "jobs.sqlite")) as store:
+        a = store.create_job("run", {"argv": ["a"]}, 0, ["s"])
+        b = store.create_job("run", {"argv": ["b"]}, 0, ["s"])
+        sink_a = StoreSink(store, a.id, Cancellation(), keep_sessions=True)
+        sink_b = StoreSink(store, b.id, Cancellation(), keep_sessions=True)
+        sink_a.requested("s", _FakeSlave(master_side), Call())
+        slave_side.send_box({b"stream": b"stdout", b"data": b"last words\n"})
+        box = master_side.read_box(5)
+        assert box is not None
+        sink_a.output("s", "stdout", box[b"data"])  # held, not yet written: A's end is still to come
+        b_recorded = threading.Event()
+        thread = threading.Thread(target=lambda: (sink_b.requested("s", _FakeSlave(master_side), Call()),
+                                                  b_recorded.set()))
+        thread.start()
+        assert not b_recorded.wait(0.3), "B's request went ahead of A's end"
+        sink_a.end(SlaveResult("s", status=0))
+        assert b_recorded.wait(WAIT)
+        thread.join(WAIT)
+        assert store.output_position(a.id, "s") == (len(b"last words\n"), 0)
+        assert store.get_job(a.id).slaves["s"].state == "ok"
+        assert [(s.job_id, s.received) for s in store.open_sessions()] == [(b.id, 1)]
+    master_side.close()
+    slave_side.close()
