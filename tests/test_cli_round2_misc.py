@@ -232,3 +232,13 @@ def test_slave_port_zero_is_a_usage_error_and_help_shows_defaults() -> None:
     text = " ".join(subprocess.run([sys.executable, "-m", "remsh.slave.main", "--help"], env=_env(),
                                    capture_output=True, timeout=60).stdout.decode().split())
     assert "attempt (default 10)" in text and "reconnection attempts (default 60)" in text
+
+
+def test_keep_jobs_takes_a_bare_number_of_seconds_and_says_why_not_otherwise() -> None:
+    """--keep-jobs 90 is 90 seconds (as 90s); a value it cannot read is one line naming the units, exit 2."""
+    assert build_parser().parse_args(["master", "--keep-jobs", "90"]).keep_jobs == 90.0
+    assert build_parser().parse_args(["master", "--keep-jobs", "90s"]).keep_jobs == 90.0
+    r = _remsh("master", "--keep-jobs", "7x")
+    assert r.returncode == 2
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and "--keep-jobs" in lines[0], lines
