@@ -4,7 +4,8 @@
 TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
 (:mod:`remsh.control`) through which the other commands reach them:
 
-- ``remsh ls [--json]``: the connected slaves;
+- ``remsh ls [-t PATTERN]... [--where KEY=GLOB]... [--json]``: the slaves
+  (:mod:`remsh.clils`);
 - ``remsh run [-t PATTERN]... [--where KEY=GLOB]... [--stdin] [--json] -- COMMAND [ARG ...]``:
   run a command on the chosen slaves, each output line prefixed with the
   slave's name;
