@@ -270,6 +270,7 @@ class StoreSink:
                 error=detail if new == SLAVE_LOST else None))
 
     def end(self, result: SlaveResult) -> None:
+        set_current(None)  # this thread's part is over (a no-op in any other thread)
         with self._lock:
             part = self._parts.get(result.name)
             if part is not None and part.frozen:
