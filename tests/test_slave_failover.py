@@ -12,8 +12,9 @@ from typing import List
 import pytest
 
 from remsh.slave.failover import Rotation, parse_master
-from tests.slaveproc import HOST, SECRET, SlaveProcesses
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import Master, _free_port, remsh, wait_names
+from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,4 +81,23 @@ def test_a_slave_whose_first_master_is_down_registers_with_the_next(tmp_path: Pa
         wait_names(master.sock, ["s1"])
     finally:
         master.stop()
+        slaves.close()
+
+
+def test_a_slave_started_with_every_master_down_registers_with_the_first_to_come_up(tmp_path: Path) -> None:
+    """No master reachable when the slave starts: it keeps trying the list and registers with the --failover master once that one starts."""
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    secret = slaves.secret_file(SECRET)
+    ports = [_free_port(), _free_port()]
+    master = None
+    try:
+        proc = slaves.start(ports[0], "s1", max_backoff=0.5, extra_args=["--failover", f"{HOST}:{ports[1]}"])
+        wait_until(lambda: proc.log_text().count("trying the next master") >= 2 or proc.poll() is not None, WAIT,
+                   "the slave to go round the list")
+        assert proc.poll() is None, proc.log_text()
+        master = _master(tmp_path, "m1", secret, port=ports[1])
+        wait_names(master.sock, ["s1"])
+    finally:
+        if master is not None:
+            master.stop()
         slaves.close()

@@ -332,3 +332,32 @@ def test_an_outage_is_waited_out_by_output_and_refused_to_new_jobs(open_store, p
     a.update_slave(job.id, "s1", state=SLAVE_OK, exit_status=0)
     assert b"".join(c.data for _, c in a.read_output(job.id)) == b"before during\n"
     assert [j.id for j in a.list_jobs()] == [job.id]
+
+
+def test_two_standbys_racing_for_a_dead_masters_name_one_wins(open_store, pg_uri) -> None:
+    """A dead master's name taken by several standbys at once: exactly one opens the store, the others are refused."""
+    dead = open_store("m1", heartbeat=3600.0, lease=0.5)
+    wait_until(lambda: _sql(pg_uri, "SELECT extract(epoch from clock_timestamp()) - heartbeat > 0.6 "
+                                    "FROM remsh_masters WHERE name = 'm1'") == [(True,)],
+               WAIT, "the dead master's lease")
+    barrier = threading.Barrier(4)
+    opened, refused = [], []
+
+    def standby() -> None:
+        barrier.wait(WAIT)
+        try:
+            opened.append(PostgresJobStore(pg_uri, "m1", lease=0.5, heartbeat=0.1))
+        except MasterNameInUse as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=standby) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    try:
+        assert len(opened) == 1 and len(refused) == 3
+        assert opened[0].epoch == dead.epoch + 1
+    finally:
+        for s in opened:
+            s.close()
