@@ -110,6 +110,10 @@ def _check_complete(streams: Dict[str, bytes], name: str) -> int:
 def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: int, times: int = 1) -> None:
     master, job_id, go = _job_mid_run(tmp_path, slaves, port)
     before = {n: s["stdout_bytes"] for n, s in _record(master, job_id)["slaves"].items()}
+    old_follower = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(master.sock), "job", job_id,
+                                     "--follow", "--no-summary"], env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+    wait_until(lambda: old_follower.stdout is not None and old_follower.stdout.peek(1), WAIT, "the follower's output")
     for _ in range(times):
         master.stop(sig)
         time.sleep(0.5)  # the commands go on printing while no master is there: kept by the slaves
@@ -119,6 +123,8 @@ def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: 
         wait_until(lambda: all(s["stdout_bytes"] > seen[n] for n, s in _record(master, job_id)["slaves"].items()),
                    WAIT, "output stored by the new master")
     second = master
+    _, err = old_follower.communicate(timeout=WAIT)
+    assert old_follower.returncode == 3 and b"lost the master" in err, err  # the job goes on without it
     try:
         wait_names(second.sock, NAMES)
         follower = subprocess.Popen([sys.executable, "-m", "remsh", "--master", str(second.sock), "job", job_id,
