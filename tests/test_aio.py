@@ -715,3 +715,37 @@ def test_every_operation_of_the_table_is_a_coroutine_with_slaves_arguments() -> 
         ours = {n: p.default for n, p in inspect.signature(amethod).parameters.items()}
         assert ours == theirs, meth
     assert not inspect.iscoroutinefunction(aio.AsyncSlave.interrupt)
+
+
+def test_idle_slaves_that_die_or_speak_out_of_turn_leave_the_collection(tmp_path: Path,
+                                                                        slave_procs: SlaveProcesses) -> None:
+    """An idle TCP slave whose process is killed, and an idle slave sending a box nobody asked for, are dropped
+    (and leave the collection) without any call being made; a busy slave's replies are not mistaken for that."""
+    import signal
+
+    from remsh.wire import encode_box
+
+    async def main() -> None:
+        async with aio_listener("tcp") as listener:
+            coll = listener.slave_collection
+            (tmp_path / "a").mkdir()
+            slave = await start_slave(listener, "tcp", slave_procs, tmp_path / "a", name="victim")
+            for _ in range(20):  # replies while busy are the operation's, never "out of turn"
+                await slave.execute(["echo", "x"], stdout_cb=lambda d: None)
+            assert slave.connected
+            gone = asyncio.Event()
+            slave.on_disconnect(lambda s: gone.set())
+            slave_procs.procs[0].signal(signal.SIGKILL)
+            await asyncio.wait_for(gone.wait(), WAIT)
+            assert coll.get_all_slaves() == []
+
+            chatty = await fake_slave(listener.port, "chatty")
+            fake = await coll.get_slave(timeout=WAIT)
+            dropped = asyncio.Event()
+            fake.on_disconnect(lambda s: dropped.set())
+            await chatty.send(encode_box({b"result": b"0"}))
+            await asyncio.wait_for(dropped.wait(), WAIT)
+            assert coll.get_all_slaves() == []
+            assert await chatty.read_box(WAIT) is None
+
+    run(main())

@@ -82,6 +82,12 @@ class Connection(asyncio.BufferedProtocol):
         self._bad_input: Optional[WireError] = None
         self.at_eof = False
         self.closed = False
+        #: an operation is reading this connection (set by its owner); while
+        #: it is not, any event -- a box nobody asked for, the end of the
+        #: stream -- goes to :attr:`on_idle_event`
+        self.busy = False
+        #: ``on_idle_event(reason)``: something happened on the idle connection
+        self.on_idle_event: Optional[Callable[[str], None]] = None
 
     @classmethod
     async def open(cls, host: str, port: int, *, ssl: Optional["ssl_module.SSLContext"] = None,
@@ -122,10 +128,12 @@ class Connection(asyncio.BufferedProtocol):
             self._read_paused = True
             self.transport.pause_reading()
         self._wake()
+        self._check_idle()
 
     def eof_received(self) -> Optional[bool]:
         self.at_eof = True
         self._wake()
+        self._check_idle()
         return False  # close the transport
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -133,6 +141,7 @@ class Connection(asyncio.BufferedProtocol):
         self.at_eof = True
         self._lost = exc
         self._wake()
+        self._check_idle()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(Disconnected(f"{self.label}: connection lost while sending"
@@ -146,6 +155,24 @@ class Connection(asyncio.BufferedProtocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _check_idle(self) -> None:
+        """Tell the owner of an event while no operation reads."""
+        hook = self.on_idle_event
+        if self.busy or hook is None or self.closed:
+            return
+        if self._ready or self._bad_input is not None:
+            hook(f"{self.label}: sent a box nobody asked for")
+        elif self.at_eof:
+            hook(f"{self.label}: connection closed"
+                 + (f" ({self._lost})" if self._lost is not None else ""))
+
+    def idle(self) -> None:
+        """The operation reading this connection is over: from now on
+        events go to :attr:`on_idle_event` (at once, for any that came
+        meanwhile)."""
+        self.busy = False
+        self._check_idle()
 
     def _wake(self) -> None:
         waiter = self._waiter

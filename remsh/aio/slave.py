@@ -114,6 +114,13 @@ class AsyncSlave:
         self._callbacks: List[Callable[["AsyncSlave"], Any]] = []
         self._executions: Set[ExecuteCall] = set()
         self._settlers: Set["asyncio.Task[None]"] = set()
+        # while no operation reads it, the connection tells of a slave that
+        # went away (or sent what nobody asked for): it is dropped at once
+        conn.on_idle_event = self._idle_event
+
+    def _idle_event(self, reason: str) -> None:
+        error: RemshError = Disconnected(reason) if "closed" in reason else ProtocolError(reason)
+        self.drop(error)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {'connected' if self.connected else 'disconnected'}>"
@@ -187,6 +194,14 @@ class AsyncSlave:
         if self._disconnected is not None:
             self._lock.release()
             raise Disconnected(f"{self.name}: {meth}: slave is disconnected ({self._disconnected})")
+        self.conn.busy = True
+
+    def _release(self) -> None:
+        """End an operation: give the slave to the next caller; the
+        connection is watched again while nobody holds it."""
+        self._lock.release()
+        if not self._lock.locked():
+            self.conn.idle()
 
     async def _run(self, meth: str, call: Any, body: Awaitable[Any], lock_timeout: Optional[float] = None) -> Any:
         """Run ``body`` (the conversation of ``call``) holding the slave.
@@ -220,7 +235,7 @@ class AsyncSlave:
             raise
         finally:
             if not handed_off:
-                self._lock.release()
+                self._release()
 
     def _settle_later(self, meth: str, call: _Call) -> None:
         """Stop ``call`` on the slave and read the rest of its conversation
@@ -246,7 +261,7 @@ class AsyncSlave:
         except Exception as e:  # noqa: BLE001 - out of step whatever it was: drop
             self.drop(Disconnected(f"{self.name}: {meth}: the cancelled operation did not end in step: {e}"))
         finally:
-            self._lock.release()
+            self._release()
 
     async def _read(self, meth: str, timeout: Optional[float] = None) -> Box:
         box = await self.conn.read_box(self.io_timeout if timeout is None else timeout)
