@@ -749,3 +749,19 @@ def test_idle_slaves_that_die_or_speak_out_of_turn_leave_the_collection(tmp_path
             assert await chatty.read_box(WAIT) is None
 
     run(main())
+
+
+def test_accepted_connections_have_tcp_keepalive(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """The TCP listener turns keepalive on for each slave's socket (a vanished host is noticed while idle)."""
+    import socket as socket_mod
+
+    async def main() -> None:
+        async with aio_listener("tcp", keepalive=(7, 3, 2)) as listener:
+            (tmp_path / "a").mkdir()
+            slave = await start_slave(listener, "tcp", slave_procs, tmp_path / "a")
+            assert slave.conn.transport is not None
+            sock = slave.conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket_mod.IPPROTO_TCP, socket_mod.TCP_KEEPIDLE) == 7
+
+    run(main())

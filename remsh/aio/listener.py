@@ -31,7 +31,9 @@ from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret
 from remsh.master.limits import prepare_descriptors
 from remsh.master.slavelistener.base import Authenticator, secret_authorizer
 from remsh.ops import DEFAULT_IO_TIMEOUT
+from remsh.transports.base import tune_socket
 from remsh.transports.local import spawn_local_slave
+from remsh.transports.tcp import DEFAULT_KEEPALIVE
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ class TcpSlaveListener(_Listener):
     :param allow_insecure: must be true to listen with neither
     :param ssl_context: a server-side ``ssl.SSLContext``: connections are TLS
     :param resume_timeout: must be 0 (no sessions yet)
+    :param max_pending: most handshakes at once (each bounded by ``handshake_timeout``)
+    :param keepalive: TCP keepalive ``(idle, interval, count)``, or ``None``:
+        an idle slave on a host that vanished is noticed and dropped
     :raises UsageError: no credentials without ``allow_insecure``, or
         ``resume_timeout`` other than 0
     """
@@ -131,7 +136,7 @@ class TcpSlaveListener(_Listener):
     def __init__(self, port: int = 0, host: Optional[str] = None, *, secret: Optional[Secret] = None,
                  authenticator: Optional[Authenticator] = None, allow_insecure: bool = False,
                  ssl_context: Optional[ssl.SSLContext] = None, max_pending: int = MAX_PENDING,
-                 **kwargs: Any) -> None:
+                 keepalive: Optional[Tuple[int, int, int]] = DEFAULT_KEEPALIVE, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if secret is None and authenticator is None and not allow_insecure:
             raise UsageError("TcpSlaveListener needs a secret or an authenticator "
@@ -140,6 +145,7 @@ class TcpSlaveListener(_Listener):
         self.host = host
         self.ssl_context = ssl_context
         self.max_pending = max_pending
+        self.keepalive = keepalive
         self._rule = secret_authorizer(secret, authenticator)
         self._server: Optional[asyncio.AbstractServer] = None
         self._pending: Set["asyncio.Task[Any]"] = set()
@@ -173,6 +179,12 @@ class TcpSlaveListener(_Listener):
     def _on_connection(self, conn: Connection) -> None:
         """A connection was accepted (TLS done): run its handshake in a task."""
         conn.label = f"slave at {conn.peer}"
+        sock = None if conn.transport is None else conn.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                tune_socket(sock, send_timeout=None, keepalive=self.keepalive)
+            except OSError as e:
+                log.warning("cannot set TCP options for %s: %s", conn.peer, e)
         if len(self._pending) >= self.max_pending or not self._started:
             log.warning("dropped connection from %s: %d handshakes pending", conn.peer, len(self._pending))
             conn.abort()
