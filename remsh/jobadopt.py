@@ -35,6 +35,7 @@ master.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -303,8 +304,12 @@ def drive(slave: Any, part: Part, sink: "PartSink", cancellation: Cancellation,
     call = ExecuteCall.resumed(state)
     result: Optional[SlaveResult] = None
     started = time.monotonic()
+    # busy with its job in ``remsh ls``, as a job the master started itself is
+    collection = getattr(getattr(slave, "listener", None), "slave_collection", None)
+    hold = getattr(collection, "holding", None)
+    busy = hold(slave, part.record.job_id) if hold is not None else contextlib.nullcontext()
     try:
-        with slave.operation("execute") as frame:
+        with busy, slave.operation("execute") as frame:
             holding.set()
             wire = frame.wire
             while result is None:

@@ -119,6 +119,8 @@ def _restart_and_finish(tmp_path: Path, slaves: SlaveProcesses, port: int, sig: 
         time.sleep(0.5)  # the commands go on printing while no master is there: kept by the slaves
         master = _start(tmp_path, port)
         wait_names(master.sock, NAMES)
+        rows = json.loads(remsh(master.sock, "ls", "--json").stdout)
+        assert {(r["name"], r["state"], r["job"]) for r in rows} == {(n, "busy", job_id) for n in NAMES}, rows
         seen = {n: s["stdout_bytes"] for n, s in _record(master, job_id)["slaves"].items()}
         wait_until(lambda: all(s["stdout_bytes"] > seen[n] for n, s in _record(master, job_id)["slaves"].items()),
                    WAIT, "output stored by the new master")
