@@ -47,6 +47,7 @@ from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now)
+from remsh.store.fencing import NotOwner
 
 log = logging.getLogger(__name__)
 
@@ -434,19 +435,23 @@ class JobRegistry:
                     continue
             recorded = sessions.get(record.id, {}) if self.keep_work else {}
             parts: List[Part] = []
-            for name, rec in record.slaves.items():
-                if rec.state in SLAVE_FINAL_STATES:
+            try:
+                for name, rec in record.slaves.items():
+                    if rec.state in SLAVE_FINAL_STATES:
+                        continue
+                    if name in recorded:
+                        parts.append(Part(recorded[name]))
+                    elif record.kind != "run":  # a transfer is not taken back: it fails, cleanly
+                        self.store.update_slave(record.id, name, state=SLAVE_FAILED, finished=now(),
+                                                error=TRANSFER_CUT)
+                    else:  # nothing runs it any more
+                        self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
+                                                error="the master stopped before it ended")
+                if not parts:
+                    self.store.finish_job(record.id, JOB_FAILED)
+                    log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
                     continue
-                if name in recorded:
-                    parts.append(Part(recorded[name]))
-                elif record.kind != "run":  # a transfer is not taken back: it fails, cleanly
-                    self.store.update_slave(record.id, name, state=SLAVE_FAILED, finished=now(), error=TRANSFER_CUT)
-                else:  # nothing runs it any more
-                    self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
-                                            error="the master stopped before it ended")
-            if not parts:
-                self.store.finish_job(record.id, JOB_FAILED)
-                log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
+            except NotOwner:  # another live master's job, on a shared store: not ours to end
                 continue
             job = RunningJob(record.id, None)
             job.sink = StoreSink(self.store, job.id, job.cancellation, keep_sessions=True)

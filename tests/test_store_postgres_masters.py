@@ -202,3 +202,24 @@ def test_a_password_from_a_password_file_reaches_the_server_and_nowhere_else(tmp
     assert master.proc.wait(WAIT) == 2
     lines = [x for x in master.text().splitlines() if x.strip()]
     assert len(lines) == 1 and "password" in lines[0], lines
+
+
+def test_a_master_restarted_leaves_another_live_masters_running_job_alone(two_masters, tmp_path: Path,
+                                                                          store_uri: str) -> None:
+    """Master b restarted while a runs a job: b starts (it does not take or end a's job), and the job ends done on a with every line."""
+    a, b = two_masters
+    r = remsh(a.sock, "run", "--detach", "-t", "s-a", "--", *SLOW_LINES)
+    assert r.returncode == 0, r.stderr.decode()
+    job_id = r.stdout.decode().strip()
+    b.stop()
+    (tmp_path / "b2").mkdir()
+    again = Master(tmp_path / "b2", tmp_path / "b2" / "m.sock", extra=["--store", store_uri, "--name", "b"])
+    try:
+        again.wait_ready()
+        r = remsh(again.sock, "job", job_id, "--follow")
+        assert r.returncode == 0, r.stderr.decode() + again.text()
+        assert _lines(r.stdout, "s-a") == [f"line {i}" for i in range(1, COUNT + 1)]
+        r = remsh(a.sock, "jobs", "--json")
+        assert {j["id"]: j for j in json.loads(r.stdout)}[job_id]["state"] == "done"
+    finally:
+        again.stop()
