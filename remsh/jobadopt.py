@@ -259,8 +259,10 @@ class Adoptions:
 
     # -- giving up --------------------------------------------------------------------
 
-    def _deadline(self) -> Optional[float]:
-        """When waiting ends (under the lock); ``None``: no listener yet."""
+    def _deadline(self) -> float:
+        """When waiting ends (under the lock): the longest resume time limit
+        of the listeners, counted from the start (:data:`DEFAULT_WAIT` until
+        one says)."""
         if self._first_offer is None:
             return self._started + DEFAULT_WAIT
         return max(self._started + max(self._offers), self._first_offer + OFFER_SETTLE)
@@ -268,9 +270,8 @@ class Adoptions:
     def _expire_loop(self) -> None:
         with self._lock:
             while self._waiting and not self._stopping:
-                deadline = self._deadline()
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is None or left > 0:
+                left = self._deadline() - time.monotonic()
+                if left > 0:
                     self._changed.wait(left)
                     continue
                 waited = max(self._offers) if self._offers else DEFAULT_WAIT
