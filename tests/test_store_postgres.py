@@ -19,7 +19,8 @@ import pytest
 from remsh.store.base import JOB_DONE, SLAVE_OK, SessionRecord, StoreError
 from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
 from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
-from remsh.store.postgres import PostgresJobStore, redacted
+from remsh.store.pglink import redacted
+from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.util import WAIT, run_in_thread, wait_until
 

@@ -43,14 +43,13 @@ is tried once more at once.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import psycopg
 import psycopg.conninfo
@@ -59,13 +58,12 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
+from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-Conn = psycopg.Connection[Tuple[Any, ...]]
 
 
 #: The ``NOTIFY`` channel of every change.
@@ -79,115 +77,11 @@ POLL_INTERVAL = 2.0
 #: How long a write that is harmless to repeat (output, a slave's record, a
 #: job's end) waits for the database to come back before it fails.
 OUTAGE_WAIT = 30.0
-#: Bounds on the database: connecting, one statement, waiting for a row lock.
-CONNECT_TIMEOUT = 10
-STATEMENT_TIMEOUT_MS = 30_000
-LOCK_TIMEOUT_MS = 10_000
 
 _SLAVE_COLUMNS = ("name", "state", "exit_status", "error", "errtag", "started", "finished",
                   "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total", "summary")
 _JOB_COLUMNS = "id, kind, spec, uid, state, started, finished"
 _DB_NOW = "extract(epoch from clock_timestamp())::double precision"
-
-
-def redacted(conninfo: str) -> str:
-    """``conninfo`` as it may be logged or shown: any password left out."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "(an unparsable connection string)"
-    params.pop("password", None)
-    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in params.items() if v is not None})
-
-
-class _Broken(StoreError):
-    """The connection broke under a call (whether it committed is unknown)."""
-
-
-class _Unreachable(StoreError):
-    """No connection to the database could be made."""
-
-
-class _Link:
-    """One connection to the database, its lock, and its reopening after it
-    broke: calls on one link run one at a time."""
-
-    def __init__(self, conninfo: str, label: str) -> None:
-        self.conninfo = conninfo
-        self.label = label
-        self.lock = threading.Lock()
-        self.conn: Optional[Conn] = None
-        self.closed = False
-        #: set first by :meth:`close`: a call waiting out an outage gives up
-        self.closing = threading.Event()
-
-    def connect(self) -> Conn:
-        try:
-            conn: Conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
-        except psycopg.Error as e:
-            raise _Unreachable(f"cannot reach the job store {self.label}: {_one_line(e)}") from e
-        try:
-            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-            conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
-        except psycopg.Error as e:
-            conn.close()
-            raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
-        return conn
-
-    def run(self, fn: Callable[[Conn], T], *, retry: bool = False, patience: float = 0.0,
-            single: bool = False) -> T:
-        """``fn(conn)`` in one transaction (committed when it returns).
-
-        ``fn`` is run again on a new connection when the connection broke
-        under it: with ``retry`` (a read) once, at once; with ``patience``
-        (a write that is harmless to repeat: whether the broken attempt
-        committed or not, repeating it stores the same) until the database
-        answers again, for at most ``patience`` seconds.  Otherwise the
-        call fails and the next one connects again.  ``single``: ``fn`` runs
-        one statement, its own transaction (no BEGIN and COMMIT around it).
-        """
-        deadline = time.monotonic() + patience
-        delay = 0.1
-        with self.lock:
-            for attempt in itertools.count(1):
-                if self.closed or self.closing.is_set():
-                    raise StoreError(f"the job store {self.label} is closed")
-                try:
-                    if self.conn is None or self.conn.closed or self.conn.broken:
-                        self.conn = self.connect()
-                    conn = self.conn
-                    try:
-                        if single:
-                            return fn(conn)
-                        with conn.transaction():
-                            return fn(conn)
-                    except psycopg.Error as e:
-                        if not (conn.closed or conn.broken):
-                            raise StoreError(f"job store {self.label}: {_one_line(e)}") from e
-                        conn.close()
-                        self.conn = None
-                        raise _Broken(f"job store {self.label}: {_one_line(e)}") from e
-                except _Broken as e:
-                    log.warning("%s; connecting again", e)
-                    if retry and attempt == 1:
-                        continue
-                    failure: StoreError = e
-                except _Unreachable as e:
-                    failure = e
-                if time.monotonic() + delay > deadline:
-                    raise StoreError(str(failure)) from failure.__cause__
-                if self.closing.wait(delay):
-                    raise StoreError(f"the job store {self.label} is closed")
-                delay = min(1.0, delay * 2)
-            raise AssertionError("not reached")
-
-    def close(self) -> None:
-        self.closing.set()
-        with self.lock:
-            self.closed = True
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
 
 
 class PostgresJobStore:
@@ -222,8 +116,8 @@ class PostgresJobStore:
         self.poll_interval = poll_interval
         self.outage_wait = outage_wait
         self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
-        self._writer = _Link(self._conninfo, self.label)
-        self._reader = _Link(self._conninfo, self.label)
+        self._writer = Link(self._conninfo, self.label)
+        self._reader = Link(self._conninfo, self.label)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._version = 0
@@ -305,13 +199,13 @@ class PostgresJobStore:
 
     def _start_listening(self) -> Conn:
         """A connection that listens for the masters' changes."""
-        conn = _Link(self._conninfo, self.label).connect()
+        conn = Link(self._conninfo, self.label).connect()
         try:
             conn.execute(f"LISTEN {CHANNEL}")
             self._seen = self._sequence(conn)
         except psycopg.Error as e:
             conn.close()
-            raise StoreError(f"job store {self.label}: cannot listen for changes: {_one_line(e)}") from e
+            raise StoreError(f"job store {self.label}: cannot listen for changes: {one_line(e)}") from e
         return conn
 
     @staticmethod
@@ -335,7 +229,7 @@ class PostgresJobStore:
             try:
                 next_beat = self._listen(conn, next_beat)
             except psycopg.Error as e:
-                log.warning("job store %s: listening connection lost (%s)", self.label, _one_line(e))
+                log.warning("job store %s: listening connection lost (%s)", self.label, one_line(e))
             finally:
                 conn.close()
                 conn = None
@@ -770,7 +664,3 @@ def _process_alive(pid: Optional[int]) -> bool:
     except OSError:
         return True  # another user's
     return True
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
