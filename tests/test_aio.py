@@ -698,16 +698,12 @@ def test_send_tree_failures_and_cancel_keep_nothing_and_the_slave(tmp_path: Path
 
 
 def test_every_operation_of_the_table_is_a_coroutine_with_slaves_arguments() -> None:
-    """AsyncSlave has every operation of remsh.ops.OPERATIONS (but sync_tree, documented as not yet) as a
-    coroutine with the threaded Slave's parameters (less execute's `interrupted`: a cancel does that)."""
+    """AsyncSlave has every operation of remsh.ops.OPERATIONS as a coroutine with the threaded Slave's
+    parameters (less execute's `interrupted`: a cancel does that)."""
     from remsh.master.slave import Slave
     from remsh.ops import OPERATIONS
 
-    not_yet = {"sync_tree"}
     for meth in OPERATIONS:
-        if meth in not_yet:
-            assert not hasattr(aio.AsyncSlave, meth)
-            continue
         amethod = getattr(aio.AsyncSlave, meth)
         assert inspect.iscoroutinefunction(amethod), meth
         theirs = {n: p.default for n, p in inspect.signature(getattr(Slave, meth)).parameters.items()
@@ -763,5 +759,48 @@ def test_accepted_connections_have_tcp_keepalive(tmp_path: Path, slave_procs: Sl
             sock = slave.conn.transport.get_extra_info("socket")
             assert sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_KEEPALIVE) == 1
             assert sock.getsockopt(socket_mod.IPPROTO_TCP, socket_mod.TCP_KEEPIDLE) == 7
+
+    run(main())
+
+
+def test_sync_tree_sends_only_what_differs_and_deletes(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """sync_tree over aio: first everything, then only the changed file, with delete the extra entry goes;
+    checksum finds a same-size, same-time change; a cancel keeps the slave usable."""
+    basedir = tmp_path / "base"
+    basedir.mkdir()
+    src = tmp_path / "src"
+    _make_tree(src, files=10, size=10_000)
+
+    async def main() -> None:
+        async with aio_slave("local", slave_procs, basedir) as (_, slave):
+            first = await slave.sync_tree(src, "dest")
+            assert (first.sent_files, first.deleted) == (11, 0)  # ten files and the link
+            assert _snapshot(basedir / "dest") == _snapshot(src)
+            (src / "sub" / "f1").write_bytes(b"changed")
+            (basedir / "dest" / "extra").write_bytes(b"x")
+            second = await slave.sync_tree(src, "dest", delete=True)
+            assert (second.sent_files, second.sent_bytes, second.deleted, second.unchanged) == (1, 7, 1, 10)
+            assert _snapshot(basedir / "dest") == _snapshot(src)
+            st = (src / "sub" / "f3").stat()
+            (src / "sub" / "f3").write_bytes(os.urandom(st.st_size))
+            os.utime(src / "sub" / "f3", ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert (await slave.sync_tree(src, "dest")).sent_files == 0
+            assert (await slave.sync_tree(src, "dest", checksum=True)).sent_files == 1
+            assert _snapshot(basedir / "dest") == _snapshot(src)
+            with pytest.raises(NotFoundError):
+                await slave.sync_tree(src, "nodir/dest")
+
+            big = tmp_path / "big"
+            _make_tree(big, files=100, size=1_000_000)
+            moved: List[int] = []
+            task = asyncio.create_task(slave.sync_tree(big, "bigdest", progress=lambda d, t: moved.append(d)))
+            while not moved:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await slave.ping()
+            await slave.sync_tree(big, "bigdest")
+            assert _snapshot(basedir / "bigdest") == _snapshot(big)
 
     run(main())

@@ -6,8 +6,8 @@ every slave, no thread per slave (see docs/aio.rst).
 - :class:`AsyncSlaveCollection`: ``await get_slave(filter=None, cmp=None,
   timeout=None)``, ``get_all_slaves()``, ``await wait_for_slaves(...)``;
 - :class:`AsyncSlave`: every operation of :class:`remsh.master.slave.Slave`
-  but ``sync_tree``, as a coroutine; cancelling the awaiting task stops the
-  operation on the slave.
+  as a coroutine; cancelling the awaiting task stops the operation on the
+  slave.
 
 It drives the same protocol objects as the threaded master: the codec of
 :mod:`remsh.wire`, the machines of :mod:`remsh.handshake`,

@@ -33,6 +33,7 @@ from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout,
                           RemshError, UsageError)
 from remsh.master.operation import progress_interval
 from remsh.master.progress import ProgressCallback
+from remsh.master.tree import SyncResult
 from remsh.ops import (CHMOD, COPY, DEFAULT_IO_TIMEOUT, GETENV, MKDIR, PING, REMOVE, RENAME, SET_CWD, STAT, UNLINK,
                        Operation)
 from remsh.protocol.simple import Reply, SimpleCall
@@ -528,6 +529,16 @@ class AsyncSlave:
         executor while the call runs.  Cancelling the awaiting task aborts
         the transfer: nothing is kept on the slave, which stays usable."""
         await trees.send_tree(self, src_dir, dest, progress)
+
+    async def sync_tree(self, src_dir: Path, dest: Path, *, delete: bool = False, checksum: bool = False,
+                        progress: Optional[ProgressCallback] = None) -> SyncResult:
+        """Make ``dest`` on the slave match the local directory ``src_dir``,
+        as :meth:`Slave.sync_tree <remsh.master.slave.Slave.sync_tree>` does,
+        and return its :class:`~remsh.master.tree.SyncResult`.  The local
+        tree is compared and read by a worker thread while the call runs.
+        Cancelling the awaiting task ends the stream with an abort (what
+        was already replaced stays; the slave stays usable)."""
+        return await trees.sync_tree(self, src_dir, dest, delete, checksum, progress)
 
     # for remsh.aio.transfers and remsh.aio.trees: the frame of one conversation
     async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any:

@@ -1,6 +1,7 @@
-"""``fetch_tree`` and ``send_tree`` over asyncio: the protocol layer's
-:class:`~remsh.protocol.trees.FetchTreeCall` and
-:class:`~remsh.protocol.trees.SendTreeCall` driven by
+"""The tree operations over asyncio: the protocol layer's
+:class:`~remsh.protocol.trees.FetchTreeCall`,
+:class:`~remsh.protocol.trees.SendTreeCall` and
+:class:`~remsh.protocol.trees.SyncTreeCall` driven by
 :class:`~remsh.aio.slave.AsyncSlave`, the local tree written by
 :class:`~remsh.treewriter.Writer` and read by :class:`~remsh.treestream.Sender`
 (the threaded master's reader and writer, unchanged).
@@ -9,15 +10,19 @@
 arrive, one box at a time (at most 64 KiB of file data), so the loop is
 never held for long.
 
-``send_tree`` reads the local tree in a worker thread of the loop's default
-executor, one per ``send_tree`` in progress (file reads and hashing would
-otherwise hold the loop for the length of a file): its writes go through
-the loop with the connection's flow control, while the loop watches for an
-early answer from the slave.  The conversation itself stays in the loop.
+``send_tree`` and ``sync_tree`` read (and compare) the local tree in a
+worker thread of the loop's default executor, one per call in progress
+(the planning of :func:`remsh.master.tree.plan_changes` and
+:func:`~remsh.master.tree.send_changes` too: file reads and hashing would
+otherwise hold the loop for the length of a file): the thread's writes go
+through the loop with the connection's flow control, while the loop
+watches for an early answer from the slave.  The conversation itself stays
+in the loop.
 
-The guarantees are :class:`~remsh.master.slave.Slave`'s: a tree appears
-complete or not at all; on any failure, a bound passed or a cancel,
-nothing is left, and the slave stays in step.
+The guarantees are :class:`~remsh.master.slave.Slave`'s: ``send_tree`` and
+``fetch_tree`` make a tree that appears complete or not at all (nothing is
+left after a failure, a bound passed or a cancel); ``sync_tree`` replaces
+file by file.  In every case the slave stays in step.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any, Awaitable, Callable, List, Optional, Protocol, Tuple
+from typing import Any, Awaitable, Callable, List, Optional, Protocol, Tuple, TypeVar
 
 from remsh.aio.connection import Connection
 from remsh.dirremove import remove_dir_at
@@ -34,14 +39,17 @@ from remsh.errors import (LimitExceeded, LocalError, ProtocolError, RemoteError,
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.master.operation import progress_interval
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.master.tree import MAX_FETCH_DEPTH, fetched_modes
+from remsh.master.tree import MAX_FETCH_DEPTH, SyncResult, fetched_modes, plan_changes, send_changes
 from remsh.conversation import PathArg as Path
-from remsh.protocol.trees import Alive, Announced, Failed, FetchTreeCall, Record, SendTreeCall, Stop
+from remsh.protocol.trees import (Alive, Announced, Failed, FetchTreeCall, Manifest, Record, SendTreeCall, Stop,
+                                  SyncTreeCall)
 from remsh.treestream import Sender, others_message, scan
 from remsh.treewriter import Writer, make_temp_dir, place_dir
 from remsh.wire import Box
 
-__all__ = ["fetch_tree", "send_tree"]
+__all__ = ["fetch_tree", "send_tree", "sync_tree"]
+
+T = TypeVar("T")
 
 
 class TreeHost(Protocol):
@@ -199,6 +207,24 @@ def _open_local_dir(name: str, meth: str, path: Path) -> int:
         raise LocalError(f"{name}: {meth}: cannot open local directory: {e}") from e
 
 
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread; a cancel waits for it to end (it
+    may hold the caller's descriptors) before it is raised."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    cancelled = False
+    while True:
+        try:
+            result: T = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError()
+        return result
+
+
 async def _stream(slave: TreeHost, call: SendTreeCall, work: Callable[[Sender], None],
                   on_data: Callable[[int], None]) -> Optional[Exception]:
     """Run ``work(sender)`` in a worker thread, its writes sent by the loop;
@@ -286,10 +312,9 @@ async def send_tree(slave: TreeHost, src_dir: Path, dest: Path, progress: Option
     """See :meth:`remsh.aio.slave.AsyncSlave.send_tree`."""
     meth = "send_tree"
     top = _open_local_dir(slave.name, meth, src_dir)
-    loop = asyncio.get_running_loop()
     try:
         try:
-            found = await loop.run_in_executor(None, scan, top)
+            found = await _in_thread(scan, top)
         except TreeSourceError as e:
             raise LocalError(f"{slave.name}: {meth}: {e}") from None
         if found.others:
@@ -315,5 +340,60 @@ async def send_tree(slave: TreeHost, src_dir: Path, dest: Path, progress: Option
         if isinstance(outcome, Failed):
             raise slave.remote_error(meth, outcome)
         counter.finish()
+    finally:
+        os.close(top)
+
+
+# -- sync_tree -----------------------------------------------------------------------------------
+
+
+async def sync_tree(slave: TreeHost, src_dir: Path, dest: Path, delete: bool, checksum: bool,
+                    progress: Optional[ProgressCallback]) -> SyncResult:
+    """See :meth:`remsh.aio.slave.AsyncSlave.sync_tree`."""
+    meth = "sync_tree"
+    top = _open_local_dir(slave.name, meth, src_dir)
+    result = SyncResult()
+    call = SyncTreeCall(dest, checksum, progress_interval(slave.io_timeout))
+    conn = slave.conn
+    counters: List[Progress] = []
+
+    async def body() -> Any:
+        await conn.send(call.request(), slave.io_timeout)
+        event = None
+        while not call.done and not isinstance(event, Manifest):
+            event = call.receive(await slave.read_reply(meth))
+        if not isinstance(event, Manifest):
+            return None  # the slave refused: call.outcome says why
+        manifest = event.manifest
+        local_error: Optional[Exception] = None
+        plan: Any = None
+        try:  # the local tree walked (and, with checksum, read) in a worker thread
+            plan, total, others = await _in_thread(plan_changes, top, manifest, checksum)
+            if others:
+                local_error = TreeSourceError(others_message(others, top))
+            counters.append(Progress(progress, total))
+        except TreeSourceError as e:
+            local_error = e
+
+        def work(sender: Sender) -> None:
+            if local_error is None:
+                send_changes(sender, top, manifest, plan, delete, result)
+
+        streamed = await _stream(slave, call, work, counters[0].add if counters else (lambda n: None))
+        local_error = local_error or streamed
+        await conn.send(call.finish(None if local_error is None else str(local_error)), slave.io_timeout)
+        while not call.done:
+            call.receive(await slave.read_reply(meth))
+        return local_error
+
+    try:
+        local_error = await slave.run_conversation(meth, call, body())
+        if local_error is not None:
+            raise LocalError(f"{slave.name}: {meth}: {local_error}")
+        if isinstance(call.outcome, Failed):
+            raise slave.remote_error(meth, call.outcome)
+        if counters:
+            counters[0].finish()
+        return result
     finally:
         os.close(top)

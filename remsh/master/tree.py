@@ -298,10 +298,11 @@ def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Option
 _SEND, _ATTRS = 1, 2
 
 
-def _plan(top: int, manifest: ManifestReader, checksum: bool) -> Tuple[Dict[bytes, int], int, List[bytes]]:
+def plan_changes(top: int, manifest: ManifestReader, checksum: bool) -> Tuple[Dict[bytes, int], int, List[bytes]]:
     """Compare the local tree with the slave's manifest: ``{path: _SEND or
     _ATTRS}`` for the files and links that need something (absent: the same
-    already), the bytes to send, and the paths that cannot be copied."""
+    already), the bytes to send, and the paths that cannot be copied (both
+    masters: this one and :mod:`remsh.aio.trees`)."""
     plan: Dict[bytes, int] = {}
     total = 0
     others: List[bytes] = []
@@ -353,7 +354,7 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
             if isinstance(event, Manifest):
                 manifest = event.manifest
                 try:
-                    plan, total, others = _plan(top, manifest, checksum)
+                    plan, total, others = plan_changes(top, manifest, checksum)
                     if others:
                         local_error = TreeSourceError(others_message(others, top))
                     counter = Progress(progress, total)
@@ -362,7 +363,7 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
                 sender = Sender(op.send_bytes, counter.add if counter else (lambda n: None), _Peek(op, call))
                 if local_error is None:
                     try:
-                        _send_changes(sender, top, manifest, plan, delete, result)
+                        send_changes(sender, top, manifest, plan, delete, result)
                     except TreeSourceError as e:
                         local_error = e
                 _finish_stream(op, call, sender, local_error)
@@ -376,9 +377,10 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
         os.close(top)
 
 
-def _send_changes(sender: Sender, top: int, manifest: ManifestReader, plan: Dict[bytes, int], delete: bool,
-                  result: SyncResult) -> None:
-    """Phase two of ``sync_tree``: stream what differs."""
+def send_changes(sender: Sender, top: int, manifest: ManifestReader, plan: Dict[bytes, int], delete: bool,
+                 result: SyncResult) -> None:
+    """Phase two of ``sync_tree``: stream what differs (both masters:
+    this one and :mod:`remsh.aio.trees`)."""
     known = manifest.entries
     for e in walk(top):
         if e.kind == UP:
