@@ -804,3 +804,42 @@ def test_sync_tree_sends_only_what_differs_and_deletes(tmp_path: Path, slave_pro
             assert _snapshot(basedir / "bigdest") == _snapshot(big)
 
     run(main())
+
+
+def test_a_slave_through_an_openssh_tunnel(tmp_path: Path, slave_procs: SlaveProcesses) -> None:
+    """A slave reaching the aio TCP listener through a real sshd's tunnel (remsh-slave --via-ssh) works as any."""
+    from tests.sshd import Sshd, make_key, require_sshd, write_known_hosts
+
+    require_sshd()
+    identity = tmp_path / "id_ed25519"
+    key = make_key("ed25519", identity)
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_text(f"{key.get_name()} {key.get_base64()} remsh-test\n")
+    sshd = Sshd(tmp_path / "sshd", authorized).start()
+    try:
+        known = write_known_hosts(tmp_path / "known_hosts", [(HOST, sshd.port, sshd.host_key)])
+        basedir = tmp_path / "base"
+        basedir.mkdir()
+
+        async def main() -> None:
+            async with aio_listener("tcp") as listener:
+                proc = slave_procs.start(listener.port, "tunnelled", basedir=basedir, no_reconnect=True,
+                                         extra_args=["--ssh-client", "paramiko", "--via-ssh",
+                                                     f"{sshd.user}@{HOST}:{sshd.port}", "--identity",
+                                                     str(identity), "--known-hosts", str(known)])
+                try:
+                    slave = await listener.slave_collection.get_slave(timeout=WAIT * 2)
+                except WaitTimeout:
+                    pytest.fail(f"no registration\n{proc.log_text()}\n{sshd.log_text()}")
+                out: List[bytes] = []
+                assert await slave.execute(["echo", "through ssh"], stdout_cb=out.append) == 0
+                assert b"".join(out) == b"through ssh\n"
+                data = os.urandom(2 << 20)
+                await slave.send(io.BytesIO(data), "f")
+                back = io.BytesIO()
+                await slave.fetch("f", back)
+                assert back.getvalue() == data
+
+        run(main())
+    finally:
+        sshd.stop()
