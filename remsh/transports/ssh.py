@@ -60,9 +60,15 @@ from remsh.transports.base import DEFAULT_SEND_TIMEOUT, Buffer, SocketStream, _f
 from remsh.transports.tcp import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEPALIVE, DEFAULT_MAX_PENDING,
                                   DEFAULT_MAX_PENDING_PER_ADDRESS, TcpServer)
 # the key helpers live in remsh.transports.sshkeys; their public names are this module's too
-from remsh.transports.sshkeys import (AuthorizedKey, AuthorizedKeys, KeyLike, authorized_keys_line,  # noqa: F401
-                                     host_key_fingerprint, known_hosts_line, known_hosts_name,
-                                     load_private_key, parse_authorized_keys)
+from remsh.transports.sshkeys import AuthorizedKey as AuthorizedKey
+from remsh.transports.sshkeys import AuthorizedKeys as AuthorizedKeys
+from remsh.transports.sshkeys import KeyLike as KeyLike
+from remsh.transports.sshkeys import authorized_keys_line as authorized_keys_line
+from remsh.transports.sshkeys import host_key_fingerprint as host_key_fingerprint
+from remsh.transports.sshkeys import known_hosts_line as known_hosts_line
+from remsh.transports.sshkeys import known_hosts_name as known_hosts_name
+from remsh.transports.sshkeys import load_private_key as load_private_key
+from remsh.transports.sshkeys import parse_authorized_keys as parse_authorized_keys
 from remsh.transports.sshkeys import as_key as _as_key
 
 log = logging.getLogger(__name__)
