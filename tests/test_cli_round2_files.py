@@ -6,6 +6,7 @@ master`` and real ``remsh-slave`` processes."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -245,3 +246,20 @@ def test_paramikos_errors_for_a_refused_client_are_not_shown(tmp_path: Path) -> 
     for noise in ("Traceback", "SSHException", "Exception (server)", "Auth rejected", "Connected (version"):
         assert noise not in text, text
     assert "dropped: SSH negotiation failed" in text  # the listener's own line for each
+
+
+def test_log_file_in_text_each_line_with_its_utc_time(tmp_path: Path) -> None:
+    """--log-file FILE (text): the lines go to FILE, not stderr, each starting with its UTC time."""
+    log = tmp_path / "master.log"
+    argv = [sys.executable, "-m", "remsh", "master", "--local", "1", "--basedir", str(tmp_path), "--control",
+            str(tmp_path / "m.sock"), "--state-dir", str(tmp_path / "st"), "--log-file", str(log)]
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: log.exists() and "remsh master: ready" in log.read_text(), WAIT, "ready in the file")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 0 and err == b"" and out == b""
+    lines = log.read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ remsh master: ", line) for line in lines), lines
+    assert any("slave local1 registered from local child pid" in line for line in lines)
