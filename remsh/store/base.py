@@ -303,7 +303,7 @@ def parse_duration(text: str) -> float:
     (``90``, ``30m``, ``7d``, ``1.5h``)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
     if m is None:
-        raise UsageError(f"not a duration (a number with s, m, h, d or w): {text!r}")
+        raise UsageError(f"not a duration (seconds, or a number with s, m, h, d or w: 90, 30m, 7d): {text!r}")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
