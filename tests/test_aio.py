@@ -843,3 +843,33 @@ def test_a_slave_through_an_openssh_tunnel(tmp_path: Path, slave_procs: SlavePro
         run(main())
     finally:
         sshd.stop()
+
+
+def test_a_cancelled_long_operation_is_followed_while_the_slave_shows_it_is_alive() -> None:
+    """After a cancel, a long operation's liveness boxes keep the slave (each restarts the wait, as in the
+    call itself) until its final box, however long past io_timeout plus the kill grace that takes."""
+    from remsh.aio.slave import KILL_GRACE
+    from remsh.wire import encode_box
+
+    async def main() -> None:
+        async with aio_listener("tcp", io_timeout=0.2) as listener:
+            peer = await fake_slave(listener.port, "slow")
+            slave = await listener.slave_collection.get_slave(timeout=WAIT)
+            task = asyncio.create_task(slave.remove("big"))
+            assert (await peer.read_box(WAIT) or {}).get(b"meth") == b"remove"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            end = time.monotonic() + 0.2 + KILL_GRACE + 0.5
+            while time.monotonic() < end:
+                await peer.send(encode_box({b"progress": b"y"}))
+                await asyncio.sleep(0.05)
+            assert slave.connected
+            await peer.send(encode_box({}))  # the final box
+            ping = asyncio.create_task(slave.ping())
+            assert (await peer.read_box(WAIT) or {}).get(b"meth") == b"ping"
+            await peer.send(encode_box({}))
+            await ping
+            assert slave.connected
+
+    run(main())

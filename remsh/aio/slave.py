@@ -13,8 +13,9 @@ Calls on one slave run one at a time, in call order (an
 stops it on the slave: a command is interrupted (its process group
 killed), a ``send`` is aborted (nothing is left), a ``fetch`` is stopped;
 the rest of the conversation is then read by a task of the slave's own, so
-the slave stays in step and usable (the next call waits for it).  Past the
-reply deadline that task drops the slave instead.
+the slave stays in step and usable (the next call waits for it).  When the
+slave is silent past the reply deadline (``io_timeout``, plus
+:data:`KILL_GRACE` for a command to die) that task drops it instead.
 """
 
 from __future__ import annotations
@@ -246,8 +247,8 @@ class AsyncSlave:
         task.add_done_callback(self._settlers.discard)
 
     async def _settle(self, meth: str, call: _Call) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.io_timeout + KILL_GRACE
+        # each box restarts the wait, as in the operation itself: a long
+        # operation's liveness boxes keep it going until its final box
         try:
             while True:
                 data = _stop_bytes(call)
@@ -255,7 +256,7 @@ class AsyncSlave:
                     await self.conn.send(data, self.io_timeout)
                 if _done(call):
                     return
-                box = await self.conn.read_box(max(0.0, end - loop.time()))
+                box = await self.conn.read_box(self.io_timeout + KILL_GRACE)
                 if box is None:
                     raise Disconnected("slave closed the connection")
                 call.receive(box)
