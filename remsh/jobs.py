@@ -47,7 +47,7 @@ from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now)
-from remsh.store.fencing import NotOwner
+from remsh.store.fencing import NotOwner, SharedJobStore
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,8 @@ class JobRegistry:
         :raises StoreError: the store cannot be read or written
         """
         self._take_back()
+        if isinstance(self.store, SharedJobStore):  # a cancel asked of another master reaches us
+            self.store.watch_cancels(self._cancel_asked)
         self.adoptions.start()
         self.store.prune()
         self._pruner = threading.Thread(target=self._prune_loop, name="remsh-jobs-prune", daemon=True)
@@ -568,9 +570,11 @@ class JobRegistry:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def cancel(self, job_id: str, reason: str = "cancelled") -> RunningJob:
+    def cancel(self, job_id: str, reason: str = "cancelled") -> Optional[RunningJob]:
         """Cancel a running job: its commands are interrupted on every slave
-        (their process groups killed), its transfers abandoned.
+        (their process groups killed), its transfers abandoned.  A job
+        another master runs, on a shared store, is asked of that master
+        (``None`` returned).
 
         :raises UnknownJob: no such job in the store
         :raises JobEnded: it has ended already
@@ -578,10 +582,23 @@ class JobRegistry:
         job = self.running(job_id)
         if job is None:
             record = self.store.get_job(job_id)
+            if not record.finished_state and isinstance(self.store, SharedJobStore):
+                owner = self.store.request_cancel(job_id, reason)
+                if owner is not None:  # another master runs it: asked of it through the store
+                    log.info("job %s: cancel asked of master %s", job_id, owner)
+                    return None
+                record = self.store.get_job(job_id)
             raise JobEnded(f"job {job_id} has already ended ({record.state})")
         log.info("job %s: %s", job_id, reason)
         job.cancel(reason)
         return job
+
+    def _cancel_asked(self, job_id: str, reason: str) -> None:
+        """A cancel asked of another master sharing the store, for a job of ours."""
+        job = self.running(job_id)
+        if job is not None:
+            log.info("job %s: %s (asked of another master)", job_id, reason)
+            job.cancel(reason)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop: hand the recorded commands over to the next master (see

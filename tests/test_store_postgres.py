@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from remsh.store.base import JOB_DONE, SLAVE_OK, SessionRecord, StoreError
+from remsh.store.base import JOB_CANCELLED, JOB_DONE, SLAVE_OK, SessionRecord, StoreError, UnknownJob
 from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
 from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
 from remsh.store.pglink import redacted
@@ -148,7 +148,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_masters_and_jobs(pg_uri) ->
     with PostgresJobStore(pg_uri, "old") as store:
         assert store.epoch == 5 and store.get_job("0000000001-0").state == "done"
     assert _sql(pg_uri, "SELECT value FROM remsh_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert _sql(pg_uri, "SELECT host IS NOT NULL, pid IS NOT NULL FROM remsh_masters") == [(True, True)]
 
 
@@ -362,3 +362,26 @@ def test_two_standbys_racing_for_a_dead_masters_name_one_wins(open_store, pg_uri
     finally:
         for s in opened:
             s.close()
+
+
+def test_a_cancel_asked_of_any_master_reaches_the_owner_once(open_store) -> None:
+    """request_cancel on one master: the owner's watch_cancels callback hears it once (at once, by NOTIFY); an ended job answers None, an unknown one UnknownJob."""
+    a, b = open_store("a", poll_interval=60.0), open_store("b")
+    heard = []
+    got = threading.Event()
+
+    def on_cancel(job_id: str, reason: str) -> None:
+        heard.append((job_id, reason))
+        got.set()
+
+    a.watch_cancels(on_cancel)
+    job = a.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+    assert b.request_cancel(job.id, "stop it") == "a"
+    assert got.wait(WAIT) and heard == [(job.id, "stop it")]
+    assert b.request_cancel(job.id, "again") == "a"
+    a.watch_cancels(on_cancel)  # delivers what is pending: nothing new
+    assert heard == [(job.id, "stop it")]
+    a.finish_job(job.id, JOB_CANCELLED)
+    assert b.request_cancel(job.id, "late") is None
+    with pytest.raises(UnknownJob):
+        b.request_cancel("0000000000-0", "nothing")

@@ -18,6 +18,7 @@ import pytest
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - fixture
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import Master, _env, remsh, wait_names
+from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -223,3 +224,23 @@ def test_a_master_restarted_leaves_another_live_masters_running_job_alone(two_ma
         assert {j["id"]: j for j in json.loads(r.stdout)}[job_id]["state"] == "done"
     finally:
         again.stop()
+
+
+def test_a_job_is_cancelled_from_the_other_master(two_masters) -> None:
+    """remsh cancel ID on master b for a job master a runs: the command is stopped and the job ends cancelled, seen on both."""
+    a, b = two_masters
+    r = remsh(a.sock, "run", "--detach", "-t", "s-a", "--", "sh", "-c", "echo started; sleep 120")
+    assert r.returncode == 0, r.stderr.decode()
+    job_id = r.stdout.decode().strip()
+
+    def state(master: Master) -> dict:
+        r = remsh(master.sock, "jobs", "--json")
+        return {j["id"]: j for j in json.loads(r.stdout)}[job_id]
+
+    wait_until(lambda: state(b)["slaves"]["s-a"]["stdout_bytes"] > 0, WAIT, "the command to start")
+    r = remsh(b.sock, "cancel", job_id)
+    assert r.returncode == 0, r.stderr.decode() + b.text()
+    wait_until(lambda: state(a)["state"] == "cancelled", WAIT, "the job to end cancelled")
+    assert state(b)["slaves"]["s-a"]["state"] == "cancelled"
+    r = remsh(b.sock, "cancel", job_id)
+    assert r.returncode != 0 and "already ended" in r.stderr.decode()

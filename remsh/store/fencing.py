@@ -19,7 +19,7 @@ psycopg.  A single-master store (SQLite) raises none of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 from remsh.store.base import StoreError
 
@@ -44,6 +44,22 @@ class MasterNameInUse(StoreError):
     on the store: two masters of one name would fence each other off."""
 
 
+@runtime_checkable
+class SharedJobStore(Protocol):
+    """What a store several masters share adds to
+    :class:`~remsh.store.base.JobStore`: a cancel asked of any master
+    reaches the master that runs the job."""
+
+    def request_cancel(self, job_id: str, reason: str) -> Optional[str]:
+        """Ask the master that runs ``job_id`` to cancel it; its name, or
+        ``None`` when the job has ended.  :class:`UnknownJob` when there is
+        no such job."""
+
+    def watch_cancels(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(job_id, reason)`` once for each cancel asked of a
+        running job of this master's."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MasterRow:
     """A master as the shared store knows it."""
@@ -58,4 +74,4 @@ class MasterRow:
     alive: bool
 
 
-__all__ = ["FencedOff", "NotOwner", "MasterNameInUse", "MasterRow"]
+__all__ = ["FencedOff", "NotOwner", "MasterNameInUse", "MasterRow", "SharedJobStore"]

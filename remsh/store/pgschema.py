@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 #: The schema this code writes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: SQLSTATEs :data:`APPEND_FUNCTION` raises: the master's epoch is stale;
 #: the job is another master's (message: its owner); no such job; no such
@@ -153,6 +153,8 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     1: ("ALTER TABLE remsh_masters ADD COLUMN host TEXT, ADD COLUMN pid INTEGER",),
     # appending output in one statement (one round trip instead of eight)
     2: (APPEND_FUNCTION,),
+    # a cancel asked of any master, carried to the one that runs the job
+    3: ("ALTER TABLE remsh_jobs ADD COLUMN cancel_reason TEXT",),
 }
 
 

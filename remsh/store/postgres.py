@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 #: The ``NOTIFY`` channel of every change.
 CHANNEL = "remsh_store"
+#: The ``NOTIFY`` channel of a cancel asked of a job (payload: its id).
+CANCEL_CHANNEL = "remsh_cancel"
 #: Serialises the masters' migrations (an advisory lock key: "remsh" in ASCII).
 MIGRATION_LOCK = 0x72656D7368
 #: Defaults: heartbeat every HEARTBEAT seconds; a master silent for LEASE is dead.
@@ -126,6 +128,9 @@ class PostgresJobStore:
         self._seq_in_millis = 0
         self._stop = threading.Event()
         self._seen = 0
+        #: who hears of cancels asked of this master's jobs, and which it heard of
+        self._on_cancel: Optional[Callable[[str, str], None]] = None
+        self._cancels_delivered: set[str] = set()
         #: what the watcher last saw of the other masters: alive or not
         self._alive: Dict[str, bool] = {}
         listening: Optional[Conn] = None
@@ -202,6 +207,7 @@ class PostgresJobStore:
         conn = Link(self._conninfo, self.label).connect()
         try:
             conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {CANCEL_CHANNEL}")
             self._seen = self._sequence(conn)
         except psycopg.Error as e:
             conn.close()
@@ -238,8 +244,11 @@ class PostgresJobStore:
         seen = [self._seen, self._seen]
         while not self._stop.is_set():
             wait = max(0.01, min(self.poll_interval, next_beat - time.monotonic()))
-            if list(conn.notifies(timeout=wait, stop_after=1)):
+            heard = list(conn.notifies(timeout=wait, stop_after=1))
+            if heard:
                 self._bump()
+                if any(n.channel == CANCEL_CHANNEL for n in heard):
+                    self._deliver_cancels()
             elif not self._stop.is_set():
                 # the sequence moves before its write commits: a change
                 # seen now is announced on this poll and the next
@@ -256,6 +265,7 @@ class PostgresJobStore:
         try:
             self._writer.run(self._beat)
             self._notice_masters(self.masters())
+            self._deliver_cancels()  # a notification lost with a connection
         except FencedOff as e:
             log.error("%s", e)
         except StoreError as e:
@@ -609,6 +619,56 @@ class PostgresJobStore:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
         return adopted
+
+    # -- cancels asked of any master -------------------------------------------------
+
+    def request_cancel(self, job_id: str, reason: str) -> Optional[str]:
+        """Ask the master that runs job ``job_id`` to cancel it (it hears
+        of it through :meth:`watch_cancels`, at once by ``NOTIFY``, else
+        within a heartbeat).  Its name; ``None`` when the job has ended.
+
+        :raises UnknownJob: no such job
+        """
+        def request(db: Conn) -> Optional[str]:
+            row = db.execute("UPDATE remsh_jobs SET cancel_reason = coalesce(cancel_reason, %s) "
+                             "WHERE id = %s AND state = %s RETURNING owner", (reason, job_id, JOB_RUNNING)).fetchone()
+            if row is None:
+                if db.execute("SELECT 1 FROM remsh_jobs WHERE id = %s", (job_id,)).fetchone() is None:
+                    raise UnknownJob(f"no job {job_id}")
+                return None
+            db.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, job_id))
+            return str(row[0])
+
+        return self._write(request, job_id)
+
+    def watch_cancels(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(job_id, reason)`` once for each cancel asked
+        (:meth:`request_cancel`, on any master) of a running job of this
+        master's: for those asked already now, later from the store's
+        thread.  An exception from it is logged."""
+        self._on_cancel = callback
+        self._deliver_cancels()
+
+    def _deliver_cancels(self) -> None:
+        callback = self._on_cancel
+        if callback is None:
+            return
+        try:
+            asked = self._read(lambda db: db.execute(
+                "SELECT id, cancel_reason FROM remsh_jobs WHERE owner = %s AND state = %s "
+                "AND cancel_reason IS NOT NULL ORDER BY id", (self.name, JOB_RUNNING)).fetchall())
+        except StoreError as e:
+            log.warning("job store %s: cannot read the cancels asked: %s", self.label, e)
+            return
+        for job_id, reason in asked:
+            with self._lock:
+                if job_id in self._cancels_delivered:
+                    continue
+                self._cancels_delivered.add(job_id)
+            try:
+                callback(str(job_id), str(reason))
+            except Exception:  # noqa: BLE001 - the caller's; the store goes on
+                log.exception("job %s: the cancel asked could not be delivered", job_id)
 
     # -- change notification ----------------------------------------------------------
 
