@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from remsh.store.base import JOB_CANCELLED, JOB_DONE, SLAVE_OK, SessionRecord, StoreError, UnknownJob
+from remsh.store.base import JOB_CANCELLED, JOB_DONE, SLAVE_OK, OutputGap, SessionRecord, StoreError, UnknownJob
 from remsh.store.fencing import FencedOff, MasterNameInUse, NotOwner
 from remsh.store.pgschema import MIGRATIONS, SCHEMA_VERSION
 from remsh.store.pglink import redacted
@@ -385,3 +385,22 @@ def test_a_cancel_asked_of_any_master_reaches_the_owner_once(open_store) -> None
     assert b.request_cancel(job.id, "late") is None
     with pytest.raises(UnknownJob):
         b.request_cancel("0000000000-0", "nothing")
+
+
+def test_sessions_are_kept_moved_with_output_and_dropped_with_their_job(open_store) -> None:
+    """open_session/open_sessions round-trip; append_output moves a session's count in its transaction (not when it fails); close_session and pruning drop it."""
+    store = open_store("a", keep=1.0)
+    job = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+    store.open_session(SessionRecord("b" * 32, "s", job.id, "execute", 7, 3, 3))
+    assert [(s.id, s.name, s.request_box, s.reply_base, s.received) for s in store.open_sessions()] == \
+        [("b" * 32, "s", 7, 3, 3)]
+    store.append_output(job.id, "s", "stdout", 0, b"hello", session=("b" * 32, 9))
+    assert store.open_sessions()[0].received == 9
+    with pytest.raises(OutputGap):
+        store.append_output(job.id, "s", "stdout", 50, b"later", session=("b" * 32, 12))
+    assert store.open_sessions()[0].received == 9  # rolled back with the refused chunk
+    store.close_session("b" * 32)
+    assert store.open_sessions() == []
+    store.open_session(SessionRecord("c" * 32, "s", job.id, "execute", 1, 1, 1))
+    store.finish_job(job.id, JOB_DONE, now=time.time() - 10)
+    assert store.prune() == 1 and store.open_sessions() == []

@@ -236,6 +236,10 @@ class PostgresJobStore:
                 next_beat = self._listen(conn, next_beat)
             except psycopg.Error as e:
                 log.warning("job store %s: listening connection lost (%s)", self.label, one_line(e))
+            except Exception:  # noqa: BLE001 - this thread must outlive a surprise: waiters depend on it
+                log.exception("job store %s: the listening thread failed; listening again", self.label)
+                if self._stop.wait(self.poll_interval):
+                    return
             finally:
                 conn.close()
                 conn = None
