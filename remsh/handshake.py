@@ -155,6 +155,100 @@ class State(enum.Enum):
     """The exchange failed; the connection must be closed."""
 
 
+# -- resumable sessions: the register box's and the answer's session keys -------------
+#
+# A slave that can resume says so in its register box (``resumable: y``)
+# and, while it holds a session, names it with how many of its boxes it
+# received (``resume``, ``received``).  The master's answer gives a session
+# (``session``, ``resume_timeout``) and, when it carries the named one on,
+# ``resumed: y`` and its own count (``received``).  See remsh.session.
+
+#: The keys a slave's register box and a master's answer use for sessions.
+SESSION_KEYS = (b"resumable", b"resume", b"received", b"session", b"resumed", b"resume_timeout")
+
+
+class ResumeAsk(NamedTuple):
+    """What a slave's register box asks of its session (master's side)."""
+
+    #: the session it names (``None``: it holds none and takes a new one)
+    session: Optional[str]
+    #: how many of that session's boxes it received (0 without one)
+    received: int
+
+
+def resume_ask(box: Box, label: str = "peer") -> Optional[ResumeAsk]:
+    """The session a register box asks for; ``None`` when the slave cannot
+    resume.
+
+    :raises ProtocolError: a named session without a valid ``received`` count
+    """
+    if box.get(b"resumable") != b"y":
+        return None
+    sid = box.get(b"resume")
+    if sid is None:
+        return ResumeAsk(None, 0)
+    try:
+        received = int(box.get(b"received", b""))
+    except ValueError:
+        received = -1
+    if received < 0:
+        raise ProtocolError(f"{label}: bad 'received' in register box")
+    return ResumeAsk(sid.decode("ascii", "replace"), received)
+
+
+def session_grant(session: str, resume_timeout: float, received: Optional[int] = None) -> Dict[bytes, bytes]:
+    """The master's answer keys: a new session, or (``received`` given) the
+    named one carried on from the master's count of its boxes."""
+    keys = {b"session": session.encode("ascii"), b"resume_timeout": repr(resume_timeout).encode("ascii")}
+    if received is not None:
+        keys[b"resumed"] = b"y"
+        keys[b"received"] = str(received).encode("ascii")
+    return keys
+
+
+def resume_request(session: Optional[str] = None, received: int = 0) -> Dict[str, str]:
+    """The keys a slave adds to its register box (slave's side): it can
+    resume, and which session it holds with its count (``session`` given)."""
+    keys = {"resumable": "y"}
+    if session is not None:
+        keys["resume"] = session
+        keys["received"] = str(received)
+    return keys
+
+
+class SessionGrant(NamedTuple):
+    """The session a master's answer gives (slave's side)."""
+
+    session: str
+    resume_timeout: float
+    #: the master carries on the session the slave named
+    resumed: bool
+    #: the master's count of the slave's boxes (0 for a new session)
+    received: int
+
+
+def session_granted(keys: Mapping[str, str], max_resume_timeout: float) -> Optional[SessionGrant]:
+    """The session in a :class:`Registered` event's ``info`` on the slave;
+    ``None`` when the master gave none.
+
+    :raises ProtocolError: malformed keys, or a resume timeout outside
+        0..``max_resume_timeout``
+    """
+    sid = keys.get("session")
+    if sid is None:
+        return None
+    try:
+        received = int(keys.get("received", "0"))
+        resume_timeout = float(keys.get("resume_timeout", "0") or 0)
+    except ValueError:
+        raise ProtocolError("malformed session keys in the registered box") from None
+    if received < 0:
+        raise ProtocolError("malformed session keys in the registered box")
+    if not 0 <= resume_timeout <= max_resume_timeout:
+        raise ProtocolError(f"resume_timeout {resume_timeout!r} out of range")
+    return SessionGrant(sid, resume_timeout, keys.get("resumed") == "y", received)
+
+
 class Registered:
     """Event: the registration succeeded.
 
@@ -446,7 +540,7 @@ class SlaveHandshake(_Side):
                     f"{self.label}: master did not prove it holds the secret"))
         self.state = State.REGISTERED
         session = {k.decode("ascii"): v.decode("ascii", "replace") for k, v in answer.items()
-                   if k in (b"session", b"resumed", b"received", b"resume_timeout")}
+                   if k in SESSION_KEYS}
         return Step([], Registered(self.name, session))
 
 

@@ -341,3 +341,30 @@ def test_listener_answers_every_failure_with_the_same_bytes(kind: str, tcp_liste
     }[kind]
     assert _answer_from_listener(listener.port, box) == encode_box(refusal_box())
     assert listener.slave_collection.get_all_slaves() == []
+
+
+def test_session_keys_are_the_handshakes():
+    """The session keys of the register box and the answer are made and read
+    by remsh.handshake on both ends: what one side writes the other reads
+    back, and malformed values are refused."""
+    from remsh.handshake import (ResumeAsk, SessionGrant, resume_ask, resume_request, session_grant,
+                                 session_granted)
+
+    def as_box(keys):
+        return {k.encode(): v.encode() for k, v in keys.items()}
+
+    assert resume_ask({}) is None
+    assert resume_ask(as_box(resume_request())) == ResumeAsk(None, 0)
+    assert resume_ask(as_box(resume_request("s1", 42))) == ResumeAsk("s1", 42)
+    for bad in (b"", b"-1", b"x"):
+        with pytest.raises(ProtocolError, match="received"):
+            resume_ask({b"resumable": b"y", b"resume": b"s1", b"received": bad})
+    grant = {k.decode(): v.decode() for k, v in session_grant("s1", 30.0, 7).items()}
+    assert session_granted(grant, 3600) == SessionGrant("s1", 30.0, True, 7)
+    fresh = {k.decode(): v.decode() for k, v in session_grant("s2", 5.0).items()}
+    assert session_granted(fresh, 3600) == SessionGrant("s2", 5.0, False, 0)
+    assert session_granted({}, 3600) is None
+    with pytest.raises(ProtocolError, match="out of range"):
+        session_granted(grant, 10)
+    with pytest.raises(ProtocolError, match="malformed"):
+        session_granted({"session": "s", "received": "x"}, 10)

@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from remsh.errors import Disconnected, ProtocolError, RemshError
-from remsh.handshake import Registered
+from remsh.errors import Disconnected, RemshError
+from remsh.handshake import Registered, resume_request, session_granted
 from remsh.session import SessionFailed, SessionWire
 from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
 from remsh.slave.policy import PLAIN, Policy
@@ -65,12 +65,10 @@ class SessionKeeper:
         Taking the session off its old connection first makes the count
         final: nothing arrives on that connection any more.
         """
-        keys = {"resumable": "y"}
         session = self.session
         if session is not None and session.failed is None and not session.peer_ended:
-            keys["resume"] = session.session_id
-            keys["received"] = str(session.prepare_resume())
-        return keys
+            return resume_request(session.session_id, session.prepare_resume())
+        return resume_request()
 
     def serve(self, wire: Wire, reg: Registered) -> None:
         """Serve the master over ``wire`` (registration done) until the
@@ -82,20 +80,14 @@ class SessionKeeper:
         :raises Disconnected: the connection was lost (redial to resume)
         :raises RemshError: the server failed
         """
-        sid = reg.info.get("session")
-        if sid is None:
+        grant = session_granted(reg.info, MAX_RESUME_TIMEOUT)
+        if grant is None:
             self._end_session(SessionFailed("the master gave no session"))
             SlaveServer(wire, self.basedir, policy=self.policy).serve()
             return
-        try:
-            received = int(reg.info.get("received", "0"))
-            resume_timeout = float(reg.info.get("resume_timeout", "0") or 0)
-        except ValueError:
-            raise ProtocolError("malformed session keys in the registered box") from None
-        if not 0 <= resume_timeout <= MAX_RESUME_TIMEOUT:
-            raise ProtocolError(f"resume_timeout {resume_timeout!r} out of range")
+        sid, resume_timeout, received = grant.session, grant.resume_timeout, grant.received
         session = self.session
-        if session is not None and reg.info.get("resumed") == "y" and sid == session.session_id:
+        if session is not None and grant.resumed and sid == session.session_id:
             session.attach(wire, received)
         else:
             if session is not None:

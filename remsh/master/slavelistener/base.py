@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 from remsh.adoption import Claim, adopter_for
 from remsh.deadlines import Deadlines
-from remsh.errors import AuthenticationError, Disconnected, ProtocolError, RemshError, UsageError
+from remsh.errors import AuthenticationError, Disconnected, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
-                             as_secret, exchange_greeting, master_handshake)
+                             as_secret, exchange_greeting, master_handshake, resume_ask, session_grant)
 from remsh.master.limits import prepare_descriptors
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
@@ -234,44 +234,31 @@ class SlaveListener:
             """The registered box's session keys (remsh.session): a slave
             that can resume gets a session; one naming its session (and
             name) carries on with it; anything else starts afresh."""
-            if self.resume_timeout <= 0 or box.get(b"resumable") != b"y":
+            ask = resume_ask(box, wire.label) if self.resume_timeout > 0 else None
+            if ask is None:
                 return {}
-            timeout_b = repr(self.resume_timeout).encode("ascii")
-            sid_b = box.get(b"resume")
             if adopter is not None and adopter.handing_over:
                 # a session of a job being handed over must not be started afresh here
                 raise Disconnected(f"{wire.label}: the master is stopping")
-            if sid_b is not None:
-                sid = sid_b.decode("ascii", "replace")
+            if ask.session is not None:
+                sid = ask.session
                 with self._slaves_lock:
                     old = self._sessions.get(sid)
                 if old is not None and old.name != name:
                     raise AuthenticationError(f"{wire.label}: slave {name!r} named another slave's session")
                 if old is not None and isinstance(old.wire, SessionWire) and old.wire.failed is None:
-                    try:
-                        peer_received = int(box.get(b"received", b""))
-                    except ValueError:
-                        raise ProtocolError(f"{wire.label}: bad 'received' in register box") from None
                     received = old.wire.prepare_resume()
-                    resuming.append((old, peer_received))
-                    return {b"session": sid_b, b"resumed": b"y", b"resume_timeout": timeout_b,
-                            b"received": str(received).encode("ascii")}
+                    resuming.append((old, ask.received))
+                    return session_grant(sid, self.resume_timeout, received)
                 claim = adopter.claim(sid, name) if adopter is not None and old is None else None
                 if claim is not None:  # a session an earlier master recorded (remsh.jobadopt)
-                    try:
-                        peer_received = int(box.get(b"received", b""))
-                    except ValueError:
-                        assert adopter is not None
-                        adopter.release(claim)
-                        raise ProtocolError(f"{wire.label}: bad 'received' in register box") from None
-                    adopting.append((claim, peer_received))
-                    return {b"session": sid_b, b"resumed": b"y", b"resume_timeout": timeout_b,
-                            b"received": str(claim.committed).encode("ascii")}
+                    adopting.append((claim, ask.received))
+                    return session_grant(sid, self.resume_timeout, claim.committed)
             if adopter is not None:
                 adopter.slave_restarted(name)  # a command it ran for an earlier master is gone
             sid = new_session_id()
             new_session.append(sid)
-            return {b"session": sid.encode("ascii"), b"resume_timeout": timeout_b}
+            return session_grant(sid, self.resume_timeout)
 
         try:
             reg = master_handshake(wire, self._authorize_registration, greet=False,
