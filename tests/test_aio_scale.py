@@ -86,3 +86,63 @@ def test_one_loop_drives_tcp_slaves(tmp_path: Path, slave_procs: SlaveProcesses)
             await asyncio.gather(*(s.ping() for s in slaves))
 
     run(main())
+
+
+async def _answering_peer(port: int, name: str, ready: "asyncio.Queue[str]") -> None:
+    """A peer that registers like a slave (the real handshake machine) and answers ping and
+    execute as a slave would: enough to hold a thousand connections in one test process."""
+    from remsh.handshake import SlaveHandshake
+    from remsh.wire import encode_box
+
+    conn = await aio.Connection.open("127.0.0.1", port, label="master")
+    hs = SlaveHandshake(name, secret=SECRET, info={"basedir": "/nonexistent"})
+    await conn.send(hs.greeting)
+    hs.receive_greeting(await conn.read_exact(8, WAIT))
+    while True:
+        box = await conn.read_box(WAIT)
+        assert box is not None
+        step = hs.receive_box(box)
+        await conn.send_boxes(step.send)
+        if step.event is not None:
+            break
+    await ready.put(name)
+    while True:
+        box = await conn.read_box(None)
+        if box is None:
+            return
+        if box.get(b"meth") == b"ping":
+            await conn.send(encode_box({}))
+        elif box.get(b"meth") == b"execute":
+            await conn.send(encode_box({}) + encode_box({b"stream": b"stdout", b"data": name.encode()})
+                            + encode_box({b"result": b"0"}))
+
+
+def test_one_loop_holds_a_thousand_slave_connections() -> None:
+    """1,000 registered connections in one loop, all pinged and all running execute at once, with no thread:
+    the peers are in-process stand-ins speaking the real handshake and reply boxes."""
+    count = 1000
+    before = set(threading.enumerate())
+
+    async def main() -> None:
+        async with aio.TcpSlaveListener(port=0, host="127.0.0.1", secret=SECRET) as listener:
+            listener.expected_slaves = count
+            ready: "asyncio.Queue[str]" = asyncio.Queue()
+            peers = []
+            for first in range(0, count, 100):
+                peers += [asyncio.create_task(_answering_peer(listener.port, f"p{i}", ready))
+                          for i in range(first, first + 100)]
+                await listener.slave_collection.wait_for_slaves(first + 100, timeout=WAIT * 3)
+            slaves = listener.slave_collection.get_all_slaves()
+            assert len(slaves) == count
+            t0 = time.monotonic()
+            await asyncio.gather(*(s.ping() for s in slaves))
+            outs: List[List[bytes]] = [[] for _ in slaves]
+            codes = await asyncio.gather(*(s.execute(["x"], stdout_cb=outs[i].append) for i, s in enumerate(slaves)))
+            assert codes == [0] * count
+            assert [b"".join(o) for o in outs] == [s.name.encode() for s in slaves]
+            assert time.monotonic() - t0 < WAIT * 3
+            assert set(threading.enumerate()) - before == set()
+            for p in peers:
+                p.cancel()
+
+    run(main())
