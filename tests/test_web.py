@@ -30,7 +30,7 @@ if not os.environ.get("CI"):  # under CI the extra must be there: the imports be
 
 import httpx  # noqa: E402
 
-from remsh.web.app import COOKIE, csrf_token  # noqa: E402
+from remsh.web.app import cookie_name, csrf_token  # noqa: E402
 from remsh.web.live import Subscriber, Watch  # noqa: E402
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses  # noqa: E402
 from tests.test_fleet import Master, _env, ls, remsh, wait_names  # noqa: E402
@@ -52,6 +52,7 @@ class WebFleet:
         self.slaves = slaves
         self.url = (master.state_dir / "web-url").read_text().strip()
         self.base, _, self.token = self.url.partition("/?token=")
+        self.port = int(self.base.rpartition(":")[2])
 
     def bearer(self) -> "httpx.Client":
         """A script's client: the Bearer header."""
@@ -143,7 +144,7 @@ def test_every_url_without_the_token_answers_401_and_nothing_else(web: WebFleet)
     wrong = web.token[:-1] + ("A" if web.token[-1] != "A" else "B")
     attempts: List[Dict[str, Any]] = [
         {}, {"headers": {"Authorization": f"Bearer {wrong}"}}, {"headers": {"Authorization": f"Basic {web.token}"}},
-        {"headers": {"Authorization": "Bearer"}}, {"headers": {"Cookie": f"{COOKIE}={wrong}"}},
+        {"headers": {"Authorization": "Bearer"}}, {"headers": {"Cookie": f"{cookie_name(web.port)}={wrong}"}},
         {"params": {"token": wrong}},
     ]
     with web.anonymous() as c:
@@ -166,7 +167,7 @@ def test_the_token_url_sets_a_strict_httponly_cookie_and_redirects_to_the_clean_
         r = c.get("/jobs", params={"token": web.token, "x": "1"})
         assert r.status_code == 303 and r.headers["location"] == "/jobs?x=1"
         cookie = r.headers["set-cookie"]
-        assert cookie.startswith(f"{COOKIE}={web.token};")
+        assert cookie.startswith(f"{cookie_name(web.port)}={web.token};")
         attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
         assert {"httponly", "samesite=strict", "path=/"} <= attributes
         assert web.token not in r.headers["location"]

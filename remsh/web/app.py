@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
 PAGES = os.path.join(HERE, "pages")
 
-#: The cookie the token URL sets.
+#: The cookie the token URL sets: this name, then ``_PORT`` (:func:`cookie_name`).
 COOKIE = "remsh_token"
 #: The header of the CSRF token.
 CSRF_HEADER = "x-csrf-token"
@@ -89,6 +89,17 @@ def csrf_token(token: str) -> str:
     return hmac.new(token.encode(), b"remsh-web-csrf", hashlib.sha256).hexdigest()
 
 
+def cookie_name(port: Optional[int]) -> str:
+    """The name of the token's cookie for a dashboard on ``port``.
+
+    A browser keeps cookies by host, not by port: under one name, the
+    dashboards of two masters on one host would replace each other's token
+    (opening one logs the other's pages out).  Every other web server on
+    the host receives it either way: the token is only as private as the
+    host's loopback interface (docs/web.rst)."""
+    return COOKIE if port is None else f"{COOKIE}_{port}"
+
+
 def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
 
@@ -118,6 +129,7 @@ class Guard:
             await self.app(scope, receive, send_with_headers)
             return
         request = Request(scope)
+        cookie_key = cookie_name((scope.get("server") or (None, None))[1])
         method = scope["method"]
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         given = [v for k, v in query if k == "token"]
@@ -128,7 +140,7 @@ class Guard:
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             clean = "/" + path.lstrip("/")  # never //host: a redirect stays on this server
             response = RedirectResponse(clean + ("?" + rest if rest else ""), status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", secure=self.secure, path="/")
+            response.set_cookie(cookie_key, self.token, httponly=True, samesite="strict", secure=self.secure, path="/")
             await response(scope, receive, send_with_headers)
             return
         authorization = request.headers.get("authorization")
@@ -139,7 +151,7 @@ class Guard:
                 return
             by_script = True
         else:
-            cookie = request.cookies.get(COOKIE)
+            cookie = request.cookies.get(cookie_key)
             if cookie is None or not _same(cookie, self.token):
                 await _unauthorized(send_with_headers)
                 return

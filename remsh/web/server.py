@@ -25,6 +25,7 @@ import threading
 from typing import Optional
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from remsh.errors import LocalError
 from remsh.web.app import Dashboard, Master
@@ -35,6 +36,42 @@ log = logging.getLogger(__name__)
 #: Bound on the server's start and stop.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+#: Most connections open at once: beyond it a new one is closed at once.
+MAX_CONNECTIONS = 128
+#: Seconds a connection may take to send a whole request (its first, or the
+#: next once a response is complete) before it is closed.
+REQUEST_TIMEOUT = 10.0
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with two bounds it lacks: at most
+    :data:`MAX_CONNECTIONS` at once, and :data:`REQUEST_TIMEOUT` seconds
+    for a request's head to arrive.  Without them anyone who can reach the
+    port (no token needed: nothing is read yet) holds connections open for
+    ever, each a descriptor of the master's own process, until the master
+    can accept no slave.  A long response (a live stream) is not limited:
+    its request came in time."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > MAX_CONNECTIONS:
+            log.debug("web dashboard: %d connections open, closing a new one", len(self.connections) - 1)
+            self.transport.close()
+            return
+        self._expect_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._expect_request()
+
+    def _expect_request(self) -> None:
+        last = self.cycle
+        self.loop.call_later(REQUEST_TIMEOUT, self._request_late, last)
+
+    def _request_late(self, last: object) -> None:
+        if self.cycle is last and not self.transport.is_closing():
+            self.transport.close()  # no (whole) request since it was due
 
 
 class WebError(LocalError):
@@ -86,6 +123,7 @@ class WebServer:
         tls = self.config.tls
         config = uvicorn.Config(self.dashboard.app(), lifespan="off", access_log=False, log_level="warning",
                                 server_header=False, date_header=False, timeout_graceful_shutdown=2,
+                                http=BoundedH11Protocol,
                                 ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
         server = self._server = uvicorn.Server(config)
 

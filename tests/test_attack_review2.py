@@ -1,0 +1,106 @@
+"""An attacker's review of the web dashboard and of a restarted master's
+adoption of running commands, against real ``remsh master`` processes,
+real sockets and real ``remsh-slave`` processes: what was found, pinned.
+
+- a dashboard's port could be held open for ever by anyone who can reach
+  it (no token needed), each connection a descriptor of the master's own
+  process;
+- two masters' dashboards on one host shared one cookie name (browsers
+  keep cookies by host, not port), so opening one logged the other out;
+- a cancelled command taken back by a restarted master went on as long as
+  its slave did not answer the interrupt (away, stopped, or ignoring it),
+  where a command of the master's own is dropped after a grace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+if not os.environ.get("CI"):  # under CI the extra must be there: the imports below fail loudly
+    pytest.importorskip("httpx", reason="the web tests need httpx")
+    pytest.importorskip("starlette", reason="the web dashboard needs Starlette")
+    pytest.importorskip("uvicorn", reason="the web dashboard needs uvicorn")
+
+import httpx  # noqa: E402
+
+from remsh.web.server import MAX_CONNECTIONS, REQUEST_TIMEOUT  # noqa: E402
+from tests.slaveproc import WAIT  # noqa: E402
+from tests.test_fleet import Master  # noqa: E402
+from tests.util import wait_until  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@contextlib.contextmanager
+def dashboard(workdir: Path) -> Iterator[Master]:
+    """A master serving the dashboard on a free loopback port, no slaves."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    master = Master(workdir, workdir / "ctl" / "m.sock", extra=["--http", "127.0.0.1:0"])
+    try:
+        master.wait_ready()
+        yield master
+    finally:
+        master.stop()
+
+
+def web_url(master: Master) -> str:
+    return (master.state_dir / "web-url").read_text().strip()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (without blocking)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+# -- the dashboard ------------------------------------------------------------------------
+
+
+def test_dashboard_connections_are_capped_and_idle_ones_closed(tmp_path: Path) -> None:
+    """Past MAX_CONNECTIONS a new connection is closed at once; one that sends no whole request is closed after REQUEST_TIMEOUT."""
+    with dashboard(tmp_path / "m") as master:
+        base, _, token = web_url(master).partition("/?token=")
+        port = int(base.rpartition(":")[2])
+        socks: List[socket.socket] = []
+        try:
+            for _ in range(MAX_CONNECTIONS - 1):
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+            slow = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a request head that never ends
+            socks.append(slow)
+            extra = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(10)]
+            socks += extra
+            wait_until(lambda: all(_closed(s) for s in extra), WAIT, "connections past the cap closed")
+            began = time.monotonic()
+            wait_until(lambda: all(_closed(s) for s in socks), REQUEST_TIMEOUT + WAIT,
+                       "idle connections closed")
+            assert time.monotonic() - began < REQUEST_TIMEOUT + WAIT
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=WAIT) as c:
+                assert c.get("/api/slaves").status_code == 200  # the dashboard serves again
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_two_dashboards_on_one_host_keep_their_own_token_cookies(tmp_path: Path) -> None:
+    """One browser (one cookie jar) opens two masters' dashboards on 127.0.0.1: both stay logged in."""
+    with dashboard(tmp_path / "a") as a, dashboard(tmp_path / "b") as b:
+        with httpx.Client(timeout=WAIT) as browser:
+            for master in (a, b):
+                assert browser.get(web_url(master)).status_code == 303
+            for master in (a, b):
+                base = web_url(master).partition("/?token=")[0]
+                assert browser.get(f"{base}/api/slaves").status_code == 200, base
