@@ -56,6 +56,19 @@ class ArgumentAdder(Protocol):
     def add_argument(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
+#: The longest ``--name``.
+MAX_NAME = 200
+
+
+def master_name(text: str) -> str:
+    """``text`` if it can name a master: 1 to :data:`MAX_NAME` printable
+    characters, no spaces (it is shown in logs and records)."""
+    if not 0 < len(text) <= MAX_NAME or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"a master's name is 1 to {MAX_NAME} printable characters without "
+                                         f"spaces, got {text!r}")
+    return text
+
+
 def add_store_options(group: ArgumentAdder) -> None:
     """``--store URI`` and ``--name NAME`` in ``remsh master``'s jobs group."""
     group.add_argument("--store", type=store_uri, metavar="URI",
@@ -63,7 +76,7 @@ def add_store_options(group: ArgumentAdder) -> None:
                             "postgresql://[USER@]HOST[:PORT]/DBNAME (the password from a password file: "
                             f"$PGPASSFILE or ?passfile=FILE; never in the URI; needs {EXTRA_HINT}); "
                             "default: STATE_DIR/jobs.sqlite, one master")
-    group.add_argument("--name", metavar="NAME",
+    group.add_argument("--name", type=master_name, metavar="NAME",
                        help="this master's name on a shared --store (default: HOST:PORT of --listen)")
 
 
@@ -99,4 +112,4 @@ def open_shared_store(args: argparse.Namespace) -> JobStore:
     return PostgresJobStore(uri, name, keep=args.keep_jobs, max_output=args.max_job_output)
 
 
-__all__ = ["add_store_options", "open_shared_store", "store_uri", "default_name", "EXTRA_HINT"]
+__all__ = ["add_store_options", "open_shared_store", "store_uri", "master_name", "default_name", "EXTRA_HINT"]

@@ -244,3 +244,11 @@ def test_a_job_is_cancelled_from_the_other_master(two_masters) -> None:
     assert state(b)["slaves"]["s-a"]["state"] == "cancelled"
     r = remsh(b.sock, "cancel", job_id)
     assert r.returncode != 0 and "already ended" in r.stderr.decode()
+
+
+def test_a_name_that_cannot_name_a_master_is_refused(tmp_path: Path) -> None:
+    """--name empty, with spaces or control characters, or too long is a usage error naming the rule."""
+    for bad in ("", "two words", "esc\x1b[2J", "x" * 201):
+        r = remsh(tmp_path / "m.sock", "master", "--local", "1", "--store", "postgresql://remsh@db/remsh",
+                  "--name", bad)
+        assert r.returncode == 2 and "printable characters without spaces" in r.stderr.decode(), bad
