@@ -106,7 +106,8 @@ def open_shared_store(args: argparse.Namespace) -> JobStore:
     try:
         from remsh.store.postgres import PostgresJobStore
     except ImportError as e:
-        raise StoreError(f"--store {uri.split(':', 1)[0]}://... needs psycopg 3: {EXTRA_HINT} ({e})") from None
+        scheme = uri.split(":", 1)[0]
+        raise StoreError(f"--store {scheme}://... needs psycopg 3.2 or later: {EXTRA_HINT} ({e})") from None
     name = getattr(args, "name", None) or default_name(getattr(args, "listen", None),
                                                        getattr(args, "ssh_listen", None))
     return PostgresJobStore(uri, name, keep=args.keep_jobs, max_output=args.max_job_output)

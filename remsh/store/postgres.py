@@ -62,9 +62,12 @@ from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacte
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
+#: ``Connection.notifies(timeout=, stop_after=)`` came with psycopg 3.2.
+PSYCOPG_NEEDED = (3, 2)
+if tuple(int(part) for part in psycopg.__version__.split(".")[:2] if part.isdigit()) < PSYCOPG_NEEDED:
+    raise ImportError(f"psycopg {psycopg.__version__} is too old: the PostgreSQL job store needs 3.2 or later")
+
 log = logging.getLogger(__name__)
-
-
 
 #: The ``NOTIFY`` channel of every change.
 CHANNEL = "remsh_store"
