@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,11 @@ def test_a_name_that_cannot_name_a_master_is_refused(tmp_path: Path) -> None:
         r = remsh(tmp_path / "m.sock", "master", "--local", "1", "--store", "postgresql://remsh@db/remsh",
                   "--name", bad)
         assert r.returncode == 2 and "printable characters without spaces" in r.stderr.decode(), bad
+
+
+def test_a_master_notices_another_one_dead(two_masters) -> None:
+    """Master a SIGKILLed: master b's log says a is dead once a's heartbeat is past the lease (15 s)."""
+    a, b = two_masters
+    a.stop(signal.SIGKILL)
+    wait_until(lambda: "master a is dead" in b.text(), 30, "master b to notice a's death")
+    assert "master b is dead" not in a.text()
