@@ -876,3 +876,28 @@ def test_a_cancelled_long_operation_is_followed_while_the_slave_shows_it_is_aliv
             assert slave.connected
 
     run(main())
+
+
+def test_a_name_held_through_one_listener_is_refused_through_another(tmp_path: Path,
+                                                                    slave_procs: SlaveProcesses) -> None:
+    """A TCP slave taking the name of a connected local slave (listeners sharing a collection) is refused and the
+    local slave stays; through the same listener a newcomer replaces the old registration."""
+
+    async def main() -> None:
+        coll = aio.AsyncSlaveCollection()
+        async with aio_listener("local", slave_collection=coll) as local, \
+                aio_listener("tcp", slave_collection=coll) as tcp:
+            (tmp_path / "a").mkdir()
+            held = await local.start_slave(str(tmp_path / "a"), "shared-name")
+            intruder = slave_procs.start(tcp.port, "shared-name", no_reconnect=True)
+            await asyncio.get_running_loop().run_in_executor(None, intruder.wait)
+            assert coll.get_all_slaves() == [held] and held.connected
+            await held.ping()
+            (tmp_path / "b").mkdir()
+            first = await start_slave(tcp, "tcp", slave_procs, tmp_path / "b", name="again")
+            (tmp_path / "c").mkdir()
+            slave_procs.start(tcp.port, "again", basedir=tmp_path / "c", no_reconnect=True)
+            second = await coll.get_slave(filter=lambda s: s.name == "again" and s is not first, timeout=WAIT)
+            assert not first.connected and second.connected
+
+    run(main())

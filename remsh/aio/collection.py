@@ -9,7 +9,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional
 
-from remsh.errors import WaitTimeout
+from remsh.errors import AuthenticationError, WaitTimeout
 
 if TYPE_CHECKING:
     from remsh.aio.slave import AsyncSlave
@@ -27,8 +27,9 @@ class AsyncSlaveCollection:
     """The slaves connected now, one per name (for one event loop).
 
     A slave that disconnects leaves by itself; one registering under a name
-    already present replaces the old registration, whose connection is
-    closed (the newcomer is the one that just proved it holds the name).
+    already present through the same listener replaces the old
+    registration, whose connection is closed (the newcomer is the one that
+    just proved it holds the name); through another listener it is refused.
     """
 
     def __init__(self) -> None:
@@ -55,8 +56,16 @@ class AsyncSlaveCollection:
             pass
 
     def add_slave(self, slave: "AsyncSlave") -> None:
-        """Add a connected slave, replacing (and closing) one of the same name."""
+        """Add a connected slave, replacing (and closing) one of the same name
+        registered through the same listener.
+
+        :raises AuthenticationError: a connected slave of another listener
+            holds the name (nothing changes; the caller closes the newcomer:
+            a holder of a TCP secret must not take over a local slave's name)
+        """
         old = self._slaves.get(slave.name)
+        if old is not None and old is not slave and old.connected and old.listener is not slave.listener:
+            raise AuthenticationError(f"slave name {slave.name!r} belongs to another listener")
         self._slaves[slave.name] = slave
         if old is not None and old is not slave:
             log.info("slave %s re-registered; dropping its previous connection", slave.name)

@@ -82,9 +82,13 @@ class _Listener:
         except BaseException:
             conn.close()
             raise
+        try:
+            self.slave_collection.add_slave(slave)
+        except RemshError:
+            slave.close()
+            raise
         self._slaves[id(slave)] = slave
         slave.on_disconnect(self._forget)
-        self.slave_collection.add_slave(slave)
         log.info("slave %s registered from %s", slave.name, conn.peer)
         return slave
 
