@@ -401,8 +401,10 @@ class AsyncSlave:
                 if deadline is not None:
                     left = max(0.0, deadline - loop.time())
                     limit = left if wait is None else min(wait, left)
+                box = conn.received()  # the boxes already here, without a coroutine each
                 try:
-                    box = await conn.read_box(limit)
+                    if box is None:
+                        box = await conn.read_box(limit)
                 except PeerTimeout:
                     if deadline is None or loop.time() < deadline:
                         raise
@@ -420,7 +422,7 @@ class AsyncSlave:
                     if cb is not None and callback_error is None:
                         try:
                             result = cb(event.data)
-                            if inspect.isawaitable(result):
+                            if result is not None and inspect.isawaitable(result):
                                 await result
                         except asyncio.CancelledError:
                             raise
