@@ -21,7 +21,7 @@ import ssl as ssl_module
 import threading
 from typing import Callable, Deque, List, Optional, Union
 
-from remsh.errors import Disconnected, PeerTimeout, ProtocolError, UsageError
+from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, UsageError
 from remsh.handshake import GREETING_LENGTH, MasterHandshake, NameRule, Refused, Registered
 from remsh.wire import DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, Box, BoxDecoder, Wire, WireError, encode_box
 
@@ -86,8 +86,10 @@ class Connection(asyncio.BufferedProtocol):
         #: it is not, any event -- a box nobody asked for, the end of the
         #: stream -- goes to :attr:`on_idle_event`
         self.busy = False
-        #: ``on_idle_event(reason)``: something happened on the idle connection
-        self.on_idle_event: Optional[Callable[[str], None]] = None
+        #: ``on_idle_event(error)``: the idle connection ended
+        #: (:class:`~remsh.errors.Disconnected`) or the peer sent a box
+        #: nobody asked for (:class:`~remsh.errors.ProtocolError`)
+        self.on_idle_event: Optional[Callable[[RemshError], None]] = None
 
     @classmethod
     async def open(cls, host: str, port: int, *, ssl: Optional["ssl_module.SSLContext"] = None,
@@ -162,10 +164,10 @@ class Connection(asyncio.BufferedProtocol):
         if self.busy or hook is None or self.closed:
             return
         if self._ready or self._bad_input is not None:
-            hook(f"{self.label}: sent a box nobody asked for")
+            hook(ProtocolError(f"{self.label}: sent a box nobody asked for"))
         elif self.at_eof:
-            hook(f"{self.label}: connection closed"
-                 + (f" ({self._lost})" if self._lost is not None else ""))
+            hook(Disconnected(f"{self.label}: connection closed"
+                              + (f" ({self._lost})" if self._lost is not None else "")))
 
     def idle(self) -> None:
         """The operation reading this connection is over: from now on

@@ -120,8 +120,7 @@ class AsyncSlave:
         # went away (or sent what nobody asked for): it is dropped at once
         conn.on_idle_event = self._idle_event
 
-    def _idle_event(self, reason: str) -> None:
-        error: RemshError = Disconnected(reason) if "closed" in reason else ProtocolError(reason)
+    def _idle_event(self, error: RemshError) -> None:
         self.drop(error)
 
     def __repr__(self) -> str:
