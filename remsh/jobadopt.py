@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 from remsh.conversation import ExecuteCall, Exited, Failed, Output, State
 from remsh.errors import Disconnected, PeerTimeout, RemshError
 from remsh.fleet import SlaveResult, describe_error
-from remsh.master.fanout import Cancellation
+from remsh.master.fanout import DEFAULT_GRACE, Cancellation
 from remsh.session import SessionWire
 from remsh.store.base import SessionRecord
 
@@ -305,6 +305,8 @@ def drive(slave: Any, part: Part, sink: "PartSink", cancellation: Cancellation,
     call = ExecuteCall.resumed(state)
     result: Optional[SlaveResult] = None
     started = time.monotonic()
+    #: when the interrupt went out: a slave still not done after DEFAULT_GRACE is dropped
+    interrupted: Optional[float] = None
     # busy with its job in ``remsh ls``, as a job the master started itself is
     collection = getattr(getattr(slave, "listener", None), "slave_collection", None)
     hold = getattr(collection, "holding", None)
@@ -315,9 +317,18 @@ def drive(slave: Any, part: Part, sink: "PartSink", cancellation: Cancellation,
             wire = frame.wire
             while result is None:
                 if cancellation.cancelled and not call.interrupt_wanted:
+                    interrupted = time.monotonic()
                     data = call.interrupt()
                     if data is not None:
                         wire.send_bytes(data, lock_timeout=5.0)
+                if interrupted is not None and (not slave.connected or
+                                                time.monotonic() - interrupted > DEFAULT_GRACE):
+                    # as a cancelled fan-out does (remsh.master.fanout): an away slave's session is
+                    # ended at once, one that does not stop within the grace is dropped
+                    log.warning("job %s: %s did not stop when cancelled; dropping its connection",
+                                part.record.job_id, name)
+                    interrupted = None
+                    slave.close()
                 try:
                     box = wire.read_box(CANCEL_POLL)
                 except PeerTimeout:

@@ -31,9 +31,11 @@ if not os.environ.get("CI"):  # under CI the extra must be there: the imports be
 
 import httpx  # noqa: E402
 
+from remsh.master.fanout import DEFAULT_GRACE  # noqa: E402
 from remsh.web.server import MAX_CONNECTIONS, REQUEST_TIMEOUT  # noqa: E402
-from tests.slaveproc import WAIT  # noqa: E402
-from tests.test_fleet import Master  # noqa: E402
+from tests.slaveproc import WAIT, SlaveProcesses  # noqa: E402
+from tests.test_fleet import Master, _free_port, ls, remsh, wait_names  # noqa: E402
+from tests.test_restart import _record, _start  # noqa: E402
 from tests.util import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -104,3 +106,38 @@ def test_two_dashboards_on_one_host_keep_their_own_token_cookies(tmp_path: Path)
             for master in (a, b):
                 base = web_url(master).partition("/?token=")[0]
                 assert browser.get(f"{base}/api/slaves").status_code == 200, base
+
+
+# -- a restarted master's adoption ---------------------------------------------------------
+
+
+def test_a_cancelled_command_taken_back_ends_when_its_slave_does_not_answer(tmp_path: Path) -> None:
+    """Master killed mid-job, the next takes the command back, its slave stops answering (SIGSTOP): a cancel still ends the job, cancelled, within the grace."""
+    port = _free_port()
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    try:
+        first = _start(tmp_path, port)
+        slaves.start(port, "c-1", secret=None, insecure=True, max_backoff=0.3)
+        wait_names(first.sock, ["c-1"])
+        r = remsh(first.sock, "run", "--detach", "-t", "c-1", "--", "sh", "-c", "echo started; sleep 600")
+        assert r.returncode == 0, r.stderr.decode()
+        job_id = r.stdout.decode().strip()
+        wait_until(lambda: _record(first, job_id)["slaves"]["c-1"]["stdout_bytes"] > 0, WAIT, "its output")
+        first.stop(signal.SIGKILL)
+        second = _start(tmp_path, port)
+        slave = slaves.procs[0]
+        try:
+            wait_until(lambda: [(row["state"], row["job"]) for row in ls(second.sock)] == [("busy", job_id)],
+                       WAIT, "the command taken back")
+            slave.signal(signal.SIGSTOP)
+            r = remsh(second.sock, "cancel", job_id)
+            assert r.returncode == 0, r.stderr.decode()
+            wait_until(lambda: _record(second, job_id)["state"] != "running", 2 * DEFAULT_GRACE + WAIT,
+                       "the cancelled job to end")
+            rec = _record(second, job_id)
+            assert rec["state"] == "cancelled" and rec["slaves"]["c-1"]["state"] == "cancelled", rec
+        finally:
+            slave.signal(signal.SIGCONT)
+            second.stop()
+    finally:
+        slaves.close()
