@@ -141,3 +141,42 @@ def test_a_paused_master_is_taken_over_and_fenced_off_when_it_resumes(tmp_path: 
             if m is not None:
                 m.stop()
         slaves.close()
+
+
+def test_a_slave_that_never_comes_back_to_the_standby_ends_lost(tmp_path: Path, store_uri: str) -> None:
+    """Master killed and one slave killed with it: the standby ends that slave's part lost after its --resume-timeout, the other's command completes, the job fails."""
+    ports = [_free_port(), _free_port()]
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    extra = ["--store", store_uri, "--name", "m1", "--resume-timeout", "3"]
+    for d in ("first", "standby"):
+        (tmp_path / d).mkdir()
+    first = Master(tmp_path / "first", tmp_path / "first" / "m.sock", ports[0], extra=extra).wait_ready()
+    standby = None
+    names = ("r-1", "r-2")
+    try:
+        procs = {name: slaves.start(ports[0], name, secret=None, insecure=True, max_backoff=0.3,
+                                    extra_args=["--failover", f"{HOST}:{ports[1]}"]) for name in names}
+        wait_names(first.sock, names)
+        go = tmp_path / "GO"
+        r = remsh(first.sock, "run", "--detach", "--", "env", f"GO={go}", "sh", "-c", SCRIPT)
+        assert r.returncode == 0, r.stderr.decode()
+        job_id = r.stdout.decode().strip()
+        wait_until(lambda: all(s["stdout_bytes"] > 50 for s in _record(first, job_id)["slaves"].values()), WAIT,
+                   "output from every slave")
+        first.stop(signal.SIGKILL)
+        procs["r-2"].signal(signal.SIGKILL)
+        procs["r-2"].wait()
+        standby = Master(tmp_path / "standby", tmp_path / "standby" / "m.sock", ports[1], extra=extra).wait_ready()
+        wait_names(standby.sock, ["r-1"], timeout=30)
+        go.touch()
+        wait_until(lambda: _record(standby, job_id)["state"] != "running", WAIT * 2, "the job to end")
+        rec = _record(standby, job_id)
+        assert rec["state"] == "failed", rec
+        assert rec["slaves"]["r-1"]["state"] == "ok" and rec["slaves"]["r-1"]["exit_status"] == 0, rec
+        assert rec["slaves"]["r-2"]["state"] == "lost", rec
+        _check_complete(_stored(store_uri, job_id)["r-1"], "r-1")
+    finally:
+        for m in (first, standby):
+            if m is not None:
+                m.stop()
+        slaves.close()
