@@ -890,7 +890,8 @@ def test_a_name_held_through_one_listener_is_refused_through_another(tmp_path: P
             (tmp_path / "a").mkdir()
             held = await local.start_slave(str(tmp_path / "a"), "shared-name")
             intruder = slave_procs.start(tcp.port, "shared-name", no_reconnect=True)
-            await asyncio.get_running_loop().run_in_executor(None, intruder.wait)
+            status = await asyncio.get_running_loop().run_in_executor(None, intruder.wait)
+            assert status != 0, "the intruder was not refused at registration"
             assert coll.get_all_slaves() == [held] and held.connected
             await held.ping()
             (tmp_path / "b").mkdir()

@@ -7,7 +7,7 @@ import builtins
 import functools
 import logging
 import random
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
 from remsh.errors import AuthenticationError, WaitTimeout
 
@@ -55,6 +55,12 @@ class AsyncSlaveCollection:
         except RuntimeError:  # no loop running (shutting down): nobody waits
             pass
 
+    def may_register(self, name: str, listener: Any) -> bool:
+        """Whether ``listener`` may register a slave called ``name`` now:
+        false while a connected slave of another listener holds the name."""
+        old = self._slaves.get(name)
+        return old is None or not old.connected or old.listener is listener
+
     def add_slave(self, slave: "AsyncSlave") -> None:
         """Add a connected slave, replacing (and closing) one of the same name
         registered through the same listener.
@@ -64,7 +70,7 @@ class AsyncSlaveCollection:
             a holder of a TCP secret must not take over a local slave's name)
         """
         old = self._slaves.get(slave.name)
-        if old is not None and old is not slave and old.connected and old.listener is not slave.listener:
+        if old is not slave and not self.may_register(slave.name, slave.listener):
             raise AuthenticationError(f"slave name {slave.name!r} belongs to another listener")
         self._slaves[slave.name] = slave
         if old is not None and old is not slave:

@@ -75,8 +75,17 @@ class _Listener:
     async def _register(self, conn: Connection, rule: NameRule, timeout: float) -> AsyncSlave:
         """Handshake, slave object, ``setup()``, collection.  On failure the
         connection is closed and the error raised."""
+        def checked(name: str) -> Tuple[bool, Optional[bytes]]:
+            # a name another listener's connected slave holds is refused
+            # like any other refusal (the proof is still computed)
+            allowed, secret = rule(name)
+            if allowed and not self.slave_collection.may_register(name, self):
+                log.warning("slave name %r is held through another listener", name)
+                return False, secret
+            return allowed, secret
+
         try:
-            reg = await master_handshake(conn, rule, timeout=timeout)
+            reg = await master_handshake(conn, checked, timeout=timeout)
             slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
             await slave.setup()
         except BaseException:
