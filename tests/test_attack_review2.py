@@ -97,6 +97,28 @@ def test_dashboard_connections_are_capped_and_idle_ones_closed(tmp_path: Path) -
                 s.close()
 
 
+def test_a_live_stream_pipelined_behind_another_request_outlives_the_request_timeout(tmp_path: Path) -> None:
+    """A live stream requested in the same write as another request stays open past REQUEST_TIMEOUT (only waiting for a request is bounded)."""
+    with dashboard(tmp_path / "m") as master:
+        base, _, token = web_url(master).partition("/?token=")
+        port = int(base.rpartition(":")[2])
+        head = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(f"GET /api/slaves HTTP/1.1\r\n{head}\r\nGET /api/live/fleet HTTP/1.1\r\n{head}\r\n"
+                         .encode())
+            received = b""
+            end = time.monotonic() + REQUEST_TIMEOUT + 3
+            while time.monotonic() < end:
+                sock.settimeout(max(0.01, end - time.monotonic()))
+                try:
+                    data = sock.recv(65536)
+                except socket.timeout:
+                    break
+                assert data, f"the live stream was closed: {received[-300:]!r}"
+                received += data
+            assert b"text/event-stream" in received and b"data: " in received, received[-300:]
+
+
 def test_two_dashboards_on_one_host_keep_their_own_token_cookies(tmp_path: Path) -> None:
     """One browser (one cookie jar) opens two masters' dashboards on 127.0.0.1: both stay logged in."""
     with dashboard(tmp_path / "a") as a, dashboard(tmp_path / "b") as b:

@@ -70,8 +70,9 @@ class BoundedH11Protocol(H11Protocol):
         self.loop.call_later(REQUEST_TIMEOUT, self._request_late, last)
 
     def _request_late(self, last: object) -> None:
-        if self.cycle is last and not self.transport.is_closing():
-            self.transport.close()  # no (whole) request since it was due
+        cycle = self.cycle
+        if cycle is last and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()  # no (whole) request since it was due (a pipelined one may be running)
 
 
 class WebError(LocalError):
