@@ -7,10 +7,12 @@ cap with :data:`~remsh.store.sqlite.CHUNK_COST` per chunk, retention,
 ``remsh[postgres]``; this module is the only one that imports psycopg).
 
 Several masters open one database, each under its own name (a row of
-``remsh_masters``: name, epoch, heartbeat).  Opening the store raises the
-name's epoch; a name whose holder's heartbeat is within the lease is
-refused (:class:`~remsh.store.fencing.MasterNameInUse`).  Every write runs
-in one transaction that first reads this master's row ``FOR SHARE`` and
+``remsh_masters``: name, epoch, heartbeat, host and process).  Opening the
+store raises the name's epoch; a name whose holder's heartbeat is within
+the lease is refused (:class:`~remsh.store.fencing.MasterNameInUse`)
+unless that holder ran on this machine and its process is gone.  Every
+write runs in one transaction (output: one statement, ``remsh_append``)
+that first reads this master's row ``FOR SHARE`` and
 refuses to go on when the epoch there is not ours
 (:class:`~remsh.store.fencing.FencedOff`): the row lock makes an adopter's
 epoch change wait for our transaction, so no write of a fenced master lands
@@ -24,7 +26,9 @@ Changes reach the other masters' :meth:`~PostgresJobStore.wait_change` by
 ``NOTIFY`` on commit, heard by a thread of each store on its own
 connection; a sequence every write advances is polled every
 ``poll_interval`` seconds as a safety net (a notification lost with a
-connection).  The same thread writes the heartbeat.
+connection).  The same thread writes the heartbeat, says when another
+master goes silent past its lease, and delivers the cancels other masters
+ask of this one's jobs (:meth:`PostgresJobStore.watch_cancels`).
 
 The schema (:mod:`remsh.store.pgschema`: tables prefixed ``remsh_``, so a
 database may be shared with other programs) is versioned in ``remsh_meta``;
@@ -49,7 +53,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import psycopg
 import psycopg.conninfo
@@ -133,7 +137,7 @@ class PostgresJobStore:
         self._seen = 0
         #: who hears of cancels asked of this master's jobs, and which it heard of
         self._on_cancel: Optional[Callable[[str, str], None]] = None
-        self._cancels_delivered: set[str] = set()
+        self._cancels_delivered: Set[str] = set()
         #: what the watcher last saw of the other masters: alive or not
         self._alive: Dict[str, bool] = {}
         listening: Optional[Conn] = None
