@@ -52,7 +52,7 @@ $(STAMP_DOCS): $(STAMP_PKG) docs/requirements.txt
 	$(PIP) install -q -r docs/requirements.txt
 	@touch $@
 
-$(STAMP_BENCH): $(STAMP_PKG) $(BENCH_REQS)
+$(STAMP_BENCH): $(STAMP_TEST) $(BENCH_REQS)
 	$(if $(BENCH_REQS),$(PIP) install -q -r $(BENCH_REQS))
 	@touch $@
 
@@ -93,6 +93,9 @@ bench: $(STAMP_BENCH)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/resume.py $(if $(QUICK),--resumes 10 --cut-every 0.5 --min-cuts 3)
 	$(BIN)/python bench/cliprint.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/aio.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/aio.py --transport tcp $(if $(QUICK),--quick)
+	$(BIN)/python bench/store.py $(if $(QUICK),--slaves 10 --chunks 20)
 
 # the soak uses the test suite's relay and the test tools (cryptography for TLS)
 soak: $(STAMP_TEST)

@@ -45,7 +45,7 @@ setup(
         # the master's web dashboard (remsh master --http)
         "web": ["starlette>=0.37", "uvicorn>=0.29"],
         # several masters on one PostgreSQL job store (remsh master --store postgresql://...)
-        "postgres": ["psycopg[binary]>=3.1"],
+        "postgres": ["psycopg[binary]>=3.2"],
     },
     entry_points={
         "console_scripts": [

@@ -332,3 +332,23 @@ def test_slave_flooding_a_waiting_sender_is_dropped_and_the_master_holds_a_windo
     assert listener.slave_collection.get_all_slaves() == [good]
     good.ping()
     good.send(io.BytesIO(b"still fine"), "f")
+
+
+def test_conversation_errors_name_slave_and_operation_once(tcp_listener, tmp_path):
+    """A send answered with a box the conversation does not allow raises
+    ProtocolError naming slave and operation once ("liar: send: ..."), and
+    the slave is dropped."""
+    listener = tcp_listener()
+    sock, wire, slave = _registered_fake_slave(listener, "liar")
+    src = tmp_path / "f"
+    src.write_bytes(b"data")
+    with sock:
+        done, outcome = _call_in_thread(lambda: slave.send(str(src), "dest"))
+        request = wire.read_box(WAIT)
+        assert request is not None and request[b"meth"] == b"send"
+        sock.sendall(encode_box({b"bogus": b"1"}))
+        assert done.wait(WAIT)
+        error = outcome[0]
+        assert isinstance(error, ProtocolError), outcome
+        assert str(error).startswith("liar: send: ") and "send: send:" not in str(error), error
+    assert not slave.connected

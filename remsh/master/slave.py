@@ -273,6 +273,8 @@ class Slave:
         prefix = f"{self.name}: "
         if text.startswith(prefix):
             text = text[len(prefix):]
+        if text.startswith(f"{meth}: "):  # a conversation object's own naming
+            text = text[len(meth) + 2:]
         named = type(e)(f"{self.name}: {meth}: {text}")
         named.__cause__ = e
         return named
