@@ -9,7 +9,8 @@ real sockets and real ``remsh-slave`` processes: what was found, pinned.
   keep cookies by host, not port), so opening one logged the other out;
 - a cancelled command taken back by a restarted master went on as long as
   its slave did not answer the interrupt (away, stopped, or ignoring it),
-  where a command of the master's own is dropped after a grace.
+  where a command of the master's own is dropped after a grace;
+- the dashboard's URL, token and all, was written to ``--log-file``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ def dashboard(workdir: Path) -> Iterator[Master]:
     try:
         master.wait_ready()
         yield master
+    finally:
+        master.stop()
+
+
+def test_the_dashboard_token_stays_out_of_the_log_file(tmp_path: Path) -> None:
+    """With --log-file the log says where the dashboard is without its token;
+    the URL with the token is on stderr and in STATE_DIR/web-url only."""
+    log_file = tmp_path / "master.log"
+    master = Master(tmp_path, tmp_path / "ctl" / "m.sock", extra=["--http", "127.0.0.1:0", "--log-file",
+                                                                  str(log_file)])
+    try:
+        wait_until(lambda: "ready" in (log_file.read_text() if log_file.exists() else "")
+                   or master.proc.poll() is not None, WAIT, "the master to be ready")
+        assert master.proc.poll() is None, master.text()
+        url = web_url(master)
+        token = url.partition("?token=")[2]
+        assert len(token) >= 40
+        logged = log_file.read_text()
+        assert "web dashboard at" in logged and url.partition("?")[0] in logged, logged
+        assert token not in logged
+        assert f"web dashboard at {url}" in master.text()
     finally:
         master.stop()
 

@@ -194,7 +194,15 @@ def start_dashboard(args: argparse.Namespace, master: Any, state_dir: str,
         server.stop()
         raise UsageError(f"cannot write {os.path.join(state_dir, WEB_URL_FILE)}: {e.strerror or e}") from None
     master.web_url = url
-    announce(f"web dashboard at {url}")
+    if getattr(args, "log_file", None):
+        # a log file outlives the run and may be read by others: the token
+        # goes to stderr only (and stays in STATE_DIR/web-url for remsh web)
+        announce(f"web dashboard at {url.partition('?')[0]} (the URL with its token: remsh web, "
+                 f"or {os.path.join(state_dir, WEB_URL_FILE)})")
+        sys.stderr.write(f"remsh master: web dashboard at {url}\n")
+        sys.stderr.flush()
+    else:
+        announce(f"web dashboard at {url}")
 
     def stop() -> None:
         master.web_url = None
