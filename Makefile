@@ -17,6 +17,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
+# The suite mostly waits (on processes, sockets, time limits), so it runs in
+# parallel worker processes (pytest-xdist); PYTEST_WORKERS=0 runs it in one.
+PYTEST_WORKERS ?= 4
 
 # Stamp files: a step runs again only when one of its inputs is newer.
 STAMP_VENV  := $(VENV)/.stamp-venv
@@ -80,8 +83,8 @@ lint: $(STAMP_TEST)
 
 # pytest exits 5 when it collected no test: that is a failure here, loudly.
 pytest: $(STAMP_TEST)
-	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)"
-	@$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)"
+	@$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 	exit $$rc
 

@@ -262,6 +262,9 @@ def test_an_exception_while_following_cancels_the_job(fleet: Fleet, client: Clie
     def interrupt_when_started() -> None:
         wait_until(lambda: bool(mine()), WAIT, "the job to start")
         seen.extend(mine())
+        # its command running (a slave not yet started when the job is cancelled ends skipped)
+        wait_until(lambda: client.job(seen[0]).results["web-2"].state == "running", WAIT,
+                   "the command to start")
         # the follower reads the socket: closing it from here is what an
         # exception in that thread does to the connection
         os.kill(os.getpid(), 2)
