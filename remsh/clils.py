@@ -32,7 +32,7 @@ def add_ls_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     """The ``ls`` subcommand."""
     ls = sub.add_parser("ls", help="list the master's slaves",
                         description="The master's slaves, connected or away: name, transport, peer, since, "
-                                    "platform, python, remsh, state (idle, busy, away).")
+                                    "platform, python, remsh, state (idle, busy, away, resuming).")
     ls.add_argument("-t", "--target", action="append", default=[], metavar="PATTERN",
                     help="slaves whose name matches this glob, or @GROUP (repeatable; default: all)")
     ls.add_argument("--where", action="append", default=[], metavar="KEY=GLOB",

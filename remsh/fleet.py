@@ -214,7 +214,8 @@ class FleetCollection(SimpleSlaveCollection):
             "platform": slave.info.get("platform", ""),
             "python": slave.info.get("python", ""),
             "remsh": slave.info.get("remsh", ""),
-            "state": "away" if not slave.connected else "busy" if busy else "idle",
+            "state": ("resuming" if getattr(slave.wire, "resuming", False) else "away" if not slave.connected
+                      else "busy" if busy else "idle"),
             "hostname": slave.info.get("hostname", ""),
             "basedir": slave.info.get("basedir", ""),
             "root": slave.info.get("policy_root") or None,

@@ -9,10 +9,8 @@ operation in progress (a command's output, its stdin, a file's data) goes on
 as if nothing happened, every box arriving once and in order, and nothing is
 sent twice or lost.
 
-Why boxes and not bytes: a connection cut in the middle of a box leaves a
-partial box in that connection's decoder; counting whole boxes lets each
-connection start with a clean decoder, and the partial box is simply sent
-again in full.
+Why boxes and not bytes: a box cut in the middle is simply sent again in
+full, and each connection starts with a clean decoder.
 
 Control boxes (one key each, never counted, never re-sent):
 
@@ -37,10 +35,9 @@ to send (acknowledgements count the boxes *handed to the caller*): at most
 more has broken the protocol (a flooding slave costs its own connection,
 never the master's memory).
 
-The resume itself happens in the handshake (see :mod:`remsh.handshake`):
-the ``registered`` box carries ``session`` (an id), and a redialing slave's
-``register`` box names it with ``resume`` and says how many session boxes it
-received (``received``); the master's answer says how many it received.
+The resume itself happens in the handshake (:mod:`remsh.handshake`): the
+``registered`` box gives a ``session`` id, a redialing slave names it
+(``resume``) with its count (``received``), the master answers with its own.
 While the connection is away, sending keeps the boxes (up to
 ``spool_limit`` bytes, past which the sender waits), and receiving waits for
 the next connection, up to ``resume_timeout`` after the loss; then the
@@ -126,6 +123,8 @@ class SessionWire:
         self._idle_window = 0.0
         self._idle_pings = 0
         self.generation = 0
+        #: the peer redialed and asked to carry the session on (until attach)
+        self._resume_asked = False
         self.sent = self.peer_acked = counts[0]
         self.received = counts[1]
         #: session boxes handed to the caller (received may be ahead: _held)
@@ -179,6 +178,7 @@ class SessionWire:
         """The connection ``conn`` (default: the current one) broke: keep
         the session and wait for the next one."""
         with self._cond:
+            self._resume_asked = False
             if self.conn is None or (conn is not None and conn is not self.conn) or self.failed:
                 return
             old = self._last_conn = self.conn
@@ -242,7 +242,7 @@ class SessionWire:
         with self._cond:
             if self.failed is not None:
                 return
-            self.failed = error
+            self.failed, self._resume_asked = error, False
             conn, self.conn = self.conn, None
             if conn is not None:
                 self._last_conn = conn
@@ -268,7 +268,15 @@ class SessionWire:
         self.connection_lost(why="the slave redialed")
         with self._reader:  # no reader is between a receive and its count
             with self._cond:
+                self._resume_asked = self.failed is None
                 return self.received
+
+    @property
+    def resuming(self) -> bool:
+        """The peer has redialed and the session is being carried onto its
+        new connection: the handshake, then what the peer missed sent again
+        (``ls`` and the dashboard show it as ``resuming``)."""
+        return self._resume_asked or (self._resending and self.conn is not None)
 
     def attach(self, conn: Wire, peer_received: int) -> None:
         """Carry the session on ``conn`` from now on; re-send what the peer
@@ -289,6 +297,7 @@ class SessionWire:
                 conn.close()
                 raise ProtocolError(f"{self.label}: resume from box {peer_received}, but "
                                     f"{self.peer_acked}..{self.sent} are the boxes it may have")
+            self._resume_asked = False
             old = self.conn
             if old is not None:
                 self._last_conn = old

@@ -711,3 +711,31 @@ def test_master_restart_and_stale_socket(tmp_path: Path) -> None:
             assert third.stop(signal.SIGINT) == 0
     finally:
         slaves.close()
+
+
+def test_ls_state_resuming_while_a_session_is_carried_on(tmp_path: Path) -> None:
+    """describe() says resuming for a slave whose session is being carried
+    onto a new connection, away while it is gone, idle once it is back."""
+    import socket as socket_mod
+
+    from remsh.fleet import FleetCollection
+    from remsh.master.slave import Slave
+    from remsh.session import SessionWire
+    from remsh.transports.base import SocketStream
+    from remsh.wire import Wire
+
+    a, b = socket_mod.socketpair()
+    session = SessionWire(Wire(SocketStream(a), label="a"), "s1", resume_timeout=30)
+    slave = Slave(session, "web-1", {}, None)
+    fleet = FleetCollection()
+    assert fleet.describe(slave)["state"] == "idle"
+    session.connection_lost(why="cut")
+    assert fleet.describe(slave)["state"] == "away"
+    session.prepare_resume()
+    assert fleet.describe(slave)["state"] == "resuming"
+    c, d = socket_mod.socketpair()
+    session.attach(Wire(SocketStream(c), label="c"), 0)
+    assert fleet.describe(slave)["state"] == "idle"
+    session.close()
+    for s in (b, d):
+        s.close()

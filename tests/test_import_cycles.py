@@ -42,3 +42,14 @@ def test_master_tree_imports_no_slave_module():
     """The master's tree transfers (a lower layer) import nothing of remsh.slave."""
     edges = graph(os.path.join(ROOT, "remsh"))
     assert sorted(m for m in edges["remsh.master.tree"] if m.startswith("remsh.slave")) == []
+
+
+def test_modules_stay_under_800_lines():
+    """Every module of the package is under 800 lines: a module that grows
+    past it is split where its parts show."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "remsh"
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) >= 800}
+    assert long == {}

@@ -204,3 +204,28 @@ def test_a_write_of_more_boxes_than_the_window_goes_out_in_pieces():
     assert count_boxes(b"".join(p for p, _ in split_boxes(encode_box({}) * count, 1024, 1 << 20))) == count
     session.close()
     peer.close()
+
+
+def test_a_session_is_resuming_from_the_redial_to_the_end_of_the_resend():
+    """resuming is true from the redial (prepare_resume) until attach has
+    sent again what the peer missed, and false again when the resume fails
+    or the session ends."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s9", resume_timeout=30)
+    assert not session.resuming
+    session.send_box({b"n": b"1"})
+    session.prepare_resume()
+    assert session.resuming
+    session.connection_lost(why="the resume failed")
+    assert not session.resuming
+    session.prepare_resume()
+    assert session.resuming
+    mine2, theirs2 = _pair()
+    session.attach(mine2, 0)
+    assert theirs2.read_box(WAIT) == {b"n": b"1"}
+    assert not session.resuming
+    session.prepare_resume()
+    session.fail(Disconnected("gone"))
+    assert not session.resuming
+    for w in (theirs, theirs2):
+        w.close()
