@@ -14,12 +14,13 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from remsh.controlproto import encode_event, slave_event
+from remsh.controlproto import EVENTS, encode_event, slave_event
 from remsh.errors import UsageError
 from remsh.fleet import FleetCollection, parse_where, slave_facts
 from remsh.groups import expand_any
 from remsh.master.slave import Slave
 from remsh.pacing import Pacing
+from remsh.slaveregistry import cluster_rows
 
 
 def matching(slaves: Sequence[Slave], patterns: Sequence[str], wheres: Sequence[Tuple[str, str]],
@@ -98,6 +99,10 @@ def ls_events(collection: FleetCollection, values: Dict[str, Any]) -> List[Dict[
     :raises UsageError: an unknown group, a bad ``--where``, a fact no slave has
     """
     wheres = [parse_where(w) for w in values.get("where") or []]
+    shared = cluster_rows(collection, values.get("targets") or [], wheres)  # several masters: all their slaves
+    if shared is not None:
+        fields = {key.name for key in EVENTS["slave"]}
+        return [slave_event({k: v for k, v in row.items() if k in fields}) for row in shared] + [encode_event("done")]
     chosen = matching(collection.get_all_slaves(), values.get("targets") or [], wheres,
                       getattr(collection, "groups", None))
     return [slave_event(collection.describe(s)) for s in chosen] + [encode_event("done")]
@@ -105,8 +110,11 @@ def ls_events(collection: FleetCollection, values: Dict[str, Any]) -> List[Dict[
 
 def ls_row(values: Dict[str, Any], fields: Sequence[str]) -> Dict[str, Optional[Any]]:
     """A ``slave`` event's values as ``remsh ls --json`` prints them
-    (``since``, ``root`` and ``job`` ``None`` when empty)."""
+    (``since``, ``root`` and ``job`` ``None`` when empty; no ``master``
+    unless the master shares its store, :mod:`remsh.slaveregistry`)."""
     row: Dict[str, Optional[Any]] = {f: values.get(f) for f in fields}
+    if not row.get("master"):
+        row.pop("master", None)
     for key in ("since", "root", "job"):
         if key in row and not row[key]:
             row[key] = None

@@ -86,6 +86,7 @@ from remsh.secretfile import read_secret_file, take_env_secret
 from remsh.store.base import DEFAULT_MAX_OUTPUT, StoreError, parse_duration, parse_size
 from remsh.store.sqlite import SqliteJobStore
 from remsh.masterstore import add_store_options, open_shared_store
+from remsh.slaveregistry import share_slaves
 from remsh.store.base import JobStore
 
 log = logging.getLogger("remsh")
@@ -643,8 +644,8 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         return EXIT_USAGE
 
     def open_store() -> JobStore:
-        if args.store is not None:
-            return open_shared_store(args)
+        if args.store is not None:  # its slaves shared with the other masters
+            return share_slaves(collection, open_shared_store(args))
         make_private_directory(state_dir, "state directory")
         return SqliteJobStore(os.path.join(state_dir, "jobs.sqlite"), keep=args.keep_jobs,
                               max_output=args.max_job_output)

@@ -1,10 +1,11 @@
 """``remsh ls [-t PATTERN]... [--where KEY=GLOB]... [--json]``: the master's slaves.
 
 One line per slave under a header (name, transport, peer, since, platform,
-python, remsh, state), or with ``--json`` an array of objects with those
+python, remsh, state; and master, the master holding the slave, when the
+master shares its job store with others: :mod:`remsh.slaveregistry`), or with ``--json`` an array of objects with those
 fields and more: ``hostname``, ``basedir``, the slave's policy (``root``,
-``no_execute``, ``allow_command``) and ``job``, the id of the job it runs
-now.  ``-t`` (globs and ``@GROUP``) and ``--where`` choose as for ``run``,
+``no_execute``, ``allow_command``), ``job``, the id of the job it runs
+now, and ``master`` on a shared store.  ``-t`` (globs and ``@GROUP``) and ``--where`` choose as for ``run``,
 away slaves included; a choice that matches nothing lists nothing (exit 0),
 an unknown group or fact is exit 2.
 """
@@ -68,8 +69,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
     # every cell is the slave's word: escaped, so that a platform string
     # cannot retitle or clear the operator's terminal
-    table = [list(LS_FIELDS)] + [[printable(str(row.get(f) or "-")) for f in LS_FIELDS] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(LS_FIELDS))]
+    # a master sharing its store with others: which one holds each slave
+    fields = LS_FIELDS + ("master",) if any(row.get("master") for row in rows) else LS_FIELDS
+    table = [list(fields)] + [[printable(str(row.get(f) or "-")) for f in fields] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(fields))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     return EXIT_OK

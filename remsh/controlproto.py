@@ -116,7 +116,7 @@ CONTROL_OPS: Dict[str, ControlOp] = {op.name: op for op in (
 EVENTS: Dict[str, Tuple[Key, ...]] = {
     "slave": tuple(Key(k) for k in ("name", "transport", "peer", "since", "platform", "python", "remsh",
                                      "state", "hostname", "basedir", "root")) + (
-        Key("no_execute", "flag"), Key("allow_command", "list"), Key("job")),
+        Key("no_execute", "flag"), Key("allow_command", "list"), Key("job"), Key("master")),
     "job": (Key("id", required=True),),
     "begin": (Key("names", "list"),),
     "out": (Key("slave"), Key("stream"), Key("data", "bytes")),

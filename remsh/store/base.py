@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from remsh.errors import LocalError, UsageError
 
@@ -233,6 +233,16 @@ class JobStore(Protocol):
     def open_sessions(self) -> List[SessionRecord]:
         """Every recorded session, oldest first: what a master starting on
         this store may take back (:mod:`remsh.jobadopt`)."""
+
+    def publish_slaves(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """This master's slaves are now ``rows`` (their ``remsh ls`` rows,
+        each with ``name``), for the other masters' ``ls``
+        (:mod:`remsh.slaveregistry`).  Called when they change, never per
+        job or box; a single-master store keeps nothing."""
+
+    def cluster_slaves(self) -> List[Dict[str, Any]]:
+        """The rows the *other* live masters published, each with
+        ``master`` (who holds the slave); none on a single-master store."""
 
     def finish_job(self, job_id: str, state: str, *, now: Optional[float] = None) -> None:
         """Mark the job ended in ``state`` (one of :data:`JOB_FINAL_STATES`)."""

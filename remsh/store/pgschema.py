@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 #: The schema this code writes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: SQLSTATEs :data:`APPEND_FUNCTION` raises: the master's epoch is stale;
 #: the job is another master's (message: its owner); no such job; no such
@@ -155,6 +155,15 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     2: (APPEND_FUNCTION,),
     # a cancel asked of any master, carried to the one that runs the job
     3: ("ALTER TABLE remsh_jobs ADD COLUMN cancel_reason TEXT",),
+    # the registry of slaves: each master's slaves as its ``remsh ls`` row
+    # (JSON), so that any master lists the whole cluster (remsh.slaveregistry)
+    4: ("""CREATE TABLE remsh_slaves (
+               master TEXT NOT NULL,
+               name TEXT NOT NULL,
+               row TEXT NOT NULL,
+               updated DOUBLE PRECISION NOT NULL,
+               PRIMARY KEY (master, name)
+           )""",),
 }
 
 

@@ -53,7 +53,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg
 import psycopg.conninfo
@@ -63,6 +63,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
+from remsh.store import pgslaves
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
@@ -140,6 +141,7 @@ class PostgresJobStore:
         self._cancels_delivered: Set[str] = set()
         #: what the watcher last saw of the other masters: alive or not
         self._alive: Dict[str, bool] = {}
+        self._published = pgslaves.Published()  # this master's slaves as last written
         listening: Optional[Conn] = None
         try:
             self._writer.run(self._migrate)
@@ -187,6 +189,7 @@ class PostgresJobStore:
         and its process is gone: a master restarted after a crash gets its
         name back at once."""
         host, pid = socket.gethostname(), os.getpid()
+        pgslaves.forget(db, self.name)  # a predecessor's slaves are not ours
         row = db.execute(f"SELECT epoch, {_DB_NOW} - heartbeat, stopped, host, pid FROM remsh_masters "
                          f"WHERE name = %s FOR UPDATE", (self.name,)).fetchone()
         if row is None:
@@ -623,6 +626,7 @@ class PostgresJobStore:
                               "RETURNING id", (self.name, self.epoch, name, JOB_RUNNING)).fetchall()
             db.execute("UPDATE remsh_sessions SET owner = %s, owner_epoch = %s WHERE owner = %s",
                        (self.name, self.epoch, name))
+            pgslaves.forget(db, name)
             return sorted(str(r[0]) for r in rows)
 
         adopted = self._write(adopt, repeatable=False)  # a second try would lose the race it won
@@ -630,6 +634,28 @@ class PostgresJobStore:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
         return adopted
+
+    # -- the registry of slaves (remsh.slaveregistry) ----------------------------------
+
+    def publish_slaves(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """This master's slaves are now ``rows`` (``remsh ls`` rows, each
+        with ``name``): written fenced by its epoch, only what changed since
+        the last call."""
+        new, upserts, gone, replace = self._published.changes(rows)
+        if not (upserts or gone or replace):
+            return
+        self._published.rows = None  # unknown until the write commits
+        self._write(lambda db: pgslaves.write(db, self.name, upserts, gone, replace))
+        self._published.rows = new
+
+    def cluster_slaves(self) -> List[Dict[str, Any]]:
+        """The slaves of the other live masters, each row with ``master``."""
+        return self._read(lambda db: pgslaves.others(db, self.name, self.lease))
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     # -- cancels asked of any master -------------------------------------------------
 
@@ -705,13 +731,18 @@ class PostgresJobStore:
             self._changed.notify_all()
         self._stop.set()
         try:
-            self._writer.run(lambda db: db.execute("UPDATE remsh_masters SET stopped = true "
-                                                   "WHERE name = %s AND epoch = %s", (self.name, self.epoch)))
+            self._writer.run(self._stopped)
         except StoreError as e:
             log.warning("job store %s: could not record this master's stop: %s", self.label, e)
         self._writer.close()
         self._reader.close()
         self._watcher.join(self.poll_interval + CONNECT_TIMEOUT)
+
+    def _stopped(self, db: Conn) -> None:
+        cur = db.execute("UPDATE remsh_masters SET stopped = true WHERE name = %s AND epoch = %s",
+                         (self.name, self.epoch))
+        if cur.rowcount:
+            pgslaves.forget(db, self.name)
 
     def __enter__(self) -> "PostgresJobStore":
         return self

@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
@@ -360,6 +360,14 @@ class SqliteJobStore:
 
     def close_session(self, session_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
+
+    def publish_slaves(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """Nothing to share: one master per SQLite store, whose own
+        slaves its ``remsh ls`` lists from memory."""
+
+    def cluster_slaves(self) -> List[Dict[str, Any]]:
+        """No other master shares this store: none."""
+        return []
 
     def open_sessions(self) -> List[SessionRecord]:
         def read(db: sqlite3.Connection) -> List[SessionRecord]:
