@@ -155,7 +155,11 @@ def _render(events: Iterable[Event], make: Callable[[str], Renderer], kind: Opti
             if state == JOB_RUNNING and not live:
                 renderer.message(f"remsh: job {job_id} is still running (remsh job {job_id} --follow)")
             return status
-    error("lost the master before the end")
+    if job_id:  # the job may well go on (a master restarted takes it back): say which it is
+        error(f"lost the master before the end of job {job_id}; once a master is back: "
+              f"remsh job {job_id} --follow")
+    else:
+        error("lost the master before the end")
     return EXIT_SLAVE_FAILED
 
 

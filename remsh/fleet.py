@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 import sys
 import threading
 import time
@@ -541,6 +542,7 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
     is_tree = os.path.isdir(local)
     if not is_tree and (sync or delete or checksum):
         raise UsageError("--sync, --delete and --checksum are for directory trees")
+    file_mode = None if is_tree else _mode_of(local)  # kept, as send_tree keeps a tree's: a script stays executable
 
     def one(slave: Slave) -> SlaveResult:
         name = slave.name
@@ -565,12 +567,22 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
         if slave.stat(dest) == "d":
             target = posixpath.join(dest, os.path.basename(local))
         if force:
-            replaced = put_replacing(slave, target, lambda path: slave.send(local, path, progress=progress))
+            replaced = put_replacing(slave, target,
+                                     lambda path: slave.send(local, path, mode=file_mode, progress=progress))
             return SlaveResult(name, status=0, summary=f"{'replaced' if replaced else 'sent to'} {target}")
-        slave.send(local, target, progress=progress)
+        slave.send(local, target, mode=file_mode, progress=progress)
         return SlaveResult(name, status=0, summary=f"sent to {target}")
 
     return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
+
+
+def _mode_of(local: str) -> Optional[int]:
+    """The permission bits of the local file ``local`` (``None`` when it
+    cannot be read: the transfer then says why)."""
+    try:
+        return stat.S_IMODE(os.stat(local).st_mode)
+    except OSError:
+        return None
 
 
 def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
