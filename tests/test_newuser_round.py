@@ -1,5 +1,5 @@
-"""What a new user tripped over while trying the documented examples: a put file keeps its mode, and a
-run that loses its master says which job it was following."""
+"""What a new user tripped over while trying the documented examples: a put file keeps its mode, a run
+that loses its master says which job it was following, and a killed master not yet reaped frees its name."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 from typing import List
 
+import pytest
+
+from remsh.store.postgres import PostgresJobStore
+
+from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.test_fleet import Master, _env, remsh, wait_names
 from tests.util import WAIT, wait_until
 
@@ -70,3 +75,36 @@ def test_a_run_that_loses_its_master_names_the_job_to_follow(tmp_path: Path) -> 
             run.kill()
             run.wait(WAIT)
         master.stop()
+
+
+def _state(pid: int) -> bytes:
+    """The state letter of process ``pid`` in /proc (b"" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return b""
+    return line[line.rfind(b")") + 2:][:1]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_killed_master_not_yet_reaped_frees_its_name_at_once(pg_uri: str) -> None:
+    """A master SIGKILLed on this machine that is still a zombie (not reaped yet) gives its name back at once."""
+    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+            "s = PostgresJobStore(sys.argv[1], 'crashy', lease=60.0)\n"
+            "print(s.epoch, flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+                            env=_env())
+    again = None
+    try:
+        assert proc.stdout is not None
+        epoch = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)  # not proc.wait(): left a zombie, as a lazy parent leaves it
+        wait_until(lambda: _state(proc.pid) == b"Z", WAIT, "the killed master to be a zombie")
+        again = PostgresJobStore(pg_uri, "crashy", lease=60.0)  # well within the lease
+        assert again.epoch == epoch + 1
+    finally:
+        if again is not None:
+            again.close()
+        proc.kill()
+        proc.wait(WAIT)

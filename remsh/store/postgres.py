@@ -756,7 +756,9 @@ def _now(value: Optional[float]) -> float:
 
 
 def _process_alive(pid: Optional[int]) -> bool:
-    """Whether process ``pid`` of this machine exists (unknown: yes)."""
+    """Whether process ``pid`` of this machine exists (unknown: yes).  A
+    zombie -- a killed master its parent has not reaped yet, which can last
+    a while under a busy or lazy init -- is dead: its name is free."""
     if not pid or pid <= 0:
         return True
     try:
@@ -765,4 +767,10 @@ def _process_alive(pid: Optional[int]) -> bool:
         return False
     except OSError:
         return True  # another user's
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read(4096)
+    except OSError:
+        return True  # no /proc (not Linux), or gone this instant: as kill said
+    # "PID (COMM) STATE ...": COMM may hold spaces and parentheses, the last ')' ends it
+    return stat_line[stat_line.rfind(b")") + 2:][:1] != b"Z"
