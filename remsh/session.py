@@ -51,7 +51,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Deque, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
@@ -60,6 +60,9 @@ from remsh.sessionlimits import (WINDOW_BYTES, WINDOW_BOXES, PIECE_BOXES, PIECE_
                                  ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, MAX_IDLE_PINGS, SPOOL_MEMORY)
 from remsh.spool import SpoolFile, WakePipe
 from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes, split_boxes
+
+if TYPE_CHECKING:
+    from remsh.transports.base import StreamLike
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ class SessionWire:
         return self.conn is not None and self.failed is None
 
     @property
-    def stream(self) -> Any:
+    def stream(self) -> StreamLike:
         """The current connection's stream (the last one while away)."""
         conn = self.conn or self._last_conn
         return conn.stream
@@ -401,21 +404,18 @@ class SessionWire:
         replay = self._replay
         while replay and replay[0][0] + replay[0][1] <= count:
             data = replay.popleft()[2]
+            size = len(data) if isinstance(data, bytes) else data[1]
+            self._replay_bytes -= size
+            self._acked_bytes += size
             if isinstance(data, bytes):
-                self._replay_bytes -= len(data)
-                self._memory_bytes -= len(data)
-                self._acked_bytes += len(data)
-            else:
-                self._replay_bytes -= data[1]
-                self._acked_bytes += data[1]
+                self._memory_bytes -= size
         if self._spool is not None and not any(not isinstance(d, bytes) for _, _, d in replay):
             self._spool.clear()
         self._cond.notify_all()
 
     def wait_change(self, timeout: float) -> None:
-        """Wait at most ``timeout`` seconds for the session to change (its
-        connection lost, its failure, :meth:`wake`), unless it already has
-        no connection or has failed."""
+        """Wait at most ``timeout`` s for a change (connection lost, failure,
+        :meth:`wake`), unless it has no connection or has failed already."""
         with self._cond:
             if self.conn is not None and self.failed is None:
                 self._cond.wait(timeout)

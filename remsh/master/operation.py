@@ -12,11 +12,15 @@ them: the layers stay one-way.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Protocol, Union
 
 from remsh.errors import Disconnected, ProtocolError, RemoteError, RemshError, remote_error
 from remsh.treestream import received_boxes
-from remsh.wire import Box
+from remsh.wire import Box, Wire
+
+if TYPE_CHECKING:
+    from remsh.session import SessionWire
+    from remsh.transports.base import StreamLike
 
 __all__ = ["OperationFrame", "OperationHost", "Path", "progress_interval"]
 
@@ -45,7 +49,7 @@ class OperationFrame:
 
     __slots__ = ("wire", "name", "meth", "io_timeout", "drop")
 
-    def __init__(self, wire: Any, name: str, meth: str, io_timeout: float,
+    def __init__(self, wire: "Union[Wire, SessionWire]", name: str, meth: str, io_timeout: float,
                  drop: Callable[[RemshError], None]) -> None:
         #: the connection (a ``Wire`` or ``SessionWire``)
         self.wire = wire
@@ -56,7 +60,7 @@ class OperationFrame:
         self.drop = drop
 
     @property
-    def stream(self) -> Any:
+    def stream(self) -> "StreamLike":
         """The transport stream under the wire (for bulk I/O helpers that
         release it to other threads while they wait)."""
         return self.wire.stream

@@ -97,7 +97,7 @@ class Slave:
     def __init__(self, wire: Union[Wire, SessionWire], name: str, info: Optional[Dict[str, str]] = None,
                  listener: Optional[StateListener] = None, *,
                  io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
-        self.wire: Any = wire
+        self.wire: Union[Wire, SessionWire] = wire
         self.name = name
         self.info: Dict[str, str] = dict(info or {})
         self.listener = listener
@@ -116,6 +116,8 @@ class Slave:
         #: set by a listener that watches idle slaves (see remsh.master.monitor)
         self.idle_watcher: Optional[IdleWatcher] = None
         self._session = isinstance(wire, SessionWire)
+        #: the session when this slave's work survives a dropped connection
+        self.session_wire: Optional[SessionWire] = wire if isinstance(wire, SessionWire) else None
         self._away = False  # the connection dropped and has not come back (as reported)
         self._report_lock = threading.Lock()  # away/back/lost reported one at a time, in order
         if isinstance(wire, SessionWire):
@@ -140,7 +142,8 @@ class Slave:
         it is away."""
         if self._disconnected is not None:
             return False
-        return not self._session or bool(self.wire.attached)
+        session = self.session_wire
+        return session is None or bool(session.attached)
 
     @property
     def resumable(self) -> bool:
@@ -153,18 +156,21 @@ class Slave:
         watcher = self.idle_watcher
         if watcher is not None:
             watcher.forget(self)
+        session = self.session_wire
+        assert session is not None  # only a session reports a lost connection
         with self._report_lock:
-            if self.wire.failed is not None or self._away:
+            if session.failed is not None or self._away:
                 return
-            self._tell("away", f"connection lost; waiting up to {self.wire.resume_timeout:g} s")
-            if self.wire.attached:
+            self._tell("away", f"connection lost; waiting up to {session.resume_timeout:g} s")
+            if session.attached:
                 self._tell("back", "")  # a resume overtook this report
             else:
                 self._away = True
 
     def _session_failed(self, error: RemshError) -> None:
+        session = self.session_wire
         with self._report_lock:
-            if self._away and self.wire.expired:
+            if self._away and session is not None and session.expired:
                 self._tell("lost", str(error))
         self.drop(Disconnected(f"{self.name}: {error}"))
 

@@ -225,7 +225,7 @@ class SlaveListener:
         if not self._started:
             wire.close()
             raise Disconnected(f"{wire.label}: listener not started (or stopped)")
-        resuming: List[Tuple[Slave, int]] = []
+        resuming: List[Tuple[Slave, SessionWire, int]] = []
         new_session: List[str] = []
         adopting: List[Tuple[Claim, int]] = []
         adopter = adopter_for(self.slave_collection)
@@ -246,9 +246,10 @@ class SlaveListener:
                     old = self._sessions.get(sid)
                 if old is not None and old.name != name:
                     raise AuthenticationError(f"{wire.label}: slave {name!r} named another slave's session")
-                if old is not None and isinstance(old.wire, SessionWire) and old.wire.failed is None:
-                    received = old.wire.prepare_resume()
-                    resuming.append((old, ask.received))
+                session = old.session_wire if old is not None else None
+                if old is not None and session is not None and session.failed is None:
+                    received = session.prepare_resume()
+                    resuming.append((old, session, ask.received))
                     return session_grant(sid, self.resume_timeout, received)
                 claim = adopter.claim(sid, name) if adopter is not None and old is None else None
                 if claim is not None:  # a session an earlier master recorded (remsh.jobadopt)
@@ -265,8 +266,8 @@ class SlaveListener:
                                    timeout=self.handshake_timeout if timeout is None else timeout,
                                    session_keys=session_keys)
             if resuming:
-                old, peer_received = resuming[0]
-                old.wire.attach(wire, peer_received)
+                old, session, peer_received = resuming[0]
+                session.attach(wire, peer_received)
                 self.monitor.add(old)
                 old.attached()
                 changed = getattr(self.slave_collection, "changed", None)
@@ -294,7 +295,7 @@ class SlaveListener:
             log.warning("refused slave from %s: %s", wire.stream.peer, e)
             wire.close()
             if resuming:
-                resuming[0][0].wire.connection_lost(why="a resume failed")
+                resuming[0][1].connection_lost(why="a resume failed")
             if adopting and adopter is not None:
                 adopter.release(adopting[0][0])
             raise
