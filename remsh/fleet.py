@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Set, TextIO,
                     Tuple)
 
-from remsh.errors import CommandTimeout, LocalError, RemoteError, RemshError, UsageError, error_tag
+from remsh.errors import (CommandTimeout, LocalError, RemoteError, RemoteFileExistsError, RemshError, UsageError,
+                          error_tag)
 from remsh.lineprinter import LinePrinter, printable
 from remsh.outputs import Folder, OutputFiles, outcome_words, status_words, summary_lines
 from remsh.pacing import AWAY_ERROR, ERRTAG_AWAY, ERRTAG_SKIPPED, SKIPPED_TAGS, Pacing
@@ -573,7 +574,16 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
         slave.send(local, target, mode=file_mode, progress=progress)
         return SlaveResult(name, status=0, summary=f"sent to {target}")
 
-    return _fan(slaves, one, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
+    def hinted(slave: Slave) -> SlaveResult:
+        try:
+            return one(slave)
+        except RemoteFileExistsError as e:  # say the way out, as get does
+            if force or sync:
+                raise
+            raise RemoteFileExistsError(f"{e.remote_message} (put --force replaces it)", slave=e.slave,
+                                        operation=e.operation) from None
+
+    return _fan(slaves, hinted, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
 
 
 def _mode_of(local: str) -> Optional[int]:

@@ -50,6 +50,20 @@ def test_put_of_a_file_keeps_its_permission_bits(tmp_path: Path) -> None:
         master.stop()
 
 
+def test_put_onto_an_existing_file_or_tree_says_that_force_replaces_it(tmp_path: Path) -> None:
+    """A put refused because DEST exists says '(put --force replaces it)', as get says of its own option."""
+    master = _local_master(tmp_path)
+    try:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "index.html").write_text("hi\n")
+        for src, dest in ((tmp_path / "site" / "index.html", "index.html"), (tmp_path / "site", "site")):
+            assert remsh(master.sock, "put", str(src), dest).returncode == 0
+            r = remsh(master.sock, "put", str(src), dest)
+            assert r.returncode == 3 and b"(put --force replaces it)" in r.stderr, r.stderr.decode()
+    finally:
+        master.stop()
+
+
 def test_a_run_that_loses_its_master_names_the_job_to_follow(tmp_path: Path) -> None:
     """remsh run following a job whose master dies exits 3 naming the job id and how to follow it."""
     master = _local_master(tmp_path)
