@@ -229,6 +229,28 @@ def test_api_output_keeps_stdout_and_stderr_apart_and_exact(web: WebFleet) -> No
         assert c.get(f"/api/jobs/{job_id}/output/db-1").status_code == 404
 
 
+def test_api_output_is_streamed_page_by_page(web: WebFleet) -> None:
+    """A big output is sent as it is read from the store (chunked, no
+    Content-Length: the master holds one page per request, not the whole
+    output), byte for byte; in the JSON form two-byte characters come out
+    whole wherever the stored chunks cut them."""
+    from remsh.web.app import OUTPUT_PAGE
+
+    size = (OUTPUT_PAGE + 8) * 65536 * 2  # more than two pages of full chunks
+    job_id = detach(web, "python3", "-c",
+                    f"import sys; sys.stdout.buffer.write(b'\\xc3\\xa9' * {size // 2}); sys.stderr.write('e')")
+    wait_until(lambda: job_state(web, job_id) != "running", WAIT, "the job to end")
+    with web.bearer() as c:
+        r = c.get(f"/api/jobs/{job_id}/output/web-1", params={"stream": "stdout"})
+        assert r.status_code == 200 and "content-length" not in r.headers
+        assert r.content == b"\xc3\xa9" * (size // 2)
+        r = c.get(f"/api/jobs/{job_id}/output/web-1")
+        assert "content-length" not in r.headers
+        body = r.json()
+        assert body["stdout"] == "\u00e9" * (size // 2) and body["stderr"] == "e"
+        assert body["stdout_bytes"] == size and body["job"] == job_id and body["name"] == "web-1"
+
+
 def _sleeper(web: WebFleet) -> str:
     job_id = detach(web, "sleep", "60")
     with web.bearer() as c:

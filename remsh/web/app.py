@@ -26,10 +26,12 @@ Security (every rule is here, in :class:`Guard`, in front of every route):
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import hmac
+import json
 import os
-from typing import Any, Awaitable, Callable, Dict, MutableMapping, Optional, Protocol
+from typing import Any, Awaitable, Callable, Dict, Iterator, MutableMapping, Optional, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.applications import Starlette
@@ -63,9 +65,40 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
-#: Most bytes of a slave's output one ``/api/jobs/ID/output/NAME`` returns
+#: Most bytes of each stream of a slave's output one ``/api/jobs/ID/output/NAME`` returns
 #: (the store keeps at most ``--max-job-output`` anyway).
 MAX_OUTPUT_READ = 256 << 20
+#: Stored chunks read at a time for that reply: it is streamed page by page,
+#: so a request holds one page (at most this many chunks of 64 KiB) however
+#: big the output, and many requests cannot exhaust the master's memory.
+OUTPUT_PAGE = 16
+
+
+def _stored(store: Any, job_id: str, name: str, stream: str) -> Iterator[bytes]:
+    """The stored bytes of one of a slave's streams, a page at a time."""
+    seq, total = -1, 0
+    while total < MAX_OUTPUT_READ:
+        chunks = store.read_output(job_id, name, after=seq, limit=OUTPUT_PAGE)
+        if not chunks:
+            return
+        for _, chunk in chunks:
+            seq = chunk.seq
+            if chunk.stream == stream:
+                total += len(chunk.data)
+                yield chunk.data
+
+
+def _stored_json(store: Any, job_id: str, name: str, head: Dict[str, Any]) -> Iterator[bytes]:
+    """``head`` and both streams as one JSON object (UTF-8, bad bytes
+    replaced), written as it is read."""
+    yield json.dumps(head)[:-1].encode("ascii")
+    for stream in ("stdout", "stderr"):
+        yield f', "{stream}": "'.encode("ascii")
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for piece in _stored(store, job_id, name, stream):
+            yield json.dumps(decoder.decode(piece))[1:-1].encode("ascii")
+        yield json.dumps(decoder.decode(b"", final=True))[1:-1].encode("ascii") + b'"'
+    yield b"}"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -296,24 +329,12 @@ class Dashboard:
         rec = record.slaves.get(name)
         if rec is None:
             return _error(404, f"job {job_id} did not run on {name!r}")
-        data: Dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        seq, total = -1, 0
-        while total < MAX_OUTPUT_READ:
-            chunks = store.read_output(job_id, name, after=seq)
-            if not chunks:
-                break
-            for _, chunk in chunks:
-                data[chunk.stream].extend(chunk.data)
-                total += len(chunk.data)
-                seq = chunk.seq
         if stream is not None:
-            return Response(bytes(data[stream]), media_type="application/octet-stream",
-                            headers={"content-disposition": "attachment"})
-        return JSONResponse({"job": job_id, "name": name,
-                             "stdout": data["stdout"].decode("utf-8", "replace"),
-                             "stderr": data["stderr"].decode("utf-8", "replace"),
-                             "stdout_bytes": rec.stdout_bytes, "stderr_bytes": rec.stderr_bytes,
-                             "truncated": rec.truncated})
+            return StreamingResponse(_stored(store, job_id, name, stream), media_type="application/octet-stream",
+                                     headers={"content-disposition": "attachment"})
+        head = {"job": job_id, "name": name, "stdout_bytes": rec.stdout_bytes,
+                "stderr_bytes": rec.stderr_bytes, "truncated": rec.truncated}
+        return StreamingResponse(_stored_json(store, job_id, name, head), media_type="application/json")
 
     def api_cancel(self, request: Request) -> Response:
         job_id = _job_id(request)
