@@ -9,16 +9,19 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
 import pytest
 
+from remsh.store.base import StoreError
+from remsh.store.pglink import Link
 from remsh.store.postgres import PostgresJobStore
 
-from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
+from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.test_fleet import Master, _env, remsh, wait_names
-from tests.util import WAIT, wait_until
+from tests.util import WAIT, run_in_thread, wait_until
 
 
 def _local_master(tmp_path: Path) -> Master:
@@ -122,3 +125,23 @@ def test_a_killed_master_not_yet_reaped_frees_its_name_at_once(pg_uri: str) -> N
             again.close()
         proc.kill()
         proc.wait(WAIT)
+
+
+def test_a_write_without_patience_fails_at_once_while_another_waits_out_an_outage(pg_server: PgServer,
+                                                                                    pg_uri: str) -> None:
+    """While one write waits for PostgreSQL to come back, a write that may not wait (a new job) fails at once."""
+    link = Link(pg_uri, "test")
+    link.run(lambda db: db.execute("SELECT 1"))
+    pg_server.stop()
+    try:
+        waiting = run_in_thread(lambda: link.run(lambda db: db.execute("SELECT 1"), patience=15.0))
+        wait_until(link.lock.locked, WAIT, "the patient write to hold the link")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="job store test"):
+            link.run(lambda db: db.execute("SELECT 1"))  # before: waited behind it, up to its patience
+        assert time.monotonic() - started < 5.0
+    finally:
+        pg_server.start()
+    assert waiting.wait(WAIT).error is None, waiting.error  # the patient one goes through once the database is back
+    assert not link.outage.is_set()
+    link.close()

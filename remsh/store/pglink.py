@@ -58,6 +58,11 @@ class Link:
         self.closed = False
         #: set first by :meth:`close`: a call waiting out an outage gives up
         self.closing = threading.Event()
+        #: set while a call holding the link waits for the database to come
+        #: back (``outage_error`` says why): a call without patience then
+        #: fails at once rather than waiting behind it
+        self.outage = threading.Event()
+        self.outage_error = ""
 
     def connect(self) -> Conn:
         try:
@@ -86,7 +91,8 @@ class Link:
         """
         deadline = time.monotonic() + patience
         delay = 0.1
-        with self.lock:
+        self._acquire(patience)
+        try:
             for attempt in itertools.count(1):
                 if self.closed or self.closing.is_set():
                     raise StoreError(f"the job store {self.label} is closed")
@@ -114,10 +120,22 @@ class Link:
                     failure = e
                 if time.monotonic() + delay > deadline:
                     raise StoreError(str(failure)) from failure.__cause__
+                self.outage_error = str(failure)
+                self.outage.set()
                 if self.closing.wait(delay):
                     raise StoreError(f"the job store {self.label} is closed")
                 delay = min(1.0, delay * 2)
             raise AssertionError("not reached")
+        finally:
+            self.outage.clear()
+            self.lock.release()
+
+    def _acquire(self, patience: float) -> None:
+        """Take the link; a call without ``patience`` that finds it held by
+        one waiting out an outage fails at once (``Unreachable``)."""
+        while not self.lock.acquire(timeout=0.05):
+            if not patience and self.outage.is_set():
+                raise Unreachable(self.outage_error or f"cannot reach the job store {self.label}")
 
     def close(self) -> None:
         self.closing.set()
