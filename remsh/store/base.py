@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -338,3 +339,35 @@ def job_state_from(slaves: Iterable[SlaveRecord], cancelled: bool = False) -> st
     if cancelled:
         return JOB_CANCELLED
     return JOB_DONE if all(s.state == SLAVE_OK for s in slaves) else JOB_FAILED
+
+
+class ChangeCounter:
+    """What both stores share for :meth:`JobStore.version` and
+    :meth:`JobStore.wait_change`: a counter bumped on every commit and a
+    condition to wait on it (a store sets the attributes in its
+    constructor; :meth:`changed` wakes the waiters)."""
+
+    _lock: threading.Lock
+    _changed: threading.Condition
+    _version: int
+    _closed: bool
+
+    def _init_changes(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._version = 0
+        self._closed = False
+
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._version <= version and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self._version

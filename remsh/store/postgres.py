@@ -59,7 +59,7 @@ import psycopg
 import psycopg.conninfo
 
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
+                              ChangeCounter, SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
@@ -94,7 +94,7 @@ _JOB_COLUMNS = "id, kind, spec, uid, state, started, finished"
 _DB_NOW = "extract(epoch from clock_timestamp())::double precision"
 
 
-class PostgresJobStore:
+class PostgresJobStore(ChangeCounter):
     """A :class:`~remsh.store.base.JobStore` in a PostgreSQL database, for
     master ``name`` among the masters that share it.
 
@@ -128,9 +128,7 @@ class PostgresJobStore:
         self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
         self._writer = Link(self._conninfo, self.label)
         self._reader = Link(self._conninfo, self.label)
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._version = 0
+        self._init_changes()
         self._closed = False
         self._last_millis = 0
         self._seq_in_millis = 0
@@ -708,20 +706,6 @@ class PostgresJobStore:
                 log.exception("job %s: the cancel asked could not be delivered", job_id)
 
     # -- change notification ----------------------------------------------------------
-
-    def version(self) -> int:
-        with self._lock:
-            return self._version
-
-    def wait_change(self, version: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self._version <= version and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            return self._version
 
     def close(self) -> None:
         with self._changed:

@@ -30,13 +30,11 @@ import json
 import logging
 import os
 import sqlite3
-import threading
-import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
+                              ChangeCounter, SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 
 log = logging.getLogger(__name__)
@@ -113,7 +111,7 @@ _SLAVE_COLUMNS = ("name", "state", "exit_status", "error", "errtag", "started", 
                   "stdout_bytes", "stderr_bytes", "truncated", "progress_done", "progress_total", "summary")
 
 
-class SqliteJobStore:
+class SqliteJobStore(ChangeCounter):
     """A :class:`~remsh.store.base.JobStore` in one SQLite file.
 
     ``path`` is made (mode 0600) when missing; its directory must exist.
@@ -130,9 +128,7 @@ class SqliteJobStore:
         self.path = path
         self.keep = keep
         self.max_output = max_output
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._version = 0
+        self._init_changes()
         self._last_millis = 0
         self._seq_in_millis = 0
         self._closed = False
@@ -469,20 +465,6 @@ class SqliteJobStore:
         return count
 
     # -- change notification ----------------------------------------------------------
-
-    def version(self) -> int:
-        with self._lock:
-            return self._version
-
-    def wait_change(self, version: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self._version <= version and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            return self._version
 
     def close(self) -> None:
         with self._lock:
