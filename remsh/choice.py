@@ -11,12 +11,11 @@ of leaving them out silently.
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from remsh.controlproto import EVENTS, encode_event, slave_event
 from remsh.errors import UsageError
-from remsh.fleet import FleetCollection, parse_where, slave_facts
+from remsh.fleet import FleetCollection, filter_slaves, parse_where
 from remsh.groups import expand_any
 from remsh.master.slave import Slave
 from remsh.pacing import Pacing
@@ -34,21 +33,7 @@ def matching(slaves: Sequence[Slave], patterns: Sequence[str], wheres: Sequence[
     globs = expand_any(groups, patterns)
     if patterns and not globs:
         globs = ["\0"]  # an empty group chooses nothing, never everything
-    chosen = []
-    known: Set[str] = set()
-    for slave in slaves:
-        facts = slave_facts(slave)
-        known.update(facts)
-        if globs and not any(fnmatch.fnmatchcase(slave.name, g) for g in globs):
-            continue
-        if any(k not in facts or not fnmatch.fnmatchcase(facts[k], g) for k, g in wheres):
-            continue
-        chosen.append(slave)
-    unknown = [k for k, _ in wheres if k not in known]
-    if unknown and known:
-        raise UsageError(f"no connected slave has the fact {unknown[0]!r}; "
-                         f"the facts are: {', '.join(sorted(known))}")
-    return sorted(chosen, key=lambda s: s.name)
+    return sorted(filter_slaves(slaves, globs, wheres, connected_only=False), key=lambda s: s.name)
 
 
 def choose(slaves: Sequence[Slave], patterns: Sequence[str], wheres: Sequence[Tuple[str, str]],

@@ -57,6 +57,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import remsh
+from remsh.argtypes import positive_count
 from remsh.choice import choose
 from remsh.clihelp import OneLineParser, describe
 from remsh.clils import add_ls_parser, cmd_ls
@@ -126,22 +127,12 @@ def parse_hostport(spec: str) -> Tuple[Optional[str], int]:
     return host or None, number
 
 
-def positive_int(text: str) -> int:
-    """An argument that must be a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
 
 def _listener_options(p: argparse.ArgumentParser, *, waiting: bool) -> None:
     """The options that set up slaves in this process (``remsh master``, and
     ``run``/``put``/``get`` without a master)."""
     g = p.add_argument_group("local slaves")
-    g.add_argument("--local", type=positive_int, metavar="N",
+    g.add_argument("--local", type=positive_count, metavar="N",
                    help="start N local slaves (without a master, the only way to run on this machine)")
     g.add_argument("--basedir", default=".", help="base directory of local slaves (default: .)")
     g = p.add_argument_group("listening for slaves")
@@ -157,7 +148,7 @@ def _listener_options(p: argparse.ArgumentParser, *, waiting: bool) -> None:
                    help="slave keys; each key's comment is the name it may register as")
     if waiting:
         g = p.add_argument_group("waiting for slaves (without a master)")
-        g.add_argument("--wait", type=positive_int, metavar="N", help="wait for N slaves before starting")
+        g.add_argument("--wait", type=positive_count, metavar="N", help="wait for N slaves before starting")
         g.add_argument("--slave", action="append", default=[], metavar="NAME",
                        help="wait for and use this slave (repeatable)")
         g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS",

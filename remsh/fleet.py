@@ -108,6 +108,33 @@ def parse_where(spec: str) -> Tuple[str, str]:
     return key.strip(), glob
 
 
+def filter_slaves(slaves: Sequence[Slave], globs: Sequence[str], wheres: Sequence[Tuple[str, str]], *,
+                  connected_only: bool) -> List[Slave]:
+    """The slaves whose name matches any of ``globs`` (all when there is
+    none) and whose facts match every ``(key, glob)`` of ``wheres``, in their
+    order (with ``connected_only``, the connected ones only).
+
+    :raises UsageError: no slave looked at has one of the keys of ``wheres``
+    """
+    chosen = []
+    known: Set[str] = set()
+    for slave in slaves:
+        if connected_only and not slave.connected:
+            continue
+        facts = slave_facts(slave)
+        known.update(facts)
+        if globs and not any(fnmatch.fnmatchcase(slave.name, g) for g in globs):
+            continue
+        if any(k not in facts or not fnmatch.fnmatchcase(facts[k], g) for k, g in wheres):
+            continue
+        chosen.append(slave)
+    unknown = [k for k, _ in wheres if k not in known]
+    if unknown and known:
+        raise UsageError(f"no connected slave has the fact {unknown[0]!r}; "
+                         f"the facts are: {', '.join(sorted(known))}")
+    return chosen
+
+
 def select_slaves(slaves: Sequence[Slave], patterns: Sequence[str] = (),
                   wheres: Sequence[Tuple[str, str]] = ()) -> List[Slave]:
     """The connected slaves whose name matches any of ``patterns`` (all when
@@ -120,22 +147,7 @@ def select_slaves(slaves: Sequence[Slave], patterns: Sequence[str] = (),
     :raises UsageError: nothing matches (naming the choice), or no
         connected slave has one of the keys of ``wheres`` (naming it)
     """
-    chosen = []
-    known: Set[str] = set()
-    for slave in slaves:
-        if not slave.connected:
-            continue
-        facts = slave_facts(slave)
-        known.update(facts)
-        if patterns and not any(fnmatch.fnmatchcase(slave.name, p) for p in patterns):
-            continue
-        if any(k not in facts or not fnmatch.fnmatchcase(facts[k], g) for k, g in wheres):
-            continue
-        chosen.append(slave)
-    unknown = [k for k, _ in wheres if k not in known]
-    if unknown and known:
-        raise UsageError(f"no connected slave has the fact {unknown[0]!r}; "
-                         f"the facts are: {', '.join(sorted(known))}")
+    chosen = filter_slaves(slaves, patterns, wheres, connected_only=True)
     if not chosen:
         what = []
         if patterns:
