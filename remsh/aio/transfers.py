@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
-from typing import IO, Any, Awaitable, BinaryIO, Optional, Protocol, Union
+from typing import Any, Awaitable, BinaryIO, Optional, Protocol, Union
 
 from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError, UsageError
 from remsh.files import PartialFile
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, SendCall, Stop
+from remsh.sendsource import send_source
 from remsh.aio.connection import Connection
 from remsh.conversation import PathArg as Path
 from remsh.errors import RemoteError
@@ -47,22 +47,7 @@ async def send(slave: TransferHost, src: Union[Path, BinaryIO], dest: Path, mode
                progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.aio.slave.AsyncSlave.send`."""
     call = SendCall(dest, mode)
-    if hasattr(src, "read"):
-        f: IO[bytes] = src  # type: ignore[assignment]
-        own = False
-    else:
-        try:
-            f = open(src, "rb", buffering=0)
-        except OSError as e:
-            raise LocalError(f"{slave.name}: send: cannot open local file: {e}") from e
-        own = True
-    try:
-        total: Optional[int] = None
-        if progress is not None:
-            try:
-                total = os.fstat(f.fileno()).st_size
-            except (OSError, AttributeError, io.UnsupportedOperation):
-                total = None
+    with send_source(slave.name, src, progress is not None) as (f, total):
         counter = Progress(progress, total)
         conn = slave.conn
 
@@ -107,9 +92,6 @@ async def send(slave: TransferHost, src: Union[Path, BinaryIO], dest: Path, mode
         if isinstance(event, Failed):
             raise slave.remote_error("send", event)
         counter.finish()
-    finally:
-        if own:
-            f.close()
 
 
 async def fetch(slave: TransferHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],

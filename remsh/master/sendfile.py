@@ -9,8 +9,6 @@ place into pre-framed buffers)."""
 
 from __future__ import annotations
 
-import io
-import os
 from typing import IO, BinaryIO, Optional, Union
 
 from remsh.bulk import OverlongRead, reader_for, send_blocks
@@ -18,27 +16,13 @@ from remsh.errors import LocalError, UsageError
 from remsh.master.operation import OperationFrame, OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.protocol.transfer import Failed, SendCall
+from remsh.sendsource import send_source
 
 def send(slave: OperationHost, src: Union[Path, BinaryIO], dest: Path, mode: Optional[int],
          progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.send`."""
     call = SendCall(dest, mode)
-    if hasattr(src, "read"):
-        f: IO[bytes] = src  # type: ignore[assignment]
-        own = False
-    else:
-        try:
-            f = open(src, "rb", buffering=0)
-        except OSError as e:
-            raise LocalError(f"{slave.name}: send: cannot open local file: {e}") from e
-        own = True
-    try:
-        total: Optional[int] = None
-        if progress is not None:
-            try:
-                total = os.fstat(f.fileno()).st_size
-            except (OSError, AttributeError, io.UnsupportedOperation):
-                total = None
+    with send_source(slave.name, src, progress is not None) as (f, total):
         with slave.operation("send") as op:
             op.send_bytes(call.request())
             event = call.receive(op.read())
@@ -46,16 +30,13 @@ def send(slave: OperationHost, src: Union[Path, BinaryIO], dest: Path, mode: Opt
                 _raise(op, event)
             local_error = _send_data(op, call, f, Progress(progress, total))
             event = call.receive(op.read())
-        # the slave's error for an aborted transfer only echoes the local cause
-        if isinstance(local_error, OverlongRead):
-            raise UsageError(f"{slave.name}: send: the source is not a file-like object: {local_error}")
-        if local_error is not None:
-            raise LocalError(f"{slave.name}: send: reading local file failed: {local_error}") from local_error
-        if isinstance(event, Failed):
-            _raise(op, event)
-    finally:
-        if own:
-            f.close()
+    # the slave's error for an aborted transfer only echoes the local cause
+    if isinstance(local_error, OverlongRead):
+        raise UsageError(f"{slave.name}: send: the source is not a file-like object: {local_error}")
+    if local_error is not None:
+        raise LocalError(f"{slave.name}: send: reading local file failed: {local_error}") from local_error
+    if isinstance(event, Failed):
+        _raise(op, event)
 
 
 def _raise(op: OperationFrame, event: Failed) -> None:
