@@ -1,17 +1,19 @@
-"""The local side of ``send`` for both drivers (the threaded master's
-:mod:`remsh.master.sendfile` and :mod:`remsh.aio`): the source opened, or
-the caller's file object taken as it is, and its size for the progress
-callback when it can be known."""
+"""The local ends of ``send`` and ``fetch`` for both drivers (the threaded
+master's :mod:`remsh.master.sendfile` / :mod:`remsh.master.fetchfile` and
+:mod:`remsh.aio`): ``send``'s source opened, or the caller's file object
+taken as it is, with its size for the progress callback when it can be
+known; ``fetch``'s destination as a partial file beside it."""
 
 from __future__ import annotations
 
 import io
 import os
 from contextlib import contextmanager
-from typing import IO, BinaryIO, Iterator, Optional, Tuple, Union
+from typing import IO, Any, BinaryIO, Iterator, Optional, Tuple, Union
 
 from remsh.conversation import PathArg
 from remsh.errors import LocalError
+from remsh.files import PartialFile
 
 
 @contextmanager
@@ -42,3 +44,22 @@ def send_source(name: str, src: Union[PathArg, BinaryIO], want_size: bool) -> It
     finally:
         if own:
             f.close()
+
+
+def fetch_target(name: str, dest: Union[PathArg, BinaryIO]) -> Tuple[Any, Optional[PartialFile]]:
+    """Where the ``fetch`` of slave ``name`` writes: the caller's file
+    object as it is, or a partial file beside the path ``dest`` (the second
+    item: commit or discard it), which must not exist.
+
+    :raises LocalError: ``dest`` exists or its partial file cannot be made
+    """
+    if hasattr(dest, "write"):
+        return dest, None
+    dest_b = os.fsencode(dest)
+    if os.path.lexists(dest_b):
+        raise LocalError(f"{name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
+    try:
+        part = PartialFile(dest_b)
+    except OSError as e:
+        raise LocalError(f"{name}: fetch: cannot create local file: {e}") from e
+    return part, part

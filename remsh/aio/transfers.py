@@ -16,10 +16,9 @@ import os
 from typing import Any, Awaitable, BinaryIO, Optional, Protocol, Union
 
 from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError, UsageError
-from remsh.files import PartialFile
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, SendCall, Stop
-from remsh.sendsource import send_source
+from remsh.sendsource import fetch_target, send_source
 from remsh.aio.connection import Connection
 from remsh.conversation import PathArg as Path
 from remsh.errors import RemoteError
@@ -97,18 +96,7 @@ async def send(slave: TransferHost, src: Union[Path, BinaryIO], dest: Path, mode
 async def fetch(slave: TransferHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],
                 progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.aio.slave.AsyncSlave.fetch`."""
-    part: Optional[PartialFile] = None
-    if hasattr(dest, "write"):
-        out: Any = dest
-    else:
-        dest_b = os.fsencode(dest)
-        if os.path.lexists(dest_b):
-            raise LocalError(f"{slave.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
-        try:
-            part = PartialFile(dest_b)
-        except OSError as e:
-            raise LocalError(f"{slave.name}: fetch: cannot create local file: {e}") from e
-        out = part
+    out, part = fetch_target(slave.name, dest)
     call = FetchCall(src, max_bytes)
     counter = Progress(progress, None)
     conn = slave.conn

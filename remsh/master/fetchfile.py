@@ -8,32 +8,21 @@ module puts it on a thread, with the data hashed and written by a
 from __future__ import annotations
 
 import os
-from typing import Any, BinaryIO, Optional, Union
+from typing import BinaryIO, Optional, Union
 
 from remsh.bulk import Sink, writer_for_fd
 from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError
-from remsh.files import PartialFile
 from remsh.master.operation import OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.master.tree import DRAIN_LIMIT
+from remsh.sendsource import fetch_target
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, Stop
 
 
 def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_bytes: Optional[int],
           progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch`."""
-    part: Optional[PartialFile] = None
-    if hasattr(dest, "write"):
-        out: Any = dest
-    else:
-        dest_b = os.fsencode(dest)
-        if os.path.lexists(dest_b):
-            raise LocalError(f"{slave.name}: fetch: local destination exists: {os.fsdecode(dest_b)}")
-        try:
-            part = PartialFile(dest_b)
-        except OSError as e:
-            raise LocalError(f"{slave.name}: fetch: cannot create local file: {e}") from e
-        out = part
+    out, part = fetch_target(slave.name, dest)
     counter = Progress(progress, None)
     call = FetchCall(src, max_bytes, drain_limit=DRAIN_LIMIT)
     # hashed and written in a helper thread while the next boxes arrive

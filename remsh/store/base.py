@@ -371,3 +371,25 @@ class ChangeCounter:
                     break
                 self._changed.wait(left)
             return self._version
+
+
+def slave_changes(*, state: Optional[str] = None, exit_status: Optional[int] = None, error: Optional[str] = None,
+                  errtag: Optional[str] = None, started: Optional[float] = None, finished: Optional[float] = None,
+                  progress: Optional[Tuple[int, Optional[int]]] = None,
+                  summary: Optional[str] = None) -> Dict[str, object]:
+    """The columns :meth:`JobStore.update_slave` sets: the arguments given
+    (``progress`` as ``progress_done`` and ``progress_total``).
+
+    :raises ValueError: an unknown slave state
+    """
+    if state is not None and state not in SLAVE_STATES:
+        raise ValueError(f"unknown slave state {state!r}")
+    changes: Dict[str, object] = {}
+    for column, value in (("state", state), ("exit_status", exit_status), ("error", error),
+                          ("errtag", errtag), ("started", started), ("finished", finished),
+                          ("summary", summary)):
+        if value is not None:
+            changes[column] = value
+    if progress is not None:
+        changes["progress_done"], changes["progress_total"] = progress
+    return changes

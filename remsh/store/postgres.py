@@ -59,7 +59,7 @@ import psycopg
 import psycopg.conninfo
 
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              ChangeCounter, SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
+                              ChangeCounter, SLAVE_QUEUED, slave_changes, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
@@ -396,16 +396,8 @@ class PostgresJobStore(ChangeCounter):
                      errtag: Optional[str] = None, started: Optional[float] = None,
                      finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None,
                      summary: Optional[str] = None) -> None:
-        if state is not None and state not in SLAVE_STATES:
-            raise ValueError(f"unknown slave state {state!r}")
-        changes: Dict[str, object] = {}
-        for column, value in (("state", state), ("exit_status", exit_status), ("error", error),
-                              ("errtag", errtag), ("started", started), ("finished", finished),
-                              ("summary", summary)):
-            if value is not None:
-                changes[column] = value
-        if progress is not None:
-            changes["progress_done"], changes["progress_total"] = progress
+        changes = slave_changes(state=state, exit_status=exit_status, error=error, errtag=errtag,
+                                started=started, finished=finished, progress=progress, summary=summary)
         if not changes:
             return
         assignments = ", ".join(f"{column} = %s" for column in changes)

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              ChangeCounter, SLAVE_QUEUED, SLAVE_STATES, STREAMS, JobRecord, OutputChunk, OutputGap,
+                              ChangeCounter, SLAVE_QUEUED, slave_changes, STREAMS, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
 
 log = logging.getLogger(__name__)
@@ -273,16 +273,8 @@ class SqliteJobStore(ChangeCounter):
                      errtag: Optional[str] = None, started: Optional[float] = None,
                      finished: Optional[float] = None, progress: Optional[Tuple[int, Optional[int]]] = None,
                      summary: Optional[str] = None) -> None:
-        if state is not None and state not in SLAVE_STATES:
-            raise ValueError(f"unknown slave state {state!r}")
-        changes: Dict[str, object] = {}
-        for column, value in (("state", state), ("exit_status", exit_status), ("error", error),
-                              ("errtag", errtag), ("started", started), ("finished", finished),
-                              ("summary", summary)):
-            if value is not None:
-                changes[column] = value
-        if progress is not None:
-            changes["progress_done"], changes["progress_total"] = progress
+        changes = slave_changes(state=state, exit_status=exit_status, error=error, errtag=errtag,
+                                started=started, finished=finished, progress=progress, summary=summary)
         if not changes:
             return
         assignments = ", ".join(f"{column} = ?" for column in changes)
