@@ -2,7 +2,7 @@
 side of ``-t``/``--where``/``@GROUP``, ``--batch``, ``--max-fail``,
 ``put --force``/``--parents``, ``get --force`` and ``remsh ls -t/--where``.
 
-:func:`choose` is :func:`remsh.fleet.select_slaves` with two additions:
+:func:`choose` is :func:`remsh.fleet.filter_slaves` with two additions:
 ``-t @NAME`` names a group (:mod:`remsh.groups`), and chosen slaves that
 are *away* (in the collection, their connection dropped, their session
 waiting) are returned apart, so that the job reports them skipped instead

@@ -8,7 +8,8 @@ as it happens (output chunks, transfer progress, each slave's end), and the
 sink decides where that goes: straight to the terminal (:class:`Renderer`)
 or over the control socket to a client that renders it the same way.
 
-Choosing slaves (:func:`select_slaves`): ``-t PATTERN`` globs on names
+Choosing slaves (:func:`filter_slaves`; :func:`remsh.choice.choose` adds
+groups and away slaves): ``-t PATTERN`` globs on names
 (repeatable, a union), ``--where KEY=GLOB`` on registration facts (all must
 hold; a slave without the fact never matches, and a key no slave has is an
 error); a choice that matches nothing is an error, never a silent success.
@@ -133,29 +134,6 @@ def filter_slaves(slaves: Sequence[Slave], globs: Sequence[str], wheres: Sequenc
         raise UsageError(f"no connected slave has the fact {unknown[0]!r}; "
                          f"the facts are: {', '.join(sorted(known))}")
     return chosen
-
-
-def select_slaves(slaves: Sequence[Slave], patterns: Sequence[str] = (),
-                  wheres: Sequence[Tuple[str, str]] = ()) -> List[Slave]:
-    """The connected slaves whose name matches any of ``patterns`` (all when
-    there is none) and whose facts match every ``(key, glob)`` of
-    ``wheres``, sorted by name.
-
-    A slave that lacks a fact never matches a ``--where`` on it (not even
-    ``KEY=*``): a misspelt key must not select the whole fleet.
-
-    :raises UsageError: nothing matches (naming the choice), or no
-        connected slave has one of the keys of ``wheres`` (naming it)
-    """
-    chosen = filter_slaves(slaves, patterns, wheres, connected_only=True)
-    if not chosen:
-        what = []
-        if patterns:
-            what.append("-t " + " -t ".join(patterns))
-        if wheres:
-            what.append(" ".join(f"--where {k}={g}" for k, g in wheres))
-        raise UsageError(f"no connected slave matches {' '.join(what)}" if what else "no slaves connected")
-    return sorted(chosen, key=lambda s: s.name)
 
 
 class FleetCollection(SimpleSlaveCollection):
