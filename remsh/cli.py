@@ -74,10 +74,10 @@ from remsh.masterlog import configure as configure_master_log
 from remsh.pacing import Pacing, check_batch, check_max_fail
 from remsh.handshake import as_secret
 from remsh.clijobs import add_parsers as add_job_parsers
-from remsh.clijobs import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, render, renderer_for,
-                          state_line)
+from remsh.clijobs import (add_output_options, check_output_options, cmd_cancel, cmd_jobs, cmd_web, render,
+                          renderer_for, state_line)
 from remsh.clijobs import cmd_job as cmd_show_job
-from remsh.web.options import add_http_options, add_web_parser, cmd_web, start_dashboard
+from remsh.web.options import WEB_URL_FILE, add_http_options, add_web_parser, start_dashboard
 from remsh.lineprinter import printable
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
@@ -399,6 +399,18 @@ def _announce(text: str) -> None:
     announce(text)
 
 
+def _announce_dashboard(args: argparse.Namespace, url: str, state_dir: str) -> None:
+    """Where the dashboard is.  A log file outlives the run and may be read
+    by others: with ``--log-file`` the token goes to stderr only (it stays
+    in STATE_DIR/web-url for ``remsh web``)."""
+    if not getattr(args, "log_file", None):
+        _announce(f"web dashboard at {url}")
+        return
+    _announce(f"web dashboard at {url.partition('?')[0]} (the URL with its token: remsh web, "
+              f"or {os.path.join(state_dir, WEB_URL_FILE)})")
+    print(f"remsh master: web dashboard at {url}", file=sys.stderr, flush=True)
+
+
 def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
     def call() -> None:
         try:
@@ -667,7 +679,9 @@ def cmd_master(args: argparse.Namespace, env_secret: Optional[bytes]) -> int:
         _start_listeners(args, collection, env_secret, listeners, announce=_announce)
         if not listeners:
             raise ConfigError("remsh master needs --listen, --ssh-listen or --local N")
-        stop_web = start_dashboard(args, server, state_dir, _announce)
+        web_url, stop_web = start_dashboard(args, server, state_dir)
+        if web_url is not None:
+            _announce_dashboard(args, web_url, state_dir)
         _announce(f"control socket {server.path}")
         _announce("ready")
         serve_until_stopped(wake_r, collection.groups)  # SIGHUP rereads the groups
@@ -758,7 +772,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in ("jobs", "job", "cancel"):
             return _job_command(args)
         if args.command == "web":
-            return cmd_web(args.master)
+            return cmd_web(args)
         return cmd_host_key(args)
     except KeyboardInterrupt:
         if args.command == "job" and getattr(args, "follow", False):

@@ -423,6 +423,22 @@ class Client:
                 return
         raise ControlError("lost the master before the end", _EXIT_LOST)
 
+    def web_url(self) -> str:
+        """The URL of the master's web dashboard with its access token
+        (``remsh web``).
+
+        :raises ControlError: the master serves no dashboard (exit 2)
+        """
+        url: Optional[str] = None
+        for ev in self._ask("web"):
+            if ev.kind == "web":
+                url = ev.get("url", "")
+            elif ev.kind == "fail":
+                raise fail_error(ev)
+            elif ev.kind == "done" and url is not None:
+                return url
+        raise ControlError("lost the master before the end", _EXIT_LOST)
+
     def transcript(self, job_id: str, *, follow: bool, timeout: Optional[float] = None) -> Transcript:
         """Job ``job_id``'s stored output (``remsh job ID``), with ``follow``
         until the job ends, within ``timeout`` seconds.

@@ -247,6 +247,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """``remsh web``: the URL the master gives through its control socket,
+    on stdout; exit 2 with one line when there is none."""
+    try:
+        url = _master(args).web_url()
+    except ControlError as e:
+        error(str(e))
+        return e.exit
+    print(url)
+    return EXIT_OK
+
+
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """The ``jobs``, ``job`` and ``cancel`` subcommands."""
     jobs = sub.add_parser("jobs", help="list the master's jobs, newest first",

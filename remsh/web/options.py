@@ -16,11 +16,9 @@ import argparse
 import ipaddress
 import logging
 import os
-import sys
 from typing import Any, Callable, Optional, Tuple
 
 from remsh.errors import UsageError
-from remsh.lineprinter import printable
 from remsh.web.config import HttpConfig
 
 log = logging.getLogger(__name__)
@@ -139,45 +137,20 @@ def remove_web_url(state_dir: str, url: str) -> None:
         pass
 
 
-def cmd_web(master: Optional[str]) -> int:
-    """``remsh web``: the URL the master gives through its control socket,
-    on stdout; exit 2 with one line when there is none."""
-    from remsh.client import fail_error
-    from remsh.control import ControlClient, ControlError, control_path
-
-    try:
-        client = ControlClient(control_path(master)[0])
-        try:
-            client.request("web")
-            for ev in client.decoded():
-                if ev.kind == "web":
-                    print(ev.get("url", ""))
-                elif ev.kind == "fail":
-                    raise fail_error(ev)
-                elif ev.kind == "done":
-                    return 0
-        finally:
-            client.close()
-    except ControlError as e:
-        print(f"remsh: {printable(str(e))}", file=sys.stderr)
-        return e.exit
-    print("remsh: lost the master before the end", file=sys.stderr)
-    return 3
-
-
-def start_dashboard(args: argparse.Namespace, master: Any, state_dir: str,
-                    announce: Callable[[str], None]) -> Callable[[], None]:
+def start_dashboard(args: argparse.Namespace, master: Any,
+                    state_dir: str) -> Tuple[Optional[str], Callable[[], None]]:
     """Serve the dashboard ``args`` ask for (``--http``) on ``master`` (the
     control server: its collection and jobs), write ``STATE_DIR/web-url``,
-    announce the URL, and tell the control server (for ``remsh web``).
-    Returns what stops it all (a no-op without ``--http``).
+    and tell the control server (for ``remsh web``).  Returns the URL with
+    its token (``None`` without ``--http``: the caller says where it is) and
+    what stops it all.
 
     :raises UsageError: bad options, a missing ``remsh[web]`` extra, an
         address that cannot be served, a web-url file that cannot be written
     """
     config = http_config(args)
     if config is None:
-        return lambda: None
+        return None, lambda: None
     try:
         from remsh.web.server import WebError, WebServer
     except ImportError as e:
@@ -194,19 +167,10 @@ def start_dashboard(args: argparse.Namespace, master: Any, state_dir: str,
         server.stop()
         raise UsageError(f"cannot write {os.path.join(state_dir, WEB_URL_FILE)}: {e.strerror or e}") from None
     master.web_url = url
-    if getattr(args, "log_file", None):
-        # a log file outlives the run and may be read by others: the token
-        # goes to stderr only (and stays in STATE_DIR/web-url for remsh web)
-        announce(f"web dashboard at {url.partition('?')[0]} (the URL with its token: remsh web, "
-                 f"or {os.path.join(state_dir, WEB_URL_FILE)})")
-        sys.stderr.write(f"remsh master: web dashboard at {url}\n")
-        sys.stderr.flush()
-    else:
-        announce(f"web dashboard at {url}")
 
     def stop() -> None:
         master.web_url = None
         remove_web_url(state_dir, url)
         server.stop()
 
-    return stop
+    return url, stop
