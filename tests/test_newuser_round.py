@@ -107,10 +107,11 @@ def _state(pid: int) -> bytes:
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 def test_a_killed_master_not_yet_reaped_frees_its_name_at_once(pg_uri: str) -> None:
     """A master SIGKILLed on this machine that is still a zombie (not reaped yet) gives its name back at once."""
-    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+    code = ("import sys\nfrom remsh.store.postgres import PostgresJobStore\n"
             "s = PostgresJobStore(sys.argv[1], 'crashy', lease=60.0)\n"
-            "print(s.epoch, flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+            "print(s.epoch, flush=True)\nsys.stdin.read()  # alive until killed or the test ends\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
                             env=_env())
     again = None
     try:

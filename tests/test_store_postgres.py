@@ -116,10 +116,11 @@ def test_heartbeat_keeps_a_master_alive_and_silence_kills_it(open_store) -> None
 
 def test_a_master_killed_here_gets_its_name_back_at_once(open_store, pg_uri) -> None:
     """A master process SIGKILLed on this machine: a master started again under its name takes it at once (its process is gone), with a higher epoch."""
-    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+    code = ("import sys\nfrom remsh.store.postgres import PostgresJobStore\n"
             "s = PostgresJobStore(sys.argv[1], 'crashy', lease=60.0)\n"
-            "print(s.epoch, flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+            "print(s.epoch, flush=True)\nsys.stdin.read()  # alive until killed or the test ends\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         assert proc.stdout is not None
@@ -156,10 +157,11 @@ def test_a_version_1_store_is_migrated_and_keeps_its_masters_and_jobs(pg_uri) ->
 def test_a_killed_master_process_is_noticed_dead(open_store, pg_uri) -> None:
     """A master process SIGKILLed stops beating: another master sees it alive, then dead past the lease."""
     watcher = open_store("watcher", heartbeat=0.1, lease=1.0)
-    code = ("import sys, time\nfrom remsh.store.postgres import PostgresJobStore\n"
+    code = ("import sys\nfrom remsh.store.postgres import PostgresJobStore\n"
             "s = PostgresJobStore(sys.argv[1], 'doomed', heartbeat=0.1, lease=1.0)\n"
-            "print('ready', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdout=subprocess.PIPE, text=True,
+            "print('ready', flush=True)\nsys.stdin.read()  # alive until killed or the test ends\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
