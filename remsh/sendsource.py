@@ -63,3 +63,17 @@ def fetch_target(name: str, dest: Union[PathArg, BinaryIO]) -> Tuple[Any, Option
     except OSError as e:
         raise LocalError(f"{name}: fetch: cannot create local file: {e}") from e
     return part, part
+
+
+def place_fetched(name: str, part: PartialFile) -> None:
+    """Put the file ``fetch`` of slave ``name`` wrote in place, never over
+    one that appeared meanwhile.
+
+    :raises LocalError: it appeared meanwhile, or the move failed
+    """
+    try:
+        part.commit()
+    except FileExistsError:
+        raise LocalError(f"{name}: fetch: local destination appeared meanwhile") from None
+    except OSError as e:
+        raise LocalError(f"{name}: fetch: cannot place local file: {e}") from e

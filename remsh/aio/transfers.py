@@ -18,7 +18,7 @@ from typing import Any, Awaitable, BinaryIO, Optional, Protocol, Union
 from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError, UsageError
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, SendCall, Stop
-from remsh.sendsource import fetch_target, send_source
+from remsh.sendsource import fetch_target, place_fetched, send_source
 from remsh.aio.connection import Connection
 from remsh.conversation import PathArg as Path
 from remsh.errors import RemoteError
@@ -144,12 +144,7 @@ async def fetch(slave: TransferHost, src: Path, dest: Union[Path, BinaryIO], max
         except ProtocolError as e:
             raise slave.protocol_error("fetch", str(e)) from None
         if part is not None:
-            try:
-                part.commit()
-            except FileExistsError:
-                raise LocalError(f"{slave.name}: fetch: local destination appeared meanwhile") from None
-            except OSError as e:
-                raise LocalError(f"{slave.name}: fetch: cannot place local file: {e}") from e
+            place_fetched(slave.name, part)
         counter.finish()
     finally:
         if part is not None:

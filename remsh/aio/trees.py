@@ -30,42 +30,30 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any, Awaitable, Callable, List, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
-from remsh.aio.connection import Connection
 from remsh.dirremove import remove_dir_at
-from remsh.errors import (LimitExceeded, LocalError, ProtocolError, RemoteError, RemshError, TreeDigestError,
-                          TreeSourceError, TreeStreamError, TreeTargetError, UsageError)
+from remsh.errors import (LimitExceeded, LocalError, ProtocolError, RemshError, TreeDigestError,
+                          TreeSourceError, TreeStreamError, TreeTargetError)
 from remsh.files import O_CLOEXEC, O_DIRECTORY
 from remsh.master.operation import progress_interval
 from remsh.master.progress import Progress, ProgressCallback
-from remsh.master.tree import MAX_FETCH_DEPTH, SyncResult, fetched_modes, plan_changes, send_changes
+from remsh.aio.transfers import TransferHost
+from remsh.master.tree import (MAX_FETCH_DEPTH, SyncResult, fetched_modes, local_parent, open_local_dir,
+                               plan_changes, send_changes)
 from remsh.conversation import PathArg as Path
 from remsh.protocol.trees import (Alive, Announced, Failed, FetchTreeCall, Manifest, Record, SendTreeCall, Stop,
                                   SyncTreeCall)
 from remsh.treestream import Sender, others_message, scan
 from remsh.treewriter import Writer, make_temp_dir, place_dir
-from remsh.wire import Box
 
 __all__ = ["fetch_tree", "send_tree", "sync_tree"]
 
 T = TypeVar("T")
 
 
-class TreeHost(Protocol):
-    """What the tree bodies need of a slave (:class:`~remsh.aio.slave.AsyncSlave` is one)."""
-
-    name: str
-    conn: Connection
-    io_timeout: float
-
-    async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any: ...
-
-    async def read_reply(self, meth: str) -> Box: ...
-
-    def remote_error(self, meth: str, event: Failed) -> RemoteError: ...
-
-    def protocol_error(self, meth: str, message: str) -> ProtocolError: ...
+#: What the tree bodies need of a slave: what the transfer bodies need.
+TreeHost = TransferHost
 
 
 class _Local:
@@ -83,28 +71,11 @@ class _Bound(Exception):
     """The file data passed ``max_bytes`` (raised out of the writer)."""
 
 
-def _local_parent(name: str, meth: str, path: Path) -> Tuple[int, bytes]:
-    """A descriptor of the local directory that will hold ``path``, and its
-    last component; ``path`` must not exist."""
-    p = os.fsencode(path).rstrip(b"/")
-    head, _, last = p.rpartition(b"/")
-    if last in (b"", b".", b".."):
-        raise UsageError(f"{name}: {meth}: the destination must end in a name: {os.fsdecode(path)}")
-    if not head and p.startswith(b"/"):
-        head = b"/"
-    if os.path.lexists(p):
-        raise LocalError(f"{name}: {meth}: local destination exists: {os.fsdecode(p)}")
-    try:
-        return os.open(head or b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC), last
-    except OSError as e:
-        raise LocalError(f"{name}: {meth}: cannot open the local destination's directory: {e}") from e
-
-
 async def fetch_tree(slave: TreeHost, src: Path, dest_dir: Path, progress: Optional[ProgressCallback],
                      max_bytes: Optional[int], max_entries: Optional[int]) -> None:
     """See :meth:`remsh.aio.slave.AsyncSlave.fetch_tree`."""
     meth = "fetch_tree"
-    parent, name = _local_parent(slave.name, meth, dest_dir)
+    parent, name = local_parent(slave.name, meth, dest_dir)
     state = _Local(Progress(progress, None))
     call = FetchTreeCall(src, progress_interval(slave.io_timeout), max_bytes=max_bytes, max_entries=max_entries)
     conn = slave.conn
@@ -195,16 +166,6 @@ async def fetch_tree(slave: TreeHost, src: Path, dest_dir: Path, progress: Optio
 
 class _Stopped(Exception):
     """Raised in the worker thread at its next write once the loop said stop."""
-
-
-def _open_local_dir(name: str, meth: str, path: Path) -> int:
-    p = os.fsencode(path)
-    try:
-        return os.open(p, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    except NotADirectoryError:
-        raise LocalError(f"{name}: {meth}: not a directory: {os.fsdecode(p)}") from None
-    except OSError as e:
-        raise LocalError(f"{name}: {meth}: cannot open local directory: {e}") from e
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -311,7 +272,7 @@ async def _stream(slave: TreeHost, call: SendTreeCall, work: Callable[[Sender], 
 async def send_tree(slave: TreeHost, src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.aio.slave.AsyncSlave.send_tree`."""
     meth = "send_tree"
-    top = _open_local_dir(slave.name, meth, src_dir)
+    top = open_local_dir(slave.name, meth, src_dir)
     try:
         try:
             found = await _in_thread(scan, top)
@@ -351,7 +312,7 @@ async def sync_tree(slave: TreeHost, src_dir: Path, dest: Path, delete: bool, ch
                     progress: Optional[ProgressCallback]) -> SyncResult:
     """See :meth:`remsh.aio.slave.AsyncSlave.sync_tree`."""
     meth = "sync_tree"
-    top = _open_local_dir(slave.name, meth, src_dir)
+    top = open_local_dir(slave.name, meth, src_dir)
     result = SyncResult()
     call = SyncTreeCall(dest, checksum, progress_interval(slave.io_timeout))
     conn = slave.conn

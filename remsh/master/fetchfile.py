@@ -15,7 +15,7 @@ from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError
 from remsh.master.operation import OperationHost, Path
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.master.tree import DRAIN_LIMIT
-from remsh.sendsource import fetch_target
+from remsh.sendsource import fetch_target, place_fetched
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, Stop
 
 
@@ -67,12 +67,7 @@ def fetch(slave: OperationHost, src: Path, dest: Union[Path, BinaryIO], max_byte
         except ProtocolError as e:
             raise op.protocol_error(str(e)) from None
         if part is not None:
-            try:
-                part.commit()
-            except FileExistsError:
-                raise LocalError(f"{slave.name}: fetch: local destination appeared meanwhile") from None
-            except OSError as e:
-                raise LocalError(f"{slave.name}: fetch: cannot place local file: {e}") from e
+            place_fetched(slave.name, part)
         counter.finish()
     finally:
         if sink is not None:

@@ -96,14 +96,19 @@ class SyncResult:
     unchanged: int = 0
 
 
-def _open_local_dir(slave: OperationHost, meth: str, path: Path) -> int:
+def open_local_dir(name: str, meth: str, path: Path) -> int:
+    """A descriptor of the local directory ``path`` that tree operation
+    ``meth`` of slave ``name`` sends (both drivers).
+
+    :raises LocalError: it is not a directory or cannot be opened
+    """
     p = os.fsencode(path)
     try:
         return os.open(p, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     except NotADirectoryError:
-        raise LocalError(f"{slave.name}: {meth}: not a directory: {os.fsdecode(p)}") from None
+        raise LocalError(f"{name}: {meth}: not a directory: {os.fsdecode(p)}") from None
     except OSError as e:
-        raise LocalError(f"{slave.name}: {meth}: cannot open local directory: {e}") from e
+        raise LocalError(f"{name}: {meth}: cannot open local directory: {e}") from e
 
 
 class _Peek:
@@ -154,7 +159,7 @@ def _check(op: OperationFrame, outcome: object) -> None:
 def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optional[ProgressCallback]) -> None:
     """See :meth:`remsh.master.slave.Slave.send_tree`."""
     meth = "send_tree"
-    top = _open_local_dir(slave, meth, src_dir)
+    top = open_local_dir(slave.name, meth, src_dir)
     try:
         try:
             found = scan(top)
@@ -184,21 +189,26 @@ def send_tree(slave: OperationHost, src_dir: Path, dest: Path, progress: Optiona
 # -- fetch_tree ----------------------------------------------------------------------------
 
 
-def _local_parent(slave: OperationHost, meth: str, path: Path) -> Tuple[int, bytes]:
+def local_parent(name: str, meth: str, path: Path) -> Tuple[int, bytes]:
     """A descriptor of the local directory that will hold ``path`` and its
-    last component; ``path`` must not exist."""
+    last component, for ``fetch_tree`` ``meth`` of slave ``name`` (both
+    drivers); ``path`` must not exist.
+
+    :raises UsageError: ``path`` does not end in a name
+    :raises LocalError: ``path`` exists, or its directory cannot be opened
+    """
     p = os.fsencode(path).rstrip(b"/")
-    head, _, name = p.rpartition(b"/")
-    if name in (b"", b".", b".."):
-        raise UsageError(f"{slave.name}: {meth}: the destination must end in a name: {os.fsdecode(path)}")
+    head, _, last = p.rpartition(b"/")
+    if last in (b"", b".", b".."):
+        raise UsageError(f"{name}: {meth}: the destination must end in a name: {os.fsdecode(path)}")
     if not head and p.startswith(b"/"):
         head = b"/"
     if os.path.lexists(p):
-        raise LocalError(f"{slave.name}: {meth}: local destination exists: {os.fsdecode(p)}")
+        raise LocalError(f"{name}: {meth}: local destination exists: {os.fsdecode(p)}")
     try:
-        return os.open(head or b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC), name
+        return os.open(head or b".", os.O_RDONLY | O_DIRECTORY | O_CLOEXEC), last
     except OSError as e:
-        raise LocalError(f"{slave.name}: {meth}: cannot open the local destination's directory: {e}") from e
+        raise LocalError(f"{name}: {meth}: cannot open the local destination's directory: {e}") from e
 
 
 class _Bound(Exception):
@@ -209,7 +219,7 @@ def fetch_tree(slave: OperationHost, src: Path, dest_dir: Path, progress: Option
                max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> None:
     """See :meth:`remsh.master.slave.Slave.fetch_tree`."""
     meth = "fetch_tree"
-    parent, name = _local_parent(slave, meth, dest_dir)
+    parent, name = local_parent(slave.name, meth, dest_dir)
     tmp: Optional[bytes] = None
     top = -1
     writer: Optional[Writer] = None
@@ -340,7 +350,7 @@ def sync_tree(slave: OperationHost, src_dir: Path, dest: Path, delete: bool, che
               progress: Optional[ProgressCallback]) -> SyncResult:
     """See :meth:`remsh.master.slave.Slave.sync_tree`."""
     meth = "sync_tree"
-    top = _open_local_dir(slave, meth, src_dir)
+    top = open_local_dir(slave.name, meth, src_dir)
     result = SyncResult()
     local_error: Optional[Exception] = None
     counter: Optional[Progress] = None

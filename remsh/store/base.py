@@ -393,3 +393,24 @@ def slave_changes(*, state: Optional[str] = None, exit_status: Optional[int] = N
     if progress is not None:
         changes["progress_done"], changes["progress_total"] = progress
     return changes
+
+
+class JobIds:
+    """Job ids of one store, sortable by start time: the start in
+    milliseconds and a sequence number within the millisecond
+    (:func:`make_job_id`), never the same twice from one store."""
+
+    def __init__(self) -> None:
+        self._last_millis = 0
+        self._seq_in_millis = 0
+
+    def next(self, started: float) -> str:
+        """A new id for a job started at ``started`` (seconds since the epoch)."""
+        millis = int(started * 1000)
+        if millis <= self._last_millis:
+            millis = self._last_millis
+            self._seq_in_millis += 1
+        else:
+            self._last_millis = millis
+            self._seq_in_millis = 0
+        return make_job_id(millis, self._seq_in_millis)

@@ -59,8 +59,8 @@ import psycopg
 import psycopg.conninfo
 
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              ChangeCounter, SLAVE_QUEUED, slave_changes, STREAMS, JobRecord, OutputChunk, OutputGap,
-                              SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
+                              SLAVE_QUEUED, STREAMS, ChangeCounter, JobIds, JobRecord, OutputChunk, OutputGap,
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, now, slave_changes)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
 from remsh.store import pgslaves
@@ -130,8 +130,7 @@ class PostgresJobStore(ChangeCounter):
         self._reader = Link(self._conninfo, self.label)
         self._init_changes()
         self._closed = False
-        self._last_millis = 0
-        self._seq_in_millis = 0
+        self._ids = JobIds()
         self._stop = threading.Event()
         self._seen = 0
         #: who hears of cancels asked of this master's jobs, and which it heard of
@@ -356,16 +355,6 @@ class PostgresJobStore(ChangeCounter):
         if row[0] != self.name:
             raise NotOwner(f"job {job_id} belongs to master {row[0]}, not {self.name}", owner=str(row[0]))
 
-    def _new_id(self, started: float) -> str:
-        millis = int(started * 1000)
-        if millis <= self._last_millis:
-            millis = self._last_millis
-            self._seq_in_millis += 1
-        else:
-            self._last_millis = millis
-            self._seq_in_millis = 0
-        return make_job_id(millis, self._seq_in_millis)
-
     def create_job(self, kind: str, spec: Dict[str, object], uid: int, names: Sequence[str],
                    *, now: Optional[float] = None) -> JobRecord:
         if kind not in KINDS:
@@ -376,7 +365,7 @@ class PostgresJobStore(ChangeCounter):
         def create(db: Conn) -> JobRecord:
             while True:  # another master may have taken the id in the same millisecond
                 with self._lock:
-                    job_id = self._new_id(started)
+                    job_id = self._ids.next(started)
                 row = db.execute("INSERT INTO remsh_jobs (id, kind, spec, uid, state, started, owner, owner_epoch) "
                                  "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
                                  (job_id, kind, spec_text, uid, JOB_RUNNING, started, self.name,

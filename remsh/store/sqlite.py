@@ -34,8 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINAL_STATES, JOB_RUNNING, KINDS,
-                              ChangeCounter, SLAVE_QUEUED, slave_changes, STREAMS, JobRecord, OutputChunk, OutputGap,
-                              SessionRecord, SlaveRecord, StoreError, UnknownJob, make_job_id, now)
+                              SLAVE_QUEUED, STREAMS, ChangeCounter, JobIds, JobRecord, OutputChunk, OutputGap,
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, now, slave_changes)
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,7 @@ class SqliteJobStore(ChangeCounter):
         self.keep = keep
         self.max_output = max_output
         self._init_changes()
-        self._last_millis = 0
-        self._seq_in_millis = 0
+        self._ids = JobIds()
         self._closed = False
         self._lock_fd = self._take_lock(path + ".lock")
         try:
@@ -236,16 +235,6 @@ class SqliteJobStore(ChangeCounter):
             except sqlite3.Error as e:
                 raise StoreError(f"job store {self.path}: {e}") from e
 
-    def _new_id(self, started: float) -> str:
-        millis = int(started * 1000)
-        if millis <= self._last_millis:
-            millis = self._last_millis
-            self._seq_in_millis += 1
-        else:
-            self._last_millis = millis
-            self._seq_in_millis = 0
-        return make_job_id(millis, self._seq_in_millis)
-
     def create_job(self, kind: str, spec: Dict[str, object], uid: int, names: Sequence[str],
                    *, now: Optional[float] = None) -> JobRecord:
         if kind not in KINDS:
@@ -255,7 +244,7 @@ class SqliteJobStore(ChangeCounter):
 
         def create(db: sqlite3.Connection) -> JobRecord:
             while True:
-                job_id = self._new_id(started)
+                job_id = self._ids.next(started)
                 if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                     break
             db.execute("INSERT INTO jobs (id, kind, spec, uid, state, started) VALUES (?, ?, ?, ?, ?, ?)",
