@@ -45,6 +45,7 @@ from remsh.control import (CLIENT_SILENCE, ERRTAG_JOB_ENDED, ERRTAG_UNKNOWN_JOB,
 from remsh.choice import ls_row
 from remsh.controlproto import EVENTS, Event, decode_event
 from remsh.errors import RemshError, UsageError, WaitTimeout
+from remsh.pacing import check_batch, check_max_fail
 from remsh.store.base import JOB_FINAL_STATES, JobRecord, SlaveRecord, check_job_id
 
 log = logging.getLogger(__name__)
@@ -456,7 +457,8 @@ class Client:
     def run(self, argv: Sequence[str], targets: Optional[Sequence[str]] = None,
             where: Optional[Sequence[str]] = None, stdin: Optional[Stdin] = None,
             timeout: Optional[float] = None, detach: bool = False, *, cwd: Optional[str] = None,
-            parallel: Optional[int] = None) -> Job:
+            parallel: Optional[int] = None, batch: Union[int, str, None] = None,
+            max_fail: Optional[int] = None) -> Job:
         """Run ``argv`` on the chosen slaves as a job (``remsh run``).
 
         ``targets``: name globs (a union; all slaves when empty); ``where``:
@@ -465,12 +467,15 @@ class Client:
         ``detach``); ``timeout``: seconds the whole run may take, time away
         included, past which the commands are interrupted; ``cwd``: the
         directory on the slaves; ``parallel``: at most this many slaves at
-        once.  Without ``detach`` the job is followed to its end and returned
+        once; ``batch`` (``N`` or ``"N%"``) and ``max_fail`` pace the job as
+        ``--batch`` and ``--max-fail`` do (slaves never started end
+        ``skipped``).  Without ``detach`` the job is followed to its end and returned
         ended, with its output; an exception (``KeyboardInterrupt`` too)
         while following closes the connection, which cancels the job.  With
         ``detach`` it is returned at once, running.
 
-        :raises UsageError: ``argv`` is a string or empty, stdin with detach
+        :raises UsageError: ``argv`` is a string or empty, stdin with detach,
+            a bad ``batch`` or ``max_fail``
         :raises ControlError: the master refused (no slave matches...)
         """
         if isinstance(argv, (str, bytes)):
@@ -480,38 +485,48 @@ class Client:
         if stdin is not None and detach:
             raise UsageError("run: stdin cannot be given to a detached job")
         return self._submit("run", {"args": list(argv), "cwd": cwd, "timeout": timeout, "stdin": stdin is not None},
-                            targets, where, parallel, detach, stdin)
+                            targets, where, _Pace(parallel, batch, max_fail), detach, stdin)
 
     def put(self, src: str, dest: str, targets: Optional[Sequence[str]] = None,
             where: Optional[Sequence[str]] = None, *, sync: bool = False, delete: bool = False,
-            checksum: bool = False, parallel: Optional[int] = None, detach: bool = False) -> Job:
+            checksum: bool = False, force: bool = False, parents: bool = False, parallel: Optional[int] = None,
+            batch: Union[int, str, None] = None, max_fail: Optional[int] = None, detach: bool = False) -> Job:
         """Copy the local file or tree ``src`` (relative to this process's
         directory; the master reads it) to ``dest`` on the chosen slaves
-        (``remsh put``); ``sync``, ``delete``, ``checksum`` as ``--sync``...
+        (``remsh put``); ``sync``, ``delete``, ``checksum`` as ``--sync``...;
+        ``force`` replaces an existing file (``--force``), ``parents`` makes
+        missing parent directories (``--parents``); ``parallel``, ``batch``,
+        ``max_fail`` as for :meth:`run`.
 
+        :raises UsageError: delete or checksum without sync, a bad ``batch``
         :raises ControlError: the master refused (no such file...)
         """
         if (delete or checksum) and not sync:
             raise UsageError("put: delete and checksum go with sync")
         return self._submit("put", {"src": os.path.abspath(src), "dest": dest, "sync": sync, "delete": delete,
-                                    "checksum": checksum}, targets, where, parallel, detach, None)
+                                    "checksum": checksum, "force": force, "parents": parents},
+                            targets, where, _Pace(parallel, batch, max_fail), detach, None)
 
     def get(self, src: str, dest_dir: str, targets: Optional[Sequence[str]] = None,
             where: Optional[Sequence[str]] = None, *, max_bytes: Optional[int] = None,
-            max_files: Optional[int] = None, parallel: Optional[int] = None, detach: bool = False) -> Job:
+            max_files: Optional[int] = None, force: bool = False, parallel: Optional[int] = None,
+            batch: Union[int, str, None] = None, max_fail: Optional[int] = None, detach: bool = False) -> Job:
         """Copy ``src`` from every chosen slave into ``dest_dir/NAME/``
         (``remsh get``; ``dest_dir`` relative to this process's directory,
         written by the master); ``max_bytes``/``max_files`` bound what each
         slave may make the master write (``--max-bytes``, ``--max-files``;
-        the master's defaults when ``None``).
+        the master's defaults when ``None``); ``force`` replaces what is
+        already at ``dest_dir/NAME/`` (``--force``); ``parallel``,
+        ``batch``, ``max_fail`` as for :meth:`run`.
 
         :raises ControlError: the master refused
         """
         return self._submit("get", {"src": src, "dest": os.path.abspath(dest_dir), "max_bytes": max_bytes,
-                                    "max_files": max_files}, targets, where, parallel, detach, None)
+                                    "max_files": max_files, "force": force},
+                            targets, where, _Pace(parallel, batch, max_fail), detach, None)
 
     def _submit(self, op: str, values: Dict[str, object], targets: Optional[Sequence[str]],
-                where: Optional[Sequence[str]], parallel: Optional[int], detach: bool,
+                where: Optional[Sequence[str]], pace: "_Pace", detach: bool,
                 stdin: Optional[Stdin]) -> Job:
         """Give the master a job, feed its stdin, follow it unless detached."""
         for name, value in (("targets", targets), ("where", where)):
@@ -519,8 +534,8 @@ class Client:
                 raise UsageError(f"{op}: {name} is a list of strings, not a string")
         conn = self._open()
         try:
-            conn.request(op, targets=list(targets or ()), where=list(where or ()), parallel=parallel,
-                         detach=detach, **values)
+            conn.request(op, targets=list(targets or ()), where=list(where or ()), parallel=pace.parallel,
+                         batch=pace.batch, max_fail=pace.max_fail, detach=detach, **values)
             events = conn.decoded()
             job_id = ""
             for ev in events:
@@ -541,6 +556,18 @@ class Client:
         finally:
             conn.close()
         return Job(self, self.record(job_id), transcript.outputs(), transcript.summaries)
+
+
+class _Pace:
+    """A job's pacing as the client was given it, checked before the
+    master is asked (the same checks as the command line's)."""
+
+    def __init__(self, parallel: Optional[int], batch: Union[int, str, None], max_fail: Optional[int]) -> None:
+        if parallel is not None and parallel < 1:
+            raise UsageError(f"parallel must be at least 1, got {parallel}")
+        self.parallel = parallel
+        self.batch = check_batch(str(batch) if isinstance(batch, int) else batch)
+        self.max_fail = check_max_fail(max_fail)
 
 
 def _follow(conn: ControlClient, what: str, timeout: Optional[float]) -> Transcript:

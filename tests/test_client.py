@@ -307,3 +307,45 @@ def test_run_timeout_bounds_the_command(client: Client) -> None:
     result = job.results["db-1"]
     assert job.state == "failed" and result.state == "failed" and result.exit_status is None
     assert "timeout" in (result.error or "") + (result.errtag or ""), result
+
+
+# -- pacing and replacing ------------------------------------------------------------------------
+
+
+def test_run_batch_and_max_fail_skip_the_rest(client: Client) -> None:
+    """run(batch=1, max_fail=1) starts one slave at a time and, after the first failure, leaves the rest skipped."""
+    job = client.run(["sh", "-c", "exit 3"], batch=1, max_fail=1)
+    states = sorted(r.state for r in job.results.values())
+    assert states == ["failed", "skipped", "skipped"], states
+    assert [r.exit_status for r in job.results.values() if r.state == "failed"] == [3]
+    job = client.run(["true"], batch="50%", max_fail=1)
+    assert job.state == "done" and sorted(job.results) == sorted(NAMES)
+    with pytest.raises(UsageError, match="--batch"):
+        client.run(["true"], batch="0")
+    with pytest.raises(UsageError, match="--max-fail"):
+        client.put(__file__, "x", max_fail=0)
+    with pytest.raises(UsageError, match="parallel"):
+        client.get("x", "y", parallel=0)
+
+
+def test_put_force_and_parents_get_force(fleet: Fleet, client: Client, tmp_path: Path) -> None:
+    """put() refuses an existing file without force and a missing parent without parents; get(force=True) replaces DEST/NAME/."""
+    src = tmp_path / "one.txt"
+    src.write_bytes(b"one\n")
+    assert client.put(str(src), "deep/er/one.txt", targets=["db-1"], parents=True).state == "done"
+    assert (fleet.base("db-1") / "deep" / "er" / "one.txt").read_bytes() == b"one\n"
+    src.write_bytes(b"two\n")
+    job = client.put(str(src), "deep/er/one.txt", targets=["db-1"])
+    assert job.state == "failed" and "--force" in (job.results["db-1"].error or "")
+    assert (fleet.base("db-1") / "deep" / "er" / "one.txt").read_bytes() == b"one\n"
+    assert client.put(str(src), "deep/er/one.txt", targets=["db-1"], force=True).state == "done"
+    assert (fleet.base("db-1") / "deep" / "er" / "one.txt").read_bytes() == b"two\n"
+    job = client.put(str(src), "nowhere/here/one.txt", targets=["db-1"])
+    assert job.state == "failed" and not (fleet.base("db-1") / "nowhere").exists()
+    back = tmp_path / "back"
+    assert client.get("deep/er/one.txt", str(back), targets=["db-1"]).state == "done"
+    assert client.get("deep/er/one.txt", str(back), targets=["db-1"]).state == "failed"
+    src.write_bytes(b"three\n")
+    client.put(str(src), "deep/er/one.txt", targets=["db-1"], force=True)
+    assert client.get("deep/er/one.txt", str(back), targets=["db-1"], force=True).state == "done"
+    assert (back / "db-1" / "one.txt").read_bytes() == b"three\n"
