@@ -226,13 +226,14 @@ def test_no_record_under_a_policy_without_a_root(tmp_path, monkeypatch):
 
 
 def test_a_record_directory_open_to_others_is_refused(tmp_path):
-    """A record directory (or its parent) that others may write is not used (they could plant records)."""
+    """A record directory (or its parent) that others may write is not used (they could plant records), and the error says how to fix it."""
     for opened in ("parent", "rec"):
         top = tmp_path / opened
         (top / "parent" / "rec").mkdir(parents=True, mode=0o700)
         os.chmod(top / "parent" / "rec" if opened == "rec" else top / "parent", 0o777)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as e:
             pgroups.GroupRecord(str(top / "parent" / "rec")).open()
+        assert "lets others in" in str(e.value) and "chmod 700" in str(e.value)  # the warning says what to do
 
 
 

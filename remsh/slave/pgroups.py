@@ -183,8 +183,11 @@ def _private_dirs(path: str) -> None:
         pass
     for directory in (os.path.dirname(path), path):
         st = os.lstat(directory)
-        if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise OSError(errno.EPERM, "not a private directory of this user", directory)
+        if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "not a directory of this user", directory)
+        if st.st_mode & 0o077:
+            mode = stat_mod.S_IMODE(st.st_mode)
+            raise OSError(errno.EPERM, f"mode {mode:04o} lets others in (make it private: chmod 700)", directory)
 
 
 class GroupRecord:
