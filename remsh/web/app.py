@@ -29,6 +29,7 @@ import asyncio
 import codecs
 import hashlib
 import hmac
+import html
 import json
 import os
 from typing import Any, Awaitable, Callable, Dict, Iterator, MutableMapping, Optional, Protocol
@@ -270,7 +271,15 @@ class Dashboard:
     # -- pages ---------------------------------------------------------------------
 
     def _page(self, name: str) -> Response:
-        return Response(self._pages[name], media_type="text/html; charset=utf-8")
+        page = self._pages[name]
+        if "{{master}}" in page:  # the fleet page tells this master's slaves from the others'
+            page = page.replace("{{master}}", html.escape(self._master_name()))
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    def _master_name(self) -> str:
+        """This master's name on a shared store (empty with one master)."""
+        jobs = self.master.jobs
+        return str(getattr(jobs.store, "name", "") or "") if jobs is not None else ""
 
     async def page_fleet(self, request: Request) -> Response:
         return self._page("fleet")

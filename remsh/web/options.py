@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Optional, Tuple
 
+from remsh.control import ControlError, make_private_directory
 from remsh.errors import UsageError
 from remsh.web.config import HttpConfig
 
@@ -162,7 +163,11 @@ def start_dashboard(args: argparse.Namespace, master: Any,
         raise UsageError(str(e)) from None
     url = server.url
     try:
+        make_private_directory(state_dir, "state directory")  # a master on a shared store has no SQLite file there
         write_web_url(state_dir, url)
+    except ControlError as e:
+        server.stop()
+        raise UsageError(str(e)) from None
     except OSError as e:
         server.stop()
         raise UsageError(f"cannot write {os.path.join(state_dir, WEB_URL_FILE)}: {e.strerror or e}") from None

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 from remsh.choice import ls_events, ls_row
 from remsh.controlproto import EVENTS, decode_event
 from remsh.fleet import FleetCollection
+from remsh.slaveregistry import cluster_rows
 from remsh.store.base import JobStore
 
 #: The fields of a slave (those of ``remsh ls --json``).
@@ -35,8 +36,16 @@ def fleet_rows(fleet: FleetCollection) -> Dict[str, Dict[str, Optional[Any]]]:
     """The fleet page's rows by name: :func:`slave_rows` without the
     control protocol's round trip (the same :meth:`describe
     <remsh.fleet.FleetCollection.describe>` rows, read by the same
-    :func:`~remsh.choice.ls_row`; three times faster with 10,000 slaves)."""
-    rows = (ls_row(fleet.describe(s), SLAVE_FIELDS) for s in fleet.get_all_slaves())
+    :func:`~remsh.choice.ls_row`; three times faster with 10,000 slaves).
+
+    On a master that shares its slaves through a PostgreSQL store, every
+    slave of the cluster, each with ``master`` (the rows of ``ls``,
+    :func:`remsh.slaveregistry.cluster_rows`: one read of the store)."""
+    shared = cluster_rows(fleet, (), ())
+    if shared is not None:
+        rows = (ls_row(row, SLAVE_FIELDS) for row in shared)
+    else:
+        rows = (ls_row(fleet.describe(s), SLAVE_FIELDS) for s in fleet.get_all_slaves())
     return {str(row["name"]): row for row in rows}
 
 
@@ -44,7 +53,14 @@ def fleet_signature(fleet: FleetCollection, store: JobStore) -> object:
     """Something that changes whenever a fleet row may have: a slave came,
     went, went away or came back (the collection), or a job started or
     ended on one (the store).  Cheap (no row is made), so the fleet's
-    watch makes its rows again only when it changed."""
+    watch makes its rows again only when it changed.
+
+    Another master's slaves are covered by the store's version too: on a
+    shared PostgreSQL store every write, another master's
+    :meth:`~remsh.store.base.JobStore.publish_slaves` included, ends with
+    a ``NOTIFY`` that moves this master's version (a poll is the safety
+    net), and a master whose heartbeat passed its lease drops out at the
+    watch's refresh (every 2 s)."""
     return store.version(), [(id(s), s.connected) for s in fleet.get_all_slaves()]
 
 

@@ -6,9 +6,14 @@
 // table is built in chunks: the first screenful at once, the rest between
 // frames.  A row's data is kept from the start (counts and filters see every
 // slave); its elements exist once its chunk is built.
+//
+// On masters sharing a PostgreSQL store the feed has every slave of the
+// cluster, each with its master: the Master column shows (body.cluster),
+// and a slave another master holds is marked "remote".  Its job link works
+// here (the job store is shared, and so is Cancel on the job's page).
 "use strict";
 (function () {
-  const FIELDS = ["name", "state", "transport", "peer", "platform", "since", "job"];
+  const FIELDS = ["name", "state", "transport", "peer", "platform", "since", "job", "master"];
   const STATES = ["idle", "busy", "away", "resuming"];
   const FIRST = 100;
   const CHUNK = 1000;
@@ -16,6 +21,7 @@
   const globInput = document.getElementById("glob");
   const stateSelect = document.getElementById("state");
   const countsEl = document.getElementById("counts");
+  const here = (document.querySelector('meta[name="master"]') || {}).content || "";
   const rows = new Map();
   let names = [];
   let built = 0;   // names[0 .. built) have their elements, in order, in tbody
@@ -47,7 +53,14 @@
     } else {
       td.textContent = v;
     }
-    if (f === "state") entry.tr.className = "row state-" + (STATES.indexOf(v) >= 0 ? v : "other");
+    if (f === "state" || f === "master") {
+      entry.tr.className = "row state-" + (STATES.indexOf(entry.data.state) >= 0 ? entry.data.state : "other") +
+        (entry.data.master && entry.data.master !== here ? " remote" : "");
+    }
+    if (f === "master") {
+      td.title = v ? (v === here ? "held by this master" : "held by master " + v) : "";
+      if (v) document.body.classList.add("cluster");
+    }
   }
   function update(entry, data) {
     for (const f of FIELDS) {
