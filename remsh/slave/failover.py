@@ -1,22 +1,30 @@
-"""``remsh-slave --failover HOST:PORT``: other masters to dial, in order,
-when the current one is gone.
+"""``remsh-slave --failover HOST:PORT``, and several ``--ssh`` /
+``--via-ssh``: other masters to dial, in order, when the current one is
+gone.
 
-The masters are the one of the command line (``HOST PORT``, or the
-``--ssh`` server) and then each ``--failover``, reached the same way (the
-same secret, TLS and SSH options; for ``--ssh`` the address is the other
-master's SSH server, for ``--via-ssh`` the other master behind the same SSH
-hop).  One master at a time: the slave stays with the master it reached
-until that connection ends; then it dials the list again from the top, so
-that it goes back to the first master once that one is back.  A master
-that cannot be reached is skipped at once for the next; after a whole
-round of unreachable masters the slave waits (the usual back-off, up to
+The masters are, in the order the command line gives them:
+
+- each ``--ssh USER@HOST[:PORT]`` (a master's embedded SSH server) and each
+  ``--via-ssh USER@HOST[:PORT]`` (a tunnel through that OpenSSH server to
+  ``HOST PORT`` of the command line, as that server sees it), the two
+  options mixed in any order; without either, ``HOST PORT`` itself;
+- then each ``--failover HOST:PORT``, reached the way the first master is
+  (the same secret, TLS and SSH options; after an ``--ssh`` first, the
+  address is the other master's SSH server; after a ``--via-ssh`` first, the
+  other master behind that same SSH hop).
+
+One master at a time: the slave stays with the master it reached until that
+connection ends; then it dials the list again from the top, so that it goes
+back to the first master once that one is back.  A master that cannot be
+reached is skipped at once for the next; after a whole round of
+unreachable masters the slave waits (the usual back-off, up to
 ``--max-backoff``) and starts the round again.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from remsh.transports.base import StreamLike
 
@@ -37,6 +45,40 @@ def parse_master(spec: str) -> Tuple[str, int]:
     return host, number
 
 
+#: ``USER@HOST[:PORT]`` parsed: (user, host, port or ``None``).
+UserHost = Tuple[str, str, Optional[int]]
+
+
+class HopAction(argparse.Action):
+    """``--ssh`` / ``--via-ssh``, repeatable: each occurrence is a master,
+    kept in command-line order across both options in ``hops`` (a list of
+    ``(dest, USER@HOST[:PORT])``); the option's own ``dest`` holds the first
+    of its kind (so one ``--ssh`` reads as before)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Union[str, Sequence[Any], None], option_string: Optional[str] = None) -> None:
+        namespace.hops = list(getattr(namespace, "hops", None) or []) + [(self.dest, values)]
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+
+
+def hop_args(args: argparse.Namespace) -> List[argparse.Namespace]:
+    """One set of options per master of the command line: a copy of
+    ``args`` per ``--ssh`` / ``--via-ssh`` (that one alone set), in order;
+    ``[args]`` when there is at most one."""
+    hops = list(getattr(args, "hops", None) or [])
+    if len(hops) <= 1:
+        return [args]
+    found = []
+    for dest, userhost in hops:
+        one = argparse.Namespace(**vars(args))
+        one.ssh = userhost if dest == "ssh" else None
+        one.via_ssh = userhost if dest == "via_ssh" else None
+        one.hops = [(dest, userhost)]
+        found.append(one)
+    return found
+
+
 def add_failover_option(p: Any) -> None:
     """``--failover HOST:PORT`` (repeatable) on ``remsh-slave``'s parser."""
     p.add_argument("--failover", action="append", default=[], type=parse_master, metavar="HOST:PORT",
@@ -48,14 +90,20 @@ def _label(args: argparse.Namespace) -> str:
     if args.ssh:
         user, host, port = args.ssh
         return f"{host}:{port or 22} (ssh)"
+    if getattr(args, "via_ssh", None):
+        user, host, port = args.via_ssh
+        return f"{args.host}:{args.port} via {host}" + (f":{port}" if port else "")
     return f"{args.host}:{args.port}"
 
 
 def masters(args: argparse.Namespace,
             make_connector: Callable[[argparse.Namespace], Connector]) -> List[Tuple[str, Connector]]:
     """The masters to dial, in order, as ``(label, connect)``: the command
-    line's, then each ``--failover`` with the same options."""
-    found = [(_label(args), make_connector(args))]
+    line's (one per ``--ssh`` / ``--via-ssh``), then each ``--failover``
+    reached as the first of them is."""
+    each = hop_args(args)
+    found = [(_label(one), make_connector(one)) for one in each]
+    args = each[0]
     for host, port in getattr(args, "failover", None) or ():
         other = argparse.Namespace(**vars(args))
         if args.ssh:
@@ -99,4 +147,4 @@ class Rotation:
         return names[self.index][0] if self.count > 1 else None
 
 
-__all__ = ["add_failover_option", "masters", "parse_master", "Rotation"]
+__all__ = ["add_failover_option", "hop_args", "HopAction", "masters", "parse_master", "Rotation", "UserHost"]

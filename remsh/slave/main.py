@@ -36,7 +36,7 @@ from remsh.tlshints import slave_hint
 from remsh.slave import pgroups
 from remsh.slave.policy import Policy
 from remsh.sessionlimits import DEFAULT_HEARTBEAT, DEFAULT_SPOOL_LIMIT
-from remsh.slave.failover import Rotation, add_failover_option, masters
+from remsh.slave.failover import HopAction, Rotation, add_failover_option, hop_args, masters
 from remsh.slave.keeper import SessionKeeper
 from remsh.slave.server import SlaveServer
 from remsh.slave.sigterm import sigterm_unwinds
@@ -102,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="connect with no secret")
     p.add_argument("--tls", action="store_true", help="wrap TCP in TLS")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificates to verify the master with (implies --tls)")
-    p.add_argument("--ssh", metavar="USER@HOST[:PORT]", type=parse_userhost,
-                   help="dial the master's embedded SSH server")
-    p.add_argument("--via-ssh", metavar="USER@HOST[:PORT]", type=parse_userhost,
-                   help="reach HOST PORT through a tunnel opened on this OpenSSH server")
+    p.add_argument("--ssh", metavar="USER@HOST[:PORT]", type=parse_userhost, action=HopAction,
+                   help="dial the master's embedded SSH server (repeatable: masters to fail over to, in order)")
+    p.add_argument("--via-ssh", metavar="USER@HOST[:PORT]", type=parse_userhost, action=HopAction,
+                   help="reach HOST PORT through a tunnel opened on this OpenSSH server (repeatable: one "
+                        "master behind each, tried in order with any --ssh)")
     p.add_argument("--identity", metavar="FILE",
                    help="SSH private key (the only one offered; openssh: default from the ssh configuration)")
     p.add_argument("--known-hosts", metavar="FILE",
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-backoff", type=positive_seconds, default=BACKOFF_CAP, metavar="SECONDS",
                    help="longest wait between reconnection attempts (default %(default)g)")
     add_failover_option(p)
+    p.set_defaults(hops=[])
     g = p.add_argument_group("policy: what this slave agrees to do")
     g.add_argument("--root", metavar="DIR",
                    help="every path and working directory must resolve inside DIR (else: denied)")
@@ -309,10 +311,8 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=log_level(args.verbose),
                         format="%(asctime)s remsh-slave %(levelname)s: %(message)s")
-    if not args.ssh and (args.host is None or args.port is None):
+    if (not args.ssh or args.via_ssh) and (args.host is None or args.port is None):
         parser.error("HOST and PORT are required (unless --ssh is given)")
-    if args.via_ssh and args.ssh:
-        parser.error("--ssh and --via-ssh exclude each other")
     if (args.ssh_client or args.ssh_config) and not (args.ssh or args.via_ssh):
         parser.error("--ssh-client and -F apply to --ssh and --via-ssh only")
     name = args.name or default_name()
@@ -323,7 +323,7 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
         parser.error(f"base directory does not exist: {basedir}")
     try:
         secret = read_secret(args, env_secret)
-        if secret is None and not args.insecure and not args.ssh:
+        if secret is None and not args.insecure and not all(one.ssh for one in hop_args(args)):
             raise _Refused(EXIT_AUTH, "no secret: give --secret-file or set REMSH_SECRET "
                                       "(or --insecure for a master that allows it)")
         policy = build_policy(args)
