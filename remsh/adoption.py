@@ -13,7 +13,10 @@ modules can use them without importing the job machinery:
 - :func:`set_adopter` / :func:`adopter_for`: the listeners of a collection
   find the :class:`Adopter` (the master's job registry) that may take back
   sessions an earlier master left, when a slave's resume names one they do
-  not know.
+  not know.  On a store several masters share, that adopter also adopts on
+  demand the sessions of a dead master (:mod:`remsh.jobadopt`), refuses
+  (:class:`SessionElsewhere`) those a live master holds, and refuses every
+  slave once this master is fenced off (:attr:`Adopter.refusal`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import threading
 import weakref
 from typing import Any, Callable, Optional, Protocol
+
+from remsh.errors import RemshError
 
 #: ``hook(slave, call)``: see :func:`execute_requested`.
 RequestHook = Callable[[Any, Any], None]
@@ -44,6 +49,12 @@ def execute_requested(slave: Any, call: Any) -> None:
         hook(slave, call)
 
 
+class SessionElsewhere(RemshError):
+    """A slave resumes a session that another, live, master holds (or that
+    cannot be looked up now): it is refused here, and tries its next master
+    (``remsh-slave --failover``) or again later, keeping its command."""
+
+
 class Claim(Protocol):
     """A session an :class:`Adopter` agreed to give back (see :meth:`Adopter.claim`)."""
 
@@ -63,13 +74,19 @@ class Adopter(Protocol):
     def handing_over(self) -> bool:
         """True while the master stops and keeps its commands for the next one."""
 
+    @property
+    def refusal(self) -> Optional[str]:
+        """Why no slave may register any more (the master was fenced off), else ``None``."""
+
     def offer(self, resume_timeout: float) -> None:
         """A listener started: slaves may come back through it for this long."""
 
     def claim(self, session_id: str, name: str) -> Optional[Claim]:
         """The recorded session ``session_id`` of slave ``name``, reserved
         for this registration; ``None`` when there is none (compared in
-        constant time)."""
+        constant time).
+
+        :raises SessionElsewhere: another live master holds it"""
 
     def release(self, claim: Claim) -> None:
         """The registration of a claim failed: wait for the slave again."""

@@ -44,12 +44,13 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
+from remsh.adoption import SessionElsewhere
 from remsh.conversation import ExecuteCall, Exited, Failed, Output, State
 from remsh.errors import Disconnected, PeerTimeout, RemshError
 from remsh.fleet import SlaveResult, describe_error
 from remsh.master.fanout import DEFAULT_GRACE, Cancellation
-from remsh.session import SessionWire
-from remsh.store.base import SessionRecord
+from remsh.session import SessionFailed, SessionWire
+from remsh.store.base import SessionRecord, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Part:
         self.done = threading.Event()
         #: reserved by a registration in progress
         self.claimed = False
+        #: since when it waits for its slave (:meth:`Adoptions.expect`)
+        self.since = time.monotonic()
 
     @property
     def session_id(self) -> str:
@@ -154,13 +157,22 @@ class Adoptions:
         self._first_offer: Optional[float] = None
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        #: a store several masters share (:meth:`follow`), and how this master takes back what it adopts
+        self._store: Any = None
+        self._take_over: Optional[Callable[[List[str]], None]] = None
+        self._take_lock = threading.Lock()  # one take-over at a time: a job is taken back once
+        #: why slaves are refused here: this master was fenced off
+        self._refusal: Optional[str] = None
 
     # -- the master's side ----------------------------------------------------------
 
     def expect(self, part: Part) -> None:
-        """Wait for ``part``'s slave (from :meth:`start` on)."""
+        """Wait for ``part``'s slave (from :meth:`start` on), for the
+        listeners' resume time limit from now."""
         with self._lock:
+            part.since = time.monotonic()
             self._waiting[_key(part.session_id)] = part
+            self._changed.notify_all()
 
     def start(self) -> None:
         """Start the thread that gives up on slaves past their time."""
@@ -187,6 +199,13 @@ class Adoptions:
         with self._lock:
             return self._stopping
 
+    @property
+    def refusal(self) -> Optional[str]:
+        """Why no slave may register here any more (this master was fenced
+        off: another master has its work), else ``None``."""
+        with self._lock:
+            return self._refusal
+
     def waiting(self) -> int:
         """How many recorded sessions still wait for their slave."""
         with self._lock:
@@ -202,6 +221,12 @@ class Adoptions:
             self._changed.notify_all()
 
     def claim(self, session_id: str, name: str) -> Optional[Part]:
+        part = self._claim_here(session_id, name)
+        if part is None and self._store is not None and not self.handing_over and self.refusal is None:
+            part = self._claim_from_store(session_id, name)
+        return part
+
+    def _claim_here(self, session_id: str, name: str) -> Optional[Part]:
         with self._lock:
             part = self._waiting.get(_key(session_id))
             if part is None or part.claimed or self._stopping:
@@ -259,23 +284,25 @@ class Adoptions:
 
     # -- giving up --------------------------------------------------------------------
 
-    def _deadline(self) -> float:
-        """When waiting ends (under the lock): the longest resume time limit
-        of the listeners, counted from the start (:data:`DEFAULT_WAIT` until
-        one says)."""
+    def _deadline(self, part: Part) -> float:
+        """When waiting for ``part``'s slave ends (under the lock): the
+        longest resume time limit of the listeners, counted from the start
+        or, for work adopted later from a dead master, from its adoption
+        (:data:`DEFAULT_WAIT` until a listener says)."""
         if self._first_offer is None:
-            return self._started + DEFAULT_WAIT
-        return max(self._started + max(self._offers), self._first_offer + OFFER_SETTLE)
+            return max(self._started, part.since) + DEFAULT_WAIT
+        return max(max(self._started, part.since) + max(self._offers), self._first_offer + OFFER_SETTLE)
 
     def _expire_loop(self) -> None:
         with self._lock:
             while self._waiting and not self._stopping:
-                left = self._deadline() - time.monotonic()
-                if left > 0:
-                    self._changed.wait(left)
+                now = time.monotonic()
+                parts = [p for p in self._waiting.values() if not p.claimed and self._deadline(p) <= now]
+                if not parts:
+                    left = min(self._deadline(p) for p in self._waiting.values()) - now
+                    self._changed.wait(left if left > 0 else 0.5)  # past it and claimed: look again soon
                     continue
                 waited = max(self._offers) if self._offers else DEFAULT_WAIT
-                parts = [p for p in self._waiting.values() if not p.claimed]
                 for part in parts:
                     self._waiting.pop(_key(part.session_id), None)
                 self._lock.release()
@@ -285,9 +312,124 @@ class Adoptions:
                                             f"come back within {waited:g} s")
                 finally:
                     self._lock.acquire()
-                if self._waiting:  # claims in progress: look again soon
-                    self._changed.wait(0.5)
             self._thread = None
+
+    # -- a running master adopting a dead one's work (a store several masters share) ----------
+
+    def follow(self, store: Any, take_over: Callable[[List[str]], None]) -> None:
+        """On a store several masters share (one with ``watch_adoptions``,
+        :mod:`remsh.store.pgadopt`; any other: nothing to do): the
+        heartbeat adopts the work of dead masters and ``take_over(job_ids)``
+        takes it back (the parts of those jobs are :meth:`expect`-ed); a
+        slave resuming here a session this master does not wait for is
+        adopted on demand (:meth:`claim`); when this master finds itself
+        fenced off it stops serving its commands' slaves."""
+        watch = getattr(store, "watch_adoptions", None)
+        if watch is None:
+            return
+        self._store, self._take_over = store, take_over
+        watch(self._adopted, self._fenced)
+
+    def _adopted(self, job_ids: List[str]) -> None:
+        """Jobs of a dead master are this master's now: take them back."""
+        take_over = self._take_over
+        if take_over is None or self.handing_over:
+            return
+        with self._take_lock:
+            take_over(job_ids)
+        self.start()
+
+    def _claim_from_store(self, session_id: str, name: str) -> Optional[Part]:
+        """The session ``session_id`` that this master does not wait for,
+        looked up in the shared store: adopted by this master a moment ago
+        (its job is taken back now), a dead master's (adopted now: of
+        several masters racing one wins), or a live master's -- refused
+        (:class:`~remsh.adoption.SessionElsewhere`), so that the slave tries
+        its next master instead of dropping its work.  ``None``: the store
+        has no such session (its work is gone)."""
+        store = self._store
+        try:
+            holder = store.find_session(session_id)
+            if holder is None:
+                return None
+            if not hmac.compare_digest(holder.name.encode("utf-8"), name.encode("utf-8")):
+                log.warning("slave %r named the session of another slave (%r): refused", name, holder.name)
+                return None
+            if holder.owner != store.name and not holder.alive:
+                log.warning("slave %s resumes a session of master %s, which is dead: adopting its work",
+                            name, holder.owner)
+                store.adopt_master(holder.owner, holder.epoch)  # taken back by _adopted if this one won
+                holder = store.find_session(session_id)
+                if holder is None:
+                    return None
+        except StoreError as e:
+            raise SessionElsewhere(f"slave {name}: its session cannot be looked up in the job store ({e}); "
+                                   f"it may try again") from e
+        if holder.owner != store.name:
+            raise SessionElsewhere(f"slave {name}: its session belongs to master {holder.owner}, which is alive "
+                                   f"(or adopted it): not carried on here; the slave tries its next master")
+        with self._take_lock:  # adopted here, perhaps not taken back yet
+            part = self._claim_here(session_id, name)
+            if part is None and self._take_over is not None and not self.handing_over:
+                self._take_over([holder.job_id])
+                part = self._claim_here(session_id, name)
+        if part is None:  # this master's, but being registered on another connection
+            raise SessionElsewhere(f"slave {name}: its session is being carried on by this master over another "
+                                   f"connection; it may try again")
+        self.start()
+        return part
+
+    def _fenced(self, error: StoreError) -> None:
+        """This master's epoch is stale: another master adopted its work.
+        Its commands' sessions are dropped without a goodbye (the slaves
+        keep their commands and go to the master that adopted them; nothing
+        more is acknowledged here, since nothing more is stored), their
+        records left to the adopter, and no slave registers here again."""
+        with self._lock:
+            if self._refusal is not None:
+                return
+            self._refusal = f"this master was fenced off ({error})"
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+            self._changed.notify_all()
+        with _owners_lock:
+            running = [(wire, part) for wire, part in _owners.items() if self._ours(part.record.job_id)]
+        log.error("fenced off: this master stops serving the slaves of its %d running command(s)%s; they "
+                  "go to the master that adopted its work", len(running) + len(waiting),
+                  f" ({', '.join(sorted(p.name for _, p in running))})" if running else "")
+        for part in waiting:
+            part.frozen = True
+            part.done.set()
+        why = SessionFailed("the master was fenced off: another master adopted its work; the slave keeps its "
+                            "command for that master")
+        # failing a session runs its slave's callbacks: not in a thread that may hold a job's lock
+        def fail_all() -> None:
+            for wire, _ in running:
+                wire.fail(why)
+
+        failing = threading.Thread(target=fail_all, name="remsh-fenced", daemon=True)
+        failing.start()
+        failing.join(HOLD_TIMEOUT)
+        threading.Thread(target=self._hand_over, args=(sorted({p.record.job_id for _, p in running}),),
+                         name="remsh-fenced-jobs", daemon=True).start()
+
+    def _ours(self, job_id: str) -> bool:
+        try:
+            self._cancellation_of(job_id)
+        except KeyError:
+            return False
+        return True
+
+    def _hand_over(self, job_ids: List[str]) -> None:
+        """Record nothing more of these jobs (their sinks hand over)."""
+        for job_id in job_ids:
+            try:
+                sink = self._sink_of(job_id)
+            except KeyError:
+                continue
+            hand_over = getattr(sink, "hand_over", None)
+            if hand_over is not None:
+                hand_over()
 
     def _give_up(self, part: Part, why: str) -> None:
         log.warning("job %s: %s", part.record.job_id, why)

@@ -420,20 +420,22 @@ class JobRegistry:
         self._take_back()
         if isinstance(self.store, SharedJobStore):  # a cancel asked of another master reaches us
             self.store.watch_cancels(self._cancel_asked)
+        self.adoptions.follow(self.store, self._take_back)  # a dead master's work this one adopts, likewise
         self.adoptions.start()
         self.store.prune()
         self._pruner = threading.Thread(target=self._prune_loop, name="remsh-jobs-prune", daemon=True)
         self._pruner.start()
 
-    def _take_back(self) -> None:
-        """The jobs a master that stopped left running (see :mod:`remsh.jobadopt`)."""
+    def _take_back(self, only: Optional[List[str]] = None) -> None:
+        """The jobs a master that stopped left running (see :mod:`remsh.jobadopt`);
+        ``only`` these (just adopted from a dead master) when given."""
         sessions: Dict[str, Dict[str, SessionRecord]] = {}
         for session in self.store.open_sessions():
             sessions.setdefault(session.job_id, {})[session.name] = session
         closing = [s for by_name in sessions.values() for s in by_name.values()]
         for record in self.store.list_jobs(running=True):
             with self._lock:
-                if record.id in self._jobs:
+                if record.id in self._jobs or (only is not None and record.id not in only):
                     continue
             recorded = sessions.get(record.id, {}) if self.keep_work else {}
             parts: List[Part] = []
@@ -478,7 +480,8 @@ class JobRegistry:
 
             threading.Thread(target=self._run, args=(job, wait), name=f"remsh-job-{job.id}", daemon=True).start()
         for session in closing:  # their job or command has ended: nothing to take back
-            self.store.close_session(session.id)
+            if only is None or session.job_id in only:
+                self.store.close_session(session.id)
 
     def _sink_of(self, job_id: str) -> StoreSink:
         with self._lock:

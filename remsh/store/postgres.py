@@ -63,7 +63,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, now, slave_changes)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
-from remsh.store import pgslaves
+from remsh.store import pgadopt, pgslaves
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
@@ -81,8 +81,9 @@ CANCEL_CHANNEL = "remsh_cancel"
 #: Serialises the masters' migrations (an advisory lock key: "remsh" in ASCII).
 MIGRATION_LOCK = 0x72656D7368
 #: Defaults: heartbeat every HEARTBEAT seconds; a master silent for LEASE is dead.
-HEARTBEAT = 3.0
-LEASE = 15.0
+#: (Both may be set for every master alike: ``$REMSH_STORE_HEARTBEAT``, ``$REMSH_STORE_LEASE``.)
+HEARTBEAT = pgadopt.env_seconds("REMSH_STORE_HEARTBEAT", 3.0)
+LEASE = pgadopt.env_seconds("REMSH_STORE_LEASE", 15.0)
 POLL_INTERVAL = 2.0
 #: How long a write that is harmless to repeat (output, a slave's record, a
 #: job's end) waits for the database to come back before it fails.
@@ -139,6 +140,7 @@ class PostgresJobStore(ChangeCounter):
         #: what the watcher last saw of the other masters: alive or not
         self._alive: Dict[str, bool] = {}
         self._published = pgslaves.Published()  # this master's slaves as last written
+        self._adoption = pgadopt.Watchers()  # who takes back the work adopted; who hears of a fence
         listening: Optional[Conn] = None
         try:
             self._writer.run(self._migrate)
@@ -277,8 +279,11 @@ class PostgresJobStore(ChangeCounter):
             self._writer.run(self._beat)
             self._notice_masters(self.masters())
             self._deliver_cancels()  # a notification lost with a connection
-        except FencedOff as e:
-            log.error("%s", e)
+            if self._adoption.adopting:
+                for name, epoch in self._read(lambda db: pgadopt.dead_with_work(db, self.name, self.lease)):
+                    self.adopt_master(name, epoch)  # of several masters racing, one wins
+        except FencedOff:
+            pass  # said once, when first found (pgadopt.Watchers.fence)
         except StoreError as e:
             log.warning("job store %s: no heartbeat written: %s", self.label, e)
         return time.monotonic() + self.heartbeat
@@ -319,8 +324,10 @@ class PostgresJobStore(ChangeCounter):
     def _fenced(self, db: Conn) -> FencedOff:
         row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s", (self.name,)).fetchone()
         current = "gone" if row is None else f"now {row[0]}"
-        return FencedOff(f"master {self.name} on the job store {self.label}: its epoch {self.epoch} is stale "
-                         f"({current}): another master has taken over its work; nothing it writes is kept")
+        error = FencedOff(f"master {self.name} on the job store {self.label}: its epoch {self.epoch} is stale "
+                          f"({current}): another master has taken over its work; nothing it writes is kept")
+        self._adoption.fence(error)  # before the writer hears: it must acknowledge nothing more
+        return error
 
     def _write(self, fn: Callable[[Conn], T], payload: str = "", *, repeatable: bool = True) -> T:
         """``fn(db)`` in one transaction fenced by this master's epoch, which
@@ -612,7 +619,19 @@ class PostgresJobStore(ChangeCounter):
         if adopted is not None:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
+            self._adoption.adopted(adopted)
         return adopted
+
+    def watch_adoptions(self, adopted: Callable[[List[str]], None], fenced: Callable[[FencedOff], None]) -> None:
+        """From now on the heartbeat adopts the work of dead masters and
+        calls ``adopted(job_ids)`` after each adoption (this master's from
+        then on); ``fenced(error)`` is called once, when this master finds
+        its own epoch stale.  See :mod:`remsh.store.pgadopt`."""
+        self._adoption.watch(adopted, fenced)
+
+    def find_session(self, session_id: str) -> Optional[pgadopt.SessionHolder]:
+        """The recorded session ``session_id`` and the master holding it."""
+        return self._read(lambda db: pgadopt.find_session(db, session_id, self.lease))
 
     # -- the registry of slaves (remsh.slaveregistry) ----------------------------------
 

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
-from remsh.adoption import Claim, adopter_for
+from remsh.adoption import Claim, SessionElsewhere, adopter_for
 from remsh.deadlines import Deadlines
 from remsh.errors import AuthenticationError, Disconnected, RemshError, UsageError
 from remsh.handshake import (HANDSHAKE_TIMEOUT, MASTER_GREETING, SLAVE_GREETING, Secret,
@@ -240,6 +240,9 @@ class SlaveListener:
             if adopter is not None and adopter.handing_over:
                 # a session of a job being handed over must not be started afresh here
                 raise Disconnected(f"{wire.label}: the master is stopping")
+            refusal = getattr(adopter, "refusal", None)
+            if refusal is not None:  # fenced off: the slave's work is another master's (remsh.jobadopt)
+                raise Disconnected(f"{wire.label}: slave {name!r} not served: {refusal}")
             if ask.session is not None:
                 sid = ask.session
                 with self._slaves_lock:
@@ -339,6 +342,8 @@ class SlaveListener:
             return self.handle_new_connection(wire, timeout=max(0.0, deadline - time.monotonic()))
         except AuthenticationError:
             return None  # logged by handle_new_connection
+        except SessionElsewhere as e:  # the slave tries another master: it is told so in time, not an error
+            log.info("refused slave from %s: %s", wire.stream.peer, e)
         except RemshError as e:
             log.warning("dropped connection from %s during handshake: %s", wire.stream.peer, e)
         except Exception:  # noqa: BLE001 - a bad connection must never stop the listener
