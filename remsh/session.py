@@ -42,11 +42,15 @@ While the connection is away, sending keeps the boxes (up to
 ``spool_limit`` bytes, past which the sender waits), and receiving waits for
 the next connection, up to ``resume_timeout`` after the loss; then the
 session fails and every waiter gets :class:`~remsh.errors.Disconnected`.
+
+The bookkeeping (counts, kept and held boxes, acknowledgements, limits) is
+:class:`remsh.protocol.session.SessionState`, which does no I/O; this
+module drives it with threads (a reader, senders, a timer for the resume
+time limit), as :mod:`remsh.aio.session` drives it from an event loop.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -55,23 +59,22 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
-from remsh.sessionacks import AckCounter
-from remsh.sessionlimits import (WINDOW_BYTES, WINDOW_BOXES, PIECE_BOXES, PIECE_BYTES, HELD_BOXES, HELD_BYTES,
-                                 ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, MAX_IDLE_PINGS, SPOOL_MEMORY)
+from remsh.protocol.session import BYE, PING, Kept, Phase, SessionFailed, SessionState, is_control
+from remsh.protocol.sessionlimits import (ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, HELD_BOXES, MAX_IDLE_PINGS, PIECE_BOXES,
+                                          PIECE_BYTES, SPOOL_MEMORY)
 from remsh.spool import SpoolFile, WakePipe
-from remsh.wire import Box, BoxLike, Wire, box_size, count_boxes, encode_box, skip_boxes, split_boxes
+from remsh.wire import Box, BoxLike, Wire, count_boxes, encode_box, skip_boxes, split_boxes
 
 if TYPE_CHECKING:
     from remsh.transports.base import StreamLike
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SessionWire", "SessionFailed", "new_session_id"]
+
 Data = Union[bytes, bytearray, memoryview]
 
-_PING = encode_box({b"hb": b"ping"})
-_PONG = encode_box({b"hb": b"pong"})
-_BYE = encode_box({b"bye": b"y"})
-_CONTROL_KEYS = (b"ack", b"hb", b"bye")
+_now = time.monotonic
 
 
 def new_session_id() -> str:
@@ -85,12 +88,7 @@ def _cut_short(conn: Wire, error: ProtocolError) -> bool:
 
 
 def _control(box: Box) -> bool:
-    return len(box) == 1 and next(iter(box)) in _CONTROL_KEYS
-
-
-class SessionFailed(Disconnected):
-    """The session ended: its connection did not come back in time, the peer
-    ended it, or the slave came back as a new process."""
+    return is_control(box)
 
 
 class SessionWire:
@@ -103,7 +101,12 @@ class SessionWire:
     ``on_failed`` are called (from the thread that noticed) so the owner can
     follow the state.  ``counts``, ``(sent, received)``: a session taken
     back by a master started anew (:mod:`remsh.jobadopt`) goes on from
-    these counts, with nothing kept to send again."""
+    these counts, with nothing kept to send again.
+
+    The counts and every limit are the :class:`SessionState`'s
+    (:attr:`state`), changed under one lock (``_cond``); I/O happens
+    outside it.  Senders are serialised by a send lock, so boxes go out in
+    the order they were counted."""
 
     def __init__(self, conn: Wire, session_id: str, *, resume_timeout: float,
                  label: Optional[str] = None, spool_limit: int = DEFAULT_SPOOL_LIMIT,
@@ -112,9 +115,9 @@ class SessionWire:
                  deadlines: Optional[Deadlines] = None, counts: Tuple[int, int] = (0, 0)) -> None:
         self.session_id = session_id
         self._deadlines = deadlines
-        self.resume_timeout = resume_timeout
         self.label = label or conn.label
-        self.spool_limit = spool_limit
+        self.state = SessionState(resume_timeout=resume_timeout, label=self.label, spool_limit=spool_limit,
+                                  counts=counts, now=_now())
         self.on_lost = on_lost
         self.on_failed = on_failed
         self._cond = threading.Condition()
@@ -122,45 +125,50 @@ class SessionWire:
         self._reader = threading.Lock()
         self.conn: Optional[Wire] = conn
         self._last_conn = conn
-        self._resending = False
         self._idle_window = 0.0
         self._idle_pings = 0
-        self.generation = 0
-        #: the peer redialed and asked to carry the session on (until attach)
-        self._resume_asked = False
-        self.sent = self.peer_acked = counts[0]
-        self.received = counts[1]
-        #: session boxes handed to the caller (received may be ahead: _held)
-        self.delivered = counts[1]
-        self._held: Deque[Tuple[Box, int]] = collections.deque()
-        self._held_bytes = 0
-        #: boxes (and bytes) held across a resume: the peer's new window is on top
-        self._carried = (0, 0)
-        self.held_peak = (0, 0)  # the most boxes and bytes ever held at once
-        self._acked_bytes = 0
-        self._acks = AckCounter(counts[1])
-        # (first box, boxes, data): data is bytes, or (offset, length) in the
-        # spool file for what was kept while away past SPOOL_MEMORY
-        self._replay: Deque[Tuple[int, int, Union[bytes, Tuple[int, int]]]] = collections.deque()
-        self._replay_bytes = 0
-        self._memory_bytes = 0
         self.spool_dir = spool_dir
         self._spool: Optional[SpoolFile] = None
-        self.lost_at: Optional[float] = None
-        self.failed: Optional[RemshError] = None
-        self.expired = False  #: failed because the connection did not come back in time
-        self.peer_ended = False
-        self.last_sent = self.last_received = time.monotonic()
         self.closed = False
         self._timer: Optional[Cancellable] = None
         self._wakepipe = WakePipe()  # readable at every change (attach, failure)
 
     # -- state -------------------------------------------------------------------
 
+    resume_timeout = property(lambda self: self.state.resume_timeout)
+    spool_limit = property(lambda self: self.state.spool_limit)
+    sent = property(lambda self: self.state.sent)
+    peer_acked = property(lambda self: self.state.peer_acked)
+    received = property(lambda self: self.state.received)
+    #: session boxes handed to the caller (received may be ahead: held)
+    delivered = property(lambda self: self.state.delivered)
+    #: the most boxes and bytes ever held at once
+    held_peak = property(lambda self: self.state.held_peak)
+    generation = property(lambda self: self.state.generation)
+    lost_at = property(lambda self: self.state.lost_at)
+    #: failed because the connection did not come back in time
+    expired = property(lambda self: self.state.expired)
+    peer_ended = property(lambda self: self.state.peer_ended)
+    last_sent = property(lambda self: self.state.last_sent)
+    last_received = property(lambda self: self.state.last_received)
+
+    @property
+    def failed(self) -> Optional[RemshError]:
+        """The error every call raises once the session has ended (else ``None``)."""
+        return self.state.failed
+
+    @property
+    def _replay(self) -> Deque[Kept]:
+        return self.state.kept
+
+    @property
+    def _held(self) -> Deque[Tuple[Box, int]]:
+        return self.state.held
+
     @property
     def attached(self) -> bool:
         """True while a connection carries the session."""
-        return self.conn is not None and self.failed is None
+        return self.conn is not None and self.state.failed is None
 
     @property
     def stream(self) -> StreamLike:
@@ -177,18 +185,30 @@ class SessionWire:
     def clear_wake(self) -> None:
         self._wakepipe.clear()
 
+    def _detach(self) -> Optional[Wire]:
+        """Off the current connection (under _cond): the one it was on."""
+        old = self.conn
+        if old is not None:
+            self._last_conn = old
+        self.conn = None
+        self._cond.notify_all()
+        return old
+
     def connection_lost(self, conn: Optional[Wire] = None, why: str = "connection lost") -> None:
         """The connection ``conn`` (default: the current one) broke: keep
         the session and wait for the next one."""
         with self._cond:
-            self._resume_asked = False
-            if self.conn is None or (conn is not None and conn is not self.conn) or self.failed:
+            self.state.resume_asked = False
+            if self.conn is None or (conn is not None and conn is not self.conn) or self.state.failed:
                 return
-            old = self._last_conn = self.conn
-            self.conn = None
-            self.generation += 1
-            self.lost_at = time.monotonic()
-            self._cond.notify_all()
+            self.state.lose(_now())
+            old = self._detach()
+        assert old is not None
+        self._after_loss(old, why)
+
+    def _after_loss(self, old: Wire, why: str) -> None:
+        """What follows a loss, outside the lock: what the old connection
+        still holds is read, it is closed, the resume time limit armed."""
         if self._reader.acquire(blocking=False):  # else the reader reads what is left itself
             try:
                 self._drain(old)
@@ -200,7 +220,7 @@ class SessionWire:
             pass
         old.close()
         self._wakepipe.wake()
-        if self.failed is not None:
+        if self.state.failed is not None:
             return  # the peer said goodbye before the connection went
         log.info("%s: %s; waiting up to %g s for it to come back", self.label, why, self.resume_timeout)
         if self._timer is None and self.resume_timeout > 0:
@@ -217,7 +237,7 @@ class SessionWire:
                 conn.feed_available()
                 if not conn.has_buffered_box():
                     return
-                while self.failed is None and conn.has_buffered_box():
+                while self.state.failed is None and conn.has_buffered_box():
                     box = conn.poll_box()
                     if box is not None and self._take(box, conn) is not None:
                         self._hold(box)
@@ -230,32 +250,40 @@ class SessionWire:
     def _expire(self) -> None:
         with self._cond:
             self._timer = None
-            if self.conn is not None or self.failed is not None or self.lost_at is None:
+            state = self.state
+            if self.conn is not None or state.phase is not Phase.AWAY:
                 return
-            waited = time.monotonic() - self.lost_at
-            if waited < self.resume_timeout:
-                self._arm(self.resume_timeout - waited)
+            deadline = state.next_deadline()
+            now = _now()
+            if deadline is not None and now < deadline:
+                self._arm(deadline - now)
                 return
-            self.expired = True
-        self.fail(SessionFailed(f"{self.label}: the connection did not come back within "
-                                f"{self.resume_timeout:g} s (waited {waited:.1f} s)"))
+            state.tick(now)
+            error = state.failed
+            if error is None:
+                return
+            done = self._failed_locked()
+        self._after_failure(error, *done)
 
     def fail(self, error: RemshError) -> None:
         """End the session: every waiter and every later call raises ``error``."""
         with self._cond:
-            if self.failed is not None:
+            if not self.state.fail(error):
                 return
-            self.failed, self._resume_asked = error, False
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                self._last_conn = conn
-            timer, self._timer = self._timer, None
-            self._replay.clear()
-            self._replay_bytes = self._memory_bytes = 0
-            spool, self._spool = self._spool, None
-            if spool is not None:
-                spool.close()
-            self._cond.notify_all()
+            done = self._failed_locked()
+        self._after_failure(error, *done)
+
+    def _failed_locked(self) -> Tuple[Optional[Wire], Optional[Cancellable]]:
+        """The state has just failed (under _cond): off the connection, the
+        spool dropped; the connection and timer to close outside the lock."""
+        conn = self._detach()
+        timer, self._timer = self._timer, None
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+        return conn, timer
+
+    def _after_failure(self, error: RemshError, conn: Optional[Wire], timer: Optional[Cancellable]) -> None:
         if timer is not None:
             timer.cancel()
         if conn is not None:
@@ -271,15 +299,17 @@ class SessionWire:
         self.connection_lost(why="the slave redialed")
         with self._reader:  # no reader is between a receive and its count
             with self._cond:
-                self._resume_asked = self.failed is None
-                return self.received
+                if self.state.failed is None:
+                    return self.state.begin_resume(_now())
+                return self.state.received
 
     @property
     def resuming(self) -> bool:
         """The peer has redialed and the session is being carried onto its
         new connection: the handshake, then what the peer missed sent again
         (``ls`` and the dashboard show it as ``resuming``)."""
-        return self._resume_asked or (self._resending and self.conn is not None)
+        state = self.state
+        return state.resume_asked or (state.resending and self.conn is not None)
 
     def attach(self, conn: Wire, peer_received: int) -> None:
         """Carry the session on ``conn`` from now on; re-send what the peer
@@ -292,90 +322,58 @@ class SessionWire:
         :raises ProtocolError: the peer claims boxes we never sent
         :raises SessionFailed: the session has already failed
         """
+        state = self.state
         with self._cond:
-            if self.failed is not None:
+            try:
+                state.attach(peer_received, _now())
+            except RemshError:
                 conn.close()
-                raise self.failed
-            if not self.peer_acked <= peer_received <= self.sent:
-                conn.close()
-                raise ProtocolError(f"{self.label}: resume from box {peer_received}, but "
-                                    f"{self.peer_acked}..{self.sent} are the boxes it may have")
-            self._resume_asked = False
+                raise
             old = self.conn
             if old is not None:
                 self._last_conn = old
-            self._ack_to(peer_received)
             self.conn = conn
-            self.generation += 1
-            self.lost_at = None
-            self._acks.reset_bytes()
-            self.last_received = time.monotonic()
-            self._resending = True
-            self._carried = (len(self._held), self._held_bytes)
+            self._clear_spool_locked()
             timer, self._timer = self._timer, None
-            next_box = peer_received
-            acked_bytes = self._acked_bytes
-        resent_bytes = 0
+            self._cond.notify_all()
         if timer is not None:
             timer.cancel()
         if old is not None:
             old.close()
+        resent = 0
         try:
             while True:
                 with self._cond:
                     if self.conn is not conn:
                         return  # lost again (or failed): the next attach re-sends
-                    pending = [(first, n, data) for first, n, data in self._replay
-                               if first + n > next_box]
-                    if not pending:
-                        self._resending = False
-                        self._cond.notify_all()
-                        break
-                for first, n, kept in pending:
-                    if isinstance(kept, bytes):
-                        data = kept
+                    now = _now()
+                    resend = state.next_write(now)
+                    if resend is None:
+                        if not state.resending:
+                            self._cond.notify_all()
+                            break
+                        if state.blocked_since is not None and now - state.blocked_since >= ACK_TIMEOUT:
+                            why = f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s while we resumed"
+                        else:
+                            self._cond.wait(1.0)
+                            continue
                     else:
-                        with self._cond:  # read back from the spool, one entry at a time
-                            if first + n <= self.peer_acked:
-                                next_box = first + n
-                                continue
-                            data = self._data(kept)
-                    skip = next_box - first
-                    data = data[skip_boxes(data, skip):] if skip > 0 else data
-                    if not self._pace(conn, next_box, first + n, acked_bytes, resent_bytes, len(data)):
-                        return
-                    conn.send_bytes(data)
-                    resent_bytes += len(data)
-                    next_box = first + n
-                self.last_sent = time.monotonic()
+                        why = ""
+                        entry, skip = resend
+                        data = entry.data if isinstance(entry.data, bytes) else self._data(entry.data)
+                if why:
+                    self.connection_lost(conn, why)
+                    return
+                if skip:
+                    data = data[skip_boxes(data, skip):]
+                conn.send_bytes(data)
+                resent += entry.boxes - skip
+                state.last_sent = _now()
         except Disconnected as e:
             self.connection_lost(conn, f"connection lost while resuming: {e}")
             return
         self._wakepipe.wake()
-        log.info("%s: session resumed (%d boxes sent again)", self.label, next_box - peer_received)
-
-    def _pace(self, conn: Wire, sent_to: int, upto: int, acked_bytes: int, resent: int, size: int) -> bool:
-        """Wait until re-sending boxes ``sent_to..upto`` (``size`` bytes;
-        ``resent`` bytes so far, ``_acked_bytes`` was ``acked_bytes`` at the
-        start) stays within the window.  False when the connection went (or
-        acknowledged nothing for :data:`ACK_TIMEOUT`: taken as lost)."""
-        since, acked = time.monotonic(), -1
-        with self._cond:
-            while True:
-                if self.conn is not conn:
-                    return False
-                boxes = max(0, sent_to - self.peer_acked)
-                in_flight = max(0, resent - (self._acked_bytes - acked_bytes))
-                if boxes == 0 or (boxes + upto - sent_to <= WINDOW_BOXES
-                                  and in_flight + size <= WINDOW_BYTES):
-                    return True
-                if self.peer_acked != acked:
-                    acked, since = self.peer_acked, time.monotonic()
-                elif time.monotonic() - since >= ACK_TIMEOUT:
-                    break
-                self._cond.wait(1.0)
-        self.connection_lost(conn, f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s while we resumed")
-        return False
+        log.info("%s: session resumed (%d boxes sent again)", self.label, resent)
 
     def end(self) -> None:
         """End the session on purpose: tell the peer (best effort) and fail
@@ -383,7 +381,7 @@ class SessionWire:
         conn = self.conn
         if conn is not None:
             try:
-                conn.send_bytes(_BYE, lock_timeout=1.0)
+                conn.send_bytes(BYE, lock_timeout=1.0)
             except RemshError:
                 pass
         self.fail(SessionFailed(f"{self.label}: session ended"))
@@ -396,28 +394,11 @@ class SessionWire:
         self.end()
         self._wakepipe.close()
 
-    def _ack_to(self, count: int) -> None:
-        """The peer has our first ``count`` boxes: forget them (under _cond)."""
-        if count <= self.peer_acked:
-            return
-        self.peer_acked = count
-        replay = self._replay
-        while replay and replay[0][0] + replay[0][1] <= count:
-            data = replay.popleft()[2]
-            size = len(data) if isinstance(data, bytes) else data[1]
-            self._replay_bytes -= size
-            self._acked_bytes += size
-            if isinstance(data, bytes):
-                self._memory_bytes -= size
-        if self._spool is not None and not any(not isinstance(d, bytes) for _, _, d in replay):
-            self._spool.clear()
-        self._cond.notify_all()
-
     def wait_change(self, timeout: float) -> None:
         """Wait at most ``timeout`` s for a change (connection lost, failure,
         :meth:`wake`), unless it has no connection or has failed already."""
         with self._cond:
-            if self.conn is not None and self.failed is None:
+            if self.conn is not None and self.state.failed is None:
                 self._cond.wait(timeout)
 
     def wake(self) -> None:
@@ -433,16 +414,16 @@ class SessionWire:
         :raises PeerTimeout: still away after ``timeout`` seconds
         """
         with self._cond:
-            self._wait_connected(None if timeout is None else time.monotonic() + timeout)
+            self._wait_connected(None if timeout is None else _now() + timeout)
 
     def _wait_connected(self, deadline: Optional[float]) -> Wire:
         """The current connection, waiting for one while away (under _cond)."""
         while True:
-            if self.failed is not None:
-                raise self.failed
+            if self.state.failed is not None:
+                raise self.state.failed
             if self.conn is not None:
                 return self.conn
-            left = None if deadline is None else deadline - time.monotonic()
+            left = None if deadline is None else deadline - _now()
             if left is not None and left <= 0:
                 raise PeerTimeout(f"{self.label}: no connection within the time limit")
             self._cond.wait(left)
@@ -476,7 +457,7 @@ class SessionWire:
         return True
 
     def _send_locked(self, data: Data) -> None:
-        chunk = bytes(data)
+        chunk = data if type(data) is bytes else bytes(data)
         n = count_boxes(chunk)
         if n > PIECE_BOXES or len(chunk) > PIECE_BYTES:  # each piece waits for room in the window
             for piece, k in split_boxes(chunk, PIECE_BOXES, PIECE_BYTES):
@@ -485,26 +466,58 @@ class SessionWire:
             self._send_piece(chunk, n)
 
     def _send_piece(self, chunk: bytes, n: int) -> None:
-        self._make_room(len(chunk), n)
-        with self._cond:
-            if self.failed is not None:
-                raise self.failed
-            self._replay.append((self.sent, n, self._keep(chunk)))
-            self._replay_bytes += len(chunk)
-            self.sent += n
-            # while a resume re-sends the kept boxes, it sends this one too
-            conn = None if self._resending else self.conn
+        """Keep and send one piece, once it has room (holding the send lock):
+        one trip through the lock when there is room, as there mostly is."""
+        state = self.state
+        while True:
+            now = _now()
+            with self._cond:
+                if state.has_room(len(chunk), n, now):
+                    kept = self._keep(chunk) if self.conn is None else None
+                    conn = self.conn if state.send(chunk, n, kept) else None
+                    break
+                conn = self.conn
+                blocked = state.blocked_since
+            self._wait_room(conn, blocked, now)
         if conn is not None:
             try:
                 conn.send_bytes(chunk)
-                self.last_sent = time.monotonic()
+                state.last_sent = _now()
             except Disconnected as e:
                 self.connection_lost(conn, f"connection lost while sending: {e}")
 
-    def _keep(self, chunk: bytes) -> Union[bytes, Tuple[int, int]]:
-        """What the replay holds for ``chunk`` (under _cond): the bytes, or
-        while away past SPOOL_MEMORY, where they are in the spool file."""
-        if self.conn is None and self.spool_dir is not None and self._memory_bytes >= SPOOL_MEMORY:
+    def _wait_room(self, conn: Optional[Wire], blocked: Optional[float], now: float) -> None:
+        """No room to keep more (holding the send lock): wait for it.
+
+        Away, for the connection to come back.  Connected, for the peer's
+        acknowledgement (read here if no other thread reads); a peer that
+        acknowledges nothing for :data:`ACK_TIMEOUT` while the window is
+        full is taken as lost (as a stalled send is): the wait goes on as
+        while away, bounded by ``resume_timeout``."""
+        if conn is None:
+            with self._cond:
+                if self.conn is None and self.state.failed is None:
+                    self._cond.wait(1.0)
+            return
+        if blocked is not None and now - blocked >= ACK_TIMEOUT:
+            self.connection_lost(conn, f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s")
+            return
+        # connected: the acknowledgement is on its way; read it ourselves
+        # if no other thread reads, else let the reader handle it
+        if self._reader.acquire(blocking=False):
+            try:
+                self._pump(1.0)
+            finally:
+                self._reader.release()
+        else:
+            with self._cond:
+                self._cond.wait(0.2)
+
+    def _keep(self, chunk: bytes) -> Optional[Tuple[int, int]]:
+        """Where a chunk kept while away goes (under _cond): ``None`` for
+        memory, or past SPOOL_MEMORY (with a spool directory) its place in
+        the spool file."""
+        if self.spool_dir is not None and self.state.memory_bytes >= SPOOL_MEMORY:
             try:
                 if self._spool is None:
                     self._spool = SpoolFile(self.spool_dir)
@@ -513,63 +526,21 @@ class SessionWire:
                 log.warning("%s: cannot spool to %s (%s); keeping output in memory", self.label,
                             self.spool_dir, e)
                 self.spool_dir = None
-        self._memory_bytes += len(chunk)
-        return chunk
+        return None
 
-    def _data(self, kept: Union[bytes, Tuple[int, int]]) -> bytes:
-        """The bytes of a replay entry (under _cond)."""
-        if isinstance(kept, bytes):
-            return kept
-        assert self._spool is not None
+    def _data(self, kept: object) -> bytes:
+        """The bytes of a kept entry in the spool file (under _cond)."""
+        assert self._spool is not None and isinstance(kept, tuple)
         return self._spool.read(kept)
 
-    def _make_room(self, size: int, boxes: int) -> None:
-        """Wait until ``size`` more bytes in ``boxes`` boxes may be kept
-        (holding the send lock).
-
-        A connected peer that acknowledges nothing for :data:`ACK_TIMEOUT`
-        while the window is full is taken as lost (as a stalled send is):
-        the wait goes on as while away, bounded by ``resume_timeout``."""
-        acked, since = -1, 0.0
-        while True:
-            with self._cond:
-                if self.failed is not None:
-                    raise self.failed
-                if not self._replay:
-                    return
-                if self.conn is None:
-                    if self._replay_bytes + size <= self.spool_limit:
-                        return
-                elif (self._replay_bytes + size <= WINDOW_BYTES
-                      and self.sent - self.peer_acked + boxes <= WINDOW_BOXES):
-                    return
-                if self.conn is None:
-                    self._cond.wait(1.0)
-                    continue
-                conn = self.conn
-                now = time.monotonic()
-                if self.peer_acked != acked:
-                    acked, since = self.peer_acked, now
-                stalled = now - since >= ACK_TIMEOUT
-            if stalled:
-                self.connection_lost(conn, f"the peer acknowledged nothing for {ACK_TIMEOUT:g} s")
-                continue
-            # connected: the acknowledgement is on its way; read it ourselves
-            # if no other thread reads, else let the reader handle it
-            if self._reader.acquire(blocking=False):
-                try:
-                    self._pump(1.0)
-                finally:
-                    self._reader.release()
-            else:
-                with self._cond:
-                    self._cond.wait(0.2)
+    def _clear_spool_locked(self) -> None:
+        if self._spool is not None and not self.state.spooled:
+            self._spool.clear()
 
     def _pump(self, timeout: float) -> None:
         """Read one box while waiting for room, keeping a session box for
         the next ``read_box`` (holding the reader lock)."""
-        with self._cond:
-            conn = self.conn
+        conn = self.conn
         if conn is None:
             return
         try:
@@ -582,34 +553,12 @@ class SessionWire:
             self._hold(box)
 
     def _hold(self, box: Box) -> None:
-        """Keep a session box read ahead (holding the reader lock).
+        """Keep a session box read ahead (holding the reader lock; already counted).
 
         :raises ProtocolError: past HELD_BOXES / HELD_BYTES (beyond the window)
         """
-        size = box_size(box)
         with self._cond:
-            self.received += 1
-            carried_boxes, carried_bytes = self._carried
-            boxes = len(self._held) + 1
-            held_bytes = self._held_bytes + size
-            if boxes - carried_boxes > HELD_BOXES or held_bytes - carried_bytes > HELD_BYTES:
-                raise ProtocolError(
-                    f"{self.label}: the peer sent more than its window allows without an "
-                    f"acknowledgement ({boxes} boxes, {held_bytes} bytes unread)")
-            self._held.append((box, size))
-            self._held_bytes = held_bytes
-            peak_boxes, peak_bytes = self.held_peak
-            self.held_peak = (max(peak_boxes, boxes), max(peak_bytes, held_bytes))
-
-    def _unhold(self) -> Box:
-        """The oldest box held (holding the reader lock, with one held)."""
-        with self._cond:
-            box, size = self._held.popleft()
-            self._held_bytes -= size
-            carried_boxes, carried_bytes = self._carried
-            if carried_boxes:
-                self._carried = (carried_boxes - 1, max(0, carried_bytes - size))
-        return box
+            self.state.hold(box)
 
     def _read_conn(self, conn: Wire, timeout: Optional[float]) -> Optional[Box]:
         """The next box from ``conn``, or ``None`` when the connection
@@ -637,71 +586,66 @@ class SessionWire:
     def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
         self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
 
-    def _send_control(self, conn: Wire, data: bytes) -> None:
+    def _send_control(self, conn: Optional[Wire], data: bytes) -> None:
+        if conn is None:
+            return
         try:
             conn.send_bytes(data, lock_timeout=5.0)
-            self.last_sent = time.monotonic()
+            self.state.last_sent = _now()
         except (Disconnected, WaitTimeout):
             pass
 
     def heartbeat(self) -> None:
         """Send a link check if connected (the slave's connection keeper)."""
-        conn = self.conn
-        if conn is not None:
-            self._send_control(conn, _PING)
+        self._send_control(self.conn, PING)
 
     # -- receiving -----------------------------------------------------------------
 
-    def _take(self, box: Box, conn: Wire) -> Optional[Box]:
-        """Handle a control box (``None``), or return a session box."""
-        self.last_received = time.monotonic()
-        if not _control(box):
-            return box
-        if b"ack" in box:
-            try:
-                count = int(box[b"ack"])
-            except ValueError:
-                raise ProtocolError(f"{self.label}: bad ack {box[b'ack'][:20]!r}") from None
-            with self._cond:
-                if count > self.sent:
-                    raise ProtocolError(f"{self.label}: ack of boxes never sent")
-                self._ack_to(count)
-        elif box.get(b"hb") == b"ping":
-            self._send_control(conn, _PONG)
-        elif b"bye" in box:  # the peer ends the session: no resume, every waiter is told at once
-            self.peer_ended = True
-            self.fail(SessionFailed(f"{self.label}: the peer ended the session (it is stopping)"))
-        return None
-
-    def _deliver(self, box: Box, conn: Optional[Wire]) -> Box:
-        """Hand a session box to the caller; acknowledge when due.
-
-        Acknowledgements count what was *delivered*, not what was read
-        ahead (:meth:`_pump`): the peer's window then bounds what is held;
-        and never past the commit point (:meth:`commit`)."""
+    def _take(self, box: Box, conn: Wire, deliver: bool = False) -> Optional[Box]:
+        """Handle a control box (``None``), or return a session box, counted
+        as received (and, ``deliver``, as handed to the caller)."""
+        state = self.state
+        now = _now()
+        failure = None
         with self._cond:
-            self.delivered += 1
-            ack = self._acks.delivered(self.delivered, box_size(box))
+            was_failed = state.failed is not None
+            got = state.receive(box, now)
+            if got is None:
+                if b"ack" in box:
+                    self._clear_spool_locked()
+                    self._cond.notify_all()
+                elif state.failed is not None and not was_failed:  # a goodbye: no resume
+                    failure = (state.failed, self._failed_locked())
+            elif deliver:
+                state.deliver(got)
+            writes = state.pop_writes() if state.to_write else None
+        if writes is not None:
+            self._send_control(conn, writes)
+        if failure is not None:
+            self._after_failure(failure[0], *failure[1])
+        return got
+
+    def _unhold(self) -> Box:
+        """The oldest box held, delivered (holding the reader lock, with one held)."""
+        with self._cond:
+            box = self.state.next_held()
+            writes = self.state.pop_writes() if self.state.to_write else None
             conn = self.conn
-        if ack is not None and conn is not None:
-            self._send_control(conn, ack)
+        assert box is not None
+        if writes is not None:
+            self._send_control(conn, writes)
         return box
 
     def commit(self, count: Optional[int]) -> None:
         """Acknowledge no more than ``count`` of the peer's boxes from now
         on, and that many now (``None``: back to acknowledging what was
-        delivered): ack-after-commit, :mod:`remsh.sessionacks`."""
+        delivered): ack-after-commit, :mod:`remsh.protocol.sessionacks`."""
         with self._cond:
-            ack = self._acks.commit(count, self.delivered)
+            self.state.commit(count)
+            writes = self.state.pop_writes() if self.state.to_write else None
             conn = self.conn
-        if ack is not None and conn is not None:
-            self._send_control(conn, ack)
-
-    def _count(self, box: Box, conn: Wire) -> Box:
-        """A session box read from the connection and handed over at once."""
-        with self._cond:
-            self.received += 1
-        return self._deliver(box, conn)
+        if writes is not None:
+            self._send_control(conn, writes)
 
     def read_box(self, timeout: Optional[float] = None) -> Optional[Box]:
         """The next session box; ``None`` when the peer ended the session.
@@ -712,43 +656,44 @@ class SessionWire:
         :raises PeerTimeout: nothing within ``timeout``
         :raises Disconnected: the session failed
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        state = self.state
+        deadline = None if timeout is None else _now() + timeout
         while True:
-            if self._held:
+            if state.held:
                 with self._reader:
-                    if self._held:
-                        return self._deliver(self._unhold(), self.conn)
-            if self.peer_ended:
+                    if state.held:
+                        return self._unhold()
+            if state.peer_ended:
                 return None
-            with self._cond:
-                conn = self._wait_connected(deadline)
+            conn = self.conn
+            if conn is None or state.failed is not None:
+                with self._cond:
+                    conn = self._wait_connected(deadline)
             with self._reader:
-                if self._held:
+                if state.held or conn is not self.conn:
                     continue
-                if conn is not self.conn:
-                    continue
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                left = None if deadline is None else max(0.0, deadline - _now())
                 box = self._read_conn(conn, left)
-                if box is not None and self._take(box, conn) is not None:
-                    return self._count(box, conn)
+                if box is not None and self._take(box, conn, True) is not None:
+                    return box
 
     def poll_box(self) -> Optional[Box]:
         """A session box already buffered, or ``None`` (no I/O)."""
         with self._reader:
+            if self.state.held:
+                return self._unhold()
             conn = self.conn
-            if self._held:
-                return self._deliver(self._unhold(), conn)
             while conn is not None:
                 box = conn.poll_box()
                 if box is None:
                     break
-                if self._take(box, conn) is not None:
-                    return self._count(box, conn)
+                if self._take(box, conn, True) is not None:
+                    return box
         return None
 
     def has_buffered_box(self) -> bool:
         conn = self.conn
-        return bool(self._held) or (conn is not None and conn.has_buffered_box())
+        return bool(self.state.held) or (conn is not None and conn.has_buffered_box())
 
     def feed_available(self) -> None:
         """As ``Wire.feed_available``; a broken connection is noted as lost
@@ -772,7 +717,7 @@ class SessionWire:
     @property
     def at_eof(self) -> bool:
         """True once the session has ended (never while it may resume)."""
-        return self.peer_ended or self.failed is not None
+        return self.state.peer_ended or self.state.failed is not None
 
     def idle_input(self, data: bytes) -> bool:
         """Bytes that arrived while no operation runs (the master's idle
@@ -783,7 +728,7 @@ class SessionWire:
         conn = self.conn
         if conn is None:
             return True
-        now = time.monotonic()
+        now = _now()
         if now - self._idle_window >= 1.0:
             self._idle_window, self._idle_pings = now, 0
         with self._reader:
@@ -796,4 +741,4 @@ class SessionWire:
                         return False
                 if self._take(box, conn) is not None:
                     return False
-        return not self.peer_ended
+        return not self.state.peer_ended

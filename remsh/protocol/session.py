@@ -133,17 +133,15 @@ class SessionState:
         self.blocked_since: Optional[float] = None
         #: the peer redialed and is being carried on (from begin_resume to attach)
         self.resume_asked = False
+        #: since the last attach, writes go out through next_write until it
+        #: has returned everything kept (so that they go out in order)
+        self.resending = False
 
     # -- state -------------------------------------------------------------------
 
     @property
     def attached(self) -> bool:
         return self.phase is Phase.ATTACHED
-
-    @property
-    def resending(self) -> bool:
-        """Kept boxes remain to be written on the current connection."""
-        return self.written < self.sent
 
     def _check(self) -> None:
         if self.failed is not None:
@@ -177,10 +175,10 @@ class SessionState:
             self.received += 1
             return box
         if b"ack" in box:
-            value = box[b"ack"]
-            if not value.isdigit() or len(value) > 20:
-                raise ProtocolError(f"{self.label}: bad ack {value[:20]!r}")
-            count = int(value)
+            try:
+                count = int(box[b"ack"])
+            except ValueError:
+                raise ProtocolError(f"{self.label}: bad ack {box[b'ack'][:20]!r}") from None
             if count > self.sent:
                 raise ProtocolError(f"{self.label}: ack of boxes never sent ({count} > {self.sent})")
             self.ack_to(count, now)
@@ -270,9 +268,9 @@ class SessionState:
 
     def send(self, data: bytes, boxes: int, kept: object = None) -> bool:
         """Keep ``boxes`` encoded session boxes (``data``) until acknowledged;
-        True when the caller is to write ``data`` now (attached and nothing
-        kept still waits to be written again), else it goes out through
-        :meth:`next_write` after the next :meth:`attach`.  ``kept`` is what
+        True when the caller is to write ``data`` now (attached and not
+        :attr:`resending`), else it goes out through :meth:`next_write`
+        (after the next :meth:`attach`, or now while resending).  ``kept`` is what
         the driver keeps for them (default: ``data``; anything but bytes
         counts as kept outside memory, :attr:`spooled`).  Room is the caller's to check
         (:meth:`has_room`).
@@ -291,7 +289,7 @@ class SessionState:
         else:
             self.spooled += 1
         self.sent = first + boxes
-        if self.phase is Phase.ATTACHED and self.written == first:
+        if self.phase is Phase.ATTACHED and not self.resending:
             self.written = self.sent
             return True
         return False
@@ -300,13 +298,17 @@ class SessionState:
         """Bytes went out on the connection at ``now`` (heartbeat bookkeeping)."""
         self.last_sent = now
 
-    def next_write(self) -> Optional[Resend]:
+    def next_write(self, now: float = 0.0) -> Optional[Resend]:
         """The next kept entry the current connection lacks, if the window
         lets it go now (counted as written); ``None`` when nothing is left
         (:attr:`resending` false) or the window is full (wait for an
-        acknowledgement).  Entries are resent whole, without the boxes the
+        acknowledgement, at most :data:`ACK_TIMEOUT` from ``now``: see
+        :meth:`tick`).  Entries are resent whole, without the boxes the
         peer has (``skip``)."""
-        if self.phase is not Phase.ATTACHED or self.written >= self.sent:
+        if self.phase is not Phase.ATTACHED:
+            return None
+        if self.written >= self.sent:
+            self.resending = False
             return None
         in_flight_boxes = self.written - self.peer_acked
         in_flight_bytes = 0
@@ -321,6 +323,8 @@ class SessionState:
         end = entry.first + entry.boxes
         if in_flight_boxes > 0 and (in_flight_boxes + end - self.written > WINDOW_BOXES
                                     or in_flight_bytes + entry.size > WINDOW_BYTES):
+            if self.blocked_since is None:
+                self.blocked_since = now
             return None
         skip = max(0, self.written - entry.first)
         self.written = end
@@ -393,6 +397,7 @@ class SessionState:
         self.lost_at = None
         self.blocked_since = None
         self.written = peer_received
+        self.resending = True
         self.acks.reset_bytes()
         self.last_received = self.last_sent = now
         self.carried = (len(self.held), self.held_bytes)
@@ -404,7 +409,7 @@ class SessionState:
             return False
         self.failed = error
         self.phase = Phase.FAILED
-        self.resume_asked = False
+        self.resume_asked = self.resending = False
         self.kept.clear()
         self.kept_bytes = self.memory_bytes = self.spooled = 0
         self.to_write.clear()
