@@ -7,6 +7,11 @@ side of ``-t``/``--where``/``@GROUP``, ``--batch``, ``--max-fail``,
 are *away* (in the collection, their connection dropped, their session
 waiting) are returned apart, so that the job reports them skipped instead
 of leaving them out silently.
+
+On a store several masters share, :func:`choose_cluster` chooses over the
+whole cluster (the registry of slaves, :mod:`remsh.slaveregistry`): the
+slaves connected to another live master come back apart, by the name of
+the master holding them, for :mod:`remsh.crossmaster` to reach.
 """
 
 from __future__ import annotations
@@ -53,6 +58,38 @@ def choose(slaves: Sequence[Slave], patterns: Sequence[str], wheres: Sequence[Tu
             what.append(" ".join(f"--where {k}={g}" for k, g in wheres))
         raise UsageError(f"no connected slave matches {' '.join(what)}" if what else "no slaves connected")
     return connected, away
+
+
+def choose_cluster(collection: FleetCollection, patterns: Sequence[str], wheres: Sequence[Tuple[str, str]]
+                   ) -> Tuple[List[Slave], List[str], Dict[str, str]]:
+    """:func:`choose` over every master's slaves: this master's connected
+    slaves chosen, the names of those chosen but away (here, or on the
+    master that lists them), and the slaves connected to another live
+    master (name -> that master).  Without shared slaves (one master, or
+    the store cannot be read: logged) it is :func:`choose` on this master's.
+
+    :raises UsageError: as :func:`choose`
+    """
+    groups = getattr(collection, "groups", None)
+    shared = cluster_rows(collection, patterns, wheres)
+    if shared is None:
+        return (*choose(collection.get_all_slaves(), patterns, wheres, groups), {})
+    mine = {s.name: s for s in collection.get_all_slaves()}
+    local: List[Slave] = []
+    away: List[str] = []
+    remote: Dict[str, str] = {}
+    for row in shared:
+        name = str(row.get("name"))
+        slave = mine.get(name)
+        if slave is not None and slave.connected:
+            local.append(slave)
+        elif row.get("state") != "away" and row.get("master"):  # its part waits for the master holding it
+            remote[name] = str(row["master"])
+        else:
+            away.append(name)
+    if not shared:
+        choose([], patterns, wheres, groups)  # raises, naming the choice
+    return local, away, remote
 
 
 def job_options(kind: str, values: Dict[str, Any], away: Sequence[str]) -> Dict[str, Any]:

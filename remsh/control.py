@@ -105,7 +105,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from remsh.adoption import set_adopter
 from remsh.controlproto import (MAX_BOX, SEND_TIMEOUT, VERSION, Channel, ControlOp, Event, decode_control,
                                 decode_event, decode_request, encode_control, encode_event, encode_request, out_events)
-from remsh.choice import choose, job_options, job_spec, ls_events
+from remsh.choice import choose_cluster, job_options, job_spec, ls_events
 from remsh.errors import RemshError, UsageError
 from remsh.files import O_CLOEXEC, O_NOFOLLOW
 from remsh.fleet import (EXIT_SLAVE_FAILED, EXIT_USAGE, FleetCollection, SlaveResult, Sink, StdinTee, get_job,
@@ -151,8 +151,6 @@ class ControlError(RemshError):
 class NoMaster(ControlError):
     """Nothing listens at the control path (no socket file there, or a
     stale one)."""
-
-
 
 
 def default_control_path() -> str:
@@ -290,7 +288,7 @@ class ControlServer:
             raise ControlError(f"cannot lock {self.path}.lock: {e.strerror or e}") from e
         self._lock_fd = fd
         try:
-            self.jobs = JobRegistry(None if self._open_store is None else self._open_store())
+            self.jobs = JobRegistry(self._open_store and self._open_store(), collection=self.collection)
             try:
                 self.jobs.start()
                 self._bind()
@@ -604,8 +602,8 @@ class _Client:
         patterns: List[str] = values["targets"]
         wheres = [parse_where(w) for w in values["where"]]
         collection = self.server.collection
-        slaves, away = choose(collection.get_all_slaves(), patterns, wheres, collection.groups)
-        names = [s.name for s in slaves] + away
+        slaves, away, remote = choose_cluster(collection, patterns, wheres)  # remote: held by other masters
+        names = [s.name for s in slaves] + away + list(remote)
         parallel = values["parallel"]
         if parallel is not None and parallel < 1:
             raise UsageError("--max-parallel must be at least 1")
@@ -614,6 +612,7 @@ class _Client:
             extra["max_parallel"] = parallel
         spec: Dict[str, object] = {"targets": patterns, "where": values["where"], "max_parallel": parallel,
                                    **job_spec(values)}
+        cross = self.jobs.crossing(remote, kind, spec, values, extra["pacing"], len(names))  # their parts
         if kind == "run":
             args: List[str] = values["args"]
             if not args:
@@ -623,8 +622,8 @@ class _Client:
                 raise UsageError("--timeout must be positive")
             tee = StdinTee(names) if values["stdin"] else None
             spec.update(argv=args, cwd=cwd, timeout=timeout, stdin=tee is not None)
-            return names, spec, lambda sink, c: run_job(slaves, args, sink, cwd=cwd, timeout=timeout, stdin=tee,
-                                                        cancellation=c, **extra), tee
+            return names, spec, cross.wrap(lambda sink, c: run_job(slaves, args, sink, cwd=cwd, timeout=timeout,
+                                                                   stdin=tee, cancellation=c, **extra)), tee
         src: str = values["src"]
         dest: str = values["dest"]
         if not src or not dest:
@@ -639,8 +638,8 @@ class _Client:
             if not os.path.isdir(src) and (sync or delete or checksum):
                 raise UsageError("--sync, --delete and --checksum are for directory trees")
             spec.update(sync=sync, delete=delete, checksum=checksum)
-            return names, spec, lambda sink, c: put_job(slaves, src, dest, sink, sync=sync, delete=delete,
-                                                        checksum=checksum, cancellation=c, **extra), None
+            return names, spec, cross.wrap(lambda sink, c: put_job(slaves, src, dest, sink, sync=sync, delete=delete,
+                                                                   checksum=checksum, cancellation=c, **extra)), None
         if not os.path.isabs(dest):
             raise UsageError("get: the local directory must be absolute")
         if os.path.exists(dest) and not os.path.isdir(dest):
@@ -650,7 +649,7 @@ class _Client:
                 if values[key] < 0:
                     raise UsageError(f"get: {key} must not be negative")
                 extra[key] = values[key]
-        return names, spec, lambda sink, c: get_job(slaves, src, dest, sink, cancellation=c, **extra), None
+        return names, spec, cross.wrap(lambda sink, c: get_job(slaves, src, dest, sink, cancellation=c, **extra)), None
 
     def _read_controls(self, job: RunningJob) -> None:
         """stdin data and interrupts from an attached client, until the job

@@ -39,10 +39,12 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from remsh.adoption import set_current
 from remsh.controlproto import encode_event, out_events
+from remsh.crossmaster import Crossing, Dispatcher, serve_dispatches
 from remsh.errors import RemshError
-from remsh.fleet import SlaveResult, Sink, StdinTee
+from remsh.fleet import FleetCollection, SlaveResult, Sink, StdinTee
 from remsh.jobadopt import Adoptions, Part, owns_session, release_session, take_session
 from remsh.master.fanout import Cancellation
+from remsh.pacing import Pacing
 from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
@@ -389,9 +391,13 @@ class JobRegistry:
 
     Without a store, a private one is made in a temporary directory and
     removed by :meth:`stop` (for a master embedded in a program or a test).
+    With the ``collection`` of slaves, on a store several masters share,
+    the registry runs the parts other masters' jobs ask of these slaves
+    (:mod:`remsh.crossmaster`).
     """
 
-    def __init__(self, store: Optional[JobStore] = None, *, prune_every: float = PRUNE_EVERY) -> None:
+    def __init__(self, store: Optional[JobStore] = None, *, prune_every: float = PRUNE_EVERY,
+                 collection: Optional[FleetCollection] = None) -> None:
         self._tempdir: Optional[str] = None
         if store is None:
             from remsh.store.sqlite import SqliteJobStore
@@ -408,6 +414,8 @@ class JobRegistry:
         self._jobs: Dict[str, RunningJob] = {}
         self._stopping = threading.Event()
         self._pruner: Optional[threading.Thread] = None
+        self.collection = collection
+        self._dispatcher: Optional[Dispatcher] = None
 
     def start(self) -> None:
         """Take back the jobs a previous master left running (their commands
@@ -420,6 +428,8 @@ class JobRegistry:
         self._take_back()
         if isinstance(self.store, SharedJobStore):  # a cancel asked of another master reaches us
             self.store.watch_cancels(self._cancel_asked)
+        if self.collection is not None:  # other masters' work on this master's slaves
+            self._dispatcher = serve_dispatches(self.collection, self.store, self._part_sink, MASTER_STOPPING)
         self.adoptions.follow(self.store, self._take_back)  # a dead master's work this one adopts, likewise
         self.adoptions.start()
         self.store.prune()
@@ -482,6 +492,19 @@ class JobRegistry:
         for session in closing:  # their job or command has ended: nothing to take back
             if only is None or session.job_id in only:
                 self.store.close_session(session.id)
+
+    def _part_sink(self, job_id: str, cancellation: Cancellation) -> StoreSink:
+        """The sink of a part of another master's job run here (no session kept)."""
+        return StoreSink(self.store, job_id, cancellation)
+
+    def crossing(self, remote: Dict[str, str], kind: str, spec: Dict[str, Any], values: Dict[str, Any],
+                 pacing: Pacing, count: int) -> Crossing:
+        """How a new job reaches its slaves held by other masters
+        (``remote``: name -> master; see :class:`remsh.crossmaster.Crossing`).
+
+        :raises UsageError: what cannot cross (``--stdin``)
+        """
+        return Crossing(self.store, remote, kind, spec, values, pacing, count)
 
     def _sink_of(self, job_id: str) -> StoreSink:
         with self._lock:
@@ -610,6 +633,8 @@ class JobRegistry:
         transfers, slaves not started yet) and wait (bounded) for the
         job threads to end."""
         self._stopping.set()
+        if self._dispatcher is not None:  # the parts run for other masters end first
+            self._dispatcher.stop()
         self.adoptions.stop()
         with self._lock:
             jobs = list(self._jobs.values())

@@ -149,8 +149,9 @@ def test_a_version_1_store_is_migrated_and_keeps_its_masters_and_jobs(pg_uri) ->
     with PostgresJobStore(pg_uri, "old") as store:
         assert store.epoch == 5 and store.get_job("0000000001-0").state == "done"
     assert _sql(pg_uri, "SELECT value FROM remsh_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     assert _sql(pg_uri, "SELECT count(*) FROM remsh_slaves") == [(0,)]  # version 5: the registry of slaves
+    assert _sql(pg_uri, "SELECT count(*) FROM remsh_dispatch") == [(0,)]  # version 6: work crossing masters
     assert _sql(pg_uri, "SELECT host IS NOT NULL, pid IS NOT NULL FROM remsh_masters") == [(True, True)]
 
 

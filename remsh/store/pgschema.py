@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 #: The schema this code writes.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: SQLSTATEs :data:`APPEND_FUNCTION` raises: the master's epoch is stale;
 #: the job is another master's (message: its owner); no such job; no such
@@ -77,6 +77,18 @@ BEGIN
 END
 $$
 """
+
+#: The owner check of :data:`APPEND_FUNCTION` ...
+_OWNER_CHECK = "IF v_owner <> p_master THEN"
+#: ... and of version 6: a master that claimed a slave's part of another
+#: master's job (``remsh_dispatch``, :mod:`remsh.store.pgdispatch`) writes
+#: that slave's output, while its claim runs and under the epoch it claimed with.
+_CLAIM_CHECK = ("IF v_owner <> p_master AND NOT EXISTS (SELECT 1 FROM remsh_dispatch WHERE job_id = p_job "
+                "AND slave = p_name AND state = 'running' AND claimed_by = p_master AND claim_epoch = p_epoch) THEN")
+assert APPEND_FUNCTION.count(_OWNER_CHECK) == 1
+#: ``remsh_append`` as of version 6.
+APPEND_FUNCTION_6 = APPEND_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION").replace(
+    _OWNER_CHECK, _CLAIM_CHECK)
 
 #: ``MIGRATIONS[n]`` turns a version ``n`` database into version ``n + 1``.
 MIGRATIONS: Dict[int, Sequence[str]] = {
@@ -164,8 +176,36 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
                updated DOUBLE PRECISION NOT NULL,
                PRIMARY KEY (master, name)
            )""",),
+    # work crossing masters (remsh.crossmaster): a slave's part of a job
+    # asked of the master holding that slave, and the bytes a put or a get
+    # carries between the two masters
+    5: ("""CREATE TABLE remsh_dispatch (
+               id BIGSERIAL PRIMARY KEY,
+               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
+               slave TEXT NOT NULL,
+               origin TEXT NOT NULL,
+               holder TEXT NOT NULL,
+               kind TEXT NOT NULL,
+               spec TEXT NOT NULL,
+               state TEXT NOT NULL,
+               claimed_by TEXT,
+               claim_epoch BIGINT,
+               cancel_reason TEXT,
+               result TEXT,
+               created DOUBLE PRECISION NOT NULL,
+               UNIQUE (job_id, slave)
+           )""",
+        "CREATE INDEX remsh_dispatch_open ON remsh_dispatch (slave) WHERE state IN ('pending', 'running')",
+        """CREATE TABLE remsh_blobs (
+               job_id TEXT COLLATE "C" NOT NULL REFERENCES remsh_jobs (id) ON DELETE CASCADE,
+               name TEXT NOT NULL,
+               seq INTEGER NOT NULL,
+               data BYTEA NOT NULL,
+               PRIMARY KEY (job_id, name, seq)
+           )""",
+        APPEND_FUNCTION_6),
 }
 
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "APPEND_FUNCTION", "STALE_EPOCH", "NOT_OWNER", "NO_JOB", "NO_SLAVE",
-           "GAP"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "APPEND_FUNCTION", "APPEND_FUNCTION_6", "STALE_EPOCH", "NOT_OWNER",
+           "NO_JOB", "NO_SLAVE", "GAP"]

@@ -63,7 +63,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, now, slave_changes)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
-from remsh.store import pgadopt, pgslaves
+from remsh.store import pgadopt, pgdispatch, pgslaves
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
@@ -354,12 +354,13 @@ class PostgresJobStore(ChangeCounter):
             raise StoreError(f"the job store {self.label} is closed")
         return self._reader.run(fn, retry=True)
 
-    def _own(self, db: Conn, job_id: str) -> None:
-        """Lock job ``job_id``'s row; :class:`NotOwner` unless it is ours."""
+    def _own(self, db: Conn, job_id: str, slave: Optional[str] = None) -> None:
+        """Lock job ``job_id``'s row; :class:`NotOwner` unless it is ours
+        (or ``slave``'s part of it is, claimed: :mod:`remsh.store.pgdispatch`)."""
         row = db.execute("SELECT owner FROM remsh_jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"no job {job_id}")
-        if row[0] != self.name:
+        if row[0] != self.name and not (slave and pgdispatch.claimed(db, job_id, slave, self.name, self.epoch)):
             raise NotOwner(f"job {job_id} belongs to master {row[0]}, not {self.name}", owner=str(row[0]))
 
     def create_job(self, kind: str, spec: Dict[str, object], uid: int, names: Sequence[str],
@@ -399,7 +400,7 @@ class PostgresJobStore(ChangeCounter):
         assignments = ", ".join(f"{column} = %s" for column in changes)
 
         def update(db: Conn) -> None:
-            self._own(db, job_id)
+            self._own(db, job_id, name)
             cur = db.execute(f"UPDATE remsh_job_slaves SET {assignments} "
                              f"WHERE job_id = %s AND name = %s", (*changes.values(), job_id, name))
             if cur.rowcount == 0:
@@ -649,6 +650,16 @@ class PostgresJobStore(ChangeCounter):
     def cluster_slaves(self) -> List[Dict[str, Any]]:
         """The slaves of the other live masters, each row with ``master``."""
         return self._read(lambda db: pgslaves.others(db, self.name, self.lease))
+
+    # -- work crossing masters (remsh.crossmaster; the SQL: remsh.store.pgdispatch) ------
+
+    def dispatch_write(self, fn: Callable[..., T], *args: Any, repeatable: bool = True) -> T:
+        """``fn(db, name, epoch, *args)`` in a write fenced by this master's epoch."""
+        return self._write(lambda db: fn(db, self.name, self.epoch, *args), repeatable=repeatable)
+
+    def dispatch_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(db, *args)`` in a read."""
+        return self._read(lambda db: fn(db, *args))
 
     @property
     def closed(self) -> bool:
