@@ -58,6 +58,9 @@ DEFAULT_MAX_KEYS = 1024
 DEFAULT_MAX_BOX_BYTES = 1 << 20
 #: Box terminator: a zero-length key.
 END_OF_BOX = b"\x00\x00"
+#: Input up to this size that is not ``bytes`` is decoded from one copy of
+#: it (see ``BoxDecoder._parse``).
+SMALL_INPUT = 4096
 #: Longest single wait handed to the stream (seconds): poll(2) takes an int of
 #: milliseconds (about 24.8 days at most), so longer waits are made in slices.
 MAX_POLL_WAIT = 86400.0
@@ -141,10 +144,12 @@ DATA_BOXES_PER_WRITE = 16
 DATA_BLOCK = MAX_VALUE_LENGTH * DATA_BOXES_PER_WRITE
 
 
-def encode_data_boxes(key: bytes, block: Union[bytes, bytearray, memoryview]) -> bytes:
+def encode_data_boxes(key: bytes, block: Union[bytes, bytearray, memoryview], prefix: bytes = b"") -> bytes:
     """``block`` split into consecutive ``{key: chunk}`` boxes of at most
-    :data:`MAX_VALUE_LENGTH` bytes each, encoded as one byte string."""
-    head = _pack_u16(len(key)) + key
+    :data:`MAX_VALUE_LENGTH` bytes each, encoded as one byte string;
+    ``prefix`` (keys already encoded, :func:`encode_pairs` without its end)
+    comes before ``key`` in every box."""
+    head = prefix + _pack_u16(len(key)) + key
     parts: List[Union[bytes, memoryview]] = []
     append = parts.append
     view = memoryview(block)
@@ -235,8 +240,13 @@ class BoxDecoder:
         """Take every complete pair of ``src`` into boxes; keep the rest in
         the buffer (``src`` may be the buffer itself)."""
         buf = self._buf
-        copy = type(src) is not bytes  # slices of views and bytearrays are not ours to keep
         n = src.nbytes if isinstance(src, memoryview) else len(src)
+        if type(src) is not bytes and src is not buf and 2 < n <= SMALL_INPUT:
+            # a few small boxes (requests, replies, control boxes): one copy
+            # of the whole, then bytes slicing and indexing, cost less than a
+            # view slice and a copy for every key and value
+            src = bytes(src)
+        copy = type(src) is not bytes  # slices of views and bytearrays are not ours to keep
         pos = 0
         box = self._box
         box_bytes = self._box_bytes
@@ -250,16 +260,36 @@ class BoxDecoder:
                 box = {}
                 box_bytes = 0
                 continue
+            kend = pos + 2 + klen
+            if kend + 2 <= n:
+                vend = kend + 2 + (src[kend] << 8 | src[kend + 1])
+                if (vend <= n and klen <= MAX_KEY_LENGTH and len(box) < max_keys
+                        and box_bytes + (vend - pos) + 2 <= max_box_bytes):
+                    # the common case: a whole pair, within every limit
+                    if copy:
+                        key = bytes(src[pos + 2 : kend])
+                        if key in box:
+                            raise self._fail(f"duplicate key {key!r} in box")
+                        box[key] = bytes(src[kend + 2 : vend])
+                    else:
+                        key = src[pos + 2 : kend]  # type: ignore[assignment]
+                        if key in box:
+                            raise self._fail(f"duplicate key {key!r} in box")
+                        box[key] = src[kend + 2 : vend]  # type: ignore[assignment]
+                    box_bytes += vend - pos
+                    pos = vend
+                    continue
+            # a limit broken, or the pair unfinished: checked in stream order,
+            # each as soon as the length prefix that breaks it is read
             if klen > MAX_KEY_LENGTH:
                 raise self._fail(f"key length {klen} over {MAX_KEY_LENGTH}")
             if len(box) >= max_keys:
                 raise self._fail(f"box has more than {max_keys} keys")
-            kend = pos + 2 + klen
             if box_bytes + (kend - pos) + 2 > max_box_bytes:
                 raise self._fail(f"box larger than {max_box_bytes} bytes")
             if kend > n:
                 break
-            key = bytes(src[pos + 2 : kend]) if copy else src[pos + 2 : kend]
+            key = bytes(src[pos + 2 : kend])
             if key in box:
                 raise self._fail(f"duplicate key {key!r} in box")
             if kend + 2 > n:
@@ -267,11 +297,7 @@ class BoxDecoder:
             vend = kend + 2 + (src[kend] << 8 | src[kend + 1])
             if box_bytes + (vend - pos) + 2 > max_box_bytes:
                 raise self._fail(f"box larger than {max_box_bytes} bytes")
-            if vend > n:
-                break
-            box[key] = bytes(src[kend + 2 : vend]) if copy else src[kend + 2 : vend]  # type: ignore[index,assignment]
-            box_bytes += vend - pos
-            pos = vend
+            break  # vend > n: the value is still to come
         if src is buf:
             if pos:
                 del buf[:pos]
@@ -463,8 +489,17 @@ class Wire:
 
     def _recv(self, timeout: Optional[float]) -> Union[bytes, memoryview]:
         """The next bytes from the stream (valid until this thread receives again)."""
-        deadline = None if timeout is None else _now() + timeout
         recv_into = self._recv_into
+        if recv_into is not None and (timeout is None or timeout <= MAX_POLL_WAIT):
+            # the usual case, in as few steps as it takes: one wait, one receive
+            rbuf = _receive_buffer()
+            try:
+                return rbuf[:recv_into(rbuf, timeout)]
+            except TimeoutError as e:
+                raise PeerTimeout(f"{self.label}: no answer within {timeout or 0.0:g} s") from e
+            except OSError as e:
+                raise Disconnected(f"{self.label}: connection lost while receiving: {e}") from e
+        deadline = None if timeout is None else _now() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - _now())
             sliced = left is not None and left > MAX_POLL_WAIT
@@ -523,8 +558,8 @@ class Wire:
         if self._eof:
             return None
         deadline = None if timeout is None else _now() + timeout
+        left = timeout
         while True:
-            left = None if deadline is None else max(0.0, deadline - _now())
             data = self._recv(left)
             if not data:
                 self._eof = True
@@ -532,8 +567,12 @@ class Wire:
                 return None
             boxes = self._feed(data)
             if boxes:
+                if len(boxes) == 1:
+                    return boxes[0]
                 self._ready.extend(boxes)
                 return self._ready.popleft()
+            if deadline is not None:
+                left = max(0.0, deadline - _now())
 
     def poll_box(self) -> Optional[Box]:
         """A box already buffered, or ``None`` (no I/O)."""

@@ -1,0 +1,58 @@
+"""What keeps the cost per box and per byte down, pinned as behaviour: a
+command's output read in large pieces and framed as many boxes at once,
+with the same bytes on the wire as one box at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from remsh.conversation import ExecuteControl
+from remsh.slave.execute import MAX_READ, PIPE_SIZE, read_output_boxes
+from remsh.wire import MAX_VALUE_LENGTH, BoxDecoder, encode_box, encode_data_boxes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("size", [1, MAX_VALUE_LENGTH, MAX_VALUE_LENGTH + 1, 3 * MAX_VALUE_LENGTH + 7])
+def test_data_boxes_with_a_prefix_are_the_boxes_one_at_a_time(size: int) -> None:
+    """encode_data_boxes with a prefix gives exactly the output boxes encoded one by one."""
+    data = bytes(range(256)) * (size // 256 + 1)
+    data = data[:size]
+    prefix, key = ExecuteControl.output_head(b"stderr")
+    one_by_one = b"".join(encode_box(ExecuteControl.output_box(b"stderr", data[i:i + MAX_VALUE_LENGTH]))
+                          for i in range(0, size, MAX_VALUE_LENGTH))
+    assert encode_data_boxes(key, data, prefix) == one_by_one
+
+
+def test_a_full_output_pipe_is_read_and_framed_at_once() -> None:
+    """What a grown output pipe holds (up to MAX_READ) is read in one go and
+    sent as consecutive output boxes, each within a box's value limit."""
+    r, w = os.pipe()
+    try:
+        try:
+            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            pytest.skip("the pipe cannot be grown here")
+        os.set_blocking(r, False)
+        size = min(MAX_READ, PIPE_SIZE) - 3
+        data = os.urandom(size)
+        assert os.write(w, data) == size
+        prefix, key = ExecuteControl.output_head(b"stdout")
+        encoded = read_output_boxes(r, prefix, key)
+        assert encoded is not None
+        boxes = BoxDecoder().feed(encoded)
+        assert len(boxes) == -(-size // MAX_VALUE_LENGTH)
+        assert all(box.keys() == {b"stream", b"data"} and box[b"stream"] == b"stdout" for box in boxes)
+        assert all(len(box[b"data"]) <= MAX_VALUE_LENGTH for box in boxes)
+        assert b"".join(box[b"data"] for box in boxes) == data
+        assert read_output_boxes(r, prefix, key) is None  # nothing more yet
+        os.close(w)
+        w = -1
+        assert read_output_boxes(r, prefix, key) == b""  # the end of the output
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
