@@ -34,10 +34,11 @@ pytestmark = pytest.mark.timeout(240)
 #: the lease and heartbeat of every master here (seconds)
 LEASE = 3.0
 HEARTBEAT = 0.5
-#: 30 numbered lines, then (once GO exists) 30 more, then the status (from the directory's name)
+#: 30 numbered lines, then (once GO exists) 30 more, GO.NAME made, then the status (from the directory's name)
 SCRIPT60 = ('for i in $(seq 1 30); do echo "line $i"; echo "err $i" >&2; sleep 0.02; done; '
             'while [ ! -e "$GO" ]; do sleep 0.05; done; '
             'for i in $(seq 31 60); do echo "line $i"; echo "err $i" >&2; sleep 0.05; done; '
+            'touch "$GO.${PWD##*/}"; '
             'case "$PWD" in *r-1) exit 0;; *r-2) exit 3;; *) exit 5;; esac')
 
 
@@ -161,9 +162,10 @@ def test_masters_racing_to_adopt_a_dead_one_exactly_one_wins(store_uri: str) -> 
             store.close()
 
 
-def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(tmp_path: Path,
-                                                                               store_uri: str) -> None:
-    """m1 SIGSTOPped mid-job past its lease: m2 adopts its job and ends it with every line once; SIGCONTed, m1 finds itself fenced off, says so, stops serving, and its writes are refused."""
+@pytest.mark.parametrize("slave_heartbeat", ["1", "15"], ids=["slaves-leave", "slaves-stay"])
+def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(tmp_path: Path, store_uri: str,
+                                                                               slave_heartbeat: str) -> None:
+    """m1 SIGSTOPped mid-job past its lease, its slaves gone over to m2 or still connected to it: m2 adopts the job; SIGCONTed, m1 finds itself fenced off, says so, drops its slaves unacknowledged and refuses them, its writes refused; the job ends on m2 with every line once."""
     ports = [_free_port(), _free_port()]
     slaves = SlaveProcesses(tmp_path / "slaves")
     masters: List[Optional[Master]] = []
@@ -173,7 +175,7 @@ def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(
         assert m1 is not None and m2 is not None
         for name in NAMES:
             slaves.start(ports[0], name, secret=None, insecure=True, max_backoff=0.3,
-                         extra_args=["--failover", f"{HOST}:{ports[1]}", "--heartbeat", "1"])
+                         extra_args=["--failover", f"{HOST}:{ports[1]}", "--heartbeat", slave_heartbeat])
         wait_until(lambda: _held_by(m1, NAMES, "m1"), WAIT, "the slaves on m1")
         go = tmp_path / "GO"
         job_id = _start_job(m1, SCRIPT60, go)
@@ -181,7 +183,11 @@ def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(
         paused = time.monotonic()
         wait_until(lambda: _owner(store_uri, job_id) == "m2", WAIT * 2, "m2 to adopt the paused master's job")
         assert time.monotonic() - paused >= LEASE - HEARTBEAT * 2  # not before the lease
-        go.touch()
+        go.touch()  # the rest goes to m2, or (slaves that stayed) to the paused m1, unacknowledged
+        if slave_heartbeat == "15":
+            wait_until(lambda: all((tmp_path / f"GO.{n}").exists() for n in NAMES), WAIT,
+                       "the commands to print all into the paused master's connections")
+            m1.proc.send_signal(signal.SIGCONT)
         wait_until(lambda: _record(m2, job_id)["state"] != "running", WAIT * 3, "the adopted job to end")
         rec = _record(m2, job_id)
         for name, status in STATUSES.items():
