@@ -86,8 +86,8 @@ MAX_CARRIED = 256 << 20
 LOOK_EVERY = 1.0
 #: ... and at which masters are alive this often while a claimer runs one.
 MASTERS_EVERY = 3.0
-#: A holder looks for dispatches at most this often (every write of the
-#: cluster wakes it), and at least every POLL seconds.
+#: A holder looks for dispatches (an origin at its own) at most this often
+#: (every write of the cluster wakes it), and a holder at least every POLL seconds.
 LOOK_GAP = 0.05
 POLL = 2.0
 #: How long a stopping holder waits for its parts to record their end.
@@ -379,11 +379,15 @@ class _Origin:
             while self.queue or self.open:
                 version = self.jobs.version()
                 self._step()
-                if (self.queue or self.open) and self.jobs.wait_change(version, LOOK_EVERY) == version:
-                    if getattr(self.store, "closed", False):
-                        return
+                if getattr(self.store, "closed", False):
+                    return
+                if self.queue or self.open:
+                    time.sleep(LOOK_GAP)  # every write of the cluster wakes it: at most this often
+                    self.jobs.wait_change(version, LOOK_EVERY)
         except StoreError as e:  # the parts left end failed with the job (remsh.jobs)
             log.error("job %s: cannot follow its parts on other masters: %s", self.job_id, e)
+        except Exception:  # noqa: BLE001 - logged; the parts left end failed with the job
+            log.exception("job %s: following its parts on other masters failed", self.job_id)
         finally:
             if self.crossing.kind == "put":
                 try:

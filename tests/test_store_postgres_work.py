@@ -10,13 +10,18 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from remsh.crossmaster import BlobReader, BlobWriter, CarryFailed, load_path, store_path
+from remsh import crossmaster
+from remsh.crossmaster import BlobReader, BlobWriter, CarryFailed, Crossing, load_path, store_path
 from remsh.errors import LimitExceeded
+from remsh.jobs import StoreSink
+from remsh.master.fanout import Cancellation
+from remsh.pacing import Pacing
 from remsh.store import pgdispatch
 from remsh.store.fencing import NotOwner
 from remsh.store.postgres import LEASE, PostgresJobStore
@@ -260,5 +265,55 @@ def test_bytes_cross_the_store_checked_and_bounded(pg_uri, tmp_path: Path) -> No
             reader.read()
         x.dispatch_write(pgdispatch.drop_blob, job.id, "")
         assert x.dispatch_read(pgdispatch.chunk, job.id, "", 0) is None
+    finally:
+        x.close()
+
+
+def test_a_part_is_claimed_by_the_master_its_slave_is_on_now(cluster, store_uri: str) -> None:  # noqa: F811
+    """A part asked naming master b as the holder of s-a, which is on master a: a claims and runs it, writing into the asking master's job."""
+    a, _, _ = cluster
+    x = PostgresJobStore(store_uri, "x")
+    try:
+        job = x.create_job("run", {"argv": ["echo", "moved"]}, 0, ["s-a"])
+        x.dispatch_write(pgdispatch.ask, job.id, [("s-a", "b")], "run", {"argv": ["echo", "moved"]})
+        wait_until(lambda: x.dispatch_read(pgdispatch.of_job, job.id)[0].state == "done", WAIT, "s-a's part to end")
+        assert x.get_job(job.id).slaves["s-a"].state == "ok"
+        assert b"".join(c.data for _, c in x.read_output(job.id)) == b"moved\n"
+        (d,) = x.dispatch_read(pgdispatch.of_job, job.id)
+        assert (d.state, d.claimed_by, d.result["status"]) == ("done", "a", 0)
+    finally:
+        x.close()
+
+
+def _origin(store: PostgresJobStore, job_id: str, cancellation: Cancellation) -> threading.Thread:
+    """The work of job ``job_id`` on slave ``ghost``, said to be held by master y, in a thread."""
+    crossing = Crossing(store, {"ghost": "y"}, "run", {"argv": ["true"]}, {}, Pacing(), 1)
+    work = crossing.wrap(lambda sink, c: [])
+    thread = threading.Thread(target=work, args=(StoreSink(store, job_id, cancellation), cancellation))
+    thread.start()
+    return thread
+
+
+def test_a_part_nobody_claims_ends_lost_and_one_cancelled_before_its_claim_skipped(pg_uri, monkeypatch) -> None:  # noqa: F811
+    """A part no master claims ends lost after PENDING_WAIT; one whose job is cancelled before any master claims it ends skipped, its dispatch cancelled."""
+    monkeypatch.setattr(crossmaster, "PENDING_WAIT", 0.5)
+    x = PostgresJobStore(pg_uri, "x")
+    try:
+        job = x.create_job("run", {"argv": ["true"]}, 0, ["ghost"])
+        _origin(x, job.id, Cancellation()).join(WAIT)
+        record = x.get_job(job.id).slaves["ghost"]
+        assert record.state == "lost" and "no master holding it took its part" in (record.error or "")
+        assert [d.state for d in x.dispatch_read(pgdispatch.of_job, job.id)] == ["lost"]
+        monkeypatch.setattr(crossmaster, "PENDING_WAIT", 60.0)
+        job = x.create_job("run", {"argv": ["true"]}, 0, ["ghost"])
+        cancellation = Cancellation()
+        thread = _origin(x, job.id, cancellation)
+        wait_until(lambda: x.dispatch_read(pgdispatch.of_job, job.id) != [], WAIT, "the part to be asked")
+        cancellation.cancel("interrupted")
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        record = x.get_job(job.id).slaves["ghost"]
+        assert (record.state, record.error) == ("skipped", "interrupted")
+        assert [d.state for d in x.dispatch_read(pgdispatch.of_job, job.id)] == ["cancelled"]
     finally:
         x.close()
