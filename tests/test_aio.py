@@ -395,11 +395,12 @@ def test_tls_listener_refuses_plain_tcp(tmp_path: Path, slave_procs: SlaveProces
     run(main())
 
 
-def test_resume_timeout_is_not_supported_yet() -> None:
-    """resume_timeout > 0 is a UsageError saying sessions are not offered; 0 is fine."""
-    with pytest.raises(UsageError, match="no resumable sessions"):
-        aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=5)
-    aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=0)
+def test_resume_timeout_offers_sessions() -> None:
+    """resume_timeout > 0 offers sessions (tests/test_aio_resume.py), 0 none; a negative one is a UsageError."""
+    with pytest.raises(UsageError, match="resume_timeout"):
+        aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=-1)
+    assert aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=5).resume_timeout == 5
+    assert aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=0).resume_timeout == 0
 
 
 def test_tcp_listener_needs_credentials() -> None:

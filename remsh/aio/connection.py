@@ -19,7 +19,7 @@ import collections
 import logging
 import ssl as ssl_module
 import threading
-from typing import Callable, Deque, List, Optional, Union
+from typing import Callable, Deque, List, Mapping, Optional, Protocol, Union
 
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, UsageError
 from remsh.handshake import GREETING_LENGTH, MasterHandshake, NameRule, Refused, Registered
@@ -27,7 +27,7 @@ from remsh.wire import DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, Box, BoxDecoder,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Connection", "master_handshake", "WRITE_BUFFER_HIGH"]
+__all__ = ["Channel", "Connection", "master_handshake", "WRITE_BUFFER_HIGH"]
 
 #: The transport's write buffer above which :meth:`Connection.send` waits
 #: for the peer to take data (big enough for one bulk block of data boxes).
@@ -38,6 +38,39 @@ MAX_QUEUED_BOXES = 64
 
 
 _scratch = threading.local()
+
+#: ``sink(conn, boxes, ended)``: what a connection with a sink calls with
+#: every batch of boxes it decodes, and once with ``ended`` when it ends
+#: (:class:`~remsh.errors.Disconnected`) or its input turns bad
+#: (:class:`~remsh.errors.WireError`).
+Sink = Callable[["Connection", List[Box], Optional[RemshError]], None]
+
+
+class Channel(Protocol):
+    """What an :class:`~remsh.aio.slave.AsyncSlave` talks through: a
+    :class:`Connection`, or a session over connections that may be replaced
+    (:class:`remsh.aio.session.SessionConnection`)."""
+
+    label: str
+    busy: bool
+    on_idle_event: Optional[Callable[[RemshError], None]]
+    #: whether the channel survives a dropped connection
+    resumable: bool
+
+    @property
+    def peer(self) -> str: ...
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> None: ...
+
+    async def send(self, data: Union[bytes, bytearray, memoryview], timeout: Optional[float] = None) -> None: ...
+
+    def received(self) -> Optional[Box]: ...
+
+    async def read_box(self, timeout: Optional[float]) -> Optional[Box]: ...
+
+    def idle(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _receive_buffer() -> memoryview:
@@ -63,6 +96,7 @@ class Connection(asyncio.BufferedProtocol):
     """
 
     RECV_SIZE = Wire.RECV_SIZE
+    resumable = False
 
     def __init__(self, *, label: str = "peer", max_keys: int = DEFAULT_MAX_KEYS,
                  max_box_bytes: int = DEFAULT_MAX_BOX_BYTES,
@@ -90,6 +124,8 @@ class Connection(asyncio.BufferedProtocol):
         #: (:class:`~remsh.errors.Disconnected`) or the peer sent a box
         #: nobody asked for (:class:`~remsh.errors.ProtocolError`)
         self.on_idle_event: Optional[Callable[[RemshError], None]] = None
+        #: where boxes go instead of the queue (see :meth:`set_sink`)
+        self._sink: Optional[Sink] = None
 
     @classmethod
     async def open(cls, host: str, port: int, *, ssl: Optional["ssl_module.SSLContext"] = None,
@@ -119,6 +155,18 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(_receive_buffer()[:nbytes])
 
     def data_received(self, data: Union[bytes, memoryview]) -> None:
+        sink = self._sink
+        if sink is not None:
+            if self._bad_input is None:
+                try:
+                    boxes = self._decoder.feed(data)
+                except WireError as e:
+                    self._bad_input = e
+                    sink(self, [], e)
+                    return
+                if boxes:
+                    sink(self, boxes, None)
+            return
         if self._raw is not None:
             self._raw += data
         elif self._bad_input is None:
@@ -134,6 +182,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> Optional[bool]:
         self.at_eof = True
+        if self._sink is not None:
+            self._sink(self, [], Disconnected(f"{self.label}: connection closed"))
         self._wake()
         self._check_idle()
         return False  # close the transport
@@ -142,6 +192,8 @@ class Connection(asyncio.BufferedProtocol):
         self._gone = True
         self.at_eof = True
         self._lost = exc
+        if self._sink is not None:
+            self._sink(self, [], Disconnected(f"{self.label}: connection lost" + (f": {exc}" if exc else "")))
         self._wake()
         self._check_idle()
         waiter = self._drain_waiter
@@ -157,6 +209,27 @@ class Connection(asyncio.BufferedProtocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def set_sink(self, sink: Sink) -> None:
+        """From now on hand every decoded box to ``sink`` (and the end of
+        the connection), at once, instead of queueing them for
+        :meth:`read_box`: a session (:mod:`remsh.aio.session`) takes its
+        acknowledgements as they come.  Boxes already queued go first."""
+        raw, self._raw = self._raw, None
+        if raw:
+            self.data_received(bytes(raw))
+        self._sink = sink
+        queued = list(self._ready)
+        self._ready.clear()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if queued:
+            sink(self, queued, None)
+        if self._bad_input is not None:
+            sink(self, [], self._bad_input)
+        elif self.at_eof or self._gone:
+            sink(self, [], Disconnected(f"{self.label}: connection closed"))
 
     def _check_idle(self) -> None:
         """Tell the owner of an event while no operation reads."""
@@ -221,6 +294,15 @@ class Connection(asyncio.BufferedProtocol):
         is behind (more than :data:`WRITE_BUFFER_HIGH` unsent), wait for it;
         ``timeout`` bounds that wait (:class:`PeerTimeout`)."""
         self.write(data)
+        if self._write_paused:
+            await self.drain(timeout)
+
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """While the peer is behind (more than :data:`WRITE_BUFFER_HIGH`
+        unsent), wait for it, at most ``timeout`` s (:class:`PeerTimeout`).
+
+        :raises Disconnected: the connection broke meanwhile
+        """
         if not self._write_paused:
             return
         loop = asyncio.get_running_loop()
@@ -319,12 +401,18 @@ def _expire(fut: "asyncio.Future[None]", error: Callable[[], BaseException]) -> 
         fut.set_exception(error())
 
 
-async def master_handshake(conn: Connection, rule: NameRule, *, timeout: float) -> Registered:
+SessionKeys = Callable[[str, Box], Mapping[bytes, bytes]]
+
+
+async def master_handshake(conn: Connection, rule: NameRule, *, timeout: float,
+                           session_keys: Optional[SessionKeys] = None) -> Registered:
     """Greeting and registration, the master's side, within ``timeout`` seconds.
 
     The same machine as the threaded listeners'
     (:class:`~remsh.handshake.MasterHandshake`); a refused slave gets the
-    one refusal box before the error is raised.
+    one refusal box before the error is raised.  ``session_keys(name,
+    register_box)`` adds the answer's session keys, as for the threaded
+    listeners (:func:`remsh.handshake.master_handshake`).
 
     :raises AuthenticationError: refused
     :raises ProtocolError: a malformed exchange
@@ -336,7 +424,7 @@ async def master_handshake(conn: Connection, rule: NameRule, *, timeout: float) 
     def left() -> float:
         return max(0.0, end - loop.time())
 
-    hs = MasterHandshake(rule, label=conn.label)
+    hs = MasterHandshake(rule, label=conn.label, session_keys=session_keys)
     await conn.send(hs.greeting, left())
     hs.receive_greeting(await conn.read_exact(GREETING_LENGTH, left()))
     await conn.send_boxes(hs.start(), left())

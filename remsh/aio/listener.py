@@ -7,10 +7,15 @@ handshake is :class:`remsh.handshake.MasterHandshake`, driven by
 a registered slave becomes an :class:`~remsh.aio.slave.AsyncSlave` in
 :attr:`slave_collection`.
 
-Sessions (a slave's work surviving a dropped connection,
-``resume_timeout``) are not offered by this front end yet:
-``resume_timeout`` must be 0 (the default), else :class:`UsageError`.
-A slave that asks for a session simply gets none and works as usual.
+Sessions: with ``resume_timeout`` > 0 a slave that can resume (every
+``remsh-slave`` dialing over TCP or TLS) gets a session, as from the
+threaded listeners (:mod:`remsh.session`): when its connection drops, the
+:class:`~remsh.aio.slave.AsyncSlave` stays, an operation in progress
+waits, and the slave redialing within ``resume_timeout`` seconds carries
+on where it was, every box once (:mod:`remsh.aio.session`).  Not back in
+time, the operation raises :class:`~remsh.errors.Disconnected` naming
+slave and operation.  With ``resume_timeout=0`` (the default) a slave that
+asks for a session gets none and works as usual.
 """
 
 from __future__ import annotations
@@ -20,17 +25,20 @@ import logging
 import os
 import signal
 import ssl
+import math
 import subprocess
-from typing import Any, Dict, List, Optional, Set, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type
 
 from remsh.aio.collection import AsyncSlaveCollection
-from remsh.aio.connection import Connection, master_handshake
+from remsh.aio.connection import Channel, Connection, SessionKeys, master_handshake
+from remsh.aio.session import SessionConnection
 from remsh.aio.slave import AsyncSlave
 from remsh.errors import AuthenticationError, RemshError, UsageError
-from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret
+from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret, resume_ask, session_grant
 from remsh.master.limits import prepare_descriptors
 from remsh.master.slavelistener.base import Authenticator, secret_authorizer
 from remsh.ops import DEFAULT_IO_TIMEOUT
+from remsh.session import new_session_id
 from remsh.transports.base import tune_socket
 from remsh.transports.local import spawn_local_slave
 from remsh.transports.tcp import DEFAULT_KEEPALIVE
@@ -53,15 +61,18 @@ class _Listener:
                  slave_collection: Optional[AsyncSlaveCollection] = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, io_timeout: float = DEFAULT_IO_TIMEOUT,
                  resume_timeout: float = 0.0) -> None:
-        if resume_timeout != 0:
-            raise UsageError("remsh.aio offers no resumable sessions yet: resume_timeout must be 0 "
-                             "(use the threaded remsh.master listeners for sessions)")
+        if not (0 <= resume_timeout and math.isfinite(resume_timeout)):
+            raise UsageError("resume_timeout must be a finite number of seconds, 0 or more")
         self.slave_class: Type[AsyncSlave] = slave_class or AsyncSlave
         self.slave_collection = slave_collection if slave_collection is not None else AsyncSlaveCollection()
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
-        self.resume_timeout = 0.0
+        #: how long a slave's work waits for its dropped connection to come
+        #: back (0: it does not; see :mod:`remsh.aio.session`)
+        self.resume_timeout = float(resume_timeout)
         self._slaves: Dict[int, AsyncSlave] = {}
+        #: the slaves holding a session, by session id
+        self._sessions: Dict[str, AsyncSlave] = {}
         self._started = False
         #: how many slaves this listener is meant to hold (``None``: not
         #: said); :meth:`start` fails when the open-file limit cannot hold them
@@ -84,9 +95,42 @@ class _Listener:
                 return False, secret
             return allowed, secret
 
+        resuming: List[Tuple[AsyncSlave, SessionConnection, int]] = []
+        new_session: List[str] = []
+
+        def session_keys(name: str, box: Dict[bytes, bytes]) -> Mapping[bytes, bytes]:
+            """The answer's session keys: a slave that can resume gets a
+            session; one naming its session (and proving its name) gets it
+            back with our count of its boxes (remsh.session)."""
+            ask = resume_ask(box, conn.label)
+            if ask is None:
+                return {}
+            if ask.session is not None:
+                old = self._sessions.get(ask.session)
+                if old is not None and old.name != name:
+                    raise AuthenticationError(f"{conn.label}: slave {name!r} named another slave's session")
+                channel = old.conn if old is not None else None
+                if old is not None and isinstance(channel, SessionConnection) and channel.failed is None:
+                    received = channel.begin_resume()
+                    resuming.append((old, channel, ask.received))
+                    return session_grant(ask.session, self.resume_timeout, received)
+            sid = new_session_id()
+            new_session.append(sid)
+            return session_grant(sid, self.resume_timeout)
+
+        keys: Optional[SessionKeys] = session_keys if self.resume_timeout > 0 else None
         try:
-            reg = await master_handshake(conn, checked, timeout=timeout)
-            slave = self.slave_class(conn, reg.name, reg.info, self, io_timeout=self.io_timeout)
+            reg = await master_handshake(conn, checked, timeout=timeout, session_keys=keys)
+            if resuming:
+                old, session, peer_received = resuming[0]
+                session.attach(conn, peer_received)
+                log.info("slave %s resumed from %s", old.name, conn.peer)
+                return old
+            channel: Channel = conn
+            if new_session:
+                channel = SessionConnection(conn, new_session[0], resume_timeout=self.resume_timeout,
+                                            label=reg.name)
+            slave = self.slave_class(channel, reg.name, reg.info, self, io_timeout=self.io_timeout)
             await slave.setup()
         except BaseException:
             conn.close()
@@ -97,12 +141,17 @@ class _Listener:
             slave.close()
             raise
         self._slaves[id(slave)] = slave
+        if new_session:
+            self._sessions[new_session[0]] = slave
         slave.on_disconnect(self._forget)
-        log.info("slave %s registered from %s", slave.name, conn.peer)
+        log.info("slave %s registered from %s%s", slave.name, conn.peer, " (resumable)" if new_session else "")
         return slave
 
     def _forget(self, slave: AsyncSlave) -> None:
         self._slaves.pop(id(slave), None)
+        sid = getattr(slave.conn, "session_id", None)
+        if sid is not None and self._sessions.get(sid) is slave:
+            del self._sessions[sid]
 
     async def start(self) -> None:
         """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (once; see
@@ -138,12 +187,13 @@ class TcpSlaveListener(_Listener):
     :param authenticator: ``callable(name) -> secret or None``, per-slave secrets
     :param allow_insecure: must be true to listen with neither
     :param ssl_context: a server-side ``ssl.SSLContext``: connections are TLS
-    :param resume_timeout: must be 0 (no sessions yet)
+    :param resume_timeout: how long a slave's work waits for its dropped
+        connection to come back (seconds; 0, the default: it does not)
     :param max_pending: most handshakes at once (each bounded by ``handshake_timeout``)
     :param keepalive: TCP keepalive ``(idle, interval, count)``, or ``None``:
         an idle slave on a host that vanished is noticed and dropped
     :raises UsageError: no credentials without ``allow_insecure``, or
-        ``resume_timeout`` other than 0
+        ``resume_timeout`` negative or infinite
     """
 
     def __init__(self, port: int = 0, host: Optional[str] = None, *, secret: Optional[Secret] = None,

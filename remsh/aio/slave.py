@@ -6,7 +6,8 @@ protocol layer's objects (:class:`~remsh.conversation.ExecuteCall`,
 :class:`~remsh.protocol.transfer.SendCall`,
 :class:`~remsh.protocol.transfer.FetchCall`,
 :class:`~remsh.protocol.simple.SimpleCall`); this module only moves their
-bytes over a :class:`~remsh.aio.connection.Connection`.
+bytes over a :class:`~remsh.aio.connection.Connection` (or, for a slave
+with a session, a :class:`~remsh.aio.session.SessionConnection`).
 
 Calls on one slave run one at a time, in call order (an
 :class:`asyncio.Lock`).  **Cancelling** the task that awaits an operation
@@ -28,7 +29,7 @@ from typing import (Any, AsyncIterable, Awaitable, BinaryIO, Callable, Dict, Lis
                     Set, Union)
 
 from remsh.aio import transfers, trees
-from remsh.aio.connection import Connection
+from remsh.aio.connection import Channel
 from remsh.conversation import EnvArg, ExecuteCall, Exited, Failed, Output, Started, State
 from remsh.errors import (CommandTimeout, Disconnected, LocalError, PeerTimeout, ProtocolError, RemoteError,
                           RemshError, UsageError)
@@ -104,7 +105,7 @@ class AsyncSlave:
     subclasses for what the slave reports (it stays connected).
     """
 
-    def __init__(self, conn: Connection, name: str, info: Optional[Dict[str, str]] = None,
+    def __init__(self, conn: Channel, name: str, info: Optional[Dict[str, str]] = None,
                  listener: Any = None, *, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
         self.conn = conn
         self.name = name
@@ -139,8 +140,9 @@ class AsyncSlave:
 
     @property
     def resumable(self) -> bool:
-        """Always false: this front end offers no sessions yet."""
-        return False
+        """True when the slave's work survives a dropped connection (it
+        holds a session: a listener with ``resume_timeout`` > 0)."""
+        return self.conn.resumable
 
     def on_disconnect(self, callback: Callable[["AsyncSlave"], Any]) -> None:
         """Call ``callback(slave)`` once when the connection goes (at once

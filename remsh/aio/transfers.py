@@ -19,7 +19,7 @@ from remsh.errors import Disconnected, LimitExceeded, LocalError, ProtocolError,
 from remsh.master.progress import Progress, ProgressCallback
 from remsh.protocol.transfer import Data, Failed, FetchCall, Finished, SendCall, Stop
 from remsh.sendsource import fetch_target, place_fetched, send_source
-from remsh.aio.connection import Connection
+from remsh.aio.connection import Channel
 from remsh.conversation import PathArg as Path
 from remsh.errors import RemoteError
 from remsh.wire import DATA_BLOCK, Box
@@ -30,7 +30,7 @@ class TransferHost(Protocol):
     (:class:`~remsh.aio.slave.AsyncSlave` is one)."""
 
     name: str
-    conn: Connection
+    conn: Channel
     io_timeout: float
 
     async def run_conversation(self, meth: str, call: Any, body: Awaitable[Any]) -> Any: ...

@@ -1,0 +1,255 @@
+"""remsh.aio with resumable sessions: work survives a cut connection, with real slave processes.
+
+A real ``remsh-slave`` process dials a :class:`remsh.aio.TcpSlaveListener`
+(``resume_timeout`` > 0; TCP or TLS) through the relay of
+:mod:`tests.relay`, which the test cuts (both ends reset, what is in flight
+lost).  The slave redials within a fraction of a second (short back-off
+and link check) and the session carries on: a command's output arrives
+exactly once with the right exit status, a file sent or fetched is
+identical; a slave kept away past ``resume_timeout`` fails the call in
+progress with ``Disconnected`` naming slave and operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Coroutine, List, Optional, Tuple, TypeVar
+
+import pytest
+
+import remsh.aio as aio
+from remsh.errors import Disconnected, UsageError, WaitTimeout
+from tests.relay import Relay
+from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcess, SlaveProcesses, slave_procs  # noqa: F401 - a fixture
+from tests.transports import Pki, make_pki, server_context
+
+pytestmark = pytest.mark.timeout(180)
+
+MiB = 1 << 20
+#: The slave's link check interval (``--heartbeat``) and longest back-off.
+HEARTBEAT = 0.3
+MAX_BACKOFF = 0.2
+#: A resume_timeout no test reaches by accident.
+LONG_RESUME = 30.0
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, WAIT * 8))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("aio-resume-pki"))
+
+
+class Rig:
+    """An aio listener, a relay in front of it, one slave process dialing the relay."""
+
+    def __init__(self, listener: Any, relay: Relay, proc: SlaveProcess, slave: aio.AsyncSlave) -> None:
+        self.listener = listener
+        self.relay = relay
+        self.proc = proc
+        self.slave = slave
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """A blocking relay method, off the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+
+@contextlib.asynccontextmanager
+async def rig(procs: SlaveProcesses, name: str, *, resume_timeout: float = LONG_RESUME,
+              pki: Optional[Pki] = None) -> AsyncIterator[Rig]:
+    listener = aio.TcpSlaveListener(port=0, host=HOST, secret=SECRET, resume_timeout=resume_timeout,
+                                    ssl_context=server_context(pki) if pki is not None else None)
+    async with listener:
+        relay = Relay(HOST, listener.port, lifetime=300)
+        try:
+            proc = procs.start(relay.port, name, max_backoff=MAX_BACKOFF, tls_ca=pki.ca if pki else None,
+                               extra_args=["--heartbeat", repr(HEARTBEAT)])
+            try:
+                slave = await listener.slave_collection.get_slave(filter=lambda s: s.name == name, timeout=WAIT)
+            except WaitTimeout:
+                pytest.fail(f"slave {name} did not register\n{proc.log_text()}")
+            assert slave.resumable
+            yield Rig(listener, relay, proc, slave)
+        finally:
+            await asyncio.to_thread(relay.close)
+
+
+def lines_script(tmp_path: Path, lines: int, pause: float, status: int) -> List[str]:
+    """A command printing ``lines`` numbered lines, ``pause`` s apart, then exiting with ``status``."""
+    path = tmp_path / "lines.py"
+    path.write_text("import sys, time\n"
+                    f"for i in range({lines}):\n"
+                    "    sys.stdout.write('line %03d\\n' % i); sys.stdout.flush()\n"
+                    f"    time.sleep({pause!r})\n"
+                    f"sys.exit({status})\n")
+    return [sys.executable, str(path)]
+
+
+def expected_lines(lines: int) -> bytes:
+    return b"".join(b"line %03d\n" % i for i in range(lines))
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+def test_execute_output_exactly_once_across_a_cut(slave_procs: SlaveProcesses, tmp_path: Path, pki: Pki,
+                                                  kind: str) -> None:
+    """A cut while a command prints 60 lines: every line arrives exactly once and in order, the exit status is the command's."""
+    async def main() -> Tuple[bytes, int, int]:
+        async with rig(slave_procs, f"lines-{kind}", pki=pki if kind == "tls" else None) as r:
+            out = bytearray()
+            cut = asyncio.Event()
+
+            async def on_out(data: bytes) -> None:
+                out.extend(data)
+                if not cut.is_set() and out.count(b"\n") >= 20:
+                    cut.set()
+                    await r.call(r.relay.cut)
+            status = await r.slave.execute(lines_script(tmp_path, 60, 0.02, 3), stdout_cb=on_out)
+            assert cut.is_set(), "the command ended before the cut"
+            return bytes(out), status, r.relay.accepted
+    out, status, accepted = run(main())
+    assert out == expected_lines(60)
+    assert status == 3
+    assert accepted >= 2, "the slave never redialed"
+
+
+def test_execute_cut_before_the_first_output(slave_procs: SlaveProcesses, tmp_path: Path) -> None:
+    """A cut right after the request goes out (before the command's start reply): the command runs once and its output arrives once."""
+    async def main() -> Tuple[bytes, int]:
+        async with rig(slave_procs, "early") as r:
+            out = bytearray()
+            fired = r.relay.cut_when(to_client=r.relay.bytes_forwarded.to_client + 1)
+            marker = tmp_path / "runs"
+            script = lines_script(tmp_path, 5, 0.01, 0)
+            status = await r.slave.execute(["sh", "-c", f"echo x >> {marker}; exec \"$0\" \"$@\""] + script,
+                                           stdout_cb=out.extend)
+            assert fired.is_set()
+            return bytes(out), status
+    out, status = run(main())
+    assert out == expected_lines(5) and status == 0
+    assert (tmp_path / "runs").read_text() == "x\n", "the command ran more than once"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_send_resumes_after_a_cut(slave_procs: SlaveProcesses, tmp_path: Path) -> None:
+    """A cut halfway through sending 4 MiB: the slave's file has the same SHA-256, and less than the whole file went again."""
+    size = 4 * MiB
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(size))
+
+    async def main() -> Tuple[Path, bool, int]:
+        async with rig(slave_procs, "receiver") as r:
+            fired = r.relay.cut_when(to_client=r.relay.bytes_forwarded.to_client + size // 2)
+            await r.slave.send(str(src), "dest.bin")
+            await r.slave.ping()
+            return r.proc.basedir / "dest.bin", fired.is_set(), r.relay.since_mark().to_client
+    dest, fired, after = run(main())
+    assert fired, "the transfer never reached the cut"
+    assert sha256(dest) == sha256(src)
+    assert 0 < after < size
+
+
+def test_fetch_resumes_after_a_cut(slave_procs: SlaveProcesses, tmp_path: Path) -> None:
+    """A cut halfway through fetching 4 MiB: the local file has the same SHA-256, and less than the whole file came again."""
+    size = 4 * MiB
+    dest = tmp_path / "fetched.bin"
+
+    async def main() -> Tuple[Path, bool, int]:
+        async with rig(slave_procs, "sender") as r:
+            src = r.proc.basedir / "src.bin"
+            src.write_bytes(os.urandom(size))
+            fired = r.relay.cut_when(to_target=r.relay.bytes_forwarded.to_target + size // 2)
+            await r.slave.fetch("src.bin", str(dest))
+            return src, fired.is_set(), r.relay.since_mark().to_target
+    src, fired, after = run(main())
+    assert fired, "the transfer never reached the cut"
+    assert sha256(dest) == sha256(src)
+    assert 0 < after < size
+
+
+def test_stdin_arrives_exactly_once_across_a_cut(slave_procs: SlaveProcesses, tmp_path: Path) -> None:
+    """A cut while a command reads 3 MiB of stdin: the digest it prints is that of the data given."""
+    data = os.urandom(3 * MiB)
+    digest = ("import hashlib, sys\nh = hashlib.sha256(); n = 0\n"
+              "for chunk in iter(lambda: sys.stdin.buffer.read(65536), b''):\n"
+              "    h.update(chunk); n += len(chunk)\n"
+              "print(n, h.hexdigest())\n")
+
+    async def main() -> bytes:
+        async with rig(slave_procs, "stdin") as r:
+            out = bytearray()
+            fired = r.relay.cut_when(to_client=r.relay.bytes_forwarded.to_client + len(data) // 2)
+            status = await r.slave.execute([sys.executable, "-c", digest], stdout_cb=out.extend, stdin=data)
+            assert status == 0 and fired.is_set()
+            return bytes(out)
+    out = run(main())
+    assert out.split() == [str(len(data)).encode(), hashlib.sha256(data).hexdigest().encode()]
+
+
+def test_not_back_within_resume_timeout(slave_procs: SlaveProcesses, tmp_path: Path) -> None:
+    """A slave kept away past resume_timeout: the execute in progress raises Disconnected naming slave and operation, about resume_timeout after the cut, and the slave leaves the collection."""
+    resume = 1.0
+
+    async def main() -> Tuple[BaseException, float, int]:
+        async with rig(slave_procs, "gone", resume_timeout=resume) as r:
+            started = asyncio.Event()
+            cut_at: List[float] = []
+
+            async def on_out(data: bytes) -> None:
+                if not started.is_set():
+                    started.set()
+                    await r.call(r.relay.refuse)
+                    await r.call(r.relay.cut)
+                    cut_at.append(time.monotonic())
+            with pytest.raises(Disconnected) as info:
+                await r.slave.execute(lines_script(tmp_path, 3000, 0.01, 0), stdout_cb=on_out)
+            waited = time.monotonic() - cut_at[0]
+            assert not r.slave.connected
+            return info.value, waited, len(r.listener.slave_collection.get_all_slaves())
+    error, waited, left = run(main())
+    text = str(error)
+    assert text.startswith("gone: execute:"), text
+    assert "did not come back" in text, text
+    assert resume * 0.9 <= waited < resume + WAIT, waited
+    assert left == 0
+
+
+def test_idle_slave_not_back_within_resume_timeout_is_dropped(slave_procs: SlaveProcesses) -> None:
+    """An idle slave cut and kept away past resume_timeout leaves the collection; one back in time stays the same object."""
+    async def main() -> None:
+        async with rig(slave_procs, "idle", resume_timeout=1.0) as r:
+            await r.call(r.relay.cut)
+            assert await asyncio.to_thread(r.relay.wait_accepted, 2, WAIT), "the slave did not redial"
+            await r.slave.ping()  # the same object, carried on
+            assert r.slave.connected
+            assert await r.listener.slave_collection.get_slave(timeout=1) is r.slave
+            await r.call(r.relay.refuse)
+            await r.call(r.relay.cut)
+            end = time.monotonic() + WAIT
+            while r.slave.connected and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            assert not r.slave.connected
+            assert r.listener.slave_collection.get_all_slaves() == []
+            with pytest.raises(Disconnected, match="idle: ping"):
+                await r.slave.ping()
+    run(main())
+
+
+def test_resume_timeout_bounds() -> None:
+    """resume_timeout must be a finite number of seconds, 0 or more (0: no sessions)."""
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError):
+            aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=bad)
+    assert aio.TcpSlaveListener(port=0, secret=SECRET, resume_timeout=5).resume_timeout == 5.0
