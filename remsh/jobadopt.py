@@ -331,12 +331,23 @@ class Adoptions:
         watch(self._adopted, self._fenced)
 
     def _adopted(self, job_ids: List[str]) -> None:
-        """Jobs of a dead master are this master's now: take them back."""
+        """Jobs of a dead master are this master's now: take them back, in a
+        thread of their own (the store's thread, which adopted them, must go
+        on beating: a large job's take-back could outlast the lease)."""
+        if self._take_over is not None and not self.handing_over:
+            threading.Thread(target=self._take_back, args=(job_ids,), name="remsh-jobs-adopted",
+                             daemon=True).start()
+
+    def _take_back(self, job_ids: List[str]) -> None:
         take_over = self._take_over
-        if take_over is None or self.handing_over:
-            return
+        assert take_over is not None
         with self._take_lock:
-            take_over(job_ids)
+            if self.handing_over or self.refusal is not None:
+                return  # left in the store: the next master of this name, or another, takes them
+            try:
+                take_over(job_ids)
+            except StoreError as e:
+                log.error("the adopted jobs %s could not be taken back: %s", ", ".join(job_ids), e)
         self.start()
 
     def _claim_from_store(self, session_id: str, name: str) -> Optional[Part]:
