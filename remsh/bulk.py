@@ -74,9 +74,12 @@ class FramedBlock:
     the next fill.
     """
 
-    def __init__(self, key: bytes, boxes: int = DATA_BOXES_PER_WRITE) -> None:
+    def __init__(self, key: bytes, boxes: int = DATA_BOXES_PER_WRITE, prefix: bytes = b"") -> None:
         self.key = key
-        head = _U16.pack(len(key)) + key + _U16.pack(MAX_VALUE_LENGTH)
+        #: encoded keys before ``key`` in every box (a command's output
+        #: boxes: ``stream``), as :func:`~remsh.wire.encode_data_boxes` takes it
+        self.prefix = prefix
+        head = prefix + _U16.pack(len(key)) + key + _U16.pack(MAX_VALUE_LENGTH)
         self._head = len(head)
         self._stride = self._head + MAX_VALUE_LENGTH + 2
         buf = bytearray(self._stride * boxes)
@@ -110,6 +113,19 @@ class FramedBlock:
                 break
             total += n
         return self._finish(total)
+
+    def fill_once(self, fd: int, limit: int) -> int:
+        """One ``readv`` of up to ``limit`` bytes (at most :attr:`capacity`)
+        from ``fd``: what a pipe holds now, without waiting for more.
+        Returns the count (0 at end of file); raises ``OSError``
+        (``BlockingIOError`` when a non-blocking ``fd`` has nothing)."""
+        self._restore()
+        limit = min(limit, self.capacity)
+        full, rem = divmod(limit, MAX_VALUE_LENGTH)
+        views = self.slots[:full]
+        if rem:
+            views = views + [self.slots[full][:rem]]
+        return self._finish(os.readv(fd, views))
 
     def fill_with(self, read: Callable[[memoryview], Optional[int]]) -> int:
         """As :meth:`fill`, with ``read(view)`` (a ``readinto``) for each read;
@@ -166,7 +182,7 @@ def take_block(key: bytes) -> FramedBlock:
     with _pool_lock:
         for i in range(len(_pool) - 1, -1, -1):  # the last returned first: likeliest still cached
             block = _pool[i]
-            if block.key == key and len(block.slots) == DATA_BOXES_PER_WRITE:
+            if block.key == key and not block.prefix and len(block.slots) == DATA_BOXES_PER_WRITE:
                 return _pool.pop(i)
     return FramedBlock(key)
 

@@ -56,3 +56,34 @@ def test_a_full_output_pipe_is_read_and_framed_at_once() -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_framed_block_with_a_prefix_takes_what_a_pipe_holds_in_one_read() -> None:
+    """FramedBlock.fill_once reads what the pipe holds (up to the limit) in
+    place into output boxes: the same bytes encode_data_boxes makes of it."""
+    from remsh.bulk import FramedBlock
+
+    prefix, key = ExecuteControl.output_head(b"stdout")
+    block = FramedBlock(key, 4, prefix)
+    r, w = os.pipe()
+    try:
+        try:
+            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            pytest.skip("the pipe cannot be grown here")
+        os.set_blocking(r, False)
+        data = os.urandom(3 * MAX_VALUE_LENGTH + 11)
+        assert os.write(w, data) == len(data)
+        assert block.fill_once(r, 2 * MAX_VALUE_LENGTH + 5) == 2 * MAX_VALUE_LENGTH + 5  # no more than asked
+        assert bytes(block.encoded()) == encode_data_boxes(key, data[:2 * MAX_VALUE_LENGTH + 5], prefix)
+        assert block.fill_once(r, 1 << 20) == MAX_VALUE_LENGTH + 6  # the rest, no wait for more
+        assert bytes(block.encoded()) == encode_data_boxes(key, data[2 * MAX_VALUE_LENGTH + 5:], prefix)
+        with pytest.raises(BlockingIOError):
+            block.fill_once(r, 1 << 20)
+        os.close(w)
+        w = -1
+        assert block.fill_once(r, 1 << 20) == 0
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

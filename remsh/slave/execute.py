@@ -28,12 +28,13 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from remsh.bulk import FramedBlock
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
 from remsh.session import SessionWire
 from remsh.slave import pgroups
 from remsh.slave.request import Request
-from remsh.wire import Box, encode_box, encode_data_boxes
+from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box, encode_data_boxes
 
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,8 @@ class _Supervisor:
         self.splice_heads: Optional[Dict[int, Tuple[bytes, bytes]]] = None
         #: per output pipe, the same for the boxes made of what is read
         self.heads = {fd: ExecuteControl.output_head(name) for fd, name in self.outputs.items()}
+        #: per output pipe that had much to read at once, its framed buffer
+        self.blocks: Dict[int, FramedBlock] = {}
         if not isinstance(self.wire, SessionWire) and getattr(self.wire, "can_splice", False):
             self.splice_heads = self.heads
         #: the connection being watched: (generation, fd); a session
@@ -535,6 +538,24 @@ class _Supervisor:
                 head, key = self.splice_heads[fd]
                 self.wire.send_values_spliced(head, key, fd, ready)
                 return
+        ready = _pipe_bytes(fd)
+        if ready > READ_SIZE:
+            # much at once: read in place into framed boxes (no copy to frame them)
+            block = self.blocks.get(fd)
+            if block is None:
+                prefix, key = self.heads[fd]
+                block = self.blocks[fd] = FramedBlock(key, MAX_READ // MAX_VALUE_LENGTH, prefix)
+            try:
+                n = block.fill_once(fd, ready)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._close_output(fd)
+                return
+            self.wire.send_bytes(block.encoded())
+            return
         prefix, key = self.heads[fd]
         boxes = read_output_boxes(fd, prefix, key)
         if boxes is None:
