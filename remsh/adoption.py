@@ -16,7 +16,8 @@ modules can use them without importing the job machinery:
   not know.  On a store several masters share, that adopter also adopts on
   demand the sessions of a dead master (:mod:`remsh.jobadopt`), refuses
   (:class:`SessionElsewhere`) those a live master holds, and refuses every
-  slave once this master is fenced off (:attr:`Adopter.refusal`).
+  slave once this master is fenced off (:attr:`Adopter.refusal`; a
+  listener that asks the adopter's ``watch_refusal`` drops its slaves then).
 """
 
 from __future__ import annotations

@@ -163,6 +163,8 @@ class Adoptions:
         self._take_lock = threading.Lock()  # one take-over at a time: a job is taken back once
         #: why slaves are refused here: this master was fenced off
         self._refusal: Optional[str] = None
+        #: the listeners' ``drop_all(why)``, called once when it is
+        self._refusal_watchers: List[Callable[[str], None]] = []
 
     # -- the master's side ----------------------------------------------------------
 
@@ -212,6 +214,16 @@ class Adoptions:
             return len(self._waiting)
 
     # -- the listeners' side ---------------------------------------------------------
+
+    def watch_refusal(self, drop_all: Callable[[str], None]) -> None:
+        """Call ``drop_all(why)`` once when this master is fenced off (at
+        once if it is already): a listener drops its slaves then."""
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None:
+                self._refusal_watchers.append(drop_all)
+        if refusal is not None:
+            drop_all(refusal)
 
     def offer(self, resume_timeout: float) -> None:
         with self._lock:
@@ -399,7 +411,8 @@ class Adoptions:
         with self._lock:
             if self._refusal is not None:
                 return
-            self._refusal = f"this master was fenced off ({error})"
+            self._refusal = refusal = f"this master was fenced off ({error})"
+            watchers, self._refusal_watchers = self._refusal_watchers, []
             waiting = list(self._waiting.values())
             self._waiting.clear()
             self._changed.notify_all()
@@ -421,7 +434,8 @@ class Adoptions:
         failing = threading.Thread(target=fail_all, name="remsh-fenced", daemon=True)
         failing.start()
         failing.join(HOLD_TIMEOUT)
-        threading.Thread(target=self._hand_over, args=(sorted({p.record.job_id for _, p in running}),),
+        threading.Thread(target=self._hand_over, args=(sorted({p.record.job_id for _, p in running}),
+                                                       watchers, refusal),
                          name="remsh-fenced-jobs", daemon=True).start()
 
     def _ours(self, job_id: str) -> bool:
@@ -431,8 +445,9 @@ class Adoptions:
             return False
         return True
 
-    def _hand_over(self, job_ids: List[str]) -> None:
-        """Record nothing more of these jobs (their sinks hand over)."""
+    def _hand_over(self, job_ids: List[str], watchers: List[Callable[[str], None]], why: str) -> None:
+        """Record nothing more of these jobs (their sinks hand over), and
+        have the listeners drop every slave (``watchers``)."""
         for job_id in job_ids:
             try:
                 sink = self._sink_of(job_id)
@@ -441,6 +456,11 @@ class Adoptions:
             hand_over = getattr(sink, "hand_over", None)
             if hand_over is not None:
                 hand_over()
+        for drop_all in watchers:
+            try:
+                drop_all(why)
+            except Exception:  # noqa: BLE001 - a listener's; the others still drop theirs
+                log.exception("a listener could not drop its slaves")
 
     def _give_up(self, part: Part, why: str) -> None:
         log.warning("job %s: %s", part.record.job_id, why)

@@ -165,7 +165,7 @@ def test_masters_racing_to_adopt_a_dead_one_exactly_one_wins(store_uri: str) -> 
 @pytest.mark.parametrize("slave_heartbeat", ["1", "15"], ids=["slaves-leave", "slaves-stay"])
 def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(tmp_path: Path, store_uri: str,
                                                                                slave_heartbeat: str) -> None:
-    """m1 SIGSTOPped mid-job past its lease, its slaves gone over to m2 or still connected to it: m2 adopts the job; SIGCONTed, m1 finds itself fenced off, says so, drops its slaves unacknowledged and refuses them, its writes refused; the job ends on m2 with every line once."""
+    """m1 SIGSTOPped mid-job past its lease, its slaves gone over to m2 or still connected to it: m2 adopts the job; SIGCONTed, m1 finds itself fenced off, says so, drops its slaves (an idle one too) unacknowledged and refuses them, its writes refused; the job ends on m2 with every line once."""
     ports = [_free_port(), _free_port()]
     slaves = SlaveProcesses(tmp_path / "slaves")
     masters: List[Optional[Master]] = []
@@ -173,12 +173,14 @@ def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(
         masters = [_master(tmp_path, f"m{i + 1}", port, store_uri) for i, port in enumerate(ports)]
         m1, m2 = masters
         assert m1 is not None and m2 is not None
+        options = ["--failover", f"{HOST}:{ports[1]}", "--heartbeat", slave_heartbeat]
         for name in NAMES:
-            slaves.start(ports[0], name, secret=None, insecure=True, max_backoff=0.3,
-                         extra_args=["--failover", f"{HOST}:{ports[1]}", "--heartbeat", slave_heartbeat])
+            slaves.start(ports[0], name, secret=None, insecure=True, max_backoff=0.3, extra_args=options)
         wait_until(lambda: _held_by(m1, NAMES, "m1"), WAIT, "the slaves on m1")
         go = tmp_path / "GO"
         job_id = _start_job(m1, SCRIPT60, go)
+        slaves.start(ports[0], "idle-1", secret=None, insecure=True, max_backoff=0.3, extra_args=options)
+        wait_until(lambda: _held_by(m1, ["idle-1"], "m1"), WAIT, "a slave outside the job on m1")
         m1.proc.send_signal(signal.SIGSTOP)
         paused = time.monotonic()
         wait_until(lambda: _owner(store_uri, job_id) == "m2", WAIT * 2, "m2 to adopt the paused master's job")
@@ -201,6 +203,7 @@ def test_a_paused_master_adopted_by_a_running_one_is_fenced_off_when_it_resumes(
         r = remsh(m1.sock, "run", "--", "echo", "from the old master")
         assert r.returncode != 0
         assert _held_by(m2, NAMES, "m2"), "the slaves left the master that adopted their work"
+        wait_until(lambda: _held_by(m2, ["idle-1"], "m2"), WAIT, "the idle slave to leave the fenced master")
         assert _record(m2, job_id) == rec and _stored(store_uri, job_id) == stored
     finally:
         _stop_all(masters)

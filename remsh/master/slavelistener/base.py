@@ -39,7 +39,7 @@ from remsh.master.limits import prepare_descriptors
 from remsh.master.monitor import IdleMonitor
 from remsh.master.slave import DEFAULT_IO_TIMEOUT, Slave
 from remsh.master.slavecollection.simple import SimpleSlaveCollection
-from remsh.session import SessionWire, new_session_id
+from remsh.session import SessionFailed, SessionWire, new_session_id
 from remsh.sessionlimits import WINDOW_BYTES
 from remsh.wire import Box, Wire
 
@@ -138,7 +138,23 @@ class SlaveListener:
             adopter = adopter_for(self.slave_collection)
             if adopter is not None:  # slaves of an earlier master may come back this long
                 adopter.offer(self.resume_timeout)
+                watch = getattr(adopter, "watch_refusal", None)
+                if watch is not None:  # a master fenced off serves no slave (remsh.jobadopt)
+                    watch(self._refuse_all)
             self._started = True
+
+    def _refuse_all(self, why: str) -> None:
+        """No slave is served here any more (``why``: the master was fenced
+        off): drop this listener's slaves without a goodbye, so that they
+        keep their work and take it to another master."""
+        slaves = self.slaves
+        if slaves:
+            log.error("dropping the %d slave(s) of this listener: %s", len(slaves), why)
+        for slave in slaves:
+            session = slave.session_wire
+            if session is not None:
+                session.fail(SessionFailed(f"{slave.name}: not served: {why}"))
+            slave.drop(Disconnected(f"{slave.name}: not served: {why}"))
 
     def stop(self) -> None:
         """Close the slaves this listener registered and stop the idle
