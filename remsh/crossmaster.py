@@ -48,35 +48,29 @@ and a dead proxy kills the command of a healthy slave).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
 import shutil
-import tarfile
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, TypeVar, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, cast
 
-from remsh.errors import LimitExceeded, LocalError, RemshError, UsageError, error_tag
+from remsh.carry import DispatchingStore, dispatching, load_path, store_path
+from remsh.errors import LocalError, RemshError, UsageError, error_tag
 from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL,
                          FleetCollection, SlaveResult, Sink, describe_error, get_job, put_job, run_job)
-from remsh.files import PartialFile
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
 from remsh.pacing import ERRTAG_SKIPPED, Pacing
-from remsh.replace import get_replacing, hidden_beside
-from remsh.sendsource import place_fetched
+from remsh.replace import get_replacing
 from remsh.store import pgdispatch
-from remsh.store.base import (SLAVE_FAILED, SLAVE_FINAL_STATES, SLAVE_LOST, SLAVE_OK, SLAVE_SKIPPED, JobStore,
-                              StoreError, now)
-from remsh.store.fencing import MasterRow
+from remsh.store.base import (SLAVE_FAILED, SLAVE_FINAL_STATES, SLAVE_LOST, SLAVE_OK, SLAVE_SKIPPED, JobRecord,
+                              JobStore, StoreError, now)
 from remsh.store.pgdispatch import Dispatch
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Seconds a dispatch waits for a master holding its slave to claim it.
 PENDING_WAIT = 45.0
@@ -113,184 +107,6 @@ class PartSink(Sink, Protocol):
 NewSink = Callable[[str, Cancellation], PartSink]
 
 
-class CarryFailed(RemshError):
-    """The bytes of a put or a get could not cross between two masters
-    through the store (a chunk missing, a digest that does not match)."""
-
-    tag = "carry"
-
-
-class DispatchingStore(Protocol):
-    """What a store that carries work between masters offers
-    (:class:`remsh.store.postgres.PostgresJobStore`)."""
-
-    name: str
-    epoch: int
-
-    def dispatch_write(self, fn: Callable[..., T], *args: Any, repeatable: bool = True) -> T: ...
-
-    def dispatch_read(self, fn: Callable[..., T], *args: Any) -> T: ...
-
-    def masters(self) -> List[MasterRow]: ...
-
-
-def dispatching(store: JobStore) -> Optional[DispatchingStore]:
-    """``store`` if it carries work between masters, else ``None`` (SQLite)."""
-    if hasattr(store, "dispatch_write") and hasattr(store, "masters"):
-        return cast(DispatchingStore, store)
-    return None
-
-
-# -- bytes through the store -------------------------------------------------------------
-
-
-class BlobWriter:
-    """A write-only file object storing what is written as blob ``name`` of
-    job ``job_id``, in :data:`~remsh.store.pgdispatch.CHUNK`-byte rows; at
-    most ``limit`` bytes (:class:`LimitExceeded`, naming ``what``)."""
-
-    def __init__(self, store: DispatchingStore, job_id: str, name: str, limit: int, what: str) -> None:
-        self.store, self.job_id, self.name, self.limit, self.what = store, job_id, name, limit, what
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self._held = bytearray()
-        self._seq = 0
-
-    def write(self, data: bytes) -> int:
-        if self.size + len(data) > self.limit:
-            raise LimitExceeded(f"{self.what}: more than {self.limit} bytes; work crossing masters carries at most "
-                                f"{self.limit} bytes through the job store")
-        self.size += len(data)
-        self.digest.update(data)
-        self._held.extend(data)
-        while len(self._held) >= pgdispatch.CHUNK:
-            self._store(bytes(self._held[:pgdispatch.CHUNK]))
-            del self._held[:pgdispatch.CHUNK]
-        return len(data)
-
-    def _store(self, data: bytes) -> None:
-        self.store.dispatch_write(pgdispatch.put_chunk, self.job_id, self.name, self._seq, data)
-        self._seq += 1
-
-    def close(self) -> Dict[str, Any]:
-        """Store the rest; what a reader needs: ``size``, ``sha256``."""
-        if self._held or self._seq == 0:
-            self._store(bytes(self._held))
-            self._held.clear()
-        return {"size": self.size, "sha256": self.digest.hexdigest()}
-
-
-class BlobReader:
-    """A read-only file object over blob ``name`` of job ``job_id``, as
-    :meth:`BlobWriter.close` described it (``meta``); :meth:`check` after
-    the last read raises :class:`CarryFailed` unless it was whole."""
-
-    def __init__(self, store: DispatchingStore, job_id: str, name: str, meta: Mapping[str, Any], what: str) -> None:
-        self.store, self.job_id, self.name, self.what = store, job_id, name, what
-        self.size = int(meta["size"])
-        self.sha256 = str(meta["sha256"])
-        self.digest = hashlib.sha256()
-        self.done = 0
-        self._held = b""
-        self._seq = 0
-
-    def read(self, n: int = -1) -> bytes:
-        out = bytearray()
-        while n < 0 or len(out) < n:
-            if not self._held:
-                if self.done >= self.size:
-                    break
-                data = self.store.dispatch_read(pgdispatch.chunk, self.job_id, self.name, self._seq)
-                if not data:
-                    raise CarryFailed(f"{self.what}: chunk {self._seq} of {self.size} bytes is missing in the "
-                                      f"job store")
-                self._seq += 1
-                self.done += len(data)
-                self.digest.update(data)
-                self._held = data
-            take = len(self._held) if n < 0 else min(n - len(out), len(self._held))
-            out += self._held[:take]
-            self._held = self._held[take:]
-        return bytes(out)
-
-    def check(self) -> None:
-        """:raises CarryFailed: the bytes read are not those stored"""
-        while self.read(pgdispatch.CHUNK):
-            pass
-        if self.done != self.size or self.digest.hexdigest() != self.sha256:
-            raise CarryFailed(f"{self.what}: the bytes read through the job store do not match what was "
-                              f"stored ({self.done} of {self.size} bytes, SHA-256 differs)")
-
-
-def _copy(src: Any, dst: Any) -> None:
-    while True:
-        data = src.read(pgdispatch.CHUNK)
-        if not data:
-            return
-        dst.write(data)
-
-
-def store_path(store: DispatchingStore, job_id: str, name: str, path: str, limit: int,
-               what: str) -> Dict[str, Any]:
-    """Store the local file or tree ``path`` as a blob (a tree as a tar
-    stream); its description, ``tree`` and ``mode`` included.
-
-    :raises LimitExceeded: it is larger than ``limit``
-    :raises LocalError: it cannot be read
-    """
-    writer = BlobWriter(store, job_id, name, limit, what)
-    try:
-        if os.path.isdir(path):
-            with tarfile.open(fileobj=writer, mode="w|") as tar:  # type: ignore[call-overload]
-                tar.add(path, arcname=".")
-            meta = writer.close()
-            meta["tree"] = True
-        else:
-            with open(path, "rb") as f:
-                _copy(f, writer)
-            meta = writer.close()
-            meta.update(tree=False, mode=os.stat(path).st_mode & 0o7777)
-    except OSError as e:
-        raise LocalError(f"{what}: cannot read {path}: {e.strerror or e}") from e
-    return meta
-
-
-def load_path(store: DispatchingStore, job_id: str, name: str, meta: Mapping[str, Any], path: str,
-              what: str) -> None:
-    """Write blob ``name`` to the local ``path`` (which must not exist): a
-    file through a partial file renamed when whole and checked, a tree
-    unpacked beside it (the ``data`` filter: nothing outside it, no device)
-    and renamed when whole and checked.  Nothing is left at ``path`` on failure.
-
-    :raises CarryFailed: a chunk missing or the digest wrong
-    :raises LocalError: it cannot be written
-    """
-    reader = BlobReader(store, job_id, name, meta, what)
-    try:
-        if meta.get("tree"):
-            part = hidden_beside(path, "part", local=True)
-            try:
-                os.mkdir(part, 0o700)
-                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    tar.extractall(part, filter="data")
-                reader.check()
-                os.rename(part, path)
-            except BaseException:
-                shutil.rmtree(part, ignore_errors=True)
-                raise
-            return
-        partial = PartialFile(os.fsencode(path), meta.get("mode"))
-        try:
-            _copy(reader, partial)
-            reader.check()
-        except BaseException:
-            partial.discard()
-            raise
-        place_fetched(what, partial)
-    except (OSError, tarfile.TarError) as e:
-        raise LocalError(f"{what}: cannot write {path}: {e}") from e
-
-
 # -- the origin's side ---------------------------------------------------------------------
 
 
@@ -299,18 +115,43 @@ class Crossing:
     holder), and how their parts are dispatched; :meth:`wrap` adds them to
     the work of the job's own slaves.
 
+    A job stopped by ``stopping`` (its master stops) leaves its parts to
+    their holders and to the next master, which follows them again
+    (:meth:`resume`).
+
     :raises UsageError: ``--stdin`` with slaves of another master
     """
 
     def __init__(self, store: JobStore, remote: Mapping[str, str], kind: str, spec: Dict[str, Any],
-                 values: Mapping[str, Any], pacing: Pacing, count: int) -> None:
+                 values: Mapping[str, Any], pacing: Pacing, count: int, *, stopping: str = "") -> None:
         self.remote = dict(remote)
+        self.stopping = stopping
+        #: the parts were asked already (by a master that stopped): followed, not asked
+        self.asked = False
         self.store = dispatching(store)
         if self.remote and values.get("stdin"):
             raise UsageError(f"--stdin does not reach slaves held by another master ({', '.join(sorted(remote))})")
         if self.remote and self.store is None:
             raise UsageError("slaves of another master need a shared job store")
         self.kind, self.spec, self.values, self.pacing, self.count = kind, spec, values, pacing, count
+
+    @classmethod
+    def resume(cls, store: JobStore, job: JobRecord, stopping: str) -> Optional["Crossing"]:
+        """The parts job ``job`` of this master left asked of other masters,
+        to follow again (this master restarted, or adopted the job's dead
+        master); ``None`` when none is open, or on a store of one master.
+        A get's parts are cancelled: the directory it was for was the
+        asking master's."""
+        shared = dispatching(store)
+        if shared is None:
+            return None
+        rows = shared.dispatch_read(pgdispatch.open_of, job.id, shared.name)
+        if not rows:
+            return None
+        crossing = cls(store, {d.slave: d.holder for d in rows}, job.kind, dict(job.spec), {}, Pacing(),
+                       len(job.slaves), stopping=stopping)
+        crossing.asked = True
+        return crossing
 
     def wrap(self, local: Work) -> Work:
         """The job's work: ``local`` (its own slaves) and, beside it, the
@@ -319,7 +160,7 @@ class Crossing:
             return local
 
         def work(sink: Sink, cancellation: Cancellation) -> List[SlaveResult]:
-            origin = _Origin(self, str(getattr(sink, "job_id", "")), cancellation)
+            origin = _Origin(self, str(getattr(sink, "job_id", "")), cancellation, sink)
             thread = threading.Thread(target=origin.run, name=f"remsh-dispatch-{origin.job_id}", daemon=True)
             thread.start()
             try:
@@ -346,16 +187,17 @@ class Crossing:
 class _Origin:
     """The dispatched parts of one job on the master that owns it."""
 
-    def __init__(self, crossing: Crossing, job_id: str, cancellation: Cancellation) -> None:
+    def __init__(self, crossing: Crossing, job_id: str, cancellation: Cancellation, sink: Sink) -> None:
         assert crossing.store is not None
+        self.sink = sink
         self.store = crossing.store
         self.jobs = cast(JobStore, crossing.store)
         self.crossing = crossing
         self.job_id = job_id
         self.cancellation = cancellation
-        self.queue = sorted(crossing.remote)
+        self.queue = [] if crossing.asked else sorted(crossing.remote)
         #: parts asked and not ended: slave -> when asked
-        self.open: Dict[str, float] = {}
+        self.open: Dict[str, float] = {n: time.monotonic() for n in crossing.remote} if crossing.asked else {}
         self.results: List[SlaveResult] = []
         parallel = crossing.values.get("parallel") or (DEFAULT_PARALLEL if crossing.kind == "run"
                                                        else DEFAULT_TRANSFER_PARALLEL)
@@ -364,10 +206,18 @@ class _Origin:
         self._alive: Optional[Dict[str, int]] = None
         self._alive_at = 0.0
         self._asked_cancel = False
+        #: why the parts are given up whatever their end (a get taken back)
+        self._abandon: Optional[str] = None
+        #: the parts were left to the next master (this one stops)
+        self._kept = False
 
     def run(self) -> None:
         try:
-            if self.crossing.kind == "put":
+            if self.crossing.asked and self.crossing.kind == "get":
+                self._abandon = "the master that asked this get stopped: the file is not put in place"
+                self.store.dispatch_write(pgdispatch.ask_cancel, self.job_id, self._abandon)
+                self._asked_cancel = True
+            if self.crossing.kind == "put" and not self.crossing.asked:
                 try:
                     self.spec["blob"] = store_path(self.store, self.job_id, pgdispatch.SOURCE,
                                                    cast(List[str], self.crossing.spec["paths"])[0], MAX_CARRIED,
@@ -389,13 +239,24 @@ class _Origin:
         except Exception:  # noqa: BLE001 - logged; the parts left end failed with the job
             log.exception("job %s: following its parts on other masters failed", self.job_id)
         finally:
-            if self.crossing.kind == "put":
+            if self.crossing.kind == "put" and not self._kept:
                 try:
                     self.store.dispatch_write(pgdispatch.drop_blob, self.job_id, pgdispatch.SOURCE)
                 except StoreError as e:
                     log.warning("job %s: cannot delete the put's bytes from the store: %s", self.job_id, e)
 
     def _step(self) -> None:
+        if self.cancellation.cancelled and self.crossing.stopping and \
+                self.cancellation.reason == self.crossing.stopping:
+            # this master stops: the parts go on, the next master follows them (Crossing.resume)
+            keep = getattr(self.sink, "keep", None)
+            if keep is not None and self.open:
+                keep(sorted(self.open))
+                self._kept = True
+                log.info("job %s: its parts on %s are left to their masters", self.job_id, ", ".join(self.open))
+                self.open.clear()
+            self.queue = []  # never asked: they end with the job
+            return
         if self.cancellation.cancelled:
             for name in self.queue:  # never asked: never started
                 self._end(SlaveResult(name, error=self.cancellation.reason, errtag="cancelled"), SLAVE_SKIPPED)
@@ -437,14 +298,17 @@ class _Origin:
             result = d.result or {}
             ended = SlaveResult(name, status=result.get("status"), error=result.get("error"),
                                 errtag=result.get("errtag"), summary=result.get("summary") or "")
-            if self.crossing.kind == "get":  # the holder fetched it; it goes in place here
+            if self._abandon is not None:
+                self._drop(name)
+                self._end(SlaveResult(name, error=self._abandon, errtag="lost"), SLAVE_LOST)
+            elif self.crossing.kind == "get":  # the holder fetched it; it goes in place here
                 ended = self._place(d, ended)
                 self._end(ended)
             else:  # the holder recorded its end
                 self._ended(name, ended)
         elif d.state == pgdispatch.PENDING:
             if self._asked_cancel:
-                why, state, errtag = self.cancellation.reason, pgdispatch.CANCELLED, "cancelled"
+                why, state, errtag = self._abandon or self.cancellation.reason, pgdispatch.CANCELLED, "cancelled"
             elif time.monotonic() - self.open[name] > PENDING_WAIT:
                 why, state, errtag = (f"no master holding it took its part within {PENDING_WAIT:g} s",
                                       pgdispatch.LOST, "lost")
@@ -519,10 +383,14 @@ class _Origin:
         except RemshError as e:
             return SlaveResult(name, error=describe_error(e, name), errtag=error_tag(e))
         finally:
-            try:
-                self.store.dispatch_write(pgdispatch.drop_blob, self.job_id, name)
-            except StoreError as e:
-                log.warning("job %s: cannot delete the get's bytes of %s from the store: %s", self.job_id, name, e)
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Delete what slave ``name``'s get stored."""
+        try:
+            self.store.dispatch_write(pgdispatch.drop_blob, self.job_id, name)
+        except StoreError as e:
+            log.warning("job %s: cannot delete the get's bytes of %s from the store: %s", self.job_id, name, e)
 
 
 # -- the holder's side ---------------------------------------------------------------------
@@ -724,6 +592,4 @@ def serve_dispatches(collection: FleetCollection, store: JobStore, new_sink: New
     return dispatcher
 
 
-__all__ = ["Crossing", "Dispatcher", "PartSink", "NewSink", "serve_dispatches", "dispatching", "CarryFailed",
-           "BlobWriter", "BlobReader",
-           "store_path", "load_path", "PENDING_WAIT", "MAX_CARRIED"]
+__all__ = ["Crossing", "Dispatcher", "PartSink", "NewSink", "serve_dispatches", "PENDING_WAIT", "MAX_CARRIED"]

@@ -113,6 +113,7 @@ class StoreSink:
         self._lost: Set[str] = set()
         self._away: Set[str] = set()
         self._noted: Set[str] = set()  # slaves whose record's summary says why they were away
+        self._kept: Set[str] = set()  # slaves whose parts other masters run, left to them (keep)
         #: output not yet written, per slave: (stream, bytes, when the first came)
         self._held: Dict[str, Tuple[str, bytearray, float]] = {}
         self._wake = threading.Condition(self._lock)
@@ -366,9 +367,16 @@ class StoreSink:
         return [p.name for p in parts]
 
     def handed_over(self) -> Set[str]:
-        """The slaves whose commands were handed over (:meth:`hand_over`)."""
+        """The slaves whose commands were handed over (:meth:`hand_over`, :meth:`keep`)."""
         with self._lock:
-            return {name for name, part in self._parts.items() if part.frozen}
+            return {name for name, part in self._parts.items() if part.frozen} | self._kept
+
+    def keep(self, names: List[str]) -> None:
+        """The master stops and the parts of ``names`` that other masters
+        run go on: handed over too, the next master follows them again
+        (:meth:`remsh.crossmaster.Crossing.resume`)."""
+        with self._lock:
+            self._kept.update(names)
 
 
 class RunningJob:
@@ -448,10 +456,13 @@ class JobRegistry:
                 if record.id in self._jobs or (only is not None and record.id not in only):
                     continue
             recorded = sessions.get(record.id, {}) if self.keep_work else {}
+            # its parts asked of other masters (remsh.crossmaster): followed again, their holders end them
+            crossing = Crossing.resume(self.store, record, MASTER_STOPPING) if self.keep_work else None
+            dispatched = set(crossing.remote) if crossing is not None else set()
             parts: List[Part] = []
             try:
                 for name, rec in record.slaves.items():
-                    if rec.state in SLAVE_FINAL_STATES:
+                    if rec.state in SLAVE_FINAL_STATES or name in dispatched:
                         continue
                     if name in recorded:
                         parts.append(Part(recorded[name]))
@@ -461,7 +472,7 @@ class JobRegistry:
                     else:  # nothing runs it any more
                         self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
                                                 error="the master stopped before it ended")
-                if not parts:
+                if not parts and not dispatched:
                     self.store.finish_job(record.id, JOB_FAILED)
                     log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
                     continue
@@ -476,7 +487,7 @@ class JobRegistry:
             with self._lock:
                 self._jobs[job.id] = job
             log.warning("job %s: left running by a master that stopped; waiting for %d slave(s) to come back",
-                        job.id, len(parts))
+                        job.id, len(parts) + len(dispatched))
 
             def wait(sink: Sink, cancellation: Cancellation, parts: List[Part] = parts,
                      job_sink: StoreSink = job.sink) -> List[SlaveResult]:
@@ -488,7 +499,8 @@ class JobRegistry:
                                                                 errtag="cancelled"))
                 return []
 
-            threading.Thread(target=self._run, args=(job, wait), name=f"remsh-job-{job.id}", daemon=True).start()
+            work = wait if crossing is None else crossing.wrap(wait)
+            threading.Thread(target=self._run, args=(job, work), name=f"remsh-job-{job.id}", daemon=True).start()
         for session in closing:  # their job or command has ended: nothing to take back
             if only is None or session.job_id in only:
                 self.store.close_session(session.id)
@@ -504,7 +516,7 @@ class JobRegistry:
 
         :raises UsageError: what cannot cross (``--stdin``)
         """
-        return Crossing(self.store, remote, kind, spec, values, pacing, count)
+        return Crossing(self.store, remote, kind, spec, values, pacing, count, stopping=MASTER_STOPPING)
 
     def _sink_of(self, job_id: str) -> StoreSink:
         with self._lock:

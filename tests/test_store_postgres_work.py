@@ -17,14 +17,15 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from remsh import crossmaster
-from remsh.crossmaster import BlobReader, BlobWriter, CarryFailed, Crossing, load_path, store_path
+from remsh.carry import BlobReader, BlobWriter, CarryFailed, load_path, store_path
+from remsh.crossmaster import Crossing
 from remsh.errors import LimitExceeded
 from remsh.jobs import StoreSink
 from remsh.master.fanout import Cancellation
 from remsh.pacing import Pacing
 from remsh.store import pgdispatch
 from remsh.store.fencing import NotOwner
-from remsh.store.postgres import LEASE, PostgresJobStore
+from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import Master, ls, remsh
@@ -40,9 +41,30 @@ LINES_THEN_3 = ["sh", "-c", f"i=1; while [ $i -le {COUNT} ]; do echo line $i; i=
 SHOWN_WITHIN = 10.0
 
 
+#: The lease and heartbeat of the masters of the tests that kill one.
+QUICK_LEASE, QUICK_HEARTBEAT = 5.0, 0.5
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, store_uri: str) -> Iterator[Tuple[Master, Master, SlaveProcesses]]:  # noqa: F811
     """Masters ``a`` and ``b`` on one store, slave ``s-a`` on a, ``s-b`` on b, both listed on a."""
+    yield from _cluster(tmp_path, store_uri)
+
+
+@pytest.fixture
+def quick_cluster(tmp_path: Path, pg_server: PgServer,  # noqa: F811
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Tuple[Master, Master, SlaveProcesses]]:
+    """:func:`cluster` with masters whose lease is QUICK_LEASE seconds."""
+    monkeypatch.setenv("REMSH_STORE_LEASE", str(QUICK_LEASE))
+    monkeypatch.setenv("REMSH_STORE_HEARTBEAT", str(QUICK_HEARTBEAT))
+    name = pg_server.new_database()
+    try:
+        yield from _cluster(tmp_path, pg_server.uri(name))
+    finally:
+        pg_server.drop_database(name)
+
+
+def _cluster(tmp_path: Path, store_uri: str) -> Iterator[Tuple[Master, Master, SlaveProcesses]]:  # noqa: F811
     slaves = SlaveProcesses(tmp_path / "slaves")
     secret = slaves.secret_file(SECRET)
     masters: List[Master] = []
@@ -193,17 +215,54 @@ def test_cancel_on_the_holder_of_another_masters_job(cluster, tmp_path: Path) ->
     wait_until(lambda: _record(b, job_id)["state"] == "cancelled", WAIT, "the job to end cancelled")
 
 
-def test_a_holder_killed_mid_part_leaves_it_lost_not_running(cluster) -> None:
+def test_a_holder_killed_mid_part_leaves_it_lost_not_running(quick_cluster) -> None:
     """Master b SIGKILLed while it runs a's job on its slave: past b's lease the part ends lost and the job ends, never running forever."""
-    a, b, slaves = cluster
+    a, b, slaves = quick_cluster
     r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", "sh", "-c", "echo started; exec sleep 300")
     job_id = r.stdout.decode().strip()
     wait_until(lambda: _record(a, job_id)["slaves"]["s-b"]["stdout_bytes"] > 0, WAIT, "the command to start")
     b.stop(signal.SIGKILL)
-    wait_until(lambda: _record(a, job_id)["state"] != "running", LEASE + 2 * WAIT, "the job to end")
+    wait_until(lambda: _record(a, job_id)["state"] != "running", QUICK_LEASE + 2 * WAIT, "the job to end")
     record = _record(a, job_id)
     assert record["slaves"]["s-b"]["state"] == "lost", record
     assert "master b running it died" in (record["slaves"]["s-b"]["error"] or "")
+
+
+def test_an_origin_killed_mid_part_is_followed_by_the_master_adopting_its_job(quick_cluster) -> None:
+    """Master a SIGKILLed while b runs a's job on s-b: b adopts the job and follows the part again; its 60 lines are stored once and the job ends done."""
+    a, b, _ = quick_cluster
+    slow = ["sh", "-c", f"i=1; while [ $i -le {COUNT} ]; do echo line $i; i=$((i+1)); sleep 0.15; done"]
+    r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", *slow)
+    job_id = r.stdout.decode().strip()
+    wait_until(lambda: _record(b, job_id)["slaves"]["s-b"]["stdout_bytes"] > 0, WAIT, "the command to start")
+    a.stop(signal.SIGKILL)
+    wait_until(lambda: _record(b, job_id)["state"] != "running", QUICK_LEASE + 3 * WAIT, "the job to end")
+    record = _record(b, job_id)
+    assert record["state"] == "done" and record["slaves"]["s-b"]["exit_status"] == 0, record
+    shown = remsh(b.sock, "job", job_id)
+    assert _lines(shown.stdout, "s-b") == [f"line {i}" for i in range(1, COUNT + 1)]
+
+
+def test_a_restarted_origin_follows_the_parts_it_left_to_other_masters(cluster, tmp_path: Path,
+                                                                        store_uri: str) -> None:  # noqa: F811
+    """Master a stopped (SIGTERM) and started again while b runs its job on s-b: the part goes on untouched and the new a ends the job done with every line once."""
+    a, b, slaves = cluster
+    slow = ["sh", "-c", f"i=1; while [ $i -le {COUNT} ]; do echo line $i; i=$((i+1)); sleep 0.1; done"]
+    r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", *slow)
+    job_id = r.stdout.decode().strip()
+    wait_until(lambda: _record(b, job_id)["slaves"]["s-b"]["stdout_bytes"] > 0, WAIT, "the command to start")
+    assert a.stop() == 0
+    assert _record(b, job_id)["state"] == "running"
+    (tmp_path / "a2").mkdir()
+    again = Master(tmp_path / "a2", tmp_path / "a2" / "m.sock", secret_file=slaves.secret_file(SECRET),
+                   extra=["--store", store_uri, "--name", "a"]).wait_ready()
+    try:
+        r = remsh(again.sock, "job", job_id, "--follow")
+        assert r.returncode == 0, r.stderr.decode() + again.text()
+        assert _lines(r.stdout, "s-b") == [f"line {i}" for i in range(1, COUNT + 1)]
+        assert _record(b, job_id)["state"] == "done"
+    finally:
+        again.stop()
 
 
 # -- the store's calls ---------------------------------------------------------------------

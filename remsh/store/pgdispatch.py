@@ -152,6 +152,15 @@ def of_job(db: "Conn", job_id: str) -> List[Dispatch]:
     return [_row(r) for r in rows.fetchall()]
 
 
+def open_of(db: "Conn", job_id: str, owner: str) -> List[Dispatch]:
+    """The pending and running dispatches of job ``job_id`` if ``owner``
+    owns it (none otherwise), by slave."""
+    rows = db.execute(f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))} FROM remsh_dispatch d "
+                      f"JOIN remsh_jobs j ON j.id = d.job_id WHERE d.job_id = %s AND j.owner = %s "
+                      f"AND d.state IN (%s, %s) ORDER BY d.slave", (job_id, owner, PENDING, RUNNING))
+    return [_row(r) for r in rows.fetchall()]
+
+
 def for_holder(db: "Conn", master: str, slaves: Sequence[str]) -> List[Dispatch]:
     """What master ``master``, holding ``slaves``, has to look at: the
     pending dispatches of those slaves and the running ones it claimed
@@ -171,5 +180,5 @@ def claimed(db: "Conn", job_id: str, slave: str, master: str, epoch: int) -> boo
 
 
 __all__ = ["Dispatch", "PENDING", "RUNNING", "DONE", "LOST", "CANCELLED", "FINAL", "CHUNK", "SOURCE", "ask",
-           "ask_cancel", "settle", "claim", "finish", "put_chunk", "drop_blob", "chunk", "of_job", "for_holder",
-           "claimed"]
+           "ask_cancel", "settle", "claim", "finish", "put_chunk", "drop_blob", "chunk", "of_job", "open_of",
+           "for_holder", "claimed"]

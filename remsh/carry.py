@@ -1,0 +1,211 @@
+"""Bytes of a ``put`` or a ``get`` crossing masters through the PostgreSQL
+job store (:mod:`remsh.crossmaster`): written as a blob of rows of
+:data:`~remsh.store.pgdispatch.CHUNK` bytes (``remsh_blobs``) with its size
+and SHA-256, read back and checked before anything is put in place.  A
+file keeps its permission bits; a tree goes as a tar stream and is
+unpacked with the ``data`` filter (nothing outside it, no devices).
+
+Rejected: one row per file (a 256 MiB ``bytea`` is one allocation on both
+sides and past the statement timeout); large objects (``lo_*``: their
+permissions and clean-up are apart from the tables' and the job's
+retention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, TypeVar, cast
+
+from remsh.errors import LimitExceeded, LocalError, RemshError
+from remsh.files import PartialFile
+from remsh.replace import hidden_beside
+from remsh.sendsource import place_fetched
+from remsh.store import pgdispatch
+from remsh.store.base import JobStore
+from remsh.store.fencing import MasterRow
+
+T = TypeVar("T")
+
+
+class CarryFailed(RemshError):
+    """The bytes of a put or a get could not cross between two masters
+    through the store (a chunk missing, a digest that does not match)."""
+
+    tag = "carry"
+
+
+class DispatchingStore(Protocol):
+    """What a store that carries work between masters offers
+    (:class:`remsh.store.postgres.PostgresJobStore`)."""
+
+    name: str
+    epoch: int
+
+    def dispatch_write(self, fn: Callable[..., T], *args: Any, repeatable: bool = True) -> T: ...
+
+    def dispatch_read(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    def masters(self) -> List[MasterRow]: ...
+
+
+def dispatching(store: JobStore) -> Optional[DispatchingStore]:
+    """``store`` if it carries work between masters, else ``None`` (SQLite)."""
+    if hasattr(store, "dispatch_write") and hasattr(store, "masters"):
+        return cast(DispatchingStore, store)
+    return None
+
+
+# -- bytes through the store -------------------------------------------------------------
+
+
+class BlobWriter:
+    """A write-only file object storing what is written as blob ``name`` of
+    job ``job_id``, in :data:`~remsh.store.pgdispatch.CHUNK`-byte rows; at
+    most ``limit`` bytes (:class:`LimitExceeded`, naming ``what``)."""
+
+    def __init__(self, store: DispatchingStore, job_id: str, name: str, limit: int, what: str) -> None:
+        self.store, self.job_id, self.name, self.limit, self.what = store, job_id, name, limit, what
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self._held = bytearray()
+        self._seq = 0
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self.limit:
+            raise LimitExceeded(f"{self.what}: more than {self.limit} bytes; work crossing masters carries at most "
+                                f"{self.limit} bytes through the job store")
+        self.size += len(data)
+        self.digest.update(data)
+        self._held.extend(data)
+        while len(self._held) >= pgdispatch.CHUNK:
+            self._store(bytes(self._held[:pgdispatch.CHUNK]))
+            del self._held[:pgdispatch.CHUNK]
+        return len(data)
+
+    def _store(self, data: bytes) -> None:
+        self.store.dispatch_write(pgdispatch.put_chunk, self.job_id, self.name, self._seq, data)
+        self._seq += 1
+
+    def close(self) -> Dict[str, Any]:
+        """Store the rest; what a reader needs: ``size``, ``sha256``."""
+        if self._held or self._seq == 0:
+            self._store(bytes(self._held))
+            self._held.clear()
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+class BlobReader:
+    """A read-only file object over blob ``name`` of job ``job_id``, as
+    :meth:`BlobWriter.close` described it (``meta``); :meth:`check` after
+    the last read raises :class:`CarryFailed` unless it was whole."""
+
+    def __init__(self, store: DispatchingStore, job_id: str, name: str, meta: Mapping[str, Any], what: str) -> None:
+        self.store, self.job_id, self.name, self.what = store, job_id, name, what
+        self.size = int(meta["size"])
+        self.sha256 = str(meta["sha256"])
+        self.digest = hashlib.sha256()
+        self.done = 0
+        self._held = b""
+        self._seq = 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if not self._held:
+                if self.done >= self.size:
+                    break
+                data = self.store.dispatch_read(pgdispatch.chunk, self.job_id, self.name, self._seq)
+                if not data:
+                    raise CarryFailed(f"{self.what}: chunk {self._seq} of {self.size} bytes is missing in the "
+                                      f"job store")
+                self._seq += 1
+                self.done += len(data)
+                self.digest.update(data)
+                self._held = data
+            take = len(self._held) if n < 0 else min(n - len(out), len(self._held))
+            out += self._held[:take]
+            self._held = self._held[take:]
+        return bytes(out)
+
+    def check(self) -> None:
+        """:raises CarryFailed: the bytes read are not those stored"""
+        while self.read(pgdispatch.CHUNK):
+            pass
+        if self.done != self.size or self.digest.hexdigest() != self.sha256:
+            raise CarryFailed(f"{self.what}: the bytes read through the job store do not match what was "
+                              f"stored ({self.done} of {self.size} bytes, SHA-256 differs)")
+
+
+def _copy(src: Any, dst: Any) -> None:
+    while True:
+        data = src.read(pgdispatch.CHUNK)
+        if not data:
+            return
+        dst.write(data)
+
+
+def store_path(store: DispatchingStore, job_id: str, name: str, path: str, limit: int,
+               what: str) -> Dict[str, Any]:
+    """Store the local file or tree ``path`` as a blob (a tree as a tar
+    stream); its description, ``tree`` and ``mode`` included.
+
+    :raises LimitExceeded: it is larger than ``limit``
+    :raises LocalError: it cannot be read
+    """
+    writer = BlobWriter(store, job_id, name, limit, what)
+    try:
+        if os.path.isdir(path):
+            with tarfile.open(fileobj=writer, mode="w|") as tar:  # type: ignore[call-overload]
+                tar.add(path, arcname=".")
+            meta = writer.close()
+            meta["tree"] = True
+        else:
+            with open(path, "rb") as f:
+                _copy(f, writer)
+            meta = writer.close()
+            meta.update(tree=False, mode=os.stat(path).st_mode & 0o7777)
+    except OSError as e:
+        raise LocalError(f"{what}: cannot read {path}: {e.strerror or e}") from e
+    return meta
+
+
+def load_path(store: DispatchingStore, job_id: str, name: str, meta: Mapping[str, Any], path: str,
+              what: str) -> None:
+    """Write blob ``name`` to the local ``path`` (which must not exist): a
+    file through a partial file renamed when whole and checked, a tree
+    unpacked beside it (the ``data`` filter: nothing outside it, no device)
+    and renamed when whole and checked.  Nothing is left at ``path`` on failure.
+
+    :raises CarryFailed: a chunk missing or the digest wrong
+    :raises LocalError: it cannot be written
+    """
+    reader = BlobReader(store, job_id, name, meta, what)
+    try:
+        if meta.get("tree"):
+            part = hidden_beside(path, "part", local=True)
+            try:
+                os.mkdir(part, 0o700)
+                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                    tar.extractall(part, filter="data")
+                reader.check()
+                os.rename(part, path)
+            except BaseException:
+                shutil.rmtree(part, ignore_errors=True)
+                raise
+            return
+        partial = PartialFile(os.fsencode(path), meta.get("mode"))
+        try:
+            _copy(reader, partial)
+            reader.check()
+        except BaseException:
+            partial.discard()
+            raise
+        place_fetched(what, partial)
+    except (OSError, tarfile.TarError) as e:
+        raise LocalError(f"{what}: cannot write {path}: {e}") from e
+
+
+__all__ = ["CarryFailed", "DispatchingStore", "dispatching", "BlobWriter", "BlobReader", "store_path", "load_path"]
