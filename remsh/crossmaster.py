@@ -23,7 +23,9 @@ settles those nobody can finish: a dispatch no master claims within
 lease, or it started again under a new epoch), ends ``lost``; the claim is
 then void, and a claimer that comes back cannot write over the record.
 A cancel of the job (from any master: the cancel reaches the origin, which
-owns the job) is carried to the claimers through the store.
+owns the job) is carried to the claimers through the store.  A stopping
+origin leaves its parts to their claimers (:meth:`Crossing.resume`: the
+master that takes the job back follows them again).
 
 Bytes cross through the store, in rows of 1 MiB (``remsh_blobs``) checked
 by their SHA-256 and deleted when the part ends: a ``put``'s source (a
