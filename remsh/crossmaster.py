@@ -506,18 +506,21 @@ class Dispatcher:
         """Claim the pending dispatches of this master's connected slaves;
         carry the cancels asked of the parts it runs."""
         slaves = {s.name: s for s in self.collection.get_all_slaves() if s.connected}
+        pending: Dict[int, Dispatch] = {}
         for d in self.store.dispatch_read(pgdispatch.for_holder, self.store.name, sorted(slaves)):
             with self._lock:
                 part = self._parts.get(d.id)
             if part is not None:
                 if d.cancel_reason:
                     part.cancellation.cancel(d.cancel_reason)
-                continue
-            slave = slaves.get(d.slave)
-            if d.state != pgdispatch.PENDING or slave is None or self._stop.is_set():
-                continue
-            if not self.store.dispatch_write(pgdispatch.claim, d.id, repeatable=False):
-                continue  # another master was first
+            elif d.state == pgdispatch.PENDING and d.slave in slaves:
+                pending[d.id] = d
+        if not pending or self._stop.is_set():
+            return
+        # one write claims them all; those another master took first are left out
+        for dispatch_id in self.store.dispatch_write(pgdispatch.claim, sorted(pending), repeatable=False):
+            d = pending[dispatch_id]
+            slave = slaves[d.slave]
             part = _Part(d)
             if d.cancel_reason:
                 part.cancellation.cancel(d.cancel_reason)

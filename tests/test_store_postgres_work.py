@@ -149,8 +149,8 @@ def test_put_and_get_cross_masters_whole(cluster, tmp_path: Path) -> None:
     assert record["slaves"]["s-b"]["state"] == "ok"
 
 
-def test_put_of_a_tree_crosses_masters(cluster, tmp_path: Path) -> None:
-    """put of a directory tree on master a to b's slave: every file arrives with its content."""
+def test_a_tree_crosses_masters_both_ways(cluster, tmp_path: Path) -> None:
+    """put of a directory tree on master a to b's slave, then get of it back through a: every file arrives with its content."""
     a, _, _ = cluster
     tree = tmp_path / "tree"
     (tmp_path / "tree" / "sub").mkdir(parents=True)
@@ -160,6 +160,12 @@ def test_put_of_a_tree_crosses_masters(cluster, tmp_path: Path) -> None:
     r = remsh(a.sock, "put", "-t", "s-b", str(tree), str(dest))
     assert r.returncode == 0, r.stderr.decode() + a.text()
     assert (dest / "one.txt").read_text() == "one\n" and (dest / "sub" / "two.txt").read_text() == "two\n"
+    out = tmp_path / "got"
+    r = remsh(a.sock, "get", "-t", "s-b", str(dest), str(out))
+    assert r.returncode == 0, r.stderr.decode() + a.text()
+    back = out / "s-b" / dest.name
+    assert (back / "one.txt").read_text() == "one\n" and (back / "sub" / "two.txt").read_text() == "two\n"
+    assert os.listdir(out / "s-b") == [dest.name]
 
 
 def test_a_failed_get_across_masters_leaves_nothing(cluster, tmp_path: Path) -> None:
@@ -280,8 +286,8 @@ def test_a_claim_lets_one_master_write_another_masters_job_and_only_while_it_run
         x.dispatch_write(pgdispatch.ask, job.id, [("s", "y"), ("t", "y")], "run", {"argv": ["true"]})
         pending = {d.slave: d for d in y.dispatch_read(pgdispatch.for_holder, "y", ["s"])}
         assert list(pending) == ["s"] and pending["s"].state == "pending"
-        won = [store.dispatch_write(pgdispatch.claim, pending["s"].id, repeatable=False) for store in (y, z)]
-        assert won == [True, False]
+        won = [store.dispatch_write(pgdispatch.claim, [pending["s"].id], repeatable=False) for store in (y, z)]
+        assert won == [[pending["s"].id], []]
         y.update_slave(job.id, "s", state="running")
         assert y.append_output(job.id, "s", "stdout", 0, b"hello\n") == 6
         with pytest.raises(NotOwner):  # t's part is not y's

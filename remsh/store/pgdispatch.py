@@ -106,11 +106,12 @@ def settle(db: "Conn", master: str, epoch: int, dispatch_id: int, before: str, a
 # -- the holder's writes ----------------------------------------------------------------
 
 
-def claim(db: "Conn", master: str, epoch: int, dispatch_id: int) -> bool:
-    """Take pending dispatch ``dispatch_id``: whether this master won it."""
-    cur = db.execute("UPDATE remsh_dispatch SET state = %s, claimed_by = %s, claim_epoch = %s "
-                     "WHERE id = %s AND state = %s", (RUNNING, master, epoch, dispatch_id, PENDING))
-    return cur.rowcount == 1
+def claim(db: "Conn", master: str, epoch: int, dispatch_ids: Sequence[int]) -> List[int]:
+    """Take the pending dispatches ``dispatch_ids``: those this master won."""
+    rows = db.execute("UPDATE remsh_dispatch SET state = %s, claimed_by = %s, claim_epoch = %s "
+                      "WHERE id = ANY(%s) AND state = %s RETURNING id",
+                      (RUNNING, master, epoch, list(dispatch_ids), PENDING)).fetchall()
+    return sorted(int(r[0]) for r in rows)
 
 
 def finish(db: "Conn", master: str, epoch: int, dispatch_id: int, result: Dict[str, Any]) -> bool:
