@@ -522,8 +522,8 @@ class Dispatcher:
             d = pending[dispatch_id]
             slave = slaves[d.slave]
             part = _Part(d)
-            if d.cancel_reason:
-                part.cancellation.cancel(d.cancel_reason)
+            if d.cancel_reason or self._stop.is_set():  # asked, or this master began to stop meanwhile
+                part.cancellation.cancel(d.cancel_reason or self.stopping)
             with self._lock:
                 self._parts[d.id] = part
             log.info("job %s: running the part of %s for master %s", d.job_id, d.slave, d.origin)

@@ -127,6 +127,14 @@ def test_a_job_on_every_slave_runs_on_both_masters_slaves(cluster) -> None:
     assert {n: s["state"] for n, s in record["slaves"].items()} == {"s-a": "ok", "s-b": "ok"}
 
 
+def test_stdin_is_refused_for_a_slave_of_another_master(cluster) -> None:
+    """run --stdin choosing b's slave on master a is refused (exit 2, naming the slave); no job is made."""
+    a, _, _ = cluster
+    r = remsh(a.sock, "run", "--stdin", "-t", "s-b", "--", "cat", input=b"data\n")
+    assert r.returncode == 2 and "--stdin does not reach slaves held by another master (s-b)" in r.stderr.decode()
+    assert json.loads(remsh(a.sock, "jobs", "--json").stdout) == []
+
+
 def test_put_and_get_cross_masters_whole(cluster, tmp_path: Path) -> None:
     """put on master a to b's slave, then get back through a: a 3.5 MiB file (several 1 MiB rows) arrives with the same SHA-256, its mode kept; the store keeps no bytes after."""
     a, b, _ = cluster
