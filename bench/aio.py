@@ -7,7 +7,11 @@ and ``fetch`` of SIZE bytes (MiB/s, higher is better), and ``fan-out``: one
 same slave program serves both masters; each figure is the median of
 ``--runs`` runs, the drivers taking turns run by run.
 
-    .venv/bin/python bench/aio.py [--quick] [--transport local|tcp] [--json PATH]
+    .venv/bin/python bench/aio.py [--quick] [--transport local|tcp] [--pin] [--json PATH]
+
+``--pin`` puts this process, its threads and every slave it starts on CPU 0
+(as ``bench/run.py``'s pinned rows: no wake-up crosses CPUs, so what is
+measured is the CPU each end spends).
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ def main() -> None:
     ap.add_argument("--transport", choices=("local", "tcp"), default="local")
     ap.add_argument("--json")
     ap.add_argument("--runs", type=int)
+    ap.add_argument("--pin", action="store_true", help="run everything on CPU 0")
     args = ap.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, {0})  # inherited by every thread and child started from here on
     runs = args.runs or (3 if args.quick else 5)
     calls = 300 if args.quick else 2000
     size = (16 if args.quick else 128) * MiB
@@ -202,9 +209,11 @@ def main() -> None:
 
     units = {"ping": "us/call", "execute true": "us/call", "stream stdout": "MiB/s", "send": "MiB/s",
              "fetch": "MiB/s", f"fan-out x{fan}": "ms"}
-    print(f"remsh.aio vs threaded master, {args.transport} slaves, median of {runs} runs")
+    print(f"remsh.aio vs threaded master, {args.transport} slaves, median of {runs} runs"
+          f"{', pinned to CPU 0' if args.pin else ''}")
     print(f"{'row':<18}{'unit':<9}{'threaded':>10}{'asyncio':>10}{'aio/thr':>9}")
-    out: Dict[str, Any] = {"transport": args.transport, "runs": runs, "size": size, "rows": {}}
+    out: Dict[str, Any] = {"transport": args.transport, "runs": runs, "size": size, "pinned": args.pin,
+                           "rows": {}}
     for row, by in results.items():
         name = f"fan-out x{fan}" if row == "fan-out" else row
         t = statistics.median(by["threaded"])

@@ -1,7 +1,7 @@
 """remsh benchmark: remsh over each transport against the tools users would
 pick instead, side by side in one run.  See bench/README.md.
 
-    python bench/run.py [--quick] [--only SCENARIO ...] [--json PATH]
+    python bench/run.py [--quick] [--only SCENARIO ...] [--size MiB] [--json PATH]
 
 Prints one table and writes the same figures, with the machine, to
 bench/results/latest.json.
@@ -81,7 +81,7 @@ class Bench:
         self.quick = args.quick
         self.results = Results()
         self.work = tempfile.mkdtemp(prefix="remsh-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self.size = (32 if self.quick else 256) * MiB
+        self.size = (args.size or (32 if self.quick else 256)) * MiB
         self.sshd: Optional[Sshd] = None
         self.sshd_na = have_openssh()
         self.remsh: Optional[RemshSlaves] = None
@@ -648,6 +648,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs (under 3 minutes)")
     p.add_argument("--only", nargs="+", choices=SCENARIOS, help="run only these scenarios")
+    p.add_argument("--size", type=int, help="MiB moved by each transfer and stream (default 256; 32 with --quick)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="where to write the figures")
     args = p.parse_args(argv)
     # library warnings (e.g. a dialer closing its connection) go to a file, not the table
