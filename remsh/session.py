@@ -472,17 +472,22 @@ class SessionWire:
         while True:
             now = _now()
             with self._cond:
-                if state.has_room(len(chunk), n, now):
-                    kept = self._keep(chunk) if self.conn is None else None
-                    conn = self.conn if state.send(chunk, n, kept) else None
-                    break
                 conn = self.conn
+                if conn is not None:
+                    write = state.offer(chunk, n, now)
+                    if write is not None:
+                        if not write:
+                            conn = None  # a resume is sending the kept boxes: it sends this one too
+                        break
+                elif state.has_room(len(chunk), n, now):
+                    state.send(chunk, n, self._keep(chunk))
+                    break
                 blocked = state.blocked_since
             self._wait_room(conn, blocked, now)
         if conn is not None:
             try:
                 conn.send_bytes(chunk)
-                state.last_sent = _now()
+                state.last_sent = now
             except Disconnected as e:
                 self.connection_lost(conn, f"connection lost while sending: {e}")
 
@@ -584,7 +589,16 @@ class SessionWire:
         return box
 
     def send_box(self, box: BoxLike, *, lock_timeout: Optional[float] = None) -> None:
-        self.send_bytes(encode_box(box), lock_timeout=lock_timeout)
+        """Send one session box (as :meth:`send_bytes`; one box needs no counting)."""
+        data = encode_box(box)
+        if lock_timeout is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=lock_timeout):
+            raise WaitTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
+        try:
+            self._send_piece(data, 1)
+        finally:
+            self._send_lock.release()
 
     def _send_control(self, conn: Optional[Wire], data: bytes) -> None:
         if conn is None:

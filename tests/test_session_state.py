@@ -485,3 +485,19 @@ def test_ack_box_encoding() -> None:
         st.deliver(box)
     st.commit(2)
     assert st.pop_writes() == ack_box(2)
+
+
+def test_offer_is_has_room_and_send_in_one() -> None:
+    """offer keeps and says to write when there is room, says None (keeping nothing) at the window, and keeps without writing while away."""
+    st = state()
+    for i in range(WINDOW_BOXES):
+        assert st.offer(data_box(i), 1, 0.0) is True
+    assert st.offer(data_box(0), 1, 3.0) is None
+    assert st.sent == WINDOW_BOXES and st.blocked_since == 3.0
+    st.receive({b"ack": str(WINDOW_BOXES).encode()}, 4.0)
+    st.lose(5.0)
+    assert st.offer(data_box(0), 1, 5.0) is False
+    assert len(st.kept) == 1 and st.memory_bytes == len(data_box(0))
+    st.fail(SessionFailed("over"))
+    with pytest.raises(SessionFailed):
+        st.offer(data_box(0), 1, 6.0)

@@ -47,6 +47,7 @@ PONG = encode_box({b"hb": b"pong"})
 BYE = encode_box({b"bye": b"y"})
 _CONTROL_KEYS = (b"ack", b"hb", b"bye")
 _BYTES = (bytes, bytearray, memoryview)
+_tuple_new = tuple.__new__
 
 
 def is_control(box: Box) -> bool:
@@ -282,12 +283,41 @@ class SessionState:
         size = len(data)
         first = self.sent
         stored = data if kept is None else kept
-        self.kept.append(Kept(first, boxes, size, stored))
+        self.kept.append(_tuple_new(Kept, (first, boxes, size, stored)))
         self.kept_bytes += size
         if isinstance(stored, _BYTES):
             self.memory_bytes += size
         else:
             self.spooled += 1
+        self.sent = first + boxes
+        if self.phase is Phase.ATTACHED and not self.resending:
+            self.written = self.sent
+            return True
+        return False
+
+    def offer(self, data: bytes, boxes: int, now: float) -> Optional[bool]:
+        """:meth:`has_room` and :meth:`send` in one (the hot path of a
+        sender keeping bytes in memory): ``None`` when there is no room
+        (nothing kept), else what :meth:`send` returns.
+
+        :raises RemshError: the session failed
+        """
+        if self.failed is not None:
+            raise self.failed
+        size = len(data)
+        if self.kept:
+            if self.phase is Phase.AWAY:
+                if self.kept_bytes + size > self.spool_limit:
+                    return None
+            elif (self.kept_bytes + size > WINDOW_BYTES
+                  or self.sent - self.peer_acked + boxes > WINDOW_BOXES):
+                if self.blocked_since is None:
+                    self.blocked_since = now
+                return None
+        first = self.sent
+        self.kept.append(_tuple_new(Kept, (first, boxes, size, data)))
+        self.kept_bytes += size
+        self.memory_bytes += size
         self.sent = first + boxes
         if self.phase is Phase.ATTACHED and not self.resending:
             self.written = self.sent
