@@ -25,7 +25,7 @@ from remsh.master.fanout import Cancellation
 from remsh.pacing import Pacing
 from remsh.store import pgdispatch
 from remsh.store.fencing import NotOwner
-from remsh.store.postgres import PostgresJobStore
+from remsh.store.postgres import LEASE, PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses
 from tests.test_fleet import Master, ls, remsh
@@ -240,6 +240,18 @@ def test_a_holder_killed_mid_part_leaves_it_lost_not_running(quick_cluster) -> N
     record = _record(a, job_id)
     assert record["slaves"]["s-b"]["state"] == "lost", record
     assert "master b running it died" in (record["slaves"]["s-b"]["error"] or "")
+
+
+def test_a_holder_stopped_cleanly_ends_its_part_failed_at_once(cluster) -> None:
+    """Master b stopped with SIGTERM while it runs a's job on its slave: the part ends failed, "the master is stopping", without waiting for a lease."""
+    a, b, _ = cluster
+    r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", "sh", "-c", "echo started; exec sleep 300")
+    job_id = r.stdout.decode().strip()
+    wait_until(lambda: _record(a, job_id)["slaves"]["s-b"]["stdout_bytes"] > 0, WAIT, "the command to start")
+    assert b.stop() == 0
+    wait_until(lambda: _record(a, job_id)["state"] != "running", LEASE - 5, "the job to end, before b's lease passed")
+    part = _record(a, job_id)["slaves"]["s-b"]
+    assert (part["state"], part["error"]) == ("failed", "the master is stopping"), part
 
 
 def test_an_origin_killed_mid_part_is_followed_by_the_master_adopting_its_job(quick_cluster) -> None:
