@@ -100,6 +100,7 @@ bench: $(STAMP_BENCH)
 	$(BIN)/python bench/aio.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/aio.py --transport tcp $(if $(QUICK),--quick)
 	$(BIN)/python bench/store.py $(if $(QUICK),--slaves 10 --chunks 20)
+	$(BIN)/python bench/multimaster.py $(if $(QUICK),--slaves 150 --runs 2)
 
 # the soak uses the test suite's relay and the test tools (cryptography for TLS)
 soak: $(STAMP_TEST)
