@@ -25,6 +25,20 @@ output is complete and stored once, the exit status recorded.  A slave that
 does not come back in time ends ``lost``; one that registers afresh (a new
 process: its command is gone) ends ``lost`` at once.
 
+On a store several masters share (PostgreSQL), a *running* master takes
+over the same way the work of another that died (:meth:`Adoptions.follow`):
+its store's heartbeat adopts a master silent past the lease (a
+compare-and-set on that master's epoch: of several racing, one wins) and
+the jobs adopted are taken back here, each command waiting for its slave
+for the resume time limit counted from the adoption.  A slave that resumes
+here a session this master does not wait for is looked up in the store: a
+dead master's is adopted on the spot, a live master's is refused
+(:class:`~remsh.adoption.SessionElsewhere`: the slave keeps its command and
+tries its next master).  A master that finds itself fenced off (its own
+work adopted while it was paused) drops its slaves without a goodbye --
+nothing more is acknowledged, so the slaves keep what the adopter needs --
+and refuses every slave from then on.
+
 What cannot survive: a command whose stdin the master still forwards is
 not recorded (its input would be cut short); it ends ``lost`` as before.
 ``put`` and ``get`` in flight fail, their error saying the master stopped.
