@@ -17,16 +17,19 @@ import contextlib
 import hashlib
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Coroutine, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Coroutine, Dict, List, Optional, Tuple, TypeVar
 
 import pytest
 
 import remsh.aio as aio
 from remsh.errors import Disconnected, UsageError, WaitTimeout
-from remsh.handshake import refusal_box
+from remsh.handshake import MASTER_GREETING, SLAVE_GREETING, exchange_greeting, refusal_box, slave_proof
+from remsh.transports.base import SocketStream
+from remsh.wire import Box, Wire
 from tests.relay import Relay
 from tests.slaveproc import HOST, SECRET, WAIT, SlaveProcess, SlaveProcesses, slave_procs  # noqa: F401 - a fixture
 from tests.test_resume import NUMBERED, impostor_register, numbered, same_bytes, session_of
@@ -328,3 +331,42 @@ def test_link_checks_are_answered(slave_procs: SlaveProcesses) -> None:
             await r.slave.ping()
             return r.relay.accepted
     assert run(main()) == 1
+
+
+def raw_register(port: int, name: bytes, extra: Dict[bytes, bytes]) -> Tuple[Wire, Box]:
+    """A hand-driven slave: registered as ``name`` with the secret and ``extra`` keys; its wire and the master's answer."""
+    sock = socket.create_connection((HOST, port), timeout=WAIT)
+    wire = Wire(SocketStream(sock), label="raw")
+    exchange_greeting(wire, SLAVE_GREETING, MASTER_GREETING, WAIT)
+    hello = wire.read_box(WAIT)
+    assert hello is not None
+    nonce = os.urandom(32)
+    box: Dict[bytes, bytes] = {b"register": name, b"version": b"1", b"nonce": nonce,
+                               b"proof": slave_proof(SECRET, hello[b"nonce"], nonce, name)}
+    box.update(extra)
+    wire.send_box(box)
+    answer = wire.read_box(WAIT)
+    assert answer is not None and answer.get(b"registered") == name, answer
+    return wire, answer
+
+
+@pytest.mark.parametrize("bad", [{b"ack": b"5"}, {b"hb": b"what"}, {b"bogus": b"1"}],
+                         ids=["ack-never-sent", "unknown-link-check", "unasked-box"])
+def test_a_slave_breaking_the_session_protocol_is_dropped(bad: Dict[bytes, bytes]) -> None:
+    """A slave holding a session that acknowledges boxes never sent, sends an unknown link check or a box nobody asked for is dropped at once."""
+    async def main() -> None:
+        async with aio.TcpSlaveListener(port=0, host=HOST, secret=SECRET, resume_timeout=LONG_RESUME) as listener:
+            wire, answer = await asyncio.to_thread(raw_register, listener.port, b"rogue", {b"resumable": b"y"})
+            try:
+                assert b"session" in answer
+                slave = await listener.slave_collection.get_slave(timeout=WAIT)
+                assert slave.resumable
+                await asyncio.to_thread(wire.send_box, bad)
+                end = time.monotonic() + WAIT
+                while slave.connected and time.monotonic() < end:
+                    await asyncio.sleep(0.02)
+                assert not slave.connected
+                assert listener.slave_collection.get_all_slaves() == []
+            finally:
+                wire.close()
+    run(main())
