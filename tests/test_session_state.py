@@ -501,3 +501,18 @@ def test_offer_is_has_room_and_send_in_one() -> None:
     st.fail(SessionFailed("over"))
     with pytest.raises(SessionFailed):
         st.offer(data_box(0), 1, 6.0)
+
+
+def test_boxes_left_on_a_lost_connection_still_count() -> None:
+    """Away, boxes the old connection still held are taken (counted, held; acks forget), but no acknowledgement is queued for a connection that is gone."""
+    st = state()
+    send(st, 0)
+    st.lose(1.0)
+    box = st.receive({b"n": b"0"}, 1.5)
+    assert box is not None and st.received == 1
+    st.hold(box)
+    st.receive({b"ack": b"1"}, 1.5)
+    assert not st.kept
+    st.commit(1)
+    assert st.next_held() == {b"n": b"0"} and st.to_write == []
+    assert st.phase is Phase.AWAY
