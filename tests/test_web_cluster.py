@@ -7,13 +7,15 @@ httpx reads the SSE feed, headless Chromium the page (when there)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import tempfile
+import time
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -21,11 +23,14 @@ if not os.environ.get("CI"):  # under CI the extra must be there: the imports be
     pytest.importorskip("httpx", reason="the web tests need httpx")
     pytest.importorskip("starlette", reason="the web dashboard needs Starlette")
 
+import httpx  # noqa: E402
+
+from remsh.store.postgres import LEASE  # noqa: E402
 from tests.pgserver import pg_server  # noqa: E402,F401 - fixture
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses  # noqa: E402
 from tests.test_fleet import Master  # noqa: E402
 from tests.test_store_postgres_masters import store_uri  # noqa: E402,F401 - fixture
-from tests.test_web import WebFleet, sse_until  # noqa: E402
+from tests.test_web import WebFleet  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,6 +62,25 @@ def cluster(tmp_path: Path, store_uri: str) -> Iterator[Cluster]:  # noqa: F811 
         for master in masters:
             master.stop()
         slaves.close()
+
+
+def sse_until(client: "httpx.Client", url: str, done: Callable[[List[Any]], bool],
+              during: Optional[Callable[[List[Any]], None]] = None, within: float = WAIT) -> List[Any]:
+    """The messages of the stream at ``url`` until ``done(messages)`` (bounded by
+    ``within`` seconds); ``during`` is called after each message."""
+    messages: List[Any] = []
+    deadline = time.monotonic() + within
+    with client.stream("GET", url, timeout=httpx.Timeout(WAIT)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():  # a keep-alive comment comes every 10 s at the latest
+            assert time.monotonic() < deadline, f"stream {url}: not done in time: {messages}"
+            if line.startswith("data: "):
+                messages.append(json.loads(line[6:]))
+                if during is not None:
+                    during(messages)
+                if done(messages):
+                    return messages
+    raise AssertionError(f"stream {url} ended first: {messages}")
 
 
 def apply(messages: List[Any]) -> Rows:
@@ -111,6 +135,23 @@ def test_another_masters_slave_going_away_shows_away_in_the_feed(cluster: Cluste
         messages = sse_until(c, "/api/live/fleet", lambda ms: held(apply(ms)).get("s-b") == ["b", "away"],
                              during=kill_once)
     assert held(apply(messages))["s-a"] == ["a", "idle"]
+
+
+def test_a_killed_masters_slave_leaves_the_feed_once_its_lease_is_past(cluster: Cluster) -> None:
+    """m2 SIGKILLed: its slave leaves m1's fleet feed once m2's heartbeat is past the lease (no write announces it)."""
+    killed: List[float] = []
+
+    def kill_once(messages: List[Any]) -> None:
+        if not killed and held(apply(messages)).get("s-b") == ["b", "idle"]:
+            cluster.b.master.stop(signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    with cluster.a.bearer() as c:
+        messages = sse_until(c, "/api/live/fleet", lambda ms: bool(killed) and "s-b" not in apply(ms),
+                             during=kill_once, within=LEASE + WAIT)
+    assert time.monotonic() - killed[0] >= LEASE - 4.0  # dropped for the lease, not for the kill being seen
+    assert held(apply(messages)) == {"s-a": ["a", "idle"]}
+    assert any("s-b" in m.get("del", []) for m in messages)  # deleted in place, not by a reset
 
 
 def test_the_fleet_page_names_this_master_for_its_script(cluster: Cluster) -> None:
