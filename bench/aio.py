@@ -7,11 +7,14 @@ and ``fetch`` of SIZE bytes (MiB/s, higher is better), and ``fan-out``: one
 same slave program serves both masters; each figure is the median of
 ``--runs`` runs, the drivers taking turns run by run.
 
-    .venv/bin/python bench/aio.py [--quick] [--transport local|tcp] [--pin] [--json PATH]
+    .venv/bin/python bench/aio.py [--quick] [--transport local|tcp] [--pin] [--sessions] [--json PATH]
 
 ``--pin`` puts this process, its threads and every slave it starts on CPU 0
 (as ``bench/run.py``'s pinned rows: no wake-up crosses CPUs, so what is
-measured is the CPU each end spends).
+measured is the CPU each end spends).  ``--sessions`` (TCP) gives both
+listeners ``resume_timeout=300``, the threaded listener's default: every
+slave gets a session that survives a dropped connection; without it both
+run with sessions off.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--runs", type=int)
     ap.add_argument("--pin", action="store_true", help="run everything on CPU 0")
+    ap.add_argument("--sessions", action="store_true", help="TCP slaves with sessions (resume_timeout=300)")
     args = ap.parse_args()
     if args.pin:
         os.sched_setaffinity(0, {0})  # inherited by every thread and child started from here on
@@ -69,6 +73,7 @@ def main() -> None:
     calls = 300 if args.quick else 2000
     size = (16 if args.quick else 128) * MiB
     fan = 20 if args.quick else 100
+    resume_timeout = 300.0 if args.sessions else 0.0
     work = Path(tempfile.mkdtemp(prefix="remsh-bench-aio-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     src = work / "src"
     with open(src, "wb") as f:
@@ -92,7 +97,7 @@ def main() -> None:
         tlistener.start()
         tslaves = [tlistener.start_slave(fresh(f"t{i}"), f"t{i}") for i in range(fan)]
     else:
-        tlistener = TcpSlaveListener(port=0, host="127.0.0.1", secret=SECRET, resume_timeout=0,
+        tlistener = TcpSlaveListener(port=0, host="127.0.0.1", secret=SECRET, resume_timeout=resume_timeout,
                                      slave_collection=collection)
         tlistener.start()
         procs += [start_tcp_slave(tlistener.port, f"t{i}", fresh(f"t{i}")) for i in range(fan)]
@@ -142,7 +147,7 @@ def main() -> None:
         if args.transport == "local":
             alistener: Any = aio.LocalSlaveListener()
         else:
-            alistener = aio.TcpSlaveListener(port=0, host="127.0.0.1", secret=SECRET)
+            alistener = aio.TcpSlaveListener(port=0, host="127.0.0.1", secret=SECRET, resume_timeout=resume_timeout)
         async with alistener:
             if args.transport == "local":
                 aslaves = []
@@ -210,10 +215,10 @@ def main() -> None:
     units = {"ping": "us/call", "execute true": "us/call", "stream stdout": "MiB/s", "send": "MiB/s",
              "fetch": "MiB/s", f"fan-out x{fan}": "ms"}
     print(f"remsh.aio vs threaded master, {args.transport} slaves, median of {runs} runs"
-          f"{', pinned to CPU 0' if args.pin else ''}")
+          f"{', pinned to CPU 0' if args.pin else ''}{', sessions on' if args.sessions else ''}")
     print(f"{'row':<18}{'unit':<9}{'threaded':>10}{'asyncio':>10}{'aio/thr':>9}")
     out: Dict[str, Any] = {"transport": args.transport, "runs": runs, "size": size, "pinned": args.pin,
-                           "rows": {}}
+                           "sessions": args.sessions, "rows": {}}
     for row, by in results.items():
         name = f"fan-out x{fan}" if row == "fan-out" else row
         t = statistics.median(by["threaded"])
