@@ -86,8 +86,10 @@ MASTERS_EVERY = 3.0
 #: (every write of the cluster wakes it), and a holder at least every POLL seconds.
 LOOK_GAP = 0.05
 POLL = 2.0
-#: How long a stopping holder waits for its parts to record their end.
+#: How long a stopping holder waits for its parts to record their end ...
 STOP_WAIT = 5.0
+#: ... and how soon its thread sees the stop while it waits for a change.
+STOP_SLICE = 0.25
 
 #: The work of a job (:data:`remsh.jobs.Work`).
 Work = Callable[[Sink, Cancellation], List[SlaveResult]]
@@ -472,6 +474,14 @@ class Dispatcher:
             part.done.wait(max(0.0, deadline - time.monotonic()))
         if self.slave_state in self.collection.state_watchers:
             self.collection.state_watchers.remove(self.slave_state)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()) + 2 * STOP_SLICE)
+
+    def __enter__(self) -> "Dispatcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def slave_state(self, name: str, state: str, detail: str) -> None:
         """A slave went away, came back or was lost: said in the parts it runs."""
@@ -498,8 +508,12 @@ class Dispatcher:
                 log.exception("master %s: looking for work of other masters failed", self.store.name)
             if self._stop.wait(LOOK_GAP):
                 return
-            self.jobs.wait_change(version, POLL)
-            if getattr(self.store, "closed", False):
+            deadline = time.monotonic() + POLL
+            # a change, the poll, or a stop (seen within STOP_SLICE), whichever comes first
+            while self.jobs.wait_change(version, min(STOP_SLICE, max(0.0, deadline - time.monotonic()))) == version:
+                if self._stop.is_set() or getattr(self.store, "closed", False) or time.monotonic() >= deadline:
+                    break
+            if getattr(self.store, "closed", False) or self._stop.is_set():
                 return
 
     def look(self) -> None:
