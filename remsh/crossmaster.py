@@ -223,9 +223,10 @@ class _Origin:
                 self._asked_cancel = True
             if self.crossing.kind == "put" and not self.crossing.asked:
                 try:
+                    named = ", ".join(self.queue[:3]) + (" ..." if len(self.queue) > 3 else "")
                     self.spec["blob"] = store_path(self.store, self.job_id, pgdispatch.SOURCE,
                                                    cast(List[str], self.crossing.spec["paths"])[0], MAX_CARRIED,
-                                                   f"put to {', '.join(self.queue)}")
+                                                   f"put to {named}")
                 except RemshError as e:
                     for name in self.queue:
                         self._end(SlaveResult(name, error=describe_error(e, name), errtag=error_tag(e)))
