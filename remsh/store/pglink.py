@@ -78,7 +78,7 @@ class Link:
         return conn
 
     def run(self, fn: Callable[[Conn], T], *, retry: bool = False, patience: float = 0.0,
-            single: bool = False) -> T:
+            single: bool = False, retrying: Optional[Callable[[StoreError], None]] = None) -> T:
         """``fn(conn)`` in one transaction (committed when it returns).
 
         ``fn`` is run again on a new connection when the connection broke
@@ -88,6 +88,9 @@ class Link:
         answers again, for at most ``patience`` seconds.  Otherwise the
         call fails and the next one connects again.  ``single``: ``fn`` runs
         one statement, its own transaction (no BEGIN and COMMIT around it).
+        ``retrying(failure)`` is called before each wait for the database
+        to answer again (with the error that made it wait): a batch of
+        writes takes out those that are not to be repeated.
         """
         deadline = time.monotonic() + patience
         delay = 0.1
@@ -122,6 +125,8 @@ class Link:
                     raise StoreError(str(failure)) from failure.__cause__
                 self.outage_error = str(failure)
                 self.outage.set()
+                if retrying is not None:
+                    retrying(failure)
                 if self.closing.wait(delay):
                     raise StoreError(f"the job store {self.label} is closed")
                 delay = min(1.0, delay * 2)

@@ -11,7 +11,8 @@ Several masters open one database, each under its own name (a row of
 store raises the name's epoch; a name whose holder's heartbeat is within
 the lease is refused (:class:`~remsh.store.fencing.MasterNameInUse`)
 unless that holder ran on this machine and its process is gone.  Every
-write runs in one transaction (output: one statement, ``remsh_append``)
+write runs in a transaction (writes made at once share one:
+:mod:`remsh.store.pgbatch`; output is one statement, ``remsh_append``)
 that first reads this master's row ``FOR SHARE`` and
 refuses to go on when the epoch there is not ours
 (:class:`~remsh.store.fencing.FencedOff`): the row lock makes an adopter's
@@ -62,6 +63,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
                               SLAVE_QUEUED, STREAMS, ChangeCounter, JobIds, JobRecord, OutputChunk, OutputGap,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, now, slave_changes)
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
+from remsh.store.pgbatch import GroupCommit
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
 from remsh.store import pgadopt, pgdispatch, pgslaves
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
@@ -129,6 +131,7 @@ class PostgresJobStore(ChangeCounter):
         self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
         self._writer = Link(self._conninfo, self.label)
         self._reader = Link(self._conninfo, self.label)
+        self._batch = GroupCommit(self._writer, self._fence, self._announce, self._bump, outage_wait)
         self._init_changes()
         self._closed = False
         self._ids = JobIds()
@@ -140,6 +143,7 @@ class PostgresJobStore(ChangeCounter):
         #: what the watcher last saw of the other masters: alive or not
         self._alive: Dict[str, bool] = {}
         self._published = pgslaves.Published()  # this master's slaves as last written
+        self._adopted_from: Dict[str, str] = {}  # job id -> the dead master this one adopted it from
         self._adoption = pgadopt.Watchers()  # who takes back the work adopted; who hears of a fence
         listening: Optional[Conn] = None
         try:
@@ -323,31 +327,38 @@ class PostgresJobStore(ChangeCounter):
 
     def _fenced(self, db: Conn) -> FencedOff:
         row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s", (self.name,)).fetchone()
-        current = "gone" if row is None else f"now {row[0]}"
+        return self._stale("gone" if row is None else f"now {row[0]}")
+
+    def _stale(self, current: str) -> FencedOff:
         error = FencedOff(f"master {self.name} on the job store {self.label}: its epoch {self.epoch} is stale "
                           f"({current}): another master has taken over its work; nothing it writes is kept")
         self._adoption.fence(error)  # before the writer hears: it must acknowledge nothing more
         return error
 
-    def _write(self, fn: Callable[[Conn], T], payload: str = "", *, repeatable: bool = True) -> T:
-        """``fn(db)`` in one transaction fenced by this master's epoch, which
-        also announces the change; local waiters wake at once.  A
-        ``repeatable`` write (storing the same whether it ran once or twice)
-        waits out a database outage of up to :attr:`outage_wait` seconds."""
+    def _fence(self, db: Conn) -> None:
+        """The start of every write's transaction: this master's row read
+        ``FOR SHARE`` (an adopter's epoch change waits for our commit), and
+        :class:`FencedOff` unless its epoch is ours."""
+        row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s FOR SHARE", (self.name,)).fetchone()
+        if row is None or int(row[0]) != self.epoch:
+            raise self._stale("gone" if row is None else f"now {row[0]}")
+
+    @staticmethod
+    def _announce(db: Conn, payload: str) -> None:
+        db.execute("SELECT nextval('remsh_changes'), pg_notify(%s, %s)", (CHANNEL, payload))
+
+    def _write(self, fn: Callable[[Conn], T], payload: str = "", *, repeatable: bool = True, size: int = 0,
+               alone: bool = False) -> T:
+        """``fn(db)`` committed in a transaction fenced by this master's
+        epoch, which also announces the change; local waiters wake at once.
+        Writes made at once share a transaction (:mod:`remsh.store.pgbatch`:
+        each caller returns once its own write is committed, and a write that
+        fails fails alone).  A ``repeatable`` write (storing the same whether
+        it ran once or twice) waits out a database outage of up to
+        :attr:`outage_wait` seconds; ``size`` is about how many bytes it writes."""
         if self._closed:
             raise StoreError(f"the job store {self.label} is closed")
-
-        def fenced(db: Conn) -> T:
-            row = db.execute("SELECT epoch FROM remsh_masters WHERE name = %s FOR SHARE", (self.name,)).fetchone()
-            if row is None or int(row[0]) != self.epoch:
-                raise self._fenced(db)
-            result = fn(db)
-            db.execute("SELECT nextval('remsh_changes'), pg_notify(%s, %s)", (CHANNEL, payload))
-            return result
-
-        result = self._writer.run(fenced, patience=self.outage_wait if repeatable else 0.0)
-        self._bump()
-        return result
+        return self._batch.submit(fn, payload, repeatable=repeatable, size=size, alone=alone)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:
         if self._closed:
@@ -422,25 +433,24 @@ class PostgresJobStore(ChangeCounter):
                                  (job_id, name, stream, offset, data, self.name, self.epoch, self.max_output,
                                   CHUNK_COST, session_id, count)).fetchone()
             except psycopg.Error as e:
-                refusal = self._refusal(db, e, job_id, name, stream, offset)
+                refusal = self._refusal(e, job_id, name, stream, offset)
                 if refusal is None:
                     raise
                 raise refusal from None
             assert row is not None
             return int(row[0])
 
-        # one statement, its own transaction: fenced, announced and committed in one round trip
-        result = self._writer.run(append, patience=self.outage_wait, single=True)
-        self._bump()
-        return result
+        # one statement, fenced and announced in itself: alone, one round trip
+        return self._write(append, job_id, size=len(data), alone=True)
 
-    def _refusal(self, db: Conn, error: psycopg.Error, job_id: str, name: str, stream: str,
+    def _refusal(self, error: psycopg.Error, job_id: str, name: str, stream: str,
                  offset: int) -> Optional[StoreError]:
-        """The store's refusal that ``remsh_append`` raised as ``error``."""
+        """The store's refusal that ``remsh_append`` raised as ``error``
+        (no query: the transaction is aborted)."""
         state = error.sqlstate
         detail = error.diag.message_primary or ""
         if state == STALE_EPOCH:
-            return self._fenced(db)
+            return self._stale("gone" if detail == "gone" else f"now {detail}")
         if state == NOT_OWNER:
             return NotOwner(f"job {job_id} belongs to master {detail}, not {self.name}", owner=detail)
         if state == NO_JOB:
@@ -620,8 +630,17 @@ class PostgresJobStore(ChangeCounter):
         if adopted is not None:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
+            with self._lock:
+                self._adopted_from.update((job_id, name) for job_id in adopted)
             self._adoption.adopted(adopted)
         return adopted
+
+    def adoption(self, job_id: str) -> Optional[str]:
+        """How job ``job_id`` came to this master when it adopted it from a
+        dead one ("adopted by master B from master A"); else ``None``."""
+        with self._lock:
+            old = self._adopted_from.get(job_id)
+        return None if old is None else f"adopted by master {self.name} from master {old}"
 
     def watch_adoptions(self, adopted: Callable[[List[str]], None], fenced: Callable[[FencedOff], None]) -> None:
         """From now on the heartbeat adopts the work of dead masters and
@@ -655,7 +674,8 @@ class PostgresJobStore(ChangeCounter):
 
     def dispatch_write(self, fn: Callable[..., T], *args: Any, repeatable: bool = True) -> T:
         """``fn(db, name, epoch, *args)`` in a write fenced by this master's epoch."""
-        return self._write(lambda db: fn(db, self.name, self.epoch, *args), repeatable=repeatable)
+        size = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))
+        return self._write(lambda db: fn(db, self.name, self.epoch, *args), repeatable=repeatable, size=size)
 
     def dispatch_read(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(db, *args)`` in a read."""
