@@ -119,6 +119,12 @@ class GroupCommit:
         self.batches = 0
         self.writes = 0
 
+    @property
+    def queued(self) -> int:
+        """Writes waiting for a batch (not yet in one)."""
+        with self._lock:
+            return len(self._queue)
+
     def submit(self, fn: Callable[[Conn], T], key: str = "", *, repeatable: bool = True, size: int = 0,
                alone: bool = False) -> T:
         """``fn(db)`` committed in a batch; its result once committed.

@@ -131,7 +131,8 @@ class PostgresJobStore(ChangeCounter):
         self._conninfo = psycopg.conninfo.make_conninfo(conninfo, application_name=f"remsh master {name}"[:63])
         self._writer = Link(self._conninfo, self.label)
         self._reader = Link(self._conninfo, self.label)
-        self._batch = GroupCommit(self._writer, self._fence, self._announce, self._bump, outage_wait)
+        #: the group commit of this master's writes (its counts say how many transactions carried how many)
+        self.group = GroupCommit(self._writer, self._fence, self._announce, self._bump, outage_wait)
         self._init_changes()
         self._closed = False
         self._ids = JobIds()
@@ -358,7 +359,7 @@ class PostgresJobStore(ChangeCounter):
         :attr:`outage_wait` seconds; ``size`` is about how many bytes it writes."""
         if self._closed:
             raise StoreError(f"the job store {self.label} is closed")
-        return self._batch.submit(fn, payload, repeatable=repeatable, size=size, alone=alone)
+        return self.group.submit(fn, payload, repeatable=repeatable, size=size, alone=alone)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:
         if self._closed:
