@@ -473,16 +473,21 @@ class JobRegistry:
                         self.store.update_slave(record.id, name, state=SLAVE_LOST, finished=now(),
                                                 error="the master stopped before it ended")
                 if not parts and not dispatched:
-                    self.store.finish_job(record.id, JOB_FAILED)
-                    log.warning("job %s: left running by a master that stopped; recorded as failed", record.id)
+                    # nothing left to wait for: its state follows its slaves', as at a normal end
+                    slaves = self.store.get_job(record.id).slaves.values()
+                    state = job_state_from(slaves, any(s.state == SLAVE_CANCELLED for s in slaves))
+                    self.store.finish_job(record.id, state)
+                    log.warning("job %s: left running by a master that stopped; recorded as %s", record.id, state)
                     continue
             except NotOwner:  # another live master's job, on a shared store: not ours to end
                 continue
             job = RunningJob(record.id, None)
             job.sink = StoreSink(self.store, job.id, job.cancellation, keep_sessions=True)
+            adoption = getattr(self.store, "adoption", None)  # a shared store: adopted from a dead master?
+            why = (adoption(record.id) if callable(adoption) else None) or "the master restarted"
             for part in parts:
                 closing.remove(part.record)
-                job.sink.expect_part(part, "the master restarted; waiting for the slave to come back")
+                job.sink.expect_part(part, f"{why}; waiting for the slave to come back")
                 self.adoptions.expect(part)
             with self._lock:
                 self._jobs[job.id] = job
