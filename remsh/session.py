@@ -60,8 +60,9 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Tuple, Union
 from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
 from remsh.protocol.session import BYE, PING, Kept, Phase, SessionFailed, SessionState, is_control
-from remsh.protocol.sessionlimits import (ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, HELD_BOXES, MAX_IDLE_PINGS, PIECE_BOXES,
-                                          PIECE_BYTES, SPOOL_MEMORY)
+from remsh.protocol.sessionlimits import (ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, HELD_BOXES, HELD_BYTES,  # noqa: F401
+                                          MAX_IDLE_PINGS, PIECE_BOXES, PIECE_BYTES, SPOOL_MEMORY, WINDOW_BOXES,
+                                          WINDOW_BYTES)
 from remsh.spool import SpoolFile, WakePipe
 from remsh.wire import Box, BoxLike, Wire, count_boxes, encode_box, skip_boxes, split_boxes
 
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["SessionWire", "SessionFailed", "new_session_id"]
+# (the limits imported above stay readable here, as before: remsh.session.WINDOW_BYTES)
 
 Data = Union[bytes, bytearray, memoryview]
 
@@ -104,7 +106,7 @@ class SessionWire:
     these counts, with nothing kept to send again.
 
     The counts and every limit are the :class:`SessionState`'s
-    (:attr:`state`), changed under one lock (``_cond``); I/O happens
+    (:attr:`state`), changed under one lock (``_mutex``, with the condition ``_cond`` on it); I/O happens
     outside it.  Senders are serialised by a send lock, so boxes go out in
     the order they were counted."""
 
@@ -120,7 +122,10 @@ class SessionWire:
                                   counts=counts, now=_now())
         self.on_lost = on_lost
         self.on_failed = on_failed
-        self._cond = threading.Condition()
+        # one plain lock (its context manager is C code: the hot paths take
+        # it once a box), and the condition senders and readers wait on
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._send_lock = threading.Lock()
         self._reader = threading.Lock()
         self.conn: Optional[Wire] = conn
@@ -179,14 +184,14 @@ class SessionWire:
     def wake_fd(self) -> int:
         """A descriptor that turns readable when the connection changes or
         the session fails (drain it with :meth:`clear_wake`)."""
-        with self._cond:
+        with self._mutex:
             return self._wakepipe.fd()
 
     def clear_wake(self) -> None:
         self._wakepipe.clear()
 
     def _detach(self) -> Optional[Wire]:
-        """Off the current connection (under _cond): the one it was on."""
+        """Off the current connection (under _mutex): the one it was on."""
         old = self.conn
         if old is not None:
             self._last_conn = old
@@ -197,7 +202,7 @@ class SessionWire:
     def connection_lost(self, conn: Optional[Wire] = None, why: str = "connection lost") -> None:
         """The connection ``conn`` (default: the current one) broke: keep
         the session and wait for the next one."""
-        with self._cond:
+        with self._mutex:
             self.state.resume_asked = False
             if self.conn is None or (conn is not None and conn is not self.conn) or self.state.failed:
                 return
@@ -248,7 +253,7 @@ class SessionWire:
         self._timer = call_later(self._deadlines, seconds + 0.05, self._expire)
 
     def _expire(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._timer = None
             state = self.state
             if self.conn is not None or state.phase is not Phase.AWAY:
@@ -267,14 +272,14 @@ class SessionWire:
 
     def fail(self, error: RemshError) -> None:
         """End the session: every waiter and every later call raises ``error``."""
-        with self._cond:
+        with self._mutex:
             if not self.state.fail(error):
                 return
             done = self._failed_locked()
         self._after_failure(error, *done)
 
     def _failed_locked(self) -> Tuple[Optional[Wire], Optional[Cancellable]]:
-        """The state has just failed (under _cond): off the connection, the
+        """The state has just failed (under _mutex): off the connection, the
         spool dropped; the connection and timer to close outside the lock."""
         conn = self._detach()
         timer, self._timer = self._timer, None
@@ -298,7 +303,7 @@ class SessionWire:
         received: what the resuming handshake tells the peer."""
         self.connection_lost(why="the slave redialed")
         with self._reader:  # no reader is between a receive and its count
-            with self._cond:
+            with self._mutex:
                 if self.state.failed is None:
                     return self.state.begin_resume(_now())
                 return self.state.received
@@ -323,7 +328,7 @@ class SessionWire:
         :raises SessionFailed: the session has already failed
         """
         state = self.state
-        with self._cond:
+        with self._mutex:
             try:
                 state.attach(peer_received, _now())
             except RemshError:
@@ -343,7 +348,7 @@ class SessionWire:
         resent = 0
         try:
             while True:
-                with self._cond:
+                with self._mutex:
                     if self.conn is not conn:
                         return  # lost again (or failed): the next attach re-sends
                     now = _now()
@@ -397,13 +402,13 @@ class SessionWire:
     def wait_change(self, timeout: float) -> None:
         """Wait at most ``timeout`` s for a change (connection lost, failure,
         :meth:`wake`), unless it has no connection or has failed already."""
-        with self._cond:
+        with self._mutex:
             if self.conn is not None and self.state.failed is None:
                 self._cond.wait(timeout)
 
     def wake(self) -> None:
         """End every :meth:`wait_change` now (its caller looks again)."""
-        with self._cond:
+        with self._mutex:
             self._cond.notify_all()
 
     def wait_attached(self, timeout: Optional[float] = None) -> None:
@@ -413,11 +418,11 @@ class SessionWire:
             out, or it was ended)
         :raises PeerTimeout: still away after ``timeout`` seconds
         """
-        with self._cond:
+        with self._mutex:
             self._wait_connected(None if timeout is None else _now() + timeout)
 
     def _wait_connected(self, deadline: Optional[float]) -> Wire:
-        """The current connection, waiting for one while away (under _cond)."""
+        """The current connection, waiting for one while away (under _mutex)."""
         while True:
             if self.state.failed is not None:
                 raise self.state.failed
@@ -471,7 +476,7 @@ class SessionWire:
         state = self.state
         while True:
             now = _now()
-            with self._cond:
+            with self._mutex:
                 conn = self.conn
                 if conn is not None:
                     write = state.offer(chunk, n, now)
@@ -500,7 +505,7 @@ class SessionWire:
         full is taken as lost (as a stalled send is): the wait goes on as
         while away, bounded by ``resume_timeout``."""
         if conn is None:
-            with self._cond:
+            with self._mutex:
                 if self.conn is None and self.state.failed is None:
                     self._cond.wait(1.0)
             return
@@ -515,11 +520,11 @@ class SessionWire:
             finally:
                 self._reader.release()
         else:
-            with self._cond:
+            with self._mutex:
                 self._cond.wait(0.2)
 
     def _keep(self, chunk: bytes) -> Optional[Tuple[int, int]]:
-        """Where a chunk kept while away goes (under _cond): ``None`` for
+        """Where a chunk kept while away goes (under _mutex): ``None`` for
         memory, or past SPOOL_MEMORY (with a spool directory) its place in
         the spool file."""
         if self.spool_dir is not None and self.state.memory_bytes >= SPOOL_MEMORY:
@@ -534,7 +539,7 @@ class SessionWire:
         return None
 
     def _data(self, kept: object) -> bytes:
-        """The bytes of a kept entry in the spool file (under _cond)."""
+        """The bytes of a kept entry in the spool file (under _mutex)."""
         assert self._spool is not None and isinstance(kept, tuple)
         return self._spool.read(kept)
 
@@ -562,7 +567,7 @@ class SessionWire:
 
         :raises ProtocolError: past HELD_BOXES / HELD_BYTES (beyond the window)
         """
-        with self._cond:
+        with self._mutex:
             self.state.hold(box)
 
     def _read_conn(self, conn: Wire, timeout: Optional[float]) -> Optional[Box]:
@@ -621,17 +626,15 @@ class SessionWire:
         state = self.state
         now = _now()
         failure = None
-        with self._cond:
+        with self._mutex:
             was_failed = state.failed is not None
-            got = state.receive(box, now)
+            got = state.take(box, now) if deliver else state.receive(box, now)
             if got is None:
                 if b"ack" in box:
                     self._clear_spool_locked()
                     self._cond.notify_all()
                 elif state.failed is not None and not was_failed:  # a goodbye: no resume
                     failure = (state.failed, self._failed_locked())
-            elif deliver:
-                state.deliver(got)
             writes = state.pop_writes() if state.to_write else None
         if writes is not None:
             self._send_control(conn, writes)
@@ -641,7 +644,7 @@ class SessionWire:
 
     def _unhold(self) -> Box:
         """The oldest box held, delivered (holding the reader lock, with one held)."""
-        with self._cond:
+        with self._mutex:
             box = self.state.next_held()
             writes = self.state.pop_writes() if self.state.to_write else None
             conn = self.conn
@@ -654,7 +657,7 @@ class SessionWire:
         """Acknowledge no more than ``count`` of the peer's boxes from now
         on, and that many now (``None``: back to acknowledging what was
         delivered): ack-after-commit, :mod:`remsh.protocol.sessionacks`."""
-        with self._cond:
+        with self._mutex:
             self.state.commit(count)
             writes = self.state.pop_writes() if self.state.to_write else None
             conn = self.conn
@@ -681,7 +684,7 @@ class SessionWire:
                 return None
             conn = self.conn
             if conn is None or state.failed is not None:
-                with self._cond:
+                with self._mutex:
                     conn = self._wait_connected(deadline)
             with self._reader:
                 if state.held or conn is not self.conn:

@@ -516,3 +516,20 @@ def test_boxes_left_on_a_lost_connection_still_count() -> None:
     st.commit(1)
     assert st.next_held() == {b"n": b"0"} and st.to_write == []
     assert st.phase is Phase.AWAY
+
+
+def test_take_is_receive_and_deliver_in_one() -> None:
+    """take counts a session box as received and delivered (acks due alike), handles control boxes as receive does, and refuses a box after a goodbye."""
+    st = state()
+    send(st, 0)
+    for i in range(ACK_EVERY_BOXES):
+        box = {b"n": b"%d" % i}
+        assert st.take(box, 2.0) is box
+    assert (st.received, st.delivered, st.last_received) == (ACK_EVERY_BOXES, ACK_EVERY_BOXES, 2.0)
+    assert decoded(st.pop_writes()) == [{b"ack": str(ACK_EVERY_BOXES).encode()}]
+    assert st.take({b"ack": b"1"}, 3.0) is None and not st.kept
+    with pytest.raises(ProtocolError):
+        st.take({b"ack": b"2"}, 3.0)
+    st.take({b"bye": b"y"}, 4.0)
+    with pytest.raises(ProtocolError):
+        st.take({b"n": b"x"}, 5.0)

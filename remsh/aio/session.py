@@ -328,11 +328,14 @@ class SessionConnection:
 
     async def _send_piece(self, chunk: bytes, n: int, timeout: Optional[float]) -> None:
         state = self.state
-        while not state.has_room(len(chunk), n, self._loop.time()):
+        while True:
+            write = state.offer(chunk, n, self._loop.time())
+            if write is not None:
+                break
             if state.blocked_since is not None and self._timer is None:
                 self._rearm()
             await self._wait(None, "room")
-        if not state.send(chunk, n):
+        if not write:
             if state.resending:
                 self._resend()
             return

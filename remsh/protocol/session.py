@@ -195,6 +195,22 @@ class SessionState:
             self.fail(SessionFailed(f"{self.label}: the peer ended the session (it is stopping)"))
         return None
 
+    def take(self, box: Box, now: float) -> Optional[Box]:
+        """:meth:`receive` and, for a session box, :meth:`deliver` in one
+        (the hot path of a reader handing each box over as it comes)."""
+        if self.failed is None and (len(box) != 1 or next(iter(box)) not in _CONTROL_KEYS):
+            self.last_received = now
+            self.received += 1
+            delivered = self.delivered = self.delivered + 1
+            ack = self.acks.delivered(delivered, box_size(box))
+            if ack is not None and self.phase is Phase.ATTACHED:
+                self.to_write.append(ack)
+            return box
+        got = self.receive(box, now)
+        if got is not None:
+            self._delivered(box_size(got))
+        return got
+
     def hold(self, box: Box) -> None:
         """Keep a received session box for a later :meth:`next_held`.
 
@@ -368,15 +384,22 @@ class SessionState:
         self.blocked_since = None if self.blocked_since is None else now
         forgotten = []
         kept = self.kept
-        while kept and kept[0].first + kept[0].boxes <= count:
-            entry = kept.popleft()
+        freed = in_memory = 0
+        while kept:
+            entry = kept[0]
+            if entry[0] + entry[1] > count:
+                break
+            kept.popleft()
             forgotten.append(entry)
-            self.kept_bytes -= entry.size
-            self.acked_bytes += entry.size
-            if isinstance(entry.data, _BYTES):
-                self.memory_bytes -= entry.size
+            size = entry[2]
+            freed += size
+            if isinstance(entry[3], _BYTES):
+                in_memory += size
             else:
                 self.spooled -= 1
+        self.kept_bytes -= freed
+        self.acked_bytes += freed
+        self.memory_bytes -= in_memory
         if not kept:
             self.blocked_since = None
         return forgotten
