@@ -57,6 +57,8 @@ log = logging.getLogger("remsh.store.postgres")
 MAX_WRITES = 256
 #: ... and most bytes (a write larger than this goes alone).
 MAX_BYTES = 4 << 20
+#: Most batches one caller commits in a row while writes wait (its own among them).
+LEAD_BATCHES = 1
 #: How often a waiting write that is not repeatable looks for an outage.
 _OUTAGE_POLL = 0.05
 
@@ -161,13 +163,19 @@ class GroupCommit:
             return not write.done
 
     def _lead(self, own: Write[Any]) -> None:
-        """Commit batches until ``own`` is done, then hand the lead on."""
+        """Commit batches until ``own`` is done (and, while writes wait, up
+        to :data:`LEAD_BATCHES` in all: waking another thread to lead costs
+        a switch the link would wait for), then hand the lead on."""
+        led = 0
         try:
             while True:
                 with self._lock:
-                    if own.done:
+                    if own.done and (led >= LEAD_BATCHES or not self._queue):
                         break
                     batch = self._take()
+                led += 1
+                if not batch:
+                    break
                 self._commit(batch)
         finally:
             with self._lock:
@@ -226,9 +234,11 @@ class GroupCommit:
         repeatable when the connection breaks under it)."""
         def retrying(failure: StoreError) -> None:
             kept = [w for w in pending if w.repeatable]
-            for write in pending:
-                if not write.repeatable:  # its commit is unknown: not run again (told in _commit)
-                    write.error = StoreError(str(failure))
+            with self._lock:
+                for write in pending:
+                    if not write.repeatable:  # its commit is unknown: not run again, told at once
+                        write.error, write.done = StoreError(str(failure)), True
+                        write.event.set()
             pending[:] = kept
 
         def run(db: Conn) -> List[Tuple[Write[Any], Any, Optional[BaseException]]]:
