@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Coroutine, Dict, List, Optional, Tuple, T
 import pytest
 
 import remsh.aio as aio
-from remsh.errors import Disconnected, UsageError, WaitTimeout
+from remsh.errors import Disconnected, ProtocolError, UsageError, WaitTimeout
 from remsh.handshake import MASTER_GREETING, SLAVE_GREETING, exchange_greeting, refusal_box, slave_proof
 from remsh.transports.base import SocketStream
 from remsh.wire import Box, Wire
@@ -370,3 +370,41 @@ def test_a_slave_breaking_the_session_protocol_is_dropped(bad: Dict[bytes, bytes
             finally:
                 wire.close()
     run(main())
+
+
+def test_a_slave_that_never_acknowledges_cannot_hold_a_send_forever(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumable slave that reads everything but acknowledges nothing makes the send fail with Disconnected within ACK_TIMEOUT plus resume_timeout, not hang with its window full."""
+    import remsh.protocol.session as state_mod
+    monkeypatch.setattr(state_mod, "ACK_TIMEOUT", 1.0)
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(3 * state_mod.WINDOW_BYTES))
+
+    def swallow(wire: Wire) -> None:
+        """Answer the request with the go-ahead, then read every box and acknowledge none."""
+        try:
+            request = wire.read_box(WAIT)
+            assert request is not None and request.get(b"meth") == b"send", request
+            wire.send_box({})
+            while wire.read_box(WAIT) is not None:
+                pass
+        except (Disconnected, ProtocolError):
+            return
+
+    async def main() -> Tuple[BaseException, float]:
+        async with aio.TcpSlaveListener(port=0, host=HOST, secret=SECRET, resume_timeout=1.0) as listener:
+            wire, _ = await asyncio.to_thread(raw_register, listener.port, b"no-acks", {b"resumable": b"y"})
+            try:
+                slave = await listener.slave_collection.get_slave(timeout=WAIT)
+                reader = asyncio.get_running_loop().run_in_executor(None, swallow, wire)
+                started = time.monotonic()
+                with pytest.raises(Disconnected) as info:
+                    await slave.send(str(src), "dest")
+                waited = time.monotonic() - started
+                await asyncio.wait_for(reader, WAIT)
+                return info.value, waited
+            finally:
+                wire.close()
+    error, waited = run(main())
+    assert str(error).startswith("no-acks: send:"), error
+    assert waited < 10.0, waited
