@@ -17,8 +17,8 @@ from typing import Callable, Iterator, List, Tuple
 import psycopg
 import pytest
 
-from remsh.store.base import SLAVE_RUNNING, StoreError, UnknownJob
-from remsh.store.fencing import FencedOff
+from remsh.store.base import SLAVE_RUNNING, SessionRecord, StoreError, UnknownJob
+from remsh.store.fencing import FencedOff, NotOwner
 from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.util import WAIT, Outcome, run_in_thread, wait_until
@@ -202,3 +202,29 @@ def test_a_server_restart_under_a_batch_loses_no_acknowledged_write(pg_server: P
     with psycopg.connect(pg_uri, autocommit=True) as check:
         assert _query(check, "SELECT count(*) FROM remsh_output")[0][0] == len(names)
     assert store.append_output(job.id, "s1", "stdout", 0, b"after\n") == 6  # and writes go on
+
+
+def test_one_statement_writes_refuse_what_is_not_theirs(store: PostgresJobStore, pg_uri: str) -> None:
+    """A slave's record and a session of another master's job are refused (NotOwner), an unknown job or slave too."""
+    other = PostgresJobStore(pg_uri, "other", poll_interval=0.5)
+    try:
+        theirs = other.create_job("run", {"argv": ["x"]}, 0, ["s"])
+        with pytest.raises(NotOwner):
+            store.update_slave(theirs.id, "s", state=SLAVE_RUNNING)
+        with pytest.raises(NotOwner):
+            store.open_session(SessionRecord("e" * 32, "s", theirs.id, "execute", 4, 2, 2))
+        with pytest.raises(UnknownJob):
+            store.update_slave("0000000001-0", "s", state=SLAVE_RUNNING)
+        with pytest.raises(UnknownJob):
+            store.open_session(SessionRecord("e" * 32, "s", "0000000001-0", "execute", 4, 2, 2))
+        ours = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+        with pytest.raises(UnknownJob):
+            store.update_slave(ours.id, "nobody", state=SLAVE_RUNNING)
+        store.update_slave(ours.id, "s", state=SLAVE_RUNNING, started=5.0)
+        store.open_session(SessionRecord("f" * 32, "s", ours.id, "execute", 4, 2, 2))
+        assert other.get_job(theirs.id).slaves["s"].state == "queued"
+        assert store.get_job(ours.id).slaves["s"].state == SLAVE_RUNNING
+        assert [s.id for s in store.open_sessions()] == ["f" * 32]
+        assert other.open_sessions() == []
+    finally:
+        other.close()

@@ -65,7 +65,7 @@ from remsh.store.base import (DEFAULT_KEEP_SECONDS, DEFAULT_MAX_OUTPUT, JOB_FINA
 from remsh.store.fencing import FencedOff, MasterNameInUse, MasterRow, NotOwner
 from remsh.store.pgbatch import GroupCommit
 from remsh.store.pglink import CONNECT_TIMEOUT, Conn, Link, T, one_line, redacted
-from remsh.store import pgadopt, pgdispatch, pgslaves
+from remsh.store import pgadopt, pgdispatch, pgslaves, pgwrites
 from remsh.store.pgschema import GAP, MIGRATIONS, NO_JOB, NO_SLAVE, NOT_OWNER, SCHEMA_VERSION, STALE_EPOCH
 from remsh.store.sqlite import CHUNK_COST
 
@@ -409,16 +409,8 @@ class PostgresJobStore(ChangeCounter):
                                 started=started, finished=finished, progress=progress, summary=summary)
         if not changes:
             return
-        assignments = ", ".join(f"{column} = %s" for column in changes)
-
-        def update(db: Conn) -> None:
-            self._own(db, job_id, name)
-            cur = db.execute(f"UPDATE remsh_job_slaves SET {assignments} "
-                             f"WHERE job_id = %s AND name = %s", (*changes.values(), job_id, name))
-            if cur.rowcount == 0:
-                raise UnknownJob(f"no slave {name!r} in job {job_id}")
-
-        self._write(update, job_id)
+        # one statement: the job's row locked, ours (or this slave's part claimed) checked, written
+        self._write(lambda db: pgwrites.update_slave(db, self.name, self.epoch, job_id, name, changes), job_id)
 
     def append_output(self, job_id: str, name: str, stream: str, offset: int, data: bytes, *,
                       session: Optional[Tuple[str, int]] = None) -> int:
@@ -476,18 +468,7 @@ class PostgresJobStore(ChangeCounter):
     def open_session(self, record: SessionRecord) -> None:
         opened = record.opened or _now(None)
 
-        def write(db: Conn) -> None:
-            self._own(db, record.job_id)
-            db.execute("INSERT INTO remsh_sessions (id, name, job_id, op, request_box, reply_base, received, opened, "
-                       "owner, owner_epoch) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                       "ON CONFLICT (id) DO UPDATE SET name = excluded.name, job_id = excluded.job_id, "
-                       "op = excluded.op, request_box = excluded.request_box, reply_base = excluded.reply_base, "
-                       "received = excluded.received, opened = excluded.opened, owner = excluded.owner, "
-                       "owner_epoch = excluded.owner_epoch",
-                       (record.id, record.name, record.job_id, record.op, record.request_box, record.reply_base,
-                        record.received, opened, self.name, self.epoch))
-
-        self._write(write, record.job_id)
+        self._write(lambda db: pgwrites.open_session(db, self.name, self.epoch, record, opened), record.job_id)
 
     def close_session(self, session_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM remsh_sessions WHERE id = %s", (session_id,)))
