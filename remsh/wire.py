@@ -490,7 +490,7 @@ class Wire:
     def _recv(self, timeout: Optional[float]) -> Union[bytes, memoryview]:
         """The next bytes from the stream (valid until this thread receives again)."""
         recv_into = self._recv_into
-        if recv_into is not None and (timeout is None or timeout <= MAX_POLL_WAIT):
+        if recv_into is not None and (timeout is None or 0.0 <= timeout <= MAX_POLL_WAIT):
             # the usual case, in as few steps as it takes: one wait, one receive
             rbuf = _receive_buffer()
             try:

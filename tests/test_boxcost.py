@@ -87,3 +87,25 @@ def test_a_framed_block_with_a_prefix_takes_what_a_pipe_holds_in_one_read() -> N
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_read_with_a_timeout_already_past_does_not_wait() -> None:
+    """Wire.read_box with a timeout of 0 or less (a deadline already past)
+    takes what is there and raises PeerTimeout at once when nothing is."""
+    import socket
+
+    from remsh.errors import PeerTimeout
+    from remsh.transports.base import SocketStream
+    from remsh.wire import Wire
+
+    a, b = socket.socketpair()
+    wa, wb = Wire(SocketStream(a), label="a"), Wire(SocketStream(b), label="b")
+    try:
+        for timeout in (0.0, -1.0):
+            with pytest.raises(PeerTimeout):
+                wa.read_box(timeout)
+            wb.send_box({b"k": b"v"})
+            assert wa.read_box(timeout) == {b"k": b"v"}
+    finally:
+        wa.close()
+        wb.close()
