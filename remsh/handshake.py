@@ -216,6 +216,48 @@ def resume_request(session: Optional[str] = None, received: int = 0) -> Dict[str
     return keys
 
 
+class SessionChoice(NamedTuple):
+    """What a master answers a register box's session keys with
+    (:func:`choose_session`)."""
+
+    #: the keys to add to the registered box (empty: no session)
+    keys: Dict[bytes, bytes]
+    #: the session carried on (``None``: none), and how many of our boxes the slave has
+    resumed: Optional[str]
+    peer_received: int
+    #: the id of a session started now (``None``: none)
+    new: Optional[str]
+
+
+def choose_session(box: Box, name: str, *, label: str, resume_timeout: float,
+                   owner: Callable[[str], Optional[str]], resume: Callable[[str], Optional[int]],
+                   new_id: Callable[[], str]) -> SessionChoice:
+    """The master's answer to the session keys of ``name``'s register box
+    (authenticated), without I/O: no session when it cannot resume or
+    ``resume_timeout`` is 0; the session it names carried on when that
+    session is ``name``'s and ``resume(session)`` gives our count of its
+    boxes (``None``: it cannot be carried on); else a new one
+    (``new_id()``).  ``owner(session)``: the name of the slave holding a
+    session (``None``: unknown).
+
+    :raises AuthenticationError: ``name`` named another slave's session
+    :raises ProtocolError: malformed session keys
+    """
+    ask = resume_ask(box, label) if resume_timeout > 0 else None
+    if ask is None:
+        return SessionChoice({}, None, 0, None)
+    if ask.session is not None:
+        holder = owner(ask.session)
+        if holder is not None and holder != name:
+            raise AuthenticationError(f"{label}: slave {name!r} named another slave's session")
+        received = resume(ask.session) if holder is not None else None
+        if received is not None:
+            return SessionChoice(session_grant(ask.session, resume_timeout, received), ask.session,
+                                 ask.received, None)
+    sid = new_id()
+    return SessionChoice(session_grant(sid, resume_timeout), None, 0, sid)
+
+
 class SessionGrant(NamedTuple):
     """The session a master's answer gives (slave's side)."""
 

@@ -34,7 +34,7 @@ from remsh.aio.connection import Channel, Connection, SessionKeys, master_handsh
 from remsh.aio.session import SessionConnection
 from remsh.aio.slave import AsyncSlave
 from remsh.errors import AuthenticationError, RemshError, UsageError
-from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret, resume_ask, session_grant
+from remsh.handshake import HANDSHAKE_TIMEOUT, NameRule, Secret, choose_session
 from remsh.master.limits import prepare_descriptors
 from remsh.master.slavelistener.base import Authenticator, secret_authorizer
 from remsh.ops import DEFAULT_IO_TIMEOUT
@@ -98,25 +98,28 @@ class _Listener:
         resuming: List[Tuple[AsyncSlave, SessionConnection, int]] = []
         new_session: List[str] = []
 
+        def owner(sid: str) -> Optional[str]:
+            old = self._sessions.get(sid)
+            return None if old is None else old.name
+
+        def resume(sid: str) -> Optional[int]:
+            """Our count of the slave's boxes, its session taken off its old connection."""
+            channel = self._sessions[sid].conn
+            if isinstance(channel, SessionConnection) and channel.failed is None:
+                return channel.begin_resume()
+            return None
+
         def session_keys(name: str, box: Dict[bytes, bytes]) -> Mapping[bytes, bytes]:
-            """The answer's session keys: a slave that can resume gets a
-            session; one naming its session (and proving its name) gets it
-            back with our count of its boxes (remsh.session)."""
-            ask = resume_ask(box, conn.label)
-            if ask is None:
-                return {}
-            if ask.session is not None:
-                old = self._sessions.get(ask.session)
-                if old is not None and old.name != name:
-                    raise AuthenticationError(f"{conn.label}: slave {name!r} named another slave's session")
-                channel = old.conn if old is not None else None
-                if old is not None and isinstance(channel, SessionConnection) and channel.failed is None:
-                    received = channel.begin_resume()
-                    resuming.append((old, channel, ask.received))
-                    return session_grant(ask.session, self.resume_timeout, received)
-            sid = new_session_id()
-            new_session.append(sid)
-            return session_grant(sid, self.resume_timeout)
+            """The answer's session keys (remsh.handshake.choose_session)."""
+            choice = choose_session(box, name, label=conn.label, resume_timeout=self.resume_timeout,
+                                    owner=owner, resume=resume, new_id=new_session_id)
+            if choice.resumed is not None:
+                old = self._sessions[choice.resumed]
+                assert isinstance(old.conn, SessionConnection)
+                resuming.append((old, old.conn, choice.peer_received))
+            elif choice.new is not None:
+                new_session.append(choice.new)
+            return choice.keys
 
         keys: Optional[SessionKeys] = session_keys if self.resume_timeout > 0 else None
         try:
