@@ -109,3 +109,13 @@ def test_a_read_with_a_timeout_already_past_does_not_wait() -> None:
     finally:
         wa.close()
         wb.close()
+
+
+def test_count_boxes_takes_bytes_bytearray_and_views() -> None:
+    """count_boxes counts the same boxes in bytes, a bytearray and a memoryview of them."""
+    from remsh.wire import count_boxes
+
+    prefix, key = ExecuteControl.output_head(b"stdout")
+    data = encode_box({}) + encode_data_boxes(key, bytes(3 * MAX_VALUE_LENGTH + 1), prefix) + encode_box({b"k": b""})
+    for form in (data, bytearray(data), memoryview(data)):
+        assert count_boxes(form) == 1 + 4 + 1
