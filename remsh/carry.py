@@ -29,6 +29,9 @@ from remsh.store.fencing import MasterRow
 
 T = TypeVar("T")
 
+#: The most bytes :func:`load_path` takes unless told (that of :data:`remsh.crossmaster.MAX_CARRIED`).
+LIMIT = 256 << 20
+
 
 class CarryFailed(RemshError):
     """The bytes of a put or a get could not cross between two masters
@@ -121,6 +124,8 @@ class BlobReader:
                 if not data:
                     raise CarryFailed(f"{self.what}: chunk {self._seq} of {self.size} bytes is missing in the "
                                       f"job store")
+                if self.done + len(data) > self.size:  # never more than was said: bounded
+                    raise CarryFailed(f"{self.what}: the job store holds more than the {self.size} bytes stored")
                 self._seq += 1
                 self.done += len(data)
                 self.digest.update(data)
@@ -172,16 +177,43 @@ def store_path(store: DispatchingStore, job_id: str, name: str, path: str, limit
     return meta
 
 
+def _bounded(limit: int, max_entries: Optional[int], what: str) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:
+    """The ``data`` filter, and at most ``max_entries`` members of at most
+    ``limit`` bytes in all (a sparse member counts its full size): a tar
+    stream is the other master's word, not the bound it was made under."""
+    seen = [0, 0]
+
+    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        seen[0] += 1
+        seen[1] += max(0, member.size)
+        if max_entries is not None and seen[0] > max_entries:
+            raise LimitExceeded(f"{what}: more than {max_entries} entries in the tree carried through the job store")
+        if seen[1] > limit:
+            raise LimitExceeded(f"{what}: more than {limit} bytes in the tree carried through the job store")
+        return tarfile.data_filter(member, dest)
+
+    return check
+
+
 def load_path(store: DispatchingStore, job_id: str, name: str, meta: Mapping[str, Any], path: str,
-              what: str) -> None:
+              what: str, *, limit: int = LIMIT, max_entries: Optional[int] = None, modes: int = 0o7777) -> None:
     """Write blob ``name`` to the local ``path`` (which must not exist): a
     file through a partial file renamed when whole and checked, a tree
-    unpacked beside it (the ``data`` filter: nothing outside it, no device)
-    and renamed when whole and checked.  Nothing is left at ``path`` on failure.
+    unpacked beside it (the ``data`` filter: nothing outside it, no device;
+    at most ``max_entries`` members and ``limit`` bytes) and renamed when
+    whole and checked.  A file keeps only the permission bits in ``modes``
+    (a get: no set-ID bits, as :meth:`~remsh.master.slave.Slave.fetch`).
+    Nothing is left at ``path`` on failure.
 
     :raises CarryFailed: a chunk missing or the digest wrong
+    :raises LimitExceeded: the blob is said to be larger than ``limit``, or the tree has more
     :raises LocalError: it cannot be written
     """
+    size = meta.get("size")
+    if not isinstance(size, int) or size < 0:
+        raise CarryFailed(f"{what}: the job store describes its bytes without a size")
+    if size > limit:
+        raise LimitExceeded(f"{what}: {size} bytes, more than the {limit} bytes work crossing masters carries")
     reader = BlobReader(store, job_id, name, meta, what)
     try:
         if meta.get("tree"):
@@ -189,14 +221,15 @@ def load_path(store: DispatchingStore, job_id: str, name: str, meta: Mapping[str
             try:
                 os.mkdir(part, 0o700)
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    tar.extractall(part, filter="data")
+                    tar.extractall(part, filter=_bounded(limit, max_entries, what))
                 reader.check()
                 os.rename(part, path)
             except BaseException:
                 shutil.rmtree(part, ignore_errors=True)
                 raise
             return
-        partial = PartialFile(os.fsencode(path), meta.get("mode"))
+        mode = meta.get("mode")
+        partial = PartialFile(os.fsencode(path), mode & modes if isinstance(mode, int) else None)
         try:
             _copy(reader, partial)
             reader.check()
@@ -208,4 +241,5 @@ def load_path(store: DispatchingStore, job_id: str, name: str, meta: Mapping[str
         raise LocalError(f"{what}: cannot write {path}: {e}") from e
 
 
-__all__ = ["CarryFailed", "DispatchingStore", "dispatching", "BlobWriter", "BlobReader", "store_path", "load_path"]
+__all__ = ["LIMIT", "CarryFailed", "DispatchingStore", "dispatching", "BlobWriter", "BlobReader", "store_path",
+           "load_path"]

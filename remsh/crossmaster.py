@@ -65,6 +65,7 @@ from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_P
                          FleetCollection, SlaveResult, Sink, describe_error, get_job, put_job, run_job)
 from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
+from remsh.master.tree import fetched_modes
 from remsh.pacing import ERRTAG_SKIPPED, Pacing
 from remsh.replace import get_replacing
 from remsh.store import pgdispatch
@@ -375,8 +376,10 @@ class _Origin:
                 raise LocalError(f"{name}: get: cannot make {mine}: {e.strerror or e}") from e
             target = os.path.join(mine, base)
             try:
-                get_replacing(target, lambda path: load_path(self.store, self.job_id, name, meta, path,
-                                                             f"{name}: get"), bool(self.crossing.spec.get("force")))
+                get_replacing(target, lambda path: load_path(
+                    self.store, self.job_id, name, meta, path, f"{name}: get", limit=MAX_CARRIED,
+                    max_entries=int(self.spec.get("max_files") or DEFAULT_GET_MAX_FILES), modes=fetched_modes()),
+                    bool(self.crossing.spec.get("force")))
             except BaseException:
                 if made:
                     try:
@@ -585,7 +588,8 @@ class Dispatcher:
             return run_job([slave], spec["argv"], sink, cwd=spec.get("cwd"), timeout=spec.get("timeout"), **common)
         if d.kind == "put":
             local = os.path.join(tmp, str(spec["base"]))
-            load_path(self.store, d.job_id, pgdispatch.SOURCE, spec["blob"], local, f"{d.slave}: put")
+            load_path(self.store, d.job_id, pgdispatch.SOURCE, spec["blob"], local, f"{d.slave}: put",
+                      limit=MAX_CARRIED)
             return put_job([slave], local, spec["dest"], sink, sync=bool(spec.get("sync")),
                            delete=bool(spec.get("delete")), checksum=bool(spec.get("checksum")),
                            force=bool(spec.get("force")), parents=bool(spec.get("parents")), **common)

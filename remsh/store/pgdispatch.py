@@ -28,6 +28,7 @@ import json
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from remsh.store.base import StoreError, UnknownJob
+from remsh.store.fencing import NotOwner
 
 if TYPE_CHECKING:
     from remsh.store.pglink import Conn
@@ -41,6 +42,8 @@ CHUNK = 1 << 20
 SOURCE = ""
 
 _DB_NOW = "extract(epoch from clock_timestamp())::double precision"
+#: The dispatch's (or ``job_id``'s) job is ``%s``'s.
+_OWNED = "EXISTS (SELECT 1 FROM remsh_jobs j WHERE j.id = remsh_dispatch.job_id AND j.owner = %s)"
 _COLUMNS = "id, job_id, slave, origin, holder, kind, spec, state, claimed_by, claim_epoch, cancel_reason, result"
 
 
@@ -87,19 +90,21 @@ def ask(db: "Conn", master: str, epoch: int, job_id: str, parts: Sequence[Tuple[
 
 
 def ask_cancel(db: "Conn", master: str, epoch: int, job_id: str, reason: str) -> None:
-    """Ask the holders of job ``job_id``'s open dispatches to cancel them."""
-    db.execute("UPDATE remsh_dispatch SET cancel_reason = coalesce(cancel_reason, %s) "
-               "WHERE job_id = %s AND state IN (%s, %s)", (reason, job_id, PENDING, RUNNING))
+    """Ask the holders of job ``job_id``'s open dispatches to cancel them
+    (``master``'s job only: another master asks its owner, ``request_cancel``)."""
+    db.execute(f"UPDATE remsh_dispatch SET cancel_reason = coalesce(cancel_reason, %s) "
+               f"WHERE job_id = %s AND state IN (%s, %s) AND {_OWNED}", (reason, job_id, PENDING, RUNNING, master))
 
 
 def settle(db: "Conn", master: str, epoch: int, dispatch_id: int, before: str, after: str,
            claimed_by: Optional[str], claim_epoch: Optional[int]) -> bool:
     """The origin ends dispatch ``dispatch_id`` ``after`` if it is still
     ``before`` (and, running, still claimed by ``claimed_by`` at
-    ``claim_epoch``).  Whether it did."""
-    cur = db.execute("UPDATE remsh_dispatch SET state = %s WHERE id = %s AND state = %s "
-                     "AND claimed_by IS NOT DISTINCT FROM %s AND claim_epoch IS NOT DISTINCT FROM %s",
-                     (after, dispatch_id, before, claimed_by, claim_epoch))
+    ``claim_epoch``), and its job is ``master``'s (the origin's, or its
+    adopter's: no other master voids a claim).  Whether it did."""
+    cur = db.execute(f"UPDATE remsh_dispatch SET state = %s WHERE id = %s AND state = %s "
+                     f"AND claimed_by IS NOT DISTINCT FROM %s AND claim_epoch IS NOT DISTINCT FROM %s AND {_OWNED}",
+                     (after, dispatch_id, before, claimed_by, claim_epoch, master))
     return cur.rowcount == 1
 
 
@@ -127,14 +132,37 @@ def finish(db: "Conn", master: str, epoch: int, dispatch_id: int, result: Dict[s
 
 
 def put_chunk(db: "Conn", master: str, epoch: int, job_id: str, name: str, seq: int, data: bytes) -> None:
-    """Store chunk ``seq`` of blob ``name`` of job ``job_id`` (again: the same)."""
+    """Store chunk ``seq`` of blob ``name`` of job ``job_id`` (again: the
+    same): ``master``'s job, or the blob of the slave whose part it runs
+    under a claim (a get's result).
+
+    :raises NotOwner: neither
+    """
+    _may_write_blob(db, master, epoch, job_id, name)
     db.execute("INSERT INTO remsh_blobs (job_id, name, seq, data) VALUES (%s, %s, %s, %s) "
                "ON CONFLICT (job_id, name, seq) DO UPDATE SET data = excluded.data", (job_id, name, seq, data))
 
 
 def drop_blob(db: "Conn", master: str, epoch: int, job_id: str, name: str) -> None:
-    """Delete blob ``name`` of job ``job_id``."""
+    """Delete blob ``name`` of job ``job_id`` (``master``'s job only).
+
+    :raises NotOwner: the job is another master's
+    """
+    _may_write_blob(db, master, None, job_id, name)
     db.execute("DELETE FROM remsh_blobs WHERE job_id = %s AND name = %s", (job_id, name))
+
+
+def _may_write_blob(db: "Conn", master: str, epoch: Optional[int], job_id: str, name: str) -> None:
+    """Refuse a write of blob ``name`` of job ``job_id`` by ``master``
+    unless the job is its own or (``epoch`` given) it runs the part of
+    slave ``name`` under a claim made at ``epoch``."""
+    row = db.execute("SELECT owner FROM remsh_jobs WHERE id = %s", (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(f"no job {job_id}")
+    if row[0] == master or (epoch is not None and name != SOURCE and claimed(db, job_id, name, master, epoch)):
+        return
+    raise NotOwner(f"job {job_id} belongs to master {row[0]}, not {master}: its bytes of {name or 'the put'!r} "
+                   f"are not {master}'s to write", owner=str(row[0]))
 
 
 def chunk(db: "Conn", job_id: str, name: str, seq: int) -> Optional[bytes]:

@@ -1,0 +1,138 @@
+"""Review of work crossing masters as an attacker would: what one master of
+a shared PostgreSQL store may write in another's job, and what the master
+that asked a ``get`` puts in place from the bytes another master stored.
+Real stores on a real PostgreSQL server (:mod:`tests.pgserver`); the
+"other master" is a real :class:`~remsh.store.postgres.PostgresJobStore`
+writing through the same calls a holder makes."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Tuple
+
+import pytest
+
+from remsh import crossmaster
+from remsh.carry import BlobWriter
+from remsh.crossmaster import Crossing
+from remsh.jobs import StoreSink
+from remsh.master.fanout import Cancellation
+from remsh.pacing import Pacing
+from remsh.store import pgdispatch
+from remsh.store.fencing import NotOwner
+from remsh.store.postgres import PostgresJobStore
+from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
+from tests.slaveproc import WAIT
+from tests.util import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def masters(pg_uri: str) -> Iterator[Tuple[PostgresJobStore, PostgresJobStore, PostgresJobStore]]:  # noqa: F811
+    """Stores of masters x (the origin), y (a holder) and z (uninvolved) on one database."""
+    stores = [PostgresJobStore(pg_uri, name) for name in ("x", "y", "z")]
+    try:
+        yield stores[0], stores[1], stores[2]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_only_the_owner_settles_cancels_and_drops_and_only_a_claimer_stores_its_slaves_bytes(masters) -> None:
+    """Master z cannot void, cancel or drop the bytes of x's parts; holder y stores only the blob of the slave it claimed, and only while its claim runs."""
+    x, y, z = masters
+    job = x.create_job("get", {"paths": ["/f", "/tmp"]}, 0, ["s", "t"])
+    x.dispatch_write(pgdispatch.put_chunk, job.id, pgdispatch.SOURCE, 0, b"source")
+    x.dispatch_write(pgdispatch.ask, job.id, [("s", "y"), ("t", "y")], "get", {"src": "/f"})
+    ids = {d.slave: d.id for d in x.dispatch_read(pgdispatch.of_job, job.id)}
+    assert z.dispatch_write(pgdispatch.settle, ids["t"], "pending", "lost", None, None) is False
+    z.dispatch_write(pgdispatch.ask_cancel, job.id, "not z's job")
+    assert y.dispatch_write(pgdispatch.claim, [ids["s"]], repeatable=False) == [ids["s"]]
+    assert z.dispatch_write(pgdispatch.settle, ids["s"], "running", "lost", "y", y.epoch) is False
+    assert {d.slave: (d.state, d.cancel_reason) for d in x.dispatch_read(pgdispatch.of_job, job.id)} == \
+        {"s": ("running", None), "t": ("pending", None)}
+    for store, name in ((z, "s"), (y, pgdispatch.SOURCE), (y, "t")):
+        with pytest.raises(NotOwner):
+            store.dispatch_write(pgdispatch.put_chunk, job.id, name, 0, b"forged")
+    for store in (y, z):
+        with pytest.raises(NotOwner):
+            store.dispatch_write(pgdispatch.drop_blob, job.id, pgdispatch.SOURCE)
+    assert x.dispatch_read(pgdispatch.chunk, job.id, pgdispatch.SOURCE, 0) == b"source"
+    y.dispatch_write(pgdispatch.put_chunk, job.id, "s", 0, b"fetched")  # its claim runs
+    assert x.dispatch_read(pgdispatch.chunk, job.id, "s", 0) == b"fetched"
+    assert x.dispatch_write(pgdispatch.settle, ids["s"], "running", "lost", "y", y.epoch)
+    with pytest.raises(NotOwner):  # the claim is void
+        y.dispatch_write(pgdispatch.put_chunk, job.id, "s", 1, b"late")
+
+
+def _tar(members: Mapping[str, bytes]) -> bytes:
+    """A tar stream of regular files ``members`` (name -> data)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _forged_get(x: PostgresJobStore, y: PostgresJobStore, dest: Path, values: Dict[str, Any], data: bytes,
+                meta: Dict[str, Any]) -> Dict[str, Any]:
+    """x runs ``get /remote/thing dest`` on slave s of master y; y claims the
+    part and reports ``data`` as what it fetched, described by ``meta`` over
+    the true size and SHA-256.  s's record of the job when it ended."""
+    job = x.create_job("get", {"paths": ["/remote/thing", str(dest)]}, 0, ["s"])
+    cancellation = Cancellation()
+    crossing = Crossing(x, {"s": "y"}, "get", {"paths": ["/remote/thing", str(dest)]}, values, Pacing(), 1)
+    work = crossing.wrap(lambda sink, c: [])
+    thread = threading.Thread(target=work, args=(StoreSink(x, job.id, cancellation), cancellation))
+    thread.start()
+    try:
+        wait_until(lambda: x.dispatch_read(pgdispatch.of_job, job.id) != [], WAIT, "the part to be asked")
+        (d,) = x.dispatch_read(pgdispatch.of_job, job.id)
+        assert y.dispatch_write(pgdispatch.claim, [d.id], repeatable=False) == [d.id]
+        writer = BlobWriter(y, job.id, "s", 1 << 30, "s: get")
+        writer.write(data)
+        described = {**writer.close(), **meta}
+        assert y.dispatch_write(pgdispatch.finish, d.id, {"status": 0, "error": None, "errtag": None,
+                                                           "summary": "", "blob": described})
+    finally:
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    record = x.get_job(job.id).slaves["s"]
+    return {"state": record.state, "error": record.error or ""}
+
+
+def test_a_get_placed_from_another_master_has_no_set_id_bits(masters, tmp_path: Path) -> None:
+    """A file another master stored for a get, said to be set-user-ID, is put in place without set-ID or sticky bits (as a local get)."""
+    x, y, _ = masters
+    ended = _forged_get(x, y, tmp_path, {}, b"#!/bin/sh\nid\n", {"tree": False, "mode": 0o7755})
+    placed = tmp_path / "s" / "thing"
+    assert ended["state"] == "ok", ended
+    assert placed.read_bytes() == b"#!/bin/sh\nid\n"
+    assert stat.S_IMODE(placed.stat().st_mode) & 0o7000 == 0
+
+
+def test_a_tree_from_another_master_is_bounded_by_the_gets_entries(masters, tmp_path: Path) -> None:
+    """A tree another master stored with more entries than the get's --max-files is refused whole: nothing under DEST/NAME/."""
+    x, y, _ = masters
+    data = _tar({f"f{i}": b"" for i in range(40)})
+    ended = _forged_get(x, y, tmp_path, {"max_files": 10}, data, {"tree": True})
+    assert ended["state"] == "failed" and "more than 10 entries" in ended["error"], ended
+    assert not (tmp_path / "s").exists() or os.listdir(tmp_path / "s") == []
+
+
+def test_a_blob_said_larger_than_what_crosses_masters_is_refused(masters, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A get result past MAX_CARRIED, however the other master bounded it, is refused before a byte is read: nothing placed."""
+    monkeypatch.setattr(crossmaster, "MAX_CARRIED", 1000)
+    x, y, _ = masters
+    ended = _forged_get(x, y, tmp_path, {}, b"z" * 5000, {"tree": False})
+    assert ended["state"] == "failed" and "more than the 1000 bytes" in ended["error"], ended
+    assert not (tmp_path / "s").exists() or os.listdir(tmp_path / "s") == []
