@@ -587,7 +587,10 @@ class Dispatcher:
         if d.kind == "run":
             return run_job([slave], spec["argv"], sink, cwd=spec.get("cwd"), timeout=spec.get("timeout"), **common)
         if d.kind == "put":
-            local = os.path.join(tmp, str(spec["base"]))
+            base = str(spec["base"])
+            if base in ("", "..") or "/" in base or "\0" in base:  # another master's word: nothing outside tmp
+                raise LocalError(f"{d.slave}: put: {base!r} from master {d.origin} is not a file name")
+            local = os.path.join(tmp, base)
             load_path(self.store, d.job_id, pgdispatch.SOURCE, spec["blob"], local, f"{d.slave}: put",
                       limit=MAX_CARRIED)
             return put_job([slave], local, spec["dest"], sink, sync=bool(spec.get("sync")),

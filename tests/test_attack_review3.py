@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 import pytest
 
 from remsh import crossmaster
-from remsh.carry import BlobWriter
+from remsh.carry import BlobWriter, store_path
 from remsh.crossmaster import Crossing
 from remsh.jobs import StoreSink
 from remsh.master.fanout import Cancellation
@@ -28,6 +28,8 @@ from remsh.store.fencing import NotOwner
 from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import WAIT
+from tests.test_store_postgres_masters import store_uri  # noqa: F401 - fixture
+from tests.test_store_postgres_work import cluster  # noqa: F401 - fixture
 from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,3 +138,26 @@ def test_a_blob_said_larger_than_what_crosses_masters_is_refused(masters, tmp_pa
     ended = _forged_get(x, y, tmp_path, {}, b"z" * 5000, {"tree": False})
     assert ended["state"] == "failed" and "more than the 1000 bytes" in ended["error"], ended
     assert not (tmp_path / "s").exists() or os.listdir(tmp_path / "s") == []
+
+
+def test_a_holder_loads_a_put_only_inside_its_private_directory(cluster, store_uri: str,  # noqa: F811
+                                                                tmp_path: Path) -> None:
+    """A put part whose source name, written by another master, is an absolute path or '..' fails on holder b; nothing is written outside its directory."""
+    _, b, _ = cluster
+    x = PostgresJobStore(store_uri, "x")
+    try:
+        src = tmp_path / "payload"
+        src.write_bytes(b"ssh-ed25519 AAAA attacker\n")
+        for base in (str(tmp_path / "escaped"), ".."):
+            job = x.create_job("put", {"paths": [str(src), str(tmp_path / "on-slave")]}, 0, ["s-b"])
+            meta = store_path(x, job.id, pgdispatch.SOURCE, str(src), 1 << 20, "put")
+            x.dispatch_write(pgdispatch.ask, job.id, [("s-b", "b")], "put",
+                             {"dest": str(tmp_path / "on-slave"), "base": base, "blob": meta})
+            wait_until(lambda: x.dispatch_read(pgdispatch.of_job, job.id)[0].state == "done", WAIT,
+                       "s-b's part to end")
+            (d,) = x.dispatch_read(pgdispatch.of_job, job.id)
+            assert d.claimed_by == "b" and "is not a file name" in ((d.result or {}).get("error") or ""), d.result
+        assert not (tmp_path / "escaped").exists(), b.text()
+        assert not (tmp_path / "on-slave").exists()
+    finally:
+        x.close()
