@@ -330,6 +330,8 @@ class _Origin:
                                          d.claim_epoch):
                 log.warning("job %s: master %s running the part of %s is dead: the part is lost", self.job_id,
                             d.claimed_by, name)
+                if self.crossing.kind == "get":  # what it stored before it died goes with its claim
+                    self._drop(name)
                 record = self.jobs.get_job(self.job_id).slaves.get(name)
                 if record is not None and record.state in SLAVE_FINAL_STATES:  # its end was recorded
                     self._ended(name, SlaveResult(name, status=record.exit_status, error=record.error))

@@ -161,3 +161,25 @@ def test_a_holder_loads_a_put_only_inside_its_private_directory(cluster, store_u
         assert not (tmp_path / "on-slave").exists()
     finally:
         x.close()
+
+
+def test_the_bytes_a_dead_holder_stored_for_a_get_are_deleted_with_its_part(masters, tmp_path: Path) -> None:
+    """A holder that stored part of a get's bytes and stopped before reporting: its part ends lost and its bytes leave the store."""
+    x, y, _ = masters
+    job = x.create_job("get", {"paths": ["/remote/thing", str(tmp_path)]}, 0, ["s"])
+    cancellation = Cancellation()
+    crossing = Crossing(x, {"s": "y"}, "get", {"paths": ["/remote/thing", str(tmp_path)]}, {}, Pacing(), 1)
+    thread = threading.Thread(target=crossing.wrap(lambda sink, c: []),
+                              args=(StoreSink(x, job.id, cancellation), cancellation))
+    thread.start()
+    try:
+        wait_until(lambda: x.dispatch_read(pgdispatch.of_job, job.id) != [], WAIT, "the part to be asked")
+        (d,) = x.dispatch_read(pgdispatch.of_job, job.id)
+        assert y.dispatch_write(pgdispatch.claim, [d.id], repeatable=False) == [d.id]
+        y.dispatch_write(pgdispatch.put_chunk, job.id, "s", 0, b"x" * 1000)
+        y.close()  # stopped: no longer alive
+    finally:
+        thread.join(WAIT + crossmaster.MASTERS_EVERY)
+    assert not thread.is_alive()
+    assert x.get_job(job.id).slaves["s"].state == "lost"
+    assert x.dispatch_read(pgdispatch.chunk, job.id, "s", 0) is None
