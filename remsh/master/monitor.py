@@ -6,9 +6,15 @@ one thread; no slave has a thread of its own.
 
 A stream is *armed* (watched for input, hang-up and errors) while its slave
 is idle, and *quiet* (on Linux: watched for hang-up and errors only) while an
-operation runs, so that ordinary replies never wake the monitor.  Operations
-switch between the two with one ``epoll_ctl`` each (:meth:`busy`,
-:meth:`idle`).  An event on an idle slave means the stream ended (the slave
+operation runs, so that ordinary replies never wake the monitor.  An
+operation that finds its stream armed makes it quiet (:meth:`busy`, one
+``epoll_ctl``); one that ends leaves it quiet and asks the monitor to arm it
+(:meth:`idle`), which the thread does :data:`ARM_DELAY` later if the slave is
+still idle then.  Back-to-back operations thus cost no system call of the
+monitor's, and a slave that dies between them is still noticed at once (its
+hang-up is watched while quiet); only bytes a slave sends while idle (a
+protocol violation, or a session's link check) wait up to :data:`ARM_DELAY`
+to be read.  An event on an idle slave means the stream ended (the slave
 died: its kernel closed the socket), failed (TCP keepalive gave up on a
 vanished host), or carries bytes nobody asked for (a protocol violation): in
 each case the slave is disconnected, which removes it from its collection.
@@ -25,6 +31,7 @@ import logging
 import os
 import select
 import threading
+import time
 from typing import Any, Dict, Optional, Protocol, Set
 
 from remsh.errors import Disconnected, ProtocolError, RemshError
@@ -40,6 +47,11 @@ else:  # pragma: no cover - poll(2) fallback: unregister while busy
     _ARMED = select.POLLIN
     _QUIET = 0
     _WAKE = select.POLLIN
+
+
+#: How long after an operation ends its stream is armed (seconds), if the
+#: slave is idle then; the next operation usually comes sooner.
+ARM_DELAY = 0.05
 
 
 class Slave(Protocol):
@@ -74,6 +86,10 @@ class IdleMonitor:
         self._by_fd: Dict[int, "Slave"] = {}
         self._fd_of: Dict[int, int] = {}  # id(slave) -> fd
         self._recheck: Set[int] = set()  # id(slave): an event came while it was busy
+        self._armed: Set[int] = set()  # id(slave): its stream is armed
+        self._pending: Dict[int, "Slave"] = {}  # id(slave): to arm once ARM_DELAY has passed
+        self._due = 0.0  # when the oldest of _pending is to be armed (time.monotonic())
+        self._asleep = False  # the thread waits with no time limit: wake it for _pending
         self._thread: Optional[threading.Thread] = None
         self._wake_r = self._wake_w = -1
         self._stopping = False
@@ -115,6 +131,8 @@ class IdleMonitor:
             self._by_fd.clear()
             self._fd_of.clear()
             self._recheck.clear()
+            self._armed.clear()
+            self._pending.clear()
 
     def _wake(self) -> None:
         if self._wake_w >= 0:
@@ -136,15 +154,21 @@ class IdleMonitor:
             self._fd_of[id(slave)] = fd
             slave.idle_watcher = self
             poller.register(fd, _ARMED)  # type: ignore[attr-defined]
+            self._armed.add(id(slave))
         if not _EPOLL:
             self._wake()
 
     def busy(self, slave: "Slave") -> None:
-        """An operation starts on ``slave`` (which it holds): go quiet."""
-        fd = self._fd_of.get(id(slave))
+        """An operation starts on ``slave`` (which it holds): go quiet (a
+        stream not armed since the last operation already is)."""
+        key = id(slave)
+        if _EPOLL and key not in self._armed:
+            return
+        fd = self._fd_of.get(key)
         poller = self._poller
         if fd is None or poller is None:
             return
+        self._armed.discard(key)
         try:
             if _EPOLL:
                 poller.modify(fd, _QUIET)  # type: ignore[attr-defined]
@@ -154,8 +178,27 @@ class IdleMonitor:
             pass
 
     def idle(self, slave: "Slave") -> None:
-        """``slave``'s operation ended (the caller still holds the slave): arm."""
+        """``slave``'s operation ended (the caller still holds the slave):
+        arm its stream :data:`ARM_DELAY` from now, or at once if an event
+        came while it was held."""
         key = id(slave)
+        if not _EPOLL or key in self._recheck:
+            self._arm(slave)
+            return
+        if key in self._pending or key in self._armed:
+            return
+        if not self._pending:
+            self._due = time.monotonic() + ARM_DELAY
+        self._pending[key] = slave
+        if self._asleep:
+            self._asleep = False
+            self._wake()
+
+    def _arm(self, slave: "Slave") -> None:
+        """Arm ``slave``'s stream now (the caller holds the slave), after
+        reading it if an event came while it was held."""
+        key = id(slave)
+        self._pending.pop(key, None)
         fd = self._fd_of.get(key)
         poller = self._poller
         if fd is None or poller is None:
@@ -167,6 +210,7 @@ class IdleMonitor:
         try:
             if _EPOLL:
                 poller.modify(fd, _ARMED)  # type: ignore[attr-defined]
+                self._armed.add(key)
             else:
                 poller.register(fd, _ARMED)  # type: ignore[attr-defined]
                 self._wake()
@@ -183,6 +227,8 @@ class IdleMonitor:
         with self._lock:
             fd = self._fd_of.pop(key, None)
             self._recheck.discard(key)
+            self._armed.discard(key)
+            self._pending.pop(key, None)
             if fd is None:
                 return
             if self._by_fd.get(fd) is slave:
@@ -199,8 +245,13 @@ class IdleMonitor:
         poller = self._poller
         assert poller is not None
         while True:
+            self._asleep = True  # before looking at _pending: idle() wakes us if it adds
+            timeout: float = -1
+            if self._pending:
+                self._asleep = False
+                timeout = max(0.0, self._due - time.monotonic())
             try:
-                events = poller.poll(-1)  # type: ignore[attr-defined]
+                events = poller.poll(timeout)  # type: ignore[attr-defined]
             except (OSError, ValueError) as e:
                 if self._stopping:
                     return
@@ -228,14 +279,36 @@ class IdleMonitor:
                     if not _EPOLL:
                         self.busy(slave)
                     continue
+                self._armed.discard(id(slave))  # one-shot: the event disarmed it
                 try:
                     if _check_idle_stream(slave):
-                        self.idle(slave)  # spurious: arm again
+                        self._arm(slave)  # spurious: arm again
                 except Exception as e:  # noqa: BLE001 - one slave must not stop the thread
                     log.exception("idle monitor: checking slave %s failed", slave.name)
                     slave.drop(Disconnected(f"{slave.name}: idle check failed: {e!r}"))
                 finally:
                     slave.release()
+            if self._pending and time.monotonic() >= self._due:
+                self._arm_pending()
+
+    def _arm_pending(self) -> None:
+        """Arm the streams of the slaves still idle ARM_DELAY after their
+        last operation; a held one is tried again ARM_DELAY later (its
+        operation's end asks again in any case)."""
+        for key, slave in list(self._pending.items()):
+            if not slave.try_hold():
+                continue
+            try:
+                if self._pending.get(key) is slave and slave.connected:
+                    self._arm(slave)
+                else:
+                    self._pending.pop(key, None)
+            except Exception as e:  # noqa: BLE001 - one slave must not stop the thread
+                log.exception("idle monitor: checking slave %s failed", slave.name)
+                slave.drop(Disconnected(f"{slave.name}: idle check failed: {e!r}"))
+            finally:
+                slave.release()
+        self._due = time.monotonic() + ARM_DELAY
 
     def _fail_all(self, exc: RemshError) -> None:
         with self._lock:
