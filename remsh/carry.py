@@ -17,7 +17,7 @@ import hashlib
 import os
 import shutil
 import tarfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, TypeVar, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Set, Tuple, TypeVar, cast
 
 from remsh.errors import LimitExceeded, LocalError, RemshError
 from remsh.files import PartialFile
@@ -177,13 +177,40 @@ def store_path(store: DispatchingStore, job_id: str, name: str, path: str, limit
     return meta
 
 
+def _parts(name: str, member: str, what: str) -> Tuple[str, ...]:
+    """The components of a member's ``name`` (or link target), ``.`` and
+    empty ones left out.
+
+    :raises CarryFailed: a ``..`` among them
+    """
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise CarryFailed(f"{what}: {member!r} in the tree carried through the job store names '..'")
+    return parts
+
+
 def _bounded(limit: int, max_entries: Optional[int], what: str) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:
     """The ``data`` filter, and at most ``max_entries`` members of at most
     ``limit`` bytes in all (a sparse member counts its full size): a tar
-    stream is the other master's word, not the bound it was made under."""
+    stream is the other master's word, not the bound it was made under.
+
+    Nothing is written at or through a link the stream made, nor hard-linked
+    to one: the ``data`` filter's own check resolves links with
+    ``os.path.realpath``, which gives up past PATH_MAX (CVE-2025-4517 on the
+    Pythons without its fix); a tree ``tarfile.add`` made never needs it."""
     seen = [0, 0]
+    links: Set[Tuple[str, ...]] = set()
+
+    def through_link(parts: Tuple[str, ...]) -> bool:
+        return any(parts[:i] in links for i in range(1, len(parts) + 1))
 
     def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        parts = _parts(member.name, member.name, what)
+        if through_link(parts) or (member.islnk() and through_link(_parts(member.linkname, member.name, what))):
+            raise CarryFailed(f"{what}: {member.name!r} in the tree carried through the job store goes through "
+                              f"a link of the same tree")
+        if member.issym() or member.islnk():
+            links.add(parts)
         seen[0] += 1
         seen[1] += max(0, member.size)
         if max_entries is not None and seen[0] > max_entries:

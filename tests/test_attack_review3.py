@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 import pytest
 
 from remsh import crossmaster
-from remsh.carry import BlobWriter, store_path
+from remsh.carry import BlobWriter, load_path, store_path
 from remsh.crossmaster import Crossing
 from remsh.jobs import StoreSink
 from remsh.master.fanout import Cancellation
@@ -183,3 +183,65 @@ def test_the_bytes_a_dead_holder_stored_for_a_get_are_deleted_with_its_part(mast
     assert not thread.is_alive()
     assert x.get_job(job.id).slaves["s"].state == "lost"
     assert x.dispatch_read(pgdispatch.chunk, job.id, "s", 0) is None
+
+
+def _realpath_limit_tar(dest_len: int) -> bytes:
+    """A tar stream that, unpacked into a directory whose path is
+    ``dest_len`` characters long, makes ``os.path.realpath`` give up inside
+    a chain of links (the path past PATH_MAX) and so slips a link two levels
+    up past the ``data`` filter of the Pythons without the fix of
+    CVE-2025-4517: then a hard link to ``../../flag`` overwritten, and
+    ``../../newfile`` made, through it."""
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf("/", "PC_PATH_MAX") - dest_len - 1) // (len(steps) + 1))
+    buf = io.BytesIO()
+
+    def add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, link: str = "",
+            data: bytes = b"") -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, len(data)
+        info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        path = ""
+        for step in steps:
+            add(tar, os.path.join(path, component), tarfile.DIRTYPE)
+            add(tar, os.path.join(path, step), tarfile.SYMTYPE, component)
+            path = os.path.join(path, component)
+        long_link = os.path.join(*steps, "l" * 254)
+        add(tar, long_link, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps)))
+        add(tar, "escape", tarfile.SYMTYPE, os.path.join(long_link, "..", ".."))
+        add(tar, "flaglink", tarfile.LNKTYPE, os.path.join("escape", "flag"))
+        add(tar, "flaglink", data=b"overwritten\n")
+        add(tar, "escape/newfile", data=b"new\n")
+    return buf.getvalue()
+
+
+def test_a_tree_from_another_master_writes_nothing_through_its_own_links(masters, tmp_path: Path) -> None:
+    """A tree whose members go through links of the same tree (the realpath-limit escape of the data filter) is refused: nothing outside DEST/NAME/BASE is written."""
+    x, y, _ = masters
+    flag = tmp_path / "flag"
+    flag.write_bytes(b"original\n")
+    # the tree is unpacked in DEST/s/.thing.remsh-part-XXXXXXXX (remsh.replace.hidden_beside)
+    dest_len = len(str(tmp_path / "s" / ".thing.remsh-part-")) + 8
+    ended = _forged_get(x, y, tmp_path, {}, _realpath_limit_tar(dest_len), {"tree": True})
+    assert flag.read_bytes() == b"original\n"
+    assert sorted(os.listdir(tmp_path)) == ["flag", "s"] or sorted(os.listdir(tmp_path)) == ["flag"]
+    assert ended["state"] == "failed" and "goes through a link of the same tree" in ended["error"], ended
+
+
+def test_a_tree_with_links_of_its_own_still_crosses(masters, tmp_path: Path) -> None:
+    """A tree with a relative symbolic link inside it and two hard-linked files crosses the store whole under the link guard."""
+    x, _, _ = masters
+    job = x.create_job("put", {}, 0, ["s"])
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("a\n")
+    os.link(tree / "sub" / "a.txt", tree / "b.txt")
+    os.symlink("sub/a.txt", tree / "link")
+    meta = store_path(x, job.id, pgdispatch.SOURCE, str(tree), 1 << 20, "put")
+    load_path(x, job.id, pgdispatch.SOURCE, meta, str(tmp_path / "back"), "put", max_entries=10)
+    back = tmp_path / "back"
+    assert (back / "link").read_text() == (back / "b.txt").read_text() == "a\n"
+    assert os.readlink(back / "link") == "sub/a.txt"
