@@ -16,7 +16,7 @@ TCP/TLS/SSH listeners and the connected slaves, and serves a control socket
   master's job store (``--state-dir``); ``--detach`` prints its id and
   leaves it running (:mod:`remsh.jobs`, :mod:`remsh.clijobs`).
 
-The master is found by ``--master PATH`` (before the subcommand), else
+The master is found by ``--master PATH`` (before the subcommand or after it), else
 ``$REMSH_MASTER``, else the default control path.  ``run``, ``put`` and
 ``get`` also work without a master, but only when asked: with ``--local N``
 or ``--listen``/``--ssh-listen`` they set up their own slaves for the one
@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("--host", default="127.0.0.1", help="host name slaves dial (for known_hosts; default: 127.0.0.1)")
     hk.add_argument("--port", type=int, default=22, help="port slaves dial (for known_hosts; default: 22)")
     describe(sub)
-    for each in sub.choices.values():  # -v after the subcommand too (counted with the one before)
+    for each in sub.choices.values():  # -v and --master after the subcommand too (-v counted with the one before)
         each.add_argument("-v", "--verbose", action="count", dest="verbose_after", default=0, help="more logging")
+        each.add_argument("--master", metavar="PATH", default=argparse.SUPPRESS, help="as remsh --master PATH")
     return p
 
 
