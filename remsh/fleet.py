@@ -36,12 +36,12 @@ from contextlib import contextmanager
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Set, TextIO,
                     Tuple)
 
-from remsh.errors import (CommandTimeout, LocalError, RemoteError, RemoteFileExistsError, RemshError, UsageError,
-                          error_tag)
+from remsh.errors import (CommandTimeout, LocalError, NotFoundError, OpenFailedError, RemoteError,
+                          RemoteFileExistsError, RemshError, UsageError, error_tag)
 from remsh.lineprinter import LinePrinter, printable
 from remsh.outputs import Folder, OutputFiles, outcome_words, status_words, summary_lines
 from remsh.pacing import AWAY_ERROR, ERRTAG_AWAY, ERRTAG_SKIPPED, SKIPPED_TAGS, Pacing
-from remsh.replace import get_replacing, make_parents, put_replacing
+from remsh.replace import get_replacing, make_parents, missing_directory, put_replacing
 from remsh.progressbars import ProgressBars, human_bytes  # noqa: F401 - human_bytes is part of this module's API
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
@@ -524,7 +524,8 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
     sent with ``Slave.send_tree`` (to a ``dest`` that must not exist unless
     ``force``), or synchronised with ``Slave.sync_tree`` when ``sync``.
     ``force`` replaces what is there (:func:`remsh.replace.put_replacing`);
-    ``parents`` makes the missing directories above ``dest``.
+    ``parents`` makes the missing directories above ``dest`` (a file put to
+    ``DIR/``: ``DIR`` too); without it a put failing for want of them says so.
 
     :raises UsageError: ``local`` does not exist
     """
@@ -534,6 +535,7 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
     if not is_tree and (sync or delete or checksum):
         raise UsageError("--sync, --delete and --checksum are for directory trees")
     file_mode = None if is_tree else _mode_of(local)  # kept, as send_tree keeps a tree's: a script stays executable
+    into = not is_tree and dest.endswith("/")  # a file put to DIR/ goes into DIR (--parents makes DIR)
 
     def one(slave: Slave) -> SlaveResult:
         name = slave.name
@@ -542,7 +544,7 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
             sink.progress(name, done, total)
 
         if parents:
-            make_parents(slave, dest)
+            make_parents(slave, dest, into=into)
         if is_tree:
             if sync:
                 result = _tree_method(slave, "sync_tree")(local, dest, delete=delete, checksum=checksum,
@@ -572,6 +574,12 @@ def put_job(slaves: Sequence[Slave], local: str, dest: str, sink: Sink, *, sync:
                 raise
             raise RemoteFileExistsError(f"{e.remote_message} (put --force replaces it)", slave=e.slave,
                                         operation=e.operation) from None
+        except (NotFoundError, OpenFailedError) as e:  # a missing directory: say how to make it
+            missing = None if parents else missing_directory(slave, dest, into=into)
+            if missing is None:
+                raise
+            raise type(e)(f"{e.remote_message} (put --parents makes {missing})", slave=e.slave,
+                          operation=e.operation) from None
 
     return _fan(slaves, hinted, sink, max_parallel, cancellation or Cancellation(), holder, pacing)
 

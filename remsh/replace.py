@@ -37,11 +37,29 @@ def hidden_beside(path: str, what: str, local: bool = False) -> str:
     return join(head, f".{tail}.remsh-{what}-{secrets.token_hex(4)}")
 
 
-def make_parents(slave: Slave, dest: str) -> None:
-    """``put --parents``: make the directories that should hold ``dest``."""
-    parent = posixpath.dirname(dest.rstrip("/"))
+def holding_directory(dest: str, into: bool = False) -> str:
+    """The directory that should hold ``dest`` on the slave: its parent, or,
+    ``into`` (a file put to ``DIR/``, which goes into ``DIR``), ``dest``
+    itself; ``""`` for none."""
+    return dest.rstrip("/") if into else posixpath.dirname(dest.rstrip("/"))
+
+
+def make_parents(slave: Slave, dest: str, into: bool = False) -> None:
+    """``put --parents``: make the directories that should hold ``dest``
+    (see :func:`holding_directory`)."""
+    parent = holding_directory(dest, into)
     if parent and slave.stat(parent) is None:
         slave.mkdir(parent)
+
+
+def missing_directory(slave: Slave, dest: str, into: bool = False) -> Optional[str]:
+    """The directory that should hold ``dest``, when the slave says it does
+    not exist (to hint ``put --parents`` after a failed put); else None."""
+    parent = holding_directory(dest, into)
+    try:
+        return parent if parent and slave.stat(parent) is None else None
+    except RemshError:  # the slave cannot say: no hint
+        return None
 
 
 def put_replacing(slave: Slave, target: str, send: Callable[[str], None]) -> bool:
