@@ -17,8 +17,9 @@ machine reads it in ``ps``: a URI that carries one (``user:PASSWORD@`` or
 from __future__ import annotations
 
 import argparse
+import os
 import socket
-from typing import Any, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from remsh.store.base import JobStore, StoreError
@@ -110,7 +111,35 @@ def open_shared_store(args: argparse.Namespace) -> JobStore:
         raise StoreError(f"--store {scheme}://... needs psycopg 3.2 or later: {EXTRA_HINT} ({e})") from None
     name = getattr(args, "name", None) or default_name(getattr(args, "listen", None),
                                                        getattr(args, "ssh_listen", None))
-    return PostgresJobStore(uri, name, keep=args.keep_jobs, max_output=args.max_job_output)
+    passfile = named_passfile(uri)
+    if passfile is not None and not os.path.isfile(passfile):  # libpq would pass over it without a word
+        raise StoreError(f"--store: the password file {passfile} does not exist (named by "
+                         f"{'?passfile=' if 'passfile' in _query(uri) else '$PGPASSFILE'}; see docs/multimaster.rst)")
+    try:
+        return PostgresJobStore(uri, name, keep=args.keep_jobs, max_output=args.max_job_output)
+    except StoreError as e:
+        if "no password supplied" not in str(e):
+            raise
+        # the server wants a password and libpq found none: say where it goes
+        raise StoreError(f"{e} (give the role's password in a password file, mode 0600: ?passfile=FILE in the "
+                         "URI, $PGPASSFILE or ~/.pgpass; see docs/multimaster.rst)") from e
 
 
-__all__ = ["add_store_options", "open_shared_store", "store_uri", "master_name", "default_name", "EXTRA_HINT"]
+def _query(uri: str) -> Dict[str, List[str]]:
+    try:
+        return parse_qs(urlsplit(uri).query, keep_blank_values=True)
+    except ValueError:
+        return {}
+
+
+def named_passfile(uri: str) -> Optional[str]:
+    """The password file ``uri`` names (``?passfile=``), else ``$PGPASSFILE``;
+    None when neither does (libpq then reads ``~/.pgpass`` if it is there)."""
+    named = _query(uri).get("passfile")
+    if named:
+        return named[-1]
+    return os.environ.get("PGPASSFILE") or None
+
+
+__all__ = ["add_store_options", "open_shared_store", "store_uri", "master_name", "default_name", "named_passfile",
+           "EXTRA_HINT"]
