@@ -571,7 +571,8 @@ class SlaveHandshake(_Side):
             raise self._fail(AuthenticationError(
                 f"{self.label}: master refused registration of {self.name!r}: "
                 f"{answer.get(b'error', b'').decode('utf-8', 'replace')} "
-                f"[{answer[b'errtag'].decode('ascii', 'replace')}]"))
+                f"[{answer[b'errtag'].decode('ascii', 'replace')}] (the master's log says why: the secret or key, "
+                f"the name, or a session another master holds)"))
         if answer.get(b"registered") != self._name_b:
             raise self._fail(ProtocolError(f"{self.label}: malformed registered box"))
         if self._secret is not None:
