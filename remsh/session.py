@@ -435,11 +435,13 @@ class SessionWire:
 
     # -- sending -------------------------------------------------------------------
 
-    def send_bytes(self, data: Data, *, lock_timeout: Optional[float] = None) -> None:
+    def send_bytes(self, data: Data, *, lock_timeout: Optional[float] = None,
+                   boxes: Optional[int] = None) -> None:
         """Send encoded session boxes: kept until acknowledged, sent now if
         connected.  Waits while too much is unacknowledged (connected: for
         the peer's acknowledgement; away: for the connection, past
-        ``spool_limit``).
+        ``spool_limit``).  ``boxes`` is how many boxes ``data`` holds, from
+        a caller that knows it (they are counted otherwise).
 
         :raises WaitTimeout: ``lock_timeout`` passed waiting for another sender
         :raises Disconnected: the session has failed
@@ -449,7 +451,7 @@ class SessionWire:
         elif not self._send_lock.acquire(timeout=lock_timeout):
             raise WaitTimeout(f"{self.label}: connection busy sending for {lock_timeout:g} s")
         try:
-            self._send_locked(data)
+            self._send_locked(data, boxes)
         finally:
             self._send_lock.release()
 
@@ -461,9 +463,9 @@ class SessionWire:
             self._send_locked(data)
         return True
 
-    def _send_locked(self, data: Data) -> None:
+    def _send_locked(self, data: Data, boxes: Optional[int] = None) -> None:
         chunk = data if type(data) is bytes else bytes(data)
-        n = count_boxes(chunk)
+        n = count_boxes(chunk) if boxes is None else boxes
         if n > PIECE_BOXES or len(chunk) > PIECE_BYTES:  # each piece waits for room in the window
             for piece, k in split_boxes(chunk, PIECE_BOXES, PIECE_BYTES):
                 self._send_piece(piece, k)

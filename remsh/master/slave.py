@@ -240,9 +240,10 @@ class Slave:
         ``deadline`` (``time.monotonic()``), raise :class:`_Overdue`."""
         if not self._lock.acquire(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             raise _Overdue()
-        if self._disconnected is None and isinstance(self.wire, SessionWire) and not self.wire.attached:
+        session = self.session_wire
+        if session is not None and self._disconnected is None and not session.attached:
             try:  # while away: wait, within its resume time limit
-                self.wire.wait_attached(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                session.wait_attached(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except PeerTimeout:
                 self._lock.release()
                 raise _Overdue() from None
@@ -335,7 +336,10 @@ class Slave:
         request = op.encode(**values) if values else _encoded(op)
         self._begin(meth)
         try:
-            self.wire.send_bytes(request)
+            if self.session_wire is not None:
+                self.session_wire.send_bytes(request, boxes=1)  # one box: no counting
+            else:
+                self.wire.send_bytes(request)
             reply: Optional[Box] = self.wire.read_box(self.io_timeout)
             while reply is not None and op.long and is_progress(reply):
                 reply = self.wire.read_box(self.io_timeout)
