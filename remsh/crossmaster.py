@@ -59,7 +59,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, cast
 
-from remsh.carry import DispatchingStore, dispatching, load_path, store_path
+from remsh.carry import CarryFailed, DispatchingStore, dispatching, load_path, store_path
 from remsh.errors import LocalError, RemshError, UsageError, error_tag
 from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL,
                          FleetCollection, SlaveResult, Sink, describe_error, get_job, put_job, run_job)
@@ -364,8 +364,10 @@ class _Origin:
         name = d.slave
         meta = (d.result or {}).get("blob")
         try:
-            if ended.error is not None or not isinstance(meta, dict):
+            if ended.error is not None:
                 return ended
+            if not isinstance(meta, dict):  # an end without the bytes is not a get done
+                raise CarryFailed(f"{name}: get: master {d.claimed_by} reported it done with no bytes stored")
             paths = cast(List[str], self.crossing.spec["paths"])
             base = posixpath.basename(paths[0].rstrip("/")) or "root"
             if name in (".", "..") or "/" in name or "\0" in name:

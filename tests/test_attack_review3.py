@@ -13,7 +13,7 @@ import stat
 import tarfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import pytest
 
@@ -85,10 +85,11 @@ def _tar(members: Mapping[str, bytes]) -> bytes:
 
 
 def _forged_get(x: PostgresJobStore, y: PostgresJobStore, dest: Path, values: Dict[str, Any], data: bytes,
-                meta: Dict[str, Any]) -> Dict[str, Any]:
+                meta: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """x runs ``get /remote/thing dest`` on slave s of master y; y claims the
     part and reports ``data`` as what it fetched, described by ``meta`` over
-    the true size and SHA-256.  s's record of the job when it ended."""
+    the true size and SHA-256 (``None``: no description reported).  s's
+    record of the job when it ended."""
     job = x.create_job("get", {"paths": ["/remote/thing", str(dest)]}, 0, ["s"])
     cancellation = Cancellation()
     crossing = Crossing(x, {"s": "y"}, "get", {"paths": ["/remote/thing", str(dest)]}, values, Pacing(), 1)
@@ -101,7 +102,7 @@ def _forged_get(x: PostgresJobStore, y: PostgresJobStore, dest: Path, values: Di
         assert y.dispatch_write(pgdispatch.claim, [d.id], repeatable=False) == [d.id]
         writer = BlobWriter(y, job.id, "s", 1 << 30, "s: get")
         writer.write(data)
-        described = {**writer.close(), **meta}
+        described = {**writer.close(), **meta} if meta is not None else None
         assert y.dispatch_write(pgdispatch.finish, d.id, {"status": 0, "error": None, "errtag": None,
                                                            "summary": "", "blob": described})
     finally:
@@ -127,6 +128,14 @@ def test_a_tree_from_another_master_is_bounded_by_the_gets_entries(masters, tmp_
     data = _tar({f"f{i}": b"" for i in range(40)})
     ended = _forged_get(x, y, tmp_path, {"max_files": 10}, data, {"tree": True})
     assert ended["state"] == "failed" and "more than 10 entries" in ended["error"], ended
+    assert not (tmp_path / "s").exists() or os.listdir(tmp_path / "s") == []
+
+
+def test_a_get_reported_done_without_its_bytes_ends_failed(masters, tmp_path: Path) -> None:
+    """A holder reporting a get done with no bytes stored does not make the part ok: it ends failed, nothing placed."""
+    x, y, _ = masters
+    ended = _forged_get(x, y, tmp_path, {}, b"", None)
+    assert ended["state"] == "failed" and "no bytes stored" in ended["error"], ended
     assert not (tmp_path / "s").exists() or os.listdir(tmp_path / "s") == []
 
 
