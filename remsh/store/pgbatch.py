@@ -59,8 +59,10 @@ MAX_WRITES = 256
 MAX_BYTES = 4 << 20
 #: Most batches one caller commits in a row while writes wait (its own among them).
 LEAD_BATCHES = 1
-#: How often a waiting write that is not repeatable looks for an outage.
+#: How often a waiting write that is not repeatable looks for an outage ...
 _OUTAGE_POLL = 0.05
+#: ... and a repeatable one wakes to wait again (its batch tells it).
+_WAIT_POLL = 1.0
 
 
 class Write(Generic[T]):
@@ -151,7 +153,8 @@ class GroupCommit:
     def _wait(self, write: Write[Any]) -> bool:
         """Wait until ``write`` is done (False) or handed the lead (True).
         Bounded by the leader's: each batch ends within the link's bounds."""
-        while not write.event.wait(_OUTAGE_POLL):
+        poll = _WAIT_POLL if write.repeatable else _OUTAGE_POLL
+        while not write.event.wait(poll):
             if write.repeatable or not self.link.outage.is_set():
                 continue
             with self._lock:
