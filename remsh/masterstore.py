@@ -121,8 +121,9 @@ def open_shared_store(args: argparse.Namespace) -> JobStore:
         if "no password supplied" not in str(e):
             raise
         # the server wants a password and libpq found none: say where it goes
-        raise StoreError(f"{e} (give the role's password in a password file, mode 0600: ?passfile=FILE in the "
-                         "URI, $PGPASSFILE or ~/.pgpass; see docs/multimaster.rst)") from e
+        raise StoreError(f"{e} (libpq found no password for it: a password file, mode 0600, with a line "
+                         "HOST:PORT:DBNAME:USER:PASSWORD matching the URI, * for any field, named by "
+                         "?passfile=FILE in the URI, $PGPASSFILE or ~/.pgpass; see docs/multimaster.rst)") from e
 
 
 def _query(uri: str) -> Dict[str, List[str]]:

@@ -115,6 +115,12 @@ def test_no_password_says_where_to_put_it(tmp_path: Path, pg_server: PgServer) -
         assert r.returncode == 2, err
         assert "no password supplied" in err and "?passfile=FILE in the URI, $PGPASSFILE or ~/.pgpass" in err, err
         assert "s3cret-pw" not in err
+        # a password file whose line does not match the URI (another database): the hint says what must match
+        other = tmp_path / "other-pgpass"
+        other.write_text(f"127.0.0.1:{pg_server.port}:another_db:{role}:s3cret-pw\n")
+        other.chmod(0o600)
+        r = _master_with_store(tmp_path, pg_server.uri(db, tcp=True, user=role) + f"?passfile={other}")
+        assert r.returncode == 2 and "HOST:PORT:DBNAME:USER:PASSWORD matching the URI" in r.stderr.decode(), r.stderr
         # the way it says works
         passfile = tmp_path / "pgpass"
         passfile.write_text(f"127.0.0.1:{pg_server.port}:{db}:{role}:s3cret-pw\n")
