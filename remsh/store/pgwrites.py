@@ -21,7 +21,8 @@ from remsh.store.fencing import NotOwner
 from remsh.store.pgdispatch import RUNNING, claimed
 from remsh.store.pglink import Conn
 
-#: The job's row, locked, and whether ``%(me)s`` may write slave ``%(name)s``'s record of it.
+#: The job's row, locked, and whether ``%(me)s`` may write slave ``%(name)s``'s record of it
+#: (the same test as :func:`remsh.store.pgdispatch.claimed`, which tells the refusal apart).
 _JOB = "j AS (SELECT owner FROM remsh_jobs WHERE id = %(job)s FOR UPDATE)"
 _CLAIM = ("EXISTS (SELECT 1 FROM remsh_dispatch WHERE job_id = %(job)s AND slave = %(name)s AND state = %(running)s "
           "AND claimed_by = %(me)s AND claim_epoch = %(epoch)s)")
