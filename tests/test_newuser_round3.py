@@ -158,3 +158,13 @@ def test_a_refused_slave_says_where_to_look(tmp_path: Path) -> None:
     err = r.stderr.decode()
     assert r.returncode == 2, err  # as docs/running-a-slave.rst's table says
     assert "registration refused [auth-failed] (the master's log says why" in err, err
+
+
+def test_host_port_given_with_ssh_alone_is_a_usage_error(tmp_path: Path) -> None:
+    """remsh-slave --ssh USER@HOST HOST PORT exits 2 saying the port goes in --ssh (it ignored them: port 22)."""
+    r = subprocess.run([sys.executable, "-m", "remsh.slave", "--no-reconnect", "--basedir", str(tmp_path),
+                        "--ssh", "remsh@127.0.0.1", "127.0.0.1", "2222"],
+                       env=_env(), capture_output=True, timeout=WAIT * 3, stdin=subprocess.DEVNULL)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "HOST PORT are not used with --ssh: give the master's SSH port in --ssh USER@HOST[:PORT]" in err, err

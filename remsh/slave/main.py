@@ -313,6 +313,9 @@ def _main(argv: Optional[List[str]], env_secret: Optional[bytes]) -> int:
                         format="%(asctime)s remsh-slave %(levelname)s: %(message)s")
     if (not args.ssh or args.via_ssh) and (args.host is None or args.port is None):
         parser.error("HOST and PORT are required (unless --ssh is given)")
+    if args.ssh and not args.via_ssh and (args.host is not None or args.port is not None):
+        # they would be ignored: --ssh remsh@m1 m1 2222 would dial m1's port 22
+        parser.error("HOST PORT are not used with --ssh: give the master's SSH port in --ssh USER@HOST[:PORT]")
     if (args.ssh_client or args.ssh_config) and not (args.ssh or args.via_ssh):
         parser.error("--ssh-client and -F apply to --ssh and --via-ssh only")
     name = args.name or default_name()
