@@ -24,6 +24,7 @@ from remsh.jobs import StoreSink
 from remsh.master.fanout import Cancellation
 from remsh.pacing import Pacing
 from remsh.store import pgdispatch
+from remsh.store.base import SessionRecord
 from remsh.store.fencing import NotOwner
 from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
@@ -254,3 +255,16 @@ def test_a_tree_with_links_of_its_own_still_crosses(masters, tmp_path: Path) -> 
     back = tmp_path / "back"
     assert (back / "link").read_text() == (back / "b.txt").read_text() == "a\n"
     assert os.readlink(back / "link") == "sub/a.txt"
+
+
+def test_a_session_id_of_another_master_is_not_taken_over_by_recording_it(masters) -> None:
+    """A master recording a session under an id another master's session holds is refused; the holder's row stays as it was."""
+    x, y, _ = masters
+    xs = x.create_job("run", {"args": ["true"]}, 0, ["s"])
+    ys = y.create_job("run", {"args": ["true"]}, 0, ["t"])
+    x.open_session(SessionRecord("c" * 32, "s", xs.id, "execute", 1, 0, 5))
+    with pytest.raises(NotOwner, match="held by another master"):
+        y.open_session(SessionRecord("c" * 32, "t", ys.id, "execute", 1, 0, 0))
+    assert [(r.id, r.name, r.job_id, r.received) for r in x.open_sessions()] == [("c" * 32, "s", xs.id, 5)]
+    x.open_session(SessionRecord("c" * 32, "s", xs.id, "execute", 1, 0, 7))  # its own is replaced
+    assert [r.received for r in x.open_sessions()] == [7]

@@ -53,7 +53,9 @@ def update_slave(db: Conn, me: str, epoch: int, job_id: str, name: str, changes:
 
 
 def open_session(db: Conn, me: str, epoch: int, record: SessionRecord, opened: float) -> None:
-    """Record the session ``record`` of a command of job ``record.job_id`` (replacing one of its id).
+    """Record the session ``record`` of a command of job ``record.job_id``
+    (replacing one of its id that this master holds: another master's is
+    never taken over by naming its id).
 
     :raises UnknownJob: no such job
     :raises NotOwner: the job is another master's
@@ -64,7 +66,8 @@ def open_session(db: Conn, me: str, epoch: int, record: SessionRecord, opened: f
         f"%(received)s, %(opened)s, %(me)s, %(epoch)s WHERE EXISTS (SELECT 1 FROM j WHERE owner = %(me)s) "
         f"ON CONFLICT (id) DO UPDATE SET name = excluded.name, job_id = excluded.job_id, op = excluded.op, "
         f"request_box = excluded.request_box, reply_base = excluded.reply_base, received = excluded.received, "
-        f"opened = excluded.opened, owner = excluded.owner, owner_epoch = excluded.owner_epoch RETURNING 1) "
+        f"opened = excluded.opened, owner = excluded.owner, owner_epoch = excluded.owner_epoch "
+        f"WHERE remsh_sessions.owner = excluded.owner RETURNING 1) "
         f"SELECT (SELECT owner FROM j), (SELECT count(*) FROM i)",
         {"id": record.id, "name": record.name, "job": record.job_id, "op": record.op,
          "request_box": record.request_box, "reply_base": record.reply_base, "received": record.received,
@@ -74,6 +77,8 @@ def open_session(db: Conn, me: str, epoch: int, record: SessionRecord, opened: f
         return
     if row[0] is None:
         raise UnknownJob(f"no job {record.job_id}")
+    if row[0] == me:  # the id is a session of another master's: never taken over by naming it
+        raise NotOwner(f"session for {record.name} of job {record.job_id}: its id is held by another master")
     raise NotOwner(f"job {record.job_id} belongs to master {row[0]}, not {me}", owner=str(row[0]))
 
 
