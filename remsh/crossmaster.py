@@ -70,7 +70,7 @@ from remsh.pacing import ERRTAG_SKIPPED, Pacing
 from remsh.replace import get_replacing
 from remsh.store import pgdispatch
 from remsh.store.base import (SLAVE_FAILED, SLAVE_FINAL_STATES, SLAVE_LOST, SLAVE_OK, SLAVE_SKIPPED, JobRecord,
-                              JobStore, StoreError, now)
+                              JobStore, StoreError, now, through_outage)
 from remsh.store.pgdispatch import Dispatch
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class _Origin:
                     return
             while self.queue or self.open:
                 version = self.jobs.version()
-                self._step()
+                through_outage(self._step, self.store, f"job {self.job_id}: following its parts on other masters")
                 if getattr(self.store, "closed", False):
                     return
                 if self.queue or self.open:
@@ -290,9 +290,10 @@ class _Origin:
                 self._end(SlaveResult(name, error=why, errtag=ERRTAG_SKIPPED), SLAVE_SKIPPED)
             self.queue = []
             return
-        batch, self.queue = self.queue[:room], self.queue[room:]
+        batch = self.queue[:room]  # asked twice (after an outage) is asked once: the rows are the same
         self.store.dispatch_write(pgdispatch.ask, self.job_id, [(n, self.crossing.remote[n]) for n in batch],
                                   self.crossing.kind, self.spec)
+        self.queue = self.queue[room:]
         for name in batch:
             self.open[name] = time.monotonic()
         log.info("job %s: %s asked of %s", self.job_id, ", ".join(batch),

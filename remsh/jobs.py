@@ -48,7 +48,8 @@ from remsh.pacing import Pacing
 from remsh.session import SessionFailed, SessionWire
 from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCELLED, SLAVE_FAILED, SLAVE_FINAL_STATES,
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
-                              SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now)
+                              SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now,
+                              through_outage)
 from remsh.store.fencing import NotOwner, SharedJobStore
 
 log = logging.getLogger(__name__)
@@ -585,7 +586,8 @@ class JobRegistry:
         handed = sink.handed_over()
         # a master that stops fails what it cannot hand over; nobody cancelled it
         cancelled = job.cancellation.cancelled and job.cancellation.reason != MASTER_STOPPING
-        try:
+
+        def record_end() -> None:  # all of it again after an outage: each write stores the same twice
             record = self.store.get_job(job.id)
             for name, rec in record.slaves.items():
                 if rec.state not in SLAVE_FINAL_STATES and name not in handed:
@@ -601,6 +603,9 @@ class JobRegistry:
                 state = JOB_FAILED
             self.store.finish_job(job.id, state)
             log.info("job %s ended: %s", job.id, state)
+
+        try:
+            through_outage(record_end, self.store, f"job {job.id}: recording its end")
         except StoreError as e:
             log.error("job %s: cannot record its end: %s", job.id, e)
         finally:

@@ -32,12 +32,16 @@ and a sequence number, both in Crockford's base 32, e.g. ``01jcz3v8qd-0``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from remsh.errors import LocalError, UsageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Job states.
 JOB_RUNNING = "running"
@@ -77,6 +81,40 @@ class StoreError(LocalError):
     """The job store cannot be opened, read or written (corrupt file,
     unwritable directory, a schema newer than this remsh, a second master on
     a single-master store); the database's own error is chained."""
+
+
+class StoreAway(StoreError):
+    """The database is away: the connection broke under a call, or none could
+    be made.  Unlike the other store errors, the same call may succeed once
+    the database is back (see :func:`through_outage`)."""
+
+
+def through_outage(fn: Callable[[], T], store: object, what: str) -> T:
+    """``fn()``, called again while the store is away (:class:`StoreAway`),
+    for up to the store's ``outage_wait`` seconds (none for a store without
+    one): a database restart is ridden out by what must not give up on the
+    first refused call.  ``what`` names the work in the log.
+
+    :raises StoreAway: still away past that time
+    """
+    wait = float(getattr(store, "outage_wait", 0.0))
+    deadline: Optional[float] = None
+    while True:
+        try:
+            return fn()
+        except StoreAway as e:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + wait
+                if wait > 0:
+                    log.warning("%s: the job store is away (%s); trying again for up to %.0fs", what, e, wait)
+            if now >= deadline or getattr(store, "closed", False):
+                raise
+            time.sleep(min(_AWAY_POLL, deadline - now))
+
+
+#: How often :func:`through_outage` tries again.
+_AWAY_POLL = 0.2
 
 
 class UnknownJob(StoreError):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Tuple, TypeVar
 import psycopg
 import psycopg.conninfo
 
-from remsh.store.base import StoreError
+from remsh.store.base import StoreAway, StoreError
 
 log = logging.getLogger("remsh.store.postgres")
 
@@ -38,11 +38,11 @@ def redacted(conninfo: str) -> str:
     return psycopg.conninfo.make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
-class Broken(StoreError):
+class Broken(StoreAway):
     """The connection broke under a call (whether it committed is unknown)."""
 
 
-class Unreachable(StoreError):
+class Unreachable(StoreAway):
     """No connection to the database could be made."""
 
 
@@ -122,7 +122,7 @@ class Link:
                 except Unreachable as e:
                     failure = e
                 if time.monotonic() + delay > deadline:
-                    raise StoreError(str(failure)) from failure.__cause__
+                    raise type(failure)(str(failure)) from failure.__cause__  # still away: may be tried again
                 self.outage_error = str(failure)
                 self.outage.set()
                 if retrying is not None:
