@@ -408,3 +408,26 @@ def test_a_slave_that_never_acknowledges_cannot_hold_a_send_forever(tmp_path: Pa
     error, waited = run(main())
     assert str(error).startswith("no-acks: send:"), error
     assert waited < 10.0, waited
+
+
+def test_a_slave_away_is_not_connected_and_a_waiter_gets_it_back(slave_procs: SlaveProcesses) -> None:
+    """While its connection is away the slave is not connected (get_all_slaves leaves it out, as the threaded master does); get_slave waiting for it returns it once it resumes."""
+    async def main() -> None:
+        async with rig(slave_procs, "away-1") as r:
+            collection = r.listener.slave_collection
+            await r.call(r.relay.refuse)
+            await r.call(r.relay.cut)
+            deadline = time.monotonic() + WAIT
+            while r.slave.connected:
+                assert time.monotonic() < deadline, "the slave still counts as connected after the cut"
+                await asyncio.sleep(0.01)
+            assert collection.get_all_slaves() == []
+            waiter = asyncio.ensure_future(collection.get_slave(filter=lambda s: s.name == "away-1", timeout=WAIT))
+            await asyncio.sleep(0.2)  # the waiter is parked, nothing to find
+            assert not waiter.done()
+            await r.call(r.relay.restore)
+            back = await waiter
+            assert back is r.slave and back.connected
+            assert await back.execute(["true"]) == 0
+
+    run(main())

@@ -61,6 +61,11 @@ class AsyncSlaveCollection:
         old = self._slaves.get(name)
         return old is None or not old.connected or old.listener is listener
 
+    def changed(self) -> None:
+        """A slave's connection came back (a resumed session): whoever
+        waits in :meth:`get_slave` looks again."""
+        self._wake()
+
     def add_slave(self, slave: "AsyncSlave") -> None:
         """Add a connected slave, replacing (and closing) one of the same name
         registered through the same listener.

@@ -128,6 +128,7 @@ class _Listener:
                 old, session, peer_received = resuming[0]
                 session.attach(conn, peer_received)
                 log.info("slave %s resumed from %s", old.name, conn.peer)
+                self.slave_collection.changed()
                 return old
             channel: Channel = conn
             if new_session:

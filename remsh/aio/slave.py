@@ -135,8 +135,10 @@ class AsyncSlave:
 
     @property
     def connected(self) -> bool:
-        """False once the connection has closed or broken."""
-        return self._disconnected is None
+        """False once the connection has closed or broken -- and, for a slave
+        whose work survives a dropped connection (``resume_timeout``), while
+        it is away (as :attr:`remsh.master.slave.Slave.connected`)."""
+        return self._disconnected is None and bool(getattr(self.conn, "attached", True))
 
     @property
     def resumable(self) -> bool:
