@@ -149,9 +149,12 @@ def test_a_version_1_store_is_migrated_and_keeps_its_masters_and_jobs(pg_uri) ->
     with PostgresJobStore(pg_uri, "old") as store:
         assert store.epoch == 5 and store.get_job("0000000001-0").state == "done"
     assert _sql(pg_uri, "SELECT value FROM remsh_meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     assert _sql(pg_uri, "SELECT count(*) FROM remsh_slaves") == [(0,)]  # version 5: the registry of slaves
     assert _sql(pg_uri, "SELECT count(*) FROM remsh_dispatch") == [(0,)]  # version 6: work crossing masters
+    # version 7: an append counts only the appending master's own session
+    (source,) = _sql(pg_uri, "SELECT prosrc FROM pg_proc WHERE proname = 'remsh_append'")
+    assert "AND job_id = p_job AND owner = p_master;" in source[0]
     assert _sql(pg_uri, "SELECT host IS NOT NULL, pid IS NOT NULL FROM remsh_masters") == [(True, True)]
 
 

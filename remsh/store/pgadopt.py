@@ -31,6 +31,7 @@ import os
 import threading
 from typing import Callable, List, Optional, Tuple
 
+from remsh.store import pgdispatch
 from remsh.store.base import JOB_RUNNING
 from remsh.store.fencing import FencedOff
 from remsh.store.pglink import Conn
@@ -67,6 +68,19 @@ def dead_with_work(db: Conn, me: str, lease: float) -> List[Tuple[str, int]]:
         f"OR EXISTS (SELECT 1 FROM remsh_sessions s WHERE s.owner = m.name)) ORDER BY m.name",
         (me, lease, JOB_RUNNING)).fetchall()
     return [(str(r[0]), int(r[1])) for r in rows]
+
+
+def move_work(db: Conn, dead: str, me: str, epoch: int) -> Tuple[List[str], List[int]]:
+    """In the transaction where master ``me`` (at ``epoch``) won the
+    compare-and-set on dead master ``dead``'s epoch: its running jobs, its
+    claims of other masters' parts that have a recorded session
+    (:func:`remsh.store.pgdispatch.move_claims`, before the sessions move)
+    and its sessions become ``me``'s.  The job ids and the dispatch ids moved."""
+    rows = db.execute("UPDATE remsh_jobs SET owner = %s, owner_epoch = %s WHERE owner = %s AND state = %s "
+                      "RETURNING id", (me, epoch, dead, JOB_RUNNING)).fetchall()
+    claims = pgdispatch.move_claims(db, dead, me, epoch)
+    db.execute("UPDATE remsh_sessions SET owner = %s, owner_epoch = %s WHERE owner = %s", (me, epoch, dead))
+    return sorted(str(r[0]) for r in rows), claims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,4 +170,5 @@ class Watchers:
                 log.exception("the fence could not be reported")
 
 
-__all__ = ["SessionHolder", "Watchers", "dead_with_work", "env_seconds", "find_session", "session_digest"]
+__all__ = ["SessionHolder", "Watchers", "dead_with_work", "env_seconds", "find_session", "move_work",
+           "session_digest"]

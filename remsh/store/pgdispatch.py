@@ -44,6 +44,9 @@ SOURCE = ""
 _DB_NOW = "extract(epoch from clock_timestamp())::double precision"
 #: The dispatch's (or ``job_id``'s) job is ``%s``'s.
 _OWNED = "EXISTS (SELECT 1 FROM remsh_jobs j WHERE j.id = remsh_dispatch.job_id AND j.owner = %s)"
+#: The dispatch's claimer holds a recorded session of its part (``remsh_sessions``).
+_SESSION_OF_CLAIMER = ("EXISTS (SELECT 1 FROM remsh_sessions s WHERE s.job_id = remsh_dispatch.job_id "
+                       "AND s.name = remsh_dispatch.slave AND s.owner = remsh_dispatch.claimed_by)")
 _COLUMNS = "id, job_id, slave, origin, holder, kind, spec, state, claimed_by, claim_epoch, cancel_reason, result"
 
 
@@ -101,9 +104,14 @@ def settle(db: "Conn", master: str, epoch: int, dispatch_id: int, before: str, a
     """The origin ends dispatch ``dispatch_id`` ``after`` if it is still
     ``before`` (and, running, still claimed by ``claimed_by`` at
     ``claim_epoch``), and its job is ``master``'s (the origin's, or its
-    adopter's: no other master voids a claim).  Whether it did."""
+    adopter's: no other master voids a claim).  Whether it did.
+
+    A claim whose claimer holds a recorded session of the part is not
+    settled: the master that adopts the claimer carries the part on
+    (:func:`move_claims`) and ends it."""
     cur = db.execute(f"UPDATE remsh_dispatch SET state = %s WHERE id = %s AND state = %s "
-                     f"AND claimed_by IS NOT DISTINCT FROM %s AND claim_epoch IS NOT DISTINCT FROM %s AND {_OWNED}",
+                     f"AND claimed_by IS NOT DISTINCT FROM %s AND claim_epoch IS NOT DISTINCT FROM %s AND {_OWNED} "
+                     f"AND NOT {_SESSION_OF_CLAIMER}",
                      (after, dispatch_id, before, claimed_by, claim_epoch, master))
     return cur.rowcount == 1
 
@@ -126,6 +134,21 @@ def finish(db: "Conn", master: str, epoch: int, dispatch_id: int, result: Dict[s
                      "AND claimed_by = %s AND claim_epoch = %s",
                      (DONE, json.dumps(result, sort_keys=True), dispatch_id, RUNNING, master, epoch))
     return cur.rowcount == 1
+
+
+# -- adoption -----------------------------------------------------------------------------
+
+
+def move_claims(db: "Conn", old: str, new: str, new_epoch: int) -> List[int]:
+    """The running claims of master ``old`` that have a recorded session of
+    their part (held by ``old``) become master ``new``'s at ``new_epoch``,
+    in the transaction where ``new`` adopts ``old`` (before the sessions
+    move).  A claim without one (a transfer, a part whose command was not
+    yet asked) stays void, and the origin settles it.  The ids moved."""
+    rows = db.execute(f"UPDATE remsh_dispatch SET claimed_by = %s, claim_epoch = %s WHERE claimed_by = %s "
+                      f"AND state = %s AND {_SESSION_OF_CLAIMER} RETURNING id",
+                      (new, new_epoch, old, RUNNING)).fetchall()
+    return sorted(int(r[0]) for r in rows)
 
 
 # -- blobs --------------------------------------------------------------------------------
@@ -209,5 +232,5 @@ def claimed(db: "Conn", job_id: str, slave: str, master: str, epoch: int) -> boo
 
 
 __all__ = ["Dispatch", "PENDING", "RUNNING", "DONE", "LOST", "CANCELLED", "FINAL", "CHUNK", "SOURCE", "ask",
-           "ask_cancel", "settle", "claim", "finish", "put_chunk", "drop_blob", "chunk", "of_job", "open_of",
-           "for_holder", "claimed"]
+           "ask_cancel", "settle", "claim", "finish", "move_claims", "put_chunk", "drop_blob", "chunk", "of_job",
+           "open_of", "for_holder", "claimed"]

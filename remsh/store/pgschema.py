@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 #: The schema this code writes.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: SQLSTATEs :data:`APPEND_FUNCTION` raises: the master's epoch is stale;
 #: the job is another master's (message: its owner); no such job; no such
@@ -89,6 +89,16 @@ assert APPEND_FUNCTION.count(_OWNER_CHECK) == 1
 #: ``remsh_append`` as of version 6.
 APPEND_FUNCTION_6 = APPEND_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION").replace(
     _OWNER_CHECK, _CLAIM_CHECK)
+
+#: The session update of :data:`APPEND_FUNCTION` ...
+_SESSION_UPDATE = "UPDATE remsh_sessions SET received = p_count WHERE id = p_session AND job_id = p_job;"
+#: ... and of version 7: only a session of the appending master's own.  A
+#: master writing under a claim (version 6) appends to another master's job,
+#: and must not move the count of that job's other sessions.
+_OWN_SESSION_UPDATE = _SESSION_UPDATE.replace("AND job_id = p_job;", "AND job_id = p_job AND owner = p_master;")
+assert APPEND_FUNCTION.count(_SESSION_UPDATE) == 1
+#: ``remsh_append`` as of version 7.
+APPEND_FUNCTION_7 = APPEND_FUNCTION_6.replace(_SESSION_UPDATE, _OWN_SESSION_UPDATE)
 
 #: ``MIGRATIONS[n]`` turns a version ``n`` database into version ``n + 1``.
 MIGRATIONS: Dict[int, Sequence[str]] = {
@@ -204,8 +214,11 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
                PRIMARY KEY (job_id, name, seq)
            )""",
         APPEND_FUNCTION_6),
+    # a claimer's append counts only its own session (not another master's of the same job)
+    6: (APPEND_FUNCTION_7,),
 }
 
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "APPEND_FUNCTION", "APPEND_FUNCTION_6", "STALE_EPOCH", "NOT_OWNER",
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "APPEND_FUNCTION", "APPEND_FUNCTION_6", "APPEND_FUNCTION_7",
+           "STALE_EPOCH", "NOT_OWNER",
            "NO_JOB", "NO_SLAVE", "GAP"]

@@ -55,15 +55,17 @@ def update_slave(db: Conn, me: str, epoch: int, job_id: str, name: str, changes:
 def open_session(db: Conn, me: str, epoch: int, record: SessionRecord, opened: float) -> None:
     """Record the session ``record`` of a command of job ``record.job_id``
     (replacing one of its id that this master holds: another master's is
-    never taken over by naming its id).
+    never taken over by naming its id): a job of this master's, or another
+    master's whose part on slave ``record.name`` this master runs under a
+    claim (so that the master adopting this one carries that part on).
 
     :raises UnknownJob: no such job
-    :raises NotOwner: the job is another master's
+    :raises NotOwner: the job is another master's and that part not claimed by ``me``
     """
     row = db.execute(
         f"WITH {_JOB}, i AS (INSERT INTO remsh_sessions (id, name, job_id, op, request_box, reply_base, received, "
         f"opened, owner, owner_epoch) SELECT %(id)s, %(name)s, %(job)s, %(op)s, %(request_box)s, %(reply_base)s, "
-        f"%(received)s, %(opened)s, %(me)s, %(epoch)s WHERE EXISTS (SELECT 1 FROM j WHERE owner = %(me)s) "
+        f"%(received)s, %(opened)s, %(me)s, %(epoch)s WHERE EXISTS (SELECT 1 FROM j WHERE owner = %(me)s OR {_CLAIM}) "
         f"ON CONFLICT (id) DO UPDATE SET name = excluded.name, job_id = excluded.job_id, op = excluded.op, "
         f"request_box = excluded.request_box, reply_base = excluded.reply_base, received = excluded.received, "
         f"opened = excluded.opened, owner = excluded.owner, owner_epoch = excluded.owner_epoch "
@@ -71,13 +73,14 @@ def open_session(db: Conn, me: str, epoch: int, record: SessionRecord, opened: f
         f"SELECT (SELECT owner FROM j), (SELECT count(*) FROM i)",
         {"id": record.id, "name": record.name, "job": record.job_id, "op": record.op,
          "request_box": record.request_box, "reply_base": record.reply_base, "received": record.received,
-         "opened": opened, "me": me, "epoch": epoch}).fetchone()
+         "opened": opened, "me": me, "epoch": epoch, "running": RUNNING}).fetchone()
     assert row is not None
     if row[1]:
         return
     if row[0] is None:
         raise UnknownJob(f"no job {record.job_id}")
-    if row[0] == me:  # the id is a session of another master's: never taken over by naming it
+    if row[0] == me or claimed(db, record.job_id, record.name, me, epoch):
+        # the id is a session of another master's: never taken over by naming it
         raise NotOwner(f"session for {record.name} of job {record.job_id}: its id is held by another master")
     raise NotOwner(f"job {record.job_id} belongs to master {row[0]}, not {me}", owner=str(row[0]))
 

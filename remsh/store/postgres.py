@@ -595,20 +595,21 @@ class PostgresJobStore(ChangeCounter):
         if name == self.name:
             raise ValueError("a master does not adopt itself")
 
-        def adopt(db: Conn) -> Optional[List[str]]:
+        def adopt(db: Conn) -> Optional[Tuple[List[str], List[int]]]:
             cur = db.execute(f"UPDATE remsh_masters SET epoch = epoch + 1, stopped = true "
                              f"WHERE name = %s AND epoch = %s AND (stopped OR {_DB_NOW} - heartbeat >= %s)",
                              (name, epoch, self.lease))
             if cur.rowcount != 1:
                 return None
-            rows = db.execute("UPDATE remsh_jobs SET owner = %s, owner_epoch = %s WHERE owner = %s AND state = %s "
-                              "RETURNING id", (self.name, self.epoch, name, JOB_RUNNING)).fetchall()
-            db.execute("UPDATE remsh_sessions SET owner = %s, owner_epoch = %s WHERE owner = %s",
-                       (self.name, self.epoch, name))
+            moved = pgadopt.move_work(db, name, self.name, self.epoch)
             pgslaves.forget(db, name)
-            return sorted(str(r[0]) for r in rows)
+            return moved
 
-        adopted = self._write(adopt, repeatable=False)  # a second try would lose the race it won
+        moved = self._write(adopt, repeatable=False)  # a second try would lose the race it won
+        adopted = None if moved is None else moved[0]
+        if moved is not None and moved[1]:
+            log.warning("job store %s: master %s's claims %s of other masters' parts are %s's", self.label,
+                        name, ", ".join(map(str, moved[1])), self.name)
         if adopted is not None:
             log.warning("job store %s: master %s (epoch %d) is dead; %d running job(s) adopted by %s",
                         self.label, name, epoch, len(adopted), self.name)
