@@ -16,7 +16,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-PYTEST_ARGS ?=
+# --durations: the slowest tests named at the end of every run (the suite must stay under ten minutes)
+PYTEST_ARGS ?= --durations=25
 # The suite mostly waits (on processes, sockets, time limits), so it runs in
 # parallel worker processes (pytest-xdist: three, on two CPUs the timing tests
 # keep their margins); PYTEST_WORKERS=0 runs it in one.
