@@ -22,6 +22,10 @@ settles those nobody can finish: a dispatch no master claims within
 :data:`PENDING_WAIT` seconds, or whose claimer died (its heartbeat past the
 lease, or it started again under a new epoch), ends ``lost``; the claim is
 then void, and a claimer that comes back cannot write over the record.
+Except a ``run`` part whose dead claimer recorded its command's session:
+the master adopting that claimer takes the claim with the session
+(:func:`remsh.store.pgdispatch.move_claims`) and carries the part on
+(:meth:`Dispatcher.carry_on`) when the slave resumes its session there.
 A cancel of the job (from any master: the cancel reaches the origin, which
 owns the job) is carried to the claimers through the store.  A stopping
 origin leaves its parts to their claimers (:meth:`Crossing.resume`: the
@@ -61,6 +65,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, cast
 
 from remsh.carry import CarryFailed, DispatchingStore, dispatching, load_path, store_path
 from remsh.errors import LocalError, RemshError, UsageError, error_tag
+from remsh.jobadopt import Adoptions, Part
+from remsh.jobadopt import PartSink as AdoptedPartSink
 from remsh.fleet import (DEFAULT_GET_MAX_BYTES, DEFAULT_GET_MAX_FILES, DEFAULT_PARALLEL, DEFAULT_TRANSFER_PARALLEL,
                          FleetCollection, SlaveResult, Sink, describe_error, get_job, put_job, run_job)
 from remsh.master.fanout import Cancellation
@@ -110,6 +116,12 @@ class PartSink(Sink, Protocol):
 
 #: Makes the sink of a part: ``(job id, its cancellation)``.
 NewSink = Callable[[str, Cancellation], PartSink]
+
+
+class AdoptedSink(AdoptedPartSink, Protocol):
+    """What a part carried on after its holder died needs of its sink (:class:`remsh.jobs.StoreSink`)."""
+
+    def expect_part(self, part: Part, detail: str) -> None: ...
 
 
 # -- the origin's side ---------------------------------------------------------------------
@@ -552,6 +564,52 @@ class Dispatcher:
             log.info("job %s: running the part of %s for master %s", d.job_id, d.slave, d.origin)
             threading.Thread(target=self._serve, args=(part, slave), name=f"remsh-part-{d.job_id}",
                              daemon=True).start()
+
+    def carry_on(self, adoptions: Adoptions) -> None:
+        """The parts of other masters' jobs whose claims this master adopted
+        with a dead master's sessions (:func:`remsh.store.pgdispatch.move_claims`):
+        each waits for its slave to resume its session here (``adoptions``),
+        its command's output and end go on into the origin's job, and its end
+        is reported to the origin as a part run here from the start is."""
+        found = self.store.dispatch_read(pgdispatch.carried_on, self.store.name, self.store.epoch)
+        for d, record in found:
+            with self._lock:
+                if d.id in self._parts or self._stop.is_set():
+                    continue
+                part = self._parts[d.id] = _Part(d)
+            if d.cancel_reason:
+                part.cancellation.cancel(d.cancel_reason)
+            sink = part.sink = self.new_sink(d.job_id, part.cancellation)
+            taken = Part(record, sink=cast(AdoptedSink, sink), cancellation=part.cancellation, dispatched=True)
+            cast(AdoptedSink, sink).expect_part(taken, f"adopted by master {self.store.name}; waiting for the "
+                                                       f"slave")
+            adoptions.expect(taken)
+            log.info("job %s: the part of %s for master %s is carried on here", d.job_id, d.slave, d.origin)
+            threading.Thread(target=self._carried, args=(part, taken), name=f"remsh-part-{d.job_id}",
+                             daemon=True).start()
+        if found:
+            adoptions.start()
+
+    def _carried(self, part: _Part, taken: Part) -> None:
+        """Report the end of a part carried on here (:meth:`carry_on`) once its sink recorded it."""
+        d = part.dispatch
+        try:
+            taken.done.wait()
+            if taken.frozen:  # this master stops: its session stays recorded for the next one
+                return
+            record = self.jobs.get_job(d.job_id).slaves.get(d.slave)
+            report: Dict[str, Any] = {"status": None, "error": "no record", "errtag": "error"}
+            if record is not None:
+                report = {"status": record.exit_status, "error": record.error, "errtag": record.errtag}
+            if not self.store.dispatch_write(pgdispatch.finish, d.id, report):
+                log.warning("job %s: the part of %s was settled by master %s meanwhile", d.job_id, d.slave,
+                            d.origin)
+        except StoreError as e:
+            log.error("job %s: cannot report the end of %s to master %s: %s", d.job_id, d.slave, d.origin, e)
+        finally:
+            with self._lock:
+                self._parts.pop(d.id, None)
+            part.done.set()
 
     def _serve(self, part: _Part, slave: Slave) -> None:
         d = part.dispatch

@@ -90,10 +90,17 @@ def _key(session_id: str) -> bytes:
 class Part:
     """A job's command on one slave, carried by a recorded session."""
 
-    def __init__(self, record: SessionRecord, wire: Optional[SessionWire] = None) -> None:
+    def __init__(self, record: SessionRecord, wire: Optional[SessionWire] = None, *,
+                 sink: Optional["PartSink"] = None, cancellation: Optional[Cancellation] = None,
+                 dispatched: bool = False) -> None:
         self.record = record
         #: the session, once its slave is back
         self.wire = wire
+        #: where it reports and what cancels it, when not its job's (a part of another master's job)
+        self.sink = sink
+        self.cancellation = cancellation
+        #: a part of another master's job that this master runs (remsh.crossmaster)
+        self.dispatched = dispatched
         #: the master is stopping: nothing more is recorded for this part
         self.frozen = False
         #: set once the part's end is recorded (or it was handed over)
@@ -179,6 +186,8 @@ class Adoptions:
         self._refusal: Optional[str] = None
         #: the listeners' ``drop_all(why)``, called once when it is
         self._refusal_watchers: List[Callable[[str], None]] = []
+        #: expects the parts of other masters' jobs whose claims this master adopted (remsh.crossmaster)
+        self._carry_on: Optional[Callable[[], None]] = None
 
     # -- the master's side ----------------------------------------------------------
 
@@ -276,7 +285,7 @@ class Adoptions:
         with self._lock:
             self._waiting.pop(_key(part.session_id), None)
         part.wire = slave.wire
-        sink = self._sink_of(part.record.job_id)
+        sink = self._part_sink(part)
         if peer_received <= part.record.request_box:
             # the request never reached the slave: nothing runs there
             sink.end_part(part, SlaveResult(part.name, error="the master stopped before the command reached "
@@ -284,7 +293,8 @@ class Adoptions:
             return
         sink.part_back(part)
         holding = threading.Event()
-        threading.Thread(target=drive, args=(slave, part, sink, self._cancellation_of(part.record.job_id), holding),
+        cancellation = part.cancellation or self._cancellation_of(part.record.job_id)
+        threading.Thread(target=drive, args=(slave, part, sink, cancellation, holding),
                          name=f"remsh-adopted-{part.name}", daemon=True).start()
         if not holding.wait(HOLD_TIMEOUT):
             log.warning("slave %s: the taken-back command did not get hold of the slave in time", part.name)
@@ -342,6 +352,21 @@ class Adoptions:
 
     # -- a running master adopting a dead one's work (a store several masters share) ----------
 
+    def carry_on_with(self, carry_on: Callable[[], None]) -> None:
+        """After each adoption (and for a slave resuming a session adopted
+        here), ``carry_on()`` :meth:`expect`-s the parts of other masters'
+        jobs whose claims came with it (:meth:`remsh.crossmaster.Dispatcher.carry_on`)."""
+        self._carry_on = carry_on
+
+    def _carry_on_now(self) -> None:
+        carry_on = self._carry_on
+        if carry_on is None:
+            return
+        try:
+            carry_on()
+        except StoreError as e:
+            log.error("the adopted parts of other masters' jobs could not be taken back: %s", e)
+
     def follow(self, store: Any, take_over: Callable[[List[str]], None]) -> None:
         """On a store several masters share (one with ``watch_adoptions``,
         :mod:`remsh.store.pgadopt`; any other: nothing to do): the
@@ -374,6 +399,7 @@ class Adoptions:
                 take_over(job_ids)
             except StoreError as e:
                 log.error("the adopted jobs %s could not be taken back: %s", ", ".join(job_ids), e)
+            self._carry_on_now()
         self.start()
 
     def _claim_from_store(self, session_id: str, name: str) -> Optional[Part]:
@@ -407,6 +433,9 @@ class Adoptions:
                                    f"(or adopted it): not carried on here; the slave tries its next master")
         with self._take_lock:  # adopted here, perhaps not taken back yet
             part = self._claim_here(session_id, name)
+            if part is None and not self.handing_over:  # a part of another master's job, adopted here?
+                self._carry_on_now()
+                part = self._claim_here(session_id, name)
             if part is None and self._take_over is not None and not self.handing_over:
                 self._take_over([holder.job_id])
                 part = self._claim_here(session_id, name)
@@ -431,7 +460,8 @@ class Adoptions:
             self._waiting.clear()
             self._changed.notify_all()
         with _owners_lock:
-            running = [(wire, part) for wire, part in _owners.items() if self._ours(part.record.job_id)]
+            running = [(wire, part) for wire, part in _owners.items()
+                       if part.dispatched or self._ours(part.record.job_id)]
         log.error("fenced off: this master stops serving the slaves of its %d running command(s)%s; they "
                   "go to the master that adopted its work", len(running) + len(waiting),
                   f" ({', '.join(sorted(p.name for _, p in running))})" if running else "")
@@ -448,9 +478,14 @@ class Adoptions:
         failing = threading.Thread(target=fail_all, name="remsh-fenced", daemon=True)
         failing.start()
         failing.join(HOLD_TIMEOUT)
-        threading.Thread(target=self._hand_over, args=(sorted({p.record.job_id for _, p in running}),
+        threading.Thread(target=self._hand_over, args=(sorted({p.record.job_id for _, p in running
+                                                               if not p.dispatched}),
                                                        watchers, refusal),
                          name="remsh-fenced-jobs", daemon=True).start()
+
+    def _part_sink(self, part: Part) -> "PartSink":
+        """Where ``part`` reports: its own sink, else its job's."""
+        return part.sink if part.sink is not None else self._sink_of(part.record.job_id)
 
     def _ours(self, job_id: str) -> bool:
         try:
@@ -478,7 +513,7 @@ class Adoptions:
 
     def _give_up(self, part: Part, why: str) -> None:
         log.warning("job %s: %s", part.record.job_id, why)
-        sink = self._sink_of(part.record.job_id)
+        sink = self._part_sink(part)
         sink.slave_state(part.name, "lost", why)
         sink.end_part(part, SlaveResult(part.name, error=why, errtag="disconnected"))
 

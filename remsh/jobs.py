@@ -50,7 +50,7 @@ from remsh.store.base import (JOB_CANCELLED, JOB_FAILED, SLAVE_AWAY, SLAVE_CANCE
                               SLAVE_LOST, SLAVE_OK, SLAVE_RUNNING, SLAVE_SKIPPED, JobRecord, JobStore,
                               SessionRecord, SlaveRecord, StoreError, UnknownJob, job_state_from, now,
                               through_outage)
-from remsh.store.fencing import NotOwner, SharedJobStore
+from remsh.store.fencing import FencedOff, NotOwner, SharedJobStore
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,16 @@ class StoreSink:
 
     With ``keep_sessions`` (a store that outlives the master), a command
     that runs over a session is recorded with it (:meth:`requested`) and
-    the slave's boxes are acknowledged after commit (:meth:`output`)."""
+    the slave's boxes are acknowledged after commit (:meth:`output`).
+    ``dispatched``: the sink of a part of another master's job run here."""
 
     def __init__(self, store: JobStore, job_id: str, cancellation: Cancellation, *,
-                 keep_sessions: bool = False) -> None:
+                 keep_sessions: bool = False, dispatched: bool = False) -> None:
         self.store = store
         self.job_id = job_id
         self.cancellation = cancellation
         self.keep_sessions = keep_sessions
+        self.dispatched = dispatched
         #: the recorded sessions of this job's commands, by slave name
         self._parts: Dict[str, Part] = {}
         #: per slave: the session's count of delivered boxes after the last output held
@@ -150,7 +152,7 @@ class StoreSink:
             return
         record = SessionRecord(wire.session_id, name, self.job_id, "execute", request_box=wire.sent,
                                reply_base=wire.delivered, received=wire.delivered)
-        part = Part(record, wire)
+        part = Part(record, wire, dispatched=self.dispatched)
         take_session(wire, part)  # after the previous command's end is recorded
         try:
             self.store.open_session(record)
@@ -213,6 +215,8 @@ class StoreSink:
             if not self._failed:
                 log.error("job %s: cannot record output of %s: %s", self.job_id, name, e)
             self._failed = True
+            if isinstance(e, FencedOff):  # another master has the work: the slave keeps it for that one
+                return
         if session is not None and part is not None and part.wire is not None and mark is not None:
             # committed (or the store failed, logged: the command must not stall for it)
             part.record.received = mark
@@ -439,6 +443,8 @@ class JobRegistry:
             self.store.watch_cancels(self._cancel_asked)
         if self.collection is not None:  # other masters' work on this master's slaves
             self._dispatcher = serve_dispatches(self.collection, self.store, self._part_sink, MASTER_STOPPING)
+            if self._dispatcher is not None:  # the parts of other masters' jobs whose claims it adopts
+                self.adoptions.carry_on_with(functools.partial(self._dispatcher.carry_on, self.adoptions))
         self.adoptions.follow(self.store, self._take_back)  # a dead master's work this one adopts, likewise
         self.adoptions.start()
         self.store.prune()
@@ -512,8 +518,9 @@ class JobRegistry:
                 self.store.close_session(session.id)
 
     def _part_sink(self, job_id: str, cancellation: Cancellation) -> StoreSink:
-        """The sink of a part of another master's job run here (no session kept)."""
-        return StoreSink(self.store, job_id, cancellation)
+        """The sink of a part of another master's job run here: its session
+        is kept, so that the master adopting this one carries it on."""
+        return StoreSink(self.store, job_id, cancellation, keep_sessions=True, dispatched=True)
 
     def crossing(self, remote: Dict[str, str], kind: str, spec: Dict[str, Any], values: Dict[str, Any],
                  pacing: Pacing, count: int) -> Crossing:

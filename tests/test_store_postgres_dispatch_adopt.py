@@ -1,12 +1,16 @@
 """A slave's part of one master's job run by another master (work crossing
-masters, :mod:`remsh.crossmaster`) when that holder dies: the store's side
+masters, :mod:`remsh.crossmaster`) when that holder dies: three real
+``remsh master`` processes and a real ``remsh-slave --failover`` on a real
+PostgreSQL server (:mod:`tests.pgserver`), and the store's side
 (:mod:`remsh.store.pgdispatch`, :mod:`remsh.store.pgwrites`,
-:mod:`remsh.store.pgadopt`) on a real PostgreSQL server
-(:mod:`tests.pgserver`)."""
+:mod:`remsh.store.pgadopt`) on real stores."""
 
 from __future__ import annotations
 
-from typing import Iterator, List
+import json
+import signal
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
 
 import psycopg
 import pytest
@@ -16,13 +20,105 @@ from remsh.store.base import SessionRecord
 from remsh.store.fencing import FencedOff, NotOwner
 from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
-from tests.slaveproc import WAIT
+from tests.slaveproc import HOST, WAIT, SlaveProcesses
+from tests.test_fleet import Master, _free_port, remsh
+from tests.test_store_postgres_adopt import LEASE, _held_by, _master, _stop_all, store_uri  # noqa: F401 - fixture
+from tests.test_store_postgres_masters import _lines
 from tests.util import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
 #: The lease of the store that adopts a dead one here (seconds).
 SHORT_LEASE = 0.5
+
+
+COUNT = 60
+#: COUNT numbered lines, slowly (a holder killed mid-part), then exit status 7.
+SLOW_LINES_THEN_7 = f"i=1; while [ $i -le {COUNT} ]; do echo line $i; i=$((i+1)); sleep 0.1; done; exit 7"
+
+
+def _record(master: Master, job_id: str) -> Dict[str, Any]:
+    r = remsh(master.sock, "jobs", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    return {j["id"]: j for j in json.loads(r.stdout)}[job_id]
+
+
+def test_a_part_on_a_killed_holders_slave_is_carried_on_by_the_adopter(tmp_path: Path,
+                                                                     store_uri: str) -> None:  # noqa: F811
+    """run on a reaching s-b held by b; b SIGKILLed mid-part: the master adopting b carries the part on, its 60 lines stored once, exit status 7, a's job shows it."""
+    ports = [_free_port() for _ in range(3)]
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    masters: List[Optional[Master]] = []
+    try:
+        masters = [_master(tmp_path, name, port, store_uri) for name, port in zip("abc", ports)]
+        a, b, _ = masters
+        assert a is not None and b is not None
+        slaves.start(ports[1], "s-b", secret=None, insecure=True, max_backoff=0.3,
+                     extra_args=["--failover", f"{HOST}:{ports[2]}", "--failover", f"{HOST}:{ports[0]}"])
+        wait_until(lambda: _held_by(a, ["s-b"], "b"), 3 * WAIT, "s-b on b, listed on a")
+        r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", "sh", "-c", SLOW_LINES_THEN_7)
+        assert r.returncode == 0, r.stderr.decode()
+        job_id = r.stdout.decode().strip()
+        wait_until(lambda: _record(a, job_id)["slaves"]["s-b"]["stdout_bytes"] > 0, WAIT, "the command to start")
+        b.stop(signal.SIGKILL)
+        wait_until(lambda: _record(a, job_id)["state"] != "running", LEASE + COUNT * 0.1 + 3 * WAIT,
+                   "the job to end")
+        record = _record(a, job_id)
+        part = record["slaves"]["s-b"]
+        assert (record["state"], part["state"], part["exit_status"]) == ("failed", "failed", 7), record
+        shown = remsh(a.sock, "job", job_id)
+        assert _lines(shown.stdout, "s-b") == [f"line {i}" for i in range(1, COUNT + 1)], shown.stdout.decode()
+    finally:
+        _stop_all(masters)
+        slaves.close()
+
+
+#: 30 numbered lines, then (once $GO exists) 30 more, $GO.done made, then exit status 7.
+HALVES_THEN_7 = ('for i in $(seq 1 30); do echo "line $i"; done; while [ ! -e "$GO" ]; do sleep 0.05; done; '
+                 'for i in $(seq 31 60); do echo "line $i"; sleep 0.02; done; touch "$GO.done"; exit 7')
+
+
+def _claimer(uri: str, job_id: str) -> str:
+    with psycopg.connect(uri) as conn:
+        row = conn.execute(b"SELECT claimed_by FROM remsh_dispatch WHERE job_id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_a_paused_holder_acknowledges_nothing_it_could_not_store(tmp_path: Path, store_uri: str) -> None:  # noqa: F811
+    """b SIGSTOPped mid-part past its lease, its part adopted, the rest printed into its connection, SIGCONTed: fenced off, it acknowledges none of it; the adopter carries the part on, 60 lines once, exit status 7."""
+    ports = [_free_port() for _ in range(3)]
+    slaves = SlaveProcesses(tmp_path / "slaves")
+    masters: List[Optional[Master]] = []
+    try:
+        masters = [_master(tmp_path, name, port, store_uri) for name, port in zip("abc", ports)]
+        a, b, _ = masters
+        assert a is not None and b is not None
+        slaves.start(ports[1], "s-b", secret=None, insecure=True, max_backoff=0.3,
+                     extra_args=["--failover", f"{HOST}:{ports[2]}", "--failover", f"{HOST}:{ports[0]}",
+                                 "--heartbeat", "15"])
+        wait_until(lambda: _held_by(a, ["s-b"], "b"), 3 * WAIT, "s-b on b, listed on a")
+        go = tmp_path / "GO"
+        r = remsh(a.sock, "run", "--detach", "-t", "s-b", "--", "env", f"GO={go}", "sh", "-c", HALVES_THEN_7)
+        assert r.returncode == 0, r.stderr.decode()
+        job_id = r.stdout.decode().strip()
+        half = sum(len(f"line {i}\n") for i in range(1, 31))
+        wait_until(lambda: _record(a, job_id)["slaves"]["s-b"]["stdout_bytes"] == half, WAIT, "the first 30 lines")
+        b.proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: _claimer(store_uri, job_id) != "b", LEASE + 2 * WAIT, "b's claim to be adopted")
+        go.touch()
+        wait_until(lambda: (tmp_path / "GO.done").exists(), WAIT, "the rest printed into the paused b's connection")
+        b.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: _record(a, job_id)["state"] != "running", LEASE + 3 * WAIT, "the job to end")
+        record = _record(a, job_id)
+        part = record["slaves"]["s-b"]
+        assert (part["state"], part["exit_status"]) == ("failed", 7), record
+        shown = remsh(a.sock, "job", job_id)
+        assert _lines(shown.stdout, "s-b") == [f"line {i}" for i in range(1, COUNT + 1)], shown.stdout.decode()
+        wait_until(lambda: "fenced off" in b.text(), WAIT, "b to find itself fenced off")
+    finally:
+        _stop_all(masters)
+        slaves.close()
 
 
 def _received(uri: str, session_id: str) -> int:
@@ -113,3 +209,23 @@ def test_a_dead_claimers_part_with_a_session_moves_to_its_adopter(claimed_part: 
         assert x.get_job(job_id).slaves["s"].state == "ok"
     finally:
         z.close()
+
+
+def test_a_claimer_restarted_under_its_name_drops_its_parts_sessions(claimed_part: List[object],
+                                                                     pg_uri: str) -> None:  # noqa: F811
+    """y restarted under its own name (its claims void with its old epoch): its session of x's part is gone, so x settles the part lost; its own job's session stays."""
+    x, y, job_id = claimed_part
+    assert isinstance(x, PostgresJobStore) and isinstance(y, PostgresJobStore) and isinstance(job_id, str)
+    own = y.create_job("run", {"argv": ["true"]}, 0, ["u"])
+    y.open_session(SessionRecord("sid-y", "s", job_id, "execute", 1, 1, 1))
+    y.open_session(SessionRecord("sid-own", "u", own.id, "execute", 1, 1, 1))
+    old_epoch = y.epoch
+    y.close()
+    again = PostgresJobStore(pg_uri, "y")
+    try:
+        assert again.find_session("sid-y") is None
+        assert [s.id for s in again.open_sessions()] == ["sid-own"]
+        parts = {d.slave: d for d in x.dispatch_read(pgdispatch.of_job, job_id)}
+        assert x.dispatch_write(pgdispatch.settle, parts["s"].id, "running", "lost", "y", old_epoch)
+    finally:
+        again.close()

@@ -27,7 +27,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from remsh.store.base import StoreError, UnknownJob
+from remsh.store.base import SessionRecord, StoreError, UnknownJob
 from remsh.store.fencing import NotOwner
 
 if TYPE_CHECKING:
@@ -151,6 +151,14 @@ def move_claims(db: "Conn", old: str, new: str, new_epoch: int) -> List[int]:
     return sorted(int(r[0]) for r in rows)
 
 
+def drop_sessions(db: "Conn", master: str) -> None:
+    """Master ``master`` restarts under its name (a new epoch: its claims
+    are void): the sessions it recorded for parts of other masters' jobs
+    are deleted, so that their origins settle those parts (:func:`settle`)."""
+    db.execute("DELETE FROM remsh_sessions s WHERE s.owner = %s AND NOT EXISTS (SELECT 1 FROM remsh_jobs j "
+               "WHERE j.id = s.job_id AND j.owner = %s)", (master, master))
+
+
 # -- blobs --------------------------------------------------------------------------------
 
 
@@ -223,6 +231,19 @@ def for_holder(db: "Conn", master: str, slaves: Sequence[str]) -> List[Dispatch]
     return [_row(r) for r in rows.fetchall()]
 
 
+def carried_on(db: "Conn", master: str, epoch: int) -> List[Tuple[Dispatch, SessionRecord]]:
+    """The running parts claimed by ``master`` at ``epoch`` with a recorded
+    session of its own (moved to it when it adopted their dead claimer,
+    :func:`move_claims`), each with that session, oldest first."""
+    rows = db.execute(f"SELECT {', '.join('d.' + c for c in _COLUMNS.split(', '))}, s.id, s.op, s.request_box, "
+                      f"s.reply_base, s.received, s.opened FROM remsh_dispatch d JOIN remsh_sessions s "
+                      f"ON s.job_id = d.job_id AND s.name = d.slave AND s.owner = d.claimed_by "
+                      f"WHERE d.state = %s AND d.claimed_by = %s AND d.claim_epoch = %s ORDER BY d.id",
+                      (RUNNING, master, epoch)).fetchall()
+    return [(_row(r), SessionRecord(str(r[12]), str(r[2]), str(r[1]), str(r[13]), int(r[14]), int(r[15]),
+                                    int(r[16]), float(r[17]))) for r in rows]
+
+
 def claimed(db: "Conn", job_id: str, slave: str, master: str, epoch: int) -> bool:
     """Whether ``master`` at ``epoch`` runs the part of ``slave`` in job
     ``job_id`` (and so may write that slave's record)."""
@@ -232,5 +253,5 @@ def claimed(db: "Conn", job_id: str, slave: str, master: str, epoch: int) -> boo
 
 
 __all__ = ["Dispatch", "PENDING", "RUNNING", "DONE", "LOST", "CANCELLED", "FINAL", "CHUNK", "SOURCE", "ask",
-           "ask_cancel", "settle", "claim", "finish", "move_claims", "put_chunk", "drop_blob", "chunk", "of_job",
-           "open_of", "for_holder", "claimed"]
+           "ask_cancel", "settle", "claim", "finish", "move_claims", "drop_sessions", "put_chunk", "drop_blob",
+           "chunk", "of_job", "open_of", "for_holder", "carried_on", "claimed"]

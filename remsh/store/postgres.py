@@ -207,6 +207,7 @@ class PostgresJobStore(ChangeCounter):
                                   f"or wait {self.lease:.0f}s if that master is dead")
         db.execute(f"UPDATE remsh_masters SET epoch = %s, heartbeat = {_DB_NOW}, started = {_DB_NOW}, "
                    f"stopped = false, host = %s, pid = %s WHERE name = %s", (epoch + 1, host, pid, self.name))
+        pgdispatch.drop_sessions(db, self.name)  # its claims died with its epoch: their origins settle them
         return int(epoch) + 1
 
     # -- background: notifications, the safety-net poll, the heartbeat ---------------
