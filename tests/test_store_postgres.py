@@ -411,3 +411,11 @@ def test_sessions_are_kept_moved_with_output_and_dropped_with_their_job(open_sto
     store.open_session(SessionRecord("c" * 32, "s", job.id, "execute", 1, 1, 1))
     store.finish_job(job.id, JOB_DONE, now=time.time() - 10)
     assert store.prune() == 1 and store.open_sessions() == []
+
+
+def test_close_wakes_the_listening_thread_at_once(pg_uri) -> None:  # noqa: F811
+    """close() returns without waiting for the listener's next poll or heartbeat (30 s here): stopping a master is not held up by its store."""
+    store = PostgresJobStore(pg_uri, "quick-close", poll_interval=30.0, heartbeat=30.0, lease=90.0)
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 10.0

@@ -742,6 +742,8 @@ class PostgresJobStore(ChangeCounter):
                          (self.name, self.epoch))
         if cur.rowcount:
             pgslaves.forget(db, self.name)
+        # every listener wakes: the others see this master's slaves gone, ours its stop (at once, not a poll later)
+        db.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
     def __enter__(self) -> "PostgresJobStore":
         return self
