@@ -492,12 +492,12 @@ class JobRegistry:
             job.sink = StoreSink(self.store, job.id, job.cancellation, keep_sessions=True)
             adoption = getattr(self.store, "adoption", None)  # a shared store: adopted from a dead master?
             why = (adoption(record.id) if callable(adoption) else None) or "the master restarted"
+            with self._lock:  # before its parts are expected: a slave claiming one at once finds its sink
+                self._jobs[job.id] = job
             for part in parts:
                 closing.remove(part.record)
                 job.sink.expect_part(part, f"{why}; waiting for the slave to come back")
                 self.adoptions.expect(part)
-            with self._lock:
-                self._jobs[job.id] = job
             log.warning("job %s: left running by a master that stopped; waiting for %d slave(s) to come back",
                         job.id, len(parts) + len(dispatched))
 
