@@ -460,7 +460,10 @@ class JobRegistry:
         closing = [s for by_name in sessions.values() for s in by_name.values()]
         for record in self.store.list_jobs(running=True):
             with self._lock:
-                if record.id in self._jobs or (only is not None and record.id not in only):
+                if record.id in self._jobs:  # running here already (its slave resumed first): its sessions live
+                    closing = [s for s in closing if s.job_id != record.id]
+                    continue
+                if only is not None and record.id not in only:
                     continue
             recorded = sessions.get(record.id, {}) if self.keep_work else {}
             # its parts asked of other masters (remsh.crossmaster): followed again, their holders end them

@@ -38,3 +38,21 @@ def test_a_taken_back_job_is_found_the_moment_its_part_is_expected(tmp_path: Pat
         registry.stop()
         registry.close()
         store.close()
+
+
+def test_taking_back_a_job_already_running_here_keeps_its_sessions(tmp_path: Path) -> None:
+    """A take-back that finds a job already running here (its slave resumed before the adoption's take-back ran) leaves that job's recorded sessions alone: deleting them lost its commands at the next failover."""
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite"))
+    job = store.create_job("run", {"argv": ["x"]}, 0, ["s"])
+    store.update_slave(job.id, "s", state="running", started=1.0)
+    store.open_session(SessionRecord("f" * 32, "s", job.id, "execute", 4, 2, 2))
+    registry = JobRegistry(store)
+    try:
+        registry.start()  # takes the job back: it runs here, waiting for its slave
+        assert registry.running(job.id) is not None
+        registry._take_back(only=[job.id])  # the take-back of an adoption, arriving after it
+        assert [s.id for s in store.open_sessions()] == ["f" * 32]
+    finally:
+        registry.stop()
+        registry.close()
+        store.close()
