@@ -84,9 +84,30 @@ class Master:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the master and wait for it (bounded); one that does not
+        end is killed -- never left behind -- and fails the test with its log."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(WAIT)
+        try:
+            return self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+            raise AssertionError(f"the master did not end within {WAIT:g} s of signal {sig}; "
+                                 f"its log:\n{self.text()[-4000:]}") from None
+
+
+def stop_all(masters: Sequence["Master"]) -> None:
+    """Stop every master, each even when one before it would not end; the
+    first failure is raised after."""
+    failure: Optional[BaseException] = None
+    for master in masters:
+        try:
+            master.stop()
+        except AssertionError as e:
+            failure = failure or e
+    if failure is not None:
+        raise failure
 
 
 def remsh(sock: Path, *args: str, input: Optional[bytes] = None, cwd: Optional[Path] = None,

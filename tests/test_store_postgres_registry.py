@@ -20,7 +20,7 @@ from remsh.store.postgres import LEASE, PostgresJobStore
 from remsh.store.sqlite import SqliteJobStore
 from tests.pgserver import pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import SECRET, SlaveProcesses
-from tests.test_fleet import Master, ls, remsh
+from tests.test_fleet import Master, ls, remsh, stop_all
 from tests.test_store_postgres_masters import store_uri  # noqa: F401 - fixture
 from tests.util import wait_until
 
@@ -51,8 +51,7 @@ def cluster(tmp_path: Path, store_uri: str) -> Iterator[Dict[str, object]]:  # n
             slaves.start(master.port, slave, max_backoff=0.5)
         yield {"a": masters[0], "b": masters[1], "slaves": slaves}
     finally:
-        for master in masters:
-            master.stop()
+        stop_all(masters)
         slaves.close()
 
 

@@ -28,7 +28,7 @@ from remsh.store.fencing import NotOwner
 from remsh.store.postgres import LEASE, PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses
-from tests.test_fleet import Master, ls, remsh
+from tests.test_fleet import Master, ls, remsh, stop_all
 from tests.test_store_postgres_masters import _lines, store_uri  # noqa: F401 - fixture
 from tests.util import wait_until
 
@@ -83,8 +83,7 @@ def _cluster(tmp_path: Path, store_uri: str,  # noqa: F811
                    == {("s-a", "a", "idle"), ("s-b", "b", "idle")}, SHOWN_WITHIN, "both slaves listed on a")
         yield masters[0], masters[1], slaves
     finally:
-        for master in masters:
-            master.stop()
+        stop_all(masters)
         slaves.close()
 
 

@@ -28,7 +28,7 @@ import httpx  # noqa: E402
 from remsh.store.postgres import LEASE  # noqa: E402
 from tests.pgserver import pg_server  # noqa: E402,F401 - fixture
 from tests.slaveproc import SECRET, WAIT, SlaveProcesses  # noqa: E402
-from tests.test_fleet import Master  # noqa: E402
+from tests.test_fleet import Master, stop_all  # noqa: E402
 from tests.test_store_postgres_masters import store_uri  # noqa: E402,F401 - fixture
 from tests.test_web import WebFleet  # noqa: E402
 
@@ -59,8 +59,7 @@ def cluster(tmp_path: Path, store_uri: str) -> Iterator[Cluster]:  # noqa: F811 
         webs = [WebFleet(tmp_path / m, master, slaves) for m, master in zip("ab", masters)]
         yield Cluster(webs[0], webs[1], slaves)
     finally:
-        for master in masters:
-            master.stop()
+        stop_all(masters)
         slaves.close()
 
 
