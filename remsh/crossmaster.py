@@ -73,7 +73,7 @@ from remsh.master.fanout import Cancellation
 from remsh.master.slave import Slave
 from remsh.master.tree import fetched_modes
 from remsh.pacing import ERRTAG_SKIPPED, Pacing
-from remsh.replace import get_replacing
+from remsh.replace import get_directory, get_replacing
 from remsh.store import pgdispatch
 from remsh.store.base import (SLAVE_FAILED, SLAVE_FINAL_STATES, SLAVE_LOST, SLAVE_OK, SLAVE_SKIPPED, JobRecord,
                               JobStore, StoreError, now, through_outage)
@@ -383,15 +383,7 @@ class _Origin:
                 raise CarryFailed(f"{name}: get: master {d.claimed_by} reported it done with no bytes stored")
             paths = cast(List[str], self.crossing.spec["paths"])
             base = posixpath.basename(paths[0].rstrip("/")) or "root"
-            if name in (".", "..") or "/" in name or "\0" in name:
-                raise LocalError(f"{name}: get: the slave's name cannot be a local directory name")
-            mine = os.path.join(paths[1], name)
-            made = not os.path.isdir(mine)
-            try:
-                os.makedirs(mine, exist_ok=True)
-            except OSError as e:
-                raise LocalError(f"{name}: get: cannot make {mine}: {e.strerror or e}") from e
-            target = os.path.join(mine, base)
+            mine, made, target = get_directory(name, paths[1], base)
             try:
                 get_replacing(target, lambda path: load_path(
                     self.store, self.job_id, name, meta, path, f"{name}: get", limit=MAX_CARRIED,
@@ -593,23 +585,20 @@ class Dispatcher:
     def _carried(self, part: _Part, taken: Part) -> None:
         """Report the end of a part carried on here (:meth:`carry_on`) once its sink recorded it."""
         d = part.dispatch
+        taken.done.wait()
+        if taken.frozen:  # this master stops: its session stays recorded for the next one
+            self._forget(part)
+            return
         try:
-            taken.done.wait()
-            if taken.frozen:  # this master stops: its session stays recorded for the next one
-                return
             record = self.jobs.get_job(d.job_id).slaves.get(d.slave)
-            report: Dict[str, Any] = {"status": None, "error": "no record", "errtag": "error"}
-            if record is not None:
-                report = {"status": record.exit_status, "error": record.error, "errtag": record.errtag}
-            if not self.store.dispatch_write(pgdispatch.finish, d.id, report):
-                log.warning("job %s: the part of %s was settled by master %s meanwhile", d.job_id, d.slave,
-                            d.origin)
         except StoreError as e:
             log.error("job %s: cannot report the end of %s to master %s: %s", d.job_id, d.slave, d.origin, e)
-        finally:
-            with self._lock:
-                self._parts.pop(d.id, None)
-            part.done.set()
+            self._forget(part)
+            return
+        report: Dict[str, Any] = {"status": None, "error": "no record", "errtag": "error"}
+        if record is not None:
+            report = {"status": record.exit_status, "error": record.error, "errtag": record.errtag}
+        self._report(part, report)
 
     def _serve(self, part: _Part, slave: Slave) -> None:
         d = part.dispatch
@@ -632,6 +621,11 @@ class Dispatcher:
                 sink.end(SlaveResult(d.slave, error=report["error"], errtag="error"))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._report(part, report)
+
+    def _report(self, part: _Part, report: Dict[str, Any]) -> None:
+        """Tell the part's origin how it ended (its dispatch row); the part is over here."""
+        d = part.dispatch
         try:
             if not self.store.dispatch_write(pgdispatch.finish, d.id, report):
                 log.warning("job %s: the part of %s was settled by master %s meanwhile (its result is not "
@@ -639,9 +633,13 @@ class Dispatcher:
         except StoreError as e:
             log.error("job %s: cannot report the end of %s to master %s: %s", d.job_id, d.slave, d.origin, e)
         finally:
-            with self._lock:
-                self._parts.pop(d.id, None)
-            part.done.set()
+            self._forget(part)
+
+    def _forget(self, part: _Part) -> None:
+        """The part is over here."""
+        with self._lock:
+            self._parts.pop(part.dispatch.id, None)
+        part.done.set()
 
     def _do(self, d: Dispatch, slave: Slave, sink: PartSink, cancellation: Cancellation, tmp: str,
             report: Dict[str, Any]) -> List[SlaveResult]:

@@ -36,12 +36,12 @@ from contextlib import contextmanager
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Sequence, Set, TextIO,
                     Tuple)
 
-from remsh.errors import (CommandTimeout, LocalError, NotFoundError, OpenFailedError, RemoteError,
+from remsh.errors import (CommandTimeout, NotFoundError, OpenFailedError, RemoteError,
                           RemoteFileExistsError, RemshError, UsageError, error_tag)
 from remsh.lineprinter import LinePrinter, printable
 from remsh.outputs import Folder, OutputFiles, outcome_words, status_words, summary_lines
 from remsh.pacing import AWAY_ERROR, ERRTAG_AWAY, ERRTAG_SKIPPED, SKIPPED_TAGS, Pacing
-from remsh.replace import get_replacing, make_parents, missing_directory, put_replacing
+from remsh.replace import get_directory, get_replacing, make_parents, missing_directory, put_replacing
 from remsh.progressbars import ProgressBars, human_bytes  # noqa: F401 - human_bytes is part of this module's API
 from remsh.master.fanout import Cancellation, fan_out
 from remsh.master.slave import Slave
@@ -613,15 +613,7 @@ def get_job(slaves: Sequence[Slave], remote: str, localdir: str, sink: Sink, *,
 
     def one(slave: Slave) -> SlaveResult:
         name = slave.name
-        if name in (".", "..") or "/" in name or "\0" in name:
-            raise LocalError(f"{name}: get: the slave's name cannot be a local directory name")
-        mine = os.path.join(localdir, name)
-        made = not os.path.isdir(mine)
-        try:
-            os.makedirs(mine, exist_ok=True)
-        except OSError as e:
-            raise LocalError(f"{name}: get: cannot make {mine}: {e.strerror or e}") from e
-        target = os.path.join(mine, base)
+        mine, made, target = get_directory(name, localdir, base)
 
         def progress(done: int, total: Optional[int]) -> None:
             sink.progress(name, done, total)

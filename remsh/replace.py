@@ -23,7 +23,7 @@ import os
 import posixpath
 import secrets
 import shutil
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from remsh.errors import LocalError, RemshError
 from remsh.master.slave import Slave
@@ -89,6 +89,25 @@ def put_replacing(slave: Slave, target: str, send: Callable[[str], None]) -> boo
         raise
     slave.remove(old)
     return True
+
+
+def get_directory(name: str, localdir: str, base: str) -> Tuple[str, bool, str]:
+    """Where ``get`` puts what it fetches from slave ``name``:
+    ``localdir/NAME/`` (made here), whether it was made now (to be removed
+    again by a get that fails), and the target ``localdir/NAME/base``.
+
+    :raises LocalError: a slave name that cannot name a directory, or the
+        directory cannot be made
+    """
+    if name in (".", "..") or "/" in name or "\0" in name:
+        raise LocalError(f"{name}: get: the slave's name cannot be a local directory name")
+    mine = os.path.join(localdir, name)
+    made = not os.path.isdir(mine)
+    try:
+        os.makedirs(mine, exist_ok=True)
+    except OSError as e:
+        raise LocalError(f"{name}: get: cannot make {mine}: {e.strerror or e}") from e
+    return mine, made, os.path.join(mine, base)
 
 
 def get_replacing(target: str, fetch: Callable[[str], None], force: bool) -> bool:
