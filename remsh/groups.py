@@ -161,12 +161,18 @@ def expand_any(groups: Any, patterns: Sequence[str]) -> List[str]:
     return expand(patterns, {})
 
 
+#: How long the master's main wait sleeps at most: a signal the kernel gives
+#: to another of its threads interrupts nothing, and its Python handler
+#: runs only when the main thread wakes.
+MAIN_WAIT = 0.25
+
+
 def serve_until_stopped(wake: int, groups: Groups) -> None:
     """The master's main wait, on the read end ``wake`` of its signal
     pipe: ``h`` (SIGHUP) rereads ``groups``; any other byte (SIGTERM,
     SIGINT), or the pipe's end, returns."""
     while True:
-        if not select.select([wake], [], [], 60.0)[0]:
+        if not select.select([wake], [], [], MAIN_WAIT)[0]:
             continue
         data = os.read(wake, 64)
         if not data or data.strip(b"h"):

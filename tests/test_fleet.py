@@ -760,3 +760,30 @@ def test_ls_state_resuming_while_a_session_is_carried_on(tmp_path: Path) -> None
     session.close()
     for s in (b, d):
         s.close()
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to thread ``tid`` of process ``pid`` (the system call; Python has no wrapper)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, sig) != 0:  # SYS_tgkill on x86-64
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the tgkill system call number is x86-64's")
+def test_a_sigterm_given_to_another_thread_of_the_master_stops_it_at_once(tmp_path: Path) -> None:
+    """SIGTERM that the kernel hands to one of the master's other threads (not the main one, waiting) still stops it within a second or two, not after a long wait's timeout."""
+    master = Master(tmp_path, tmp_path / "m.sock").wait_ready()
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{master.proc.pid}/task") if int(t) != master.proc.pid]
+        assert tids, "the master runs threads besides its main one"
+        started = time.monotonic()
+        _tgkill(master.proc.pid, tids[0], signal.SIGTERM)
+        assert master.proc.wait(10) == 0
+        assert time.monotonic() - started < 10
+        assert "stopping" in master.text()
+    finally:
+        if master.proc.poll() is None:
+            master.proc.kill()
+            master.proc.wait(WAIT)
