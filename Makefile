@@ -20,7 +20,8 @@ PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?= --durations=25
 # The suite mostly waits (on processes, sockets, time limits), so it runs in
 # parallel worker processes (pytest-xdist: three, on two CPUs the timing tests
-# keep their margins); PYTEST_WORKERS=0 runs it in one.
+# keep their margins); PYTEST_WORKERS=0 runs it in one.  worksteal: a worker
+# that runs out takes tests queued on another, so the run has no long tail.
 PYTEST_WORKERS ?= 3
 
 # Stamp files: a step runs again only when one of its inputs is newer.
@@ -85,8 +86,8 @@ lint: $(STAMP_TEST)
 
 # pytest exits 5 when it collected no test: that is a failure here, loudly.
 pytest: $(STAMP_TEST)
-	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)"
-	@$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
+	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)"
+	@$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
