@@ -148,10 +148,17 @@ def test_masters_racing_to_adopt_a_dead_one_exactly_one_wins(store_uri: str) -> 
 
             store.watch_adoptions(adopted, lambda error: None)
         wait_until(lambda: bool(heard), LEASE + WAIT, "an adoption")
-        time.sleep(5 * 0.05)  # the other heartbeat's chance to adopt too, which it must not take
-        assert list(heard.values()) == [[record.id]], heard
+        adopted_at = time.monotonic()
         winner = next(iter(heard))
         loser = next(s for s in stores if s.name != winner)
+
+        def loser_beat_twice_since() -> bool:  # each beat is followed by its look for masters to adopt
+            row = next(m for m in winner_store.masters() if m.name == loser.name)
+            return time.monotonic() - adopted_at - row.silent_for > 2 * 0.05
+
+        winner_store = next(s for s in stores if s.name == winner)
+        wait_until(loser_beat_twice_since, WAIT, "the other master's heartbeats after the adoption")
+        assert list(heard.values()) == [[record.id]], heard
         assert loser.adopt_master("dead", old_epoch) is None
         assert loser.find_session("sid-1") is not None
         holder = loser.find_session("sid-1")
