@@ -11,9 +11,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from typing import Callable, Optional
 
-from floorpeer import receive_file, recv_exact, send_chunks
+from floorpeer import LeastSession, receive_file, recv_exact, send_chunks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TCP = "tcp"
@@ -72,6 +73,46 @@ class PingPong:
             if not data:
                 raise EOFError("floor peer went away")
             recv_exact(self.sock, self.reply - len(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class BoxPingPong:
+    """The remsh ping as little Python as can do it: the request box sent
+    as bytes encoded once, the reply decoded with remsh's ``BoxDecoder``;
+    ``level`` 2 adds on both ends the least a session does per box
+    (``floorpeer.LeastSession``).  What remsh's own ping costs above this
+    is its structure (operation frame, layers, table), not the protocol."""
+
+    def __init__(self, sock: socket.socket, level: int) -> None:
+        from remsh.ops import OPERATIONS
+        from remsh.wire import BoxDecoder
+        self.sock = sock
+        self.request = OPERATIONS["ping"].bare_request
+        self.decoder = BoxDecoder()
+        self.buf = memoryview(bytearray(65536))
+        self.session = LeastSession() if level >= 2 else None
+        self.lock = threading.Lock()  # the operation's hold on the slave
+        sock.sendall(b"B" + bytes([level]))
+
+    def __call__(self) -> None:
+        session = self.session
+        with self.lock:
+            if session is not None:
+                session.sent_box(self.request)
+            self.sock.sendall(self.request)
+            while True:
+                n = self.sock.recv_into(self.buf)
+                if not n:
+                    raise EOFError("floor peer went away")
+                boxes = self.decoder.feed(self.buf[:n])
+                if boxes:
+                    break
+            if session is not None:
+                session.received_box()
+            if b"errtag" in boxes[0]:
+                raise RuntimeError("floor peer: error reply")
 
     def close(self) -> None:
         self.sock.close()

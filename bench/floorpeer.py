@@ -15,6 +15,12 @@ command byte:
 ``S`` + u16 path length + path
     send u64 size, then the file in 64 KiB chunks, hashing as it goes, then
     the 32-byte SHA-256 digest.
+``B`` + u8 level
+    box ping-pong until end of stream, as little as a Python end of the
+    remsh protocol can do per ping (see :class:`floor.BoxPingPong`): level
+    1 decodes each request box with remsh's ``BoxDecoder`` and answers
+    the empty box; level 2 also does the least a session does per box (a
+    lock, the counts, the reply kept until acknowledged, the clock).
 ``D`` + u64 size
     receive ``size`` bytes into a reused 1 MiB buffer and throw them away
     (no hashing, no file), then answer one byte: what the connection alone
@@ -32,7 +38,12 @@ import socket
 import struct
 import sys
 import threading
+import time
+from collections import deque
 from typing import BinaryIO
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from remsh.wire import END_OF_BOX, BoxDecoder  # noqa: E402
 
 CHUNK = 64 * 1024
 _CMD_P = struct.Struct(">II")
@@ -114,6 +125,9 @@ def serve(sock: socket.socket) -> None:
                             return
                         data += recv_exact(sock, req - len(data))
                     send(reply)
+            elif cmd == b"B":
+                box_pingpong(sock, recv_exact(sock, 1)[0])
+                return
             elif cmd == b"R":
                 (size,) = _U64.unpack(recv_exact(sock, 8))
                 (plen,) = _U16.unpack(recv_exact(sock, 2))
@@ -138,6 +152,55 @@ def serve(sock: socket.socket) -> None:
         return
     finally:
         sock.close()
+
+
+class LeastSession:
+    """The least a session end does per box: count it under a lock, keep
+    what it sends until the peer acknowledges it (every 64 boxes), note the
+    time.  Shared by both ends of the box ping-pong floor."""
+
+    ACK_EVERY = 64
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kept: "deque[bytes]" = deque()
+        self.received = self.acked = self.sent = 0
+        self.last = 0.0
+
+    def sent_box(self, data: bytes) -> None:
+        with self.lock:
+            self.kept.append(data)
+            self.sent += 1
+            self.last = time.monotonic()
+            if len(self.kept) > self.ACK_EVERY:  # as if the peer's ack came
+                self.kept.clear()
+
+    def received_box(self) -> None:
+        with self.lock:
+            self.received += 1
+            self.last = time.monotonic()
+            if self.received - self.acked >= self.ACK_EVERY:
+                self.acked = self.received
+
+
+def box_pingpong(sock: socket.socket, level: int) -> None:
+    """Answer each ``ping`` request box with the empty box (level 1), with
+    the least session bookkeeping on both boxes (level 2)."""
+    decoder = BoxDecoder()
+    session = LeastSession() if level >= 2 else None
+    buf = memoryview(bytearray(65536))
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            return
+        for box in decoder.feed(buf[:n]):
+            if session is not None:
+                session.received_box()
+            if box.get(b"meth") != b"ping":
+                raise ValueError(f"box ping-pong: unexpected box {box!r}")
+            if session is not None:
+                session.sent_box(END_OF_BOX)
+            sock.sendall(END_OF_BOX)
 
 
 def main() -> int:

@@ -45,6 +45,10 @@ SCENARIOS = ("roundtrip", "execute", "transfer", "stream", "connect", "tree", "s
 
 FLOOR_TCP = "raw TCP socket (floor)"
 FLOOR_UNIX = "raw socketpair (floor)"
+#: the ping as little Python as can speak the protocol (bench/floor.py
+#: BoxPingPong): boxes decoded, then also the least session bookkeeping
+FLOOR_BOXES = "Python box ping-pong, TCP"
+FLOOR_LEAST_SESSION = "Python box ping-pong + least session, TCP"
 
 
 @dataclass
@@ -208,6 +212,7 @@ class Bench:
         }
         pingpongs = {(fam, op): floor.PingPong(self.floors[fam].connect(), *sizes[op])
                      for fam in (floor.TCP, floor.UNIX) for op in sizes}
+        box_pingpongs = [floor.BoxPingPong(self.floors[floor.TCP].connect(), level) for level in (1, 2)]
         fast, slow = self.latency_plan(False), self.latency_plan(True)
         ex_payload = b"\1" * sizes["ping"][0]
         peers = self.peers
@@ -226,6 +231,13 @@ class Bench:
                               note=f"{sizes[op][0]} B request, {sizes[op][1]} B reply"),
                         Entry(FLOOR_UNIX, pingpongs[(floor.UNIX, op)], baseline=FLOOR_TCP, batch=fast["batch"]),
                     ]
+                    if op == "ping":
+                        entries += [
+                            Entry(FLOOR_BOXES, box_pingpongs[0], baseline=FLOOR_TCP, batch=fast["batch"],
+                                  note="request encoded once, boxes decoded on both ends"),
+                            Entry(FLOOR_LEAST_SESSION, box_pingpongs[1], baseline=FLOOR_TCP,
+                                  batch=fast["batch"], note="+ a lock, counts, kept copy, clock per box"),
+                        ]
                     for t in TRANSPORTS:
                         slave = self.remsh.slaves.get(t)
                         fn = (lambda s=slave: s.ping()) if op == "ping" else (lambda s=slave: s.stat(statme))
@@ -245,6 +257,8 @@ class Bench:
             place(UNPINNED)
             for pp in pingpongs.values():
                 pp.close()
+            for bp in box_pingpongs:
+                bp.close()
 
     def scenario_execute(self) -> None:
         """execute(['true']) on an open connection."""
@@ -529,8 +543,10 @@ class Bench:
             tcp, fl = med(scen, remsh_name(TCP), mode), med(scen, FLOOR_TCP, mode)
             ex, rp = med(scen, "execnet channel", mode), med(scen, "RPyC call", mode)
             if tcp and fl:
+                least = med(scen, FLOOR_LEAST_SESSION, mode)
                 target(f"ping over TCP <= 2x raw socket ping-pong ({mode})", tcp <= 2 * fl,
-                       f"{tcp * 1e6:.1f} us vs {fl * 1e6:.1f} us = {tcp / fl:.2f}x")
+                       f"{tcp * 1e6:.1f} us vs {fl * 1e6:.1f} us = {tcp / fl:.2f}x"
+                       + (f" (the least Python session ping: {least / fl:.2f}x)" if least else ""))
             if tcp and ex and rp:
                 target(f"ping over TCP faster than execnet and RPyC ({mode})", tcp < ex and tcp < rp,
                        f"{tcp * 1e6:.1f} us vs execnet {ex * 1e6:.1f} us, RPyC {rp * 1e6:.1f} us")

@@ -30,6 +30,7 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -247,6 +248,12 @@ class Operation:
             except InvalidRequestError as e:
                 raise ValueError(f"reply: {e.remote_message}") from None
         return values
+
+    @functools.cached_property
+    def bare_request(self) -> bytes:
+        """The request without arguments, encoded once (a ping's, a
+        ``getcwd``'s: sent as these bytes every time)."""
+        return self.encode()
 
     def encode(self, **values: Any) -> bytes:
         """The request box, encoded; ``None`` values are left out, a prefix

@@ -333,7 +333,7 @@ class Slave:
         no context manager).  Liveness boxes of a long operation are skipped,
         each one restarting the reply deadline."""
         meth = op.meth
-        request = op.encode(**values) if values else _encoded(op)
+        request = op.encode(**values) if values else op.bare_request
         self._begin(meth)
         try:
             if self.session_wire is not None:
@@ -791,9 +791,3 @@ class Slave:
 
 class _Overdue(Exception):
     """An ``execute`` with a ``timeout`` passed it (raised inside the call)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _encoded(op: Operation) -> bytes:
-    """The encoded request of an operation without arguments."""
-    return op.encode()

@@ -13,7 +13,6 @@ table declares ``long``; any other box after the request is the reply.
 from __future__ import annotations
 
 import enum
-import functools
 from typing import Any, NamedTuple, Optional, Union
 
 from remsh.conversation import Failed
@@ -47,7 +46,7 @@ class SimpleCall:
         if op.conversation:
             raise UsageError(f"{op.meth} is a conversation of its own, not a simple call")
         self.op = op
-        self._request = op.encode(**values) if values else _encoded(op)
+        self._request = op.encode(**values) if values else op.bare_request
         self.state = SimpleState.IDLE
 
     @property
@@ -86,7 +85,3 @@ class SimpleCall:
         return Reply(box)
 
 
-@functools.lru_cache(maxsize=None)
-def _encoded(op: Operation) -> bytes:
-    """The request of an operation without arguments, encoded once."""
-    return op.encode()
