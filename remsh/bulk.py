@@ -14,6 +14,10 @@ Both ends of ``send`` and ``fetch`` use these pieces:
   next block; two blocks take turns.  Without a CPU to spare for the
   helper (one CPU, or two shared with the other end on this host) it
   hashes inline (see :func:`overlap`).
+- Over a session (which keeps what it sends until the peer acknowledges
+  it) a block is *lent* instead of copied: the session keeps the block
+  itself, and the block goes back to the pool once the session and the
+  hashing are both done with it.
 - :class:`Sink` -- the receiving end: hashes and writes what arrives, in a
   helper thread once more than one batch came in, so receiving and decoding
   overlap with hashing and writing.
@@ -171,8 +175,10 @@ class FramedBlock:
 
 
 #: Free blocks kept for the next transfers: making a block (1 MiB, zeroed,
-#: headers written) costs about 0.5 ms, a tenth of a 1 MiB transfer.
-POOL_BLOCKS = 4
+#: headers written) costs about 0.5 ms, a tenth of a 1 MiB transfer.  A
+#: session holds up to its window (8 MiB) of lent blocks: with a few more
+#: free a long transfer over a session makes no new ones.
+POOL_BLOCKS = 12
 _pool: List[FramedBlock] = []
 _pool_lock = threading.Lock()
 
@@ -260,9 +266,15 @@ def _peer_on_this_host(stream: Any) -> bool:
     return False
 
 
+#: ``lend(encoded, boxes, give_back)``: send encoded boxes from a buffer
+#: lent until ``give_back()`` (:meth:`remsh.session.SessionWire.send_lent`)
+Lend = Callable[[memoryview, int, Callable[[], None]], object]
+
+
 def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview], object],
                 progress: Optional[Callable[[int], object]] = None,
-                key: bytes = b"data", *, stream: Any = None) -> Tuple[str, Optional[OSError]]:
+                key: bytes = b"data", *, stream: Any = None,
+                lend: Optional[Lend] = None) -> Tuple[str, Optional[OSError]]:
     """Read a source block by block with ``fill``, send each block's encoded
     data boxes with ``send``, and return the SHA-256 hex digest of the data
     with ``None`` -- or, when ``fill`` raised ``OSError``, ``("", error)``
@@ -271,8 +283,11 @@ def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview],
     ``send`` must be done with the buffer when it returns (``Wire.send_bytes``
     is: the kernel, or a session's kept copy, holds the bytes then).
     Errors of ``send`` propagate.  ``stream`` (the connection's stream)
-    tells :func:`overlap` where the other end is.
+    tells :func:`overlap` where the other end is.  With ``lend`` (a
+    session's sender), blocks are lent to it instead (no copy kept).
     """
+    if lend is not None:
+        return _lend_blocks(key, fill, lend, progress, stream)
     block = take_block(key)
     try:
         return _send_blocks(block, fill, send, progress, stream)
@@ -322,6 +337,94 @@ def _send_blocks(block: FramedBlock, fill: Callable[[FramedBlock], int], send: C
     finally:
         hasher.stop()
         give_back(spare)
+
+
+class _Loan:
+    """A block lent to a session and being hashed: back to the pool once
+    both are done with it."""
+
+    __slots__ = ("block", "holds")
+
+    def __init__(self, block: FramedBlock) -> None:
+        self.block = block
+        self.holds = 2  # the session's, the hashing's
+
+    def release(self) -> None:
+        with _pool_lock:
+            self.holds -= 1
+            if self.holds:
+                return
+        give_back(self.block)
+
+
+def _lend_blocks(key: bytes, fill: Callable[[FramedBlock], int], lend: Lend,
+                 progress: Optional[Callable[[int], object]], stream: Any) -> Tuple[str, Optional[OSError]]:
+    """:func:`send_blocks` lending each block to the sender: a fresh block
+    from the pool for every fill, never one the session may still resend."""
+    digest = hashlib.sha256()
+    hasher = _LoanHasher(digest) if overlap(stream) else None
+    block: Optional[FramedBlock] = take_block(key)
+    try:
+        while block is not None:
+            try:
+                n = fill(block)
+            except OSError as e:
+                return "", e
+            if not n:
+                break
+            loan = _Loan(block)
+            last = n < block.capacity
+            block = None  # the loan's now
+            lend(loan.block.encoded(), -(-n // MAX_VALUE_LENGTH), loan.release)
+            if hasher is not None:
+                hasher.submit(loan)
+            else:  # hashed while the session may still hold it: untouched until both let go
+                for view in loan.block.data():
+                    digest.update(view)
+                loan.release()
+            if progress is not None:
+                progress(n)
+            if not last:
+                block = take_block(key)
+        return (digest.hexdigest() if hasher is None else hasher.finish()), None
+    finally:
+        if block is not None:
+            give_back(block)
+        if hasher is not None:
+            hasher.stop()
+
+
+class _LoanHasher:
+    """A helper thread hashing lent blocks in order, each released after."""
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+        self._work: "queue.SimpleQueue[Optional[_Loan]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self.digest.update
+        while True:
+            loan = self._work.get()
+            if loan is None:
+                return
+            for view in loan.block.data():
+                update(view)
+            loan.release()
+
+    def submit(self, loan: _Loan) -> None:
+        self._work.put(loan)
+
+    def finish(self) -> str:
+        """Wait for every submitted block; the digest."""
+        self.stop()
+        return str(self.digest.hexdigest())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
 
 
 class _Hasher:

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Tuple, Union
 
 from remsh.deadlines import Cancellable, Deadlines, call_later
 from remsh.errors import Disconnected, PeerTimeout, ProtocolError, RemshError, WaitTimeout
-from remsh.protocol.session import BYE, PING, Kept, Phase, SessionFailed, SessionState, is_control
+from remsh.protocol.session import BYE, PING, Kept, Lent, Phase, SessionFailed, SessionState, is_control
 from remsh.protocol.sessionlimits import (ACK_TIMEOUT, DEFAULT_SPOOL_LIMIT, HELD_BOXES, HELD_BYTES,  # noqa: F401
                                           MAX_IDLE_PINGS, PIECE_BOXES, PIECE_BYTES, SPOOL_MEMORY, WINDOW_BOXES,
                                           WINDOW_BYTES)
@@ -365,7 +365,7 @@ class SessionWire:
                     else:
                         why = ""
                         entry, skip = resend
-                        data = entry.data if isinstance(entry.data, bytes) else self._data(entry.data)
+                        data = self._data(entry.data)
                 if why:
                     self.connection_lost(conn, why)
                     return
@@ -455,6 +455,16 @@ class SessionWire:
         finally:
             self._send_lock.release()
 
+    def send_lent(self, data: memoryview, boxes: int, give_back: Callable[[], None]) -> None:
+        """Send encoded session boxes (at most a piece: :data:`PIECE_BOXES`,
+        :data:`PIECE_BYTES`) from a buffer the caller lends instead of
+        having it copied (as :meth:`send_bytes`): ``give_back`` is called
+        once the session no longer needs it, and until then the caller
+        leaves the buffer alone.  Bulk data (file blocks) saves a copy so."""
+        lent = Lent(data, give_back)
+        with self._send_lock:
+            self._send_piece(lent, boxes)
+
     def send_bytes_unless(self, data: Data, stop: threading.Event) -> bool:
         """Send unless ``stop`` is set (checked under the send lock)."""
         with self._send_lock:
@@ -472,7 +482,7 @@ class SessionWire:
         elif chunk:
             self._send_piece(chunk, n)
 
-    def _send_piece(self, chunk: bytes, n: int) -> None:
+    def _send_piece(self, chunk: "bytes | Lent", n: int) -> None:
         """Keep and send one piece, once it has room (holding the send lock):
         one trip through the lock when there is room, as there mostly is."""
         state = self.state
@@ -493,7 +503,7 @@ class SessionWire:
             self._wait_room(conn, blocked, now)
         if conn is not None:
             try:
-                conn.send_bytes(chunk)
+                conn.send_bytes(chunk.data if isinstance(chunk, Lent) else chunk)
                 state.last_sent = now
             except Disconnected as e:
                 self.connection_lost(conn, f"connection lost while sending: {e}")
@@ -525,7 +535,7 @@ class SessionWire:
             with self._mutex:
                 self._cond.wait(0.2)
 
-    def _keep(self, chunk: bytes) -> Optional[Tuple[int, int]]:
+    def _keep(self, chunk: "bytes | Lent") -> Optional[Tuple[int, int]]:
         """Where a chunk kept while away goes (under _mutex): ``None`` for
         memory, or past SPOOL_MEMORY (with a spool directory) its place in
         the spool file."""
@@ -533,15 +543,20 @@ class SessionWire:
             try:
                 if self._spool is None:
                     self._spool = SpoolFile(self.spool_dir)
-                return self._spool.append(chunk)
+                return self._spool.append(bytes(chunk.data) if isinstance(chunk, Lent) else chunk)
             except OSError as e:
                 log.warning("%s: cannot spool to %s (%s); keeping output in memory", self.label,
                             self.spool_dir, e)
                 self.spool_dir = None
         return None
 
-    def _data(self, kept: object) -> bytes:
-        """The bytes of a kept entry in the spool file (under _mutex)."""
+    def _data(self, kept: object) -> Data:
+        """The bytes of a kept entry: itself, or read from the spool file
+        (under _mutex)."""
+        if isinstance(kept, bytes):
+            return kept
+        if type(kept) is Lent:
+            return kept.data
         assert self._spool is not None and isinstance(kept, tuple)
         return self._spool.read(kept)
 

@@ -661,7 +661,7 @@ def count_boxes(data: "bytes | bytearray | memoryview") -> int:
     return count
 
 
-def skip_boxes(data: bytes, boxes: int) -> int:
+def skip_boxes(data: "bytes | bytearray | memoryview", boxes: int) -> int:
     """The offset in ``data`` after its first ``boxes`` boxes."""
     pos = 0
     while boxes:

@@ -345,3 +345,57 @@ def test_sink_holds_no_empty_chunks_and_flushes_many_tiny_ones():
         assert sink.finish() == hashlib.sha256(b"x" * (SINK_BATCH_CHUNKS * 3 + 5)).hexdigest()
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("helper", [False, True], ids=["inline", "helper"])
+def test_lent_blocks_are_never_refilled_until_given_back(tmp_path, monkeypatch, helper):
+    """Lending blocks (a session's sender): every block lent holds its data until given back, even while other transfers take blocks from the pool; the digest is that of the source; given back, the blocks return to the pool."""
+    import remsh.bulk
+    from remsh.bulk import give_back, take_block
+
+    monkeypatch.setattr(remsh.bulk, "overlap", lambda stream=None: helper)
+    data = os.urandom(6 * DATA_BLOCK + 777)
+    lent: list = []
+
+    def lend(view: memoryview, boxes: int, back) -> None:  # type: ignore[no-untyped-def]
+        lent.append((view, bytes(view), boxes, back))
+        other = take_block(b"data")  # another transfer, scribbling on whatever the pool hands out
+        other.fill_with(io.BytesIO(b"\xff" * DATA_BLOCK).readinto)
+        give_back(other)
+
+    with open(_file(tmp_path, data), "rb", buffering=0) as f:
+        digest, error = send_blocks(reader_for(f), lambda view: pytest.fail("sent, not lent"), lend=lend)
+    assert (digest, error) == (hashlib.sha256(data).hexdigest(), None)
+    assert all(bytes(view) == snapshot for view, snapshot, _, _ in lent)
+    boxes = BoxDecoder().feed(b"".join(snapshot for _, snapshot, _, _ in lent))
+    assert b"".join(box[b"data"] for box in boxes) == data
+    assert [n for _, _, n, _ in lent] == [16] * 6 + [1]
+    assert len({id(view.obj) for view, _, _, _ in lent}) == len(lent)  # each lent a block of its own
+    for _, _, _, back in lent:
+        back()
+    pooled = [take_block(b"data") for _ in range(3)]
+    lent_buffers = {id(view.obj) for view, _, _, _ in lent}
+    assert any(id(block.encoded().obj) in lent_buffers for block in pooled)
+    for block in pooled:
+        give_back(block)
+
+
+def test_a_block_given_back_by_its_session_before_it_is_hashed_is_not_reused_too_early(tmp_path, monkeypatch):
+    """A session that forgets a lent block at once (an ack racing the hashing) does not free it for another transfer before it is hashed: the digest stays right."""
+    import remsh.bulk
+    from remsh.bulk import give_back, take_block
+
+    monkeypatch.setattr(remsh.bulk, "overlap", lambda stream=None: False)
+    data = os.urandom(3 * DATA_BLOCK)
+
+    def lend(view: memoryview, boxes: int, back) -> None:  # type: ignore[no-untyped-def]
+        back()  # acknowledged before the sender hashes the block
+        others = [take_block(b"data") for _ in range(remsh.bulk.POOL_BLOCKS + 1)]
+        for other in others:  # every block the pool has, overwritten
+            other.fill_with(io.BytesIO(b"\xee" * DATA_BLOCK).readinto)
+        for other in others:
+            give_back(other)
+
+    with open(_file(tmp_path, data), "rb", buffering=0) as f:
+        digest, error = send_blocks(reader_for(f), lambda view: pytest.fail("sent, not lent"), lend=lend)
+    assert (digest, error) == (hashlib.sha256(data).hexdigest(), None)

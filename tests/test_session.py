@@ -229,3 +229,58 @@ def test_a_session_is_resuming_from_the_redial_to_the_end_of_the_resend():
     assert not session.resuming
     for w in (theirs, theirs2):
         w.close()
+
+
+def test_a_lent_buffer_is_kept_uncopied_and_given_back_once_acknowledged():
+    """send_lent keeps the caller's buffer itself (a resume after a cut sends what it holds then) and calls give_back only when the peer's ack covers it."""
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s-lent", resume_timeout=30)
+    buf = bytearray(encode_data_boxes(b"data", b"a" * 100000))  # 2 boxes
+    given: list = []
+    session.send_lent(memoryview(buf), 2, lambda: given.append(1))
+    assert [theirs.read_box(5)[b"data"] for _ in range(2)] == [b"a" * 65535, b"a" * (100000 - 65535)]
+    # not copied: what the session would send again is the buffer as it is now
+    buf[-3] = ord("b")
+    session.connection_lost(why="test cut")
+    mine2, theirs2 = _pair()
+    session.attach(mine2, 1)  # the peer has the first box only
+    assert theirs2.read_box(5)[b"data"] == b"a" * (100000 - 65535 - 1) + b"b"
+    assert given == []
+    theirs2.send_box({b"ack": b"1"})
+    session._pump(5)
+    assert given == []  # the ack covers only part of it
+    theirs2.send_box({b"ack": b"2"})
+    session._pump(5)
+    assert given == [1] and not session._replay
+    session.close()
+    for w in (theirs, theirs2):
+        w.close()
+
+
+def test_a_lent_buffer_spooled_while_away_is_copied_and_given_back_at_once(tmp_path):
+    """Away and past SPOOL_MEMORY, a lent buffer goes to the spool file as a copy and is given back at once; what comes back after the resume is the data as lent."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s-lent-spool", resume_timeout=30, spool_dir=str(spool))
+    session.connection_lost(why="test cut")
+    payload = os.urandom(65535)
+    filler = encode_box({b"data": payload})
+    count = SPOOL_MEMORY // len(filler) + 1
+    for _ in range(count):
+        session.send_bytes(filler)  # memory full now
+    given: list = []
+    buf = bytearray(encode_box({b"data": payload[::-1]}))
+    session.send_lent(memoryview(buf), 1, lambda: given.append(1))
+    assert given == [1]
+    buf[:] = b"\0" * len(buf)  # the owner reuses it: the spool has its own copy
+    mine2, theirs2 = _pair()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(theirs2.read_box(10) for _ in range(count + 1)))
+    reader.start()
+    session.attach(mine2, 0)
+    reader.join(30)
+    assert len(got) == count + 1 and got[-1][b"data"] == payload[::-1]
+    session.close()
+    for w in (theirs, theirs2):
+        w.close()

@@ -19,6 +19,7 @@ from remsh.treestream import received_boxes
 from remsh.wire import Box, Wire
 
 if TYPE_CHECKING:
+    from remsh.bulk import Lend
     from remsh.session import SessionWire
     from remsh.transports.base import StreamLike
 
@@ -73,6 +74,13 @@ class OperationFrame:
     def send_bytes(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Send already encoded boxes."""
         self.wire.send_bytes(data)
+
+    @property
+    def lend(self) -> "Optional[Lend]":
+        """How to send bulk boxes from a lent buffer (a session keeps the
+        buffer until acknowledged instead of a copy: :func:`remsh.bulk.send_blocks`);
+        ``None`` without a session."""
+        return None if isinstance(self.wire, Wire) else self.wire.send_lent
 
     def send_box(self, box: Box) -> None:
         """Send one box."""

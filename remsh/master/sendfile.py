@@ -47,7 +47,7 @@ def _raise(op: OperationFrame, event: Failed) -> None:
 def _send_data(op: OperationFrame, call: SendCall, f: IO[bytes], progress: Progress) -> Optional[OSError]:
     # file data read in place into pre-framed data boxes, hashed in a
     # helper thread while the next block is read and sent (remsh.bulk)
-    digest, error = send_blocks(reader_for(f), op.send_bytes, progress.add, stream=op.stream)
+    digest, error = send_blocks(reader_for(f), op.send_bytes, progress.add, stream=op.stream, lend=op.lend)
     if error is not None:
         op.send_bytes(call.abort("master could not read the source"))
         return error

@@ -33,21 +33,46 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Deque, List, NamedTuple, Optional, Tuple
+from typing import Callable, Deque, List, NamedTuple, Optional, Tuple
 
 from remsh.errors import Disconnected, ProtocolError, RemshError
 from remsh.protocol.sessionacks import AckCounter
 from remsh.protocol.sessionlimits import ACK_TIMEOUT, HELD_BOXES, HELD_BYTES, WINDOW_BOXES, WINDOW_BYTES
 from remsh.wire import Box, box_size, encode_box
 
-__all__ = ["SessionState", "Phase", "SessionFailed", "Kept", "Resend", "PING", "PONG", "BYE", "is_control"]
+__all__ = ["SessionState", "Phase", "SessionFailed", "Kept", "Resend", "Lent", "PING", "PONG", "BYE",
+           "is_control"]
 
 PING = encode_box({b"hb": b"ping"})
 PONG = encode_box({b"hb": b"pong"})
 BYE = encode_box({b"bye": b"y"})
 _CONTROL_KEYS = (b"ack", b"hb", b"bye")
-_BYTES = (bytes, bytearray, memoryview)
 _tuple_new = tuple.__new__
+
+
+class Lent:
+    """Encoded boxes in a buffer its owner lends to a session instead of
+    having them copied: kept as they are until the session forgets them
+    (the peer acknowledged them, or the session is over), then handed back
+    with ``give_back`` -- when the last reference goes, which CPython does at
+    once.  The owner does not touch the buffer before that."""
+
+    __slots__ = ("data", "_give_back")
+
+    def __init__(self, data: memoryview, give_back: Callable[[], None]) -> None:
+        self.data = data
+        self._give_back: Optional[Callable[[], None]] = give_back
+
+    def __len__(self) -> int:
+        return self.data.nbytes
+
+    def __del__(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
+_BYTES = (bytes, bytearray, memoryview, Lent)
 
 
 def is_control(box: Box) -> bool:
@@ -286,7 +311,7 @@ class SessionState:
             self.blocked_since = now
         return False
 
-    def send(self, data: bytes, boxes: int, kept: object = None) -> bool:
+    def send(self, data: "bytes | Lent", boxes: int, kept: object = None) -> bool:
         """Keep ``boxes`` encoded session boxes (``data``) until acknowledged;
         True when the caller is to write ``data`` now (attached and not
         :attr:`resending`), else it goes out through :meth:`next_write`
@@ -314,7 +339,7 @@ class SessionState:
             return True
         return False
 
-    def offer(self, data: bytes, boxes: int, now: float) -> Optional[bool]:
+    def offer(self, data: "bytes | Lent", boxes: int, now: float) -> Optional[bool]:
         """:meth:`has_room` and :meth:`send` in one (the hot path of a
         sender keeping bytes in memory): ``None`` when there is no room
         (nothing kept), else what :meth:`send` returns.

@@ -259,8 +259,10 @@ class SlaveServer:
             # thread while the next block is read and sent (remsh.bulk);
             # the master may stop it with {interrupt: y} (its max_bytes)
             fill, stop = reader_for(f), InterruptWatch(self.wire)
-            digest, error = send_blocks(lambda block: 0 if stop() else fill(block), self.wire.send_bytes,
-                                        stream=self.wire.stream)
+            wire = self.wire
+            digest, error = send_blocks(lambda block: 0 if stop() else fill(block), wire.send_bytes,
+                                        stream=wire.stream,
+                                        lend=wire.send_lent if isinstance(wire, SessionWire) else None)
             if stop.seen:
                 raise FailedError("stopped at the master's request")
             if error is not None:
