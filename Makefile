@@ -97,6 +97,7 @@ docs: $(STAMP_DOCS)
 
 bench: $(STAMP_BENCH)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/streamfloor.py $(if $(QUICK),--size 32 --runs 2)
 	$(BIN)/python bench/resume.py $(if $(QUICK),--resumes 10 --cut-every 0.5 --min-cuts 3)
 	$(BIN)/python bench/cliprint.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/aio.py $(if $(QUICK),--quick)
