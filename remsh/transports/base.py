@@ -45,6 +45,8 @@ DEFAULT_SEND_TIMEOUT = 120.0
 
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: the peer shut down its sending side (Linux; elsewhere a hang-up shows at the next send)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 _splice: Optional[Callable[..., int]] = getattr(os, "splice", None) if sys.platform.startswith("linux") else None
 _SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 0)
 #: what splice(2) fails with where it cannot be used at all
@@ -228,9 +230,27 @@ class SocketStream:
             self._tls_send_all(data)
             return
         try:
-            self.sock.sendall(data)
-        except BlockingIOError as e:  # SO_SNDTIMEO expired
-            raise TimeoutError(errno.ETIMEDOUT, "send timed out") from e
+            sent = self.sock.send(data, _MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent != len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, view: memoryview) -> None:
+        """Send what the socket did not take at once, waiting for room (at
+        most the send time limit without progress, as ``SO_SNDTIMEO``) --
+        and not past the peer closing its end: a peer gone without reading
+        more (its window shut) would hold the send until the time limit,
+        with its last words (a session's goodbye) unread behind it."""
+        sock = self.sock
+        timeout = self._send_timeout
+        while len(view):
+            try:
+                view = view[sock.send(view, _MSG_DONTWAIT):]
+                continue
+            except BlockingIOError:
+                pass
+            _wait_to_send(self._fd, None if timeout is None else time.monotonic() + timeout)
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
         if self._tls:
@@ -387,6 +407,25 @@ def cut_and_close(sock: socket.socket) -> None:
     """:func:`cut`, then release the descriptor."""
     cut(sock)
     sock.close()
+
+
+def _wait_to_send(fd: int, deadline: Optional[float]) -> None:
+    """Wait until the socket ``fd`` takes more bytes (or has an error for
+    the next send to raise).
+
+    :raises ConnectionResetError: the peer closed its end (it will read no more)
+    :raises TimeoutError: past ``deadline``
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT | _POLLRDHUP)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "send timed out")
+        for _, revents in poller.poll(None if left is None else left * 1000.0):
+            if revents & _POLLRDHUP:
+                raise ConnectionResetError(errno.ECONNRESET, "the peer closed the connection while we were sending")
+            return
 
 
 def _wait_for(fd: int, events: int, deadline: Optional[float], what: str) -> None:

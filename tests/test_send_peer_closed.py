@@ -1,0 +1,101 @@
+"""A send blocked against a peer that stops reading and closes its end ends
+at once, not at the send time limit: a slave SIGTERMed in the middle of a
+``put`` says goodbye and exits, and the master, its data stuck behind the
+slave's shut window, must see that goodbye now (it saw it 25 s later, when
+TCP_USER_TIMEOUT gave up, under a loaded CPU)."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+import threading
+import time
+from typing import Callable, Iterator, List, Tuple
+
+import pytest
+
+from remsh.errors import Disconnected
+from remsh.session import SessionWire
+from remsh.transports.base import SocketStream
+from remsh.wire import Wire, encode_box, encode_data_boxes
+from tests.slaveproc import HOST
+from tests.util import WAIT, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+#: far longer than any test here may take: a send that waits for it fails the test
+SEND_TIMEOUT = 120.0
+#: how soon the blocked send must end once the peer has closed its end
+PROMPT = 5.0
+
+
+def _queued(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
+    """A TCP connection on loopback whose far end has a small receive buffer."""
+    with socket.create_server((HOST, 0)) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        near = socket.create_connection(server.getsockname())
+        far, _ = server.accept()
+    try:
+        yield near, far
+    finally:
+        near.close()
+        far.close()
+
+
+def _send_in_thread(send: Callable[[], None]) -> Tuple[threading.Thread, List[BaseException], List[float]]:
+    errors: List[BaseException] = []
+    ended: List[float] = []
+
+    def run() -> None:
+        try:
+            send()
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+        ended.append(time.monotonic())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors, ended
+
+
+def test_a_send_stuck_behind_a_shut_window_ends_when_the_peer_closes_its_end(tcp_pair) -> None:
+    """SocketStream.send_all blocked by a peer that reads nothing raises ConnectionResetError as soon as the peer shuts its end (FIN), well before the send time limit."""
+    near, far = tcp_pair
+    stream = SocketStream(near, peer="far", send_timeout=SEND_TIMEOUT)
+    t, errors, ended = _send_in_thread(lambda: stream.send_all(b"x" * (32 << 20)))
+    wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
+    assert t.is_alive(), "32 MiB fit in the socket buffers: nothing blocked"
+    far.sendall(b"last words")
+    far.shutdown(socket.SHUT_WR)
+    closed = time.monotonic()
+    t.join(PROMPT)
+    assert not t.is_alive(), f"the send still waits {PROMPT:g} s after the peer closed its end"
+    assert ended[0] - closed < PROMPT
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionResetError), errors
+    assert stream.recv(100, 1.0) == b"last words"  # what the peer said before is still there
+
+
+def test_a_session_blocked_sending_sees_the_peers_goodbye_at_once(tcp_pair) -> None:
+    """A session sending bulk data to a peer that says goodbye and closes its end without reading fails with the goodbye at once, not after the send time limit."""
+    near, far = tcp_pair
+    session = SessionWire(Wire(SocketStream(near, peer="far", send_timeout=SEND_TIMEOUT), label="far"),
+                          "far", resume_timeout=300)
+    data = encode_data_boxes(b"data", b"y" * (6 << 20))  # three pieces: more than the socket buffers hold
+    t, errors, ended = _send_in_thread(lambda: session.send_bytes(data))
+    wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
+    far.sendall(encode_box({b"bye": b"y"}))
+    far.shutdown(socket.SHUT_WR)
+    closed = time.monotonic()
+    t.join(PROMPT)
+    assert not t.is_alive(), f"the session still sends {PROMPT:g} s after the peer said goodbye"
+    assert ended[0] - closed < PROMPT
+    assert len(errors) == 1 and isinstance(errors[0], Disconnected), errors
+    assert "ended the session" in str(errors[0])
+    session.close()
