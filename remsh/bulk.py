@@ -183,14 +183,15 @@ _pool: List[FramedBlock] = []
 _pool_lock = threading.Lock()
 
 
-def take_block(key: bytes) -> FramedBlock:
-    """A block for ``key`` from the pool of free ones, or a new one."""
+def take_block(key: bytes, prefix: bytes = b"", boxes: int = DATA_BOXES_PER_WRITE) -> FramedBlock:
+    """A block for ``key`` (after ``prefix``, ``boxes`` boxes) from the pool
+    of free ones, or a new one."""
     with _pool_lock:
         for i in range(len(_pool) - 1, -1, -1):  # the last returned first: likeliest still cached
             block = _pool[i]
-            if block.key == key and not block.prefix and len(block.slots) == DATA_BOXES_PER_WRITE:
+            if block.key == key and block.prefix == prefix and len(block.slots) == boxes:
                 return _pool.pop(i)
-    return FramedBlock(key)
+    return FramedBlock(key, boxes, prefix)
 
 
 def give_back(block: FramedBlock) -> None:

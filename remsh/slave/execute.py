@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -28,7 +29,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from remsh.bulk import FramedBlock
+from remsh.bulk import FramedBlock, give_back, take_block
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
 from remsh.session import SessionWire
@@ -539,6 +540,25 @@ class _Supervisor:
                 self.wire.send_values_spliced(head, key, fd, ready)
                 return
         ready = _pipe_bytes(fd)
+        if ready > READ_SIZE and isinstance(self.wire, SessionWire):
+            # much at once, for a session: read in place into framed boxes
+            # lent to the session, which keeps them until acknowledged
+            # (no copy to frame them, none to keep them)
+            prefix, key = self.heads[fd]
+            lent = take_block(key, prefix, MAX_READ // MAX_VALUE_LENGTH)
+            try:
+                n = lent.fill_once(fd, ready)
+            except BlockingIOError:
+                give_back(lent)
+                return
+            except OSError:
+                n = 0
+            if not n:
+                give_back(lent)
+                self._close_output(fd)
+                return
+            self.wire.send_lent(lent.encoded(), -(-n // MAX_VALUE_LENGTH), functools.partial(give_back, lent))
+            return
         if ready > READ_SIZE:
             # much at once: read in place into framed boxes (no copy to frame them)
             block = self.blocks.get(fd)
