@@ -455,6 +455,14 @@ class SessionWire:
         finally:
             self._send_lock.release()
 
+    @property
+    def lends(self) -> bool:
+        """Whether :meth:`send_lent` saves a copy: the connection's stream
+        sends from the caller's buffer (a socket; an SSH channel copies what
+        it is given anyway, and a lent buffer is colder than a fresh copy)."""
+        conn = self.conn
+        return conn is not None and bool(getattr(conn.stream, "sends_views", False))
+
     def send_lent(self, data: memoryview, boxes: int, give_back: Callable[[], None]) -> None:
         """Send encoded session boxes (at most a piece: :data:`PIECE_BOXES`,
         :data:`PIECE_BYTES`) from a buffer the caller lends instead of

@@ -284,3 +284,17 @@ def test_a_lent_buffer_spooled_while_away_is_copied_and_given_back_at_once(tmp_p
     session.close()
     for w in (theirs, theirs2):
         w.close()
+
+
+def test_a_session_lends_only_where_it_saves_a_copy():
+    """A session over a socket stream takes lent buffers (the socket sends from them); an SSH channel stream copies what it is given, so there a session is not lent to."""
+    from remsh.transports.ssh import ChannelStream
+
+    mine, theirs = _pair()
+    session = SessionWire(mine, "s-lends", resume_timeout=30)
+    assert session.lends
+    assert not getattr(ChannelStream, "sends_views", False)
+    session.connection_lost(why="test cut")
+    assert not session.lends  # away: nothing to send from
+    session.close()
+    theirs.close()

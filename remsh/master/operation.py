@@ -79,8 +79,8 @@ class OperationFrame:
     def lend(self) -> "Optional[Lend]":
         """How to send bulk boxes from a lent buffer (a session keeps the
         buffer until acknowledged instead of a copy: :func:`remsh.bulk.send_blocks`);
-        ``None`` without a session."""
-        return None if isinstance(self.wire, Wire) else self.wire.send_lent
+        ``None`` without a session, or where lending saves no copy."""
+        return None if isinstance(self.wire, Wire) or not self.wire.lends else self.wire.send_lent
 
     def send_box(self, box: Box) -> None:
         """Send one box."""

@@ -540,7 +540,7 @@ class _Supervisor:
                 self.wire.send_values_spliced(head, key, fd, ready)
                 return
         ready = _pipe_bytes(fd)
-        if ready > READ_SIZE and isinstance(self.wire, SessionWire):
+        if ready > READ_SIZE and isinstance(self.wire, SessionWire) and self.wire.lends:
             # much at once, for a session: read in place into framed boxes
             # lent to the session, which keeps them until acknowledged
             # (no copy to frame them, none to keep them)

@@ -262,7 +262,7 @@ class SlaveServer:
             wire = self.wire
             digest, error = send_blocks(lambda block: 0 if stop() else fill(block), wire.send_bytes,
                                         stream=wire.stream,
-                                        lend=wire.send_lent if isinstance(wire, SessionWire) else None)
+                                        lend=wire.send_lent if isinstance(wire, SessionWire) and wire.lends else None)
             if stop.seen:
                 raise FailedError("stopped at the master's request")
             if error is not None:

@@ -198,6 +198,10 @@ class SocketStream:
     itself proves nothing).
     """
 
+    #: :meth:`send_all` sends from the caller's buffer (no copy of its
+    #: own): a buffer lent to a session saves a copy here (``SessionWire.lends``)
+    sends_views = True
+
     def __init__(self, sock: socket.socket, *, peer: Optional[str] = None,
                  identity: Optional[str] = None,
                  send_timeout: Optional[float] = DEFAULT_SEND_TIMEOUT,
