@@ -28,6 +28,7 @@ digest is the same SHA-256 of every byte, in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -320,14 +321,16 @@ def _send_blocks(block: FramedBlock, fill: Callable[[FramedBlock], int], send: C
             except OSError as e:
                 return "", e
     spare = take_block(block.key)
-    hasher = _Hasher(digest, spare)
+    hasher = _Hasher(digest)
+    free: "queue.SimpleQueue[FramedBlock]" = queue.SimpleQueue()  # hashed and sent: to be filled again
+    free.put(spare)
     try:
         while True:
-            hasher.submit(block)
+            hasher.submit(block, functools.partial(free.put, block))
             send(block.encoded())
             if progress is not None:
                 progress(n)
-            block = hasher.free_block()
+            block = _get(free, hasher.thread)
             try:
                 n = fill(block)
             except OSError as e:
@@ -363,7 +366,7 @@ def _lend_blocks(key: bytes, fill: Callable[[FramedBlock], int], lend: Lend,
     """:func:`send_blocks` lending each block to the sender: a fresh block
     from the pool for every fill, never one the session may still resend."""
     digest = hashlib.sha256()
-    hasher = _LoanHasher(digest) if overlap(stream) else None
+    hasher = _Hasher(digest) if overlap(stream) else None
     block: Optional[FramedBlock] = take_block(key)
     try:
         while block is not None:
@@ -378,7 +381,7 @@ def _lend_blocks(key: bytes, fill: Callable[[FramedBlock], int], lend: Lend,
             block = None  # the loan's now
             lend(loan.block.encoded(), -(-n // MAX_VALUE_LENGTH), loan.release)
             if hasher is not None:
-                hasher.submit(loan)
+                hasher.submit(loan.block, loan.release)
             else:  # hashed while the session may still hold it: untouched until both let go
                 for view in loan.block.data():
                     digest.update(view)
@@ -395,68 +398,30 @@ def _lend_blocks(key: bytes, fill: Callable[[FramedBlock], int], lend: Lend,
             hasher.stop()
 
 
-class _LoanHasher:
-    """A helper thread hashing lent blocks in order, each released after."""
+class _Hasher:
+    """A helper thread that hashes submitted blocks in order and calls each
+    one's ``done`` once hashed (the block may be filled again then, as far
+    as hashing goes)."""
 
     def __init__(self, digest: Any) -> None:
         self.digest = digest
-        self._work: "queue.SimpleQueue[Optional[_Loan]]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
-        self._thread.start()
+        self._work: "queue.SimpleQueue[Optional[Tuple[FramedBlock, Callable[[], object]]]]" = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         update = self.digest.update
         while True:
-            loan = self._work.get()
-            if loan is None:
+            item = self._work.get()
+            if item is None:
                 return
-            for view in loan.block.data():
-                update(view)
-            loan.release()
-
-    def submit(self, loan: _Loan) -> None:
-        self._work.put(loan)
-
-    def finish(self) -> str:
-        """Wait for every submitted block; the digest."""
-        self.stop()
-        return str(self.digest.hexdigest())
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._work.put(None)
-            self._thread.join()
-
-
-class _Hasher:
-    """A helper thread that hashes submitted blocks in order and hands each
-    back once hashed (two blocks take turns: one hashed, one read and sent)."""
-
-    def __init__(self, digest: Any, spare: FramedBlock) -> None:
-        self.digest = digest
-        self._work: "queue.SimpleQueue[Optional[FramedBlock]]" = queue.SimpleQueue()
-        self._free: "queue.SimpleQueue[FramedBlock]" = queue.SimpleQueue()
-        self._free.put(spare)
-        self._thread = threading.Thread(target=self._run, name="remsh-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        update = self.digest.update
-        while True:
-            block = self._work.get()
-            if block is None:
-                return
+            block, done = item
             for view in block.data():
                 update(view)
-            self._free.put(block)
+            done()
 
-    def submit(self, block: FramedBlock) -> None:
-        self._work.put(block)
-
-    def free_block(self) -> FramedBlock:
-        """A block that is hashed and sent: free to be filled again."""
-        block: FramedBlock = _get(self._free, self._thread)
-        return block
+    def submit(self, block: FramedBlock, done: Callable[[], object]) -> None:
+        self._work.put((block, done))
 
     def finish(self) -> str:
         """Wait for every submitted block; the digest."""
@@ -464,9 +429,9 @@ class _Hasher:
         return str(self.digest.hexdigest())
 
     def stop(self) -> None:
-        if self._thread.is_alive():
+        if self.thread.is_alive():
             self._work.put(None)
-            self._thread.join()
+            self.thread.join()
 
 
 def _get(q: "queue.SimpleQueue[Any]", helper: threading.Thread) -> Any:

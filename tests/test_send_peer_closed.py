@@ -65,19 +65,25 @@ def _send_in_thread(send: Callable[[], None]) -> Tuple[threading.Thread, List[Ba
     return t, errors, ended
 
 
+def _last_words_then_close(far: socket.socket, words: bytes, sender: threading.Thread, ended: List[float]) -> None:
+    """Once the sender's data has reached ``far`` (which reads none of it),
+    send ``words`` and shut ``far``'s end; the sender must end promptly."""
+    wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
+    assert sender.is_alive(), "everything fit in the socket buffers: nothing blocked"
+    far.sendall(words)
+    far.shutdown(socket.SHUT_WR)
+    closed = time.monotonic()
+    sender.join(PROMPT)
+    assert not sender.is_alive(), f"the send still waits {PROMPT:g} s after the peer closed its end"
+    assert ended[0] - closed < PROMPT
+
+
 def test_a_send_stuck_behind_a_shut_window_ends_when_the_peer_closes_its_end(tcp_pair) -> None:
     """SocketStream.send_all blocked by a peer that reads nothing raises ConnectionResetError as soon as the peer shuts its end (FIN), well before the send time limit."""
     near, far = tcp_pair
     stream = SocketStream(near, peer="far", send_timeout=SEND_TIMEOUT)
     t, errors, ended = _send_in_thread(lambda: stream.send_all(b"x" * (32 << 20)))
-    wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
-    assert t.is_alive(), "32 MiB fit in the socket buffers: nothing blocked"
-    far.sendall(b"last words")
-    far.shutdown(socket.SHUT_WR)
-    closed = time.monotonic()
-    t.join(PROMPT)
-    assert not t.is_alive(), f"the send still waits {PROMPT:g} s after the peer closed its end"
-    assert ended[0] - closed < PROMPT
+    _last_words_then_close(far, b"last words", t, ended)
     assert len(errors) == 1 and isinstance(errors[0], ConnectionResetError), errors
     assert stream.recv(100, 1.0) == b"last words"  # what the peer said before is still there
 
@@ -89,13 +95,7 @@ def test_a_session_blocked_sending_sees_the_peers_goodbye_at_once(tcp_pair) -> N
                           "far", resume_timeout=300)
     data = encode_data_boxes(b"data", b"y" * (6 << 20))  # three pieces: more than the socket buffers hold
     t, errors, ended = _send_in_thread(lambda: session.send_bytes(data))
-    wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
-    far.sendall(encode_box({b"bye": b"y"}))
-    far.shutdown(socket.SHUT_WR)
-    closed = time.monotonic()
-    t.join(PROMPT)
-    assert not t.is_alive(), f"the session still sends {PROMPT:g} s after the peer said goodbye"
-    assert ended[0] - closed < PROMPT
+    _last_words_then_close(far, encode_box({b"bye": b"y"}), t, ended)
     assert len(errors) == 1 and isinstance(errors[0], Disconnected), errors
     assert "ended the session" in str(errors[0])
     session.close()

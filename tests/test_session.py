@@ -27,6 +27,15 @@ def _pair():
     return Wire(SocketStream(a), label="a"), Wire(SocketStream(b), label="b")
 
 
+def _away_spooling(spool, label):
+    """A session that spools to ``spool`` (made here), its connection just lost; and the peer's end of that connection."""
+    spool.mkdir()
+    mine, theirs = _pair()
+    session = SessionWire(mine, label, resume_timeout=30, spool_dir=str(spool))
+    session.connection_lost(why="test cut")
+    return session, theirs
+
+
 def test_count_boxes_counts_whole_boxes():
     """count_boxes counts the boxes of an encoded run, empty ones too."""
     data = encode_box({}) + encode_box({b"k": b"v"}) + encode_data_boxes(b"data", b"x" * 200000)
@@ -77,10 +86,7 @@ def test_output_kept_while_away_goes_to_a_spool_file(tmp_path):
     directory); it comes back byte for byte, and the file is emptied once
     acknowledged."""
     spool = tmp_path / "spool"
-    spool.mkdir()
-    mine, theirs = _pair()
-    session = SessionWire(mine, "s3", resume_timeout=30, spool_dir=str(spool))
-    session.connection_lost(why="test cut")
+    session, theirs = _away_spooling(spool, "s3")
     payload = os.urandom(60000)
     count = (3 * SPOOL_MEMORY) // len(payload)
     for i in range(count):
@@ -259,11 +265,7 @@ def test_a_lent_buffer_is_kept_uncopied_and_given_back_once_acknowledged():
 
 def test_a_lent_buffer_spooled_while_away_is_copied_and_given_back_at_once(tmp_path):
     """Away and past SPOOL_MEMORY, a lent buffer goes to the spool file as a copy and is given back at once; what comes back after the resume is the data as lent."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    mine, theirs = _pair()
-    session = SessionWire(mine, "s-lent-spool", resume_timeout=30, spool_dir=str(spool))
-    session.connection_lost(why="test cut")
+    session, theirs = _away_spooling(tmp_path / "spool", "s-lent-spool")
     payload = os.urandom(65535)
     filler = encode_box({b"data": payload})
     count = SPOOL_MEMORY // len(filler) + 1
