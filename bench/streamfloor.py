@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # harness.machine_info imports remsh
 
 from harness import PINNED, UNPINNED, Results, Row, machine_info, machine_line, place  # noqa: E402
 
@@ -147,15 +148,20 @@ def one_run(mode: str, path: str, size: int) -> float:
         port = server.getsockname()[1]
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--relay", mode,
                                   "--port", str(port), "--file", path])
-        server.settimeout(30)
-        conn, _ = server.accept()
-        with conn:
-            conn.settimeout(None)
-            t0 = time.perf_counter()
-            got = read_all(conn, mode != "direct")
-            elapsed = time.perf_counter() - t0
-        if child.wait(timeout=30) != 0 or got != size:
-            raise RuntimeError(f"{mode}: relay failed ({got} of {size} bytes)")
+        try:
+            server.settimeout(30)
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(None)
+                t0 = time.perf_counter()
+                got = read_all(conn, mode != "direct")
+                elapsed = time.perf_counter() - t0
+            if child.wait(timeout=30) != 0 or got != size:
+                raise RuntimeError(f"{mode}: relay failed ({got} of {size} bytes)")
+        finally:  # interrupted or failed: the relay goes too
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     return size / MiB / elapsed
 
 
@@ -172,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     modes = [m for m in ROWS if m != "tee" or _libc_tee() is not None]
     results = Results()
-    with tempfile.TemporaryDirectory(prefix="remsh-streamfloor-") as work:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # as bench/run.py: never the disk
+    with tempfile.TemporaryDirectory(prefix="remsh-streamfloor-", dir=shm) as work:
         path = os.path.join(work, "data")
         size = args.size * MiB
         with open(path, "wb") as f:
