@@ -468,10 +468,16 @@ class SessionWire:
         :data:`PIECE_BYTES`) from a buffer the caller lends instead of
         having it copied (as :meth:`send_bytes`): ``give_back`` is called
         once the session no longer needs it, and until then the caller
-        leaves the buffer alone.  Bulk data (file blocks) saves a copy so."""
-        lent = Lent(data, give_back)
+        leaves the buffer alone.  Bulk data (file blocks) saves a copy so.
+        ``data`` under half its buffer is copied and given back at once: the
+        limits count ``data``, a kept buffer pins all of it (kept memory
+        stays within twice what is counted)."""
+        base = data.obj
+        chunk: "bytes | Lent" = Lent(data, give_back)
+        if base is not None and 2 * data.nbytes < memoryview(base).nbytes:
+            chunk = bytes(data)  # the Lent goes now: given back
         with self._send_lock:
-            self._send_piece(lent, boxes)
+            self._send_piece(chunk, boxes)
 
     def send_bytes_unless(self, data: Data, stop: threading.Event) -> bool:
         """Send unless ``stop`` is set (checked under the send lock)."""
