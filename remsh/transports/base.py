@@ -248,13 +248,20 @@ class SocketStream:
         with its last words (a session's goodbye) unread behind it."""
         sock = self.sock
         timeout = self._send_timeout
+        deadline = None
         while len(view):
             try:
                 view = view[sock.send(view, _MSG_DONTWAIT):]
+                deadline = None  # progress: the time limit starts again
                 continue
             except BlockingIOError:
                 pass
-            _wait_to_send(self._fd, None if timeout is None else time.monotonic() + timeout)
+            if deadline is None and timeout is not None:
+                # counted from the first refusal, not from each wait: a socket
+                # that says it has room and then refuses (the kernel short of
+                # memory for TCP) ends at the limit too
+                deadline = time.monotonic() + timeout
+            _wait_to_send(self._fd, deadline)
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
         if self._tls:
