@@ -12,12 +12,15 @@ from typing import Dict, List
 
 import pytest
 
+from remsh.jobfollow import follow
+from remsh.store.base import JOB_DONE
+from remsh.store.postgres import PostgresJobStore
 from tests.pgserver import PgServer, pg_server, pg_uri  # noqa: F401 - fixtures
 from tests.slaveproc import WAIT
 from tests.test_fleet import remsh
 from tests.test_store_postgres_masters import _lines, store_uri  # noqa: F401 - fixture
 from tests.test_store_postgres_work import _last_job, _record, cluster  # noqa: F401 - fixture
-from tests.util import wait_until
+from tests.util import run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -68,3 +71,27 @@ def test_a_job_across_masters_rides_out_a_database_outage(cluster, pg_server: Pg
     assert record["state"] == "done" and record["slaves"]["s-b"]["state"] == "ok", record
     shown = remsh(b.sock, "job", job_id)
     assert _lines(shown.stdout, "s-b") == [f"line {i}" for i in range(1, COUNT + 1)]
+
+
+def test_a_follower_rides_out_a_database_outage(pg_server: PgServer, pg_uri: str) -> None:  # noqa: F811
+    """follow() reading a running job while PostgreSQL is stopped: it goes on telling its follower it is alive, and once the database is back it ends with the job's end -- not with the outage's error (remsh run failed with 'cannot reach the job store')."""
+    store = PostgresJobStore(pg_uri, "follower", poll_interval=0.2)
+    try:
+        job = store.create_job("run", {"argv": ["x"]}, 0, ["s1"])
+        events: List[Dict[bytes, bytes]] = []
+        following = run_in_thread(lambda: follow(store, job.id, events.extend, live=True, alive_every=0.2))
+        wait_until(lambda: any(e[b"ev"] == b"begin" for e in events), WAIT, "the follower to begin")
+        pg_server.stop()
+        try:
+            seen = len(events)
+            wait_until(lambda: sum(e[b"ev"] == b"alive" for e in events[seen:]) >= 5 or following.done.is_set(),
+                       WAIT, "the follower to go on while the database is away")
+            assert not following.done.is_set(), f"the follower gave up: {following.error!r}"
+        finally:
+            pg_server.start()
+        store.finish_job(job.id, JOB_DONE)
+        assert following.done.wait(WAIT), "the follower did not end with the job"
+        assert following.error is None, following.error
+        assert events[-1][b"ev"] == b"done" and following.result.state == JOB_DONE
+    finally:
+        store.close()

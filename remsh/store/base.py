@@ -89,11 +89,13 @@ class StoreAway(StoreError):
     the database is back (see :func:`through_outage`)."""
 
 
-def through_outage(fn: Callable[[], T], store: object, what: str) -> T:
+def through_outage(fn: Callable[[], T], store: object, what: str,
+                   waiting: Optional[Callable[[], object]] = None) -> T:
     """``fn()``, called again while the store is away (:class:`StoreAway`),
     for up to the store's ``outage_wait`` seconds (none for a store without
     one): a database restart is ridden out by what must not give up on the
-    first refused call.  ``what`` names the work in the log.
+    first refused call.  ``what`` names the work in the log; ``waiting()``
+    is called before each new try (to tell someone who waits that we do).
 
     :raises StoreAway: still away past that time
     """
@@ -111,6 +113,8 @@ def through_outage(fn: Callable[[], T], store: object, what: str) -> T:
             if now >= deadline or getattr(store, "closed", False):
                 raise
             time.sleep(min(_AWAY_POLL, deadline - now))
+            if waiting is not None:
+                waiting()
 
 
 #: How often :func:`through_outage` tries again.

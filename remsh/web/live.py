@@ -14,7 +14,7 @@ Two kinds of source feed the open pages:
   dropped and it gets a fresh ``reset`` (the thread never blocks on a slow
   browser);
 - a job's page follows the job from the store with
-  :func:`remsh.jobs.follow` (the same events, in the same order, as
+  :func:`remsh.jobfollow.follow` (the same events, in the same order, as
   ``remsh job ID --follow``), in a thread of its own that waits for the
   page to read (a slow browser slows its own follower, nobody else).
 
@@ -258,7 +258,7 @@ _encode = json.JSONEncoder(sort_keys=True).encode
 
 def job_messages(store: JobStore, job_id: str, subscriber: Subscriber, alive_every: float = 1.0) -> None:
     """Follow job ``job_id`` for one page (in a thread of its own): each
-    event of :func:`remsh.jobs.follow` as a JSON message, output as text
+    event of :func:`remsh.jobfollow.follow` as a JSON message, output as text
     (UTF-8, bad bytes replaced; a character cut between two chunks is
     kept whole), then the end of the stream.  Ends when the job has ended
     or the page has gone."""
