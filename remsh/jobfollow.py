@@ -83,7 +83,7 @@ def follow(store: JobStore, job_id: str, send: Send, *, live: bool, alive_every:
         """A read of the store, riding out an outage (as the job itself does)."""
         return through_outage(fn, store, f"job {job_id}: following it", still_alive)
 
-    record = store.get_job(job_id)
+    record = read(lambda: store.get_job(job_id))
     send(record_events(record)[:1] + [encode_event("begin", names=list(record.slaves))])
     seq = -1
     ended: Set[str] = set()
