@@ -473,9 +473,12 @@ class SessionWire:
         limits count ``data``, a kept buffer pins all of it (kept memory
         stays within twice what is counted)."""
         base = data.obj
-        chunk: "bytes | Lent" = Lent(data, give_back)
+        chunk: "bytes | Lent"
         if base is not None and 2 * data.nbytes < memoryview(base).nbytes:
-            chunk = bytes(data)  # the Lent goes now: given back
+            chunk = bytes(data)
+            give_back()
+        else:
+            chunk = Lent(data, give_back)
         with self._send_lock:
             self._send_piece(chunk, boxes)
 
@@ -790,3 +793,10 @@ class SessionWire:
                 if self._take(box, conn) is not None:
                     return False
         return not self.state.peer_ended
+
+
+def lender(wire: object) -> Optional[Callable[[memoryview, int, Callable[[], None]], None]]:
+    """``wire``'s :meth:`SessionWire.send_lent` where lending saves a copy
+    (a session whose stream sends from the caller's buffer), else ``None``
+    (send a copy: no session, or one over an SSH channel)."""
+    return wire.send_lent if isinstance(wire, SessionWire) and wire.lends else None

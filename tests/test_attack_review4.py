@@ -37,7 +37,8 @@ from remsh.master.slavelistener.tcp import TcpSlaveListener
 from remsh.protocol.session import Lent
 from remsh.transports.base import SocketStream
 from tests.slaveproc import HOST, SlaveProcesses, slave_procs, tcp_listener, wait_registered  # noqa: F401
-from tests.util import WAIT, wait_until
+from tests.test_send_peer_closed import tcp_connection
+from tests.util import WAIT, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,13 +172,7 @@ def test_a_file_with_a_short_tail_sent_over_a_session_pins_at_most_twice_what_it
 def stuck_pair(request: pytest.FixtureRequest) -> Iterator[Tuple[socket.socket, socket.socket]]:
     """A connected pair whose far end reads nothing (small buffers): TCP on
     127.0.0.1, or a Unix socket pair (the local transport, OpenSSH's stream)."""
-    if request.param == "tcp":
-        with socket.create_server((HOST, 0)) as server:
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            near = socket.create_connection(server.getsockname())
-            far, _ = server.accept()
-    else:
-        near, far = socket.socketpair()
+    near, far = tcp_connection() if request.param == "tcp" else socket.socketpair()
     near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     try:
         yield near, far
@@ -186,32 +181,15 @@ def stuck_pair(request: pytest.FixtureRequest) -> Iterator[Tuple[socket.socket, 
         far.close()
 
 
-def _send_thread(stream: SocketStream, data: bytes) -> Tuple[threading.Thread, List[BaseException], List[float]]:
-    errors: List[BaseException] = []
-    ended: List[float] = []
-
-    def run() -> None:
-        try:
-            stream.send_all(data)
-        except BaseException as e:  # noqa: BLE001 - the test looks at it
-            errors.append(e)
-        ended.append(time.monotonic())
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, errors, ended
-
-
 def test_a_send_waiting_for_room_ends_at_its_time_limit_when_the_peer_reads_nothing(stuck_pair) -> None:
     """A peer that neither reads nor closes: the send waiting for room raises TimeoutError after the send time limit, as SO_SNDTIMEO made it."""
     near, far = stuck_pair
     stream = SocketStream(near, peer="test", send_timeout=0.5)
     start = time.monotonic()
-    sender, errors, ended = _send_thread(stream, b"z" * (16 * MiB))
-    sender.join(WAIT)
-    assert not sender.is_alive(), f"the send still waits {WAIT:g} s on a peer that reads nothing"
-    assert len(errors) == 1 and isinstance(errors[0], TimeoutError), errors
-    assert 0.4 <= ended[0] - start < 5.0
+    sender = run_in_thread(lambda: stream.send_all(b"z" * (16 * MiB)))
+    assert sender.done.wait(WAIT), f"the send still waits {WAIT:g} s on a peer that reads nothing"
+    assert isinstance(sender.error, TimeoutError), sender.error
+    assert sender.finished_at is not None and 0.4 <= sender.finished_at - start < 5.0
 
 
 def test_a_send_to_a_slow_reader_is_not_cut_by_the_time_limit(stuck_pair) -> None:
@@ -220,15 +198,15 @@ def test_a_send_to_a_slow_reader_is_not_cut_by_the_time_limit(stuck_pair) -> Non
     stream = SocketStream(near, peer="test", send_timeout=1.0)
     data = os.urandom(2 * MiB)
     start = time.monotonic()
-    sender, errors, ended = _send_thread(stream, data)
+    sender = run_in_thread(lambda: stream.send_all(data))
     received = bytearray()
     far.settimeout(WAIT)
     while len(received) < len(data):
         time.sleep(0.03)  # a slow consumer: the send must wait for room again and again
         received += far.recv(32 << 10)
-    sender.join(WAIT)
-    assert not sender.is_alive() and errors == []
-    assert ended[0] - start > 1.0, "the reader was not slow enough to outlast the time limit"
+    assert sender.done.wait(WAIT) and sender.error is None
+    assert sender.finished_at is not None and sender.finished_at - start > 1.0, \
+        "the reader was not slow enough to outlast the time limit"
     assert bytes(received) == data
 
 
@@ -237,15 +215,14 @@ def test_abort_or_shutdown_from_another_thread_ends_a_send_waiting_for_room(stuc
     """The stream contract: abort() or shutdown() from another thread wakes a send waiting for room at once (it raises OSError), with no time limit to fall back on."""
     near, far = stuck_pair
     stream = SocketStream(near, peer="test", send_timeout=None)
-    sender, errors, ended = _send_thread(stream, b"z" * (16 * MiB))
-    wait_until(lambda: not sender.is_alive() or _blocked(near), WAIT, "the send to wait for room")
-    assert sender.is_alive(), "everything fit in the socket buffers: nothing waited"
+    sender = run_in_thread(lambda: stream.send_all(b"z" * (16 * MiB)))
+    wait_until(lambda: sender.done.is_set() or _blocked(near), WAIT, "the send to wait for room")
+    assert not sender.done.is_set(), "everything fit in the socket buffers: nothing waited"
     woken = time.monotonic()
     getattr(stream, how)()
-    sender.join(5.0)
-    assert not sender.is_alive(), f"{how}() did not wake the send waiting for room"
-    assert len(errors) == 1 and isinstance(errors[0], OSError), errors
-    assert ended[0] - woken < 5.0
+    assert sender.done.wait(5.0), f"{how}() did not wake the send waiting for room"
+    assert isinstance(sender.error, OSError), sender.error
+    assert sender.finished_at is not None and sender.finished_at - woken < 5.0
 
 
 def _blocked(sock: socket.socket) -> bool:

@@ -10,9 +10,8 @@ import fcntl
 import socket
 import struct
 import termios
-import threading
 import time
-from typing import Callable, Iterator, List, Tuple
+from typing import Iterator, Tuple
 
 import pytest
 
@@ -21,7 +20,7 @@ from remsh.session import SessionWire
 from remsh.transports.base import SocketStream
 from remsh.wire import Wire, encode_box, encode_data_boxes
 from tests.slaveproc import HOST
-from tests.util import WAIT, wait_until
+from tests.util import WAIT, Outcome, run_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,13 +34,19 @@ def _queued(sock: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
-@pytest.fixture
-def tcp_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
+def tcp_connection() -> Tuple[socket.socket, socket.socket]:
     """A TCP connection on loopback whose far end has a small receive buffer."""
     with socket.create_server((HOST, 0)) as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         near = socket.create_connection(server.getsockname())
         far, _ = server.accept()
+    return near, far
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
+    """:func:`tcp_connection`, closed after the test."""
+    near, far = tcp_connection()
     try:
         yield near, far
     finally:
@@ -49,42 +54,25 @@ def tcp_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
         far.close()
 
 
-def _send_in_thread(send: Callable[[], None]) -> Tuple[threading.Thread, List[BaseException], List[float]]:
-    errors: List[BaseException] = []
-    ended: List[float] = []
-
-    def run() -> None:
-        try:
-            send()
-        except BaseException as e:  # noqa: BLE001 - the test looks at it
-            errors.append(e)
-        ended.append(time.monotonic())
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, errors, ended
-
-
-def _last_words_then_close(far: socket.socket, words: bytes, sender: threading.Thread, ended: List[float]) -> None:
+def _last_words_then_close(far: socket.socket, words: bytes, sender: Outcome) -> None:
     """Once the sender's data has reached ``far`` (which reads none of it),
     send ``words`` and shut ``far``'s end; the sender must end promptly."""
     wait_until(lambda: _queued(far) > 0, WAIT, "data to reach the peer")
-    assert sender.is_alive(), "everything fit in the socket buffers: nothing blocked"
+    assert not sender.done.is_set(), "everything fit in the socket buffers: nothing blocked"
     far.sendall(words)
     far.shutdown(socket.SHUT_WR)
     closed = time.monotonic()
-    sender.join(PROMPT)
-    assert not sender.is_alive(), f"the send still waits {PROMPT:g} s after the peer closed its end"
-    assert ended[0] - closed < PROMPT
+    assert sender.done.wait(PROMPT), f"the send still waits {PROMPT:g} s after the peer closed its end"
+    assert sender.finished_at is not None and sender.finished_at - closed < PROMPT
 
 
 def test_a_send_stuck_behind_a_shut_window_ends_when_the_peer_closes_its_end(tcp_pair) -> None:
     """SocketStream.send_all blocked by a peer that reads nothing raises ConnectionResetError as soon as the peer shuts its end (FIN), well before the send time limit."""
     near, far = tcp_pair
     stream = SocketStream(near, peer="far", send_timeout=SEND_TIMEOUT)
-    t, errors, ended = _send_in_thread(lambda: stream.send_all(b"x" * (32 << 20)))
-    _last_words_then_close(far, b"last words", t, ended)
-    assert len(errors) == 1 and isinstance(errors[0], ConnectionResetError), errors
+    sender = run_in_thread(lambda: stream.send_all(b"x" * (32 << 20)))
+    _last_words_then_close(far, b"last words", sender)
+    assert isinstance(sender.error, ConnectionResetError), sender.error
     assert stream.recv(100, 1.0) == b"last words"  # what the peer said before is still there
 
 
@@ -94,8 +82,8 @@ def test_a_session_blocked_sending_sees_the_peers_goodbye_at_once(tcp_pair) -> N
     session = SessionWire(Wire(SocketStream(near, peer="far", send_timeout=SEND_TIMEOUT), label="far"),
                           "far", resume_timeout=300)
     data = encode_data_boxes(b"data", b"y" * (6 << 20))  # three pieces: more than the socket buffers hold
-    t, errors, ended = _send_in_thread(lambda: session.send_bytes(data))
-    _last_words_then_close(far, encode_box({b"bye": b"y"}), t, ended)
-    assert len(errors) == 1 and isinstance(errors[0], Disconnected), errors
-    assert "ended the session" in str(errors[0])
+    sender = run_in_thread(lambda: session.send_bytes(data))
+    _last_words_then_close(far, encode_box({b"bye": b"y"}), sender)
+    assert isinstance(sender.error, Disconnected), sender.error
+    assert "ended the session" in str(sender.error)
     session.close()

@@ -15,12 +15,12 @@ import os
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Protocol, Union
 
 from remsh.errors import Disconnected, ProtocolError, RemoteError, RemshError, remote_error
+from remsh.session import SessionWire, lender
 from remsh.treestream import received_boxes
 from remsh.wire import Box, Wire
 
 if TYPE_CHECKING:
     from remsh.bulk import Lend
-    from remsh.session import SessionWire
     from remsh.transports.base import StreamLike
 
 __all__ = ["OperationFrame", "OperationHost", "Path", "progress_interval"]
@@ -80,7 +80,7 @@ class OperationFrame:
         """How to send bulk boxes from a lent buffer (a session keeps the
         buffer until acknowledged instead of a copy: :func:`remsh.bulk.send_blocks`);
         ``None`` without a session, or where lending saves no copy."""
-        return None if isinstance(self.wire, Wire) or not self.wire.lends else self.wire.send_lent
+        return lender(self.wire)
 
     def send_box(self, box: Box) -> None:
         """Send one box."""

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from remsh.bulk import FramedBlock, give_back, take_block
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
-from remsh.session import SessionWire
+from remsh.session import SessionWire, lender
 from remsh.slave import pgroups
 from remsh.slave.request import Request
 from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box, encode_data_boxes
@@ -540,7 +540,8 @@ class _Supervisor:
                 self.wire.send_values_spliced(head, key, fd, ready)
                 return
         ready = _pipe_bytes(fd)
-        if ready > READ_SIZE and isinstance(self.wire, SessionWire) and self.wire.lends:
+        lend = lender(self.wire) if ready > READ_SIZE else None
+        if lend is not None:
             # much at once, for a session: read in place into framed boxes
             # lent to the session, which keeps them until acknowledged
             # (no copy to frame them, none to keep them)
@@ -557,7 +558,7 @@ class _Supervisor:
                 give_back(lent)
                 self._close_output(fd)
                 return
-            self.wire.send_lent(lent.encoded(), -(-n // MAX_VALUE_LENGTH), functools.partial(give_back, lent))
+            lend(lent.encoded(), -(-n // MAX_VALUE_LENGTH), functools.partial(give_back, lent))
             return
         if ready > READ_SIZE:
             # much at once: read in place into framed boxes (no copy to frame them)

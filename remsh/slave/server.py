@@ -23,7 +23,7 @@ from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRe
                           RemoteError, RemoteFileExistsError, UnexpectedError)
 from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
                        PROGRESS_KEY, Operation, check_version, error_box, os_message)
-from remsh.session import SessionWire
+from remsh.session import SessionWire, lender
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
@@ -259,10 +259,8 @@ class SlaveServer:
             # thread while the next block is read and sent (remsh.bulk);
             # the master may stop it with {interrupt: y} (its max_bytes)
             fill, stop = reader_for(f), InterruptWatch(self.wire)
-            wire = self.wire
-            digest, error = send_blocks(lambda block: 0 if stop() else fill(block), wire.send_bytes,
-                                        stream=wire.stream,
-                                        lend=wire.send_lent if isinstance(wire, SessionWire) and wire.lends else None)
+            digest, error = send_blocks(lambda block: 0 if stop() else fill(block), self.wire.send_bytes,
+                                        stream=self.wire.stream, lend=lender(self.wire))
             if stop.seen:
                 raise FailedError("stopped at the master's request")
             if error is not None:
