@@ -37,6 +37,7 @@ import socket
 import threading
 from typing import Any, Callable, List, Optional, Tuple, Union
 
+from remsh.session import SessionWire
 from remsh.wire import DATA_BOXES_PER_WRITE, END_OF_BOX, LENGTH, MAX_VALUE_LENGTH
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -271,6 +272,13 @@ def _peer_on_this_host(stream: Any) -> bool:
 #: ``lend(encoded, boxes, give_back)``: send encoded boxes from a buffer
 #: lent until ``give_back()`` (:meth:`remsh.session.SessionWire.send_lent`)
 Lend = Callable[[memoryview, int, Callable[[], None]], object]
+
+
+def lender(wire: object) -> Optional[Lend]:
+    """``wire``'s :meth:`~remsh.session.SessionWire.send_lent` where lending
+    saves a copy (a session whose stream sends from the caller's buffer),
+    else ``None`` (send a copy: no session, or one over an SSH channel)."""
+    return wire.send_lent if isinstance(wire, SessionWire) and wire.lends else None
 
 
 def send_blocks(fill: Callable[[FramedBlock], int], send: Callable[[memoryview], object],

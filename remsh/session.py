@@ -793,10 +793,3 @@ class SessionWire:
                 if self._take(box, conn) is not None:
                     return False
         return not self.state.peer_ended
-
-
-def lender(wire: object) -> Optional[Callable[[memoryview, int, Callable[[], None]], None]]:
-    """``wire``'s :meth:`SessionWire.send_lent` where lending saves a copy
-    (a session whose stream sends from the caller's buffer), else ``None``
-    (send a copy: no session, or one over an SSH channel)."""
-    return wire.send_lent if isinstance(wire, SessionWire) and wire.lends else None

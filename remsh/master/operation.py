@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional, Protocol, Union
 
+from remsh.bulk import lender
 from remsh.errors import Disconnected, ProtocolError, RemoteError, RemshError, remote_error
-from remsh.session import SessionWire, lender
 from remsh.treestream import received_boxes
 from remsh.wire import Box, Wire
 
 if TYPE_CHECKING:
     from remsh.bulk import Lend
+    from remsh.session import SessionWire
     from remsh.transports.base import StreamLike
 
 __all__ = ["OperationFrame", "OperationHost", "Path", "progress_interval"]

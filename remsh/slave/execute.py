@@ -29,10 +29,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from remsh.bulk import FramedBlock, give_back, take_block
+from remsh.bulk import FramedBlock, give_back, lender, take_block
 from remsh.conversation import ExecuteControl, Interrupt, Stdin
 from remsh.errors import Disconnected, ExecFailedError, InvalidRequestError
-from remsh.session import SessionWire, lender
+from remsh.session import SessionWire
 from remsh.slave import pgroups
 from remsh.slave.request import Request
 from remsh.wire import MAX_VALUE_LENGTH, Box, encode_box, encode_data_boxes

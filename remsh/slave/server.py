@@ -18,12 +18,12 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
-from remsh.bulk import Sink, reader_for, send_blocks, writer_for_fd
+from remsh.bulk import Sink, lender, reader_for, send_blocks, writer_for_fd
 from remsh.errors import (Disconnected, FailedError, InvalidMethError, InvalidRequestError, ProtocolError,
                           RemoteError, RemoteFileExistsError, UnexpectedError)
 from remsh.ops import (DEFAULT_IO_TIMEOUT, OP_VERSION_BYTES, OPERATIONS, MIN_PROGRESS_INTERVAL,
                        PROGRESS_KEY, Operation, check_version, error_box, os_message)
-from remsh.session import SessionWire, lender
+from remsh.session import SessionWire
 from remsh.slave import fsops, tree
 from remsh.slave.execute import run_execute
 from remsh.slave.policy import PLAIN, Policy
