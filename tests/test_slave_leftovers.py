@@ -94,7 +94,24 @@ def _start_command(tcp_listener, slave_procs, base: Path, pidfile: Path):  # noq
     first = slave_procs.start(listener.port, "first", basedir=base, env=_state(pidfile.parent))
     slave = wait_registered(listener, first)
     _run_in_background(slave, ["sh", "-c", f'sleep 300 & echo $! > {pidfile}; echo $$ >> {pidfile}; wait'])
-    return listener, first, _pids(pidfile, 2)
+    pids = _pids(pidfile, 2)
+    # the command runs before the slave records its group (and tells its
+    # guardian, just before): a slave killed in between leaves it unknown
+    record = _record_of(pidfile.parent, base)
+    wait_until(lambda: _listed(record, pids[1]), WAIT, "the slave to record the command's group")
+    return listener, first, pids
+
+
+def _listed(record: str, pgid: int) -> bool:
+    """Whether a record file in the directory ``record`` lists group ``pgid``."""
+    for name in os.listdir(record):
+        try:
+            lines = Path(record, name).read_text().splitlines()
+        except OSError:
+            continue
+        if any(line.split()[:1] == [str(pgid)] for line in lines):
+            return True
+    return False
 
 
 def test_commands_die_with_a_slave_killed_outright(tcp_listener, slave_procs, tmp_path, reap):  # noqa: F811
